@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` (set up, run the main job) and `make test` (set up, run the tests).
+# Both create .venv on first use with the pinned versions in constraints.txt (torch 2.13.0 CPU on dev machines).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := torch triton numpy pybind11 ninja cmake pytest setuptools wheel mlxtend pillow
+
+.PHONY: setup build test test-fast demo bench lint clean
+
+$(VENV)/.deps: constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt $(DEPS)
+	touch $@
+
+# The extension is rebuilt incrementally (CMake in build/) on every setup, so edits to csrc/ are picked up.
+build: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+setup: build
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m bench --quick
+
+bench: build
+	$(PY) -m bench
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check . || true
+
+clean:
+	rm -rf build *.egg-info gm/_C*.so

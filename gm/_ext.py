@@ -1,0 +1,58 @@
+"""Lazy access to the compiled extension gm._C, with an error that says how to build it."""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+# Codes shared with csrc/common/tensor_args.h (enum class DType).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the gm checkout "
+    "(needs a C++ compiler, CMake and pybind11; the CUDA kernels also need nvcc on PATH)"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        from gm import _C  # noqa: PLC0415
+    except ImportError as err:
+        return None, f"the extension gm._C is not built ({err}); {BUILD_HINT}"
+    return _C, ""
+
+
+def ext() -> ModuleType:
+    """The compiled module; raises RuntimeError naming the fix when it is missing."""
+    module, why = _load()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+def ext_status() -> tuple[bool, str]:
+    module, why = _load()
+    return module is not None, why
+
+
+def cuda_status() -> tuple[bool, str]:
+    module, why = _load()
+    if module is None:
+        return False, why
+    if not module.with_cuda:
+        return False, "gm was built without CUDA: reinstall with a CUDA compiler (nvcc) on PATH, or GM_CUDA=1 to require it"
+    return True, ""
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """Raw handle of the current CUDA stream on t's device (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream

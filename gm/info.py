@@ -1,0 +1,57 @@
+"""gm.info(): versions, device, and which backends can run here (and why not)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from gm._backend import BACKENDS, availability, triton_interpreted, triton_status
+from gm._ext import cuda_status, ext_status
+
+
+def info_dict() -> dict:
+    import gm  # noqa: PLC0415
+
+    ext_ok, ext_why = ext_status()
+    cuda_ok, cuda_why = cuda_status()
+    triton_ok, triton_why = triton_status()
+    d = {
+        "gm": gm.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "extension": "built" if ext_ok else f"missing: {ext_why}",
+        "extension_cuda": "yes" if cuda_ok else f"no: {cuda_why}",
+        "triton": "missing: " + triton_why if not triton_ok else _triton_version(),
+        "triton_mode": "interpreted (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled",
+    }
+    if ext_ok:
+        from gm._ext import ext  # noqa: PLC0415
+
+        d["extension_cuda_archs"] = ext().cuda_archs or "-"
+        d["openmp_threads"] = ext().omp_max_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for b in BACKENDS:
+        ok, why = availability(b, device)
+        if ok and b == "cpu":
+            ok, why = ext_ok, ext_why
+        d[f"backend.{b}"] = "available" if ok else f"unavailable: {why}"
+    return d
+
+
+def _triton_version() -> str:
+    import triton  # noqa: PLC0415
+
+    return triton.__version__
+
+
+def info(print_out: bool = True) -> dict:
+    """Print (and return) versions, device and backend availability."""
+    d = info_dict()
+    if print_out:
+        width = max(len(k) for k in d)
+        for k, v in d.items():
+            print(f"{k:<{width}}  {v}")
+    return d

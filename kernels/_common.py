@@ -1,0 +1,24 @@
+"""Helpers shared by the Triton launchers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def dot_precision(dtype: torch.dtype, *, conv: bool) -> str:
+    """Triton's input_precision for a float32 dot: tf32 only where torch itself would use it."""
+    if dtype != torch.float32 or INTERPRETED:
+        return "ieee"
+    allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
+
+
+def acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
