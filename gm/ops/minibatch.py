@@ -1,0 +1,165 @@
+"""minibatch_discrimination: Salimans et al. 2016's pairwise L1-kernel feature, fused (no N x N tensor).
+
+    c_b(i, j) = exp(-sum_c |m[i, b, c] - m[j, b, c]|),   o[i, b] = sum_{j != i} c_b(i, j)
+    dL/dm[i, b, c] = -sum_j (g[i, b] + g[j, b]) c_b(i, j) sign(m[i, b, c] - m[j, b, c])
+
+(j = i kept when exclude_self=False; its term in the gradient is zero: sign(0) = 0, as abs' in autograd.)
+The fast backends loop over j in tiles and recompute c_b(i, j) in the backward: extra memory O(N B C).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm import _ext
+from gm._backend import resolve
+from gm._checks import check_tensor
+
+_OP = "gm::minibatch_discrimination"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends. Each forward takes m (N, B, C) contiguous; each backward (grad (N, B) contiguous, m) -> dm.
+
+
+def _reference_forward(m, exclude_self):
+    from gm.reference.minibatch import minibatch_discrimination as ref  # noqa: PLC0415
+
+    return ref(m, exclude_self=exclude_self)
+
+
+def _reference_backward(grad, m, exclude_self):
+    from gm.reference.minibatch import minibatch_discrimination_backward as ref  # noqa: PLC0415
+
+    return ref(grad, m, exclude_self=exclude_self)
+
+
+def _native_dtype(m: torch.Tensor) -> torch.dtype:
+    """The C++ CPU kernels take float32 and float64; half types run in float32."""
+    return torch.float64 if m.dtype == torch.float64 else torch.float32
+
+
+def _cpu_forward(m, exclude_self):
+    x = m.to(_native_dtype(m)).contiguous()
+    n, b, c = x.shape
+    o = torch.empty(n, b, dtype=x.dtype)
+    _ext.ext().minibatch_fwd_cpu(x.data_ptr(), o.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(x))
+    return o.to(m.dtype)
+
+
+def _cpu_backward(grad, m, exclude_self):
+    x = m.to(_native_dtype(m)).contiguous()
+    g = grad.to(x.dtype).contiguous()
+    n, b, c = x.shape
+    dm = torch.empty(n, b, c, dtype=x.dtype)
+    _ext.ext().minibatch_bwd_cpu(g.data_ptr(), x.data_ptr(), dm.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(x))
+    return dm.to(m.dtype)
+
+
+def _triton_forward(m, exclude_self):
+    from gm.kernels import minibatch as k  # noqa: PLC0415
+
+    return k.forward(m, exclude_self)
+
+
+def _triton_backward(grad, m, exclude_self):
+    from gm.kernels import minibatch as k  # noqa: PLC0415
+
+    return k.backward(grad, m, exclude_self)
+
+
+def _cuda_forward(m, exclude_self):
+    n, b, c = m.shape
+    o = torch.empty(n, b, dtype=m.dtype, device=m.device)
+    _ext.ext().minibatch_fwd_cuda(
+        m.data_ptr(), o.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
+    )
+    return o
+
+
+def _cuda_backward(grad, m, exclude_self):
+    n, b, c = m.shape
+    dm = torch.empty(n, b, c, dtype=m.dtype, device=m.device)
+    _ext.ext().minibatch_bwd_cuda(
+        grad.data_ptr(), m.data_ptr(), dm.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
+    )
+    return dm
+
+
+_FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {
+    "reference": _reference_backward,
+    "cpu": _cpu_backward,
+    "triton": _triton_backward,
+    "cuda": _cuda_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration.
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _minibatch_op(m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
+    return _FORWARD[backend](m.contiguous(), exclude_self).contiguous()
+
+
+@_minibatch_op.register_fake
+def _(m, exclude_self, backend):
+    return m.new_empty(m.shape[0], m.shape[1])
+
+
+@torch.library.custom_op(_OP + "_backward", mutates_args=())
+def _minibatch_backward_op(grad: torch.Tensor, m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
+    return _BACKWARD[backend](grad.contiguous(), m.contiguous(), exclude_self).contiguous()
+
+
+@_minibatch_backward_op.register_fake
+def _(grad, m, exclude_self, backend):
+    return m.new_empty(m.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    m, exclude_self, backend = inputs
+    ctx.save_for_backward(m)
+    ctx.exclude_self, ctx.backend = exclude_self, backend
+
+
+def _backward(ctx, grad):
+    (m,) = ctx.saved_tensors
+    dm = _minibatch_backward_op(grad, m, ctx.exclude_self, ctx.backend) if ctx.needs_input_grad[0] else None
+    return dm, None, None
+
+
+_minibatch_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function.
+
+
+def check_minibatch_args(m) -> None:
+    check_tensor("m", m, ndim=3)
+    if m.shape[0] < 1:
+        raise ValueError(f"m must have at least one row (N >= 1), got shape {tuple(m.shape)}")
+
+
+def minibatch_discrimination(m: torch.Tensor, *, exclude_self: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Minibatch discrimination features (Salimans et al. 2016, section 3.2), without the N x N x B x C tensor.
+
+    Args:
+        m: (N, B, C) float16/bfloat16/float32/float64: M_i = f(x_i) T for N samples, B kernels of C dims.
+        exclude_self: leave the j = i term (exactly 1) out, as the paper's code does; False keeps it (eq. in the paper).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        o (N, B), same dtype as m: o[i, b] = sum_j exp(-||m[i, b] - m[j, b]||_1).
+
+    Example:
+        >>> m = torch.randn(64, 100, 5)
+        >>> minibatch_discrimination(m).shape
+        torch.Size([64, 100])
+    """
+    check_minibatch_args(m)
+    chosen = resolve(backend, m.device, native_cpu=True)
+    return _minibatch_op(m, exclude_self, chosen)
