@@ -22,3 +22,20 @@ def dot_precision(dtype: torch.dtype, *, conv: bool) -> str:
 
 def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# GM_TRITON_AUTOTUNE=0 launches the first config instead of autotuning (the GPU tests use it: one compile per variant).
+AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict):
+    """(launchable kernel, extra launch kwargs): small fixed blocks under the interpreter, the first config when
+    autotuning is off, else triton.autotune over `configs` keyed on `key`."""
+    import triton  # noqa: PLC0415
+
+    if INTERPRETED:
+        return kernel, dict(interpreted_meta)
+    if not AUTOTUNE:
+        c = configs[0]
+        return kernel, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return triton.autotune(configs, key=key)(kernel), {}

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, tuned
 
 
 @triton.jit
@@ -154,14 +154,12 @@ def _wgrad_configs():
     ]
 
 
-if INTERPRETED:
-    _fwd = masked_conv_fwd_kernel
-    _wgrad = masked_conv_wgrad_kernel
-else:
-    _fwd = triton.autotune(_fwd_configs(), key=["CIN", "COUT", "T", "H", "W", "KH", "KW", "FLIP"])(masked_conv_fwd_kernel)
-    _wgrad = triton.autotune(_wgrad_configs(), key=["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"])(
-        masked_conv_wgrad_kernel
-    )
+_fwd, _FWD_META = tuned(
+    masked_conv_fwd_kernel, _fwd_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "FLIP"], _FWD_INTERP
+)
+_wgrad, _WGRAD_META = tuned(
+    masked_conv_wgrad_kernel, _wgrad_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"], _WGRAD_INTERP
+)
 
 
 def _check_dtype(t: torch.Tensor) -> None:
@@ -179,7 +177,6 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
         return y
     packed = packed.to(x.dtype).contiguous()
-    extra = _FWD_INTERP if INTERPRETED else {}
 
     def grid(meta):
         return (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
@@ -190,7 +187,7 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
         *x.stride(), *y.stride(),
         KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
-        **extra,
+        **_FWD_META,
     )  # fmt: skip
     return y
 
@@ -224,7 +221,6 @@ def weight_grad(x, grad, t, kh, kw, taps):
     splits = _num_splits(tiles, pixels, _WGRAD_INTERP["BLOCK_P"])
     per_split = triton.cdiv(pixels, splits)
     partial = torch.empty(splits, t, cin, cout, dtype=acc_torch, device=x.device)
-    extra = _WGRAD_INTERP if INTERPRETED else {}
 
     def grid(meta):
         return (t * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
@@ -234,6 +230,6 @@ def weight_grad(x, grad, t, kh, kw, taps):
         n, h, w, cin, cout, t, per_split,
         *x.stride(), *grad.stride(),
         KH=kh, KW=kw, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
-        **extra,
+        **_WGRAD_META,
     )  # fmt: skip
     return partial.sum(0) if splits > 1 else partial[0]

@@ -61,7 +61,7 @@ def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple
     cout, cin, kh, kw = weight.shape
     taps = tap_offsets(kh, kw, _centre_used(mask, in_groups, out_groups))
     cy, cx = kh // 2, kw // 2
-    idx = torch.tensor([(dy + cy) * kw + (dx + cx) for dy, dx in taps], device=weight.device)
+    idx = torch.tensor([(dy + cy) * kw + (dx + cx) for dy, dx in taps], device=weight.device, dtype=torch.long)
     packed = weight.reshape(cout, cin, kh * kw).index_select(2, idx)  # (C_out, C_in, T)
     if taps and taps[-1] == (0, 0):
         allowed = centre_allowed(mask, in_groups, out_groups, cin, cout, weight.device)

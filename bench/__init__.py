@@ -1,0 +1,1 @@
+"""gm benchmarks: `python -m bench` (see bench/harness.py)."""

@@ -1,0 +1,66 @@
+"""python -m bench [--quick] [--ops masked_conv,minibatch,...] [--device cpu|cuda] [--out DIR] [--no-save]
+
+Times every case in bench/cases/*.py on the present device and prints one table (see bench/harness.py)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _case_modules(selected: list[str] | None):
+    import bench.cases as pkg  # noqa: PLC0415
+
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    if selected:
+        unknown = sorted(set(selected) - set(names))
+        if unknown:
+            raise SystemExit(f"--ops: unknown {unknown}; known: {names}")
+        names = [n for n in names if n in selected]
+    return [(n, importlib.import_module(f"bench.cases.{n}")) for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one or two small cases per op")
+    p.add_argument("--ops", default="", help="comma-separated case modules (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    args = p.parse_args(argv)
+
+    from bench import harness  # noqa: PLC0415
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = harness.environment(device)
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    rows = []
+    for name, mod in _case_modules([s for s in args.ops.split(",") if s]):
+        try:
+            cases = mod.cases(device, args.quick)
+        except Exception as err:  # a case module that cannot build its cases is reported, the rest still run
+            print(f"[{name}] cases() failed: {harness.short_error(err)}", flush=True)
+            continue
+        for case in cases:
+            case_rows = harness.run_case(case, device, args.warmup_ms, args.rep_ms)
+            rows += case_rows
+            print("\n".join(harness.format_table(case_rows).splitlines()[2:]), flush=True)
+    print()
+    print(harness.format_table(rows))
+    if not args.no_save and rows:
+        path = harness.save(rows, env, Path(args.out) if args.out else harness.RESULTS_DIR)
+        print(f"\nsaved {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Benchmark harness: each case's gm backends and baselines, forward and forward+backward, side by side in one run.
+
+A case module bench/cases/<op>.py defines `cases(device, quick) -> list[Case]`. For every case the harness times:
+  - gm on each fast backend that runs on the device (cuda and triton on a GPU, cpu on the CPU), via `Case.gm(backend=...)`;
+  - every baseline in `Case.impls` (eager reference, reference under torch.compile, cuDNN on masked weights, ...).
+Timings: medians after warm-up, device events on CUDA (triton.testing.do_bench, which also flushes L2 between repeats),
+perf_counter on the CPU. Forward runs under no_grad; forward+backward back-propagates fixed random output gradients (or
+calls .backward() on a scalar loss). Peak memory is the CUDA allocator's peak over one forward+backward, minus what was
+allocated before. Results are printed as one table and appended as JSON lines (device, versions, commit) to bench/results/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    name: str
+    dtype: torch.dtype
+    make_inputs: Callable[[], dict]
+    gm: Callable[..., object] | None = None  # gm(backend=..., **inputs)
+    impls: dict[str, Callable[..., object]] = dataclasses.field(default_factory=dict)
+    baseline: str = "reference"
+    flops: float | None = None  # useful forward FLOPs
+    bytes: float | None = None  # fewest bytes moved by the forward
+    backward: bool = True
+    gm_backends: tuple[str, ...] | None = None  # restrict gm's backends (None: all that run on the device)
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    case: str
+    dtype: str
+    impl: str
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    peak_mib: float | None = None
+    tflops_fwd: float | None = None
+    gbps_fwd: float | None = None
+    speedup_fwd: float | None = None
+    speedup_fwdbwd: float | None = None
+    error: str | None = None
+
+
+def compiled(fn: Callable, **kwargs) -> Callable:
+    """torch.compile'd version of a reference, for the "reference+compile" baseline."""
+    return torch.compile(fn, **kwargs)
+
+
+def _as_list(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _time_ms(fn: Callable[[], None], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (and compile)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fwd_bwd_fn(fn: Callable, inputs: dict) -> Callable[[], None]:
+    outs = _as_list(fn(**inputs))
+    scalar = len(outs) == 1 and outs[0].dim() == 0
+    grads = None if scalar else [torch.randn_like(o) for o in outs]
+    params = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        out = _as_list(fn(**inputs))
+        if scalar:
+            out[0].backward()
+        else:
+            torch.autograd.backward([o for o in out if o.requires_grad], [g for o, g in zip(out, grads) if o.requires_grad])
+        for p in params:
+            p.grad = None
+
+    return run
+
+
+def _peak_mib(run: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def short_error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    return text[:90]
+
+
+def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_ms: float, rep_ms: float) -> Row:
+    row = Row(case.op, case.name, str(case.dtype).replace("torch.", ""), label)
+    try:
+        inputs = case.make_inputs()
+        with torch.no_grad():
+            row.fwd_ms = _time_ms(lambda: fn(**inputs), device, warmup_ms, rep_ms)
+        if case.backward:
+            run = _fwd_bwd_fn(fn, inputs)
+            row.fwdbwd_ms = _time_ms(run, device, warmup_ms, rep_ms)
+            row.peak_mib = _peak_mib(run, device)
+        if case.flops:
+            row.tflops_fwd = case.flops / (row.fwd_ms * 1e-3) / 1e12
+        if case.bytes:
+            row.gbps_fwd = case.bytes / (row.fwd_ms * 1e-3) / 1e9
+    except Exception as err:  # a baseline that runs out of memory or crashes is a result, not a harness failure
+        row.error = short_error(err)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def gm_backends_for(device: torch.device) -> list[str]:
+    from gm._backend import availability  # noqa: PLC0415
+    from gm._ext import ext_status  # noqa: PLC0415
+
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    out = []
+    for b in wanted:
+        ok, _ = availability(b, device)
+        if ok and b == "cpu":
+            ok = ext_status()[0]
+        if ok:
+            out.append(b)
+    return out
+
+
+def run_case(case: Case, device: torch.device, warmup_ms: float, rep_ms: float) -> list[Row]:
+    rows = []
+    if case.gm is not None:
+        for b in case.gm_backends or gm_backends_for(device):
+            rows.append(run_impl(case, f"gm[{b}]", lambda _b=b, **kw: case.gm(backend=_b, **kw), device, warmup_ms, rep_ms))
+    for label, fn in case.impls.items():
+        rows.append(run_impl(case, label, fn, device, warmup_ms, rep_ms))
+    base = next((r for r in rows if r.impl == case.baseline and r.error is None), None)
+    if base is not None:
+        for r in rows:
+            if r.error is None:
+                r.speedup_fwd = base.fwd_ms / r.fwd_ms if r.fwd_ms else None
+                if r.fwdbwd_ms and base.fwdbwd_ms:
+                    r.speedup_fwdbwd = base.fwdbwd_ms / r.fwdbwd_ms
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton  # noqa: PLC0415
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = os.environ.get("GM_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu:{platform.machine()}x{os.cpu_count()}",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = "| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | TFLOP/s fwd | GB/s fwd | peak MiB |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |")
+            continue
+        lines.append(
+            f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
+            f"{_fmt(r.speedup_fwd, '.2f')} | {_fmt(r.speedup_fwdbwd, '.2f')} | {_fmt(r.tflops_fwd, '.1f')} | "
+            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def save(rows: list[Row], env: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    path = out_dir / f"{env['date'][:10]}_{slug}.jsonl"
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({**env, **dataclasses.asdict(r)}) + "\n")
+    return path

@@ -1,0 +1,363 @@
+"""masked_linear: the MADE layer (Germain et al. 2015), a linear map through a fixed 0/1 weight mask.
+
+    y = act(x (W ⊙ M)^T + b),   act in {None, "elu", "relu"}
+
+The fast backends skip all-zero tiles of M: a tile map (which (BLOCK_O x BLOCK_K) tiles of the mask hold a one,
+and which are all ones) is computed once per mask and cached, so a degree-sorted MADE layer, whose mask is
+block-triangular, does about half the work of the dense GEMM. Gradients: x, weight (exactly zero where masked)
+and bias.
+
+Mask cache. `mask_entry(mask)` keys on (data_ptr, version counter, shape, strides, dtype, device) and keeps a
+strong reference to the mask, so the address cannot be reused by another tensor while its entry lives, and an
+in-place write to the mask (or a view of it) bumps the version and misses the cache. The first use of a mask
+checks that it is binary (one device sync) and keeps a uint8 copy; tile maps for each tile size are added
+lazily. At most `MASK_CACHE_SIZE` masks are kept (least recently used dropped). Inference-mode tensors have no
+version counter: they are keyed without it (do not write into a mask in place under inference_mode).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from gm._backend import resolve
+from gm._checks import check_choice, check_same, check_tensor
+
+ACTIVATIONS = (None, "elu", "relu")
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+               torch.float32, torch.float64)  # fmt: skip
+MASK_CACHE_SIZE = 64
+_OP = "gm::masked_linear"
+# The CUDA C++ GEMMs are not written yet: auto picks triton for CUDA tensors; backend="cuda" raises.
+CUDA_READY = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mask cache and tile maps.
+
+
+@dataclass
+class TileMap:
+    """Which (block_o x block_k) tiles of a mask are non-zero, compressed both ways.
+
+    rows = (offsets (n_ot + 1,), k-tile indices, full flags): the non-empty k tiles of each o tile (forward).
+    cols = the same per k tile, listing o tiles (input gradient). flags (n_ot, n_kt): 0 empty, 1 partly zero,
+    2 all ones (weight gradient). All int32 on the mask's device.
+    """
+
+    block_o: int
+    block_k: int
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    flags: torch.Tensor
+    nonempty: int
+
+
+@dataclass
+class MaskEntry:
+    mask: torch.Tensor  # strong reference: keeps the address from being reused while cached
+    u8: torch.Tensor  # contiguous uint8 copy, 1 where the mask is non-zero
+    maps: dict = field(default_factory=dict)
+
+
+_CACHE: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _mask_key(mask: torch.Tensor) -> tuple:
+    try:
+        version = mask._version
+    except RuntimeError:  # inference tensors track no version
+        version = None
+    return (mask.data_ptr(), version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, str(mask.device))
+
+
+def mask_entry(mask: torch.Tensor, name: str = "mask") -> MaskEntry:
+    """The cached entry of `mask`, created (and the mask checked binary: one device sync) on first use."""
+    key = _mask_key(mask)
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None:
+            _CACHE.move_to_end(key)
+            return entry
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be binary (only 0 and 1), got a value {bad}")
+    entry = MaskEntry(mask=mask, u8=(mask != 0).to(torch.uint8).contiguous())
+    with _LOCK:
+        _CACHE[key] = entry
+        while len(_CACHE) > MASK_CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return entry
+
+
+def clear_mask_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+def tile_grids(mask_u8: torch.Tensor, block_o: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, full) bool (n_ot, n_kt): tiles holding a one; tiles of all ones (out-of-range parts count as ones)."""
+    o, k = mask_u8.shape
+    n_ot, n_kt = -(-o // block_o), -(-k // block_k)
+    padded = torch.zeros(n_ot * block_o, n_kt * block_k, dtype=torch.bool, device=mask_u8.device)
+    padded[:o, :k] = mask_u8 != 0
+    outside = torch.ones_like(padded)
+    outside[:o, :k] = False
+    tiles = padded.view(n_ot, block_o, n_kt, block_k)
+    anyt = tiles.any(dim=3).any(dim=1)
+    full = (tiles | outside.view(n_ot, block_o, n_kt, block_k)).all(dim=3).all(dim=1)
+    return anyt, full
+
+
+def _csr(anyt: torch.Tensor, full: torch.Tensor):
+    nz = anyt.nonzero()
+    idx = nz[:, 1].to(torch.int32).contiguous()
+    is_full = full[nz[:, 0], nz[:, 1]].to(torch.int32).contiguous()
+    offsets = torch.zeros(anyt.shape[0] + 1, dtype=torch.int32, device=anyt.device)
+    offsets[1:] = anyt.sum(dim=1).cumsum(0)
+    return (offsets, idx, is_full), int(nz.shape[0])
+
+
+def build_tile_map(anyt: torch.Tensor, full: torch.Tensor, block_o: int, block_k: int) -> TileMap:
+    rows, nonempty = _csr(anyt, full)
+    cols, _ = _csr(anyt.t(), full.t())
+    flags = (anyt.to(torch.int32) * (1 + full.to(torch.int32))).contiguous()
+    return TileMap(block_o, block_k, rows, cols, flags, nonempty)
+
+
+def linear_tile_map(entry: MaskEntry, block_o: int, block_k: int) -> TileMap:
+    key = ("linear", block_o, block_k)
+    tm = entry.maps.get(key)
+    if tm is None:
+        tm = build_tile_map(*tile_grids(entry.u8, block_o, block_k), block_o, block_k)
+        entry.maps[key] = tm
+    return tm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends.
+
+
+def act_grad(grad: torch.Tensor, y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """grad * act'(pre-activation), written through the output y: ELU' = 1 or y + 1, ReLU' = [y > 0]."""
+    if activation == "elu":
+        return torch.where(y > 0, grad, grad * (y + 1))
+    if activation == "relu":
+        return torch.where(y > 0, grad, torch.zeros_like(grad))
+    return grad
+
+
+def _torch_forward(x, weight, mask, bias, activation):
+    # PyTorch (MKL/oneDNN) GEMM on the masked dense weight: faster on the CPU than a tile-skipping C++ GEMM
+    # without a tuned BLAS (see the report of issue 5 / bench/cases/iaf.py).
+    from gm.reference.iaf import masked_linear  # noqa: PLC0415
+
+    mask_entry(mask)
+    return masked_linear(x, weight, mask, bias, activation=activation)
+
+
+def _torch_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+    mask_entry(mask)
+    m = mask.to(weight.dtype)
+    gp = act_grad(grad, y, activation)
+    dx = gp @ (weight * m) if need_x else None
+    dw = (gp.t() @ x) * m if need_w else None
+    db = gp.sum(0) if need_b else None
+    return dx, dw, db
+
+
+def _triton_forward(x, weight, mask, bias, activation):
+    from gm.kernels import masked_linear as k  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    bo, bk = k.tile_sizes(x.dtype)
+    tm = linear_tile_map(entry, bo, bk)
+    return k.masked_gemm(
+        x, None, weight, entry.u8, bias, tm.rows, transpose=False, pro_act=None, epi_act=activation,
+        block_i=bk, block_j=bo,
+    )  # fmt: skip
+
+
+def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+    from gm.kernels import masked_linear as k  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    dx = dw = db = None
+    if need_x:
+        bo, bk = k.tile_sizes(x.dtype)
+        tm = linear_tile_map(entry, bo, bk)
+        dx = k.masked_gemm(
+            grad, y, weight, entry.u8, None, tm.cols, transpose=True, pro_act=activation, epi_act=None,
+            block_i=bo, block_j=bk,
+        )  # fmt: skip
+    if need_w or need_b:
+        bo, bk = k.wgrad_tile_sizes(x.dtype)
+        tm = linear_tile_map(entry, bo, bk)
+        dw, db = k.masked_wgrad(
+            grad, y, x, entry.u8, tm.flags, tm.nonempty, act=activation, need_bias=need_b, block_o=bo, block_k=bk
+        )
+    return dx, dw, db
+
+
+def _cuda_unwritten(*args, **kwargs):
+    raise NotImplementedError(
+        "masked_linear has no CUDA C++ kernels yet: use backend='triton' (auto already picks it for CUDA tensors)"
+    )
+
+
+_FORWARD = {"reference": _torch_forward, "cpu": _torch_forward, "triton": _triton_forward, "cuda": _cuda_unwritten}
+_BACKWARD = {"reference": _torch_backward, "cpu": _torch_backward, "triton": _triton_backward, "cuda": _cuda_unwritten}
+
+
+def backend_for(backend: str | None, device: torch.device, *, cuda_ready: bool = CUDA_READY) -> str:
+    """resolve(), except that auto (no backend named, GM_BACKEND unset) picks triton over an unwritten cuda."""
+    import os  # noqa: PLC0415
+
+    chosen = resolve(backend, device, native_cpu=False)
+    if chosen == "cuda" and not cuda_ready and backend is None and not os.environ.get("GM_BACKEND"):
+        chosen = resolve("triton", device, native_cpu=False)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration.
+
+
+def _act_name(activation: str) -> str | None:
+    return None if activation == "none" else activation
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _masked_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    return _FORWARD[backend](x, weight, mask, bias, _act_name(activation)).contiguous()
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, mask, bias, activation, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(_OP + "_backward", mutates_args=())
+def _masked_linear_backward_op(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    activation: str,
+    backend: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _BACKWARD[backend](
+        grad.contiguous(), y, x, weight, mask, _act_name(activation), need_x, need_w, need_b
+    )
+    dx = dx.contiguous() if dx is not None else x.new_empty(0)
+    dw = dw.contiguous() if dw is not None else weight.new_empty(0)
+    db = db.contiguous() if db is not None else weight.new_empty(0)
+    return dx, dw, db
+
+
+@_masked_linear_backward_op.register_fake
+def _(grad, y, x, weight, mask, activation, backend, need_x, need_w, need_b):
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, mask, bias, activation, backend = inputs
+    y = output if activation != "none" else None
+    ctx.save_for_backward(x, weight, mask, y)
+    ctx.activation, ctx.backend, ctx.has_bias = activation, backend, bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, mask, y = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    if not (need_x or need_w or need_b):
+        return None, None, None, None, None, None
+    y = y if y is not None else grad  # unused without an activation
+    dx, dw, db = _masked_linear_backward_op(
+        grad, y, x, weight, mask, ctx.activation, ctx.backend, need_x, need_w, need_b
+    )
+    return (dx if need_x else None), (dw if need_w else None), None, (db if need_b else None), None, None
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function.
+
+
+def check_mask(mask, weight: torch.Tensor, name: str = "mask") -> None:
+    check_tensor(name, mask, ndim=2, dtypes=MASK_DTYPES)
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"{name} must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{name} is on {mask.device} but weight is on {weight.device}: put them on one device")
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = act(x (weight ⊙ mask)^T + bias): a MADE layer.
+
+    Args:
+        x: (..., K) float16/bfloat16/float32/float64.
+        weight: (O, K), same dtype and device as x.
+        mask: (O, K) binary (bool, int or float holding only 0 and 1). Checked and tiled once per mask (cached;
+            see the module docstring), so pass the same tensor each call (a module buffer).
+        bias: optional (O,).
+        activation: None, "elu" (alpha 1) or "relu", applied after the bias.
+        backend: None (auto), "reference", "cpu", "triton" or "cuda" (not written yet: raises).
+
+    Returns:
+        (..., O), x's dtype.
+
+    Example:
+        >>> w = torch.randn(4, 3); m = torch.tril(torch.ones(4, 3), -1)
+        >>> masked_linear(torch.randn(2, 3), w, m, activation="elu").shape
+        torch.Size([2, 4])
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_same("x", x, weight=weight, bias=bias)
+    check_mask(mask, weight)
+    check_choice("activation", activation, ACTIVATIONS)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have shape (..., K={weight.shape[1]}) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
+    chosen = backend_for(backend, x.device)
+    lead = x.shape[:-1]
+    y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, mask, bias, activation or "none", chosen)
+    return y.reshape(*lead, weight.shape[0])
+
+
+__all__ = ["masked_linear", "mask_entry", "clear_mask_cache", "TileMap"]

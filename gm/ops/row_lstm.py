@@ -1,0 +1,293 @@
+"""row_lstm: the Row LSTM scan of PixelRNN (van den Oord et al. 2016, section 3.1), forward and backward.
+
+gates (N, 4h, H, W) is the input-to-state result (bias included), gate order i, f, o, g; w_ss (4h, h, k), k odd.
+For each row r, top to bottom:
+    s = conv1d(h_{r-1}, w_ss, padding=k // 2);  [i, f, o, g] = gates[:, :, r] + s
+    c_r = sigmoid(f) c_{r-1} + sigmoid(i) tanh(g);  h_r = sigmoid(o) tanh(c_r)
+with h_{-1} = h0 (or 0), c_{-1} = c0 (or 0), both (N, h, W). Returns h (N, h, H, W).
+
+The forward saves the h and c of every row in the state dtype (float32; float64 for float64 inputs): (N, h, H, W)
+each, i.e. 2/4 of the gates' size. The backward recomputes the gate pre-activations of each row from h_{r-1}
+(one extra (4h x hk) @ (hk x W) product per row, the same as the forward's) instead of storing the 4h gate
+activations (4x the memory of h, and as much extra traffic written and read back). For float32/float64
+inputs the saved h is the output itself; for bfloat16/float16 a float32 copy is kept, so the backward sees
+the exact state the forward used rather than its rounded output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm._backend import resolve
+from gm._checks import check_same, check_shape, check_tensor
+from gm._ext import dtype_code, ext, stream_of
+
+_OP = "gm::row_lstm"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends. Each forward returns (y, hs, cs) with y in gates' dtype and hs, cs in the state dtype (y may be hs).
+# Each backward returns (dgates, dw or None, dh0 or None, dc0 or None).
+
+
+def _reference_forward(gates, w_ss, h0, c0):
+    from gm.reference.row_lstm import row_lstm as ref  # noqa: PLC0415
+
+    y = ref(gates, w_ss, h0=h0, c0=c0)
+    return y, y.new_empty(0), y.new_empty(0)
+
+
+def _reference_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    from gm.reference.row_lstm import row_lstm as ref  # noqa: PLC0415
+
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (gates, w_ss, h0, c0)]
+    with torch.enable_grad():
+        y = ref(leaves[0], leaves[1], h0=leaves[2], c0=leaves[3])
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, dy))
+    return tuple(next(grads) if t is not None else None for t in leaves)
+
+
+def _cpu_call(name: str):
+    fn = getattr(ext(), name, None)
+    if fn is None:
+        raise NotImplementedError(f"gm._C has no {name}: rebuild gm (pip install --no-build-isolation -e .)")
+    return fn
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _cpu_forward(gates, w_ss, h0, c0):
+    # The C++ scan runs in the state dtype: float16/bfloat16 inputs are widened once (state is float32 anyway).
+    sdt = _state_dtype(gates.dtype)
+    g, w = gates.to(sdt).contiguous(), w_ss.to(sdt).contiguous()
+    h0 = h0.to(sdt).contiguous() if h0 is not None else None
+    c0 = c0.to(sdt).contiguous() if c0 is not None else None
+    n, four_h, height, width = g.shape
+    hs = torch.empty(n, four_h // 4, height, width, dtype=sdt)
+    cs = torch.empty_like(hs)
+    _cpu_call("row_lstm_forward_cpu")(
+        g.data_ptr(), w.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
+        n, four_h // 4, height, width, w.shape[2], dtype_code(hs),
+    )  # fmt: skip
+    return (hs.to(gates.dtype) if gates.dtype != sdt else hs), hs, cs
+
+
+def _cpu_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    sdt = hs.dtype
+    g, w, d = gates.to(sdt).contiguous(), w_ss.to(sdt).contiguous(), dy.to(sdt).contiguous()
+    h0 = h0.to(sdt).contiguous() if h0 is not None else None
+    c0 = c0.to(sdt).contiguous() if c0 is not None else None
+    n, four_h, height, width = g.shape
+    dgates = torch.empty_like(g)
+    dw = torch.empty_like(w) if need_w else None
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    dc0 = torch.empty_like(c0) if c0 is not None else None
+    _cpu_call("row_lstm_backward_cpu")(
+        d.data_ptr(), g.data_ptr(), w.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
+        dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
+        n, four_h // 4, height, width, w.shape[2], dtype_code(hs),
+    )  # fmt: skip
+    return dgates.to(gates.dtype), dw, dh0, dc0
+
+
+def _triton_forward(gates, w_ss, h0, c0):
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    return k.forward(gates, w_ss, h0, c0)
+
+
+def _triton_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    return k.backward(dy, gates, w_ss, h0, c0, hs, cs, need_w)
+
+
+def _cuda_forward(gates, w_ss, h0, c0):
+    n, four_h, height, width = gates.shape
+    sdt = _state_dtype(gates.dtype)
+    hs = torch.empty(n, four_h // 4, height, width, dtype=sdt, device=gates.device)
+    cs = torch.empty_like(hs)
+    y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != sdt else hs
+    _cpu_call("row_lstm_forward_cuda")(
+        gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
+        n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+    )  # fmt: skip
+    return y, hs, cs
+
+
+def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    n, four_h, height, width = gates.shape
+    dgates = torch.empty_like(gates)
+    dw = torch.empty(w_ss.shape, dtype=hs.dtype, device=gates.device) if need_w else None
+    dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
+    dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
+    _cpu_call("row_lstm_backward_cuda")(
+        dy.data_ptr(), gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
+        dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
+        n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+    )  # fmt: skip
+    return dgates, dw, dh0, dc0
+
+
+_FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {
+    "reference": _reference_backward,
+    "cpu": _cpu_backward,
+    "triton": _triton_backward,
+    "cuda": _cuda_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration. The op returns (y, hs, cs): hs and cs are the saved states (hs empty when y is the
+# state itself, i.e. float32/float64 inputs; both empty for the reference backend), not differentiable.
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _row_lstm_op(
+    gates: torch.Tensor,
+    w_ss: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, hs, cs = _FORWARD[backend](gates, w_ss, h0, c0)
+    hs = hs.new_empty(0) if hs is y else hs.contiguous()  # outputs may not alias each other
+    return y.contiguous(), hs, cs.contiguous()
+
+
+@_row_lstm_op.register_fake
+def _(gates, w_ss, h0, c0, backend):
+    n, four_h, height, width = gates.shape
+    sdt = _state_dtype(gates.dtype)
+    y = gates.new_empty(n, four_h // 4, height, width)
+    if backend == "reference":
+        return y, y.new_empty(0), y.new_empty(0)
+    hs = y.new_empty(n, four_h // 4, height, width, dtype=sdt) if sdt != gates.dtype else y.new_empty(0, dtype=sdt)
+    return y, hs, y.new_empty(n, four_h // 4, height, width, dtype=sdt)
+
+
+@torch.library.custom_op(_OP + "_backward", mutates_args=())
+def _row_lstm_backward_op(
+    dy: torch.Tensor,
+    gates: torch.Tensor,
+    w_ss: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    hs: torch.Tensor,
+    cs: torch.Tensor,
+    backend: str,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dgates, dw, dh0, dc0 = _BACKWARD[backend](dy.contiguous(), gates, w_ss, h0, c0, hs, cs, need_w)
+    return (
+        dgates.contiguous(),
+        dw.to(w_ss.dtype).contiguous() if dw is not None else w_ss.new_empty(0),
+        dh0.to(h0.dtype).contiguous() if dh0 is not None else gates.new_empty(0),
+        dc0.to(c0.dtype).contiguous() if dc0 is not None else gates.new_empty(0),
+    )
+
+
+@_row_lstm_backward_op.register_fake
+def _(dy, gates, w_ss, h0, c0, hs, cs, backend, need_w):
+    return (
+        gates.new_empty(gates.shape),
+        w_ss.new_empty(w_ss.shape) if need_w else w_ss.new_empty(0),
+        h0.new_empty(h0.shape) if h0 is not None else gates.new_empty(0),
+        c0.new_empty(c0.shape) if c0 is not None else gates.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    gates, w_ss, h0, c0, backend = inputs
+    y, hs, cs = output
+    ctx.mark_non_differentiable(hs, cs)
+    ctx.hs_is_y = hs.numel() == 0
+    ctx.save_for_backward(gates, w_ss, h0, c0, y if ctx.hs_is_y else hs, cs)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _dhs, _dcs):
+    gates, w_ss, h0, c0, hs, cs = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None
+    need_g, need_w, need_h0, need_c0 = ctx.needs_input_grad[:4]
+    dgates, dw, dh0, dc0 = _row_lstm_backward_op(dy, gates, w_ss, h0, c0, hs, cs, ctx.backend, need_w)
+    return (
+        dgates if need_g else None,
+        dw if need_w else None,
+        dh0 if need_h0 else None,
+        dc0 if need_c0 else None,
+        None,
+    )
+
+
+_row_lstm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function.
+
+
+def check_row_lstm_args(gates, w_ss, h0, c0) -> None:
+    check_tensor("gates", gates, ndim=4)
+    check_tensor("w_ss", w_ss, ndim=3)
+    check_same("gates", gates, w_ss=w_ss)
+    n, four_h, height, width = gates.shape
+    if four_h == 0 or four_h % 4 != 0:
+        raise ValueError(f"gates must have 4*h channels (gates i, f, o, g), got {four_h} channels")
+    hidden = four_h // 4
+    if w_ss.shape[0] != four_h or w_ss.shape[1] != hidden:
+        raise ValueError(
+            f"w_ss must have shape (4h, h, k) = ({four_h}, {hidden}, k) for gates with {four_h} channels, "
+            f"got {tuple(w_ss.shape)}"
+        )
+    k = w_ss.shape[2]
+    if k % 2 == 0:
+        raise ValueError(f"w_ss must have an odd kernel width k (padding k//2 keeps the width), got k={k}")
+    for name, t in (("h0", h0), ("c0", c0)):
+        if t is None:
+            continue
+        check_tensor(name, t, ndim=3)
+        check_same("gates", gates, **{name: t})
+        check_shape(name, t, (n, hidden, width), "(N, h, W) of gates")
+
+
+def row_lstm(
+    gates: torch.Tensor,
+    w_ss: torch.Tensor,
+    *,
+    h0: torch.Tensor | None = None,
+    c0: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Row LSTM scan over the rows of an image (PixelRNN), with gradients for gates, w_ss, h0 and c0.
+
+    Args:
+        gates: (N, 4h, H, W) input-to-state pre-activations (bias included), gate blocks i, f, o, g.
+            float16/bfloat16/float32/float64; the state and accumulation are float32 (float64 for float64).
+        w_ss: (4h, h, k) state-to-state kernel along the width, k odd; same dtype and device as gates.
+        h0, c0: optional (N, h, W) initial hidden and cell state (zero when None).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        h of every row: (N, h, H, W), gates' dtype.
+
+    Example:
+        >>> gates = torch.randn(2, 4 * 8, 5, 6); w_ss = torch.randn(32, 8, 3)
+        >>> row_lstm(gates, w_ss).shape
+        torch.Size([2, 8, 5, 6])
+    """
+    check_row_lstm_args(gates, w_ss, h0, c0)
+    chosen = resolve(backend, gates.device, native_cpu=True)
+    gates, w_ss = gates.contiguous(), w_ss.contiguous()
+    h0 = h0.contiguous() if h0 is not None else None
+    c0 = c0.contiguous() if c0 is not None else None
+    return _row_lstm_op(gates, w_ss, h0, c0, chosen)[0]

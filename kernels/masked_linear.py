@@ -1,0 +1,268 @@
+"""Triton kernels for masked_linear: GEMMs that visit only the non-zero tiles of a 0/1 weight mask.
+
+Forward, x (R, K), weight and mask (O, K), bias (O,):
+    y[r, o] = act(b[o] + sum_k x[r, k] * W[o, k] * M[o, k]),  act in {none, ELU(alpha=1), ReLU}
+Input gradient, with g = dL/dy and gp = g * act'(y) (computed from the saved output y, fused into the A loads):
+    dx[r, k] = sum_o gp[r, o] * W[o, k] * M[o, k]
+Weight and bias gradient:
+    dW[o, k] = M[o, k] * sum_r gp[r, o] * x[r, k],   db[o] = sum_r gp[r, o]
+
+Both GEMMs over the weight are one kernel, `masked_gemm_kernel`: C[r, j] = epi(sum_i A'[r, i] * Wm(i, j)) with the
+weight addressed through strides (forward: j = o, i = k; input gradient: j = k, i = o). Each program owns a
+BLOCK_J slice of output columns and loops only over the inner tiles listed for it in a compressed tile map
+(gm.ops.masked_linear.TileMap: offsets + tile indices + a "full" flag; the input gradient uses the transposed
+map), so all-zero tiles of the mask are never loaded or multiplied; the mask itself is read only for tiles
+that are partly zero. The weight-gradient kernel runs one program per (o, k) tile (and split of the rows):
+empty tiles store zeros without a loop. Offsets are int64; fp32 accumulation (fp64 for fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision
+
+ACT_CODES = {None: 0, "elu": 1, "relu": 2}
+
+
+@triton.jit
+def apply_act(v, ACT: tl.constexpr):
+    if ACT == 1:
+        v = tl.where(v > 0, v, tl.exp(tl.minimum(v, 0)) - 1)
+    elif ACT == 2:
+        v = tl.where(v > 0, v, tl.zeros_like(v))
+    return v
+
+
+@triton.jit
+def act_grad(g, y, ACT: tl.constexpr):
+    """g * act'(x) written through the output y = act(x): ELU' = 1 or y + 1, ReLU' = [y > 0]."""
+    if ACT == 1:
+        g = tl.where(y > 0, g, g * (y + 1))
+    elif ACT == 2:
+        g = tl.where(y > 0, g, tl.zeros_like(g))
+    return g
+
+
+@triton.jit
+def masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, full):
+    """The (BLOCK_I, BLOCK_J) tile Wm(i, j) = W * M; the mask is read only when the tile is partly zero."""
+    ok = (ri[:, None] < I) & (rj[None, :] < J)
+    w = tl.load(w_ptr + ri[:, None] * sw_i + rj[None, :] * sw_j, mask=ok, other=0.0)
+    if full == 0:
+        mv = tl.load(m_ptr + ri[:, None] * sm_i + rj[None, :] * sm_j, mask=ok, other=0)
+        w = tl.where(mv != 0, w, tl.zeros_like(w))
+    return w
+
+
+@triton.jit
+def masked_gemm_kernel(
+    a_ptr, y_ptr, w_ptr, m_ptr, b_ptr, c_ptr,
+    tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+    R, I, J,
+    sa_r, sa_i, sy_r, sy_i,
+    sw_i, sw_j, sm_i, sm_j,
+    sc_r, sc_j,
+    PRO_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    num_j = tl.cdiv(J, BLOCK_J)
+    pid_r = pid // num_j  # consecutive programs share the same rows of A
+    pid_j = pid % num_j
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    r_ok = rr < R
+    start = tl.load(tile_off_ptr + pid_j)
+    end = tl.load(tile_off_ptr + pid_j + 1)
+    acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=ACC)
+    for t in range(start, end):
+        it = tl.load(tile_idx_ptr + t).to(tl.int64)
+        full = tl.load(tile_full_ptr + t)
+        ri = it * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        a_ok = r_ok[:, None] & (ri[None, :] < I)
+        a = tl.load(a_ptr + rr[:, None] * sa_r + ri[None, :] * sa_i, mask=a_ok, other=0.0)
+        if PRO_ACT != 0:
+            yv = tl.load(y_ptr + rr[:, None] * sy_r + ri[None, :] * sy_i, mask=a_ok, other=0.0)
+            a = act_grad(a.to(ACC), yv.to(ACC), PRO_ACT).to(a_ptr.dtype.element_ty)
+        w = masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, full)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rj, mask=rj < J, other=0.0).to(ACC)[None, :]
+    acc = apply_act(acc, EPI_ACT)
+    c_off = rr[:, None] * sc_r + rj[None, :] * sc_j
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=r_ok[:, None] & (rj[None, :] < J))
+
+
+@triton.jit
+def masked_wgrad_kernel(
+    g_ptr, y_ptr, x_ptr, m_ptr, flags_ptr, dw_ptr, db_ptr,
+    R, O, K, rows_per_split,
+    sg_r, sg_o, sy_r, sy_o, sx_r, sx_k, sm_o, sm_k,
+    PRO_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    num_k = tl.cdiv(K, BLOCK_K)
+    ot = pid_t // num_k
+    kt = pid_t % num_k
+    flag = tl.load(flags_ptr + pid_t)  # 0 empty, 1 partly zero, 2 full
+    ro = ot * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    o_ok = ro < O
+    k_ok = rk < K
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, R)
+    if HAS_BIAS:
+        busy = (flag > 0) | (kt == 0)  # the first column of tiles also sums the bias gradient
+    else:
+        busy = flag > 0
+    stop = tl.where(busy, stop, start)  # empty tiles without bias duty skip the loop
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=ACC)
+    bacc = tl.zeros((BLOCK_O,), dtype=ACC)
+    for r0 in range(start, stop, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = rr < stop
+        g_ok = o_ok[:, None] & r_ok[None, :]
+        g = tl.load(g_ptr + ro[:, None] * sg_o + rr[None, :] * sg_r, mask=g_ok, other=0.0)
+        if PRO_ACT != 0:
+            yv = tl.load(y_ptr + ro[:, None] * sy_o + rr[None, :] * sy_r, mask=g_ok, other=0.0)
+            g = act_grad(g.to(ACC), yv.to(ACC), PRO_ACT).to(g_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            bacc += tl.sum(g.to(ACC), axis=1)
+        if flag > 0:
+            xv = tl.load(x_ptr + rr[:, None] * sx_r + rk[None, :] * sx_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(g, xv, acc, input_precision=PRECISION, out_dtype=ACC)
+    ok = o_ok[:, None] & k_ok[None, :]
+    if flag == 1:
+        mv = tl.load(m_ptr + ro[:, None] * sm_o + rk[None, :] * sm_k, mask=ok, other=0)
+        acc = tl.where(mv != 0, acc, tl.zeros_like(acc))
+    tl.store(dw_ptr + split * O * K + ro[:, None] * K + rk[None, :], acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        tl.store(db_ptr + split * O + ro, bacc.to(db_ptr.dtype.element_ty), mask=o_ok & (kt == 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile sizes. The tile map is built for (BLOCK_O, BLOCK_K), so those are fixed per dtype; autotuning on the GPU
+# covers the row block, warps and stages only.
+
+_INTERP_TILES = (16, 16)
+_INTERP_ROWS = 16
+
+
+def tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_O, BLOCK_K): the mask tile granularity for `dtype`."""
+    if INTERPRETED:
+        return _INTERP_TILES
+    return (128, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
+
+
+def wgrad_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
+    if INTERPRETED:
+        return _INTERP_TILES
+    return (64, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
+
+
+def _gemm_configs():
+    shapes = [(128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 4, 3), (32, 4, 4)]
+    return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
+
+
+def _wgrad_configs():
+    shapes = [(64, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]
+    return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
+
+
+if INTERPRETED:
+    _gemm = masked_gemm_kernel
+    _wgrad = masked_wgrad_kernel
+else:
+    _gemm = triton.autotune(_gemm_configs(), key=["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"])(
+        masked_gemm_kernel
+    )
+    _wgrad = triton.autotune(_wgrad_configs(), key=["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"])(
+        masked_wgrad_kernel
+    )
+
+
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype not in TL_DTYPES:
+        raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_act, block_i, block_j):
+    """C (R, J) = epi_act(A' Wm + bias) with A' = act_grad(A, y) when pro_act; Wm = (W ⊙ M)^T (forward,
+    transpose=False: J = O) or W ⊙ M (input gradient, transpose=True: J = K). `tiles` = (offsets, idx, full)
+    of the tile map along J."""
+    _check_dtype(a)
+    r = a.shape[0]
+    o, k = weight.shape
+    if transpose:
+        i_dim, j_dim = o, k
+        sw_i, sw_j, sm_i, sm_j = weight.stride(0), weight.stride(1), mask_u8.stride(0), mask_u8.stride(1)
+    else:
+        i_dim, j_dim = k, o
+        sw_i, sw_j, sm_i, sm_j = weight.stride(1), weight.stride(0), mask_u8.stride(1), mask_u8.stride(0)
+    c = torch.empty(r, j_dim, dtype=a.dtype, device=a.device)
+    offsets, idx, full = tiles
+    extra = dict(BLOCK_R=_INTERP_ROWS) if INTERPRETED else {}
+    yy = y if y is not None else a
+
+    def grid(meta):
+        return (triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(j_dim, block_j),)
+
+    _gemm[grid](
+        a, yy, weight, mask_u8, bias if bias is not None else weight, c,
+        offsets, idx, full,
+        r, i_dim, j_dim,
+        *a.stride(), *yy.stride(),
+        sw_i, sw_j, sm_i, sm_j,
+        *c.stride(),
+        PRO_ACT=ACT_CODES[pro_act], EPI_ACT=ACT_CODES[epi_act], HAS_BIAS=bias is not None,
+        ACC=acc_dtype(a.dtype), PRECISION=dot_precision(a.dtype, conv=False),
+        BLOCK_J=block_j, BLOCK_I=block_i, **extra,
+    )  # fmt: skip
+    return c
+
+
+def _num_splits(nonempty_tiles: int, rows: int) -> int:
+    if INTERPRETED:
+        return 2 if rows > 2 * _INTERP_ROWS else 1  # exercise the split path in tests
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    want = max(1, (2 * sms + nonempty_tiles - 1) // max(1, nonempty_tiles))
+    return max(1, min(want, rows // 512))
+
+
+def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, block_k):
+    """(dW (O, K) in g's dtype, exactly zero where masked; db (O,) or None)."""
+    _check_dtype(g)
+    r, o = g.shape
+    k = x.shape[1]
+    splits = _num_splits(nonempty, r)
+    out_dtype = g.dtype if splits == 1 else (torch.float64 if g.dtype == torch.float64 else torch.float32)
+    dw = torch.empty(splits, o, k, dtype=out_dtype, device=g.device)
+    db = torch.empty(splits, o, dtype=out_dtype, device=g.device) if need_bias else dw
+    per_split = triton.cdiv(r, splits)
+    extra = dict(BLOCK_R=_INTERP_ROWS) if INTERPRETED else {}
+    yy = y if y is not None else g
+    grid = (triton.cdiv(o, block_o) * triton.cdiv(k, block_k), splits)
+    _wgrad[grid](
+        g, yy, x, mask_u8, flags, dw, db,
+        r, o, k, per_split,
+        *g.stride(), *yy.stride(), *x.stride(), *mask_u8.stride(),
+        PRO_ACT=ACT_CODES[act], HAS_BIAS=need_bias,
+        ACC=acc_dtype(g.dtype), PRECISION=dot_precision(g.dtype, conv=False),
+        BLOCK_O=block_o, BLOCK_K=block_k, **extra,
+    )  # fmt: skip
+    if splits > 1:
+        dw = dw.sum(0).to(g.dtype)
+        db = db.sum(0).to(g.dtype) if need_bias else None
+    else:
+        dw = dw[0]
+        db = db[0] if need_bias else None
+    return dw, db

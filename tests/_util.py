@@ -1,0 +1,68 @@
+"""Shared test helpers: which backends run here, relative-error tolerances per dtype, NaN poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+from gm._backend import availability
+from gm._ext import ext_status
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+
+# ||out - ref|| / ||ref|| bounds, by what the dtype can do (float32 on a GPU may use tf32 in convolutions/GEMMs).
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 3e-3,
+    torch.bfloat16: 2e-2,
+}
+REL_TOL_GPU_FP32 = 2e-3  # tf32 operands (torch's default for convolutions)
+
+
+def rel_tol(dtype: torch.dtype, device: torch.device = DEVICE) -> float:
+    if dtype == torch.float32 and device.type == "cuda":
+        return REL_TOL_GPU_FP32
+    return REL_TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN/Inf (an unwritten element?)"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", device=DEVICE) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    tol = rel_tol(dtype, device)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g} ({dtype})"
+
+
+def fast_backends(device: torch.device = DEVICE) -> list[str]:
+    """The non-reference backends that can run tensors on `device` on this machine."""
+    out = []
+    for b in ("cpu", "triton", "cuda"):
+        ok, _ = availability(b, device)
+        if ok and b == "cpu":
+            ok = ext_status()[0]
+        if ok:
+            out.append(b)
+    return out
+
+
+def poison_empty(monkeypatch) -> None:
+    """Make torch.empty/empty_like/new_empty return NaN-filled tensors, so a kernel that leaves an element
+    unwritten fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_new_empty = torch.Tensor.new_empty
+
+    def nan_fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: nan_fill(real_new_empty(self, *a, **k)))

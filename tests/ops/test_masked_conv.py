@@ -1,0 +1,175 @@
+"""masked_conv2d: every backend on this machine against gm.reference, forward and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gm
+from gm.nn import MaskedConv2d, color_groups
+from gm.reference import conv_mask
+from gm.reference import masked_conv2d as reference
+from tests._util import DEVICE, HAS_GPU, assert_rel, fast_backends, poison_empty
+
+BACKENDS = fast_backends()
+DTYPES = [torch.float32, torch.bfloat16] if HAS_GPU else [torch.float64, torch.float32]
+
+# (id, N, C_in, C_out, H, W, kh, kw, mask, groups) ; groups: None, "rgb" (colour groups) or "rand" (random orders)
+SHAPES = [
+    pytest.param(2, 3, 5, 7, 7, 7, 7, "A", None, id="7x7A-N2-C3to5-7x7"),
+    pytest.param(2, 6, 9, 5, 6, 3, 3, "B", "rgb", id="3x3B-rgb-5x6"),
+    pytest.param(3, 3, 6, 4, 4, 1, 1, "A", "rgb", id="1x1A-rgb"),
+    pytest.param(1, 4, 5, 3, 7, 1, 5, "B", None, id="1x5B-N1"),
+    pytest.param(2, 5, 4, 6, 5, 5, 3, "A", "rand", id="5x3A-random-orders"),
+    pytest.param(2, 4, 3, 3, 3, 1, 1, "A", None, id="1x1A-no-taps"),
+    pytest.param(2, 16, 16, 8, 8, 3, 3, "B", None, id="3x3B-round"),
+]
+
+
+def _groups(kind, cin, cout):
+    if kind is None:
+        return None, None
+    if kind == "rgb":
+        return color_groups(cin, 3).to(DEVICE), color_groups(cout, 3).to(DEVICE)
+    return torch.randint(0, 4, (cin,), device=DEVICE), torch.randint(0, 4, (cout,), device=DEVICE)
+
+
+def _inputs(n, cin, cout, h, w, kh, kw, dtype):
+    x = torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype, requires_grad=True)
+    wt = torch.randn(cout, cin, kh, kw, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.randn(cout, device=DEVICE, dtype=dtype, requires_grad=True)
+    return x, wt, b
+
+
+def _ref_and_grads(x, wt, b, mask, gi, go, gy):
+    """The reference in float64 (the oracle), with its gradients."""
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
+    y = reference(xd, wd, bd, mask=mask, in_groups=gi, out_groups=go)
+    return (y, *torch.autograd.grad(y, (xd, wd, bd), gy.double()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "cin", "cout", "h", "w", "kh", "kw", "mask", "groups"), SHAPES)
+def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, groups, monkeypatch):
+    gi, go = _groups(groups, cin, cout)
+    x, wt, b = _inputs(n, cin, cout, h, w, kh, kw, dtype)
+    gy = torch.randn(n, cout, h, w, device=DEVICE, dtype=dtype)
+    ref = _ref_and_grads(x, wt, b, mask, gi, go, gy)
+    poison_empty(monkeypatch)
+    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend=backend)
+    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
+    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref):
+        assert g.dtype == dtype
+        assert_rel(g, r, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_taps_get_exactly_zero_weight_grad(backend):
+    cin, cout = 6, 6
+    gi, go = color_groups(cin, 3).to(DEVICE), color_groups(cout, 3).to(DEVICE)
+    x, wt, b = _inputs(2, cin, cout, 5, 5, 5, 5, torch.float32)
+    y = gm.ops.masked_conv2d(x, wt, b, mask="A", in_groups=gi, out_groups=go, backend=backend)
+    (dw,) = torch.autograd.grad(y.sum(), wt)
+    m = conv_mask(tuple(wt.shape), "A", gi, go, DEVICE)
+    assert (dw[m == 0] == 0).all()
+    assert (dw[m == 1] != 0).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_input(backend):
+    x, wt, b = _inputs(2, 4, 5, 6, 6, 3, 3, torch.float32)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = gm.ops.masked_conv2d(x_cl, wt, b, mask="B", backend=backend)
+    ref = reference(x.detach().double(), wt.detach().double(), b.detach().double(), mask="B")
+    assert_rel(y, ref, torch.float32, "channels_last forward")
+    (dx,) = torch.autograd.grad(y.sum(), x_cl)
+    xd = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(reference(xd, wt.detach().double(), b.detach().double(), mask="B").sum(), xd)
+    assert_rel(dx, dx_ref, torch.float32, "channels_last dx")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="float64 gradcheck runs on the CPU backends")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    gi, go = color_groups(3, 3), color_groups(6, 3)
+    x, wt, b = (t.detach().double().requires_grad_() for t in _inputs(1, 3, 6, 4, 3, 3, 3, torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: gm.ops.masked_conv2d(x, w, b, mask="A", in_groups=gi, out_groups=go, backend=backend),
+        (x, wt, b),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["A", "B"])
+def test_causality_exact(backend, mask):
+    """d out[pixel p, colour k] / d x is exactly zero at every later pixel, and at p for colours the mask forbids."""
+    c, h, w = 6, 5, 5
+    layer = MaskedConv2d(c, c, 5, mask=mask, colors=3, backend=backend).to(DEVICE)
+    x = torch.randn(1, c, h, w, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    colours = color_groups(c, 3)
+    for py, px in [(2, 2), (0, 4), (4, 0)]:
+        for k in range(3):
+            (g,) = torch.autograd.grad(out[0, colours == k, py, px].sum(), x, retain_graph=True)
+            g = g[0]
+            later = torch.zeros(h, w, dtype=torch.bool)
+            later.view(-1)[py * w + px + 1 :] = True
+            assert (g[:, later] == 0).all(), "depends on a later pixel"
+            forbidden = colours >= k if mask == "A" else colours > k
+            assert (g[forbidden, py, px] == 0).all(), "depends on a forbidden colour at the same pixel"
+            if k > 0 or mask == "B":
+                allowed = ~forbidden
+                assert (g[allowed, py, px] != 0).any(), "the allowed centre connections are missing"
+
+
+def test_bad_input_errors():
+    x = torch.randn(2, 3, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    cases = [
+        (dict(x=x, weight=torch.randn(4, 3, 2, 3)), "odd kernel"),
+        (dict(x=x, weight=torch.randn(4, 5, 3, 3)), "channels"),
+        (dict(x=x.double(), weight=w), "dtype"),
+        (dict(x=x, weight=w, mask="C"), "mask"),
+        (dict(x=x, weight=w, in_groups=torch.zeros(4, dtype=torch.long)), "in_groups"),
+        (dict(x=x, weight=w, out_groups=torch.zeros(3, dtype=torch.long)), "out_groups"),
+        (dict(x=x, weight=w, bias=torch.randn(5)), "bias"),
+        (dict(x=x[0], weight=w), "x must have 4 dimensions"),
+        (dict(x=x.int(), weight=w), "x must have dtype"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            gm.ops.masked_conv2d(**kwargs)
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3)
+    with pytest.raises(gm.BackendUnavailable, match="cuda backend takes CUDA tensors"):
+        gm.ops.masked_conv2d(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gm.ops.masked_conv2d(x, w, backend="fast")
+    monkeypatch.setenv("GM_BACKEND", "cuda")
+    with pytest.raises(gm.BackendUnavailable):
+        gm.ops.masked_conv2d(x, w)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="opcheck/compile are exercised on the CPU backends here")
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} not available")
+    x, w, b = _inputs(1, 3, 6, 4, 4, 3, 3, torch.float32)
+    gi, go = color_groups(3, 3), color_groups(6, 3)
+    torch.library.opcheck(torch.ops.gm.masked_conv2d.default, (x, w, b, "A", gi, go, backend))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="compiled on the CPU backend here")
+def test_torch_compile_fullgraph():
+    layer = MaskedConv2d(3, 6, 3, mask="A", colors=3, backend="cpu")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y, y_ref = compiled(x), layer(x)
+    torch.testing.assert_close(y, y_ref)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(gx, gx_ref)
