@@ -144,7 +144,7 @@ def masked_wgrad_kernel(
         acc = tl.where(mv != 0, acc, tl.zeros_like(acc))
     tl.store(dw_ptr + split * O * K + ro[:, None] * K + rk[None, :], acc.to(dw_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
-        tl.store(db_ptr + split * O + ro, bacc.to(db_ptr.dtype.element_ty), mask=o_ok & (kt == 0))
+        tl.store(db_ptr + split * O + ro, bacc.to(db_ptr.dtype.element_ty), mask=o_ok & ((tl.zeros_like(ro) + kt) == 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
