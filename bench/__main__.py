@@ -32,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     args = p.parse_args(argv)
 
     from bench import harness  # noqa: PLC0415
 
+    harness.WITH_COMPILE = not args.no_compile
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+WITH_COMPILE = True  # python -m bench --no-compile drops the "+compile" baselines (their compile time is long)
 
 
 @dataclasses.dataclass
@@ -160,6 +161,8 @@ def run_case(case: Case, device: torch.device, warmup_ms: float, rep_ms: float) 
         for b in case.gm_backends or gm_backends_for(device):
             rows.append(run_impl(case, f"gm[{b}]", lambda _b=b, **kw: case.gm(backend=_b, **kw), device, warmup_ms, rep_ms))
     for label, fn in case.impls.items():
+        if "compile" in label and not WITH_COMPILE:
+            continue
         rows.append(run_impl(case, label, fn, device, warmup_ms, rep_ms))
     base = next((r for r in rows if r.impl == case.baseline and r.error is None), None)
     if base is not None:
