@@ -1,0 +1,238 @@
+"""diagonal_lstm: PixelRNN's Diagonal LSTM scan (van den Oord et al. 2016, Sec. 3.2), one direction.
+
+For each pixel (i, j), scanning the image along its diagonals (j - i constant... i.e. skewed columns t = i + j):
+    [i, f, o, g] = gates[:, :, i, j] + w_ss[..., 0] @ h[:, :, i-1, j] + w_ss[..., 1] @ h[:, :, i, j-1]
+    c[i, j] = sigmoid(f) * c[i, j-1] + sigmoid(i) * tanh(g);   h[i, j] = sigmoid(o) * tanh(c[i, j])
+with h and c zero outside the image (above row 0 and left of column 0). This is DESIGN.md's definition (skew the
+gates with zero fill, run the LSTM over the W+H-1 skewed columns with s[:, :, i] = w_up @ h_{t-1}[i-1] +
+w_left @ h_{t-1}[i], unskew): in skewed coordinates h_{t-1}[i-1] is the pixel above and h_{t-1}[i] the pixel to
+the left. "Zero state outside the image" is exact, not an approximation: run literally on the zero-filled skewed
+gates, cells left of a row's start stay exactly (0, 0) (a fixed point of the cell) and cells right of a row's
+end never reach a pixel of the image, so every backend zeroes (or skips) them and agrees with the literal
+recurrence on every output and gradient (tests/ops/test_diagonal_lstm.py checks this bit for bit).
+reverse=True scans right to left: diagonal_lstm(gates.flip(-1), w_ss).flip(-1), by addressing (no copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm._backend import resolve
+from gm._checks import check_same, check_tensor
+
+_OP = "gm::diagonal_lstm"
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The cell state (and accumulation) dtype: float32 for half types and float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """dw_ss (4h, h, 2) = sum over pixels of dgates (x) (h above, h left): one GEMM per tap over the outputs."""
+    up = torch.einsum("nohw,nkhw->ok", dgates[:, :, 1:], y[:, :, :-1])
+    if reverse:
+        left = torch.einsum("nohw,nkhw->ok", dgates[..., :-1], y[..., 1:])
+    else:
+        left = torch.einsum("nohw,nkhw->ok", dgates[..., 1:], y[..., :-1])
+    return torch.stack([up, left], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends: forward -> (y, c), backward -> (dgates, dw_ss).
+
+
+def _reference_forward(gates, w_ss, reverse):
+    from gm.reference.diagonal_lstm import diagonal_lstm_with_cell  # noqa: PLC0415
+
+    return diagonal_lstm_with_cell(gates, w_ss, reverse=reverse)
+
+
+def _reference_backward(grad, gates, w_ss, y, c, reverse):
+    from gm.reference.diagonal_lstm import diagonal_lstm  # noqa: PLC0415
+
+    # Autograd is switched off below a custom op; torch.func's vjp transform still differentiates.
+    _, vjp = torch.func.vjp(lambda g, w: diagonal_lstm(g, w, reverse=reverse), gates, w_ss)
+    return vjp(grad)
+
+
+def _ptr_args(*tensors):
+    return [t.data_ptr() for t in tensors]
+
+
+def _cpu_forward(gates, w_ss, reverse):
+    from gm._ext import dtype_code, ext  # noqa: PLC0415
+
+    if gates.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the cpu backend takes float32/float64, got {gates.dtype}: use .float() or another backend")
+    n, g4, height, width = gates.shape
+    y = torch.empty(n, g4 // 4, height, width, dtype=gates.dtype)
+    c = torch.empty(n, g4 // 4, height, width, dtype=state_dtype(gates.dtype))
+    ext().diagonal_lstm_forward_cpu(
+        *_ptr_args(gates, w_ss, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates)
+    )
+    return y, c
+
+
+def _cpu_backward(grad, gates, w_ss, y, c, reverse):
+    from gm._ext import dtype_code, ext  # noqa: PLC0415
+
+    n, g4, height, width = gates.shape
+    dgates = torch.empty_like(gates)
+    dw = torch.empty_like(w_ss)
+    ext().diagonal_lstm_backward_cpu(
+        *_ptr_args(grad, gates, w_ss, y, c, dgates, dw), n, g4 // 4, height, width, reverse, dtype_code(gates)
+    )
+    return dgates, dw
+
+
+def _triton_forward(gates, w_ss, reverse):
+    from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
+
+    return k.forward(gates, w_ss, reverse)
+
+
+def _triton_backward(grad, gates, w_ss, y, c, reverse):
+    from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
+
+    dgates = k.backward(grad, gates, w_ss, y, c, reverse)
+    return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
+
+
+def _cuda_forward(gates, w_ss, reverse):
+    from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+
+    n, g4, height, width = gates.shape
+    y = torch.empty(n, g4 // 4, height, width, dtype=gates.dtype, device=gates.device)
+    c = torch.empty(n, g4 // 4, height, width, dtype=state_dtype(gates.dtype), device=gates.device)
+    ext().diagonal_lstm_forward_cuda(
+        *_ptr_args(gates, w_ss, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates), stream_of(gates)
+    )
+    return y, c
+
+
+def _cuda_backward(grad, gates, w_ss, y, c, reverse):
+    from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+
+    n, g4, height, width = gates.shape
+    dgates = torch.empty_like(gates)
+    ext().diagonal_lstm_backward_cuda(
+        *_ptr_args(grad, gates, w_ss, y, c, dgates), n, g4 // 4, height, width, reverse, dtype_code(gates),
+        stream_of(gates),
+    )  # fmt: skip
+    return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
+
+
+_FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {
+    "reference": _reference_backward,
+    "cpu": _cpu_backward,
+    "triton": _triton_backward,
+    "cuda": _cuda_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration.
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _diagonal_lstm_op(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, g4, height, width = gates.shape
+    if n * height * width == 0:
+        y = gates.new_zeros(n, g4 // 4, height, width)
+        return y, y.to(state_dtype(gates.dtype))
+    y, c = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
+    return y.contiguous(), c.contiguous()
+
+
+@_diagonal_lstm_op.register_fake
+def _(gates, w_ss, reverse, backend):
+    n, g4, height, width = gates.shape
+    y = gates.new_empty(n, g4 // 4, height, width)
+    return y, y.new_empty(y.shape, dtype=state_dtype(gates.dtype))
+
+
+@torch.library.custom_op(_OP + "_backward", mutates_args=())
+def _diagonal_lstm_backward_op(
+    grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    if gates.numel() == 0:
+        return torch.zeros_like(gates), torch.zeros_like(w_ss)
+    dgates, dw = _BACKWARD[backend](grad.contiguous(), gates.contiguous(), w_ss.contiguous(), y, c, reverse)
+    return dgates.contiguous(), dw.contiguous()
+
+
+@_diagonal_lstm_backward_op.register_fake
+def _(grad, gates, w_ss, y, c, reverse, backend):
+    return gates.new_empty(gates.shape), w_ss.new_empty(w_ss.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    gates, w_ss, reverse, backend = inputs
+    y, c = output
+    ctx.save_for_backward(gates, w_ss, y, c)
+    ctx.reverse, ctx.backend = reverse, backend
+    ctx.mark_non_differentiable(c)
+
+
+def _backward(ctx, grad_y, grad_c):
+    gates, w_ss, y, c = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    dgates, dw = _diagonal_lstm_backward_op(grad_y, gates, w_ss, y, c, ctx.reverse, ctx.backend)
+    need_g, need_w = ctx.needs_input_grad[:2]
+    return (dgates if need_g else None), (dw if need_w else None), None, None
+
+
+_diagonal_lstm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function.
+
+
+def check_diagonal_lstm_args(gates, w_ss, reverse) -> None:
+    check_tensor("gates", gates, ndim=4)
+    check_tensor("w_ss", w_ss, ndim=3)
+    check_same("gates", gates, w_ss=w_ss)
+    g4, hid, taps = w_ss.shape
+    if taps != 2 or g4 != 4 * hid:
+        raise ValueError(f"w_ss must have shape (4h, h, 2) (gates i, f, o, g; taps above, left), got {tuple(w_ss.shape)}")
+    if hid == 0:
+        raise ValueError("w_ss must have h >= 1 hidden units, got shape (0, 0, 2)")
+    if gates.shape[1] != g4:
+        raise ValueError(
+            f"gates must have 4h = {g4} channels to match w_ss {tuple(w_ss.shape)}, got {gates.shape[1]} "
+            f"(gates shape {tuple(gates.shape)})"
+        )
+    if not isinstance(reverse, bool):
+        raise ValueError(f"reverse must be a bool, got {reverse!r}")
+
+
+def diagonal_lstm(
+    gates: torch.Tensor, w_ss: torch.Tensor, *, reverse: bool = False, backend: str | None = None
+) -> torch.Tensor:
+    """Diagonal LSTM scan of PixelRNN over an image, one direction (fused: one kernel launch per pass).
+
+    Args:
+        gates: (N, 4h, H, W) input-to-state result (bias included), gate order i, f, o, g;
+            float16/bfloat16/float32/float64 (the cpu backend: float32/float64). State is float32
+            (float64 for float64).
+        w_ss: (4h, h, 2) state-to-state weights, tap 0 for the pixel above, tap 1 for the pixel to the left
+            (to the right when reverse). Same dtype and device as gates.
+        reverse: scan right to left (≡ flip the width, scan, flip back).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        h (N, h, H, W), gates' dtype.
+
+    Example:
+        >>> g = torch.randn(2, 4 * 16, 8, 8); w = torch.randn(64, 16, 2) * 0.1
+        >>> diagonal_lstm(g, w).shape
+        torch.Size([2, 16, 8, 8])
+    """
+    check_diagonal_lstm_args(gates, w_ss, reverse)
+    chosen = resolve(backend, gates.device, native_cpu=True)
+    return _diagonal_lstm_op(gates, w_ss, reverse, chosen)[0]
