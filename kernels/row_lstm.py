@@ -43,12 +43,14 @@ def _tanh(x):
 def _load_prev_h(hs_ptr, h0_ptr, n, r, ch, col, dx, HID, H, W, HAS_H0: tl.constexpr, ACC: tl.constexpr):
     """h_{r-1}[ch, col + dx] (zero outside the row): row r-1 of hs, or h0 (or zero) for r = 0."""
     src = col + dx
+    r_vec = src * 0 + r  # row tests as blocks: a scalar test in a mask trips triton 3.9's interpreter
     ok = (ch[:, None] < HID) & ((src >= 0) & (src < W))[None, :]
     prev = tl.maximum(r - 1, 0)
     off = ((n * HID + ch[:, None]) * H + prev) * W + src[None, :]
-    hp = tl.load(hs_ptr + off, mask=ok & (r > 0), other=0.0).to(ACC)
+    hp = tl.load(hs_ptr + off, mask=ok & (r_vec > 0)[None, :], other=0.0).to(ACC)
     if HAS_H0:
-        hp += tl.load(h0_ptr + (n * HID + ch[:, None]) * W + src[None, :], mask=ok & (r == 0), other=0.0).to(ACC)
+        h0_off = (n * HID + ch[:, None]) * W + src[None, :]
+        hp += tl.load(h0_ptr + h0_off, mask=ok & (r_vec == 0)[None, :], other=0.0).to(ACC)
     return hp
 
 
@@ -137,9 +139,10 @@ def row_lstm_bwd_kernel(
         off = ((n * HID + ch[:, None]) * H + r) * W + col[None, :]
         c = tl.load(cs_ptr + off, mask=m2, other=0.0).to(ACC)
         prev = tl.maximum(r - 1, 0)
-        c_prev = tl.load(cs_ptr + off + (prev - r) * W, mask=m2 & (r > 0), other=0.0).to(ACC)
+        r_vec = col * 0 + r  # row tests as blocks (see _load_prev_h)
+        c_prev = tl.load(cs_ptr + off + (prev - r) * W, mask=m2 & (r_vec > 0)[None, :], other=0.0).to(ACC)
         if HAS_C0:
-            c_prev += tl.load(c0_ptr + state0, mask=m2 & (r == 0), other=0.0).to(ACC)
+            c_prev += tl.load(c0_ptr + state0, mask=m2 & (r_vec == 0)[None, :], other=0.0).to(ACC)
         dh += tl.load(dy_ptr + off, mask=m2, other=0.0).to(ACC)
         si, sf, so = _sigmoid(zi), _sigmoid(zf), _sigmoid(zo)
         tg, tc = _tanh(zg), _tanh(c)

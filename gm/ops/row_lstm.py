@@ -42,14 +42,10 @@ def _reference_forward(gates, w_ss, h0, c0):
 
 
 def _reference_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
-    from gm.reference.row_lstm import row_lstm as ref  # noqa: PLC0415
+    from gm.reference.row_lstm import row_lstm_backward  # noqa: PLC0415
 
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (gates, w_ss, h0, c0)]
-    with torch.enable_grad():
-        y = ref(leaves[0], leaves[1], h0=leaves[2], c0=leaves[3])
-        wanted = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, wanted, dy))
-    return tuple(next(grads) if t is not None else None for t in leaves)
+    dgates, dw, dh0, dc0 = row_lstm_backward(dy, gates, w_ss, h0, c0)
+    return dgates, dw, (dh0 if h0 is not None else None), (dc0 if c0 is not None else None)
 
 
 def _cpu_call(name: str):
