@@ -1,0 +1,39 @@
+// masked_conv2d on CUDA: implicit GEMM over the kept taps only (see gm/ops/masked_conv.py for the math).
+//
+//   forward / input gradient:  out[n, o, h, w] = bias[o] + sum_t sum_c a[n, h + dy_t, w + dx_t, c] * b[t, o, c]
+//     a: (N, H, W, Kp) NHWC, Kp a multiple of 8 (zero-padded channels), b: (T, N_out, Kp), out: (N, N_out, H, W) NCHW.
+//     The input gradient is the same GEMM on grad with the taps negated and the packed weight (T, C_in, C_out).
+//   weight gradient:  partial[s, t, c, o] = sum_{p in split s} x[p + off_t, c] * grad[p, o]   (float32)
+//     x: (N, H, W, Cin_p), grad: (N, H, W, Cout_p) NHWC; the splits are summed afterwards in Python (deterministic).
+//
+// Python (gm/ops/_masked_conv_cuda.py) converts layouts, pads channels, checks dtypes/devices and passes raw pointers.
+#pragma once
+#include <cstdint>
+
+namespace gm {
+namespace masked_conv {
+
+// 7x7 keeps 24 taps (mask A) or 25 (mask B): the kept-tap table travels as a kernel argument.
+constexpr int kMaxTaps = 25;
+
+struct TapTable {
+  int count;
+  int dy[kMaxTaps];
+  int dx[kMaxTaps];
+};
+
+// How float32 operands reach the tensor cores (16-bit dtypes always use kNative).
+enum class Precision : int { kNative = 0, kTf32 = 1, kTf32x3 = 2 };
+
+#ifdef GM_WITH_CUDA
+// dtype: gm::DType code (f32, f16, bf16); precision: Precision code.
+void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
+                    int k_channels, int n_out, const TapTable& taps, int dtype, int precision, std::uintptr_t stream);
+
+void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
+                      int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
+                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream);
+#endif
+
+}  // namespace masked_conv
+}  // namespace gm

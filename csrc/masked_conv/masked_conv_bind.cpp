@@ -1,0 +1,64 @@
+// gm._C entry points of masked_conv2d. The CPU backend of this op is PyTorch on cropped weights (see
+// gm/ops/masked_conv.py), so only the CUDA kernels are bound here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/registry.h"
+#include "masked_conv/masked_conv.h"
+
+#ifdef GM_WITH_CUDA
+namespace {
+
+gm::masked_conv::TapTable make_taps(const std::vector<int>& dy, const std::vector<int>& dx) {
+  if (dy.size() != dx.size()) throw std::invalid_argument("masked_conv2d: dy and dx must have the same length");
+  if (dy.empty() || dy.size() > static_cast<std::size_t>(gm::masked_conv::kMaxTaps))
+    throw std::invalid_argument("masked_conv2d: between 1 and " + std::to_string(gm::masked_conv::kMaxTaps) +
+                                " kept taps, got " + std::to_string(dy.size()));
+  gm::masked_conv::TapTable taps{};
+  taps.count = static_cast<int>(dy.size());
+  for (std::size_t i = 0; i < dy.size(); ++i) {
+    taps.dy[i] = dy[i];
+    taps.dx[i] = dx[i];
+  }
+  return taps;
+}
+
+}  // namespace
+#endif
+
+GM_REGISTER_BINDINGS(m) {
+#ifdef GM_WITH_CUDA
+  namespace py = pybind11;
+  m.def(
+      "masked_conv_gemm_cuda",
+      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
+         int k_channels, int n_out, const std::vector<int>& dy, const std::vector<int>& dx, int dtype, int precision,
+         std::uintptr_t stream) {
+        gm::masked_conv::cuda_conv_gemm(a, b, bias, out, n, h, w, k_channels, n_out, make_taps(dy, dx), dtype,
+                                        precision, stream);
+      },
+      "masked_conv2d forward / input gradient (implicit GEMM): a (N,H,W,Kp) NHWC, b (T,n_out,Kp), out (N,n_out,H,W)",
+      py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("out"), py::arg("n"), py::arg("h"), py::arg("w"),
+      py::arg("k_channels"), py::arg("n_out"), py::arg("dy"), py::arg("dx"), py::arg("dtype"), py::arg("precision"),
+      py::arg("stream"));
+  m.def(
+      "masked_conv_wgrad_cuda",
+      [](std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w, int c_in_padded,
+         int c_out_padded, int c_in, int c_out, const std::vector<int>& dy, const std::vector<int>& dx,
+         std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream) {
+        gm::masked_conv::cuda_weight_grad(x, grad, partial, n, h, w, c_in_padded, c_out_padded, c_in, c_out,
+                                          make_taps(dy, dx), pixels_per_split, splits, dtype, precision, stream);
+      },
+      "masked_conv2d packed weight gradient partial sums (splits, T, C_in, C_out) float32",
+      py::arg("x"), py::arg("grad"), py::arg("partial"), py::arg("n"), py::arg("h"), py::arg("w"),
+      py::arg("c_in_padded"), py::arg("c_out_padded"), py::arg("c_in"), py::arg("c_out"), py::arg("dy"), py::arg("dx"),
+      py::arg("pixels_per_split"), py::arg("splits"), py::arg("dtype"), py::arg("precision"), py::arg("stream"));
+#else
+  (void)m;
+#endif
+}

@@ -1,0 +1,601 @@
+// masked_conv2d CUDA kernels: implicit GEMM on tensor cores over the kept taps (math in masked_conv.h).
+//
+// Block tile 128 x 128, 8 warps (2 along M x 4 along N, 64 x 32 each), mma.sync with fp32 accumulation:
+//   bf16/fp16: m16n8k16; float32: m16n8k8 tf32 (kTf32, operands rounded to tf32) or three tf32 products with
+//   hi/lo splits (kTf32x3: error at the level of fp32 rounding, used when torch disallows tf32).
+// Each pipeline stage carries 64 bytes of the reduction dim per row (32 bf16 channels / 16 fp32 channels, or
+// 32 / 16 pixels for the weight gradient), filled by 16-byte cp.async (zero-filled outside the image and past the
+// channel tail), kStages deep. Forward and input gradient write NCHW directly: the tile goes through shared
+// memory transposed so each warp stores 32 consecutive pixels of one channel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.h"
+#include "common/tensor_args.h"
+#include "masked_conv/masked_conv.h"
+
+namespace gm {
+namespace masked_conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBM = 128;
+constexpr int kBN = 128;
+constexpr int kStages = 4;
+constexpr int kKBytes = 64;  // reduction bytes per stage row
+constexpr int kStepBytes = 32;  // one MMA k-step: k16 of a 16-bit type or k8 of tf32
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers.
+
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 writes zeros without reading src.
+__device__ __forceinline__ void cp_async16(std::uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t* r, std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t* r, std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ std::uint32_t to_tf32(std::uint32_t bits) {
+  std::uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
+  return r;
+}
+
+template <typename T>
+struct MmaOp;
+
+template <>
+struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* d, const std::uint32_t* a, const std::uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float* d, const std::uint32_t* a, const std::uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaOp<float> {  // operands already tf32 bit patterns
+  static __device__ __forceinline__ void run(float* d, const std::uint32_t* a, const std::uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The warp's 64 x 32 accumulator tile and one k-step of MMAs on fragments already in registers.
+
+struct WarpAcc {
+  float v[4][4][4];  // [m16 tile][n8 tile][fragment]
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[i][j][e] = 0.f;
+  }
+};
+
+template <typename T, Precision P>
+__device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4], std::uint32_t (&bf)[4][2]) {
+  if constexpr (P == Precision::kTf32x3) {
+    // x = big + small with both tf32: big*big + big*small + small*big (small*small is below fp32 rounding).
+    std::uint32_t a_small[4][4], b_small[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = __uint_as_float(af[i][e]);
+        af[i][e] = to_tf32(af[i][e]);
+        a_small[i][e] = to_tf32(__float_as_uint(x - __uint_as_float(af[i][e])));
+      }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x = __uint_as_float(bf[j][e]);
+        bf[j][e] = to_tf32(bf[j][e]);
+        b_small[j][e] = to_tf32(__float_as_uint(x - __uint_as_float(bf[j][e])));
+      }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        MmaOp<float>::run(acc.v[i][j], a_small[i], bf[j]);
+        MmaOp<float>::run(acc.v[i][j], af[i], b_small[j]);
+        MmaOp<float>::run(acc.v[i][j], af[i], bf[j]);
+      }
+  } else {
+    if constexpr (P == Precision::kTf32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) af[i][e] = to_tf32(af[i][e]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) bf[j][e] = to_tf32(bf[j][e]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) MmaOp<T>::run(acc.v[i][j], af[i], bf[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// The tap table goes to shared memory once per block: indexing a kernel parameter array with a run-time
+// index could make the compiler copy it to local memory.
+__device__ __forceinline__ void load_taps(const TapTable& taps, int2* s_taps) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < kMaxTaps; ++i) s_taps[i] = make_int2(taps.dy[i], taps.dx[i]);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward / input gradient: C[m, o] = sum_{t, c} A[pixel m + off_t, c] * B[t, o, c], written as out[n, o, h, w].
+// Shared memory rows are K-contiguous (64 bytes + 16 pad: conflict-free ldmatrix over 8 rows).
+
+struct ConvGemmArgs {
+  const char* a;     // (N, H, W, Kp) NHWC
+  const char* b;     // (T, n_out, Kp)
+  const void* bias;  // (n_out,) or null
+  void* out;         // (N, n_out, H, W)
+  int n, h, w;
+  int k_bytes;  // Kp * sizeof(T), a multiple of 16
+  int n_out;
+  TapTable taps;
+};
+
+constexpr int kGemmRow = kKBytes + 16;
+constexpr int kGemmStage = (kBM + kBN) * kGemmRow;
+constexpr int kGemmSmem = kStages * kGemmStage;
+constexpr int kOutLd = kBM + 4;  // floats; conflict-free transposed staging
+static_assert(kBN * kOutLd * 4 <= kGemmSmem, "epilogue staging must fit in the pipeline's shared memory");
+
+template <typename T, Precision P>
+__global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : 2)
+    masked_conv_gemm_kernel(const ConvGemmArgs args) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int2 s_taps[kMaxTaps];
+  load_taps(args.taps, s_taps);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm0 = (warp & 1) * 64, wn0 = (warp >> 1) * 32;
+  const int num_n = (args.n_out + kBN - 1) / kBN;
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x / num_n) * kBM;  // neighbours share the A tile
+  const int n0 = (blockIdx.x % num_n) * kBN;
+  const int hw_size = args.h * args.w;
+  const std::int64_t m_total = static_cast<std::int64_t>(args.n) * hw_size;
+
+  // Producer: each thread copies 16-byte chunk `chunk` of rows row0 and row0 + 64 of both tiles.
+  const int chunk = tid & 3, row0 = tid >> 2;
+  std::int64_t img_base[2];
+  int ph[2], pw[2];
+  bool m_ok[2], o_ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t m = m0 + row0 + 64 * r;
+    m_ok[r] = m < m_total;
+    const std::int64_t img = m / hw_size;
+    const int hw = static_cast<int>(m - img * hw_size);
+    img_base[r] = img * hw_size;
+    ph[r] = hw / args.w;
+    pw[r] = hw - ph[r] * args.w;
+    o_ok[r] = n0 + row0 + 64 * r < args.n_out;
+  }
+  const int n_kc = (args.k_bytes + kKBytes - 1) / kKBytes;
+  const int k_iters = args.taps.count * n_kc;
+  const std::uint32_t smem_base = smem_addr(smem);
+
+  auto load_stage = [&](int stage, int kiter) {
+    const int t = kiter / n_kc;
+    const int c_byte = (kiter - t * n_kc) * kKBytes + chunk * 16;
+    const bool c_ok = c_byte < args.k_bytes;
+    const int2 off = s_taps[t];
+    const std::uint32_t a_dst = smem_base + stage * kGemmStage;
+    const std::uint32_t b_dst = a_dst + kBM * kGemmRow;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 64 * r;
+      const int ih = ph[r] + off.x, iw = pw[r] + off.y;
+      const bool ok = c_ok && m_ok[r] && ih >= 0 && ih < args.h && iw >= 0 && iw < args.w;
+      const char* src = ok ? args.a + (img_base[r] + ih * args.w + iw) * args.k_bytes + c_byte : args.a;
+      cp_async16(a_dst + row * kGemmRow + chunk * 16, src, ok);
+      const bool bok = c_ok && o_ok[r];
+      const char* bsrc =
+          bok ? args.b + (static_cast<std::int64_t>(t) * args.n_out + n0 + row) * args.k_bytes + c_byte : args.b;
+      cp_async16(b_dst + row * kGemmRow + chunk * 16, bsrc, bok);
+    }
+  };
+
+  WarpAcc acc;
+  acc.zero();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_iters) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kiter = 0; kiter < k_iters; ++kiter) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage kiter landed for all threads; stage kiter - 1 is free to refill
+    const int next = kiter + kStages - 1;
+    if (next < k_iters) load_stage(next % kStages, next);
+    cp_async_commit();
+
+    const std::uint32_t a_base = smem_base + (kiter % kStages) * kGemmStage;
+    const std::uint32_t b_base = a_base + kBM * kGemmRow;
+#pragma unroll
+    for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
+      std::uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        ldmatrix_x4(af[i], a_base + (wm0 + 16 * i + (lane & 15)) * kGemmRow + ks * kStepBytes + (lane >> 4) * 16);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        std::uint32_t r[4];
+        ldmatrix_x4(r, b_base + (wn0 + 16 * jj + (lane & 7) + ((lane >> 4) << 3)) * kGemmRow + ks * kStepBytes +
+                           ((lane >> 3) & 1) * 16);
+        bf[2 * jj][0] = r[0];
+        bf[2 * jj][1] = r[1];
+        bf[2 * jj + 1][0] = r[2];
+        bf[2 * jj + 1][1] = r[3];
+      }
+      mma_step<T, P>(acc, af, bf);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: stage the tile transposed (channel-major) in shared memory, then write NCHW along pixels.
+  float* s_out = reinterpret_cast<float*>(smem);
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = wm0 + 16 * i + g, o = wn0 + 8 * j + 2 * tq;
+      s_out[o * kOutLd + m] = acc.v[i][j][0];
+      s_out[(o + 1) * kOutLd + m] = acc.v[i][j][1];
+      s_out[o * kOutLd + m + 8] = acc.v[i][j][2];
+      s_out[(o + 1) * kOutLd + m + 8] = acc.v[i][j][3];
+    }
+  __syncthreads();
+  const int m_local = tid & (kBM - 1);
+  const std::int64_t m = m0 + m_local;
+  if (m >= m_total) return;
+  const std::int64_t img = m / hw_size;
+  const std::int64_t out_base = img * args.n_out * static_cast<std::int64_t>(hw_size) + (m - img * hw_size);
+  T* out = static_cast<T*>(args.out);
+  const T* bias = static_cast<const T*>(args.bias);
+#pragma unroll 4
+  for (int i = 0; i < kBN / (kThreads / kBM); ++i) {
+    const int o_local = i * (kThreads / kBM) + (tid / kBM);
+    const int o = n0 + o_local;
+    if (o >= args.n_out) break;
+    float v = s_out[o_local * kOutLd + m_local];
+    if (bias != nullptr) v += to_float(bias[o]);
+    out[out_base + static_cast<std::int64_t>(o) * hw_size] = from_float<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weight gradient: C[c, o] = sum_{p in split} X[p + off_t, c] * G[p, o], one tap per block. Shared memory rows
+// are pixels (the reduction dim), channel-contiguous: ldmatrix.trans for 16-bit types, scalar loads for tf32.
+
+struct WgradArgs {
+  const char* x;   // (N, H, W, Cin_p)
+  const char* g;   // (N, H, W, Cout_p)
+  float* partial;  // (splits, T, c_in, c_out)
+  int n, h, w;
+  int x_bytes, g_bytes;  // row bytes of x and grad (padded channels)
+  int c_in, c_out;
+  std::int64_t pixels_per_split;
+  TapTable taps;
+};
+
+template <typename T>
+struct WgradShape {
+  static constexpr int kElem = static_cast<int>(sizeof(T));
+  static constexpr int kRows = kKBytes / kElem;     // pixels per stage
+  static constexpr int kRowBytes = kBM * kElem;     // 128 channels
+  static constexpr int kPad = kElem == 2 ? 16 : 32;  // ldmatrix.trans rows / scalar tf32 loads conflict-free
+  static constexpr int kRow = kRowBytes + kPad;
+  static constexpr int kTile = kRows * kRow;
+  static constexpr int kStage = 2 * kTile;
+  static constexpr int kSmem = kStages * kStage;
+  static constexpr int kChunksPerRow = kRowBytes / 16;
+  static_assert(kRows * kChunksPerRow == 2 * kThreads, "two 16-byte chunks per thread per tile");
+};
+
+template <typename T>
+__device__ __forceinline__ void wgrad_fragments(std::uint32_t a_base, std::uint32_t b_base, const unsigned char* smem,
+                                                int ks, int lane, int wm0, int wn0, std::uint32_t (&af)[4][4],
+                                                std::uint32_t (&bf)[4][2]) {
+  using S = WgradShape<T>;
+  if constexpr (sizeof(T) == 2) {
+    const int k0 = ks * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      ldmatrix_x4_trans(af[i], a_base + (k0 + (lane & 7) + ((lane >> 4) << 3)) * S::kRow +
+                                   (wm0 + 16 * i + ((lane >> 3) & 1) * 8) * 2);
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      std::uint32_t r[4];
+      ldmatrix_x4_trans(r, b_base + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S::kRow +
+                               (wn0 + 16 * jj + ((lane >> 4) << 3)) * 2);
+      bf[2 * jj][0] = r[0];
+      bf[2 * jj][1] = r[1];
+      bf[2 * jj + 1][0] = r[2];
+      bf[2 * jj + 1][1] = r[3];
+    }
+  } else {
+    constexpr int ld = S::kRow / 4;  // words; ld % 32 == 8 makes (t * ld + g) hit 32 distinct banks
+    const int g = lane >> 2, tq = lane & 3, k0 = ks * 8;
+    const std::uint32_t* a = reinterpret_cast<const std::uint32_t*>(smem + (a_base - smem_addr(smem)));
+    const std::uint32_t* b = reinterpret_cast<const std::uint32_t*>(smem + (b_base - smem_addr(smem)));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int mb = wm0 + 16 * i + g;
+      af[i][0] = a[(k0 + tq) * ld + mb];
+      af[i][1] = a[(k0 + tq) * ld + mb + 8];
+      af[i][2] = a[(k0 + tq + 4) * ld + mb];
+      af[i][3] = a[(k0 + tq + 4) * ld + mb + 8];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int nb = wn0 + 8 * j + g;
+      bf[j][0] = b[(k0 + tq) * ld + nb];
+      bf[j][1] = b[(k0 + tq + 4) * ld + nb];
+    }
+  }
+}
+
+template <typename T, Precision P>
+__global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : 2)
+    masked_conv_wgrad_kernel(const WgradArgs args) {
+  using S = WgradShape<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int2 s_taps[kMaxTaps];
+  load_taps(args.taps, s_taps);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm0 = (warp & 1) * 64, wn0 = (warp >> 1) * 32;
+  const int num_c = (args.c_in + kBM - 1) / kBM;
+  const int t = blockIdx.x / num_c;
+  const int c0 = (blockIdx.x % num_c) * kBM;
+  const int o0 = blockIdx.y * kBN;
+  const int hw_size = args.h * args.w;
+  const std::int64_t p_total = static_cast<std::int64_t>(args.n) * hw_size;
+  const std::int64_t p_begin = blockIdx.z * args.pixels_per_split;
+  const std::int64_t p_end = p_begin + args.pixels_per_split < p_total ? p_begin + args.pixels_per_split : p_total;
+  const int k_iters = p_begin < p_end ? static_cast<int>((p_end - p_begin + S::kRows - 1) / S::kRows) : 0;
+  const int2 off = s_taps[t];
+
+  int row[2], col_byte[2];
+  bool cx_ok[2], cg_ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int id = tid + r * kThreads;
+    row[r] = id / S::kChunksPerRow;
+    col_byte[r] = (id % S::kChunksPerRow) * 16;
+    cx_ok[r] = c0 * S::kElem + col_byte[r] < args.x_bytes;
+    cg_ok[r] = o0 * S::kElem + col_byte[r] < args.g_bytes;
+  }
+  const std::uint32_t smem_base = smem_addr(smem);
+
+  auto load_stage = [&](int stage, int kiter) {
+    const std::uint32_t a_dst = smem_base + stage * S::kStage;
+    const std::uint32_t b_dst = a_dst + S::kTile;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::int64_t p = p_begin + static_cast<std::int64_t>(kiter) * S::kRows + row[r];
+      const bool p_ok = p < p_end;
+      const std::int64_t img = p / hw_size;
+      const int hw = static_cast<int>(p - img * hw_size);
+      const int ih = hw / args.w + off.x, iw = hw % args.w + off.y;
+      const bool ok = p_ok && cx_ok[r] && ih >= 0 && ih < args.h && iw >= 0 && iw < args.w;
+      const char* src =
+          ok ? args.x + (img * hw_size + ih * args.w + iw) * args.x_bytes + c0 * S::kElem + col_byte[r] : args.x;
+      cp_async16(a_dst + row[r] * S::kRow + col_byte[r], src, ok);
+      const bool gok = p_ok && cg_ok[r];
+      const char* gsrc = gok ? args.g + p * args.g_bytes + o0 * S::kElem + col_byte[r] : args.g;
+      cp_async16(b_dst + row[r] * S::kRow + col_byte[r], gsrc, gok);
+    }
+  };
+
+  WarpAcc acc;
+  acc.zero();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_iters) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kiter = 0; kiter < k_iters; ++kiter) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = kiter + kStages - 1;
+    if (next < k_iters) load_stage(next % kStages, next);
+    cp_async_commit();
+
+    const std::uint32_t a_base = smem_base + (kiter % kStages) * S::kStage;
+    const std::uint32_t b_base = a_base + S::kTile;
+#pragma unroll
+    for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
+      std::uint32_t af[4][4], bf[4][2];
+      wgrad_fragments<T>(a_base, b_base, smem, ks, lane, wm0, wn0, af, bf);
+      mma_step<T, P>(acc, af, bf);
+    }
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, tq = lane & 3;
+  float* out = args.partial + (static_cast<std::int64_t>(blockIdx.z) * args.taps.count + t) * args.c_in *
+                                  static_cast<std::int64_t>(args.c_out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = c0 + wm0 + 16 * i + g + (e >> 1) * 8;
+        const int o = o0 + wn0 + 8 * j + 2 * tq + (e & 1);
+        if (c < args.c_in && o < args.c_out) out[static_cast<std::int64_t>(c) * args.c_out + o] = acc.v[i][j][e];
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side: dtype/precision dispatch and launch.
+
+template <typename K>
+void set_smem(K kernel, int bytes) {
+  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <typename T, Precision P>
+void launch_gemm(const ConvGemmArgs& args, cudaStream_t stream) {
+  const std::int64_t m_tiles = (static_cast<std::int64_t>(args.n) * args.h * args.w + kBM - 1) / kBM;
+  const std::int64_t blocks = m_tiles * ((args.n_out + kBN - 1) / kBN);
+  if (blocks > 0x7fffffff) throw std::invalid_argument("masked_conv2d (cuda): problem too large for one launch");
+  auto kernel = masked_conv_gemm_kernel<T, P>;
+  set_smem(kernel, kGemmSmem);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kGemmSmem, stream>>>(args);
+  GM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, Precision P>
+void launch_wgrad(const WgradArgs& args, int splits, cudaStream_t stream) {
+  const dim3 grid(args.taps.count * ((args.c_in + kBM - 1) / kBM), (args.c_out + kBN - 1) / kBN, splits);
+  auto kernel = masked_conv_wgrad_kernel<T, P>;
+  set_smem(kernel, WgradShape<T>::kSmem);
+  kernel<<<grid, kThreads, WgradShape<T>::kSmem, stream>>>(args);
+  GM_CUDA_CHECK_LAUNCH();
+}
+
+template <template <typename, Precision> class Launcher, typename... Args>
+void dispatch(int dtype, int precision, Args&&... args) {
+  switch (to_dtype(dtype)) {
+    case DType::bf16:
+      Launcher<__nv_bfloat16, Precision::kNative>::run(args...);
+      return;
+    case DType::f16:
+      Launcher<__half, Precision::kNative>::run(args...);
+      return;
+    case DType::f32:
+      if (precision == static_cast<int>(Precision::kTf32))
+        Launcher<float, Precision::kTf32>::run(args...);
+      else
+        Launcher<float, Precision::kTf32x3>::run(args...);
+      return;
+    default:
+      throw std::invalid_argument("masked_conv2d (cuda): takes float16, bfloat16 or float32");
+  }
+}
+
+template <typename T, Precision P>
+struct GemmLauncher {
+  static void run(const ConvGemmArgs& args, cudaStream_t stream) { launch_gemm<T, P>(args, stream); }
+};
+template <typename T, Precision P>
+struct WgradLauncher {
+  static void run(const WgradArgs& args, int splits, cudaStream_t stream) { launch_wgrad<T, P>(args, splits, stream); }
+};
+
+void check_taps(const TapTable& taps) {
+  if (taps.count < 1 || taps.count > kMaxTaps)
+    throw std::invalid_argument("masked_conv2d (cuda): tap count must be in [1, " + std::to_string(kMaxTaps) +
+                                "], got " + std::to_string(taps.count));
+}
+
+}  // namespace
+
+void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
+                    int k_channels, int n_out, const TapTable& taps, int dtype, int precision, std::uintptr_t stream) {
+  check_taps(taps);
+  const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
+  if ((k_channels * elem) % 16 != 0)
+    throw std::invalid_argument("masked_conv2d (cuda): padded channel count must fill 16-byte chunks");
+  ConvGemmArgs args{ptr<const char>(a), ptr<const char>(b), ptr<const void>(bias), ptr<void>(out), n, h, w,
+                    k_channels * elem, n_out, taps};
+  dispatch<GemmLauncher>(dtype, precision, args, to_stream(stream));
+}
+
+void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
+                      int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
+                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream) {
+  check_taps(taps);
+  const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
+  if ((c_in_padded * elem) % 16 != 0 || (c_out_padded * elem) % 16 != 0)
+    throw std::invalid_argument("masked_conv2d (cuda): padded channel counts must fill 16-byte chunks");
+  WgradArgs args{ptr<const char>(x), ptr<const char>(grad), ptr<float>(partial), n, h, w, c_in_padded * elem,
+                 c_out_padded * elem, c_in, c_out, pixels_per_split, taps};
+  dispatch<WgradLauncher>(dtype, precision, args, splits, to_stream(stream));
+}
+
+}  // namespace masked_conv
+}  // namespace gm

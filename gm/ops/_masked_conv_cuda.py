@@ -1,0 +1,150 @@
+"""CUDA backend of masked_conv2d: launchers for the implicit-GEMM kernels in csrc/masked_conv/masked_conv_cuda.cu.
+
+    forward:      y[n, o, h, w] = bias[o] + sum_t sum_c x[n, c, h + dy_t, w + dx_t] * packed[t, c, o]
+    input_grad:   the same GEMM on grad with the taps negated and packed as (T, C_out, C_in) -> (T, C_in, C_out)
+    weight_grad:  dWp[t, c, o] = sum_{n, h, w} x[n, c, h + dy_t, w + dx_t] * grad[n, o, h, w]   (float32)
+
+The kernels read NHWC with the channel count padded to a multiple of 8 (16-byte cp.async chunks): a channels_last
+input whose channel count is already a multiple of 8 is used without a copy; anything else is converted once here.
+Outputs are written NCHW-contiguous by the kernels. bfloat16/float16 run on tensor cores with fp32 accumulation;
+float32 runs on tf32 tensor cores when torch.backends.cudnn.allow_tf32 is True (torch's default for convolutions),
+otherwise as three tf32 products on hi/lo splits (fp32-level error). Nothing here touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm._ext import dtype_code, ext, stream_of
+
+_CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
+_TILE = 128  # block tile of the weight-gradient kernel along C_in and C_out
+_BLOCKS_PER_SM = 2  # occupancy the kernels are compiled for (__launch_bounds__(256, 2))
+_PRECISION_NATIVE, _PRECISION_TF32, _PRECISION_TF32X3 = 0, 1, 2
+
+
+def _precision(dtype: torch.dtype) -> int:
+    if dtype in (torch.float16, torch.bfloat16):
+        return _PRECISION_NATIVE
+    if dtype == torch.float32:
+        return _PRECISION_TF32 if torch.backends.cudnn.allow_tf32 else _PRECISION_TF32X3
+    if dtype == torch.float64:
+        raise ValueError(
+            "the cuda backend of masked_conv2d takes float16/bfloat16/float32, got torch.float64: "
+            "use backend='triton' or 'reference' for float64"
+        )
+    raise ValueError(f"the cuda backend of masked_conv2d takes float16/bfloat16/float32, got {dtype}")
+
+
+def _check_cuda(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got a tensor on {t.device}")
+
+
+def _padded(c: int) -> int:
+    return -(-c // _CHANNEL_ALIGN) * _CHANNEL_ALIGN
+
+
+def _nhwc(t: torch.Tensor, c_padded: int) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous (N, H, W, c_padded), zero channels past C; no copy for aligned channels_last."""
+    n, c, h, w = t.shape
+    if c == c_padded:
+        return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
+    buf = t.new_zeros(n, h, w, c_padded)
+    buf[..., :c].copy_(t.permute(0, 2, 3, 1))
+    return buf
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Contiguous copy of t with its last dim zero-padded to `size`."""
+    if t.shape[-1] == size:
+        return t.contiguous()
+    out = t.new_zeros(*t.shape[:-1], size)
+    out[..., : t.shape[-1]].copy_(t)
+    return out
+
+
+def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # No kept tap (1x1 mask A with one group): the output is the bias alone.
+    y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
+    return y
+
+
+def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, n_out: int) -> torch.Tensor:
+    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C)."""
+    n, c, h, w = a.shape
+    out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device)
+    if len(taps) == 0:
+        return _fill_bias(out, bias)
+    if out.numel() == 0:
+        return out
+    cp = _padded(c)
+    a_nhwc = _nhwc(a, cp)
+    b_pad = _pad_last(b.to(a.dtype), cp)
+    bias_c = bias.to(a.dtype).contiguous() if bias is not None else None
+    dy = [int(t[0]) for t in taps]
+    dx = [int(t[1]) for t in taps]
+    with torch.cuda.device(a.device):
+        ext().masked_conv_gemm_cuda(
+            a_nhwc.data_ptr(), b_pad.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
+            n, h, w, cp, n_out, dy, dx, dtype_code(a), _precision(a.dtype), stream_of(a),
+        )  # fmt: skip
+    return out
+
+
+def forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, taps) -> torch.Tensor:
+    """y (N, C_out, H, W) contiguous; packed (T, C_in, C_out) from gm.ops.masked_conv.pack_weight."""
+    _check_cuda("x", x)
+    _precision(x.dtype)
+    return _conv_gemm(x, packed.transpose(1, 2), bias, taps, packed.shape[2])
+
+
+def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps) -> torch.Tensor:
+    """dx (N, C_in, H, W) contiguous: the forward GEMM on grad with the taps mirrored."""
+    _check_cuda("grad", grad)
+    _precision(grad.dtype)
+    mirrored = tuple((-dy, -dx) for dy, dx in taps)
+    return _conv_gemm(grad, packed, None, mirrored, packed.shape[1])
+
+
+def _num_splits(tiles: int, pixels: int, device: torch.device) -> int:
+    """Pixel splits of the weight-gradient reduction: fill whole waves of the SMs, few partial sums to add."""
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BLOCKS_PER_SM
+    best, best_score = 1, -1.0
+    for s in range(1, 65):
+        if s > 1 and pixels // s < 512:  # too little work per block to pay for its partial sum
+            break
+        blocks = tiles * s
+        waves = -(-blocks // slots)
+        score = blocks / (waves * slots) - 0.01 * s
+        if score > best_score:
+            best, best_score = s, score
+    return best
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps) -> torch.Tensor:
+    """Packed weight gradient (T, C_in, C_out) in float32; the pixel splits are added in a fixed order."""
+    _check_cuda("x", x)
+    precision = _precision(x.dtype)
+    n, cin, h, w = x.shape
+    cout = grad.shape[1]
+    t = len(taps)
+    if t == 0 or n * h * w == 0:
+        return torch.zeros(t, cin, cout, dtype=torch.float32, device=x.device)
+    pixels = n * h * w
+    tiles = t * (-(-cin // _TILE)) * (-(-cout // _TILE))
+    splits = _num_splits(tiles, pixels, x.device)
+    per_split = -(-pixels // splits)
+    splits = -(-pixels // per_split)  # no empty trailing split
+    cin_p, cout_p = _padded(cin), _padded(cout)
+    x_nhwc = _nhwc(x, cin_p)
+    g_nhwc = _nhwc(grad.to(x.dtype), cout_p)
+    partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
+    dy = [int(o[0]) for o in taps]
+    dx = [int(o[1]) for o in taps]
+    with torch.cuda.device(x.device):
+        ext().masked_conv_wgrad_cuda(
+            x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
+            dy, dx, per_split, splits, dtype_code(x), precision, stream_of(x),
+        )  # fmt: skip
+    return partial.sum(0) if splits > 1 else partial[0]
