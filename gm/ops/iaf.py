@@ -1,0 +1,461 @@
+"""The IAF update (Kingma, Salimans et al. 2016) and the MADE output layer fused with it.
+
+iaf_step(z, m, s, mode="gated"):  σ = sigmoid(s), z' = σ z + (1 − σ) m, logdet = Σ log σ over non-batch dims
+                                  (log σ through a stable log-sigmoid: finite for any finite s)
+iaf_step(z, m, s, mode="affine"): z' = (z − m) exp(−s), logdet = −Σ s
+iaf_made_output(hidden, weight, mask, bias, z, mode): [m, s] = hidden (W ⊙ M)^T + b, weight (2D, H) with rows
+    0..D−1 giving m and rows D..2D−1 giving s; then iaf_step(z, m, s). The triton backend computes m and s in
+    registers and applies the step in the GEMM's epilogue (forward and backward), skipping all-zero mask tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm._checks import check_choice, check_same, check_tensor
+from gm.ops.masked_linear import (
+    backend_for,
+    build_tile_map,
+    check_mask,
+    linear_tile_map,
+    mask_entry,
+    tile_grids,
+)
+
+MODES = ("gated", "affine")
+_STEP = "gm::iaf_step"
+_FUSED = "gm::iaf_made_output"
+# C++ CUDA: the elementwise step is written; the fused GEMM is not (auto picks triton for it).
+CUDA_FUSED_READY = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iaf_step backends. Tensors arrive as contiguous (R, F).
+
+
+def _torch_step_backward(z, m, s, gz, gl, mode):
+    gl = gl[:, None]
+    if mode == "gated":
+        sig, one_minus = torch.sigmoid(s), torch.sigmoid(-s)
+        return gz * sig, gz * one_minus, (gz * (z - m) * sig + gl) * one_minus
+    e = torch.exp(-s)
+    dz = gz * e
+    return dz, -dz, -gz * ((z - m) * e) - gl
+
+
+def _reference_step(z, m, s, mode):
+    from gm.reference.iaf import iaf_step  # noqa: PLC0415
+
+    return iaf_step(z, m, s, mode=mode)
+
+
+def _upcast_16bit(fn):
+    """The C++ CPU kernels take float32/float64: 16-bit CPU tensors go through float32 and back."""
+
+    def wrapped(*tensors_and_mode):
+        *tensors, mode = tensors_and_mode
+        dtype = tensors[0].dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            return fn(*tensors, mode)
+        return tuple(t.to(dtype) for t in fn(*(t.float() for t in tensors), mode))
+
+    return wrapped
+
+
+@_upcast_16bit
+def _cpu_step(z, m, s, mode):
+    from gm._ext import ext  # noqa: PLC0415
+
+    r, f = z.shape
+    z_new, ld = torch.empty_like(z), torch.empty(r, dtype=z.dtype)
+    ext().iaf_step_forward_cpu(z.data_ptr(), m.data_ptr(), s.data_ptr(), z_new.data_ptr(), ld.data_ptr(), r, f,
+                               _MODE_CODES[mode], _dtype_code(z))  # fmt: skip
+    return z_new, ld
+
+
+@_upcast_16bit
+def _cpu_step_backward(z, m, s, gz, gl, mode):
+    from gm._ext import ext  # noqa: PLC0415
+
+    r, f = z.shape
+    dz, dm, ds = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    ext().iaf_step_backward_cpu(z.data_ptr(), m.data_ptr(), s.data_ptr(), gz.data_ptr(), gl.data_ptr(), dz.data_ptr(),
+                                dm.data_ptr(), ds.data_ptr(), r, f, _MODE_CODES[mode], _dtype_code(z))  # fmt: skip
+    return dz, dm, ds
+
+
+def _cuda_step(z, m, s, mode):
+    from gm._ext import ext, stream_of  # noqa: PLC0415
+
+    r, f = z.shape
+    z_new, ld = torch.empty_like(z), torch.empty(r, dtype=z.dtype, device=z.device)
+    ext().iaf_step_forward_cuda(z.data_ptr(), m.data_ptr(), s.data_ptr(), z_new.data_ptr(), ld.data_ptr(), r, f,
+                                _MODE_CODES[mode], _dtype_code(z), stream_of(z))  # fmt: skip
+    return z_new, ld
+
+
+def _cuda_step_backward(z, m, s, gz, gl, mode):
+    from gm._ext import ext, stream_of  # noqa: PLC0415
+
+    r, f = z.shape
+    dz, dm, ds = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    ext().iaf_step_backward_cuda(z.data_ptr(), m.data_ptr(), s.data_ptr(), gz.data_ptr(), gl.data_ptr(),
+                                 dz.data_ptr(), dm.data_ptr(), ds.data_ptr(), r, f, _MODE_CODES[mode], _dtype_code(z),
+                                 stream_of(z))  # fmt: skip
+    return dz, dm, ds
+
+
+def _triton_step(z, m, s, mode):
+    from gm.kernels import iaf as k  # noqa: PLC0415
+
+    return k.step_forward(z, m, s, mode)
+
+
+def _triton_step_backward(z, m, s, gz, gl, mode):
+    from gm.kernels import iaf as k  # noqa: PLC0415
+
+    return k.step_backward(z, m, s, gz, gl, mode)
+
+
+_MODE_CODES = {"gated": 0, "affine": 1}
+
+
+def _dtype_code(t):
+    from gm._ext import dtype_code  # noqa: PLC0415
+
+    return dtype_code(t)
+
+
+_STEP_FWD = {"reference": _reference_step, "cpu": _cpu_step, "triton": _triton_step, "cuda": _cuda_step}
+_STEP_BWD = {
+    "reference": _torch_step_backward,
+    "cpu": _cpu_step_backward,
+    "triton": _triton_step_backward,
+    "cuda": _cuda_step_backward,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iaf_made_output backends.
+
+
+def _torch_made_output(hidden, weight, mask, bias, z, mode):
+    from gm.reference.iaf import iaf_made_output  # noqa: PLC0415
+
+    mask_entry(mask)
+    return iaf_made_output(hidden, weight, mask, bias, z, mode=mode)
+
+
+def _torch_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+    from gm.reference.iaf import masked_linear  # noqa: PLC0415
+
+    d = z.shape[1]
+    out = masked_linear(hidden, weight, mask, bias)
+    m, s = out[:, :d].contiguous(), out[:, d:].contiguous()
+    step_bwd = _cpu_step_backward if z.device.type == "cpu" and _native_cpu() else _torch_step_backward
+    dz, dm, ds = step_bwd(z, m, s, gz, gl, mode)
+    dout = torch.cat([dm, ds], dim=1)
+    mw = mask.to(weight.dtype)
+    dh = dout @ (weight * mw) if need_h else None
+    dw = (dout.t() @ hidden) * mw if need_w else None
+    db = dout.sum(0) if need_b else None
+    return dh, dw, db, dz
+
+
+def _native_cpu() -> bool:
+    from gm._ext import ext_status  # noqa: PLC0415
+
+    module_ok, _ = ext_status()
+    if not module_ok:
+        return False
+    from gm._ext import ext  # noqa: PLC0415
+
+    return hasattr(ext(), "iaf_step_backward_cpu")
+
+
+def fused_tile_map(entry, block_d: int, block_k: int):
+    """Tile map over (D, H) for both heads at once: a tile is listed when either head's tile holds a one, and
+    marked full only when both are all ones."""
+    key = ("iaf_output", block_d, block_k)
+    tm = entry.maps.get(key)
+    if tm is None:
+        d = entry.u8.shape[0] // 2
+        any_m, full_m = tile_grids(entry.u8[:d], block_d, block_k)
+        any_s, full_s = tile_grids(entry.u8[d:], block_d, block_k)
+        tm = build_tile_map(any_m | any_s, full_m & full_s, block_d, block_k)
+        entry.maps[key] = tm
+    return tm
+
+
+def _triton_made_output(hidden, weight, mask, bias, z, mode):
+    from gm.kernels import iaf as k  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    bd, bk = k.fused_tile_sizes(hidden.dtype)
+    tm = fused_tile_map(entry, bd, bk)
+    return k.made_output_forward(hidden, weight, entry.u8, bias, z, tm.rows, bd, bk, mode)
+
+
+def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+    from gm.kernels import iaf as k  # noqa: PLC0415
+    from gm.kernels import masked_linear as kl  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    bd, bk = k.fused_tile_sizes(hidden.dtype)
+    tm = fused_tile_map(entry, bd, bk)
+    dz, dout = k.made_output_backward(hidden, weight, entry.u8, bias, z, gz, gl, tm.rows, bd, bk, mode)
+    dh = dw = db = None
+    if need_h:
+        bo, bkk = kl.tile_sizes(hidden.dtype)
+        lm = linear_tile_map(entry, bo, bkk)
+        dh = kl.masked_gemm(dout, None, weight, entry.u8, None, lm.cols, transpose=True, pro_act=None, epi_act=None,
+                            block_i=bo, block_j=bkk)  # fmt: skip
+    if need_w or need_b:
+        bo, bkk = kl.wgrad_tile_sizes(hidden.dtype)
+        lm = linear_tile_map(entry, bo, bkk)
+        dw, db = kl.masked_wgrad(dout, None, hidden, entry.u8, lm.flags, lm.nonempty, act=None, need_bias=need_b,
+                                 block_o=bo, block_k=bkk)  # fmt: skip
+    return dh, dw, db, dz
+
+
+def _cuda_fused_unwritten(*args, **kwargs):
+    raise NotImplementedError(
+        "iaf_made_output has no CUDA C++ kernel yet: use backend='triton' (auto already picks it for CUDA tensors)"
+    )
+
+
+_FUSED_FWD = {
+    "reference": _torch_made_output,
+    "cpu": _torch_made_output,
+    "triton": _triton_made_output,
+    "cuda": _cuda_fused_unwritten,
+}
+_FUSED_BWD = {
+    "reference": _torch_made_output_backward,
+    "cpu": _torch_made_output_backward,
+    "triton": _triton_made_output_backward,
+    "cuda": _cuda_fused_unwritten,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration.
+
+
+def _grad_or_zeros(g, like):
+    return torch.zeros_like(like) if g is None else g.contiguous()
+
+
+@torch.library.custom_op(_STEP, mutates_args=())
+def _iaf_step_op(
+    z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, mode: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z_new, ld = _STEP_FWD[backend](z.contiguous(), m.contiguous(), s.contiguous(), mode)
+    return z_new.contiguous(), ld.contiguous()
+
+
+@_iaf_step_op.register_fake
+def _(z, m, s, mode, backend):
+    return z.new_empty(z.shape), z.new_empty(z.shape[0])
+
+
+@torch.library.custom_op(_STEP + "_backward", mutates_args=())
+def _iaf_step_backward_op(
+    z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, gz: torch.Tensor, gl: torch.Tensor, mode: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dz, dm, ds = _STEP_BWD[backend](z.contiguous(), m.contiguous(), s.contiguous(), gz.contiguous(), gl.contiguous(),
+                                    mode)  # fmt: skip
+    return dz.contiguous(), dm.contiguous(), ds.contiguous()
+
+
+@_iaf_step_backward_op.register_fake
+def _(z, m, s, gz, gl, mode, backend):
+    return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty(z.shape)
+
+
+def _step_setup(ctx, inputs, output):
+    z, m, s, mode, backend = inputs
+    ctx.save_for_backward(z, m, s)
+    ctx.mode, ctx.backend = mode, backend
+
+
+def _step_backward(ctx, gz, gl):
+    z, m, s = ctx.saved_tensors
+    gz = _grad_or_zeros(gz, z)
+    gl = _grad_or_zeros(gl, z[:, 0])
+    dz, dm, ds = _iaf_step_backward_op(z, m, s, gz, gl, ctx.mode, ctx.backend)
+    return dz, dm, ds, None, None
+
+
+_iaf_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+@torch.library.custom_op(_FUSED, mutates_args=())
+def _made_output_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    mode: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z_new, ld = _FUSED_FWD[backend](hidden, weight, mask, bias, z.contiguous(), mode)
+    return z_new.contiguous(), ld.contiguous()
+
+
+@_made_output_op.register_fake
+def _(hidden, weight, mask, bias, z, mode, backend):
+    return z.new_empty(z.shape), z.new_empty(z.shape[0])
+
+
+@torch.library.custom_op(_FUSED + "_backward", mutates_args=())
+def _made_output_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    gz: torch.Tensor,
+    gl: torch.Tensor,
+    mode: str,
+    backend: str,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dw, db, dz = _FUSED_BWD[backend](hidden, weight, mask, bias, z.contiguous(), gz.contiguous(),
+                                         gl.contiguous(), mode, need_h, need_w, need_b)  # fmt: skip
+    dh = dh.contiguous() if dh is not None else hidden.new_empty(0)
+    dw = dw.contiguous() if dw is not None else weight.new_empty(0)
+    db = db.contiguous() if db is not None else weight.new_empty(0)
+    return dh, dw, db, dz.contiguous()
+
+
+@_made_output_backward_op.register_fake
+def _(hidden, weight, mask, bias, z, gz, gl, mode, backend, need_h, need_w, need_b):
+    return (
+        hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0),
+        z.new_empty(z.shape),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    hidden, weight, mask, bias, z, mode, backend = inputs
+    ctx.save_for_backward(hidden, weight, mask, bias, z)
+    ctx.mode, ctx.backend = mode, backend
+
+
+def _fused_backward(ctx, gz, gl):
+    hidden, weight, mask, bias, z = ctx.saved_tensors
+    need_h, need_w, _, need_b, _ = ctx.needs_input_grad[:5]
+    need_b = need_b and bias is not None
+    gz = _grad_or_zeros(gz, z)
+    gl = _grad_or_zeros(gl, z[:, 0])
+    dh, dw, db, dz = _made_output_backward_op(
+        hidden, weight, mask, bias, z, gz, gl, ctx.mode, ctx.backend, need_h, need_w, need_b
+    )
+    return (dh if need_h else None), (dw if need_w else None), None, (db if need_b else None), dz, None, None
+
+
+_made_output_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _step_backend(backend: str | None, device: torch.device) -> str:
+    chosen = backend_for(backend, device, cuda_ready=True)
+    if chosen == "cpu" and not _native_cpu():
+        raise NotImplementedError("iaf_step's cpu backend needs gm._C with the iaf kernels: rebuild the extension")
+    if chosen == "cuda":
+        from gm._ext import ext  # noqa: PLC0415
+
+        if not hasattr(ext(), "iaf_step_forward_cuda"):
+            raise NotImplementedError("gm._C has no iaf CUDA kernels: rebuild the extension with nvcc on PATH")
+    return chosen
+
+
+def iaf_step(
+    z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, *, mode: str = "gated", backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One IAF update (Kingma, Salimans et al. 2016, eq. 14 for "gated"; "affine" is eq. 10 with s = log σ).
+
+    Args:
+        z, m, s: (N, ...) tensors of one shape and float dtype, on one device.
+        mode: "gated" (σ = sigmoid(s), z' = σ z + (1 − σ) m, logdet = Σ log σ) or
+            "affine" (z' = (z − m) exp(−s), logdet = −Σ s).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        (z' with z's shape, logdet (N,)) where logdet sums over every non-batch dim.
+
+    Example:
+        >>> z, m, s = torch.randn(3, 4, 4, 4).unbind(0)
+        >>> z_new, logdet = iaf_step(z, m, s)
+        >>> z_new.shape, logdet.shape
+        (torch.Size([4, 4]), torch.Size([4]))
+    """
+    check_tensor("z", z)
+    check_tensor("m", m)
+    check_tensor("s", s)
+    check_same("z", z, m=m, s=s)
+    if z.dim() < 1:
+        raise ValueError("z must have a batch dimension, got a 0-d tensor")
+    for name, t in (("m", m), ("s", s)):
+        if t.shape != z.shape:
+            raise ValueError(f"{name} must have z's shape {tuple(z.shape)}, got {tuple(t.shape)}")
+    check_choice("mode", mode, MODES)
+    chosen = _step_backend(backend, z.device)
+    n = z.shape[0]
+    flat = (n, z[0].numel()) if n > 0 else (0, 1)
+    z_new, ld = _iaf_step_op(z.reshape(flat), m.reshape(flat), s.reshape(flat), mode, chosen)
+    return z_new.reshape(z.shape), ld
+
+
+def iaf_made_output(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    *,
+    mode: str = "gated",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last MADE layer fused with the IAF step: [m, s] = hidden (weight ⊙ mask)^T + bias, then iaf_step.
+
+    Args:
+        hidden: (N, H) output of the last hidden layer.
+        weight, mask: (2D, H); rows 0..D−1 produce m, rows D..2D−1 produce s. mask binary (cached as in
+            gm.ops.masked_linear).
+        bias: optional (2D,).
+        z: (N, D).
+        mode: "gated" or "affine" (see iaf_step).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda" (not written: raises).
+
+    Returns:
+        (z' (N, D), logdet (N,)).
+    """
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("z", z, ndim=2)
+    check_same("hidden", hidden, weight=weight, bias=bias, z=z)
+    check_mask(mask, weight)
+    check_choice("mode", mode, MODES)
+    n, h = hidden.shape
+    d = z.shape[1]
+    if weight.shape != (2 * d, h):
+        raise ValueError(f"weight must have shape (2D, H) = {(2 * d, h)} for z {tuple(z.shape)} and hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")  # fmt: skip
+    if z.shape[0] != n:
+        raise ValueError(f"z must have hidden's batch size {n}, got {z.shape[0]}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != 2 * d:
+            raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
+    chosen = backend_for(backend, hidden.device, cuda_ready=CUDA_FUSED_READY)
+    return _made_output_op(hidden, weight, mask, bias, z, mode, chosen)
