@@ -1,5 +1,10 @@
 """Thin nn.Modules over gm.ops."""
 
 from gm.nn.masked_conv import MaskedConv2d, color_groups
+from gm.nn.iaf import ARConv2d, ARMultiConv2d, IAFConvStep, IAFFlow, IAFStep
+from gm.nn.made import MADE, MaskedLinear
 
-__all__ = ["MaskedConv2d", "color_groups"]
+__all__ = [
+    "MaskedConv2d", "color_groups",
+    "ARConv2d", "ARMultiConv2d", "IAFConvStep", "IAFFlow", "IAFStep", "MADE", "MaskedLinear",
+]  # fmt: skip

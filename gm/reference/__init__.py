@@ -4,5 +4,6 @@ The fast paths never import this package.
 """
 
 from gm.reference.masked_conv import conv_mask, masked_conv2d
+from gm.reference.iaf import iaf_made_output, iaf_step, masked_linear
 
-__all__ = ["conv_mask", "masked_conv2d"]
+__all__ = ["conv_mask", "masked_conv2d", "iaf_made_output", "iaf_step", "masked_linear"]
