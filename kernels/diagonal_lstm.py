@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision
+from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, tuned
 
 
 @triton.jit
@@ -196,12 +196,9 @@ def _configs():
     return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
-if INTERPRETED:
-    _fwd = diagonal_lstm_fwd_kernel
-    _bwd = diagonal_lstm_bwd_kernel
-else:
-    _fwd = triton.autotune(_configs(), key=["HID", "H", "W", "REVERSE"])(diagonal_lstm_fwd_kernel)
-    _bwd = triton.autotune(_configs(), key=["HID", "H", "W", "REVERSE"])(diagonal_lstm_bwd_kernel)
+_KEY = ["HID", "H", "W", "REVERSE"]
+_fwd, _FWD_META = tuned(diagonal_lstm_fwd_kernel, _configs(), _KEY, {})
+_bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(), _KEY, {})
 
 
 def _blocks(hid: int, height: int) -> tuple[int, int]:
@@ -232,7 +229,7 @@ def forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool) -> tuple[tor
         gates, pack_weight(w_ss, gates.dtype), y, c,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_K=block_k, BLOCK_H=block_h,
+        BLOCK_K=block_k, BLOCK_H=block_h, **_FWD_META,
     )  # fmt: skip
     return y, c
 
@@ -250,6 +247,6 @@ def backward(
         grad, gates, pack_weight(w_ss, gates.dtype), y, c, dgates, scratch,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_K=block_k, BLOCK_H=block_h,
+        BLOCK_K=block_k, BLOCK_H=block_h, **_BWD_META,
     )  # fmt: skip
     return dgates

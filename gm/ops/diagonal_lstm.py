@@ -143,7 +143,7 @@ def _diagonal_lstm_op(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, ba
     n, g4, height, width = gates.shape
     if n * height * width == 0:
         y = gates.new_zeros(n, g4 // 4, height, width)
-        return y, y.to(state_dtype(gates.dtype))
+        return y, torch.zeros_like(y, dtype=state_dtype(gates.dtype))
     y, c = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
     return y.contiguous(), c.contiguous()
 

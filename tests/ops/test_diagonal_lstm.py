@@ -1,0 +1,158 @@
+"""diagonal_lstm: every backend on this machine against gm.reference, forward and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.ops import diagonal_lstm
+from gm.reference.diagonal_lstm import diagonal_lstm as reference
+from gm.reference.diagonal_lstm import diagonal_lstm_literal
+from tests._util import assert_rel, fast_backends, poison_empty
+
+CPU = torch.device("cpu")
+BACKENDS = fast_backends(CPU)
+
+# (N, h, H, W)
+SHAPES = [
+    pytest.param(2, 3, 5, 4, id="N2-h3-5x4"),
+    pytest.param(1, 2, 3, 7, id="N1-h2-3x7"),
+    pytest.param(2, 4, 6, 1, id="W1"),
+    pytest.param(3, 3, 1, 6, id="H1"),
+    pytest.param(2, 8, 4, 4, id="h8-round"),
+]
+
+
+def _inputs(n, hid, h, w, dtype, device=CPU, scale=0.5):
+    gates = torch.randn(n, 4 * hid, h, w, dtype=dtype, device=device, requires_grad=True)
+    w_ss = (scale * torch.randn(4 * hid, hid, 2, dtype=dtype, device=device)).requires_grad_()
+    dy = torch.randn(n, hid, h, w, dtype=dtype, device=device)
+    return gates, w_ss, dy
+
+
+def _ref_and_grads(gates, w_ss, dy, reverse):
+    """The reference in float64 (the oracle) and its gradients."""
+    g, w = (t.detach().double().requires_grad_() for t in (gates, w_ss))
+    y = reference(g, w, reverse=reverse)
+    return (y, *torch.autograd.grad(y, (g, w), dy.double()))
+
+
+def _check(backend, gates, w_ss, dy, reverse, dtype, device):
+    ref = _ref_and_grads(gates, w_ss, dy, reverse)
+    y = diagonal_lstm(gates, w_ss, reverse=reverse, backend=backend)
+    grads = torch.autograd.grad(y, (gates, w_ss), dy)
+    for what, out, r in zip(("h", "dgates", "dw_ss"), (y, *grads), ref):
+        assert out.dtype == dtype
+        assert_rel(out, r, dtype, f"{backend} {what}", device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize(("n", "hid", "h", "w"), SHAPES)
+def test_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatch):
+    if backend == "triton" and dtype == torch.float32 and (n, hid, h, w) != (2, 3, 5, 4):
+        pytest.skip("interpreter time: triton float32 on one shape, float64 on all")
+    gates, w_ss, dy = _inputs(n, hid, h, w, dtype)
+    poison_empty(monkeypatch)
+    _check(backend, gates, w_ss, dy, reverse, dtype, CPU)
+
+
+def test_zero_state_outside_is_the_literal_recurrence():
+    """Zeroing the state outside the image (what the kernels do) changes no output and no gradient of the literal
+    recurrence on the zero-filled skewed gates, bit for bit (see gm.reference.diagonal_lstm)."""
+    gates, w_ss, dy = _inputs(2, 3, 5, 4, torch.float64, scale=1.0)
+    y = reference(gates, w_ss)
+    y_lit = diagonal_lstm_literal(gates, w_ss)
+    assert torch.equal(y, y_lit)
+    for a, b in zip(torch.autograd.grad(y, (gates, w_ss), dy), torch.autograd.grad(y_lit, (gates, w_ss), dy)):
+        assert torch.equal(a, b)
+
+
+def test_pixel_recurrence():
+    """The skewed scan is the LSTM over (pixel above, pixel left) in raster order."""
+    n, hid, h, w = 2, 3, 4, 5
+    gates, w_ss, _ = _inputs(n, hid, h, w, torch.float64)
+    gates, w_ss = gates.detach(), w_ss.detach()
+    hs = torch.zeros(n, hid, h + 1, w + 1, dtype=torch.float64)
+    cs = torch.zeros_like(hs)
+    for i in range(h):
+        for j in range(w):
+            a = gates[:, :, i, j] + hs[:, :, i, j + 1] @ w_ss[..., 0].T + hs[:, :, i + 1, j] @ w_ss[..., 1].T
+            a_i, a_f, a_o, a_g = a.chunk(4, dim=1)
+            cs[:, :, i + 1, j + 1] = torch.sigmoid(a_f) * cs[:, :, i + 1, j] + torch.sigmoid(a_i) * torch.tanh(a_g)
+            hs[:, :, i + 1, j + 1] = torch.sigmoid(a_o) * torch.tanh(cs[:, :, i + 1, j + 1])
+    torch.testing.assert_close(reference(gates, w_ss), hs[:, :, 1:, 1:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_reverse_is_flip(backend):
+    gates, w_ss, _ = _inputs(2, 3, 4, 5, torch.float64)
+    y = diagonal_lstm(gates, w_ss, reverse=True, backend=backend)
+    y_flip = diagonal_lstm(gates.flip(-1), w_ss, backend=backend).flip(-1)
+    torch.testing.assert_close(y, y_flip, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C not built")
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gradcheck_cpu(reverse):
+    gates, w_ss, _ = _inputs(2, 2, 3, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda g, w: diagonal_lstm(g, w, reverse=reverse, backend="cpu"), (gates, w_ss))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C not built")
+def test_opcheck_cpu():
+    gates, w_ss, _ = _inputs(2, 2, 3, 4, torch.float64)
+    torch.library.opcheck(torch.ops.gm.diagonal_lstm.default, (gates, w_ss, True, "cpu"))
+
+
+def test_empty_batch():
+    gates, w_ss, _ = _inputs(0, 2, 3, 4, torch.float64)
+    y = diagonal_lstm(gates, w_ss, backend="reference")
+    assert y.shape == (0, 2, 3, 4)
+
+
+def test_bad_input():
+    g = torch.randn(2, 12, 4, 4)
+    w = torch.randn(12, 3, 2)
+    with pytest.raises(ValueError, match="gates must have 4h = 12"):
+        diagonal_lstm(torch.randn(2, 8, 4, 4), w)
+    with pytest.raises(ValueError, match=r"w_ss must have shape \(4h, h, 2\)"):
+        diagonal_lstm(g, torch.randn(12, 3, 3))
+    with pytest.raises(ValueError, match=r"w_ss must have shape \(4h, h, 2\)"):
+        diagonal_lstm(g, torch.randn(12, 4, 2))
+    with pytest.raises(ValueError, match="w_ss has dtype"):
+        diagonal_lstm(g, w.double())
+    with pytest.raises(ValueError, match="gates must have 4 dimensions"):
+        diagonal_lstm(g[0], w)
+    with pytest.raises(ValueError, match="reverse must be a bool"):
+        diagonal_lstm(g, w, reverse=1)
+    with pytest.raises(ValueError, match="gates must have dtype"):
+        diagonal_lstm(g.int(), w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        diagonal_lstm(g, w, backend="tpu")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C not built")
+def test_cpu_rejects_half():
+    with pytest.raises(ValueError, match="cpu backend takes float32/float64"):
+        diagonal_lstm(torch.randn(1, 8, 2, 2, dtype=torch.bfloat16), torch.randn(8, 2, 2, dtype=torch.bfloat16),
+                      backend="cpu")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: cuda and triton at realistic-but-small sizes, float32 and bfloat16 (skipped without a GPU).
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in fast_backends(torch.device("cuda"))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize(("n", "hid", "h", "w"), [(3, 32, 16, 16), (2, 64, 11, 13), (2, 5, 7, 3)])
+def test_gpu_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatch):
+    cuda = torch.device("cuda")
+    gates, w_ss, dy = _inputs(n, hid, h, w, dtype, device=cuda, scale=1.0 / hid**0.5)
+    poison_empty(monkeypatch)
+    _check(backend, gates, w_ss, dy, reverse, dtype, cuda)
