@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, acc_dtype, dot_precision
+from gm.kernels._common import INTERPRETED, acc_dtype, dot_precision, tuned
 from gm.kernels.masked_linear import masked_w_tile
 
 MODE_CODES = {"gated": 0, "affine": 1}
@@ -29,7 +29,8 @@ MODE_CODES = {"gated": 0, "affine": 1}
 
 @triton.jit
 def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
+    e = tl.exp(-tl.abs(v))  # never overflows
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -37,7 +38,8 @@ def _log_sigmoid(s):
     """min(s, 0) − log1p(exp(−|s|)), with log1p(e) = log(u) e / (u − 1), u = 1 + e (exact where u rounds to 1)."""
     e = tl.exp(-tl.abs(s))
     u = 1.0 + e
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
+    exact = u == 1.0
+    log1p_e = tl.where(exact, e, tl.log(u) * e / tl.where(exact, 1.0, u - 1.0))
     return tl.minimum(s, tl.zeros_like(s)) - log1p_e
 
 
@@ -225,13 +227,9 @@ def _fused_configs():
     return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
 
 
-if INTERPRETED:
-    _fused_fwd = made_iaf_fwd_kernel
-    _fused_bwd = made_iaf_bwd_kernel
-else:
-    _key = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]
-    _fused_fwd = triton.autotune(_fused_configs(), key=_key)(made_iaf_fwd_kernel)
-    _fused_bwd = triton.autotune(_fused_configs(), key=_key)(made_iaf_bwd_kernel)
+_FUSED_KEY = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]
+_fused_fwd, _FUSED_FWD_META = tuned(made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS))
+_fused_bwd, _FUSED_BWD_META = tuned(made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS))
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -272,11 +270,9 @@ def step_backward(z, m, s, gz, gl, mode):
     return dz, dm, ds
 
 
-def _fused_launch(kernel, hidden, weight, mask_u8, bias, rows_map, block_d, block_k, tensors, mode):
+def _fused_launch(kernel, meta, hidden, weight, mask_u8, bias, rows_map, block_d, block_k, tensors, mode):
     r, h = hidden.shape
     d = weight.shape[0] // 2
-    extra = dict(BLOCK_R=_INTERP_FUSED_ROWS) if INTERPRETED else {}
-
     def grid(meta):
         return (triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(d, block_d),)
 
@@ -286,7 +282,7 @@ def _fused_launch(kernel, hidden, weight, mask_u8, bias, rows_map, block_d, bloc
         r, d, h, *hidden.stride(), *weight.stride(), *mask_u8.stride(),
         MODE=MODE_CODES[mode], HAS_BIAS=bias is not None,
         ACC=acc_dtype(hidden.dtype), PRECISION=dot_precision(hidden.dtype, conv=False),
-        BLOCK_D=block_d, BLOCK_K=block_k, **extra,
+        BLOCK_D=block_d, BLOCK_K=block_k, **meta,
     )  # fmt: skip
 
 
@@ -296,7 +292,7 @@ def made_output_forward(hidden, weight, mask_u8, bias, z, rows_map, block_d, blo
     z_new = torch.empty_like(z)
     n_d = triton.cdiv(d, block_d)
     ld = torch.empty(n_d, r, dtype=_sum_dtype(z.dtype), device=z.device)
-    _fused_launch(made_iaf_fwd_kernel if INTERPRETED else _fused_fwd, hidden, weight, mask_u8, bias, rows_map,
+    _fused_launch(_fused_fwd, _FUSED_FWD_META, hidden, weight, mask_u8, bias, rows_map,
                   block_d, block_k, (z, z_new, ld), mode)  # fmt: skip
     return z_new, (ld.sum(0) if n_d > 1 else ld[0]).to(z.dtype)
 
@@ -306,6 +302,6 @@ def made_output_backward(hidden, weight, mask_u8, bias, z, gz, gl, rows_map, blo
     r, d = z.shape
     dz = torch.empty_like(z)
     dout = torch.empty(r, 2 * d, dtype=z.dtype, device=z.device)
-    _fused_launch(made_iaf_bwd_kernel if INTERPRETED else _fused_bwd, hidden, weight, mask_u8, bias, rows_map,
+    _fused_launch(_fused_bwd, _FUSED_BWD_META, hidden, weight, mask_u8, bias, rows_map,
                   block_d, block_k, (z, gz, gl, dz, dout), mode)  # fmt: skip
     return dz, dout

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, tuned
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
 
@@ -178,16 +178,13 @@ def _wgrad_configs():
     return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
 
 
-if INTERPRETED:
-    _gemm = masked_gemm_kernel
-    _wgrad = masked_wgrad_kernel
-else:
-    _gemm = triton.autotune(_gemm_configs(), key=["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"])(
-        masked_gemm_kernel
-    )
-    _wgrad = triton.autotune(_wgrad_configs(), key=["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"])(
-        masked_wgrad_kernel
-    )
+_gemm, _GEMM_META = tuned(
+    masked_gemm_kernel, _gemm_configs(), ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
+    dict(BLOCK_R=_INTERP_ROWS),
+)
+_wgrad, _WGRAD_META = tuned(
+    masked_wgrad_kernel, _wgrad_configs(), ["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"], dict(BLOCK_R=_INTERP_ROWS)
+)
 
 
 def _check_dtype(t: torch.Tensor) -> None:
@@ -210,7 +207,6 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
         sw_i, sw_j, sm_i, sm_j = weight.stride(1), weight.stride(0), mask_u8.stride(1), mask_u8.stride(0)
     c = torch.empty(r, j_dim, dtype=a.dtype, device=a.device)
     offsets, idx, full = tiles
-    extra = dict(BLOCK_R=_INTERP_ROWS) if INTERPRETED else {}
     yy = y if y is not None else a
 
     def grid(meta):
@@ -225,7 +221,7 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
         *c.stride(),
         PRO_ACT=ACT_CODES[pro_act], EPI_ACT=ACT_CODES[epi_act], HAS_BIAS=bias is not None,
         ACC=acc_dtype(a.dtype), PRECISION=dot_precision(a.dtype, conv=False),
-        BLOCK_J=block_j, BLOCK_I=block_i, **extra,
+        BLOCK_J=block_j, BLOCK_I=block_i, **_GEMM_META,
     )  # fmt: skip
     return c
 
@@ -248,7 +244,6 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
     dw = torch.empty(splits, o, k, dtype=out_dtype, device=g.device)
     db = torch.empty(splits, o, dtype=out_dtype, device=g.device) if need_bias else dw
     per_split = triton.cdiv(r, splits)
-    extra = dict(BLOCK_R=_INTERP_ROWS) if INTERPRETED else {}
     yy = y if y is not None else g
     grid = (triton.cdiv(o, block_o) * triton.cdiv(k, block_k), splits)
     _wgrad[grid](
@@ -257,7 +252,7 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
         *g.stride(), *yy.stride(), *x.stride(), *mask_u8.stride(),
         PRO_ACT=ACT_CODES[act], HAS_BIAS=need_bias,
         ACC=acc_dtype(g.dtype), PRECISION=dot_precision(g.dtype, conv=False),
-        BLOCK_O=block_o, BLOCK_K=block_k, **extra,
+        BLOCK_O=block_o, BLOCK_K=block_k, **_WGRAD_META,
     )  # fmt: skip
     if splits > 1:
         dw = dw.sum(0).to(g.dtype)

@@ -1,0 +1,161 @@
+"""iaf_step and the fused iaf_made_output against the plain-PyTorch references: values, every gradient, stability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.ops.iaf import iaf_made_output, iaf_step
+from gm.reference import iaf as ref
+from tests._util import assert_rel, fast_backends, poison_empty
+
+BACKENDS = ["reference", *fast_backends(torch.device("cpu"))]
+FUSED_BACKENDS = [b for b in BACKENDS if b != "cuda"]
+MODES = ["gated", "affine"]
+STEP_SHAPES = [(5, 7), (3, 2, 3, 5), (4, 40)]
+
+
+def _step_compare(backend, shape, dtype, mode, device=torch.device("cpu"), scale=1.0):
+    z, m, s = (torch.randn(*shape, dtype=dtype, device=device).mul_(scale).requires_grad_() for _ in range(3))
+    z_new, ld = iaf_step(z, m, s, mode=mode, backend=backend)
+    gz, gl = torch.randn_like(z_new), torch.randn_like(ld)
+    grads = torch.autograd.grad((z_new * gz).sum() + (ld * gl).sum(), (z, m, s))
+    zd, md, sd = (t.detach().double().requires_grad_() for t in (z, m, s))
+    z_ref, ld_ref = ref.iaf_step(zd, md, sd, mode=mode)
+    grads_ref = torch.autograd.grad((z_ref * gz.double()).sum() + (ld_ref * gl.double()).sum(), (zd, md, sd))
+    assert ld.shape == (shape[0],)
+    assert_rel(z_new, z_ref, dtype, "z_new", device)
+    assert_rel(ld, ld_ref, dtype, "logdet", device)
+    for name, got, want in zip(("dz", "dm", "ds"), grads, grads_ref):
+        assert_rel(got, want, dtype, name, device)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_matches_reference(backend, dtype, shape, mode):
+    _step_compare(backend, shape, dtype, mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_is_stable_for_large_s(backend):
+    s = torch.tensor([[-1e4, -100.0, -30.0, 0.0, 30.0, 1e4]], dtype=torch.float32, requires_grad=True)
+    z = torch.ones_like(s, requires_grad=True)
+    m = torch.zeros_like(s, requires_grad=True)
+    z_new, ld = iaf_step(z, m, s, mode="gated", backend=backend)
+    want = torch.nn.functional.logsigmoid(s.double()).sum()
+    assert torch.isfinite(ld).all() and abs(ld.item() - want.item()) <= 1e-5 * abs(want.item())
+    (z_new.sum() + ld.sum()).backward()
+    for t in (z, m, s):
+        assert torch.isfinite(t.grad).all()
+
+
+def _fused_inputs(n, h, d, dtype, device="cpu", mode="gated"):
+    hidden = torch.randn(n, h, dtype=dtype, device=device, requires_grad=True)
+    scale = 1.0 if mode == "gated" else 0.3  # keep exp(-s) moderate in affine mode
+    w = torch.randn(2 * d, h, dtype=dtype, device=device).mul_(scale / h**0.5).requires_grad_()
+    b = torch.randn(2 * d, dtype=dtype, device=device).mul_(scale).requires_grad_()
+    z = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+    deg_in = torch.arange(1, d + 1)
+    deg_h = 1 + (torch.arange(h) * max(d - 1, 1)) // h
+    mask = (deg_in[:, None] > deg_h[None, :]).float().repeat(2, 1).to(device)
+    return hidden, w, mask, b, z
+
+
+def _fused_compare(backend, shape, dtype, mode, device=torch.device("cpu"), bias=True):
+    hidden, w, mask, b, z = _fused_inputs(*shape, dtype, device, mode)
+    b = b if bias else None
+    z_new, ld = iaf_made_output(hidden, w, mask, b, z, mode=mode, backend=backend)
+    gz, gl = torch.randn_like(z_new), torch.randn_like(ld)
+    leaves = [t for t in (hidden, w, b, z) if t is not None]
+    grads = torch.autograd.grad((z_new * gz).sum() + (ld * gl).sum(), leaves)
+    dbl = [t.detach().double().requires_grad_() for t in leaves]
+    args = dict(zip(("hidden", "w", "b", "z") if bias else ("hidden", "w", "z"), dbl))
+    z_ref, ld_ref = ref.iaf_made_output(args["hidden"], args["w"], mask, args.get("b"), args["z"], mode=mode)
+    grads_ref = torch.autograd.grad((z_ref * gz.double()).sum() + (ld_ref * gl.double()).sum(), dbl)
+    assert_rel(z_new, z_ref, dtype, "z_new", device)
+    assert_rel(ld, ld_ref, dtype, "logdet", device)
+    for name, got, want in zip(args, grads, grads_ref):
+        assert_rel(got, want, dtype, "d" + name, device)
+    assert (grads[1][mask == 0] == 0).all(), "weight gradient must be exactly zero where masked"
+
+
+FUSED_SHAPES = [(5, 7, 3), (19, 37, 21), (33, 48, 16)]  # (N, H, D)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "N{}-H{}-D{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_made_output_matches_reference(backend, dtype, shape, mode):
+    _fused_compare(backend, shape, dtype, mode)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_made_output_without_bias(backend):
+    _fused_compare(backend, (6, 20, 9), torch.float64, "gated", bias=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisoned_outputs_are_all_written(backend, monkeypatch):
+    poison_empty(monkeypatch)
+    _step_compare(backend, (7, 45), torch.float64, "gated")
+    if backend in FUSED_BACKENDS:
+        _fused_compare(backend, (21, 35, 19), torch.float64, "gated")
+
+
+def test_gradcheck_cpu():
+    z, m, s = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for mode in MODES:
+        assert torch.autograd.gradcheck(lambda z, m, s: iaf_step(z, m, s, mode=mode, backend="cpu"), (z, m, s))
+    hidden, w, mask, b, z = _fused_inputs(4, 6, 3, torch.float64)
+    for mode in MODES:
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, z: iaf_made_output(h, w, mask, b, z, mode=mode, backend="cpu"), (hidden, w, b, z)
+        )
+
+
+def test_bad_input():
+    z = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="m must have z's shape"):
+        iaf_step(z, torch.randn(4, 6), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="s must have z's shape"):
+        iaf_step(z, z, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="mode"):
+        iaf_step(z, z, z, mode="additive")
+    with pytest.raises(ValueError, match="dtype"):
+        iaf_step(z, z.double(), z)
+    hidden, w, mask, b, zz = _fused_inputs(4, 6, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"weight must have shape \(2D, H\)"):
+        iaf_made_output(hidden, w[:5], mask[:5], b, zz)
+    with pytest.raises(ValueError, match="mask must have the weight's shape"):
+        iaf_made_output(hidden, w, mask[:, :4], b, zz)
+    bad = mask.clone()
+    bad[0, 0] = 2
+    with pytest.raises(ValueError, match="binary"):
+        iaf_made_output(hidden, w, bad, b, zz)
+    with pytest.raises(ValueError, match="batch size"):
+        iaf_made_output(hidden, w, mask, b, zz[:3])
+
+
+def test_opcheck_cpu():
+    z, m, s = (torch.randn(3, 5, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.gm.iaf_step.default, (z, m, s, "gated", "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_step(backend, dtype, mode):
+    _step_compare(backend, (300, 64), dtype, mode, torch.device("cuda"))
+    _step_compare(backend, (5, 3, 33, 17), dtype, mode, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_made_output_triton(dtype, mode):
+    _fused_compare("triton", (300, 256, 64), dtype, mode, torch.device("cuda"))
+    _fused_compare("triton", (77, 130, 70), dtype, mode, torch.device("cuda"))

@@ -1,0 +1,137 @@
+"""masked_linear against the masked F.linear reference: outputs, every gradient, tile skipping, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.ops.masked_linear import clear_mask_cache, linear_tile_map, mask_entry, masked_linear
+from gm.reference.iaf import masked_linear as reference
+from tests._util import assert_rel, fast_backends, poison_empty
+
+BACKENDS = ["reference", *fast_backends(torch.device("cpu"))]
+SHAPES = [(5, 7, 3), (19, 37, 29), (33, 16, 48)]  # (rows, K, O): odd and round, more than one 16-tile
+
+
+def _mask(o: int, k: int) -> torch.Tensor:
+    """Block-triangular (degree-sorted MADE-like) with a random part: empty, partial and full tiles."""
+    deg_o = torch.linspace(1, 9, o).floor()[:, None]
+    deg_k = torch.linspace(1, 9, k).floor()[None, :]
+    m = (deg_o >= deg_k).float()
+    m[: o // 2] *= (torch.rand(o // 2, k) < 0.7).float()
+    return m
+
+
+def _inputs(r, k, o, dtype, device="cpu"):
+    x = torch.randn(r, k, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(o, k, dtype=dtype, device=device).div_(k**0.5).requires_grad_()
+    b = torch.randn(o, dtype=dtype, device=device, requires_grad=True)
+    return x, w, b, _mask(o, k).to(device)
+
+
+def _compare(backend, shape, dtype, activation, device=torch.device("cpu")):
+    x, w, b, m = _inputs(*shape, dtype, device)
+    y = masked_linear(x, w, m, b, activation=activation, backend=backend)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    y_ref = reference(x.double(), w.double(), m, b.double(), activation=activation)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), g.double())
+    assert_rel(y, y_ref, dtype, "y", device)
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert_rel(got, want, dtype, name, device)
+    assert (grads[1][m == 0] == 0).all(), "weight gradient must be exactly zero where masked"
+
+
+@pytest.mark.parametrize("activation", [None, "elu", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}-K{}-O{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, dtype, shape, activation):
+    _compare(backend, shape, dtype, activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisoned_outputs_are_all_written(backend, monkeypatch):
+    poison_empty(monkeypatch)
+    clear_mask_cache()
+    _compare(backend, (33, 40, 35), torch.float64, "elu")
+
+
+def test_no_bias_and_leading_dims():
+    x = torch.randn(2, 3, 20, dtype=torch.float64)
+    w = torch.randn(24, 20, dtype=torch.float64)
+    m = _mask(24, 20)
+    for backend in BACKENDS:
+        y = masked_linear(x, w, m, backend=backend)
+        assert_rel(y, reference(x, w, m), torch.float64, backend)
+
+
+def test_gradcheck_cpu():
+    x, w, b, m = _inputs(4, 9, 7, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: masked_linear(x, w, m, b, activation="elu", backend="cpu"), (x, w, b)
+    )
+
+
+def test_tile_map_skips_empty_tiles_and_is_cached():
+    clear_mask_cache()
+    o = k = 64
+    deg = torch.arange(o) // 4
+    m = (deg[:, None] >= deg[None, :]).float()  # lower block-triangular
+    entry = mask_entry(m)
+    assert mask_entry(m) is entry
+    tm = linear_tile_map(entry, 16, 16)
+    assert tm.nonempty == 10  # 4x4 tiles, lower triangle with diagonal
+    offsets, idx, full = tm.rows
+    assert offsets.tolist() == [0, 1, 3, 6, 10]
+    assert idx.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert full.tolist() == [0, 1, 0, 1, 1, 0, 1, 1, 1, 0]
+    assert tm.cols[0].tolist() == [0, 4, 7, 9, 10]
+    m.fill_(1)  # an in-place write bumps the version: a new entry, a full map
+    entry2 = mask_entry(m)
+    assert entry2 is not entry and linear_tile_map(entry2, 16, 16).nonempty == 16
+
+
+def test_mask_written_in_place_gives_new_result():
+    x = torch.randn(5, 20, dtype=torch.float64)
+    w = torch.randn(24, 20, dtype=torch.float64)
+    m = _mask(24, 20)
+    for backend in BACKENDS:
+        masked_linear(x, w, m, backend=backend)
+    m[:, :] = 1
+    for backend in BACKENDS:
+        assert_rel(masked_linear(x, w, m, backend=backend), x @ w.t(), torch.float64, backend)
+
+
+def test_bad_input():
+    x, w, b, m = _inputs(4, 9, 7, torch.float32)
+    with pytest.raises(ValueError, match="mask must have the weight's shape"):
+        masked_linear(x, w, m[:, :5], b)
+    bad = m.clone()
+    bad[0, 0] = 0.5
+    with pytest.raises(ValueError, match="binary"):
+        masked_linear(x, w, bad, b)
+    with pytest.raises(ValueError, match="dtype"):
+        masked_linear(x.double(), w, m, b)
+    with pytest.raises(ValueError, match="x must have shape"):
+        masked_linear(x[:, :5], w, m, b)
+    with pytest.raises(ValueError, match="bias"):
+        masked_linear(x, w, m, b[:3])
+    with pytest.raises(ValueError, match="activation"):
+        masked_linear(x, w, m, b, activation="tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", [None, "elu"])
+def test_gpu_triton(dtype, activation):
+    _compare("triton", (300, 256, 192), dtype, activation, torch.device("cuda"))
+    _compare("triton", (77, 130, 70), dtype, activation, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_not_written_yet():
+    x, w, b, m = _inputs(8, 16, 16, torch.float32, "cuda")
+    with pytest.raises(NotImplementedError):
+        masked_linear(x, w, m, b, backend="cuda")
+    masked_linear(x, w, m, b)  # auto picks triton
