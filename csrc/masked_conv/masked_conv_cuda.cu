@@ -136,13 +136,18 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4]
         bf[j][e] = to_tf32(bf[j][e]);
         b_small[j][e] = to_tf32(__float_as_uint(x - __uint_as_float(bf[j][e])));
       }
+    // The tensor cores truncate while accumulating: sum this k-step from zero, then add it with a rounded FADD,
+    // so the truncation error stays inside 8 products instead of growing with the whole reduction.
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        MmaOp<float>::run(acc.v[i][j], a_small[i], bf[j]);
-        MmaOp<float>::run(acc.v[i][j], af[i], b_small[j]);
-        MmaOp<float>::run(acc.v[i][j], af[i], bf[j]);
+        float step[4] = {0.f, 0.f, 0.f, 0.f};
+        MmaOp<float>::run(step, a_small[i], bf[j]);
+        MmaOp<float>::run(step, af[i], b_small[j]);
+        MmaOp<float>::run(step, af[i], bf[j]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc.v[i][j][e] += step[e];
       }
   } else {
     if constexpr (P == Precision::kTf32) {

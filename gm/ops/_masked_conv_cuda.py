@@ -70,8 +70,9 @@ def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y
 
 
-def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, n_out: int) -> torch.Tensor:
-    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C)."""
+def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, n_out: int, a_nhwc=None):
+    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C).
+    a_nhwc: a already in the kernel layout (_nhwc), to skip the conversion."""
     n, c, h, w = a.shape
     out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device)
     if len(taps) == 0:
@@ -79,7 +80,7 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
     if out.numel() == 0:
         return out
     cp = _padded(c)
-    a_nhwc = _nhwc(a, cp)
+    a_nhwc = _nhwc(a, cp) if a_nhwc is None else a_nhwc
     b_pad = _pad_last(b.to(a.dtype), cp)
     bias_c = bias.to(a.dtype).contiguous() if bias is not None else None
     dy = [int(t[0]) for t in taps]
@@ -99,12 +100,12 @@ def forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, ta
     return _conv_gemm(x, packed.transpose(1, 2), bias, taps, packed.shape[2])
 
 
-def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps) -> torch.Tensor:
+def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps, *, grad_nhwc=None) -> torch.Tensor:
     """dx (N, C_in, H, W) contiguous: the forward GEMM on grad with the taps mirrored."""
     _check_cuda("grad", grad)
     _precision(grad.dtype)
     mirrored = tuple((-dy, -dx) for dy, dx in taps)
-    return _conv_gemm(grad, packed, None, mirrored, packed.shape[1])
+    return _conv_gemm(grad, packed, None, mirrored, packed.shape[1], a_nhwc=grad_nhwc)
 
 
 def _num_splits(tiles: int, pixels: int, device: torch.device) -> int:
@@ -122,7 +123,7 @@ def _num_splits(tiles: int, pixels: int, device: torch.device) -> int:
     return best
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps) -> torch.Tensor:
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, *, grad_nhwc=None) -> torch.Tensor:
     """Packed weight gradient (T, C_in, C_out) in float32; the pixel splits are added in a fixed order."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
@@ -138,7 +139,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps) -> torch.Tensor:
     splits = -(-pixels // per_split)  # no empty trailing split
     cin_p, cout_p = _padded(cin), _padded(cout)
     x_nhwc = _nhwc(x, cin_p)
-    g_nhwc = _nhwc(grad.to(x.dtype), cout_p)
+    g_nhwc = _nhwc(grad.to(x.dtype), cout_p) if grad_nhwc is None else grad_nhwc
     partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
     dy = [int(o[0]) for o in taps]
     dx = [int(o[1]) for o in taps]
@@ -148,3 +149,14 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps) -> torch.Tensor:
             dy, dx, per_split, splits, dtype_code(x), precision, stream_of(x),
         )  # fmt: skip
     return partial.sum(0) if splits > 1 else partial[0]
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, taps, need_x: bool, need_w: bool):
+    """(dx or None, packed weight gradient or None), converting grad to the kernels' layout once for both."""
+    _check_cuda("grad", grad)
+    _precision(grad.dtype)
+    grad = grad.to(x.dtype)
+    g_nhwc = _nhwc(grad, _padded(grad.shape[1])) if (need_x and need_w and len(taps) > 0) else None
+    dx = input_grad(grad, packed, taps, grad_nhwc=g_nhwc) if need_x else None
+    dwp = weight_grad(x, grad, taps, grad_nhwc=g_nhwc) if need_w else None
+    return dx, dwp
