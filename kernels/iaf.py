@@ -1,10 +1,12 @@
 """Triton kernels for the IAF step (Kingma, Salimans et al. 2016, eq. 10-14) and the fused MADE output layer.
 
 iaf_step, z, m, s (R, F):
-    gated:  σ = sigmoid(s), z' = σ z + (1 − σ) m,  logdet[r] = Σ_f log σ  (log σ = min(s, 0) − log1p(exp(−|s|)))
+    gated:  σ = sigmoid(s), z' = σ z + (1 − σ) m,  logdet[r] = Σ_f log σ
+            (log σ = min(s, 0) − log1p(exp(−|s|)))
     affine: z' = (z − m) exp(−s),                  logdet[r] = −Σ_f s
 Backward with gz = dL/dz', gl = dL/dlogdet:
-    gated:  dz = gz σ, dm = gz (1 − σ), ds = gz (z − m) σ (1 − σ) + gl (1 − σ)   (1 − σ computed as sigmoid(−s))
+    gated:  dz = gz σ, dm = gz (1 − σ), ds = gz (z − m) σ (1 − σ) + gl (1 − σ)
+            (1 − σ computed as sigmoid(−s))
     affine: dz = gz e^{−s}, dm = −dz, ds = −gz z' − gl
 
 made_iaf_output, hidden (R, H), weight and mask (2D, H), bias (2D,), z (R, D):
@@ -228,8 +230,12 @@ def _fused_configs():
 
 
 _FUSED_KEY = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]
-_fused_fwd, _FUSED_FWD_META = tuned(made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS))
-_fused_bwd, _FUSED_BWD_META = tuned(made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS))
+_fused_fwd, _FUSED_FWD_META = tuned(
+    made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS)
+)
+_fused_bwd, _FUSED_BWD_META = tuned(
+    made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS)
+)
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -62,7 +62,8 @@ class MaskedLinear(nn.Module):
     def __init__(self, mask: torch.Tensor, bias: bool = True, activation: str | None = None, backend=None) -> None:
         super().__init__()
         out_features, in_features = mask.shape
-        self.in_features, self.out_features, self.activation, self.backend = in_features, out_features, activation, backend
+        self.in_features, self.out_features = in_features, out_features
+        self.activation, self.backend = activation, backend
         self.register_buffer("mask", mask.clone().float())
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
