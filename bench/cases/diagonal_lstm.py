@@ -1,0 +1,83 @@
+"""The Diagonal BiLSTM layer (both directions, residual) against its eager reference and a same-depth cuDNN LSTM.
+
+Shapes of shared/ANCHORS.md: N=32, h=64 and 128, 32x32 (63 skewed columns), in_ch = 2h (PixelRNN's layer input).
+The bar is "cuDNN nn.LSTM 63 steps": nn.LSTM(h, h) over a sequence of 63 steps with batch N*32, forward+backward
+(its own inputs; the layer's are ignored). On the CPU: the issue's N=8, h=32, 16x16 case.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.harness import Case, compiled
+from gm.nn import DiagonalBiLSTM
+from gm.reference.diagonal_lstm import diagonal_bilstm
+
+GPU_SHAPES = [(32, 64, 32, torch.float32), (32, 64, 32, torch.bfloat16), (32, 128, 32, torch.float32),
+              (32, 128, 32, torch.bfloat16)]  # fmt: skip  (N, h, H=W, dtype)
+CPU_SHAPES = [(8, 32, 16, torch.float32)]
+QUICK_SHAPES = [(2, 8, 8, torch.float32)]
+PARAMS = ("input_to_state.weight", "input_to_state.bias", "w_ss", "w_ss_rev", "output.weight", "output.bias")
+
+
+def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device, with_cudnn: bool) -> Case:
+    in_ch = 2 * hid
+    layers = {}  # one module per backend, parameters passed in (torch.func.functional_call)
+
+    def make_inputs():
+        template = DiagonalBiLSTM(in_ch, hid).to(device, dtype)
+        inputs = {"x": torch.randn(n, in_ch, size, size, device=device, dtype=dtype, requires_grad=True)}
+        for name, p in template.named_parameters():
+            inputs[name.replace(".", "_")] = p.detach().clone().requires_grad_()
+        return inputs
+
+    def params_of(kw):
+        return {name: kw[name.replace(".", "_")] for name in PARAMS}
+
+    def gm_layer(x, backend, **kw):
+        if backend not in layers:
+            layers[backend] = DiagonalBiLSTM(in_ch, hid, backend=backend).to(device, dtype)
+        return torch.func.functional_call(layers[backend], params_of(kw), (x,))
+
+    def reference(x, **kw):
+        w_is, b_is = kw["input_to_state_weight"], kw["input_to_state_bias"]
+        h4 = 4 * hid
+        return diagonal_bilstm(
+            x, w_is[:h4], b_is[:h4], kw["w_ss"], w_is[h4:], b_is[h4:], kw["w_ss_rev"], kw["output_weight"],
+            kw["output_bias"],
+        )  # fmt: skip
+
+    impls = {"reference": reference}
+    if device.type == "cuda":
+        impls["reference+compile"] = compiled(reference)
+    if with_cudnn:
+        lstm = nn.LSTM(hid, hid).to(device, dtype)
+        seq = torch.randn(2 * size - 1, n * size, hid, device=device, dtype=dtype, requires_grad=True)
+        impls["cuDNN nn.LSTM 63 steps"] = lambda **kw: lstm(seq)[0]
+
+    pixels = n * size * size
+    scan = 2 * pixels * (4 * hid) * (2 * hid) * 2  # both directions, 2-tap state-to-state
+    convs = pixels * (in_ch * 8 * hid + hid * in_ch) * 2  # unmasked count of the 1x1 convolutions
+    return Case(
+        op="diagonal_bilstm",
+        name=f"N={n} h={hid} {size}x{size}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        gm=gm_layer,
+        impls=impls,
+        baseline="reference",
+        flops=float(scan + convs),
+    )
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        shapes = QUICK_SHAPES
+    elif device.type == "cuda":
+        shapes = GPU_SHAPES
+    else:
+        shapes = CPU_SHAPES
+    return [_case(n, hid, size, dtype, device, with_cudnn=device.type == "cuda") for n, hid, size, dtype in shapes]
+
+
