@@ -1,4 +1,8 @@
-"""The command line: `gm info | bench` (train, eval and sample arrive with the models)."""
+"""The command line: `gm info | bench | train | eval | sample | download` (also `python -m gm ...`).
+
+Bad input (unknown model or preset, missing data directory, corrupt or foreign checkpoint) prints one clear
+message to stderr and exits with status 2, before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,175 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> int:
+    print(f"gm: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _prepare_backend(backend: str | None) -> None:
+    # Triton runs CPU tensors only under its interpreter, which must be chosen before triton is imported.
+    if backend == "triton":
+        import os  # noqa: PLC0415
+
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_RESUME_CHECKED = ("seed", "batch_size", "data", "binarize", "lr", "precision")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gm import training  # noqa: PLC0415
+    from gm.data import DataError  # noqa: PLC0415
+
+    _prepare_backend(args.backend)
+    given = {k for k in _RESUME_CHECKED if getattr(args, k) is not None}
+    defaults = training.TrainConfig()
+    cfg = training.TrainConfig(
+        model=args.model, preset=args.preset, data=args.data or defaults.data,
+        binarize=args.binarize or defaults.binarize, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
+        precision=args.precision or defaults.precision, compile=args.compile, backend=args.backend,
+        device=args.device, out=args.out or f"runs/{args.model}-{args.preset}",
+        seed=args.seed if args.seed is not None else defaults.seed, eval_every=args.eval_every,
+        sample_every=args.sample_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
+        n_samples=args.n_samples, max_minutes=args.max_minutes,
+    )  # fmt: skip
+    if cfg.steps is None and cfg.epochs is None and cfg.max_minutes is None:
+        cfg.steps = 1000
+    elif cfg.steps is None and cfg.epochs is None:
+        cfg.steps = 10**9  # bounded by --max-minutes
+    try:
+        training.train(cfg, resume=args.resume, given=frozenset(given))
+    except (training.TrainError, DataError) as err:
+        return _fail(str(err))
+    return 0
+
+
+def _load_for_use(path: str, backend: str | None, device: str):
+    import torch  # noqa: PLC0415
+
+    from gm import training  # noqa: PLC0415
+
+    _prepare_backend(backend)
+    ckpt = training.load_checkpoint(path)
+    model = training.model_from_checkpoint(ckpt, backend=backend, path=path)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    return ckpt, model.to(dev), dev
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math  # noqa: PLC0415
+
+    from gm import data as gmdata  # noqa: PLC0415
+    from gm import training  # noqa: PLC0415
+
+    try:
+        ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
+        tc = ckpt["train_config"]
+        spec = args.data or tc.get("data", "digits")
+        data = gmdata.resolve(spec, channels=model.channels)
+        if data.shape[0] != model.channels:
+            raise training.TrainError(f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}")
+    except (training.TrainError, gmdata.DataError) as err:
+        return _fail(str(err))
+    test = training.test_levels(data, model.levels, tc.get("binarize", "threshold"))
+    nll = training.evaluate(model, test, dev, args.batch_size)
+    extra = f" ({nll / (math.prod(data.shape) * math.log(2)):.4f} bits/dim)" if model.levels == 2 else ""
+    print(f"{ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} data={data.name}: "
+          f"test NLL {nll:.4f} {model.metric_name}{extra} over {test.shape[0]} images")  # fmt: skip
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from gm import training  # noqa: PLC0415
+
+    try:
+        ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
+    except training.TrainError as err:
+        return _fail(str(err))
+    if args.n < 1:
+        return _fail(f"--n must be at least 1, got {args.n}")
+    size = args.size or (28 if model.channels == 1 else 32)
+    shape = (model.channels, size, size)
+    png = training.sample_png(model, args.n, shape, args.seed, dev)
+    training.atomic_write_bytes(args.out, png)
+    print(f"{args.n} samples of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from gm.data import DataError, download  # noqa: PLC0415
+
+    try:
+        download(args.dataset, args.dir, base_url=args.base_url, timeout_s=args.timeout)
+    except DataError as err:
+        return _fail(str(err))
+    print(f"{args.dataset} is in {args.dir}: train with `gm train MODEL --data {args.dir}`")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from gm.models import MODELS  # noqa: PLC0415
+
+    p = sub.add_parser("train", help="train a PixelCNN / PixelRNN model (also under torchrun)",
+                       description="Train a model; checkpoints, metrics (JSON lines) and sample grids go to --out.")
+    p.add_argument("model", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--preset", default="mnist", help="mnist (default), cifar10, tiny, tiny-rgb")
+    p.add_argument("--data", default=None, help="digits (embedded, default), DIR, mnist:DIR, cifar10:DIR, synthetic[:N[:SIZE]]")
+    p.add_argument("--binarize", choices=("threshold", "dynamic"), default=None, help="binary models: fixed threshold "
+                   "0.5 (default) or dynamic Bernoulli sampling of each batch")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total (default 1000)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the training set, instead of --steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes); 32")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None, help="default: auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default=None, help="run directory (default runs/MODEL-PRESET)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from OUT/checkpoint.pt (or the CHECKPOINT given)")
+    p.add_argument("--seed", type=int, default=None, help="initialisation and data order (0)")
+    p.add_argument("--eval-every", type=int, default=500, help="test NLL every this many steps (0: only at the end)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=2000, help="sample grid every this many steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="progress and metrics line every this many steps")
+    p.add_argument("--n-samples", type=int, default=36, help="images in each sample grid (0: none)")
+    p.set_defaults(func=_cmd_train)  # fmt: skip
+
+
+def _add_use_parsers(sub) -> None:
+    pe = sub.add_parser("eval", help="test NLL of a checkpoint")
+    pe.add_argument("checkpoint")
+    pe.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    pe.add_argument("--batch-size", type=int, default=250)
+    pe.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None)
+    pe.add_argument("--device", default="auto")
+    pe.set_defaults(func=_cmd_eval)
+    ps = sub.add_parser("sample", help="a PNG grid of samples from a checkpoint")
+    ps.add_argument("checkpoint")
+    ps.add_argument("--n", type=int, default=16, help="number of samples")
+    ps.add_argument("--out", default="samples.png", help="PNG to write")
+    ps.add_argument("--size", type=int, default=None, help="image side (default 28 grey, 32 colour)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None)
+    ps.add_argument("--device", default="auto")
+    ps.set_defaults(func=_cmd_sample)
+    pd = sub.add_parser("download", help="download MNIST or CIFAR-10 with checksum verification")
+    pd.add_argument("dataset", choices=("mnist", "cifar10"))
+    pd.add_argument("dir")
+    pd.add_argument("--base-url", default=None, help="a mirror to fetch from instead of the default")
+    pd.add_argument("--timeout", type=float, default=60.0, help="seconds per connection")
+    pd.set_defaults(func=_cmd_download)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gm", description="gm: kernels and models for the generative models of 2016")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="run the benchmark table (same as python -m bench)")
     pb.add_argument("rest", nargs=argparse.REMAINDER)
     pb.set_defaults(func=_cmd_bench)
+    _add_train_parser(sub)
+    _add_use_parsers(sub)
     return p
 
 

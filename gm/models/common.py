@@ -1,0 +1,129 @@
+"""What the PixelCNN and PixelRNN models share: the input scaling, the output head, the exact likelihood, the
+metric (nats per image for binary data, bits per dimension for 256 levels) and pixel-by-pixel sampling.
+
+A model maps integer levels x (N, C, H, W) (floats holding 0/1, or 0..255) to logits: (N, C, H, W) Bernoulli
+logits when levels == 2, (N, C, 256, H, W) when levels == 256. The logits at pixel (r, c), colour k, depend only on
+pixels before (r, c) in raster order and on colours before k at (r, c) (R -> G -> B through colour groups).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gm.nn import MaskedConv2d
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class OutputHead(nn.Module):
+    """The paper's top: two (ReLU, 1x1 mask B) layers of `maps` channels, then (ReLU, 1x1 mask B) to the logits
+    (C channels for Bernoulli outputs, C x 256 for the softmax, colour-major so R's 256 logits come first)."""
+
+    def __init__(self, in_ch: int, maps: int, out_ch: int, colors: int, backend: str | None) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                MaskedConv2d(in_ch, maps, 1, "B", colors=colors, backend=backend),
+                MaskedConv2d(maps, maps, 1, "B", colors=colors, backend=backend),
+                MaskedConv2d(maps, out_ch, 1, "B", colors=colors, backend=backend),
+            ]
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            h = conv(F.relu(h))
+        return h
+
+
+class PixelModel(nn.Module):
+    """Base of the autoregressive image models: subclasses build `self.features(x) -> (N, F, H, W)` and
+    `self.head`."""
+
+    name = "model"
+
+    def __init__(self, channels: int, levels: int, backend: str | None) -> None:
+        super().__init__()
+        if levels not in (2, 256):
+            raise ValueError(f"levels must be 2 (binary) or 256, got {levels}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels, self.levels, self.backend = channels, levels, backend
+        self.colors = channels  # colour groups: one per channel (R, G, B), or a single group for grey
+        self.out_channels = channels if levels == 2 else channels * levels
+        self.compute_dtype: torch.dtype | None = None  # bf16/fp16 mixed precision: parameters cast per forward
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, _cast: bool = True) -> torch.Tensor:
+        """Logits for levels x (N, C, H, W): (N, C, H, W) if binary, else (N, C, 256, H, W), in the parameters' dtype
+        (float32 under bf16/fp16 compute)."""
+        dt = self.compute_dtype
+        if _cast and dt is not None:
+            # Mixed precision: compute with bf16/fp16 copies of the fp32 parameters (the cast is differentiable,
+            # so gradients land on the fp32 masters); works with every op, including ones autocast does not know.
+            params = {n: p.to(dt) for n, p in self.named_parameters()}
+            return torch.func.functional_call(self, params, (x,), {"_cast": False})
+        h = x.to(dt or next(self.parameters()).dtype) * (2.0 / (self.levels - 1)) - 1.0
+        logits = self.head(self.features(h))
+        if dt is not None:
+            logits = logits.float()
+        if self.levels == 2:
+            return logits
+        n, _, hh, ww = logits.shape
+        return logits.view(n, self.channels, self.levels, hh, ww)
+
+    # -- likelihood ------------------------------------------------------------------------------------------
+    def nll(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact negative log-likelihood of each image in nats, (N,)."""
+        if logits is None:
+            logits = self(x)
+        if self.levels == 2:
+            return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").flatten(1).sum(1)
+        ce = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # (N, C, H, W)
+        return ce.flatten(1).sum(1)
+
+    @property
+    def metric_name(self) -> str:
+        return "nats/image" if self.levels == 2 else "bits/dim"
+
+    def metric(self, nll_nats: torch.Tensor, dims: int) -> torch.Tensor:
+        """Per-image NLL in the model's unit: nats per image (binary) or bits per dimension (256 levels)."""
+        return nll_nats if self.levels == 2 else nll_nats / (dims * math.log(2.0))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Training loss: the mean metric over the batch."""
+        return self.metric(self.nll(x), x[0].numel()).mean()
+
+    # -- sampling --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self, n: int, size: tuple[int, int], *, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor:
+        """n images (n, C, H, W) of levels, drawn pixel by pixel in raster order and colour by colour (R, G, B).
+
+        Rows below the current one cannot influence it (masks and scans never look down), so each step runs the
+        model on rows 0..r only. Uniform draws come from `generator` (CPU) so a seed gives the same images on any
+        device.
+        """
+        device = device or next(self.parameters()).device
+        hh, ww = size
+        x = torch.zeros(n, self.channels, hh, ww, device=device)
+        for r in range(hh):
+            for c in range(ww):
+                for k in range(self.channels):
+                    logits = self(x[:, :, : r + 1])[..., r, c]  # (n, C) or (n, C, 256)
+                    u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+                    if self.levels == 2:
+                        p = torch.sigmoid(logits[:, k].double()).cpu().unsqueeze(1)
+                        v = (u < p).double().squeeze(1)
+                    else:
+                        cdf = torch.softmax(logits[:, k].double(), dim=-1).cumsum(-1).cpu()
+                        v = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=self.levels - 1).squeeze(1).double()
+                    x[:, k, r, c] = v.to(device, x.dtype)
+        return x

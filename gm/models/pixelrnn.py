@@ -1,0 +1,87 @@
+"""PixelRNN models (van den Oord, Kalchbrenner, Kavukcuoglu 2016, sections 3.1-3.4, table 1): Row LSTM and
+Diagonal BiLSTM.
+
+    x -> 7x7 conv mask A (-> 2h maps) -> `layers` x [RowLSTM | DiagonalBiLSTM](2h, h, residual) -> head -> logits
+
+The recurrent layers are gm.nn.RowLSTM / gm.nn.DiagonalBiLSTM (fused scans), each with the paper's residual
+connection (1x1 mask B back to 2h maps, plus its input); the head is PixelCNN's (two ReLU + 1x1 mask B layers, then
+the logits). Colour presets split every layer's maps R, G, B.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gm.models.common import OutputHead, PixelModel
+from gm.nn import MaskedConv2d
+
+# h is a multiple of 3 in the colour presets (see gm/models/pixelcnn.py).
+PRESETS = {
+    "mnist": dict(channels=1, levels=2, hidden=16, layers=7, head=32),
+    "cifar10": dict(channels=3, levels=256, hidden=129, layers=12, head=1026),
+    "tiny": dict(channels=1, levels=2, hidden=4, layers=2, head=8),
+    "tiny-rgb": dict(channels=3, levels=256, hidden=6, layers=1, head=12),
+}
+
+_LAYER_MODULE = {"row": "RowLSTM", "diagonal": "DiagonalBiLSTM"}
+
+
+def _layer_class(kind: str):
+    """gm.nn.RowLSTM / gm.nn.DiagonalBiLSTM, imported when a model is built."""
+    import gm.nn  # noqa: PLC0415
+
+    name = _LAYER_MODULE[kind]
+    cls = getattr(gm.nn, name, None)
+    if cls is None:
+        module = {"row": "gm.nn.row_lstm", "diagonal": "gm.nn.diagonal_lstm"}[kind]
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError) as err:
+            raise NotImplementedError(f"the {kind} PixelRNN model needs {module}.{name}, which is missing: {err}") from err
+    return cls
+
+
+class PixelRNN(PixelModel):
+    def __init__(
+        self,
+        kind: str,
+        channels: int = 1,
+        levels: int = 2,
+        hidden: int = 16,
+        layers: int = 7,
+        head: int = 32,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(channels, levels, backend)
+        if kind not in _LAYER_MODULE:
+            raise ValueError(f"kind must be one of {tuple(_LAYER_MODULE)}, got {kind!r}")
+        self.config = dict(channels=channels, levels=levels, hidden=hidden, layers=layers, head=head)
+        layer_cls = _layer_class(kind)
+        extra = {"kernel_size": 3} if kind == "row" else {}
+        self.stem = MaskedConv2d(channels, 2 * hidden, 7, "A", colors=self.colors, backend=backend)
+        self.layers = nn.ModuleList(
+            layer_cls(2 * hidden, hidden, colors=self.colors, residual=True, backend=backend, **extra)
+            for _ in range(layers)
+        )
+        self.head = OutputHead(2 * hidden, head, self.out_channels, self.colors, backend)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class RowLSTMModel(PixelRNN):
+    name = "rowlstm"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("row", **kwargs)
+
+
+class DiagonalBiLSTMModel(PixelRNN):
+    name = "diagonal_bilstm"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("diagonal", **kwargs)
