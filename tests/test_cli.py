@@ -1,0 +1,126 @@
+"""`gm train | eval | sample | download` end to end on tiny presets: outputs, bit-exact resume, torchrun with two
+CPU processes (gloo) against one process, and bad input (clear message, exit 2, nothing overwritten)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--n-samples", "0", "--device", "cpu"]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _state(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def test_train_eval_sample_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "pixelcnn", "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+               "--sample-every", "2", "--n-samples", "4", "--log-every", "2", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "test NLL" in text and str(out / "checkpoint.pt") in text and "img/s" in text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "test_nll" in r] == [2, 4]
+    assert records[-1]["summary"]["steps"] == 4
+    for png in ("samples.png", "samples_step0000002.png", "samples_step0000004.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = _state(out)
+    assert ckpt["step"] == 4 and ckpt["data_position"]["batch_in_epoch"] == 4 and "optimizer_state" in ckpt
+
+    assert main(["eval", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0
+    assert "test NLL" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "2", "--size", "6", "--out", str(grid)]) == 0
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["pixelcnn", *FAST, "--binarize", "dynamic", "--eval-every", "0", "--ckpt-every", "3", "--seed", "7"]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *common, "--steps", "6", "--out", str(straight)]) == 0
+    assert main(["train", *common, "--steps", "3", "--out", str(resumed)]) == 0
+    assert main(["train", "pixelcnn", "--preset", "tiny", "--steps", "6", "--out", str(resumed), "--resume",
+                 "--log-every", "1", "--n-samples", "0", "--eval-every", "0", "--device", "cpu"]) == 0  # fmt: skip
+    a, b = _state(straight), _state(resumed)
+    assert a["step"] == b["step"] == 6
+    for name, t in a["model_state"].items():
+        assert torch.equal(t, b["model_state"][name]), name
+    assert _losses(straight) == _losses(resumed)
+
+
+def _run_quiet(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, **kw)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["pixelcnn", *FAST, "--data", "synthetic:64:8", "--steps", "3", "--eval-every", "0"]
+    one = _run_quiet([sys.executable, "-m", "gm", "train", *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = _run_quiet([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gm",
+                      "train", *args, "--out", str(tmp_path / "two")])  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "processes=2" in two.stdout
+    l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * abs(a), (l1, l2)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert _state(tmp_path / "two")["step"] == 3
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "pixelcnn", *FAST, "--steps", "1", "--eval-every", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _bad(argv, capsys, match):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err, err
+
+
+def test_bad_input_exits_with_a_message_and_overwrites_nothing(finished_run, tmp_path, capsys):
+    ckpt = finished_run / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    _bad(["train", "pixelgan", "--out", str(tmp_path / "x")], capsys, "unknown model 'pixelgan'")
+    _bad(["train", "pixelcnn", "--preset", "imagenet", "--out", str(tmp_path / "x")], capsys, "unknown preset")
+    _bad(["train", "pixelcnn", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys,
+         "does not exist")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    _bad(["train", "pixelcnn", *FAST, "--steps", "2", "--out", str(finished_run)], capsys, "pass --resume")
+    _bad(["train", "diagonal_bilstm", *FAST, "--steps", "2", "--out", str(finished_run), "--resume"], capsys,
+         "holds model 'pixelcnn'")  # fmt: skip
+    _bad(["train", "pixelcnn", *FAST, "--steps", "2", "--out", str(finished_run), "--resume", "--seed", "5"], capsys,
+         "differs from the checkpoint")  # fmt: skip
+    assert ckpt.read_bytes() == before
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(before[: len(before) // 2])
+    _bad(["eval", str(corrupt)], capsys, "corrupt")
+    grid = tmp_path / "keep.png"
+    grid.write_bytes(b"mine")
+    _bad(["sample", str(corrupt), "--out", str(grid)], capsys, "corrupt")
+    assert grid.read_bytes() == b"mine"
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    _bad(["eval", str(foreign)], capsys, "not a gm checkpoint")
+    _bad(["eval", str(tmp_path / "missing.pt")], capsys, "does not exist")
+    _bad(["download", "mnist", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:1/", "--timeout", "5"], capsys,
+         "Are you offline")  # fmt: skip
