@@ -42,4 +42,8 @@ GM_REGISTER_BINDINGS(m) {
   namespace mb = gm::minibatch;
   m.def("minibatch_fwd_cpu", &mb::forward_cpu_entry, "minibatch discrimination forward (CPU)");
   m.def("minibatch_bwd_cpu", &mb::backward_cpu_entry, "minibatch discrimination backward (CPU)");
+#ifdef GM_WITH_CUDA
+  m.def("minibatch_fwd_cuda", &mb::forward_cuda, "minibatch discrimination forward (CUDA)");
+  m.def("minibatch_bwd_cuda", &mb::backward_cuda, "minibatch discrimination backward (CUDA)");
+#endif
 }

@@ -1,0 +1,278 @@
+// CUDA kernels for minibatch discrimination (equations in minibatch.h).
+//
+// A block of 8 warps owns 8 kernels b (one per warp) and 32 * kRows rows i (kRows per lane); the m values of its
+// rows, pre-scaled by log2(e), and the accumulators stay in registers. j runs in tiles of kTileJ staged through
+// shared memory as [j][warp][c], so a warp's reads of one j are broadcasts. Per pair and kernel: 2C FADDs
+// (|.| is an operand modifier), one MUFU.EX2 and one FADD, against the 3C "useful" operations. Only tiles that
+// meet the block's rows test j != i. Inputs fp32/fp16/bf16 (fp64 too) with fp32 (fp64) accumulation.
+// C <= 8 is a template parameter (fully unrolled, registers); larger C reads m from global memory (slow path).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.h"
+#include "common/tensor_args.h"
+#include "minibatch/minibatch.h"
+
+namespace gm {
+namespace minibatch {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 4;
+constexpr int kBlockRows = 32 * kRows;
+constexpr int kTileJ = 64;
+constexpr int kMaxFixedC = 8;
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// 2^(-d): MUFU.EX2 for float (relative error ~2^-22, subnormal results flushed to 0); exp2 for double.
+__device__ __forceinline__ float exp2_neg(float d) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(-d));
+  return r;
+}
+__device__ __forceinline__ double exp2_neg(double d) { return exp2(-d); }
+
+template <typename T, typename A>
+__device__ __forceinline__ void store(T* p, A v) { *p = from_acc<T>(v); }
+template <>
+__device__ __forceinline__ void store<double, double>(double* p, double v) { *p = v; }
+
+// Rows of m for this lane and warp: x[r][c] = log2(e) m[i0 + lane + 32 r, b, c] (0 outside the batch).
+template <typename T, typename A, int C>
+__device__ __forceinline__ void load_rows(const T* m, int64_t n, int64_t nb, int64_t i0, int64_t b, int lane,
+                                          A (&x)[kRows][C]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + lane + 32 * r;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+      x[r][c] = (i < n && b < nb) ? A(kLog2e) * to_acc(m[(i * nb + b) * C + c]) : A(0);
+  }
+}
+
+// Stage m[j0 .. j0 + kTileJ, b0 .. b0 + kWarps, :] (scaled) into xs[j][w][c]; and g likewise when given.
+template <typename T, typename A, int C>
+__device__ __forceinline__ void stage_tile(const T* m, const T* g, int64_t n, int64_t nb, int64_t j0, int64_t b0,
+                                           A (*xs)[kWarps][C], A (*gs)[kWarps]) {
+  for (int e = threadIdx.x; e < kTileJ * kWarps * C; e += kThreads) {
+    const int jj = e / (kWarps * C), w = (e / C) % kWarps, c = e % C;
+    const int64_t j = j0 + jj, b = b0 + w;
+    xs[jj][w][c] = (j < n && b < nb) ? A(kLog2e) * to_acc(m[(j * nb + b) * C + c]) : A(0);
+  }
+  if (g != nullptr) {
+    for (int e = threadIdx.x; e < kTileJ * kWarps; e += kThreads) {
+      const int jj = e / kWarps, w = e % kWarps;
+      const int64_t j = j0 + jj, b = b0 + w;
+      gs[jj][w] = (j < n && b < nb) ? to_acc(g[j * nb + b]) : A(0);
+    }
+  }
+}
+
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __restrict__ m, T* __restrict__ o,
+                                                                  int64_t n, int64_t nb, bool exclude_self) {
+  using A = typename AccOf<T>::type;
+  __shared__ A xs[kTileJ][kWarps][C];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b0 = int64_t(blockIdx.y) * kWarps, b = b0 + warp;
+  const int64_t i0 = int64_t(blockIdx.x) * kBlockRows;
+  A xi[kRows][C];
+  A acc[kRows];
+  load_rows<T, A, C>(m, n, nb, i0, b, lane, xi);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = A(0);
+
+  for (int64_t j0 = 0; j0 < n; j0 += kTileJ) {
+    __syncthreads();
+    stage_tile<T, A, C>(m, nullptr, n, nb, j0, b0, xs, nullptr);
+    __syncthreads();
+    const int jn = int(min(int64_t(kTileJ), n - j0));
+    const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;  // block-uniform
+    for (int jj = 0; jj < jn; ++jj) {
+      A xj[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) xj[c] = xs[jj][warp][c];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        A d = A(0);
+#pragma unroll
+        for (int c = 0; c < C; ++c) d += fabs(xi[r][c] - xj[c]);
+        A e = exp2_neg(d);
+        if (check && j0 + jj == i0 + lane + 32 * r) e = A(0);
+        acc[r] += e;
+      }
+    }
+  }
+  if (b < nb) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + lane + 32 * r;
+      if (i < n) store(o + i * nb + b, acc[r]);
+    }
+  }
+}
+
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __restrict__ g, const T* __restrict__ m,
+                                                                  T* __restrict__ dm, int64_t n, int64_t nb,
+                                                                  bool exclude_self) {
+  using A = typename AccOf<T>::type;
+  __shared__ A xs[kTileJ][kWarps][C];
+  __shared__ A gs[kTileJ][kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b0 = int64_t(blockIdx.y) * kWarps, b = b0 + warp;
+  const int64_t i0 = int64_t(blockIdx.x) * kBlockRows;
+  A xi[kRows][C];
+  A acc[kRows][C];
+  A gi[kRows];
+  load_rows<T, A, C>(m, n, nb, i0, b, lane, xi);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + lane + 32 * r;
+    gi[r] = (i < n && b < nb) ? to_acc(g[i * nb + b]) : A(0);
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[r][c] = A(0);
+  }
+
+  for (int64_t j0 = 0; j0 < n; j0 += kTileJ) {
+    __syncthreads();
+    stage_tile<T, A, C>(m, g, n, nb, j0, b0, xs, gs);
+    __syncthreads();
+    const int jn = int(min(int64_t(kTileJ), n - j0));
+    const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;
+    for (int jj = 0; jj < jn; ++jj) {
+      A xj[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) xj[c] = xs[jj][warp][c];
+      const A gj = gs[jj][warp];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        A d[C];
+        A dist = A(0);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          d[c] = xi[r][c] - xj[c];
+          dist += fabs(d[c]);
+        }
+        A w = (gi[r] + gj) * exp2_neg(dist);
+        if (check && j0 + jj == i0 + lane + 32 * r) w = A(0);
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[r][c] += w * pair_sign(d[c]);
+      }
+    }
+  }
+  if (b < nb) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + lane + 32 * r;
+      if (i < n) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) store(dm + (i * nb + b) * C + c, -acc[r][c]);
+      }
+    }
+  }
+}
+
+// Slow path for C > kMaxFixedC: one thread per (i, b), m read from global memory (cached), C at run time.
+template <typename T>
+__global__ void minibatch_generic_kernel(const T* __restrict__ g, const T* __restrict__ m, T* __restrict__ out,
+                                         int64_t n, int64_t nb, int64_t nc, bool exclude_self) {
+  using A = typename AccOf<T>::type;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n * nb) return;
+  const int64_t i = idx / nb, b = idx % nb;
+  const T* mi = m + (i * nb + b) * nc;
+  if (g == nullptr) {
+    A acc = A(0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (exclude_self && j == i) continue;
+      const T* mj = m + (j * nb + b) * nc;
+      A d = A(0);
+      for (int64_t c = 0; c < nc; ++c) d += fabs(A(kLog2e) * (to_acc(mi[c]) - to_acc(mj[c])));
+      acc += exp2_neg(d);
+    }
+    store(out + idx, acc);
+    return;
+  }
+  const A gi = to_acc(g[idx]);
+  for (int64_t c = 0; c < nc; ++c) {  // recompute c(i, j) per c: C x the exps, acceptable on this path
+    A acc = A(0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (exclude_self && j == i) continue;
+      const T* mj = m + (j * nb + b) * nc;
+      A d = A(0);
+      for (int64_t k = 0; k < nc; ++k) d += fabs(A(kLog2e) * (to_acc(mi[k]) - to_acc(mj[k])));
+      acc += (gi + to_acc(g[j * nb + b])) * exp2_neg(d) * pair_sign(to_acc(mi[c]) - to_acc(mj[c]));
+    }
+    store(out + idx * nc + c, -acc);
+  }
+}
+
+template <typename T, int C = 1>
+void launch(const T* g, const T* m, T* out, int64_t n, int64_t nb, int64_t nc, bool exclude_self,
+            cudaStream_t stream) {
+  if constexpr (C <= kMaxFixedC) {
+    if (nc != C) return launch<T, C + 1>(g, m, out, n, nb, nc, exclude_self, stream);
+    const dim3 grid(unsigned((n + kBlockRows - 1) / kBlockRows), unsigned((nb + kWarps - 1) / kWarps));
+    if (grid.y > 65535) throw std::invalid_argument("gm minibatch (cuda): B must be below 524280");
+    if (g == nullptr)
+      minibatch_fwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(m, out, n, nb, exclude_self);
+    else
+      minibatch_bwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(g, m, out, n, nb, exclude_self);
+    GM_CUDA_CHECK_LAUNCH();
+  } else {
+    const int64_t total = n * nb;
+    minibatch_generic_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(g, m, out, n, nb, nc,
+                                                                                   exclude_self);
+    GM_CUDA_CHECK_LAUNCH();
+  }
+}
+
+void dispatch(std::uintptr_t g, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t nb, int64_t nc,
+              bool exclude_self, int dtype, std::uintptr_t stream) {
+  if (n <= 0 || nb <= 0 || nc <= 0) return;
+  const cudaStream_t s = to_stream(stream);
+  switch (to_dtype(dtype)) {
+    case DType::f32:
+      return launch(ptr<const float>(g), ptr<const float>(m), ptr<float>(out), n, nb, nc, exclude_self, s);
+    case DType::f64:
+      return launch(ptr<const double>(g), ptr<const double>(m), ptr<double>(out), n, nb, nc, exclude_self, s);
+    case DType::f16:
+      return launch(ptr<const __half>(g), ptr<const __half>(m), ptr<__half>(out), n, nb, nc, exclude_self, s);
+    case DType::bf16:
+      return launch(ptr<const __nv_bfloat16>(g), ptr<const __nv_bfloat16>(m), ptr<__nv_bfloat16>(out), n, nb, nc,
+                    exclude_self, s);
+  }
+}
+
+}  // namespace
+
+void forward_cuda(std::uintptr_t m, std::uintptr_t o, int64_t n, int64_t b, int64_t c, bool exclude_self, int dtype,
+                  std::uintptr_t stream) {
+  dispatch(0, m, o, n, b, c, exclude_self, dtype, stream);
+}
+
+void backward_cuda(std::uintptr_t g, std::uintptr_t m, std::uintptr_t dm, int64_t n, int64_t b, int64_t c,
+                   bool exclude_self, int dtype, std::uintptr_t stream) {
+  dispatch(g, m, dm, n, b, c, exclude_self, dtype, stream);
+}
+
+}  // namespace minibatch
+}  // namespace gm
