@@ -26,6 +26,10 @@ struct TapTable {
 enum class Precision : int { kNative = 0, kTf32 = 1, kTf32x3 = 2 };
 
 #ifdef GM_WITH_CUDA
+// (N, C, HW) contiguous -> (N, HW, c_padded), channels past C zero; elem_bytes 2 or 4.
+void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_padded, int hw, int elem_bytes,
+                  std::uintptr_t stream);
+
 // dtype: gm::DType code (f32, f16, bf16); precision: Precision code.
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
                     int k_channels, int n_out, const TapTable& taps, int dtype, int precision, std::uintptr_t stream);

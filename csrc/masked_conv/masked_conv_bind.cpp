@@ -34,6 +34,10 @@ gm::masked_conv::TapTable make_taps(const std::vector<int>& dy, const std::vecto
 GM_REGISTER_BINDINGS(m) {
 #ifdef GM_WITH_CUDA
   namespace py = pybind11;
+  m.def("masked_conv_to_nhwc_cuda", &gm::masked_conv::cuda_to_nhwc,
+        "NCHW-contiguous (N, C, H*W) -> NHWC (N, H*W, c_padded) with zero channels past C", py::arg("src"),
+        py::arg("dst"), py::arg("n"), py::arg("c"), py::arg("c_padded"), py::arg("hw"), py::arg("elem_bytes"),
+        py::arg("stream"));
   m.def(
       "masked_conv_gemm_cuda",
       [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,

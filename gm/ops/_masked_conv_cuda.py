@@ -48,6 +48,16 @@ def _padded(c: int) -> int:
 def _nhwc(t: torch.Tensor, c_padded: int) -> torch.Tensor:
     """(N, C, H, W) -> contiguous (N, H, W, c_padded), zero channels past C; no copy for aligned channels_last."""
     n, c, h, w = t.shape
+    if c == c_padded and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).contiguous()
+    if t.is_contiguous() and 0 < n <= 65535 and t.numel() > 0:
+        # Tiled transpose kernel: torch's permute-copy measured ~0.2 ms for 64 MB of bf16 on an H200 (0.6 TB/s).
+        out = torch.empty(n, h, w, c_padded, dtype=t.dtype, device=t.device)
+        with torch.cuda.device(t.device):
+            ext().masked_conv_to_nhwc_cuda(
+                t.data_ptr(), out.data_ptr(), n, c, c_padded, h * w, t.element_size(), stream_of(t)
+            )
+        return out
     if c == c_padded:
         return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
     buf = t.new_zeros(n, h, w, c_padded)

@@ -147,3 +147,14 @@ def test_cuda_backward_shares_grad_conversion():
     assert torch.equal(dx, c.input_grad(gy, packed, taps))
     assert torch.equal(dwp, c.weight_grad(x, gy, taps))
     assert c.backward(gy, x, packed, taps, False, True)[0] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_nhwc_conversion(dtype, monkeypatch):
+    _need_cuda()
+    poison_empty(monkeypatch)
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+
+    x = torch.randn(3, 37, 5, 13, device="cuda").to(dtype)
+    got = c._nhwc(x, 40)
+    assert torch.equal(got[..., :37], x.permute(0, 2, 3, 1)) and (got[..., 37:] == 0).all()
