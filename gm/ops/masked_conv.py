@@ -167,11 +167,10 @@ def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
     from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
 
     packed, taps = pack_weight(weight, mask, in_groups, out_groups)
-    dx = c.input_grad(grad, packed, taps) if need_x else None
+    dx, packed_grad = c.backward(grad, x, packed, taps, need_x, need_w)  # converts grad to NHWC once for both
     dw = None
     if need_w:
-        dw = unpack_weight_grad(c.weight_grad(x, grad, taps), weight.shape, taps, mask, in_groups, out_groups)
-        dw = dw.to(weight.dtype)
+        dw = unpack_weight_grad(packed_grad, weight.shape, taps, mask, in_groups, out_groups).to(weight.dtype)
     return dx, dw
 
 
