@@ -122,27 +122,45 @@ def iaf_step_bwd_kernel(
 
 
 @triton.jit
+def _two_head_tiles(
+    acc_m, acc_s, h_ptr, w_ptr, m_ptr, tile_idx_ptr, t_start, t_stop,
+    rr, rd, R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
+    USE_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    r_ok = rr < R
+    for t in range(t_start, t_stop):  # branch-free: pipelinable
+        kt = tl.load(tile_idx_ptr + t).to(tl.int64)
+        rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(h_ptr + rr[:, None] * sh_r + rk[None, :] * sh_k, mask=r_ok[:, None] & (rk[None, :] < H), other=0.0)
+        w_m = masked_w_tile(w_ptr, m_ptr, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, USE_MASK)
+        acc_m = tl.dot(a, w_m, acc_m, input_precision=PRECISION, out_dtype=ACC)
+        w_s = masked_w_tile(w_ptr + D * sw_o, m_ptr + D * sm_o, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, USE_MASK)
+        acc_s = tl.dot(a, w_s, acc_s, input_precision=PRECISION, out_dtype=ACC)
+    return acc_m, acc_s
+
+
+@triton.jit
 def _two_head_gemm(
-    h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+    h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
     rr, rd, pid_d, R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """(m, s) tiles (BLOCK_R, BLOCK_D) = hidden (W ⊙ M)^T + b for the rows of both heads, over listed K tiles."""
+    """(m, s) tiles (BLOCK_R, BLOCK_D) = hidden (W ⊙ M)^T + b for the rows of both heads, over the listed K tiles
+    (all-ones tiles first, then partly-zero ones with the mask applied)."""
     acc_m = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
     acc_s = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
     start = tl.load(tile_off_ptr + pid_d)
+    mid = tl.load(tile_mid_ptr + pid_d)
     end = tl.load(tile_off_ptr + pid_d + 1)
-    r_ok = rr < R
-    for t in range(start, end):
-        kt = tl.load(tile_idx_ptr + t).to(tl.int64)
-        full = tl.load(tile_full_ptr + t)
-        rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-        a = tl.load(h_ptr + rr[:, None] * sh_r + rk[None, :] * sh_k, mask=r_ok[:, None] & (rk[None, :] < H), other=0.0)
-        w_m = masked_w_tile(w_ptr, m_ptr, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, full)
-        acc_m = tl.dot(a, w_m, acc_m, input_precision=PRECISION, out_dtype=ACC)
-        w_s = masked_w_tile(w_ptr + D * sw_o, m_ptr + D * sm_o, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, full)
-        acc_s = tl.dot(a, w_s, acc_s, input_precision=PRECISION, out_dtype=ACC)
+    acc_m, acc_s = _two_head_tiles(
+        acc_m, acc_s, h_ptr, w_ptr, m_ptr, tile_idx_ptr, start, mid, rr, rd, R, D, H,
+        sh_r, sh_k, sw_o, sw_k, sm_o, sm_k, False, ACC, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    acc_m, acc_s = _two_head_tiles(
+        acc_m, acc_s, h_ptr, w_ptr, m_ptr, tile_idx_ptr, mid, end, rr, rd, R, D, H,
+        sh_r, sh_k, sw_o, sw_k, sm_o, sm_k, True, ACC, PRECISION, BLOCK_K,
+    )  # fmt: skip
     if HAS_BIAS:
         d_ok = rd < D
         acc_m += tl.load(b_ptr + rd, mask=d_ok, other=0.0).to(ACC)[None, :]
@@ -153,7 +171,7 @@ def _two_head_gemm(
 @triton.jit
 def made_iaf_fwd_kernel(
     h_ptr, w_ptr, m_ptr, b_ptr, z_ptr, zn_ptr, ld_ptr,
-    tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+    tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
     R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -165,7 +183,7 @@ def made_iaf_fwd_kernel(
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     m, s = _two_head_gemm(
-        h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+        h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
         rr, rd, pid_d, R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
         HAS_BIAS, ACC, PRECISION, BLOCK_R, BLOCK_D, BLOCK_K,
     )  # fmt: skip
@@ -181,7 +199,7 @@ def made_iaf_fwd_kernel(
 @triton.jit
 def made_iaf_bwd_kernel(
     h_ptr, w_ptr, m_ptr, b_ptr, z_ptr, gz_ptr, gl_ptr, dz_ptr, dout_ptr,
-    tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+    tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
     R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -193,7 +211,7 @@ def made_iaf_bwd_kernel(
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     m, s = _two_head_gemm(
-        h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+        h_ptr, w_ptr, m_ptr, b_ptr, tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
         rr, rd, pid_d, R, D, H, sh_r, sh_k, sw_o, sw_k, sm_o, sm_k,
         HAS_BIAS, ACC, PRECISION, BLOCK_R, BLOCK_D, BLOCK_K,
     )  # fmt: skip

@@ -10,9 +10,9 @@ Weight and bias gradient:
 Both GEMMs over the weight are one kernel, `masked_gemm_kernel`: C[r, j] = epi(sum_i A'[r, i] * Wm(i, j)) with the
 weight addressed through strides (forward: j = o, i = k; input gradient: j = k, i = o). Each program owns a
 BLOCK_J slice of output columns and loops only over the inner tiles listed for it in a compressed tile map
-(gm.ops.masked_linear.TileMap: offsets + tile indices + a "full" flag; the input gradient uses the transposed
-map), so all-zero tiles of the mask are never loaded or multiplied; the mask itself is read only for tiles
-that are partly zero. The weight-gradient kernel runs one program per (o, k) tile (and split of the rows):
+(gm.ops.masked_linear.TileMap: offsets + tile indices, the all-ones tiles of each slice listed before the
+partly-zero ones; the input gradient uses the transposed map), so all-zero tiles of the mask are never loaded or
+multiplied, and the mask itself is read only for tiles that are partly zero, in a second branch-free loop. The weight-gradient kernel runs one program per (o, k) tile (and split of the rows):
 empty tiles store zeros without a loop. Offsets are int64; fp32 accumulation (fp64 for fp64).
 """
 
@@ -47,20 +47,43 @@ def act_grad(g, y, ACT: tl.constexpr):
 
 
 @triton.jit
-def masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, full):
-    """The (BLOCK_I, BLOCK_J) tile Wm(i, j) = W * M; the mask is read only when the tile is partly zero."""
+def masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, USE_MASK: tl.constexpr):
+    """The (BLOCK_I, BLOCK_J) tile Wm(i, j) = W * M; the mask is read only for tiles that are partly zero."""
     ok = (ri[:, None] < I) & (rj[None, :] < J)
     w = tl.load(w_ptr + ri[:, None] * sw_i + rj[None, :] * sw_j, mask=ok, other=0.0)
-    if full == 0:
+    if USE_MASK:
         mv = tl.load(m_ptr + ri[:, None] * sm_i + rj[None, :] * sm_j, mask=ok, other=0)
         w = tl.where(mv != 0, w, tl.zeros_like(w))
     return w
 
 
 @triton.jit
+def _gemm_over_tiles(
+    acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, t_start, t_stop, rr, rj, R, I, J,
+    sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j,
+    PRO_ACT: tl.constexpr, USE_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):  # fmt: skip
+    """acc += A'[rr, tiles] Wm[tiles, rj] over the listed inner tiles t_start..t_stop: a branch-free loop, so
+    Triton can software-pipeline it (full tiles and partly-zero tiles are listed apart and run in two loops)."""
+    r_ok = rr < R
+    for t in range(t_start, t_stop):
+        it = tl.load(tile_idx_ptr + t).to(tl.int64)
+        ri = it * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        a_ok = r_ok[:, None] & (ri[None, :] < I)
+        a = tl.load(a_ptr + rr[:, None] * sa_r + ri[None, :] * sa_i, mask=a_ok, other=0.0)
+        if PRO_ACT != 0:
+            yv = tl.load(y_ptr + rr[:, None] * sy_r + ri[None, :] * sy_i, mask=a_ok, other=0.0)
+            a = act_grad(a.to(ACC), yv.to(ACC), PRO_ACT).to(a_ptr.dtype.element_ty)
+        w = masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, USE_MASK)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def masked_gemm_kernel(
     a_ptr, y_ptr, w_ptr, m_ptr, b_ptr, c_ptr,
-    tile_off_ptr, tile_idx_ptr, tile_full_ptr,
+    tile_off_ptr, tile_idx_ptr, tile_mid_ptr,
     R, I, J,
     sa_r, sa_i, sy_r, sy_i,
     sw_i, sw_j, sm_i, sm_j,
@@ -75,26 +98,34 @@ def masked_gemm_kernel(
     pid_j = pid % num_j
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
-    r_ok = rr < R
     start = tl.load(tile_off_ptr + pid_j)
+    mid = tl.load(tile_mid_ptr + pid_j)  # tiles start..mid are all ones, mid..end partly zero
     end = tl.load(tile_off_ptr + pid_j + 1)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=ACC)
-    for t in range(start, end):
-        it = tl.load(tile_idx_ptr + t).to(tl.int64)
-        full = tl.load(tile_full_ptr + t)
-        ri = it * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-        a_ok = r_ok[:, None] & (ri[None, :] < I)
-        a = tl.load(a_ptr + rr[:, None] * sa_r + ri[None, :] * sa_i, mask=a_ok, other=0.0)
-        if PRO_ACT != 0:
-            yv = tl.load(y_ptr + rr[:, None] * sy_r + ri[None, :] * sy_i, mask=a_ok, other=0.0)
-            a = act_grad(a.to(ACC), yv.to(ACC), PRO_ACT).to(a_ptr.dtype.element_ty)
-        w = masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, full)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+    acc = _gemm_over_tiles(
+        acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, start, mid, rr, rj, R, I, J,
+        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, False, ACC, PRECISION, BLOCK_I,
+    )  # fmt: skip
+    acc = _gemm_over_tiles(
+        acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, mid, end, rr, rj, R, I, J,
+        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, True, ACC, PRECISION, BLOCK_I,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + rj, mask=rj < J, other=0.0).to(ACC)[None, :]
     acc = apply_act(acc, EPI_ACT)
     c_off = rr[:, None] * sc_r + rj[None, :] * sc_j
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=r_ok[:, None] & (rj[None, :] < J))
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=(rr[:, None] < R) & (rj[None, :] < J))
+
+
+@triton.jit
+def _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, r_ok, sg_r, sg_o, sy_r, sy_o, PRO_ACT: tl.constexpr, ACC: tl.constexpr):
+    """(BLOCK_O, BLOCK_R) tile of gp^T = (g * act'(y))^T."""
+    g_ok = o_ok[:, None] & r_ok[None, :]
+    g = tl.load(g_ptr + ro[:, None] * sg_o + rr[None, :] * sg_r, mask=g_ok, other=0.0)
+    if PRO_ACT != 0:
+        yv = tl.load(y_ptr + ro[:, None] * sy_o + rr[None, :] * sy_r, mask=g_ok, other=0.0)
+        g = act_grad(g.to(ACC), yv.to(ACC), PRO_ACT).to(g_ptr.dtype.element_ty)
+    return g
 
 
 @triton.jit
@@ -118,26 +149,24 @@ def masked_wgrad_kernel(
     k_ok = rk < K
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, R)
-    if HAS_BIAS:
-        busy = (flag > 0) | (kt == 0)  # the first column of tiles also sums the bias gradient
-    else:
-        busy = flag > 0
-    stop = tl.where(busy, stop, start)  # empty tiles without bias duty skip the loop
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=ACC)
     bacc = tl.zeros((BLOCK_O,), dtype=ACC)
-    for r0 in range(start, stop, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = rr < stop
-        g_ok = o_ok[:, None] & r_ok[None, :]
-        g = tl.load(g_ptr + ro[:, None] * sg_o + rr[None, :] * sg_r, mask=g_ok, other=0.0)
-        if PRO_ACT != 0:
-            yv = tl.load(y_ptr + ro[:, None] * sy_o + rr[None, :] * sy_r, mask=g_ok, other=0.0)
-            g = act_grad(g.to(ACC), yv.to(ACC), PRO_ACT).to(g_ptr.dtype.element_ty)
-        if HAS_BIAS:
-            bacc += tl.sum(g.to(ACC), axis=1)
-        if flag > 0:
+    # Branches outside the loops only, so each loop stays pipelinable.
+    if flag > 0:
+        for r0 in range(start, stop, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            r_ok = rr < stop
+            g = _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, r_ok, sg_r, sg_o, sy_r, sy_o, PRO_ACT, ACC)
+            if HAS_BIAS:
+                bacc += tl.sum(g.to(ACC), axis=1)
             xv = tl.load(x_ptr + rr[:, None] * sx_r + rk[None, :] * sx_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(g, xv, acc, input_precision=PRECISION, out_dtype=ACC)
+    elif HAS_BIAS:
+        if kt == 0:  # an empty tile in the first column still owes the bias gradient
+            for r0 in range(start, stop, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+                g = _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, rr < stop, sg_r, sg_o, sy_r, sy_o, PRO_ACT, ACC)
+                bacc += tl.sum(g.to(ACC), axis=1)
     ok = o_ok[:, None] & k_ok[None, :]
     if flag == 1:
         mv = tl.load(m_ptr + ro[:, None] * sm_o + rk[None, :] * sm_k, mask=ok, other=0)
@@ -194,7 +223,7 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_act, block_i, block_j):
     """C (R, J) = epi_act(A' Wm + bias) with A' = act_grad(A, y) when pro_act; Wm = (W ⊙ M)^T (forward,
-    transpose=False: J = O) or W ⊙ M (input gradient, transpose=True: J = K). `tiles` = (offsets, idx, full)
+    transpose=False: J = O) or W ⊙ M (input gradient, transpose=True: J = K). `tiles` = (offsets, idx, mids)
     of the tile map along J."""
     _check_dtype(a)
     r = a.shape[0]
@@ -206,7 +235,7 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
         i_dim, j_dim = k, o
         sw_i, sw_j, sm_i, sm_j = weight.stride(1), weight.stride(0), mask_u8.stride(1), mask_u8.stride(0)
     c = torch.empty(r, j_dim, dtype=a.dtype, device=a.device)
-    offsets, idx, full = tiles
+    offsets, idx, mids = tiles
     yy = y if y is not None else a
 
     def grid(meta):
@@ -214,7 +243,7 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
 
     _gemm[grid](
         a, yy, weight, mask_u8, bias if bias is not None else weight, c,
-        offsets, idx, full,
+        offsets, idx, mids,
         r, i_dim, j_dim,
         *a.stride(), *yy.stride(),
         sw_i, sw_j, sm_i, sm_j,

@@ -17,7 +17,7 @@ QUICK_IAF = [(256, 16, 64, torch.float32)]
 
 
 def _iaf_case(n: int, d: int, hidden: int, dtype: torch.dtype, device: torch.device) -> Case:
-    masks = [mk.to(device) for mk in made_masks(d, hidden, 2, "natural", heads=2)]
+    masks = [mk.to(device, dtype) for mk in made_masks(d, hidden, 2, "natural", heads=2)]
     shapes = [mk.shape for mk in masks]
 
     def make_inputs():

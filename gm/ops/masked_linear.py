@@ -43,7 +43,8 @@ CUDA_READY = False
 class TileMap:
     """Which (block_o x block_k) tiles of a mask are non-zero, compressed both ways.
 
-    rows = (offsets (n_ot + 1,), k-tile indices, full flags): the non-empty k tiles of each o tile (forward).
+    rows = (offsets (n_ot + 1,), k-tile indices, mids (n_ot,)): the non-empty k tiles of each o tile (forward),
+    all-ones tiles first (offsets[i]..mids[i]), then partly-zero ones (mids[i]..offsets[i + 1]).
     cols = the same per k tile, listing o tiles (input gradient). flags (n_ot, n_kt): 0 empty, 1 partly zero,
     2 all ones (weight gradient). All int32 on the mask's device.
     """
@@ -114,12 +115,18 @@ def tile_grids(mask_u8: torch.Tensor, block_o: int, block_k: int) -> tuple[torch
 
 
 def _csr(anyt: torch.Tensor, full: torch.Tensor):
+    """(offsets (n + 1,), tile indices, mids (n,)) with each row's all-ones tiles listed before its partly-zero
+    ones: row i's tiles are idx[offsets[i]:offsets[i+1]], the all-ones ones idx[offsets[i]:mids[i]]."""
     nz = anyt.nonzero()
-    idx = nz[:, 1].to(torch.int32).contiguous()
-    is_full = full[nz[:, 0], nz[:, 1]].to(torch.int32).contiguous()
+    rows, cols = nz[:, 0], nz[:, 1]
+    is_full = full[rows, cols]
+    n_cols = anyt.shape[1]
+    order = torch.argsort(rows * (2 * n_cols) + (~is_full).long() * n_cols + cols)
+    idx = cols[order].to(torch.int32).contiguous()
     offsets = torch.zeros(anyt.shape[0] + 1, dtype=torch.int32, device=anyt.device)
     offsets[1:] = anyt.sum(dim=1).cumsum(0)
-    return (offsets, idx, is_full), int(nz.shape[0])
+    mids = (offsets[:-1] + (anyt & full).sum(dim=1)).to(torch.int32).contiguous()
+    return (offsets, idx, mids), int(nz.shape[0])
 
 
 def build_tile_map(anyt: torch.Tensor, full: torch.Tensor, block_o: int, block_k: int) -> TileMap:

@@ -82,11 +82,14 @@ def test_tile_map_skips_empty_tiles_and_is_cached():
     assert mask_entry(m) is entry
     tm = linear_tile_map(entry, 16, 16)
     assert tm.nonempty == 10  # 4x4 tiles, lower triangle with diagonal
-    offsets, idx, full = tm.rows
+    offsets, idx, mids = tm.rows  # all-ones tiles of a row first, then the partly-zero (diagonal) one
     assert offsets.tolist() == [0, 1, 3, 6, 10]
     assert idx.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 2, 3]
-    assert full.tolist() == [0, 1, 0, 1, 1, 0, 1, 1, 1, 0]
-    assert tm.cols[0].tolist() == [0, 4, 7, 9, 10]
+    assert mids.tolist() == [0, 2, 5, 9]
+    offsets, idx, mids = tm.cols
+    assert offsets.tolist() == [0, 4, 7, 9, 10]
+    assert idx.tolist() == [1, 2, 3, 0, 2, 3, 1, 3, 2, 3]
+    assert mids.tolist() == [3, 6, 8, 9]
     m.fill_(1)  # an in-place write bumps the version: a new entry, a full map
     entry2 = mask_entry(m)
     assert entry2 is not entry and linear_tile_map(entry2, 16, 16).nonempty == 16
