@@ -22,8 +22,12 @@ setup: build
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The main job: train the default PixelCNN on the embedded digits (4 minutes on a CPU; 10 minutes, batch 128 on a GPU),
+# then print where the sample grid, metrics and checkpoint are.
 demo: build
-	$(PY) -m bench --quick
+	rm -rf runs/demo
+	$(PY) -m gm train pixelcnn --preset mnist --out runs/demo --eval-every 500 --sample-every 0 --n-samples 64 \
+	  $$($(PY) -c 'import torch; print("--max-minutes 10 --batch-size 128" if torch.cuda.is_available() else "--max-minutes 4")')
 
 bench: build
 	$(PY) -m bench

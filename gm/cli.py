@@ -69,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.steps is None and cfg.epochs is None and cfg.max_minutes is None:
         cfg.steps = 1000
     elif cfg.steps is None and cfg.epochs is None:
-        cfg.steps = 10**9  # bounded by --max-minutes
+        cfg.steps = training.UNBOUNDED  # bounded by --max-minutes
     try:
         training.train(cfg, resume=args.resume, given=frozenset(given))
     except (training.TrainError, DataError) as err:

@@ -34,6 +34,7 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.png"
+UNBOUNDED = 10**9  # --steps when only --max-minutes bounds the run
 
 
 class TrainError(RuntimeError):
@@ -405,7 +406,8 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, log) -> dict:
     progress.line(
         f"gm train {name} preset={cfg.preset} ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"data={data.name} ({n_train} train / {test.shape[0]} test, {data.shape}) device={device} "
-        f"processes={dist.world} batch={global_batch} precision={cfg.precision} steps {step}->{total_steps}"
+        f"processes={dist.world} batch={global_batch} precision={cfg.precision} steps {step}->"
+        + (str(total_steps) if total_steps < UNBOUNDED else f"(for {cfg.max_minutes} min)")
     )
 
     def record(rec: dict) -> None:
@@ -477,9 +479,9 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, log) -> dict:
             ips = window_imgs / max(now - window_t - pause["window"], 1e-9)
             window_t, window_imgs, pause["window"] = now, 0, 0.0
             record({"step": step, "loss": last_loss, "unit": unit, "images_per_s": ips, "elapsed_s": now - t_start})
+            bar = f"/{total_steps} [{'#' * int(20 * step / total_steps):<20}]" if total_steps < UNBOUNDED else ""
             progress.update(
-                f"step {step}/{total_steps} [{'#' * int(20 * step / total_steps):<20}] loss {last_loss:.4f} {unit}"
-                f"  {ips:.0f} img/s",
+                f"step {step}{bar} loss {last_loss:.4f} {unit}  {ips:.0f} img/s  {time.perf_counter() - t_start:.0f} s",
                 final_line=not progress.tty or step == total_steps,
             )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
