@@ -1,0 +1,146 @@
+"""gm.ops.row_lstm against gm.reference.row_lstm on every backend here: forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.ops.row_lstm import _row_lstm_op, row_lstm
+from gm.reference.row_lstm import row_lstm as ref_row_lstm
+from gm.reference.row_lstm import row_lstm_backward as ref_row_lstm_backward
+from tests._util import HAS_GPU, assert_rel, fast_backends, poison_empty
+
+CPU = torch.device("cpu")
+BACKENDS_HERE = ["reference", *fast_backends(CPU)]
+
+# (N, h, H, W, k, with initial state)
+CASES = [
+    pytest.param((2, 3, 4, 5, 3, False), id="N2-h3-4x5-k3"),
+    pytest.param((1, 5, 3, 1, 5, True), id="N1-h5-3x1-k5-init"),
+    pytest.param((3, 4, 5, 7, 1, True), id="N3-h4-5x7-k1-init"),
+    pytest.param((2, 8, 2, 6, 5, False), id="N2-h8-2x6-k5"),
+    pytest.param((1, 3, 7, 3, 3, True), id="N1-h3-7x3-k3-init"),
+]
+
+
+def _inputs(n, hidden, height, width, k, init, dtype, device=CPU):
+    gates = torch.randn(n, 4 * hidden, height, width, dtype=dtype, device=device)
+    w_ss = torch.randn(4 * hidden, hidden, k, dtype=dtype, device=device) / (hidden * k) ** 0.5
+    h0 = torch.randn(n, hidden, width, dtype=dtype, device=device) if init else None
+    c0 = torch.randn(n, hidden, width, dtype=dtype, device=device) if init else None
+    return [t.requires_grad_(True) if t is not None else None for t in (gates, w_ss, h0, c0)]
+
+
+def _run(fn, gates, w_ss, h0, c0, dy, **kw):
+    y = fn(gates, w_ss, h0=h0, c0=c0, **kw)
+    leaves = [t for t in (gates, w_ss, h0, c0) if t is not None]
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+def _compare(backend, dtype, case, device, monkeypatch, poison=True):
+    gates, w_ss, h0, c0 = _inputs(*case, dtype, device)
+    dy = torch.randn(case[0], case[1], case[2], case[3], dtype=dtype, device=device)
+    # Oracle: autograd through the plain loop, in float64 on the same (rounded) inputs.
+    ref_leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (gates, w_ss, h0, c0)]
+    expected = _run(ref_row_lstm, *ref_leaves, dy.double())
+    if poison:
+        poison_empty(monkeypatch)
+    got = _run(row_lstm, gates, w_ss, h0, c0, dy, backend=backend)
+    names = ["y", "dgates", "dw_ss"] + (["dh0", "dc0"] if h0 is not None else [])
+    for name, out, exp in zip(names, got, expected, strict=True):
+        assert out.dtype == dtype, f"{name}: dtype {out.dtype}"
+        assert_rel(out, exp, dtype, f"{backend} {name}", device=device)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_matches_reference(backend, dtype, case, monkeypatch):
+    _compare(backend, dtype, case, CPU, monkeypatch)
+
+
+def test_reference_backward_is_autograd():
+    gates, w_ss, h0, c0 = _inputs(2, 3, 4, 5, 3, True, torch.float64)
+    dy = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    expected = _run(ref_row_lstm, gates, w_ss, h0, c0, dy)[1:]
+    got = ref_row_lstm_backward(dy, gates.detach(), w_ss.detach(), h0.detach(), c0.detach())
+    for out, exp in zip(got, expected, strict=True):
+        assert_rel(out, exp, torch.float64, device=CPU)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS_HERE, reason="gm._C not built")
+@pytest.mark.parametrize("init", [False, True], ids=["zero-state", "init"])
+def test_gradcheck_cpu(init):
+    gates, w_ss, h0, c0 = _inputs(2, 3, 3, 4, 3, init, torch.float64)
+
+    def fn(gates, w_ss, h0, c0):
+        return row_lstm(gates, w_ss, h0=h0, c0=c0, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (gates, w_ss, h0, c0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_causal_rows(backend):
+    """Output row r sees gate rows <= r only, and at row r itself only its own column."""
+    n, hidden, height, width = 1, 3, 4, 5
+    gates, w_ss, _, _ = _inputs(n, hidden, height, width, 3, False, torch.float64)
+    y = row_lstm(gates, w_ss, backend=backend)
+    for r in range(height):
+        for w in range(width):
+            (g,) = torch.autograd.grad(y[0, :, r, w].sum(), gates, retain_graph=True)
+            assert (g[:, :, r + 1 :] == 0).all(), f"row {r} col {w} sees later rows"
+            same_row = g[:, :, r].clone()
+            same_row[:, :, w] = 0
+            assert (same_row == 0).all(), f"row {r} col {w} sees other columns of its own row"
+            assert g[:, :, r, w].abs().sum() > 0
+
+
+def test_only_requested_grads():
+    gates, w_ss, h0, c0 = _inputs(1, 3, 2, 4, 3, True, torch.float64)
+    w_ss.requires_grad_(False)
+    y = row_lstm(gates, w_ss, h0=h0, c0=c0, backend=BACKENDS_HERE[-1])
+    y.sum().backward()
+    assert w_ss.grad is None and gates.grad is not None and h0.grad is not None and c0.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b in ("reference", "cpu")])
+def test_opcheck(backend):
+    gates, w_ss, h0, c0 = _inputs(1, 2, 3, 4, 3, True, torch.float32)
+    torch.library.opcheck(_row_lstm_op, (gates, w_ss, h0, c0, backend))
+    torch.library.opcheck(_row_lstm_op, (gates, w_ss, None, None, backend))
+
+
+def test_bad_input():
+    g = torch.randn(1, 8, 3, 4)
+    w = torch.randn(8, 2, 3)
+    with pytest.raises(ValueError, match="gates must have 4\\*h channels"):
+        row_lstm(torch.randn(1, 6, 3, 4), torch.randn(6, 1, 3))
+    with pytest.raises(ValueError, match="w_ss must have shape"):
+        row_lstm(g, torch.randn(8, 3, 3))
+    with pytest.raises(ValueError, match="odd kernel width"):
+        row_lstm(g, torch.randn(8, 2, 2))
+    with pytest.raises(ValueError, match="w_ss has dtype"):
+        row_lstm(g, w.double())
+    with pytest.raises(ValueError, match="w_ss is on meta"):
+        row_lstm(g, w.to("meta"))
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        row_lstm(g, w, h0=torch.randn(1, 2, 3))
+    with pytest.raises(ValueError, match="c0 has dtype"):
+        row_lstm(g, w, c0=torch.randn(1, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gates must have 4 dimensions"):
+        row_lstm(torch.randn(8, 3, 4), w)
+    with pytest.raises(ValueError, match="gates must have dtype"):
+        row_lstm(g.int(), w.int())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 32, 16, 16, 3, False), (3, 8, 5, 7, 5, True), (1, 64, 9, 32, 3, True), (2, 3, 4, 1, 1, False)],
+    ids=["N2-h32-16x16", "N3-h8-5x7-k5-init", "N1-h64-9x32-init", "N2-h3-4x1-k1"],
+)
+def test_gpu_matches_reference(backend, dtype, case, monkeypatch):
+    assert HAS_GPU
+    _compare(backend, dtype, case, torch.device("cuda"), monkeypatch)
