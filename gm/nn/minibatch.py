@@ -27,9 +27,12 @@ def _group_rows(groups, n: int, device) -> tuple[list[int], torch.Tensor | None]
 
 
 class MinibatchDiscrimination(nn.Module):
-    """y = cat([f, o], 1) with m = f @ T (+ bias) viewed as (N, kernels, dim) and
+    """y = cat([f, o + bias], 1) with m = f @ T viewed as (N, kernels, dim) and
     o[i, b] = sum_{j != i} exp(-||m[i, b] - m[j, b]||_1), computed by gm.ops.minibatch_discrimination
     (no N x N x kernels x dim tensor).
+
+    The bias (kernels,) is added to o, as in the paper's code: a bias on m would be a no-op, since o depends only
+    on differences between rows of m (its gradient would be exactly zero).
 
     forward(f, groups=None): `groups` computes o separately within each group in one call, as the paper does for
     real and generated samples: a list of split sizes (e.g. [n_real, n_fake]) or an int tensor of group ids (N,).
@@ -55,7 +58,7 @@ class MinibatchDiscrimination(nn.Module):
         self.in_features, self.kernels, self.dim = in_features, kernels, dim
         self.exclude_self, self.backend = exclude_self, backend
         self.T = nn.Parameter(torch.empty(in_features, kernels * dim))
-        self.bias = nn.Parameter(torch.empty(kernels * dim)) if bias else None
+        self.bias = nn.Parameter(torch.empty(kernels)) if bias else None
         self.reset_parameters()
 
     @property
@@ -72,11 +75,10 @@ class MinibatchDiscrimination(nn.Module):
         check_same("f", f, T=self.T)
         if f.shape[1] != self.in_features:
             raise ValueError(f"f must have in_features={self.in_features} columns, got shape {tuple(f.shape)}")
-        m = f @ self.T
-        if self.bias is not None:
-            m = m + self.bias
-        m = m.view(f.shape[0], self.kernels, self.dim)
+        m = (f @ self.T).view(f.shape[0], self.kernels, self.dim)
         o = self._features(m, groups)
+        if self.bias is not None:
+            o = o + self.bias
         return torch.cat([f, o], dim=1)
 
     def _features(self, m: torch.Tensor, groups) -> torch.Tensor:

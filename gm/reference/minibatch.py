@@ -4,7 +4,8 @@ baseline. It builds the N x N x B x C difference tensor, so it needs O(N^2 B C) 
     c_b(i, j) = exp(-sum_c |m[i, b, c] - m[j, b, c]|)
     o[i, b]   = sum_{j != i} c_b(i, j)      (exclude_self=True; j = i kept when False)
 
-The layer: m = f @ T (+ bias) viewed as (N, B, C); output cat([f, o], dim=1), o computed per group when given.
+The layer: m = f @ T viewed as (N, B, C); output cat([f, o + bias], dim=1), o computed per group when given.
+(A bias on m would do nothing: o depends on differences of rows of m only.)
 """
 
 from __future__ import annotations
@@ -56,15 +57,14 @@ def minibatch_discrimination_layer(
     exclude_self: bool = True,
     groups=None,
 ) -> torch.Tensor:
-    """f (N, A), T (A, kernels*dim), bias (kernels*dim,) -> cat([f, o], 1) of shape (N, A + kernels); o is computed
-    separately within each group (split sizes or a group-id tensor), e.g. real and generated samples."""
-    m = f @ T
-    if bias is not None:
-        m = m + bias
-    m = m.view(f.shape[0], kernels, dim)
+    """f (N, A), T (A, kernels*dim), bias (kernels,) -> cat([f, o + bias], 1) of shape (N, A + kernels); o is
+    computed separately within each group (split sizes or a group-id tensor), e.g. real and generated samples."""
+    m = (f @ T).view(f.shape[0], kernels, dim)
     o = m.new_zeros(f.shape[0], kernels)
     for rows in group_slices(groups, f.shape[0], f.device):
         o[rows] = minibatch_discrimination(m[rows], exclude_self=exclude_self)
+    if bias is not None:
+        o = o + bias
     return torch.cat([f, o], dim=1)
 
 
