@@ -5,6 +5,7 @@ from gm.nn.diagonal_lstm import DiagonalBiLSTM, DiagonalLSTM
 from gm.nn.iaf import ARConv2d, ARMultiConv2d, IAFConvStep, IAFFlow, IAFStep
 from gm.nn.made import MADE, MaskedLinear
 from gm.nn.minibatch import MinibatchDiscrimination
+from gm.nn.row_lstm import RowLSTM
 
 __all__ = [
     "DiagonalBiLSTM", "DiagonalLSTM",
@@ -12,3 +13,4 @@ __all__ = [
     "ARConv2d", "ARMultiConv2d", "IAFConvStep", "IAFFlow", "IAFStep", "MADE", "MaskedLinear",
 ]  # fmt: skip
 __all__ += ["MinibatchDiscrimination"]
+__all__ += ["RowLSTM"]
