@@ -1,0 +1,87 @@
+"""minibatch_discrimination against the naive N x N x B x C broadcast and torch.cdist(p=1) (shared/ANCHORS.md).
+
+Each implementation maps f (N, 256) through T (256, B*C) to m (N, B, C) and returns o (N, B); flops are the
+3 N^2 B C useful forward operations (a subtraction, an absolute value and an addition per pair, kernel and dim).
+Baselines whose pairwise tensors would take more than 40% of the device's memory are not run: they report
+"OOM (would need X GiB)".
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench.harness import Case, compiled
+from gm.reference.minibatch import minibatch_discrimination as naive_ref
+from gm.reference.minibatch import minibatch_discrimination_cdist as cdist_ref
+
+FEATURES, KERNELS, DIM = 256, 100, 5
+BASELINE = "naive (N×N×B×C)"
+
+
+def _device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _guarded(fn, need_bytes: float, device: torch.device):
+    """fn, or a stand-in raising MemoryError when it would need more than 40% of the device's memory."""
+    if need_bytes <= 0.4 * _device_bytes(device):
+        return fn
+
+    def too_big(**_):
+        raise MemoryError(f"OOM (would need {need_bytes / 2**30:.0f} GiB)")
+
+    return too_big
+
+
+def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool) -> Case:
+    def make_inputs():
+        f = torch.randn(n, FEATURES, device=device, dtype=dtype, requires_grad=True)
+        t = (0.05 * torch.randn(FEATURES, KERNELS * DIM, device=device, dtype=dtype)).requires_grad_()
+        return {"f": f, "T": t}
+
+    def m_of(f, T):
+        return (f @ T).view(f.shape[0], KERNELS, DIM)
+
+    def gm_op(f, T, backend):
+        from gm.ops import minibatch_discrimination  # noqa: PLC0415
+
+        return minibatch_discrimination(m_of(f, T), backend=backend)
+
+    def naive(f, T):
+        return naive_ref(m_of(f, T))
+
+    def cdist(f, T):
+        return cdist_ref(m_of(f, T))
+
+    impls = {}
+    if baselines:
+        elem = torch.finfo(dtype).bits // 8
+        pairwise = float(n) * n * KERNELS * DIM * elem  # one N x N x B x C tensor
+        impls[BASELINE] = _guarded(naive, 3 * pairwise, device)  # diff, |diff| and its gradient live at once
+        impls["torch.cdist(p=1)"] = _guarded(cdist, 4 * pairwise / DIM, device)  # B x N x N distances and grads
+        if device.type == "cuda":
+            impls["reference+compile"] = _guarded(compiled(naive), 3 * pairwise, device)
+    return Case(
+        op="minibatch_discrimination",
+        name=f"N={n} B={KERNELS} C={DIM}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        gm=gm_op,
+        impls=impls,
+        baseline=BASELINE,
+        flops=3.0 * n * n * KERNELS * DIM,
+    )
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    dtype = torch.float32
+    if quick:
+        return [_case(256, device, dtype, baselines=True)]
+    if device.type == "cuda":
+        out = [_case(n, device, dtype, baselines=True) for n in (256, 1024, 2048)]
+        return out + [_case(n, device, dtype, baselines=False) for n in (4096, 16384, 65536)]
+    return [_case(n, device, dtype, baselines=True) for n in (256, 512, 1024)]
