@@ -1,0 +1,71 @@
+"""The Row LSTM layer (masked 1x3 input-to-state, row scan, residual 1x1) against its eager reference.
+
+Shapes of the issue: N=32, h=64 and 128, 32x32, in_ch = 2h (PixelRNN's layer input), fp32 and bf16; on the CPU
+the issue's N=8, h=32, 16x16. Target: >= 10x the eager reference forward+backward on a GPU, >= 5x on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.harness import Case, compiled
+from gm.nn import RowLSTM
+from gm.reference.masked_conv import masked_conv2d
+from gm.reference.row_lstm import row_lstm
+
+GPU_SHAPES = [(32, 64, 32, torch.float32), (32, 64, 32, torch.bfloat16), (32, 128, 32, torch.float32),
+              (32, 128, 32, torch.bfloat16)]  # fmt: skip  (N, h, H=W, dtype)
+CPU_SHAPES = [(8, 32, 16, torch.float32)]
+QUICK_SHAPES = [(2, 8, 8, torch.float32)]
+PARAMS = ("input_to_state.weight", "input_to_state.bias", "w_ss", "out.weight", "out.bias")
+K = 3
+
+
+def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device) -> Case:
+    in_ch = 2 * hid
+    layers = {}  # one module per backend, parameters passed in (torch.func.functional_call)
+
+    def make_inputs():
+        template = RowLSTM(in_ch, hid, kernel_size=K).to(device, dtype)
+        inputs = {"x": torch.randn(n, in_ch, size, size, device=device, dtype=dtype, requires_grad=True)}
+        for name, p in template.named_parameters():
+            inputs[name.replace(".", "_")] = p.detach().clone().requires_grad_()
+        return inputs
+
+    def gm_layer(x, backend, **kw):
+        if backend not in layers:
+            layers[backend] = RowLSTM(in_ch, hid, kernel_size=K, backend=backend).to(device, dtype)
+        params = {name: kw[name.replace(".", "_")] for name in PARAMS}
+        return torch.func.functional_call(layers[backend], params, (x,))
+
+    def reference(x, **kw):
+        gates = masked_conv2d(x, kw["input_to_state_weight"], kw["input_to_state_bias"], mask="B")
+        h = row_lstm(gates, kw["w_ss"])
+        return x + masked_conv2d(h, kw["out_weight"], kw["out_bias"], mask="B")
+
+    impls = {"reference": reference}
+    if device.type == "cuda":
+        impls["reference+compile"] = compiled(reference)
+    pixels = n * size * size
+    scan = pixels * (4 * hid) * (hid * K) * 2
+    convs = pixels * (in_ch * 4 * hid * K + hid * in_ch) * 2  # unmasked count
+    return Case(
+        op="row_lstm",
+        name=f"N={n} h={hid} {size}x{size}",
+        dtype=dtype,
+        make_inputs=make_inputs,
+        gm=gm_layer,
+        impls=impls,
+        baseline="reference",
+        flops=float(scan + convs),
+    )
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        shapes = QUICK_SHAPES
+    elif device.type == "cuda":
+        shapes = GPU_SHAPES
+    else:
+        shapes = CPU_SHAPES
+    return [_case(n, hid, size, dtype, device) for n, hid, size, dtype in shapes]
