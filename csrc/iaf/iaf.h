@@ -26,23 +26,31 @@ GM_IAF_HD double exp_(double v) { return exp(v); }
 GM_IAF_HD float log1p_(float v) { return log1pf(v); }
 GM_IAF_HD double log1p_(double v) { return log1p(v); }
 
+// One exp and one log1p per element: e = exp(−|s|) gives σ(s), σ(−s) = 1 − σ(s) and log σ(s) without overflow.
 template <typename A>
-GM_IAF_HD A sigmoid(A v) {
-  return A(1) / (A(1) + exp_(-v));
-}
+struct Gate {
+  A sig, one_minus, log_sig;
+};
 
 template <typename A>
-GM_IAF_HD A log_sigmoid(A s) {
-  A neg_abs = s < A(0) ? s : -s;
-  return (s < A(0) ? s : A(0)) - log1p_(exp_(neg_abs));
+GM_IAF_HD Gate<A> gate(A s) {
+  const bool pos = s >= A(0);
+  const A e = exp_(pos ? -s : s);
+  const A inv = A(1) / (A(1) + e);
+  Gate<A> g;
+  g.sig = pos ? inv : e * inv;
+  g.one_minus = pos ? e * inv : inv;
+  g.log_sig = (pos ? A(0) : s) - log1p_(e);
+  return g;
 }
 
 // Returns z'; adds the element's log-det term to *ld.
 template <typename A>
 GM_IAF_HD A step_forward(A z, A m, A s, int mode, A* ld) {
   if (mode == kGated) {
-    *ld += log_sigmoid(s);
-    return sigmoid(s) * z + sigmoid(-s) * m;
+    const Gate<A> g = gate(s);
+    *ld += g.log_sig;
+    return g.sig * z + g.one_minus * m;
   }
   *ld -= s;
   return (z - m) * exp_(-s);
@@ -51,13 +59,13 @@ GM_IAF_HD A step_forward(A z, A m, A s, int mode, A* ld) {
 template <typename A>
 GM_IAF_HD void step_backward(A z, A m, A s, A gz, A gl, int mode, A* dz, A* dm, A* ds) {
   if (mode == kGated) {
-    A sig = sigmoid(s), one_minus = sigmoid(-s);
-    *dz = gz * sig;
-    *dm = gz * one_minus;
-    *ds = (gz * (z - m) * sig + gl) * one_minus;
+    const Gate<A> g = gate(s);
+    *dz = gz * g.sig;
+    *dm = gz * g.one_minus;
+    *ds = (gz * (z - m) * g.sig + gl) * g.one_minus;
     return;
   }
-  A e = exp_(-s);
+  const A e = exp_(-s);
   *dz = gz * e;
   *dm = -*dz;
   *ds = -gz * ((z - m) * e) - gl;

@@ -159,8 +159,8 @@ def act_grad(grad: torch.Tensor, y: torch.Tensor, activation: str | None) -> tor
 
 
 def _torch_forward(x, weight, mask, bias, activation):
-    # PyTorch (MKL/oneDNN) GEMM on the masked dense weight: faster on the CPU than a tile-skipping C++ GEMM
-    # without a tuned BLAS (see the report of issue 5 / bench/cases/iaf.py).
+    # cpu backend = PyTorch (MKL/oneDNN) on the masked dense weight. No C++ GEMM was written: an OpenMP GEMM
+    # without a tuned micro-kernel does not come near MKL, even skipping half the tiles.
     from gm.reference.iaf import masked_linear  # noqa: PLC0415
 
     mask_entry(mask)
