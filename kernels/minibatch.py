@@ -20,11 +20,14 @@ from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype
 
 
 @triton.jit
-def _pair_distance(m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc, C: tl.constexpr, ACC: tl.constexpr):
+def _pair_distance(
+    m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc,
+    C: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
     """(BLOCK_I, BLOCK_J, BLOCK_B): sum_c |m[i, b, c] - m[j, b, c]|."""
     mask_i = i_ok[:, None] & b_ok[None, :]
     mask_j = j_ok[:, None] & b_ok[None, :]
-    dist = tl.zeros((i.shape[0], j.shape[0], b.shape[0]), dtype=ACC)
+    dist = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_B), dtype=ACC)
     for c in tl.static_range(C):
         xi = tl.load(m_ptr + i[:, None] * smn + b[None, :] * smb + c * smc, mask=mask_i, other=0.0).to(ACC)
         xj = tl.load(m_ptr + j[:, None] * smn + b[None, :] * smb + c * smc, mask=mask_j, other=0.0).to(ACC)
@@ -56,7 +59,7 @@ def minibatch_fwd_kernel(
     for j0 in range(0, N, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         j_ok = j < N
-        dist = _pair_distance(m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc, C, ACC)
+        dist = _pair_distance(m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc, C, ACC, BLOCK_I, BLOCK_J, BLOCK_B)
         acc += tl.where(_pair_keep(i, j, j_ok, EXCLUDE_SELF), tl.exp(-dist), 0.0)
     o = tl.sum(acc, axis=1)
     tl.store(o_ptr + i[:, None] * B + b[None, :], o.to(o_ptr.dtype.element_ty), mask=i_ok[:, None] & b_ok[None, :])
@@ -82,7 +85,7 @@ def minibatch_bwd_kernel(
         j_ok = j < N
         mask_j = j_ok[:, None] & b_ok[None, :]
         gj = tl.load(g_ptr + j[:, None] * B + b[None, :], mask=mask_j, other=0.0).to(ACC)
-        dist = _pair_distance(m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc, C, ACC)
+        dist = _pair_distance(m_ptr, i, j, b, i_ok, j_ok, b_ok, smn, smb, smc, C, ACC, BLOCK_I, BLOCK_J, BLOCK_B)
         w = (gi[:, None, :] + gj[None, :, :]) * tl.exp(-dist)
         w = tl.where(_pair_keep(i, j, j_ok, EXCLUDE_SELF), w, 0.0)
         for c in tl.static_range(C):
