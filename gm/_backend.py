@@ -64,13 +64,17 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def resolve(backend: str | None, device: torch.device, *, native_cpu: bool = True) -> str:
-    """The backend an op call runs on. `native_cpu` says whether the op's cpu backend needs gm._C."""
+def resolve(backend: str | None, device: torch.device, *, native_cpu: bool = True, cuda_kernels: bool = True) -> str:
+    """The backend an op call runs on. `native_cpu` says whether the op's cpu backend needs gm._C; `cuda_kernels`
+    False says the op has no CUDA C++ kernels yet, so auto picks triton for CUDA tensors (a named "cuda" still goes
+    to the op, which raises NotImplementedError)."""
     if backend is None:
         backend = os.environ.get("GM_BACKEND") or None
+        if backend is None and device.type == "cuda":
+            backend = "cuda" if cuda_kernels and cuda_status()[0] else "triton"
     if backend is None:
         if device.type == "cuda":
-            backend = "cuda" if cuda_status()[0] else "triton"
+            backend = "triton"
         else:
             backend = "cpu"
     ok, why = availability(backend, device)

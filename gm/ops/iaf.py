@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
 from gm.ops.masked_linear import (
-    backend_for,
     build_tile_map,
     check_mask,
     linear_tile_map,
@@ -361,7 +361,7 @@ _made_output_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def _step_backend(backend: str | None, device: torch.device) -> str:
-    chosen = backend_for(backend, device, cuda_ready=True)
+    chosen = resolve(backend, device, native_cpu=False)
     if chosen == "cuda":
         from gm._ext import ext  # noqa: PLC0415
 
@@ -448,5 +448,5 @@ def iaf_made_output(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != 2 * d:
             raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
-    chosen = backend_for(backend, hidden.device, cuda_ready=CUDA_FUSED_READY)
+    chosen = resolve(backend, hidden.device, native_cpu=False, cuda_kernels=CUDA_FUSED_READY)
     return _made_output_op(hidden, weight, mask, bias, z, mode, chosen)

@@ -220,16 +220,6 @@ _FORWARD = {"reference": _torch_forward, "cpu": _torch_forward, "triton": _trito
 _BACKWARD = {"reference": _torch_backward, "cpu": _torch_backward, "triton": _triton_backward, "cuda": _cuda_unwritten}
 
 
-def backend_for(backend: str | None, device: torch.device, *, cuda_ready: bool = CUDA_READY) -> str:
-    """resolve(), except that auto (no backend named, GM_BACKEND unset) picks triton over an unwritten cuda."""
-    import os  # noqa: PLC0415
-
-    chosen = resolve(backend, device, native_cpu=False)
-    if chosen == "cuda" and not cuda_ready and backend is None and not os.environ.get("GM_BACKEND"):
-        chosen = resolve("triton", device, native_cpu=False)
-    return chosen
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration.
 
@@ -361,7 +351,7 @@ def masked_linear(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
-    chosen = backend_for(backend, x.device)
+    chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, mask, bias, activation or "none", chosen)
     return y.reshape(*lead, weight.shape[0])
