@@ -22,6 +22,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # The benchmarks live in the checkout (bench/), not in the installed package: find them beside gm/ or in cwd.
+    from pathlib import Path  # noqa: PLC0415
+
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "bench" / "harness.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    else:
+        print("gm bench: the benchmarks are part of the gm checkout: run `python -m bench` from it", file=sys.stderr)
+        return 2
     from bench.__main__ import main as bench_main  # noqa: PLC0415
 
     return bench_main(args.rest)
@@ -211,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+        # bench's own options (--quick, --ops, ...) pass through untouched: argparse's REMAINDER would eat them.
+        return _cmd_bench(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
