@@ -10,7 +10,10 @@ the kept taps into a packed weight (T, C_in, C_out) and run an implicit GEMM ove
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -56,31 +59,68 @@ def _centre_used(mask: str, in_groups, out_groups) -> bool:
     return True  # groups given: assume used (an all-zero centre block still gives exact results)
 
 
-def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple[torch.Tensor, tuple]:
-    """Kept taps of weight as (T, C_in, C_out), the centre tap's forbidden channel pairs zeroed."""
-    cout, cin, kh, kw = weight.shape
+@dataclasses.dataclass
+class PackPlan:
+    """How one weight shape + mask + groups maps to the packed (T, C_in, C_out) layout, built once and cached:
+    packing is then one gather (and one select where the centre tap has forbidden channel pairs), instead of the
+    half-dozen small launches it took per call (measured 0.1-0.2 ms per call on an H200)."""
+
+    taps: tuple[tuple[int, int], ...]
+    index: torch.Tensor  # (T, C_in, C_out) int64 positions in weight.view(-1)
+    keep: torch.Tensor | None  # (T, C_in, C_out) bool, False at forbidden centre pairs; None when all are kept
+    groups: tuple  # strong references to the group tensors, so their addresses in the key stay theirs
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 256
+
+
+def _tensor_key(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), getattr(t, "_version", 0), tuple(t.shape), t.dtype)
+
+
+def pack_plan(weight_shape, mask: str, in_groups, out_groups, device) -> PackPlan:
+    key = (tuple(weight_shape), mask, str(device), _tensor_key(in_groups), _tensor_key(out_groups))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    cout, cin, kh, kw = weight_shape
     taps = tap_offsets(kh, kw, _centre_used(mask, in_groups, out_groups))
     cy, cx = kh // 2, kw // 2
-    idx = torch.tensor([(dy + cy) * kw + (dx + cx) for dy, dx in taps], device=weight.device, dtype=torch.long)
-    packed = weight.reshape(cout, cin, kh * kw).index_select(2, idx)  # (C_out, C_in, T)
-    if taps and taps[-1] == (0, 0):
-        allowed = centre_allowed(mask, in_groups, out_groups, cin, cout, weight.device)
-        packed = torch.cat([packed[:, :, :-1], (packed[:, :, -1] * allowed.to(weight.dtype)).unsqueeze(2)], dim=2)
-    return packed.permute(2, 1, 0).contiguous(), taps
+    tap_idx = torch.tensor([(dy + cy) * kw + (dx + cx) for dy, dx in taps], dtype=torch.long, device=device)
+    c = torch.arange(cin, device=device).view(1, cin, 1)
+    o = torch.arange(cout, device=device).view(1, 1, cout)
+    index = o * (cin * kh * kw) + c * (kh * kw) + tap_idx.view(-1, 1, 1)
+    keep = None
+    if taps and taps[-1] == (0, 0) and (in_groups is not None or out_groups is not None or mask == "A"):
+        keep = torch.ones(len(taps), cin, cout, dtype=torch.bool, device=device)
+        keep[-1] = centre_allowed(mask, in_groups, out_groups, cin, cout, device).t()
+    plan = PackPlan(taps, index.contiguous(), keep, (in_groups, out_groups))
+    _PLANS[key] = plan
+    if len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple[torch.Tensor, tuple]:
+    """Kept taps of weight as (T, C_in, C_out), the centre tap's forbidden channel pairs zeroed."""
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    packed = weight.reshape(-1)[plan.index]
+    if plan.keep is not None:
+        packed = torch.where(plan.keep, packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
+    return packed, plan.taps
 
 
 def unpack_weight_grad(packed_grad: torch.Tensor, weight_shape, taps, mask, in_groups, out_groups) -> torch.Tensor:
     """Scatter a (T, C_in, C_out) gradient back to (C_out, C_in, kh, kw); every masked tap gets exactly zero."""
-    cout, cin, kh, kw = weight_shape
-    cy, cx = kh // 2, kw // 2
-    g = packed_grad.permute(2, 1, 0)  # (C_out, C_in, T)
-    if taps and taps[-1] == (0, 0):
-        allowed = centre_allowed(mask, in_groups, out_groups, cin, cout, g.device)
-        g = torch.cat([g[:, :, :-1], (g[:, :, -1] * allowed.to(g.dtype)).unsqueeze(2)], dim=2)
-    full = torch.zeros(cout, cin, kh * kw, dtype=g.dtype, device=g.device)
-    idx = torch.tensor([(dy + cy) * kw + (dx + cx) for dy, dx in taps], device=g.device, dtype=torch.long)
-    full.index_copy_(2, idx, g.contiguous())
-    return full.reshape(cout, cin, kh, kw)
+    plan = pack_plan(weight_shape, mask, in_groups, out_groups, packed_grad.device)
+    g = packed_grad
+    if plan.keep is not None:
+        g = torch.where(plan.keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    full = torch.zeros(math.prod(weight_shape), dtype=g.dtype, device=g.device)
+    full[plan.index.reshape(-1)] = g.reshape(-1)
+    return full.view(tuple(weight_shape))
 
 
 # ----------------------------------------------------------------------------------------------------------------
