@@ -1,0 +1,77 @@
+"""Rewrites the README's results section from bench/results/*.jsonl: `python -m bench.report [--check]`.
+
+For each (device, op, case, dtype) the newest run's rows are kept; gm rows are shown beside the case's baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "<!-- results -->"
+
+
+def load_rows(results_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(results_dir.glob("*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    newest: dict[tuple, str] = {}
+    for r in rows:
+        key = (r["device"], r["op"], r["case"], r["dtype"])
+        newest[key] = max(newest.get(key, ""), r["date"])
+    return [r for r in rows if r["date"] == newest[(r["device"], r["op"], r["case"], r["dtype"])]]
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def render(rows: list[dict]) -> str:
+    out = []
+    for device in sorted({r["device"] for r in rows}):
+        dev_rows = [r for r in rows if r["device"] == device]
+        meta = dev_rows[0]
+        out.append(f"**{device}** (torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']})\n")
+        out.append("| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd+bwd vs baseline | TFLOP/s fwd |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in dev_rows:
+            if r.get("error"):
+                out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {r['error']} | | | |")
+                continue
+            tf = "-" if r.get("tflops_fwd") is None else f"{r['tflops_fwd']:.1f}"
+            out.append(
+                f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {_ms(r['fwd_ms'])} | {_ms(r['fwdbwd_ms'])} | "
+                f"{_x(r.get('speedup_fwdbwd'))} | {tf} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--print", action="store_true", help="print the section instead of rewriting the README")
+    args = p.parse_args(argv)
+    section = render(load_rows(Path(args.results)))
+    if args.print:
+        print(section)
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if MARK not in text:
+        print(f"{readme} has no {MARK} marker", file=sys.stderr)
+        return 1
+    head = text[: text.index(MARK) + len(MARK)]
+    readme.write_text(head + "\n\n" + section + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
