@@ -96,7 +96,9 @@ def _load_for_use(path: str, backend: str | None, device: str):
     _prepare_backend(backend)
     ckpt = training.load_checkpoint(path)
     model = training.model_from_checkpoint(ckpt, backend=backend, path=path)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     return ckpt, model.to(dev), dev
 
 
@@ -112,7 +114,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         spec = args.data or tc.get("data", "digits")
         data = gmdata.resolve(spec, channels=model.channels)
         if data.shape[0] != model.channels:
-            raise training.TrainError(f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}")
+            raise training.TrainError(
+                f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}"
+            )
     except (training.TrainError, gmdata.DataError) as err:
         return _fail(str(err))
     test = training.test_levels(data, model.levels, tc.get("binarize", "threshold"))
@@ -158,7 +162,8 @@ def _add_train_parser(sub) -> None:
                        description="Train a model; checkpoints, metrics (JSON lines) and sample grids go to --out.")
     p.add_argument("model", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--preset", default="mnist", help="mnist (default), cifar10, tiny, tiny-rgb")
-    p.add_argument("--data", default=None, help="digits (embedded, default), DIR, mnist:DIR, cifar10:DIR, synthetic[:N[:SIZE]]")
+    p.add_argument("--data", default=None,
+                   help="digits (embedded, default), DIR, mnist:DIR, cifar10:DIR, synthetic[:N[:SIZE]]")
     p.add_argument("--binarize", choices=("threshold", "dynamic"), default=None, help="binary models: fixed threshold "
                    "0.5 (default) or dynamic Bernoulli sampling of each batch")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in total (default 1000)")

@@ -111,7 +111,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path} is not a gm checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise TrainError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (expected {CHECKPOINT_VERSION})")
+        raise TrainError(f"{path}: checkpoint version {ckpt.get('version')} is not supported ({CHECKPOINT_VERSION} is)")
     missing = {"model", "preset", "model_config", "model_state", "step", "train_config"} - set(ckpt)
     if missing:
         raise TrainError(f"{path} is an incomplete gm checkpoint: missing {sorted(missing)}")
@@ -332,7 +332,9 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-def train(cfg: TrainConfig, *, resume: str | bool | None = None, given: frozenset[str] = frozenset(), log=print) -> dict:
+def train(
+    cfg: TrainConfig, *, resume: str | bool | None = None, given: frozenset[str] = frozenset(), log=print
+) -> dict:
     """Run `gm train`; returns the summary (paths, final test NLL, steps, time, images/s)."""
     # Validate everything before anything is written.
     try:
@@ -351,18 +353,19 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, given: frozense
         raise TrainError(str(err)) from err
     if data.shape[0] != model_cfg["channels"]:
         raise TrainError(
-            f"model {name} preset {cfg.preset!r} takes {model_cfg['channels']}-channel images but --data {cfg.data} has "
+            f"model {name} preset {cfg.preset!r} takes {model_cfg['channels']}-channel images but --data {cfg.data} "
+            "has "
             f"{data.shape[0]} channels: choose a preset for this data"
         )
-    dist = _Dist("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts
+    dist = _Dist(device.type)
     try:
-        return _run(cfg, name, model_cfg, data, ckpt, dist, log)
+        return _run(cfg, name, model_cfg, data, ckpt, dist, device, log)
     finally:
         dist.close()
 
 
-def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, log) -> dict:
-    device = _device(cfg.device, dist.local_rank)
+def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, log) -> dict:
     global_batch = cfg.batch_size
     if global_batch % dist.world:
         raise TrainError(f"--batch-size {global_batch} must be a multiple of the number of processes ({dist.world})")
@@ -389,7 +392,8 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, log) -> dict:
         step = ckpt["step"]
     runner = model
     if dist.enabled:
-        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         runner = torch.compile(runner)
 

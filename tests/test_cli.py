@@ -28,8 +28,9 @@ def _state(run: Path) -> dict:
 
 def test_train_eval_sample_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "pixelcnn", "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
-               "--sample-every", "2", "--n-samples", "4", "--log-every", "2", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    rc = main(["train", "pixelcnn", "--preset", "tiny", "--data", "synthetic:64:10", "--steps", "4",
+               "--batch-size", "8", "--eval-every", "2", "--sample-every", "2", "--n-samples", "4", "--log-every", "2",
+               "--out", str(out), "--device", "cpu"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
     assert "test NLL" in text and str(out / "checkpoint.pt") in text and "img/s" in text
@@ -77,7 +78,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert "processes=2" in two.stdout
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
-    for a, b in zip(l1, l2):
+    for a, b in zip(l1, l2, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a), (l1, l2)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
     assert _state(tmp_path / "two")["step"] == 3

@@ -83,7 +83,8 @@ def load_mnist_dir(directory: str | Path) -> dict[str, torch.Tensor]:
             out[key] = torch.from_numpy(arr.copy()).unsqueeze(1)
     for split in ("train", "test"):
         if out[split].shape[0] != out[split + "_labels"].shape[0]:
-            raise DataError(f"{directory}: {split} has {out[split].shape[0]} images but {out[split + '_labels'].shape[0]} labels")
+            n_images, n_labels = out[split].shape[0], out[split + "_labels"].shape[0]
+            raise DataError(f"{directory}: {split} has {n_images} images but {n_labels} labels")
     return out
 
 

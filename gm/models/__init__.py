@@ -44,7 +44,7 @@ def config(name: str, preset: str = "mnist", **overrides) -> dict:
 
 
 def get(name: str, preset: str = "mnist", *, backend: str | None = None, **overrides) -> PixelModel:
-    """Build model `name` ("pixelcnn", "rowlstm", "diagonal_bilstm") with preset `preset`; every op runs on `backend`."""
+    """Model `name` ("pixelcnn", "rowlstm", "diagonal_bilstm") with preset `preset`; its ops run on `backend`."""
     cls, _ = MODELS[canonical(name)]
     return cls(backend=backend, **config(name, preset, **overrides))
 

@@ -38,7 +38,7 @@ def _layer_class(kind: str):
         try:
             cls = getattr(__import__(module, fromlist=[name]), name)
         except (ImportError, AttributeError) as err:
-            raise NotImplementedError(f"the {kind} PixelRNN model needs {module}.{name}, which is missing: {err}") from err
+            raise NotImplementedError(f"the {kind} PixelRNN model needs {module}.{name}, missing: {err}") from err
     return cls
 
 
