@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             case_rows = harness.run_case(case, device, args.warmup_ms, args.rep_ms)
             rows += case_rows
             print("\n".join(harness.format_table(case_rows).splitlines()[2:]), flush=True)
+            if not args.no_save:  # saved case by case: a run cut off by a time limit keeps what it measured
+                path = harness.save(case_rows, env, Path(args.out) if args.out else harness.RESULTS_DIR)
     print()
     print(harness.format_table(rows))
     if not args.no_save and rows:
-        path = harness.save(rows, env, Path(args.out) if args.out else harness.RESULTS_DIR)
         print(f"\nsaved {len(rows)} rows to {path}")
     return 0
 
