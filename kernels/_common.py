@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,3 +40,16 @@ def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict):
         c = configs[0]
         return kernel, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
     return triton.autotune(configs, key=key)(kernel), {}
+
+
+@triton.jit
+def sigmoid(v):
+    """1 / (1 + exp(-v)) without overflow for large |v|."""
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def tanh(x):
+    """2 sigmoid(2x) - 1 (tl has no tanh in every Triton version); exp(-2x) overflowing to inf gives -1 exactly."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0

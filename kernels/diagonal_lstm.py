@@ -30,17 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, tuned
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
 
 
 @triton.jit
@@ -98,9 +88,9 @@ def diagonal_lstm_fwd_kernel(
         a_f = _preact(g_base, w_ptr, 1, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
         a_o = _preact(g_base, w_ptr, 2, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
         a_g = _preact(g_base, w_ptr, 3, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
-        c = _sigmoid(a_f) * c + _sigmoid(a_i) * _tanh(a_g)
+        c = sigmoid(a_f) * c + sigmoid(a_i) * tanh(a_g)
         c = tl.where(inside, c, 0.0)
-        h = tl.where(inside, _sigmoid(a_o) * _tanh(c), 0.0)
+        h = tl.where(inside, sigmoid(a_o) * tanh(c), 0.0)
         tl.store(y_base + kk * HW + pix, h.to(y_ptr.dtype.element_ty), mask=m)
         tl.store(c_base + kk * HW + pix, c, mask=m)
         tl.debug_barrier()
@@ -160,11 +150,11 @@ def diagonal_lstm_bwd_kernel(
         c = tl.load(c_base + kk * HW + pix, mask=m, other=0.0).to(ACC)
         c_left = tl.load(c_base + kk * HW + left, mask=has_left, other=0.0).to(ACC)
         dh = tl.where(m, dh_next + tl.load(dy_base + kk * HW + pix, mask=m, other=0.0).to(ACC), 0.0)
-        s_i = _sigmoid(a_i)
-        s_f = _sigmoid(a_f)
-        s_o = _sigmoid(a_o)
-        t_g = _tanh(a_g)
-        t_c = _tanh(c)
+        s_i = sigmoid(a_i)
+        s_f = sigmoid(a_f)
+        s_o = sigmoid(a_o)
+        t_g = tanh(a_g)
+        t_c = tanh(c)
         dc = tl.where(m, dc_next + dh * s_o * (1.0 - t_c * t_c), 0.0)
         da_i = dc * t_g * s_i * (1.0 - s_i)
         da_f = dc * c_left * s_f * (1.0 - s_f)

@@ -23,16 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, acc_dtype, dot_precision, tuned
+from gm.kernels._common import INTERPRETED, acc_dtype, dot_precision, sigmoid, tuned
 from gm.kernels.masked_linear import masked_w_tile
 
 MODE_CODES = {"gated": 0, "affine": 1}
-
-
-@triton.jit
-def _sigmoid(v):
-    e = tl.exp(-tl.abs(v))  # never overflows
-    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -49,8 +43,8 @@ def _log_sigmoid(s):
 def iaf_fwd_math(z, m, s, MODE: tl.constexpr):
     """(z', per-element log-det term), all in the accumulation dtype."""
     if MODE == 0:
-        sig = _sigmoid(s)
-        z_new = sig * z + _sigmoid(-s) * m
+        sig = sigmoid(s)
+        z_new = sig * z + sigmoid(-s) * m
         ld = _log_sigmoid(s)
     else:
         z_new = (z - m) * tl.exp(-s)
@@ -62,8 +56,8 @@ def iaf_fwd_math(z, m, s, MODE: tl.constexpr):
 def iaf_bwd_math(z, m, s, gz, gl, MODE: tl.constexpr):
     """(dz, dm, ds) for upstream gradients gz (of z') and gl (of logdet, broadcast over the row)."""
     if MODE == 0:
-        sig = _sigmoid(s)
-        one_minus = _sigmoid(-s)
+        sig = sigmoid(s)
+        one_minus = sigmoid(-s)
         dz = gz * sig
         dm = gz * one_minus
         ds = (gz * (z - m) * sig + gl) * one_minus

@@ -26,17 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh
 
 
 @triton.jit
@@ -107,8 +97,8 @@ def row_lstm_fwd_kernel(
         zi, zf, zo, zg = _gate_preacts(
             g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, ch, col, HID, H, W, K, HAS_H0, ACC, DOT, PRECISION
         )
-        c = _sigmoid(zf) * c + _sigmoid(zi) * _tanh(zg)
-        h = _sigmoid(zo) * _tanh(c)
+        c = sigmoid(zf) * c + sigmoid(zi) * tanh(zg)
+        h = sigmoid(zo) * tanh(c)
         off = ((n * HID + ch[:, None]) * H + r) * W + col[None, :]
         tl.store(cs_ptr + off, c, mask=m2)
         tl.store(hs_ptr + off, h, mask=m2)
@@ -144,8 +134,8 @@ def row_lstm_bwd_kernel(
         if HAS_C0:
             c_prev += tl.load(c0_ptr + state0, mask=m2 & (r_vec == 0)[None, :], other=0.0).to(ACC)
         dh += tl.load(dy_ptr + off, mask=m2, other=0.0).to(ACC)
-        si, sf, so = _sigmoid(zi), _sigmoid(zf), _sigmoid(zo)
-        tg, tc = _tanh(zg), _tanh(c)
+        si, sf, so = sigmoid(zi), sigmoid(zf), sigmoid(zo)
+        tg, tc = tanh(zg), tanh(c)
         dc += dh * so * (1.0 - tc * tc)
         dzi = dc * tg * si * (1.0 - si)
         dzf = dc * c_prev * sf * (1.0 - sf)
