@@ -59,6 +59,13 @@ class Row:
     error: str | None = None
 
 
+def pick(device: torch.device, quick: bool, *, quick_choice, gpu_choice, cpu_choice):
+    """The shape list (or anything) a case module uses: the quick one, else by device."""
+    if quick:
+        return quick_choice
+    return gpu_choice if device.type == "cuda" else cpu_choice
+
+
 def compiled(fn: Callable, **kwargs) -> Callable:
     """torch.compile'd version of a reference, for the "reference+compile" baseline."""
     return torch.compile(fn, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 from gm.nn import DiagonalBiLSTM
 from gm.reference.diagonal_lstm import diagonal_bilstm
 
@@ -72,12 +72,7 @@ def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device,
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if quick:
-        shapes = QUICK_SHAPES
-    elif device.type == "cuda":
-        shapes = GPU_SHAPES
-    else:
-        shapes = CPU_SHAPES
+    shapes = pick(device, quick, quick_choice=QUICK_SHAPES, gpu_choice=GPU_SHAPES, cpu_choice=CPU_SHAPES)
     return [_case(n, hid, size, dtype, device, with_cudnn=device.type == "cuda") for n, hid, size, dtype in shapes]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 from gm.ops.masked_conv import tap_offsets
 from gm.reference.masked_conv import conv_mask
 from gm.reference.masked_conv import masked_conv2d as reference
@@ -58,10 +58,5 @@ def _case(k: int, mask: str, n: int, c: int, dtype: torch.dtype, hw: int, device
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if quick:
-        shapes, hw = QUICK_SHAPES, 16
-    elif device.type == "cuda":
-        shapes, hw = GPU_SHAPES, 32
-    else:
-        shapes, hw = CPU_SHAPES, 32
+    shapes, hw = pick(device, quick, quick_choice=(QUICK_SHAPES, 16), gpu_choice=(GPU_SHAPES, 32), cpu_choice=(CPU_SHAPES, 32))
     return [_case(k, mask, n, c, dtype, hw, device) for k, mask, n, c, dtype in shapes]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import gm.models as M
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 
 GPU_CASES = [  # (model, preset, N, dtype)
     ("pixelcnn", "mnist", 64, torch.float32), ("rowlstm", "mnist", 64, torch.float32),
@@ -83,7 +83,7 @@ def _available(name: str) -> bool:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    chosen = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    chosen = pick(device, quick, quick_choice=QUICK_CASES, gpu_choice=GPU_CASES, cpu_choice=CPU_CASES)
     names = {c[0] for c in chosen}
     ok = {nm for nm in names if _available(nm)}  # a PixelRNN model whose module is not written yet is left out
     return [_case(nm, p, n, dt, device) for nm, p, n, dt in chosen if nm in ok]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 from gm.nn import RowLSTM
 from gm.reference.masked_conv import masked_conv2d
 from gm.reference.row_lstm import row_lstm
@@ -62,10 +62,5 @@ def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if quick:
-        shapes = QUICK_SHAPES
-    elif device.type == "cuda":
-        shapes = GPU_SHAPES
-    else:
-        shapes = CPU_SHAPES
+    shapes = pick(device, quick, quick_choice=QUICK_SHAPES, gpu_choice=GPU_SHAPES, cpu_choice=CPU_SHAPES)
     return [_case(n, hid, size, dtype, device) for n, hid, size, dtype in shapes]
