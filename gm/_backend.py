@@ -64,6 +64,9 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
+# Under torch.compile the choice is made once, eagerly, at trace time (it reads the environment and loads gm._C,
+# which Dynamo cannot trace), and baked into the graph as a constant.
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, *, native_cpu: bool = True, cuda_kernels: bool = True) -> str:
     """The backend an op call runs on. `native_cpu` says whether the op's cpu backend needs gm._C; `cuda_kernels`
     False says the op has no CUDA C++ kernels yet, so auto picks triton for CUDA tensors (a named "cuda" still goes
