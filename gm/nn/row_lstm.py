@@ -19,6 +19,8 @@ class RowLSTM(nn.Module):
     (gm.nn.color_groups(hidden, colors)), so at pixel p an output colour sees only input colours <= its own.
     residual=True adds the paper's 1x1 mask "B" conv from the hidden state back to in_ch channels (colour groups)
     plus the input, so the output has in_ch channels; otherwise the output is the hidden state (hidden channels).
+    learn_init=True learns the initial state (h_{-1}, c_{-1}) as one vector each of `hidden` values, shared by all
+    columns and images (zero-initialised, so a fresh layer equals one without it); False starts from zeros.
 
     Shapes: x (N, in_ch, H, W) -> (N, in_ch or hidden, H, W).
     """
@@ -30,6 +32,7 @@ class RowLSTM(nn.Module):
         kernel_size: int = 3,
         colors: int = 1,
         residual: bool = True,
+        learn_init: bool = False,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -47,6 +50,8 @@ class RowLSTM(nn.Module):
         )
         self.w_ss = nn.Parameter(torch.empty(4 * hidden, hidden, kernel_size))
         self.out = MaskedConv2d(hidden, in_ch, 1, mask="B", colors=colors, backend=backend) if residual else None
+        self.h0 = nn.Parameter(torch.zeros(hidden)) if learn_init else None
+        self.c0 = nn.Parameter(torch.zeros(hidden)) if learn_init else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,11 +63,16 @@ class RowLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.input_to_state(x)
-        h = row_lstm(gates, self.w_ss.to(gates.dtype), backend=self.backend)
+        h0 = c0 = None
+        if self.h0 is not None:
+            n, _, _, width = gates.shape
+            h0 = self.h0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
+            c0 = self.c0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
+        h = row_lstm(gates, self.w_ss.to(gates.dtype), h0=h0, c0=c0, backend=self.backend)
         return x + self.out(h) if self.out is not None else h
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_ch}, {self.hidden}, kernel_size={self.kernel_size}, colors={self.colors}, "
-            f"residual={self.residual}"
+            f"residual={self.residual}, learn_init={self.h0 is not None}"
         )

@@ -75,3 +75,24 @@ def test_gpu_layer(dtype):
     ref = _reference(m.double(), x.double())
     m = m.to(dtype)
     assert_rel(m(x.to(dtype)), ref, dtype, "RowLSTM", device=dev)
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends(CPU)])
+def test_learned_initial_state(backend):
+    """learn_init: h0/c0 broadcast over columns and batch reach the scan, and get gradients (summed over both)."""
+    m = gm.nn.RowLSTM(2, 4, kernel_size=3, residual=False, learn_init=True, backend=backend).double()
+    x = torch.randn(3, 2, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        m.h0.normal_()
+        m.c0.normal_()
+    y = m(x)
+    gates = m.input_to_state(x)
+    h0 = m.h0.detach().view(1, -1, 1).expand(3, -1, 5).clone().requires_grad_()
+    c0 = m.c0.detach().view(1, -1, 1).expand(3, -1, 5).clone().requires_grad_()
+    y_ref = ref_row_lstm(gates, m.w_ss, h0=h0, c0=c0)
+    assert_rel(y, y_ref, torch.float64, "forward with learned state", device=CPU)
+    gy = torch.randn_like(y)
+    dh0, dc0 = torch.autograd.grad(y, (m.h0, m.c0), gy)
+    dh0_ref, dc0_ref = torch.autograd.grad(y_ref, (h0, c0), gy)
+    assert_rel(dh0, dh0_ref.sum((0, 2)), torch.float64, "dh0", device=CPU)
+    assert_rel(dc0, dc0_ref.sum((0, 2)), torch.float64, "dc0", device=CPU)
