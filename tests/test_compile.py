@@ -19,6 +19,7 @@ def _modules():
     yield "MinibatchDiscrimination", gnn.MinibatchDiscrimination(8, kernels=4, dim=3, backend="cpu"), (6, 8)
     yield "MADE", gnn.MADE(5, 16, backend="cpu"), (4, 5)
     yield "IAFStep", gnn.IAFStep(5, 16, backend="cpu"), (4, 5)
+    yield "IAFConvFlow", gnn.IAFConvFlow(3, 6, steps=2, backend="cpu"), (2, 3, 4, 5)
 
 
 @pytest.mark.parametrize(("name", "module", "shape"), list(_modules()), ids=[m[0] for m in _modules()])

@@ -1,7 +1,7 @@
 """Thin nn.Modules over gm.ops."""
 
 from gm.nn.diagonal_lstm import DiagonalBiLSTM, DiagonalLSTM
-from gm.nn.iaf import ARConv2d, ARMultiConv2d, IAFConvStep, IAFFlow, IAFStep
+from gm.nn.iaf import ARConv2d, ARMultiConv2d, IAFConvFlow, IAFConvStep, IAFFlow, IAFStep
 from gm.nn.made import MADE, MaskedLinear
 from gm.nn.masked_conv import MaskedConv2d, color_groups
 from gm.nn.minibatch import MinibatchDiscrimination
@@ -13,6 +13,7 @@ __all__ = [
     "ARMultiConv2d",
     "DiagonalBiLSTM",
     "DiagonalLSTM",
+    "IAFConvFlow",
     "IAFConvStep",
     "IAFFlow",
     "IAFStep",

@@ -9,7 +9,9 @@ ARConv2d / ARMultiConv2d: the convolutional autoregressive network of the paper 
 on gm.nn.MaskedConv2d. The order is raster over pixels and channel order within a pixel: taps above and left
 of the centre see every channel; at the centre, a unit of channel group g sees input groups ≤ g (hidden
 layers, mask "B") or < g (output layer, strict, mask "A"). Hidden channel j belongs to group ⌊j·C/hidden⌋.
-IAFConvStep applies the step to a latent map with an ARMultiConv2d.
+IAFConvStep applies the step to a latent map with an ARMultiConv2d; with reverse=True it follows the exact reverse
+of that order (pixels bottom-right first, channels C−1..0 within a pixel): the map is flipped in H and W around a
+net whose channel groups are reversed. IAFConvFlow chains conv steps, alternating the two orders.
 """
 
 from __future__ import annotations
@@ -53,7 +55,20 @@ class IAFStep(nn.Module):
         return iaf_made_output(hid, out.weight, out.mask, out.bias, z, mode=self.mode, backend=self.backend)
 
 
-class IAFFlow(nn.Module):
+class _StepChain(nn.Module):
+    """Runs `self.steps` in turn; forward(z, h=None) -> (z after the last step, Σ logdet (N,))."""
+
+    steps: nn.ModuleList
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        total = z.new_zeros(z.shape[0])
+        for step in self.steps:
+            z, logdet = step(z, h)
+            total = total + logdet
+        return z, total
+
+
+class IAFFlow(_StepChain):
     """`steps` IAFSteps, the order reversed between consecutive steps; forward(z, h=None) -> (z, Σ logdet)."""
 
     def __init__(
@@ -71,13 +86,6 @@ class IAFFlow(nn.Module):
         self.steps = nn.ModuleList(
             IAFStep(features, hidden, n_hidden, context, mode, order, backend) for order in orders
         )
-
-    def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        total = z.new_zeros(z.shape[0])
-        for step in self.steps:
-            z, logdet = step(z, h)
-            total = total + logdet
-        return z, total
 
 
 def channel_groups(channels: int, order_size: int, reverse: bool = False) -> torch.Tensor:
@@ -152,7 +160,10 @@ class ARMultiConv2d(nn.Module):
 
 
 class IAFConvStep(nn.Module):
-    """IAF step on a latent map: (m, s) = ARMultiConv2d(z, h); forward -> (z' (N, C, H, W), logdet (N,))."""
+    """IAF step on a latent map: (m, s) = ARMultiConv2d(z, h); forward -> (z' (N, C, H, W), logdet (N,)).
+
+    The order is raster over pixels, channels 0..C−1 within a pixel; reverse=True takes its exact reverse.
+    """
 
     def __init__(
         self,
@@ -166,12 +177,42 @@ class IAFConvStep(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.mode, self.backend = mode, backend
+        self.mode, self.reverse, self.backend = mode, reverse, backend
         self.net = ARMultiConv2d(channels, hidden, n_hidden, context, kernel_size, 2, reverse, backend)
         if mode == "gated" and self.net.output.bias is not None:
             with torch.no_grad():
                 self.net.output.bias[channels:].fill_(GATE_BIAS)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        m, s = self.net(z, h)
-        return iaf_step(z, m, s, mode=self.mode, backend=self.backend)
+        if not self.reverse:
+            m, s = self.net(z, h)
+            return iaf_step(z, m, s, mode=self.mode, backend=self.backend)
+        # The masked convolutions only look up and left: the reversed raster order is the natural one on the map
+        # flipped in H and W (the logdet, a sum over the map, does not change).
+        spatial = (-2, -1)
+        z_flipped = z.flip(spatial)
+        m, s = self.net(z_flipped, None if h is None else h.flip(spatial))
+        z_new, logdet = iaf_step(z_flipped, m, s, mode=self.mode, backend=self.backend)
+        return z_new.flip(spatial), logdet
+
+
+class IAFConvFlow(_StepChain):
+    """`steps` IAFConvSteps on latent maps, the (pixel, channel) order reversed between consecutive steps;
+    forward(z (N, C, H, W), h=None (N, context, H, W)) -> (z, Σ logdet (N,))."""
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        steps: int,
+        n_hidden: int = 2,
+        context: int = 0,
+        kernel_size: int = 3,
+        mode: str = "gated",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(
+            IAFConvStep(channels, hidden, n_hidden, context, kernel_size, mode, i % 2 == 1, backend)
+            for i in range(steps)
+        )
