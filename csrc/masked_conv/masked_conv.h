@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/precision.h"
+
 namespace gm {
 namespace masked_conv {
 
@@ -22,8 +24,8 @@ struct TapTable {
   int dx[kMaxTaps];
 };
 
-// How float32 operands reach the tensor cores (16-bit dtypes always use kNative).
-enum class Precision : int { kNative = 0, kTf32 = 1, kTf32x3 = 2 };
+// How float32 operands reach the tensor cores (16-bit dtypes always use kNative): common/precision.h.
+using ::gm::Precision;
 
 #ifdef GM_WITH_CUDA
 // (N, C, HW) contiguous -> (N, HW, c_padded), channels past C zero; elem_bytes 2 or 4.
