@@ -85,6 +85,21 @@ void step_forward_cuda(std::uintptr_t z, std::uintptr_t m, std::uintptr_t s, std
 void step_backward_cuda(std::uintptr_t z, std::uintptr_t m, std::uintptr_t s, std::uintptr_t gz, std::uintptr_t gl,
                         std::uintptr_t dz, std::uintptr_t dm, std::uintptr_t ds, int64_t rows, int64_t cols, int mode,
                         int dtype, std::uintptr_t stream);
+
+// The MADE output layer fused with the step (iaf_made_output_cuda.cu): [m, s] = hidden (W ⊙ M)^T + b computed on
+// tensor cores over the non-empty tiles of the (64, 64 / elem) two-head tile map, the step in the epilogue.
+// hidden (rows, h_padded), weight (2d, h_padded), mask uint8 (2d, mask_ld), rows zero-padded to 16-byte multiples.
+// Forward writes z_new (rows, d) and ld_partial (ceil(d / 64), rows) fp32 (summed in Python); backward writes
+// dz (rows, d) and dout = d[m, s] (rows, 2d). float16/bfloat16/float32 (precision: gm::Precision code).
+void made_output_forward_cuda(std::uintptr_t hidden, std::uintptr_t w, std::uintptr_t mask, std::uintptr_t bias,
+                              std::uintptr_t z, std::uintptr_t z_new, std::uintptr_t ld_partial,
+                              std::uintptr_t offsets, std::uintptr_t idx, std::uintptr_t mids, int rows, int d,
+                              int h_padded, int mask_ld, int mode, int dtype, int precision, std::uintptr_t stream);
+void made_output_backward_cuda(std::uintptr_t hidden, std::uintptr_t w, std::uintptr_t mask, std::uintptr_t bias,
+                               std::uintptr_t z, std::uintptr_t gz, std::uintptr_t gl, std::uintptr_t dz,
+                               std::uintptr_t dout, std::uintptr_t offsets, std::uintptr_t idx, std::uintptr_t mids,
+                               int rows, int d, int h_padded, int mask_ld, int mode, int dtype, int precision,
+                               std::uintptr_t stream);
 #endif
 
 }  // namespace iaf

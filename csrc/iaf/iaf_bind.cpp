@@ -12,5 +12,11 @@ GM_REGISTER_BINDINGS(m) {
         "IAF step forward (CUDA): z, m, s, z_new, ld, rows, cols, mode, dtype, stream");
   m.def("iaf_step_backward_cuda", &gm::iaf::step_backward_cuda,
         "IAF step backward (CUDA): z, m, s, gz, gl, dz, dm, ds, rows, cols, mode, dtype, stream");
+  m.def("iaf_made_output_forward_cuda", &gm::iaf::made_output_forward_cuda,
+        "fused MADE output layer + IAF step, forward (CUDA): hidden, w, mask, bias, z, z_new, ld_partial, offsets, "
+        "idx, mids, rows, d, h_padded, mask_ld, mode, dtype, precision, stream");
+  m.def("iaf_made_output_backward_cuda", &gm::iaf::made_output_backward_cuda,
+        "fused MADE output layer + IAF step, backward (CUDA): hidden, w, mask, bias, z, gz, gl, dz, dout, offsets, "
+        "idx, mids, rows, d, h_padded, mask_ld, mode, dtype, precision, stream");
 #endif
 }

@@ -4,8 +4,9 @@ iaf_step(z, m, s, mode="gated"):  σ = sigmoid(s), z' = σ z + (1 − σ) m, log
                                   (log σ through a stable log-sigmoid: finite for any finite s)
 iaf_step(z, m, s, mode="affine"): z' = (z − m) exp(−s), logdet = −Σ s
 iaf_made_output(hidden, weight, mask, bias, z, mode): [m, s] = hidden (W ⊙ M)^T + b, weight (2D, H) with rows
-    0..D−1 giving m and rows D..2D−1 giving s; then iaf_step(z, m, s). The triton backend computes m and s in
-    registers and applies the step in the GEMM's epilogue (forward and backward), skipping all-zero mask tiles.
+    0..D−1 giving m and rows D..2D−1 giving s; then iaf_step(z, m, s). The triton and cuda backends compute m
+    and s in registers and apply the step in the GEMM's epilogue (forward and backward), skipping all-zero mask
+    tiles (cuda: csrc/iaf/iaf_made_output_cuda.cu on the masked_linear tensor-core GEMM).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from gm.ops.masked_linear import (
 MODES = ("gated", "affine")
 _STEP = "gm::iaf_step"
 _FUSED = "gm::iaf_made_output"
-# C++ CUDA: the elementwise step is written; the fused GEMM is not (auto picks triton for it).
-CUDA_FUSED_READY = False
+# C++ CUDA: the elementwise step (csrc/iaf/iaf_cuda.cu) and the fused GEMM (csrc/iaf/iaf_made_output_cuda.cu, on the
+# masked_linear GEMM); auto picks them for CUDA tensors of float16/bfloat16/float32 (float64 goes to triton).
+CUDA_FUSED_READY = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,23 +213,34 @@ def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, ne
     return dh, dw, db, dz
 
 
-def _cuda_fused_unwritten(*args, **kwargs):
-    raise NotImplementedError(
-        "iaf_made_output has no CUDA C++ kernel yet: use backend='triton' (auto already picks it for CUDA tensors)"
-    )
+def _cuda_made_output(hidden, weight, mask, bias, z, mode):
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+    return kc.made_output_forward(hidden, weight, mask_entry(mask), bias, z, mode)
+
+
+def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    dz, dout = kc.made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode)
+    dh = kc.input_grad(dout, weight, entry) if need_h else None
+    dw = kc.weight_grad(dout, hidden, entry) if need_w else None
+    db = kc.bias_grad(dout) if need_b else None
+    return dh, dw, db, dz
 
 
 _FUSED_FWD = {
     "reference": _torch_made_output,
     "cpu": _torch_made_output,
     "triton": _triton_made_output,
-    "cuda": _cuda_fused_unwritten,
+    "cuda": _cuda_made_output,
 }
 _FUSED_BWD = {
     "reference": _torch_made_output_backward,
     "cpu": _torch_made_output_backward,
     "triton": _triton_made_output_backward,
-    "cuda": _cuda_fused_unwritten,
+    "cuda": _cuda_made_output_backward,
 }
 
 
@@ -426,7 +439,8 @@ def iaf_made_output(
         bias: optional (2D,).
         z: (N, D).
         mode: "gated" or "affine" (see iaf_step).
-        backend: None (auto), "reference", "cpu", "triton" or "cuda" (not written: raises).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda" (float16/bfloat16/float32; auto sends
+            float64 CUDA tensors to triton).
 
     Returns:
         (z' (N, D), logdet (N,)).
@@ -448,5 +462,6 @@ def iaf_made_output(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != 2 * d:
             raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
-    chosen = resolve(backend, hidden.device, native_cpu=False, cuda_kernels=CUDA_FUSED_READY)
+    chosen = resolve(backend, hidden.device, native_cpu=False,
+                     cuda_kernels=CUDA_FUSED_READY and hidden.dtype != torch.float64)  # fmt: skip
     return _made_output_op(hidden, weight, mask, bias, z, mode, chosen)

@@ -31,8 +31,9 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, to
                torch.float32, torch.float64)  # fmt: skip
 MASK_CACHE_SIZE = 64
 _OP = "gm::masked_linear"
-# The CUDA C++ GEMMs are not written yet: auto picks triton for CUDA tensors; backend="cuda" raises.
-CUDA_READY = False
+# CUDA C++ GEMMs (csrc/masked_linear, gm/ops/_masked_linear_cuda.py): auto picks them for CUDA tensors of
+# float16/bfloat16/float32 (float64 goes to triton).
+CUDA_READY = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,14 +211,25 @@ def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_
     return dx, dw, db
 
 
-def _cuda_unwritten(*args, **kwargs):
-    raise NotImplementedError(
-        "masked_linear has no CUDA C++ kernels yet: use backend='triton' (auto already picks it for CUDA tensors)"
-    )
+def _cuda_forward(x, weight, mask, bias, activation):
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+    return kc.forward(x, weight, mask_entry(mask), bias, activation)
 
 
-_FORWARD = {"reference": _torch_forward, "cpu": _torch_forward, "triton": _triton_forward, "cuda": _cuda_unwritten}
-_BACKWARD = {"reference": _torch_backward, "cpu": _torch_backward, "triton": _triton_backward, "cuda": _cuda_unwritten}
+def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+    entry = mask_entry(mask)
+    gp = kc.act_grad(grad, y, activation)  # shared by both gradients
+    dx = kc.input_grad(gp, weight, entry) if need_x else None
+    dw = kc.weight_grad(gp, x, entry) if need_w else None
+    db = kc.bias_grad(gp) if need_b else None
+    return dx, dw, db
+
+
+_FORWARD = {"reference": _torch_forward, "cpu": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {"reference": _torch_backward, "cpu": _torch_backward, "triton": _triton_backward, "cuda": _cuda_backward}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +341,8 @@ def masked_linear(
             see the module docstring), so pass the same tensor each call (a module buffer).
         bias: optional (O,).
         activation: None, "elu" (alpha 1) or "relu", applied after the bias.
-        backend: None (auto), "reference", "cpu", "triton" or "cuda" (not written yet: raises).
+        backend: None (auto), "reference", "cpu", "triton" or "cuda" (float16/bfloat16/float32; auto sends
+            float64 CUDA tensors to triton).
 
     Returns:
         (..., O), x's dtype.
@@ -351,7 +364,7 @@ def masked_linear(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
-    chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY)
+    chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, mask, bias, activation or "none", chosen)
     return y.reshape(*lead, weight.shape[0])

@@ -51,7 +51,7 @@ def test_step_is_stable_for_large_s(backend):
         assert torch.isfinite(t.grad).all()
 
 
-def _fused_inputs(n, h, d, dtype, device="cpu", mode="gated"):
+def _fused_inputs(n, h, d, dtype, device="cpu", mode="gated", random_mask=False):
     hidden = torch.randn(n, h, dtype=dtype, device=device, requires_grad=True)
     scale = 1.0 if mode == "gated" else 0.3  # keep exp(-s) moderate in affine mode
     w = torch.randn(2 * d, h, dtype=dtype, device=device).mul_(scale / h**0.5).requires_grad_()
@@ -59,12 +59,14 @@ def _fused_inputs(n, h, d, dtype, device="cpu", mode="gated"):
     z = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
     deg_in = torch.arange(1, d + 1)
     deg_h = 1 + (torch.arange(h) * max(d - 1, 1)) // h
-    mask = (deg_in[:, None] > deg_h[None, :]).float().repeat(2, 1).to(device)
-    return hidden, w, mask, b, z
+    mask = (deg_in[:, None] > deg_h[None, :]).float().repeat(2, 1)
+    if random_mask:  # any 0/1 mask, the heads' masks different
+        mask = (torch.rand(2 * d, h) < 0.5).float()
+    return hidden, w, mask.to(device), b, z
 
 
-def _fused_compare(backend, shape, dtype, mode, device=torch.device("cpu"), bias=True):
-    hidden, w, mask, b, z = _fused_inputs(*shape, dtype, device, mode)
+def _fused_compare(backend, shape, dtype, mode, device=torch.device("cpu"), bias=True, random_mask=False):
+    hidden, w, mask, b, z = _fused_inputs(*shape, dtype, device, mode, random_mask)
     b = b if bias else None
     z_new, ld = iaf_made_output(hidden, w, mask, b, z, mode=mode, backend=backend)
     gz, gl = torch.randn_like(z_new), torch.randn_like(ld)
@@ -175,3 +177,29 @@ def test_gpu_step(backend, dtype, mode):
 def test_gpu_made_output_triton(dtype, mode):
     _fused_compare("triton", (300, 256, 64), dtype, mode, torch.device("cuda"))
     _fused_compare("triton", (77, 130, 70), dtype, mode, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("random_mask", [False, True], ids=["made", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_made_output_cuda(dtype, mode, random_mask, monkeypatch):
+    """The fused CUDA output layer (m and s in one tile, the step in the epilogue) with NaN-poisoned outputs; odd
+    sizes (H padded in Python, D not a multiple of the 64-column block) and the IAF sizes."""
+    poison_empty(monkeypatch)
+    for shape in [(5, 7, 3), (77, 130, 70), (300, 256, 64), (260, 1024, 256)]:
+        _fused_compare("cuda", shape, dtype, mode, torch.device("cuda"), random_mask=random_mask)
+    _fused_compare("cuda", (33, 48, 16), dtype, mode, torch.device("cuda"), bias=False, random_mask=random_mask)
+
+
+@pytest.mark.gpu
+def test_gpu_made_output_cuda_is_auto():
+    from gm._backend import resolve  # noqa: PLC0415
+    from gm.ops.iaf import CUDA_FUSED_READY  # noqa: PLC0415
+
+    assert CUDA_FUSED_READY and resolve(None, torch.device("cuda"), native_cpu=False) == "cuda"
+    hidden, w, mask, b, z = _fused_inputs(64, 256, 64, torch.float32, "cuda")
+    got = iaf_made_output(hidden, w, mask, b, z)
+    want = ref.iaf_made_output(hidden.double(), w.double(), mask, b.double(), z.double())
+    assert_rel(got[0], want[0], torch.float32, "z_new")
+    assert_rel(got[1], want[1], torch.float32, "logdet")

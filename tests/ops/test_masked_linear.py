@@ -7,7 +7,7 @@ import torch
 
 from gm.ops.masked_linear import clear_mask_cache, linear_tile_map, mask_entry, masked_linear
 from gm.reference.iaf import masked_linear as reference
-from tests._util import assert_rel, fast_backends, poison_empty
+from tests._util import assert_rel, fast_backends, poison_empty, rel_err
 
 BACKENDS = ["reference", *fast_backends(torch.device("cpu"))]
 SHAPES = [(5, 7, 3), (19, 37, 29), (33, 16, 48)]  # (rows, K, O): odd and round, more than one 16-tile
@@ -22,15 +22,38 @@ def _mask(o: int, k: int) -> torch.Tensor:
     return m
 
 
-def _inputs(r, k, o, dtype, device="cpu"):
+def _made_hidden_mask(o: int, k: int) -> torch.Tensor:
+    """Degree-sorted MADE hidden layer (unit j sees unit i iff deg_j >= deg_i): block-triangular, partly-zero tiles
+    only along the staircase."""
+    deg_o = 1 + (torch.arange(o) * 63) // o
+    deg_k = 1 + (torch.arange(k) * 63) // k
+    return (deg_o[:, None] >= deg_k[None, :]).float()
+
+
+def _made_output_mask(o: int, k: int) -> torch.Tensor:
+    """MADE output layer (strict: output d sees hidden units of degree < d), rows cycling over the heads."""
+    d = max(o // 2, 1)
+    deg_out = 1 + torch.arange(o) % d
+    deg_k = 1 + (torch.arange(k) * max(d - 1, 1)) // k
+    return (deg_out[:, None] > deg_k[None, :]).float()
+
+
+def _random_mask(o: int, k: int) -> torch.Tensor:
+    return (torch.rand(o, k) < 0.5).float()
+
+
+MASKS = {"mixed": _mask, "made_hidden": _made_hidden_mask, "made_output": _made_output_mask, "random": _random_mask}
+
+
+def _inputs(r, k, o, dtype, device="cpu", mask="mixed"):
     x = torch.randn(r, k, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(o, k, dtype=dtype, device=device).div_(k**0.5).requires_grad_()
     b = torch.randn(o, dtype=dtype, device=device, requires_grad=True)
-    return x, w, b, _mask(o, k).to(device)
+    return x, w, b, MASKS[mask](o, k).to(device)
 
 
-def _compare(backend, shape, dtype, activation, device=torch.device("cpu")):
-    x, w, b, m = _inputs(*shape, dtype, device)
+def _compare(backend, shape, dtype, activation, device=torch.device("cpu"), mask="mixed"):
+    x, w, b, m = _inputs(*shape, dtype, device, mask)
     y = masked_linear(x, w, m, b, activation=activation, backend=backend)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, w, b), g)
@@ -132,9 +155,60 @@ def test_gpu_triton(dtype, activation):
     _compare("triton", (77, 130, 70), dtype, activation, torch.device("cuda"))
 
 
+# (rows, K, O): odd everything (rows padded in Python), one block, a MADE layer, a D=64 output-like layer.
+CUDA_SHAPES = [(5, 37, 29), (77, 130, 70), (300, 256, 192), (129, 1024, 1024), (260, 1024, 128)]
+
+
 @pytest.mark.gpu
-def test_gpu_cuda_not_written_yet():
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("activation", [None, "elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu_cuda(dtype, activation, mask, monkeypatch):
+    """The CUDA GEMMs (tensor cores; tf32 for float32 by torch's matmul default) with NaN-poisoned outputs: every
+    element written, every gradient right, the weight gradient exactly zero where masked (checked in _compare)."""
+    poison_empty(monkeypatch)
+    clear_mask_cache()
+    for shape in CUDA_SHAPES:
+        _compare("cuda", shape, dtype, activation, torch.device("cuda"), mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_gpu_cuda_float32_precision(allow_tf32, monkeypatch):
+    """tf32 when torch allows it for matmuls; otherwise 3xTF32, at the error level of fp32 arithmetic."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    x, w, b, m = _inputs(257, 1024, 384, torch.float32, "cuda", "made_hidden")
+    y = masked_linear(x, w, m, b, activation="elu", backend="cuda")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    y_ref = reference(x.double(), w.double(), m, b.double(), activation="elu")
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), g.double())
+    tol = 2e-3 if allow_tf32 else 1e-5
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), (y, *grads), (y_ref, *grads_ref), strict=True):
+        assert rel_err(got, want) < tol, f"{name} (allow_tf32={allow_tf32})"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_is_auto_and_float64_goes_to_triton():
+    from gm._backend import resolve  # noqa: PLC0415
+
     x, w, b, m = _inputs(8, 16, 16, torch.float32, "cuda")
-    with pytest.raises(NotImplementedError):
-        masked_linear(x, w, m, b, backend="cuda")
-    masked_linear(x, w, m, b)  # auto picks triton
+    assert resolve(None, x.device, native_cpu=False, cuda_kernels=True) == "cuda"
+    assert_rel(masked_linear(x, w, m, b), reference(x.double(), w.double(), m, b.double()), torch.float32, "auto")
+    xd, wd, bd = (t.detach().double() for t in (x, w, b))
+    assert_rel(masked_linear(xd, wd, m, bd), reference(xd, wd, m, bd), torch.float64, "float64 auto")
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        masked_linear(xd, wd, m, bd, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_skips_empty_tiles_without_reading_their_weights():
+    """NaN weights under all-zero mask tiles never reach the result (those tiles are not loaded); NaN weights in
+    the masked part of partly-zero tiles are zeroed before the MMA."""
+    clear_mask_cache()
+    x, w, b, m = _inputs(64, 512, 256, torch.bfloat16, "cuda", "made_hidden")
+    w_nan = w.detach().clone()
+    w_nan[m == 0] = float("nan")
+    y = masked_linear(x, w_nan, m, b, backend="cuda")
+    assert torch.isfinite(y).all()
+    assert_rel(y, reference(x.double(), w.double(), m, b.double()), torch.bfloat16, "y", torch.device("cuda"))

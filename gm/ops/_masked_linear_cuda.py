@@ -1,0 +1,216 @@
+"""CUDA backend of masked_linear and iaf_made_output: launchers for the tile-skipping tensor-core GEMMs of
+csrc/masked_linear/masked_linear_gemm.cuh (entry points in csrc/masked_linear and csrc/iaf).
+
+    forward:      y = act(x (W ⊙ M)^T + b)            over the (128, 64 B) tile map's row CSR
+    act_grad:     gp = g act'(y)                        (skipped without an activation)
+    input_grad:   dx = gp (W ⊙ M)                       over the (64 B, 128) tile map's column CSR
+    weight_grad:  dW = M ⊙ (gp^T x)                     128 x 128 tiles: empty ones store zeros, the mask is read by
+                                                        partly-zero ones only; row splits summed here in fp32
+    made_output:  [m, s] = hidden (W ⊙ M)^T + b and the IAF step in the epilogue (64 m columns beside their 64 s
+                  columns per block; the (64, 64 B) two-head tile map); backward writes dz and d[m, s]
+
+"64 B" is one pipeline stage of the reduction: 32 bf16/fp16 or 16 fp32 elements. Rows are zero-padded to 16-byte
+multiples here when they are not (cp.async copies 16 bytes), and the mask gets a uint8 copy with 16-byte rows, cached
+with the mask's entry. bfloat16/float16 run on m16n8k16 tensor cores with fp32 accumulation; float32 on tf32
+m16n8k8 when torch.backends.cuda.matmul.allow_tf32 is True, else as 3xTF32 (hi/lo splits: fp32-level error).
+Nothing here touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gm._ext import dtype_code, ext, stream_of
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_STAGE_BYTES = 64  # reduction bytes per pipeline stage = the tile map's reduction granularity
+_BLOCK = 128  # block tile columns; the weight gradient's (o, k) tile
+_HEAD_COLS = 64  # fused output layer: d columns per block
+_BLOCKS_PER_SM = 2
+_PRECISION_NATIVE, _PRECISION_TF32, _PRECISION_TF32X3 = 0, 1, 2
+ACT_CODES = {None: 0, "elu": 1, "relu": 2}
+
+
+def precision(dtype: torch.dtype, op: str = "masked_linear") -> int:
+    if dtype in (torch.float16, torch.bfloat16):
+        return _PRECISION_NATIVE
+    if dtype == torch.float32:
+        return _PRECISION_TF32 if torch.backends.cuda.matmul.allow_tf32 else _PRECISION_TF32X3
+    raise ValueError(f"the cuda backend of {op} takes float16/bfloat16/float32, got {dtype}: use backend='triton' "
+                     f"or 'reference' for it")  # fmt: skip
+
+
+def reduction_tile(dtype: torch.dtype) -> int:
+    """Elements of the reduction dim per pipeline stage (the tile maps' block along it)."""
+    return _STAGE_BYTES // torch.empty(0, dtype=dtype).element_size()
+
+
+def _padded(n: int, dtype: torch.dtype) -> int:
+    per16 = 16 // torch.empty(0, dtype=dtype).element_size()
+    return -(-n // per16) * per16
+
+
+def _pad_cols(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Contiguous t with its last dim zero-padded to `size` (no copy when already so)."""
+    if t.shape[-1] == size:
+        return t.contiguous()
+    out = t.new_zeros(*t.shape[:-1], size)
+    out[..., : t.shape[-1]].copy_(t)
+    return out
+
+
+def mask_rows16(entry) -> torch.Tensor:
+    """The entry's uint8 mask with rows zero-padded to a 16-byte multiple (cached with the entry)."""
+    key = ("cuda_mask_rows16",)
+    m = entry.maps.get(key)
+    if m is None:
+        m = _pad_cols(entry.u8, -(-entry.u8.shape[1] // 16) * 16)
+        entry.maps[key] = m
+    return m
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | None, activation) -> torch.Tensor:
+    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
+
+    prec = precision(x.dtype)
+    rows, k = x.shape
+    o = weight.shape[0]
+    y = torch.empty(rows, o, dtype=x.dtype, device=x.device)
+    if rows == 0 or o == 0:
+        return y
+    kp = _padded(k, x.dtype)
+    xp, wp = _pad_cols(x, kp), _pad_cols(weight, kp)
+    mask = mask_rows16(entry)
+    offsets, idx, mids = linear_tile_map(entry, _BLOCK, reduction_tile(x.dtype)).rows
+    bias_c = bias.contiguous() if bias is not None else None
+    with torch.cuda.device(x.device):
+        ext().masked_linear_forward_cuda(
+            xp.data_ptr(), wp.data_ptr(), mask.data_ptr(), _ptr(bias_c), y.data_ptr(),
+            offsets.data_ptr(), idx.data_ptr(), mids.data_ptr(), rows, o, kp, mask.shape[1],
+            ACT_CODES[activation], dtype_code(x), prec, stream_of(x),
+        )  # fmt: skip
+    return y
+
+
+def act_grad(grad: torch.Tensor, y: torch.Tensor, activation) -> torch.Tensor:
+    """g * act'(pre-activation) from the saved output y; grad itself without an activation."""
+    if activation is None:
+        return grad
+    out = torch.empty_like(grad)
+    with torch.cuda.device(grad.device):
+        ext().masked_linear_act_grad_cuda(grad.data_ptr(), y.contiguous().data_ptr(), out.data_ptr(), grad.numel(),
+                                          ACT_CODES[activation], dtype_code(grad), stream_of(grad))  # fmt: skip
+    return out
+
+
+def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
+    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
+
+    prec = precision(gp.dtype)
+    rows, o = gp.shape
+    k = weight.shape[1]
+    dx = torch.empty(rows, k, dtype=gp.dtype, device=gp.device)
+    if rows == 0 or k == 0:
+        return dx
+    if o == 0:
+        return dx.zero_()
+    op, kp = _padded(o, gp.dtype), _padded(k, gp.dtype)
+    gpp, wp = _pad_cols(gp, op), _pad_cols(weight, kp)
+    mask = mask_rows16(entry)
+    offsets, idx, mids = linear_tile_map(entry, reduction_tile(gp.dtype), _BLOCK).cols
+    with torch.cuda.device(gp.device):
+        ext().masked_linear_input_grad_cuda(
+            gpp.data_ptr(), wp.data_ptr(), mask.data_ptr(), dx.data_ptr(), offsets.data_ptr(), idx.data_ptr(),
+            mids.data_ptr(), rows, o, op, k, kp, mask.shape[1], dtype_code(gp), prec, stream_of(gp),
+        )  # fmt: skip
+    return dx
+
+
+def _num_splits(tiles: int, rows: int, device: torch.device) -> int:
+    """Row splits of the weight-gradient reduction: fill whole waves of the SMs, few partial sums to add."""
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BLOCKS_PER_SM
+    best, best_score = 1, -1.0
+    for s in range(1, 65):
+        if s > 1 and rows // s < 512:  # too little work per block to pay for its partial sum
+            break
+        waves = -(-tiles * s // slots)
+        score = tiles * s / (waves * slots) - 0.01 * s
+        if score > best_score:
+            best, best_score = s, score
+    return best
+
+
+def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
+    """dW (O, K) in x's dtype, exactly zero where the mask is 0."""
+    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
+
+    prec = precision(x.dtype)
+    rows, o = gp.shape
+    k = x.shape[1]
+    if rows == 0 or o == 0 or k == 0:
+        return torch.zeros(o, k, dtype=x.dtype, device=x.device)
+    tm = linear_tile_map(entry, _BLOCK, _BLOCK)
+    splits = _num_splits(max(tm.nonempty, 1), rows, x.device)
+    per_split = -(-rows // splits)
+    splits = -(-rows // per_split)
+    op, kp = _padded(o, x.dtype), _padded(k, x.dtype)
+    gpp, xp = _pad_cols(gp, op), _pad_cols(x, kp)
+    partial = torch.empty(splits, o, k, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        ext().masked_linear_weight_grad_cuda(
+            gpp.data_ptr(), xp.data_ptr(), entry.u8.data_ptr(), tm.flags.data_ptr(), partial.data_ptr(),
+            rows, o, op, k, kp, per_split, splits, dtype_code(x), prec, stream_of(x),
+        )  # fmt: skip
+    return (partial.sum(0) if splits > 1 else partial[0]).to(x.dtype)
+
+
+def bias_grad(gp: torch.Tensor) -> torch.Tensor:
+    return gp.sum(0, dtype=torch.float32).to(gp.dtype)
+
+
+def _fused_launch(name, hidden, weight, entry, bias, z, tensors, mode):
+    from gm.ops.iaf import _MODE_CODES, fused_tile_map  # noqa: PLC0415
+
+    prec = precision(hidden.dtype, "iaf_made_output")
+    rows, h = hidden.shape
+    d = z.shape[1]
+    hp = _padded(h, hidden.dtype)
+    hidden_p, wp = _pad_cols(hidden, hp), _pad_cols(weight, hp)
+    mask = mask_rows16(entry)
+    offsets, idx, mids = fused_tile_map(entry, _HEAD_COLS, reduction_tile(hidden.dtype)).rows
+    bias_c = bias.contiguous() if bias is not None else None
+    with torch.cuda.device(hidden.device):
+        getattr(ext(), name)(
+            hidden_p.data_ptr(), wp.data_ptr(), mask.data_ptr(), _ptr(bias_c), z.data_ptr(),
+            *(_ptr(t) for t in tensors), offsets.data_ptr(), idx.data_ptr(), mids.data_ptr(),
+            rows, d, hp, mask.shape[1], _MODE_CODES[mode], dtype_code(hidden), prec, stream_of(hidden),
+        )  # fmt: skip
+
+
+def made_output_forward(hidden, weight, entry, bias, z, mode):
+    """(z' (R, D), logdet (R,)) with m and s computed in registers."""
+    rows, d = z.shape
+    z_new = torch.empty_like(z)
+    n_d = -(-d // _HEAD_COLS)
+    ld = torch.empty(n_d, rows, dtype=torch.float32, device=z.device)
+    if rows == 0 or d == 0:
+        return z_new, torch.zeros(rows, dtype=z.dtype, device=z.device)
+    _fused_launch("iaf_made_output_forward_cuda", hidden, weight, entry, bias, z, (z_new, ld), mode)
+    return z_new, (ld.sum(0) if n_d > 1 else ld[0]).to(z.dtype)
+
+
+def made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode):
+    """(dz (R, D), d[m, s] (R, 2D)) with m and s recomputed in registers."""
+    rows, d = z.shape
+    dz = torch.empty_like(z)
+    dout = torch.empty(rows, 2 * d, dtype=z.dtype, device=z.device)
+    if rows == 0 or d == 0:
+        return dz, dout
+    # The kernel reads gz (R, D) and gl (R,) in z's layout and dtype; (gz, gl, dz, dout) follow z in its argument list.
+    _fused_launch("iaf_made_output_backward_cuda", hidden, weight, entry, bias, z,
+                  (gz.contiguous(), gl.contiguous(), dz, dout), mode)  # fmt: skip
+    return dz, dout
