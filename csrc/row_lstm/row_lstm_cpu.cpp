@@ -1,16 +1,10 @@
-// C++ CPU backend of row_lstm: one call per pass for the whole scan, OpenMP over the batch.
-//
-// Per batch element, the state of a row lives transposed, (W, h) and (W, 4h), so that every inner loop runs over
-// the 4h output channels, contiguous: the state-to-state conv of a row is a rank-1 update per (column, tap,
-// input channel) of the (W, 4h) pre-activations with a row of the transposed weight wt (k*h, 4h). The previous
-// h sits in a zero-padded (W + k - 1, h) buffer, so the taps need no bounds tests. The backward recomputes the
-// pre-activations from the saved h_{r-1} (see gm/ops/row_lstm.py), accumulates dw_ss per thread in wt's layout
-// and sums the threads' copies at the end. (Measured on a 2-core AVX-512 machine: AVX2/AVX-512 target clones
-// and a vectorised exp for the cell did not make this faster; the rank-1 loops already vectorise.)
+// C++ CPU backend of row_lstm: the shared LSTM scan engine (common/lstm_scan_cpu.h) with lanes = the W columns of
+// a row and taps at offsets t - k/2. The layout below only copies rows between the NCHW tensors and the engine's
+// (channel, lane) row buffers; the cell math is row_lstm.h's, vectorised over the lanes by the engine.
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
+#include "common/lstm_scan_cpu.h"
 #include "row_lstm/row_lstm.h"
 
 namespace gm {
@@ -18,173 +12,101 @@ namespace row_lstm {
 namespace {
 
 template <typename T>
-struct Scratch {
-  std::vector<T> hpad;  // (W + k - 1, h): h_{r-1} with k/2 zero columns each side
-  std::vector<T> z;     // (W, 4h): pre-activations of the row
-  std::vector<T> c;     // (W, h): c_{r-1} (forward) or dc carry (backward)
-  std::vector<T> dh;    // (W, h): dh carry (backward)
-  Scratch(const Shape& s)
-      : hpad((s.width + s.k - 1) * s.hidden), z(s.width * 4 * s.hidden), c(s.width * s.hidden), dh(s.width * s.hidden) {}
+struct RowLayout {
+  Shape s;
+  const T* gates = nullptr;
+  const T* h0 = nullptr;
+  const T* c0 = nullptr;
+  const T* hs_in = nullptr;  // backward: the forward's saved states
+  const T* cs_in = nullptr;
+  const T* dy = nullptr;
+  T* hs = nullptr;  // forward outputs
+  T* cs = nullptr;
+  T* dgates = nullptr;  // backward outputs
+  T* dh0 = nullptr;
+  T* dc0 = nullptr;
+
+  int64_t lane_lo(int64_t) const { return 0; }
+  int64_t lane_hi(int64_t) const { return s.width; }
+
+  // dst[0, lv) <- src[0, W) and zeros (src null: all zeros).
+  void copy_in(const T* src, T* dst, int64_t lv) const {
+    if (src != nullptr) std::memcpy(dst, src, s.width * sizeof(T));
+    std::fill(dst + (src != nullptr ? s.width : 0), dst + lv, T(0));
+  }
+  // Row r of an (N, C, H, W) tensor, channels [0, C), or of an (N, C, W) one when r < 0.
+  const T* at(const T* base, int64_t n, int64_t c, int64_t channels, int64_t r) const {
+    if (base == nullptr) return nullptr;
+    return r < 0 ? base + (n * channels + c) * s.width : base + ((n * channels + c) * s.height + r) * s.width;
+  }
+
+  void load_gates(int64_t n, int64_t r, T* dst, int64_t ld, int64_t lv) const {
+    for (int64_t o = 0; o < 4 * s.hidden; ++o) copy_in(at(gates, n, o, 4 * s.hidden, r), dst + o * ld, lv);
+  }
+  void load_h(int64_t n, int64_t r, T* dst, int64_t ld, int64_t lv) const {
+    for (int64_t j = 0; j < s.hidden; ++j) copy_in(at(r < 0 ? h0 : hs_in, n, j, s.hidden, r), dst + j * ld, lv);
+  }
+  void load_c(int64_t n, int64_t r, T* dst, int64_t ld, int64_t lv) const {
+    for (int64_t j = 0; j < s.hidden; ++j) copy_in(at(r < 0 ? c0 : cs_in, n, j, s.hidden, r), dst + j * ld, lv);
+  }
+  void load_dy(int64_t n, int64_t r, T* dst, int64_t ld, int64_t lv) const {
+    for (int64_t j = 0; j < s.hidden; ++j) copy_in(at(dy, n, j, s.hidden, r), dst + j * ld, lv);
+  }
+  void store_state(int64_t n, int64_t r, const T* h, int64_t ldh, const T* c, int64_t ldc) const {
+    for (int64_t j = 0; j < s.hidden; ++j) {
+      std::memcpy(hs + ((n * s.hidden + j) * s.height + r) * s.width, h + j * ldh, s.width * sizeof(T));
+      std::memcpy(cs + ((n * s.hidden + j) * s.height + r) * s.width, c + j * ldc, s.width * sizeof(T));
+    }
+  }
+  void store_dgates(int64_t n, int64_t r, const T* dz, int64_t ld) const {
+    for (int64_t o = 0; o < 4 * s.hidden; ++o)
+      std::memcpy(dgates + ((n * 4 * s.hidden + o) * s.height + r) * s.width, dz + o * ld, s.width * sizeof(T));
+  }
+  void store_initial_grads(int64_t n, const T* dh, const T* dc, int64_t ld) const {
+    for (int64_t j = 0; j < s.hidden; ++j) {
+      if (dh0 != nullptr) std::memcpy(dh0 + (n * s.hidden + j) * s.width, dh + j * ld, s.width * sizeof(T));
+      if (dc0 != nullptr) std::memcpy(dc0 + (n * s.hidden + j) * s.width, dc + j * ld, s.width * sizeof(T));
+    }
+  }
 };
 
-// wt[(t*h + j)*4h + o] = w_ss[(o*h + j)*k + t]
-template <typename T>
-std::vector<T> transpose_weight(const T* w_ss, const Shape& s) {
-  const int64_t g4 = 4 * s.hidden;
-  std::vector<T> wt(s.k * s.hidden * g4);
-  for (int64_t o = 0; o < g4; ++o)
-    for (int64_t j = 0; j < s.hidden; ++j)
-      for (int64_t t = 0; t < s.k; ++t) wt[(t * s.hidden + j) * g4 + o] = w_ss[(o * s.hidden + j) * s.k + t];
-  return wt;
-}
-
-// hpad <- h_{r-1} of batch element n: row r-1 of hs, or h0 (or zero) for r = 0. Padding columns stay zero.
-template <typename T>
-void load_prev_h(T* hpad, const T* hs, const T* h0, int64_t n, int64_t r, const Shape& s) {
-  const int64_t p = s.k / 2;
-  for (int64_t j = 0; j < s.hidden; ++j) {
-    const T* src = r > 0 ? hs + ((n * s.hidden + j) * s.height + r - 1) * s.width
-                         : (h0 != nullptr ? h0 + (n * s.hidden + j) * s.width : nullptr);
-    for (int64_t w = 0; w < s.width; ++w) hpad[(w + p) * s.hidden + j] = src != nullptr ? src[w] : T(0);
-  }
-}
-
-// z (W, 4h) <- gates[n, :, r, :]^T + conv(h_{r-1}).
-template <typename T>
-inline __attribute__((always_inline)) void row_preacts(T* __restrict z, const T* __restrict hpad,
-                                                       const T* __restrict wt, const T* gates, int64_t n, int64_t r,
-                                                       const Shape& s) {
-  const int64_t g4 = 4 * s.hidden;
-  for (int64_t o = 0; o < g4; ++o) {
-    const T* g = gates + ((n * g4 + o) * s.height + r) * s.width;
-    for (int64_t w = 0; w < s.width; ++w) z[w * g4 + o] = g[w];
-  }
-  for (int64_t w = 0; w < s.width; ++w) {
-    T* __restrict zw = z + w * g4;
-    for (int64_t t = 0; t < s.k; ++t)
-      for (int64_t j = 0; j < s.hidden; ++j) {
-        const T a = hpad[(w + t) * s.hidden + j];
-        const T* __restrict wrow = wt + (t * s.hidden + j) * g4;
-        for (int64_t o = 0; o < g4; ++o) zw[o] += a * wrow[o];
-      }
-  }
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void forward_one(const T* gates, const T* wt, const T* h0, const T* c0, T* hs,
-                                                       T* cs, int64_t n, const Shape& s, Scratch<T>& b) {
-  const int64_t h = s.hidden, p = s.k / 2;
-  std::fill(b.hpad.begin(), b.hpad.end(), T(0));
-  load_prev_h(b.hpad.data(), hs, h0, n, 0, s);
-  for (int64_t j = 0; j < h; ++j)
-    for (int64_t w = 0; w < s.width; ++w) b.c[w * h + j] = c0 != nullptr ? c0[(n * h + j) * s.width + w] : T(0);
-  for (int64_t r = 0; r < s.height; ++r) {
-    row_preacts(b.z.data(), b.hpad.data(), wt, gates, n, r, s);
-    for (int64_t j = 0; j < h; ++j) {
-      const int64_t out = ((n * h + j) * s.height + r) * s.width;
-      for (int64_t w = 0; w < s.width; ++w) {
-        const T* zw = b.z.data() + w * 4 * h;
-        T c, hn;
-        cell_forward(zw[j], zw[h + j], zw[2 * h + j], zw[3 * h + j], b.c[w * h + j], c, hn);
-        b.c[w * h + j] = c;
-        b.hpad[(w + p) * h + j] = hn;  // the preacts of this row are done: hpad becomes h_r
-        hs[out + w] = hn;
-        cs[out + w] = c;
-      }
-    }
-  }
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void backward_one(const T* dy, const T* gates, const T* wt, const T* h0,
-                                                        const T* c0, const T* hs, const T* cs, T* dgates, T* dwt,
-                                                        T* dh0, T* dc0, int64_t n, const Shape& s, Scratch<T>& b) {
-  const int64_t h = s.hidden, g4 = 4 * h, p = s.k / 2;
-  T* __restrict z = b.z.data();
-  T* __restrict dc = b.c.data();
-  T* __restrict dh = b.dh.data();
-  std::fill(b.hpad.begin(), b.hpad.end(), T(0));
-  std::fill(b.c.begin(), b.c.end(), T(0));
-  std::fill(b.dh.begin(), b.dh.end(), T(0));
-  for (int64_t r = s.height - 1; r >= 0; --r) {
-    load_prev_h(b.hpad.data(), hs, h0, n, r, s);
-    row_preacts(z, b.hpad.data(), wt, gates, n, r, s);
-    for (int64_t j = 0; j < h; ++j) {  // cell backward; z becomes dz in place
-      const int64_t at = ((n * h + j) * s.height + r) * s.width;
-      for (int64_t w = 0; w < s.width; ++w) {
-        T* zw = z + w * g4;
-        const T c_prev = r > 0 ? cs[at - s.width + w] : (c0 != nullptr ? c0[(n * h + j) * s.width + w] : T(0));
-        T dz[4];
-        cell_backward(zw[j], zw[h + j], zw[2 * h + j], zw[3 * h + j], c_prev, cs[at + w], dh[w * h + j] + dy[at + w],
-                      dc[w * h + j], dz);
-        for (int q = 0; q < 4; ++q) zw[q * h + j] = dz[q];
-      }
-    }
-    for (int64_t o = 0; o < g4; ++o) {
-      T* dg = dgates + ((n * g4 + o) * s.height + r) * s.width;
-      for (int64_t w = 0; w < s.width; ++w) dg[w] = z[w * g4 + o];
-    }
-    for (int64_t w = 0; w < s.width; ++w) {  // dw_ss and dh_{r-1}, one (column, tap, channel) at a time
-      const T* __restrict zw = z + w * g4;
-      for (int64_t t = 0; t < s.k; ++t)
-        for (int64_t j = 0; j < h; ++j) {
-          const T a = b.hpad[(w + t) * h + j];
-          T* __restrict dwrow = dwt + (t * h + j) * g4;
-          for (int64_t o = 0; o < g4; ++o) dwrow[o] += a * zw[o];
-        }
-    }
-    for (int64_t w = 0; w < s.width; ++w)  // dh_{r-1}[j, w] = sum_{t, o} wt[t, j, o] dz[w - t + p, o]
-      for (int64_t j = 0; j < h; ++j) {
-        T acc = T(0);
-        for (int64_t t = 0; t < s.k; ++t) {
-          const int64_t src = w - t + p;
-          if (src < 0 || src >= s.width) continue;
-          const T* __restrict wrow = wt + (t * h + j) * g4;
-          const T* __restrict zs = z + src * g4;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t o = 0; o < g4; ++o) acc += wrow[o] * zs[o];
-        }
-        dh[w * h + j] = acc;
-      }
-  }
-  for (int64_t j = 0; j < h; ++j)
-    for (int64_t w = 0; w < s.width; ++w) {
-      if (dh0 != nullptr) dh0[(n * h + j) * s.width + w] = dh[w * h + j];
-      if (dc0 != nullptr) dc0[(n * h + j) * s.width + w] = dc[w * h + j];
-    }
+lstm_scan::Dims dims_of(const Shape& s) {
+  lstm_scan::Dims d;
+  d.n = s.n;
+  d.hid = s.hidden;
+  d.rows = s.height;
+  d.lanes = s.width;
+  for (int64_t t = 0; t < s.k; ++t) d.taps.push_back(static_cast<int>(t - s.k / 2));
+  return d;
 }
 
 template <typename T>
 void forward_impl(const T* gates, const T* w_ss, const T* h0, const T* c0, T* hs, T* cs, Shape s) {
-  const std::vector<T> wt = transpose_weight(w_ss, s);
-#pragma omp parallel
-  {
-    Scratch<T> b(s);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < s.n; ++n) forward_one(gates, wt.data(), h0, c0, hs, cs, n, s, b);
-  }
+  RowLayout<T> lay;
+  lay.s = s;
+  lay.gates = gates;
+  lay.h0 = h0;
+  lay.c0 = c0;
+  lay.hs = hs;
+  lay.cs = cs;
+  lstm_scan::scan_forward(lay, dims_of(s), w_ss);
 }
 
 template <typename T>
 void backward_impl(const T* dy, const T* gates, const T* w_ss, const T* h0, const T* c0, const T* hs, const T* cs,
                    T* dgates, T* dw, T* dh0, T* dc0, Shape s) {
-  const std::vector<T> wt = transpose_weight(w_ss, s);
-  const int64_t g4 = 4 * s.hidden, wsize = s.k * s.hidden * g4;
-  std::vector<T> dwt(wsize, T(0));
-#pragma omp parallel
-  {
-    Scratch<T> b(s);
-    std::vector<T> dwt_local(wsize, T(0));
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < s.n; ++n)
-      backward_one(dy, gates, wt.data(), h0, c0, hs, cs, dgates, dwt_local.data(), dh0, dc0, n, s, b);
-#pragma omp critical
-    for (int64_t i = 0; i < wsize; ++i) dwt[i] += dwt_local[i];
-  }
-  if (dw != nullptr)
-    for (int64_t o = 0; o < g4; ++o)
-      for (int64_t j = 0; j < s.hidden; ++j)
-        for (int64_t t = 0; t < s.k; ++t) dw[(o * s.hidden + j) * s.k + t] = dwt[(t * s.hidden + j) * g4 + o];
+  RowLayout<T> lay;
+  lay.s = s;
+  lay.gates = gates;
+  lay.h0 = h0;
+  lay.c0 = c0;
+  lay.hs_in = hs;
+  lay.cs_in = cs;
+  lay.dy = dy;
+  lay.dgates = dgates;
+  lay.dh0 = dh0;
+  lay.dc0 = dc0;
+  lstm_scan::scan_backward(lay, dims_of(s), w_ss, dw);
 }
 
 }  // namespace
