@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gm.models.common import OutputHead, PixelModel
-from gm.nn import MaskedConv2d
+from gm.nn import DiagonalBiLSTM, MaskedConv2d, RowLSTM
 
 # h is a multiple of 3 in the colour presets (see gm/models/pixelcnn.py).
 PRESETS = {
@@ -24,22 +24,7 @@ PRESETS = {
     "tiny-rgb": dict(channels=3, levels=256, hidden=6, layers=1, head=12),
 }
 
-_LAYER_MODULE = {"row": "RowLSTM", "diagonal": "DiagonalBiLSTM"}
-
-
-def _layer_class(kind: str):
-    """gm.nn.RowLSTM / gm.nn.DiagonalBiLSTM, imported when a model is built."""
-    import gm.nn  # noqa: PLC0415
-
-    name = _LAYER_MODULE[kind]
-    cls = getattr(gm.nn, name, None)
-    if cls is None:
-        module = {"row": "gm.nn.row_lstm", "diagonal": "gm.nn.diagonal_lstm"}[kind]
-        try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError) as err:
-            raise NotImplementedError(f"the {kind} PixelRNN model needs {module}.{name}, missing: {err}") from err
-    return cls
+_LAYERS = {"row": RowLSTM, "diagonal": DiagonalBiLSTM}
 
 
 class PixelRNN(PixelModel):
@@ -54,10 +39,10 @@ class PixelRNN(PixelModel):
         backend: str | None = None,
     ) -> None:
         super().__init__(channels, levels, backend)
-        if kind not in _LAYER_MODULE:
-            raise ValueError(f"kind must be one of {tuple(_LAYER_MODULE)}, got {kind!r}")
+        if kind not in _LAYERS:
+            raise ValueError(f"kind must be one of {tuple(_LAYERS)}, got {kind!r}")
         self.config = dict(channels=channels, levels=levels, hidden=hidden, layers=layers, head=head)
-        layer_cls = _layer_class(kind)
+        layer_cls = _LAYERS[kind]
         extra = {"kernel_size": 3} if kind == "row" else {}
         self.stem = MaskedConv2d(channels, 2 * hidden, 7, "A", colors=self.colors, backend=backend)
         self.layers = nn.ModuleList(
