@@ -51,9 +51,11 @@ def _padded(n: int, dtype: torch.dtype) -> int:
 
 
 def _pad_cols(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Contiguous t with its last dim zero-padded to `size` (no copy when already so)."""
+    """Contiguous t with its last dim zero-padded to `size`, starting on a 16-byte boundary (cp.async reads 16-byte
+    chunks: a view into a flat buffer at an odd offset would fault with a misaligned address); no copy when so."""
     if t.shape[-1] == size:
-        return t.contiguous()
+        t = t.contiguous()
+        return t if t.data_ptr() % 16 == 0 else t.clone()
     out = t.new_zeros(*t.shape[:-1], size)
     out[..., : t.shape[-1]].copy_(t)
     return out
