@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 
 #include "common/cuda_check.h"
 #include "common/tensor_args.h"
@@ -221,10 +222,19 @@ size_t bwd_smem(const Shape& s) {
   return sizeof(TA) * (5 * s.hidden * wp + 2 * s.hidden * s.width);
 }
 
+// Opt in to more than 48 KB of dynamic shared memory; a clear error past the device's per-block limit (227 KB on
+// H100/H200: e.g. the float64 backward at h = 128, W = 32 needs 240 KB).
 template <typename K>
 void set_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes <= 48 * 1024) return;
+  int device = 0, limit = 0;
+  GM_CUDA_CHECK(cudaGetDevice(&device));
+  GM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(limit))
+    throw std::invalid_argument("gm row_lstm (cuda): the scan needs " + std::to_string(bytes) +
+                                " bytes of shared memory, more than this GPU's " + std::to_string(limit) +
+                                " per block: use the triton backend, or a smaller hidden size or width");
+  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 template <typename TA, typename TI>
