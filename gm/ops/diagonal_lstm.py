@@ -106,9 +106,10 @@ def _cuda_forward(gates, w_ss, reverse):
     y = torch.empty(n, g4 // 4, height, width, dtype=gates.dtype, device=gates.device)
     c = torch.empty(n, g4 // 4, height, width, dtype=state_dtype(gates.dtype), device=gates.device)
     w_t = w_ss.permute(2, 1, 0).contiguous()  # (2, h, 4h): [tap, in, out], coalesced over the output rows
-    ext().diagonal_lstm_forward_cuda(
-        *_ptr_args(gates, w_t, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates), stream_of(gates)
-    )
+    with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
+        ext().diagonal_lstm_forward_cuda(
+            *_ptr_args(gates, w_t, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates), stream_of(gates)
+        )
     return y, c
 
 
@@ -118,10 +119,11 @@ def _cuda_backward(grad, gates, w_ss, y, c, reverse):
     n, g4, height, width = gates.shape
     dgates = torch.empty_like(gates)
     w_t = w_ss.permute(2, 1, 0).contiguous()
-    ext().diagonal_lstm_backward_cuda(
-        *_ptr_args(grad, gates, w_t, w_ss, y, c, dgates), n, g4 // 4, height, width, reverse, dtype_code(gates),
-        stream_of(gates),
-    )  # fmt: skip
+    with torch.cuda.device(gates.device):
+        ext().diagonal_lstm_backward_cuda(
+            *_ptr_args(grad, gates, w_t, w_ss, y, c, dgates), n, g4 // 4, height, width, reverse, dtype_code(gates),
+            stream_of(gates),
+        )  # fmt: skip
     return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 

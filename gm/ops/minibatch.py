@@ -71,18 +71,20 @@ def _triton_backward(grad, m, exclude_self):
 def _cuda_forward(m, exclude_self):
     n, b, c = m.shape
     o = torch.empty(n, b, dtype=m.dtype, device=m.device)
-    _ext.ext().minibatch_fwd_cuda(
-        m.data_ptr(), o.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
-    )
+    with torch.cuda.device(m.device):  # launch on the tensors' GPU
+        _ext.ext().minibatch_fwd_cuda(
+            m.data_ptr(), o.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
+        )
     return o
 
 
 def _cuda_backward(grad, m, exclude_self):
     n, b, c = m.shape
     dm = torch.empty(n, b, c, dtype=m.dtype, device=m.device)
-    _ext.ext().minibatch_bwd_cuda(
-        grad.data_ptr(), m.data_ptr(), dm.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
-    )
+    with torch.cuda.device(m.device):
+        _ext.ext().minibatch_bwd_cuda(
+            grad.data_ptr(), m.data_ptr(), dm.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
+        )
     return dm
 
 

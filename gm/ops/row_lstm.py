@@ -111,10 +111,11 @@ def _cuda_forward(gates, w_ss, h0, c0):
     hs = torch.empty(n, four_h // 4, height, width, dtype=sdt, device=gates.device)
     cs = torch.empty_like(hs)
     y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != sdt else hs
-    _cpu_call("row_lstm_forward_cuda")(
-        gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
-        n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
-    )  # fmt: skip
+    with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
+        _cpu_call("row_lstm_forward_cuda")(
+            gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
+            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+        )  # fmt: skip
     return y, hs, cs
 
 
@@ -124,11 +125,12 @@ def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     dw = torch.empty(w_ss.shape, dtype=hs.dtype, device=gates.device) if need_w else None
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
-    _cpu_call("row_lstm_backward_cuda")(
-        dy.data_ptr(), gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
-        dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
-        n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
-    )  # fmt: skip
+    with torch.cuda.device(gates.device):
+        _cpu_call("row_lstm_backward_cuda")(
+            dy.data_ptr(), gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
+            dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
+            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+        )  # fmt: skip
     return dgates, dw, dh0, dc0
 
 
