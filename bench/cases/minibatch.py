@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 from gm.reference.minibatch import minibatch_discrimination as naive_ref
 from gm.reference.minibatch import minibatch_discrimination_cdist as cdist_ref
 
@@ -78,10 +78,10 @@ def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool) -> 
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    dtype = torch.float32
-    if quick:
-        return [_case(256, device, dtype, baselines=True)]
-    if device.type == "cuda":
-        out = [_case(n, device, dtype, baselines=True) for n in (256, 1024, 2048)]
-        return out + [_case(n, device, dtype, baselines=False) for n in (4096, 16384, 65536)]
-    return [_case(n, device, dtype, baselines=True) for n in (256, 512, 1024)]
+    plan = pick(
+        device, quick,
+        quick_choice=[(256, True)],
+        gpu_choice=[(256, True), (1024, True), (2048, True), (4096, False), (16384, False), (65536, False)],
+        cpu_choice=[(256, True), (512, True), (1024, True)],
+    )  # fmt: skip  (N, with the naive baselines)
+    return [_case(n, device, torch.float32, baselines=b) for n, b in plan]
