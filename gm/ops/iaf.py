@@ -16,8 +16,14 @@ import torch
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
 from gm.ops.masked_linear import (
+    _cpu_mask,
+    _cpu_zeros,
+    blocked_input_grad,
+    blocked_linear,
+    blocked_weight_grad,
     build_tile_map,
     check_mask,
+    cpu_plan,
     linear_tile_map,
     mask_entry,
     tile_grids,
@@ -170,6 +176,30 @@ def _torch_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, nee
     return dh, dw, db, dz
 
 
+def _cpu_made_output(hidden, weight, mask, bias, z, mode):
+    """cpu backend: [m, s] on the mask's non-zero blocks (gm.ops.masked_linear.blocked_linear), then the step.
+    Returns [m, s] (N, 2D) as well, saved for the backward (which then need not recompute it)."""
+    entry = mask_entry(mask)
+    out = blocked_linear(hidden, weight * _cpu_mask(entry, weight.dtype), bias, cpu_plan(entry, hidden.shape[0]))
+    d = z.shape[1]
+    z_new, ld = _reference_step(z, out[:, :d], out[:, d:], mode)
+    return z_new, ld, out
+
+
+def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved):
+    entry = mask_entry(mask)
+    plan = cpu_plan(entry, hidden.shape[0])
+    mw = weight * _cpu_mask(entry, weight.dtype)
+    out = saved if saved.dim() == 2 else blocked_linear(hidden, mw, bias, plan)  # saved: [m, s] of the forward
+    d = z.shape[1]
+    dz, dm, ds = _torch_step_backward(z, out[:, :d], out[:, d:], gz, gl, mode)
+    dout = torch.cat([dm, ds], dim=1)
+    dh = blocked_input_grad(dout, mw, plan) if need_h else None
+    dw = blocked_weight_grad(dout, hidden, _cpu_zeros(entry), plan) if need_w else None
+    db = dout.sum(0) if need_b else None
+    return dh, dw, db, dz
+
+
 def fused_tile_map(entry, block_d: int, block_k: int):
     """Tile map over (D, H) for both heads at once: a tile is listed when either head's tile holds a one, and
     marked full only when both are all ones."""
@@ -234,13 +264,13 @@ def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need
 
 _FUSED_FWD = {
     "reference": _torch_made_output,
-    "cpu": _torch_made_output,
+    "cpu": _cpu_made_output,
     "triton": _triton_made_output,
     "cuda": _cuda_made_output,
 }
 _FUSED_BWD = {
     "reference": _torch_made_output_backward,
-    "cpu": _torch_made_output_backward,
+    "cpu": _cpu_made_output_backward,
     "triton": _triton_made_output_backward,
     "cuda": _cuda_made_output_backward,
 }
@@ -307,14 +337,18 @@ def _made_output_op(
     z: torch.Tensor,
     mode: str,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    z_new, ld = _FUSED_FWD[backend](hidden, weight, mask, bias, z.contiguous(), mode)
-    return z_new.contiguous(), ld.contiguous()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z', logdet, saved): saved is what the backend keeps for its backward ([m, s] (N, 2D) on the cpu backend,
+    an empty tensor on the others); the public function drops it."""
+    z_new, ld, *saved = _FUSED_FWD[backend](hidden, weight, mask, bias, z.contiguous(), mode)
+    saved = saved[0].contiguous() if saved else hidden.new_empty(0)
+    return z_new.contiguous(), ld.contiguous(), saved
 
 
 @_made_output_op.register_fake
 def _(hidden, weight, mask, bias, z, mode, backend):
-    return z.new_empty(z.shape), z.new_empty(z.shape[0])
+    saved = hidden.new_empty(z.shape[0], weight.shape[0]) if backend == "cpu" else hidden.new_empty(0)
+    return z.new_empty(z.shape), z.new_empty(z.shape[0]), saved
 
 
 @torch.library.custom_op(_FUSED + "_backward", mutates_args=())
@@ -326,14 +360,16 @@ def _made_output_backward_op(
     z: torch.Tensor,
     gz: torch.Tensor,
     gl: torch.Tensor,
+    saved: torch.Tensor,
     mode: str,
     backend: str,
     need_h: bool,
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    extra = (saved,) if backend == "cpu" else ()
     dh, dw, db, dz = _FUSED_BWD[backend](hidden, weight, mask, bias, z.contiguous(), gz.contiguous(),
-                                         gl.contiguous(), mode, need_h, need_w, need_b)  # fmt: skip
+                                         gl.contiguous(), mode, need_h, need_w, need_b, *extra)  # fmt: skip
     dh = dh.contiguous() if dh is not None else hidden.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     db = db.contiguous() if db is not None else weight.new_empty(0)
@@ -341,7 +377,7 @@ def _made_output_backward_op(
 
 
 @_made_output_backward_op.register_fake
-def _(hidden, weight, mask, bias, z, gz, gl, mode, backend, need_h, need_w, need_b):
+def _(hidden, weight, mask, bias, z, gz, gl, saved, mode, backend, need_h, need_w, need_b):
     return (
         hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
         weight.new_empty(weight.shape) if need_w else weight.new_empty(0),
@@ -352,18 +388,19 @@ def _(hidden, weight, mask, bias, z, gz, gl, mode, backend, need_h, need_w, need
 
 def _fused_setup(ctx, inputs, output):
     hidden, weight, mask, bias, z, mode, backend = inputs
-    ctx.save_for_backward(hidden, weight, mask, bias, z)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(hidden, weight, mask, bias, z, output[2])
     ctx.mode, ctx.backend = mode, backend
 
 
-def _fused_backward(ctx, gz, gl):
-    hidden, weight, mask, bias, z = ctx.saved_tensors
+def _fused_backward(ctx, gz, gl, _gsaved):
+    hidden, weight, mask, bias, z, saved = ctx.saved_tensors
     need_h, need_w, _, need_b, _ = ctx.needs_input_grad[:5]
     need_b = need_b and bias is not None
     gz = _grad_or_zeros(gz, z)
     gl = _grad_or_zeros(gl, z[:, 0])
     dh, dw, db, dz = _made_output_backward_op(
-        hidden, weight, mask, bias, z, gz, gl, ctx.mode, ctx.backend, need_h, need_w, need_b
+        hidden, weight, mask, bias, z, gz, gl, saved, ctx.mode, ctx.backend, need_h, need_w, need_b
     )
     return (dh if need_h else None), (dw if need_w else None), None, (db if need_b else None), dz, None, None
 
@@ -466,4 +503,5 @@ def iaf_made_output(
             raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
     chosen = resolve(backend, hidden.device, native_cpu=False,
                      cuda_kernels=CUDA_FUSED_READY and hidden.dtype != torch.float64)  # fmt: skip
-    return _made_output_op(hidden, weight, mask, bias, z, mode, chosen)
+    z_new, ld, _ = _made_output_op(hidden, weight, mask, bias, z, mode, chosen)
+    return z_new, ld

@@ -151,17 +151,17 @@ def linear_tile_map(entry: MaskEntry, block_o: int, block_k: int) -> TileMap:
 
 
 def act_grad(grad: torch.Tensor, y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """grad * act'(pre-activation), written through the output y: ELU' = 1 or y + 1, ReLU' = [y > 0]."""
+    """grad * act'(pre-activation), written through the output y: ELU' = 1 or y + 1, ReLU' = [y > 0]. One fused
+    pass (aten's elu_backward / threshold_backward, as autograd uses; torch.where + mul took ~4x longer)."""
     if activation == "elu":
-        return torch.where(y > 0, grad, grad * (y + 1))
+        return torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, True, y)
     if activation == "relu":
-        return torch.where(y > 0, grad, torch.zeros_like(grad))
+        return torch.ops.aten.threshold_backward(grad, y, 0)
     return grad
 
 
 def _torch_forward(x, weight, mask, bias, activation):
-    # cpu backend = PyTorch (MKL/oneDNN) on the masked dense weight. No C++ GEMM was written: an OpenMP GEMM
-    # without a tuned micro-kernel does not come near MKL, even skipping half the tiles.
+    # reference backend: the eager reference on the masked dense weight.
     from gm.reference.iaf import masked_linear  # noqa: PLC0415
 
     mask_entry(mask)
@@ -174,6 +174,176 @@ def _torch_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b
     gp = act_grad(grad, y, activation)
     dx = gp @ (weight * m) if need_x else None
     dw = (gp.t() @ x) * m if need_w else None
+    db = gp.sum(0) if need_b else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cpu backend: PyTorch's GEMMs (MKL/oneDNN) on the mask's non-zero blocks. No C++ GEMM was written: an OpenMP GEMM
+# without a tuned micro-kernel does not come near MKL. Instead the mask is cut (once per mask and batch size,
+# cached in its entry) into row blocks, each with the column range [k0, k1) that holds its ones; a degree-sorted
+# MADE mask is block-triangular, so the blocks cover a bit over half of it and forward, input gradient and weight
+# gradient each run a handful of sliced mm/addmm calls writing straight into slices of the result. The cut is
+# chosen by a dynamic program under a measured cost model (see CpuPlan); for a mask without structure (random) it
+# is one block, the dense masked GEMM.
+
+
+@dataclass
+class CpuPlan:
+    """Blocks of an (O, K) mask for the cpu backend's GEMMs.
+
+    rows: (r0, r1, k0, k1, partial): output rows r0..r1 need only input columns k0..k1 (forward, weight
+        gradient); partial says the block holds zeros (its weight gradient is masked). k0 == k1: the rows see
+        nothing (y = bias). Covers every row once.
+    cols: (c0, c1, o0, o1): input columns c0..c1 are reached only from output rows o0..o1 (input gradient).
+    area: the fraction of O*K that the row blocks cover.
+    """
+
+    rows: tuple
+    cols: tuple
+    area: float
+
+
+# Cost of one GEMM call over a block of r x c (the batch N is the third dimension), in units of one
+# multiply-add over the batch: (r + PAD) * (c + PAD) + FIXED_MACS / N. PAD models the lower efficiency of thin
+# blocks, FIXED_MACS the per-call cost (Python, dispatch, OpenMP fork/join). Fitted on the 2-core dev machine
+# (MKL sgemm, see bench/NOTES.md, "IAF on the CPU").
+CPU_PAD = 32
+CPU_FIXED_MACS = 4.0e6
+CPU_MAX_CANDIDATES = 96  # block boundaries considered per dimension (rows are cut at multiples of O / 96 or 16)
+
+
+def _spans(nz: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(first, last + 1) non-zero column of each row of a bool (O, K) matrix; (K, 0) for an empty row."""
+    k = nz.shape[1]
+    idx = torch.arange(k, device=nz.device)
+    lo = torch.where(nz, idx, k).amin(dim=1) if k else torch.full((nz.shape[0],), 0, dtype=torch.long)
+    hi = torch.where(nz, idx + 1, 0).amax(dim=1) if k else torch.zeros(nz.shape[0], dtype=torch.long)
+    return lo.tolist(), hi.tolist()
+
+
+def cut_blocks(nz: torch.Tensor, n: int) -> list[tuple[int, int, int, int]]:
+    """Row blocks (r0, r1, k0, k1) of a bool (O, K) mask minimising the cost model for batch size n: a dynamic
+    program over block boundaries at multiples of an alignment (16 rows or O / CPU_MAX_CANDIDATES)."""
+    o, k = nz.shape
+    if o == 0:
+        return []
+    lo, hi = _spans(nz)
+    align = max(16, -(-o // CPU_MAX_CANDIDATES))
+    bounds = list(range(0, o, align)) + [o]
+    seg_lo = [min(lo[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    seg_hi = [max(hi[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    fixed = CPU_FIXED_MACS / max(n, 1)
+    m = len(bounds)
+    best = [0.0] + [float("inf")] * (m - 1)
+    prev = [0] * m
+    for j in range(1, m):
+        k0, k1 = k, 0
+        for i in range(j - 1, -1, -1):
+            k0, k1 = min(k0, seg_lo[i]), max(k1, seg_hi[i])
+            cost = best[i] + fixed + ((bounds[j] - bounds[i] + CPU_PAD) * (k1 - k0 + CPU_PAD) if k1 > k0 else 0)
+            if cost < best[j]:
+                best[j], prev[j] = cost, i
+    out, j = [], m - 1
+    while j > 0:
+        i = prev[j]
+        r0, r1 = bounds[i], bounds[j]
+        k0, k1 = min(lo[r0:r1]), max(hi[r0:r1])
+        out.append((r0, r1, k0, k1) if k1 > k0 else (r0, r1, 0, 0))
+        j = i
+    return out[::-1]
+
+
+def cpu_plan(entry: MaskEntry, n: int) -> CpuPlan:
+    """The cached CpuPlan of a mask for batch size n (plans are kept per power-of-two bucket of n)."""
+    bucket = 1 << max(int(n), 1).bit_length() - 1
+    key = ("cpu_plan", bucket)
+    plan = entry.maps.get(key)
+    if plan is None:
+        nz = entry.u8.cpu() != 0
+        o, k = nz.shape
+        rows = []
+        for r0, r1, k0, k1 in cut_blocks(nz, bucket):
+            rows.append((r0, r1, k0, k1, k1 > k0 and not bool(nz[r0:r1, k0:k1].all())))
+        cols = tuple(cut_blocks(nz.t(), bucket))
+        area = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1, _ in rows) / max(o * k, 1)
+        plan = CpuPlan(tuple(rows), cols, area)
+        entry.maps[key] = plan
+    return plan
+
+
+def _cpu_mask(entry: MaskEntry, dtype: torch.dtype) -> torch.Tensor:
+    key = ("cpu_mask", dtype)
+    m = entry.maps.get(key)
+    if m is None:
+        m = entry.maps[key] = entry.u8.to(dtype)
+    return m
+
+
+def _cpu_zeros(entry: MaskEntry) -> torch.Tensor:
+    m = entry.maps.get("cpu_zeros")
+    if m is None:
+        m = entry.maps["cpu_zeros"] = entry.u8 == 0
+    return m
+
+
+def blocked_linear(x, wm, bias, plan: CpuPlan) -> torch.Tensor:
+    """x (N, K) @ wm^T + bias over the plan's row blocks; wm (O, K) is the masked weight."""
+    y = x.new_empty(x.shape[0], wm.shape[0])
+    for r0, r1, k0, k1, _ in plan.rows:
+        out = y[:, r0:r1]
+        if k1 > k0:
+            if bias is not None:
+                torch.addmm(bias[r0:r1], x[:, k0:k1], wm[r0:r1, k0:k1].t(), out=out)
+            else:
+                torch.mm(x[:, k0:k1], wm[r0:r1, k0:k1].t(), out=out)
+        elif bias is not None:
+            out.copy_(bias[r0:r1].expand_as(out))
+        else:
+            out.zero_()
+    return y
+
+
+def blocked_input_grad(gp, wm, plan: CpuPlan) -> torch.Tensor:
+    """gp (N, O) @ wm (O, K) over the plan's column blocks."""
+    dx = gp.new_empty(gp.shape[0], wm.shape[1])
+    for c0, c1, o0, o1 in plan.cols:
+        if o1 > o0:
+            torch.mm(gp[:, o0:o1], wm[o0:o1, c0:c1], out=dx[:, c0:c1])
+        else:
+            dx[:, c0:c1].zero_()
+    return dx
+
+
+def blocked_weight_grad(gp, x, zeros: torch.Tensor, plan: CpuPlan) -> torch.Tensor:
+    """(gp^T x) where the mask holds a one, exactly zero elsewhere; zeros (O, K) bool marks the mask's zeros."""
+    dw = gp.new_zeros(gp.shape[1], x.shape[1])
+    for r0, r1, k0, k1, partial in plan.rows:
+        if k1 > k0:
+            out = dw[r0:r1, k0:k1]
+            torch.mm(gp[:, r0:r1].t(), x[:, k0:k1], out=out)
+            if partial:
+                out.masked_fill_(zeros[r0:r1, k0:k1], 0)
+    return dw
+
+
+def _cpu_forward(x, weight, mask, bias, activation):
+    entry = mask_entry(mask)
+    plan = cpu_plan(entry, x.shape[0])
+    y = blocked_linear(x, weight * _cpu_mask(entry, weight.dtype), bias, plan)
+    if activation == "elu":
+        torch.nn.functional.elu(y, inplace=True)
+    elif activation == "relu":
+        y.relu_()
+    return y
+
+
+def _cpu_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+    entry = mask_entry(mask)
+    plan = cpu_plan(entry, x.shape[0])
+    gp = act_grad(grad, y, activation)
+    dx = blocked_input_grad(gp, weight * _cpu_mask(entry, weight.dtype), plan) if need_x else None
+    dw = blocked_weight_grad(gp, x, _cpu_zeros(entry), plan) if need_w else None
     db = gp.sum(0) if need_b else None
     return dx, dw, db
 
@@ -228,8 +398,8 @@ def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b)
     return dx, dw, db
 
 
-_FORWARD = {"reference": _torch_forward, "cpu": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward}
-_BACKWARD = {"reference": _torch_backward, "cpu": _torch_backward, "triton": _triton_backward, "cuda": _cuda_backward}
+_FORWARD = {"reference": _torch_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {"reference": _torch_backward, "cpu": _cpu_backward, "triton": _triton_backward, "cuda": _cuda_backward}
 
 
 # ----------------------------------------------------------------------------------------------------------------

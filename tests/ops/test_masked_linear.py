@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -212,3 +214,112 @@ def test_gpu_cuda_skips_empty_tiles_without_reading_their_weights():
     y = masked_linear(x, w_nan, m, b, backend="cuda")
     assert torch.isfinite(y).all()
     assert_rel(y, reference(x.double(), w.double(), m, b.double()), torch.bfloat16, "y", torch.device("cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cpu backend: GEMMs over the mask's non-zero blocks (gm.ops.masked_linear.CpuPlan).
+
+
+@pytest.fixture
+def fine_blocks(monkeypatch):
+    """A cost model without per-call cost or padding: the cpu plan cuts masks as finely as it can (16-row blocks),
+    so small test shapes run many blocks."""
+    ml = importlib.import_module("gm.ops.masked_linear")  # gm.ops.masked_linear is also the function's name
+    monkeypatch.setattr(ml, "CPU_FIXED_MACS", 0.0)
+    monkeypatch.setattr(ml, "CPU_PAD", 0)
+    clear_mask_cache()
+    yield
+    clear_mask_cache()
+
+
+def _check_plan(m: torch.Tensor, plan) -> None:
+    """Row blocks cover every row once and every one of the mask; column blocks likewise for the columns."""
+    nz = m != 0
+    o, k = m.shape
+    covered = torch.zeros(o, k, dtype=torch.int32)
+    for r0, r1, k0, k1, partial in plan.rows:
+        covered[r0:r1] += 1
+        assert not nz[r0:r1, :k0].any() and not nz[r0:r1, k1:].any()
+        assert partial == (k1 > k0 and not bool(nz[r0:r1, k0:k1].all()))
+    assert (covered == 1).all()
+    covered.zero_()
+    for c0, c1, o0, o1 in plan.cols:
+        covered[:, c0:c1] += 1
+        assert not nz[:o0, c0:c1].any() and not nz[o1:, c0:c1].any()
+    assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_cpu_plan_covers_the_mask(mask, fine_blocks):
+    from gm.ops.masked_linear import cpu_plan  # noqa: PLC0415
+
+    m = MASKS[mask](70, 90)
+    plan = cpu_plan(mask_entry(m), 64)
+    _check_plan(m, plan)
+    assert cpu_plan(mask_entry(m), 100) is plan  # cached per power-of-two batch bucket
+    if mask == "made_hidden":
+        assert len(plan.rows) > 1 and plan.area < 0.75
+
+
+def test_cpu_plan_default_cost_model_on_made_masks():
+    """With the fitted cost model a large MADE hidden mask is cut (about half its area skipped), a random mask is
+    one dense block, and a tiny batch gets one block (the per-call cost dominates)."""
+    from gm.ops.masked_linear import cpu_plan  # noqa: PLC0415
+
+    clear_mask_cache()
+    m = _made_hidden_mask(512, 512)
+    plan = cpu_plan(mask_entry(m), 1024)
+    _check_plan(m, plan)
+    assert len(plan.rows) > 1 and plan.area < 0.7
+    r = _random_mask(512, 512)
+    assert cpu_plan(mask_entry(r), 1024).rows == ((0, 512, 0, 512, True),)
+    assert len(cpu_plan(mask_entry(m), 2).rows) == 1
+    clear_mask_cache()
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("activation", [None, "elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_blocks_match_reference(dtype, activation, mask, fine_blocks, monkeypatch):
+    poison_empty(monkeypatch)
+    for shape in [(33, 70, 50), (5, 37, 29), (8, 16, 96)]:
+        _compare("cpu", shape, dtype, activation, mask=mask)
+
+
+def test_cpu_blocks_empty_rows_and_columns(fine_blocks, monkeypatch):
+    """Rows of the mask with no one give y = act(bias); columns with no one give dx = 0; an all-zero mask; no rows."""
+    poison_empty(monkeypatch)
+    x, w, b, _ = _inputs(9, 64, 48, torch.float64)
+    for m in (_made_hidden_mask(48, 64), torch.zeros(48, 64)):
+        m = m.clone()
+        m[:20] = 0
+        m[:, 40:] = 0
+        for act in (None, "elu"):
+            y = masked_linear(x, w, m, b, activation=act, backend="cpu")
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, (x, w, b), g)
+            y_ref = reference(x, w, m, b, activation=act)
+            want = torch.autograd.grad(y_ref, (x, w, b), g)
+            assert_rel(y, y_ref, torch.float64, "y")
+            for name, a, e in zip(("dx", "dw", "db"), got, want, strict=True):
+                assert_rel(a, e, torch.float64, name)
+            assert (got[1][m == 0] == 0).all() and (got[0][:, 40:] == 0).all()
+    x0 = torch.randn(0, 64, dtype=torch.float64, requires_grad=True)
+    y0 = masked_linear(x0, w, _made_hidden_mask(48, 64), b, backend="cpu")
+    assert y0.shape == (0, 48)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 64)
+
+
+def test_cpu_blocks_gradcheck(fine_blocks):
+    x, w, b, _ = _inputs(3, 40, 36, torch.float64)
+    m = _made_hidden_mask(36, 40)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: masked_linear(x, w, m, b, activation="elu", backend="cpu"), (x, w, b)
+    )
+
+
+def test_opcheck_cpu(fine_blocks):
+    x, w, b, _ = _inputs(5, 40, 36, torch.float32)
+    m = _made_hidden_mask(36, 40)
+    torch.library.opcheck(torch.ops.gm.masked_linear.default, (x, w, m, b, "elu", "cpu"))
