@@ -8,20 +8,24 @@ with gate order i, f, o, g; state zero outside the image (see gm.reference.diago
 Shapes: gates (N, 4h, H, W) contiguous; packed weight (2, 4, h, h) = [tap (up, left), gate, out, in] in the input
 dtype; y (N, h, H, W) in the input dtype; c (N, h, H, W) float32 (float64 for float64).
 
-One program per batch element owns the whole diagonal state, a (h x H) register tile (rows of the image on the
-second axis), and loops over the W+H-1 skewed columns. Per step the state-to-state product is four gate blocks
-of (h x h) @ (h x H) per tap on tensor cores. The skew is addressing: gates and outputs are read and written at
-(i, t - i) directly. The row shift h[:, i-1] needs data from another lane: the forward reads it back from y
-(the pixel directly above, written in the previous step; one barrier per step), so y itself is the scratch.
-The dot operands are the input dtype (h rounded as y stores it), accumulation and state are float32.
+One program per batch element loops over the W+H-1 skewed columns (the whole diagonal is coupled, so no grid
+sync: one barrier per step). The skew is addressing: gates and outputs are read and written at (i, t - i) directly.
+Inside a step the program loops over blocks of BO hidden units: for each, the four gate pre-activations
+(BO x BLOCK_H, image rows on the second axis) = gates + w[up, g][block, :] @ y(above) + w[left, g][block, :] @
+y(left), a loop over both taps' input channels in BK chunks on tensor cores. Nothing is carried in registers
+across steps: the previous diagonal's h is read back from y (this program wrote it in the previous step; L1/L2
+hits) and c_left from c, so the live set is four (BO x BLOCK_H) accumulators plus one chunk of operands, which
+keeps the kernels spill-free at h = 128 (a register-resident (h x H) state with full (h x h) weight tiles spilled
+kilobytes). The dot operands are the input dtype (h rounded as y stores it), accumulation and state are float32.
 
-Backward walks the steps in reverse. It needs c at each cell: the forward saves c (float32, the size of y)
-rather than recomputing the scan, so each backward step is independent of the forward chain; the gate
-pre-activations are recomputed from gates + w @ (y above, y left), the exact operands the forward used, which
-costs one step's product and saves storing 4h values per pixel. The gradient for the cell above,
-w_up^T @ da, is shifted up one row through a per-program float32 scratch (double-buffered by step parity, so
-one barrier per step). dw_ss = sum over pixels of da (x) (y above, y left) is one GEMM over dgates and y after
-the kernel (gm.ops.diagonal_lstm): a per-program (4h x 2h) accumulator does not fit in registers at h = 128.
+Backward walks the steps in reverse, in pull form. It needs c at each cell: the forward saves c (float32, the size
+of y) rather than recomputing the scan. Per step t and block of units: dh = dy + sum_g w[up, g]^T @ da_g(pixel
+below) + sum_g w[left, g]^T @ da_g(pixel right), both da on diagonal t+1, read back from dgates (written by this
+program in the previous step; a transposed copy of the weight makes those tiles contiguous); the gate
+pre-activations are recomputed from gates + w @ (y above, y left), the exact operands the forward used (one
+step's product instead of storing 4h values per pixel); dc(i, j+1) * sigmoid(f(i, j+1)) comes through a small
+per-program float32 scratch (hidden x rows, double-buffered by step parity). dw_ss = sum over pixels of
+da (x) (y above, y left) is one GEMM over dgates and y after the kernel (gm.ops.diagonal_lstm).
 """
 
 from __future__ import annotations
@@ -34,28 +38,54 @@ from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, sigmoid, tan
 
 
 @triton.jit
-def _preact(g_base, w_ptr, gate, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC: tl.constexpr,
-            PRECISION: tl.constexpr):  # fmt: skip
-    """gates[gate] + w_up[gate] @ h_up + w_left[gate] @ h_left, a (BLOCK_K, BLOCK_H) tile in ACC."""
-    a = tl.load(g_base + (gate * HID + kk) * HW + pix, mask=m, other=0.0).to(ACC)
-    w_up = tl.load(w_ptr + gate * HID * HID + w_off, mask=w_mask, other=0.0)
-    w_left = tl.load(w_ptr + (4 + gate) * HID * HID + w_off, mask=w_mask, other=0.0)
-    a = tl.dot(w_up, h_up, a, input_precision=PRECISION, out_dtype=ACC)
-    return tl.dot(w_left, h_left, a, input_precision=PRECISION, out_dtype=ACC)
-
-
-@triton.jit
 def _cell_geometry(t, rr, H, W, REVERSE: tl.constexpr):
-    """Image row/column of each register row at skewed step t: (inside, pixel offset, offset of the left pixel)."""
+    """At skewed step t, for each tile column rr (an image row): (j, inside, offset of the pixel, of its left
+    neighbour, of its right neighbour), left/right in scan order (mirrored in memory when REVERSE)."""
     j = t - rr
     inside = (rr < H) & (j >= 0) & (j < W)
     if REVERSE:
         pix = rr * W + (W - 1 - j)
         left = pix + 1
+        right = pix - 1
     else:
         pix = rr * W + j
         left = pix - 1
-    return j, inside, pix, left
+        right = pix + 1
+    return j, inside, pix, left, right
+
+
+@triton.jit
+def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_left, HID, HW,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """The four gate pre-activations of output units o, a (BO, BLOCK_H) tile each in ACC:
+    gates[g, o] + w[up, g][o, :] @ y(pixel above) + w[left, g][o, :] @ y(pixel left), the state read back from y.
+
+    One loop over both taps' input channels in BK chunks (each tap padded to a multiple of BK): an iteration holds
+    four (BO, BK) weight tiles and one (BK, BLOCK_H) state tile."""
+    a_i = tl.load(g_base + o * HW + pix, mask=m, other=0.0).to(ACC)
+    a_f = tl.load(g_base + (HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
+    a_o = tl.load(g_base + (2 * HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
+    a_g = tl.load(g_base + (3 * HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
+    kr = tl.arange(0, BK)[:, None]
+    kc = tl.arange(0, BK)[None, :]
+    kp = tl.cdiv(HID, BK) * BK
+    gs = HID * HID  # one (gate, tap) block of the packed weight
+    for kk in range(0, 2 * kp, BK):
+        tap = kk // kp
+        k0 = kk - tap * kp
+        k = k0 + kr
+        src = tl.where(tap == 0, up, left)
+        ok = tl.where(tap == 0, has_up, has_left)
+        h = tl.load(y_base + k * HW + src, mask=(k < HID) & ok, other=0.0)
+        w_tap = w_ptr + tap * 4 * gs + o * HID + (k0 + kc)
+        w_mask = o_ok & ((k0 + kc) < HID)
+        a_i = tl.dot(tl.load(w_tap, mask=w_mask, other=0.0), h, a_i, input_precision=PRECISION, out_dtype=ACC)
+        a_f = tl.dot(tl.load(w_tap + gs, mask=w_mask, other=0.0), h, a_f, input_precision=PRECISION, out_dtype=ACC)
+        a_o = tl.dot(tl.load(w_tap + 2 * gs, mask=w_mask, other=0.0), h, a_o, input_precision=PRECISION,
+                     out_dtype=ACC)  # fmt: skip
+        a_g = tl.dot(tl.load(w_tap + 3 * gs, mask=w_mask, other=0.0), h, a_g, input_precision=PRECISION,
+                     out_dtype=ACC)  # fmt: skip
+    return a_i, a_f, a_o, a_g
 
 
 @triton.jit
@@ -63,137 +93,143 @@ def diagonal_lstm_fwd_kernel(
     g_ptr, w_ptr, y_ptr, c_ptr,
     HID, H, W,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
     HW = H * W
-    kk = tl.arange(0, BLOCK_K)[:, None]
+    oo = tl.arange(0, BO)[:, None]
     rr = tl.arange(0, BLOCK_H)[None, :]
-    k_ok = kk < HID
-    wc = tl.arange(0, BLOCK_K)[None, :]
-    w_off = kk * HID + wc
-    w_mask = k_ok & (wc < HID)
     g_base = g_ptr + n * 4 * HID * HW
     y_base = y_ptr + n * HID * HW
     c_base = c_ptr + n * HID * HW
-    h = tl.zeros((BLOCK_K, BLOCK_H), dtype=ACC)
-    c = tl.zeros((BLOCK_K, BLOCK_H), dtype=ACC)
     for t in range(0, W + H - 1):
-        j, inside, pix, left = _cell_geometry(t, rr, H, W, REVERSE)
-        m = k_ok & inside
-        # The pixel above was written to y in the previous step (barrier at the end of that step).
-        h_up = tl.load(y_base + kk * HW + pix - W, mask=m & (rr >= 1), other=0.0)
-        h_left = h.to(y_ptr.dtype.element_ty)
-        a_i = _preact(g_base, w_ptr, 0, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
-        a_f = _preact(g_base, w_ptr, 1, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
-        a_o = _preact(g_base, w_ptr, 2, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
-        a_g = _preact(g_base, w_ptr, 3, kk, pix, m, HID, HW, w_off, w_mask, h_up, h_left, ACC, PRECISION)
-        c = sigmoid(a_f) * c + sigmoid(a_i) * tanh(a_g)
-        c = tl.where(inside, c, 0.0)
-        h = tl.where(inside, sigmoid(a_o) * tanh(c), 0.0)
-        tl.store(y_base + kk * HW + pix, h.to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(c_base + kk * HW + pix, c, mask=m)
+        j, inside, pix, left, right = _cell_geometry(t, rr, H, W, REVERSE)
+        has_up = inside & (rr >= 1)
+        has_left = inside & (j >= 1)
+        # Step t reads only diagonal t-1 of y and c (complete: barrier at the end of step t-1) and writes diagonal t.
+        for o0 in range(0, HID, BO):
+            o = o0 + oo
+            o_ok = o < HID
+            m = o_ok & inside
+            a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
+                                               has_left, HID, HW, ACC, PRECISION, BK)  # fmt: skip
+            c_left = tl.load(c_base + o * HW + left, mask=o_ok & has_left, other=0.0).to(ACC)
+            c = sigmoid(a_f) * c_left + sigmoid(a_i) * tanh(a_g)
+            h = sigmoid(a_o) * tanh(c)
+            tl.store(y_base + o * HW + pix, h.to(y_ptr.dtype.element_ty), mask=m)
+            tl.store(c_base + o * HW + pix, c, mask=m)
         tl.debug_barrier()
 
 
 @triton.jit
-def _input_grad_dot(w_ptr, tap, wt_off, w_mask, HID, da_i, da_f, da_o, da_g, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr):  # fmt: skip
-    """sum over the four gates of w[tap, gate]^T @ da_gate: (BLOCK_K, BLOCK_H)."""
-    base = w_ptr + tap * 4 * HID * HID
-    acc = tl.dot(tl.load(base + wt_off, mask=w_mask, other=0.0), da_i, input_precision=PRECISION, out_dtype=ACC)
-    acc = tl.dot(tl.load(base + HID * HID + wt_off, mask=w_mask, other=0.0), da_f, acc,
-                 input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
-    acc = tl.dot(tl.load(base + 2 * HID * HID + wt_off, mask=w_mask, other=0.0), da_o, acc,
-                 input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
-    return tl.dot(tl.load(base + 3 * HID * HID + wt_off, mask=w_mask, other=0.0), da_g, acc,
-                  input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
+def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down, has_right, HID, HW,
+                ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """dL/dh for units o, a (BO, BLOCK_H) tile in ACC: dy + sum_g w[up, g]^T @ da_g(pixel below)
+    + sum_g w[left, g]^T @ da_g(pixel right), the da read back from dgates (written in the previous backward step).
+    wt is the packed weight transposed per (tap, gate): wt[tap, g][o, k] = w[tap, g][k, o]."""
+    dh = tl.load(dy_base + o * HW + pix, mask=m, other=0.0).to(ACC)
+    kr = tl.arange(0, BK)[:, None]
+    kc = tl.arange(0, BK)[None, :]
+    kp = tl.cdiv(HID, BK) * BK
+    gs = HID * HID
+    for kk in range(0, 2 * kp, BK):
+        tap = kk // kp
+        k0 = kk - tap * kp
+        k = k0 + kr
+        src = tl.where(tap == 0, down, right)
+        ok = (k < HID) & tl.where(tap == 0, has_down, has_right)
+        da = dg_base + k * HW + src
+        w_tap = wt_ptr + tap * 4 * gs + o * HID + (k0 + kc)
+        w_mask = o_ok & ((k0 + kc) < HID)
+        dh = tl.dot(tl.load(w_tap, mask=w_mask, other=0.0), tl.load(da, mask=ok, other=0.0), dh,
+                    input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
+        dh = tl.dot(tl.load(w_tap + gs, mask=w_mask, other=0.0), tl.load(da + HID * HW, mask=ok, other=0.0), dh,
+                    input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
+        dh = tl.dot(tl.load(w_tap + 2 * gs, mask=w_mask, other=0.0), tl.load(da + 2 * HID * HW, mask=ok, other=0.0),
+                    dh, input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
+        dh = tl.dot(tl.load(w_tap + 3 * gs, mask=w_mask, other=0.0), tl.load(da + 3 * HID * HW, mask=ok, other=0.0),
+                    dh, input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
+    return dh
 
 
 @triton.jit
 def diagonal_lstm_bwd_kernel(
-    dy_ptr, g_ptr, w_ptr, y_ptr, c_ptr, dg_ptr, scratch_ptr,
+    dy_ptr, g_ptr, w_ptr, wt_ptr, y_ptr, c_ptr, dg_ptr, scratch_ptr,
     HID, H, W,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
     HW = H * W
-    kk = tl.arange(0, BLOCK_K)[:, None]
+    oo = tl.arange(0, BO)[:, None]
     rr = tl.arange(0, BLOCK_H)[None, :]
-    k_ok = kk < HID
-    wc = tl.arange(0, BLOCK_K)[None, :]
-    w_off = kk * HID + wc
-    wt_off = wc * HID + kk  # element [k, o] of w[o, k]: the transposed tile
-    w_mask = k_ok & (wc < HID)
     g_base = g_ptr + n * 4 * HID * HW
     dg_base = dg_ptr + n * 4 * HID * HW
     y_base = y_ptr + n * HID * HW
     c_base = c_ptr + n * HID * HW
     dy_base = dy_ptr + n * HID * HW
-    tile = kk * BLOCK_H + rr
-    scratch = scratch_ptr + n * 2 * BLOCK_K * BLOCK_H
+    # dc(i, j+1) * sigmoid(f(i, j+1)) per (unit, row), double-buffered by step parity.
+    scratch = scratch_ptr + n * 2 * HID * BLOCK_H
     dt = y_ptr.dtype.element_ty
-    dh_next = tl.zeros((BLOCK_K, BLOCK_H), dtype=ACC)  # dL/dh(t) from step t+1
-    dc_next = tl.zeros((BLOCK_K, BLOCK_H), dtype=ACC)  # dL/dc(t) from step t+1
     for step in range(0, W + H - 1):
         t = W + H - 2 - step
-        j, inside, pix, left = _cell_geometry(t, rr, H, W, REVERSE)
-        m = k_ok & inside
-        has_left = m & (j >= 1)
-        y_up = tl.load(y_base + kk * HW + pix - W, mask=m & (rr >= 1), other=0.0)
-        y_left = tl.load(y_base + kk * HW + left, mask=has_left, other=0.0)
-        a_i = _preact(g_base, w_ptr, 0, kk, pix, m, HID, HW, w_off, w_mask, y_up, y_left, ACC, PRECISION)
-        a_f = _preact(g_base, w_ptr, 1, kk, pix, m, HID, HW, w_off, w_mask, y_up, y_left, ACC, PRECISION)
-        a_o = _preact(g_base, w_ptr, 2, kk, pix, m, HID, HW, w_off, w_mask, y_up, y_left, ACC, PRECISION)
-        a_g = _preact(g_base, w_ptr, 3, kk, pix, m, HID, HW, w_off, w_mask, y_up, y_left, ACC, PRECISION)
-        c = tl.load(c_base + kk * HW + pix, mask=m, other=0.0).to(ACC)
-        c_left = tl.load(c_base + kk * HW + left, mask=has_left, other=0.0).to(ACC)
-        dh = tl.where(m, dh_next + tl.load(dy_base + kk * HW + pix, mask=m, other=0.0).to(ACC), 0.0)
-        s_i = sigmoid(a_i)
-        s_f = sigmoid(a_f)
-        s_o = sigmoid(a_o)
-        t_g = tanh(a_g)
-        t_c = tanh(c)
-        dc = tl.where(m, dc_next + dh * s_o * (1.0 - t_c * t_c), 0.0)
-        da_i = dc * t_g * s_i * (1.0 - s_i)
-        da_f = dc * c_left * s_f * (1.0 - s_f)
-        da_o = dh * t_c * s_o * (1.0 - s_o)
-        da_g = dc * s_i * (1.0 - t_g * t_g)
-        dg_off = kk * HW + pix
-        tl.store(dg_base + dg_off, da_i.to(dt), mask=m)
-        tl.store(dg_base + HID * HW + dg_off, da_f.to(dt), mask=m)
-        tl.store(dg_base + 2 * HID * HW + dg_off, da_o.to(dt), mask=m)
-        tl.store(dg_base + 3 * HID * HW + dg_off, da_g.to(dt), mask=m)
-        dc_next = dc * s_f
-        da_i = da_i.to(dt)
-        da_f = da_f.to(dt)
-        da_o = da_o.to(dt)
-        da_g = da_g.to(dt)
-        # Row i's gradient for the cell above goes to row i-1: shift the tile up one row through scratch.
-        up = _input_grad_dot(w_ptr, 0, wt_off, w_mask, HID, da_i, da_f, da_o, da_g, ACC, PRECISION)
-        buf = scratch + (step % 2) * BLOCK_K * BLOCK_H
-        tl.store(buf + tile, up)
+        j, inside, pix, left, right = _cell_geometry(t, rr, H, W, REVERSE)
+        has_up = inside & (rr >= 1)
+        has_left = inside & (j >= 1)
+        has_down = inside & (rr + 1 < H)
+        has_right = inside & (j + 1 < W)
+        dc_in = scratch + ((step + 1) % 2) * HID * BLOCK_H  # written in step - 1 (diagonal t + 1)
+        dc_out = scratch + (step % 2) * HID * BLOCK_H
+        # Step t reads diagonal t+1 of dgates and dc_in (complete: barrier at the end of the previous step) and
+        # writes diagonal t.
+        for o0 in range(0, HID, BO):
+            o = o0 + oo
+            o_ok = o < HID
+            m = o_ok & inside
+            dh = _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, pix + W, right, has_down, has_right, HID,
+                             HW, ACC, PRECISION, BK)  # fmt: skip
+            a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
+                                               has_left, HID, HW, ACC, PRECISION, BK)  # fmt: skip
+            c = tl.load(c_base + o * HW + pix, mask=m, other=0.0).to(ACC)
+            c_left = tl.load(c_base + o * HW + left, mask=o_ok & has_left, other=0.0).to(ACC)
+            tile = o * BLOCK_H + rr
+            dc_right = tl.load(dc_in + tile, mask=o_ok & has_right, other=0.0)
+            s_i = sigmoid(a_i)
+            s_f = sigmoid(a_f)
+            s_o = sigmoid(a_o)
+            t_g = tanh(a_g)
+            t_c = tanh(c)
+            dc = dc_right + dh * s_o * (1.0 - t_c * t_c)
+            dg_off = o * HW + pix
+            tl.store(dg_base + dg_off, (dc * t_g * s_i * (1.0 - s_i)).to(dt), mask=m)
+            tl.store(dg_base + HID * HW + dg_off, (dc * c_left * s_f * (1.0 - s_f)).to(dt), mask=m)
+            tl.store(dg_base + 2 * HID * HW + dg_off, (dh * t_c * s_o * (1.0 - s_o)).to(dt), mask=m)
+            tl.store(dg_base + 3 * HID * HW + dg_off, (dc * s_i * (1.0 - t_g * t_g)).to(dt), mask=m)
+            tl.store(dc_out + tile, dc * s_f, mask=m)
         tl.debug_barrier()
-        up_shifted = tl.load(buf + tile + 1, mask=(rr + 1) < BLOCK_H, other=0.0)
-        dh_next = _input_grad_dot(w_ptr, 1, wt_off, w_mask, HID, da_i, da_f, da_o, da_g, ACC, PRECISION)
-        dh_next += up_shifted
 
 
-# Launch configuration: one program per batch element; the step loop carries a barrier, so no software
-# pipelining (num_stages=1: a prefetched load of y would race with the previous step's store).
-def _configs():
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+# Launch configuration: one program per batch element; the step loop carries a barrier, so no software pipelining
+# (num_stages=1). (BO output units, BK input channels per chunk, warps): all spill-free on sm_90 in float32 and
+# bfloat16 (python -m bench.aot --ops diagonal_lstm; numbers in bench/NOTES.md).
+_FWD_CONFIGS = [(64, 32, 4), (64, 64, 8), (32, 32, 4), (64, 32, 8)]
+_BWD_CONFIGS = [(64, 32, 8), (32, 32, 8), (32, 16, 4)]
+
+
+def _configs(table):
+    return [triton.Config({"BO": bo, "BK": bk}, num_warps=w, num_stages=1) for bo, bk, w in table]
 
 
 _KEY = ["HID", "H", "W", "REVERSE"]
-_fwd, _FWD_META = tuned(diagonal_lstm_fwd_kernel, _configs(), _KEY, {})
-_bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(), _KEY, {})
+# Under the interpreter: 16-wide blocks, so hidden sizes above 16 run several output blocks and channel chunks.
+_INTERPRETED_META = {"BO": 16, "BK": 16}
+_fwd, _FWD_META = tuned(diagonal_lstm_fwd_kernel, _configs(_FWD_CONFIGS), _KEY, _INTERPRETED_META)
+_bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(_BWD_CONFIGS), _KEY, _INTERPRETED_META)
 
 
-def _blocks(hid: int, height: int) -> tuple[int, int]:
+def _block_h(height: int) -> int:
     # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(hid)), max(16, triton.next_power_of_2(height))
+    return max(16, triton.next_power_of_2(height))
 
 
 def pack_weight(w_ss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -214,12 +250,11 @@ def forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool) -> tuple[tor
     hid = g4 // 4
     y = torch.empty(n, hid, height, width, dtype=gates.dtype, device=gates.device)
     c = torch.empty(n, hid, height, width, dtype=_state_dtype(gates.dtype), device=gates.device)
-    block_k, block_h = _blocks(hid, height)
     _fwd[(n,)](
         gates, pack_weight(w_ss, gates.dtype), y, c,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_K=block_k, BLOCK_H=block_h, **_FWD_META,
+        BLOCK_H=_block_h(height), **_FWD_META,
     )  # fmt: skip
     return y, c
 
@@ -230,13 +265,15 @@ def backward(
     """dgates (N, 4h, H, W) in gates' dtype; every input contiguous."""
     n, g4, height, width = gates.shape
     hid = g4 // 4
-    block_k, block_h = _blocks(hid, height)
+    block_h = _block_h(height)
+    w = pack_weight(w_ss, gates.dtype)
     dgates = torch.empty_like(gates)
-    scratch = torch.empty(n, 2, block_k, block_h, dtype=_state_dtype(gates.dtype), device=gates.device)
+    # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
+    scratch = torch.empty(n, 2, hid, block_h, dtype=_state_dtype(gates.dtype), device=gates.device)
     _bwd[(n,)](
-        grad, gates, pack_weight(w_ss, gates.dtype), y, c, dgates, scratch,
+        grad, gates, w, w.transpose(2, 3).contiguous(), y, c, dgates, scratch,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_K=block_k, BLOCK_H=block_h, **_BWD_META,
+        BLOCK_H=block_h, **_BWD_META,
     )  # fmt: skip
     return dgates

@@ -58,6 +58,17 @@ def test_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatch):
     _check(backend, gates, w_ss, dy, reverse, dtype, CPU)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_triton_several_unit_blocks(reverse, monkeypatch):
+    """h = 20 > the interpreted 16-unit blocks: two output blocks (the last partial) and two 16-channel chunks per
+    tap (the last padded), so the per-block gates, the state read back from y and the backward's pull over the
+    next diagonal's dgates all cross block boundaries."""
+    gates, w_ss, dy = _inputs(2, 20, 3, 4, torch.float64, scale=0.3)
+    poison_empty(monkeypatch)
+    _check("triton", gates, w_ss, dy, reverse, torch.float64, CPU)
+
+
 def test_zero_state_outside_is_the_literal_recurrence():
     """Zeroing the state outside the image (what the kernels do) changes no output and no gradient of the literal
     recurrence on the zero-filled skewed gates, bit for bit (see gm.reference.diagonal_lstm)."""
@@ -150,7 +161,7 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b
 @pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize(("n", "hid", "h", "w"), [(3, 32, 16, 16), (2, 64, 11, 13), (2, 5, 7, 3)])
+@pytest.mark.parametrize(("n", "hid", "h", "w"), [(3, 32, 16, 16), (2, 64, 11, 13), (2, 5, 7, 3), (2, 100, 9, 5)])
 def test_gpu_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatch):
     cuda = torch.device("cuda")
     gates, w_ss, dy = _inputs(n, hid, h, w, dtype, device=cuda, scale=1.0 / hid**0.5)
