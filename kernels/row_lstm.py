@@ -5,19 +5,28 @@ Forward, per batch element n and row r = 0 .. H-1 (h_{-1} = h0 or 0, c_{-1} = c0
     c_r = sig(z_f) c_{r-1} + sig(z_i) tanh(z_g);   h_r = sig(z_o) tanh(c_r)
 Shapes: gates (N, 4h, H, W), w_ss (4h, h, k), h0/c0 (N, h, W); states hs, cs (N, h, H, W) in the accumulation
 dtype (float32, float64 for float64 inputs); y (N, h, H, W) in the input dtype (y is hs itself for float32/64).
+The kernels take the weight packed as wp (k, 4h, h) = w_ss.permute(2, 0, 1): a tap's (BO x BK) tile is contiguous
+along its input channels (vector loads), and read transposed for the backward it is contiguous along its rows.
 
-One program per batch element owns the whole row: the state-to-state conv couples neighbouring columns and
+One program per batch element owns the whole image: the state-to-state conv couples neighbouring columns and
 every output channel needs every input channel of the previous row, so rows cannot be split across programs
-without a grid-wide sync. Per row, the conv is k * 4 dots (h x h) @ (h x W), one per tap and gate block;
-the shifted h_{r-1} is re-read from the row the program just stored in hs (the output doubles as the
-scratch: a program reads only what it wrote, so there are no races between programs, and tl.debug_barrier()
-orders the store before the load among the program's own threads on a GPU; it is a no-op interpreted).
+without a grid-wide sync. Nothing of the state is carried in registers across rows: per row the program walks
+blocks of BO output units x BW columns; for each block it accumulates the four gate pre-activations (BO x BW)
+as k * ceil(h / BK) * 4 dots (BO x BK) @ (BK x BW) of weight tiles and shifted tiles of h_{r-1}, read back from
+the row of hs this program stored before (L1/L2 hits), loads c_{r-1} from cs, and stores c_r, h_r. A program
+reads only what it wrote, so there are no races between programs; one tl.debug_barrier() per row orders the
+row's stores before the next row's shifted loads among the program's own threads (a no-op interpreted).
+The live set is 4 accumulators (BO x BW) plus the operand tiles, whatever h and W are: no spills.
 
-Backward walks rows bottom to top with dh, dc carried in registers; it recomputes z from the saved h_{r-1}
-(one dot per tap and gate, cheaper than storing 4h activations per pixel), writes dz into dgates, and takes
-dh_{r-1} = sum_t w_t^T @ shift(dz) by re-reading dgates shifted (again its own writes, after a barrier).
-dw_ss is a separate GEMM over all N*H*W pixels (row_lstm_wgrad_kernel): accumulating k*4 (h x h) tiles in
-the registers of N scan programs would not fit for h >= 64 and would use only N SMs.
+Backward walks rows bottom to top with the same blocking. For a block of row r: dh_r = dy_r + the transposed
+conv of row r+1's dz, pulled from dgates row r+1 (this program wrote it in the previous step); z is recomputed
+from the saved h_{r-1} (cheaper than storing 4h activations per pixel); dc_r comes from row r+1 through a
+per-program scratch dcs (N, 2, h, W) in the accumulation dtype, double-buffered by row parity so a block never
+reads what another thread of the same step may already have overwritten; dz goes to dgates row r. After row 0,
+dh0 is the transposed conv of dgates row 0 and dc0 is the scratch's parity-0 buffer.
+dw_ss is a separate GEMM over all N*H*W pixels (row_lstm_wgrad_kernel): dw viewed as a (4h) x (h*k) matrix
+(its memory layout) is dgates (4h x pixels) @ B (pixels x h*k), B[p, j*k + t] = h_{r-1}[j, w + t - k//2]
+gathered on the fly; pixels are walked per image so both operands are contiguous along the pixel axis.
 """
 
 from __future__ import annotations
@@ -26,56 +35,95 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
 
 
 @triton.jit
-def _load_prev_h(hs_ptr, h0_ptr, n, r, ch, col, dx, HID, H, W, HAS_H0: tl.constexpr, ACC: tl.constexpr):
-    """h_{r-1}[ch, col + dx] (zero outside the row): row r-1 of hs, or h0 (or zero) for r = 0."""
-    src = col + dx
-    r_vec = src * 0 + r  # row tests as blocks: a scalar test in a mask trips triton 3.9's interpreter
-    ok = (ch[:, None] < HID) & ((src >= 0) & (src < W))[None, :]
-    prev = tl.maximum(r - 1, 0)
-    off = ((n * HID + ch[:, None]) * H + prev) * W + src[None, :]
-    hp = tl.load(hs_ptr + off, mask=ok & (r_vec > 0)[None, :], other=0.0).to(ACC)
-    if HAS_H0:
-        h0_off = (n * HID + ch[:, None]) * W + src[None, :]
-        hp += tl.load(h0_ptr + h0_off, mask=ok & (r_vec == 0)[None, :], other=0.0).to(ACC)
-    return hp
-
-
-@triton.jit
-def _load_w_tile(w_ptr, gate, t, o, j, HID, K: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """w_ss[gate*h + o, j, t] as (o, j), or as (j, o) when TRANSPOSE."""
-    if TRANSPOSE:
-        off = ((gate * HID + o[None, :]) * HID + j[:, None]) * K + t
-        ok = (o[None, :] < HID) & (j[:, None] < HID)
-    else:
-        off = ((gate * HID + o[:, None]) * HID + j[None, :]) * K + t
-        ok = (o[:, None] < HID) & (j[None, :] < HID)
-    return tl.load(w_ptr + off.to(tl.int64), mask=ok, other=0.0)
+def _conv_prev(
+    zi, zf, zo, zg, w_ptr, src, ch_stride, o, col, HID, W,
+    K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Add the state-to-state conv of the previous row to the gate accumulators (each (BO, BW)):
+    z_g[o, w] += sum_t sum_j wp[t, g*h + o, j] * prev[j, w + t - k//2], prev[j, x] at src + j*ch_stride + x."""
+    o_ok = o < HID
+    for kb in range(0, HID, BK):
+        j = kb + tl.arange(0, BK).to(tl.int64)
+        j_ok = j < HID
+        w_off = o[:, None] * HID + j[None, :]
+        w_ok = o_ok[:, None] & j_ok[None, :]
+        for t in range(K):  # a runtime loop: unrolled, all taps' tiles would be loaded at once
+            x = col + (t - K // 2)
+            hp = tl.load(
+                src + j[:, None] * ch_stride + x[None, :],
+                mask=j_ok[:, None] & ((x >= 0) & (x < W))[None, :],
+                other=0.0,
+            ).to(DOT)
+            wt = w_ptr + t * 4 * HID * HID + w_off
+            zi = tl.dot(tl.load(wt, mask=w_ok, other=0.0).to(DOT), hp, zi, input_precision=PRECISION, out_dtype=ACC)
+            zf = tl.dot(
+                tl.load(wt + HID * HID, mask=w_ok, other=0.0).to(DOT), hp, zf, input_precision=PRECISION, out_dtype=ACC
+            )
+            zo = tl.dot(
+                tl.load(wt + 2 * HID * HID, mask=w_ok, other=0.0).to(DOT), hp, zo, input_precision=PRECISION,
+                out_dtype=ACC,
+            )  # fmt: skip
+            zg = tl.dot(
+                tl.load(wt + 3 * HID * HID, mask=w_ok, other=0.0).to(DOT), hp, zg, input_precision=PRECISION,
+                out_dtype=ACC,
+            )  # fmt: skip
+    return zi, zf, zo, zg
 
 
 @triton.jit
 def _gate_preacts(
-    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, ch, col, HID, H, W,
+    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, HID, H, W,
     K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr,
 ):  # fmt: skip
-    """z_i, z_f, z_o, z_g (each (BH, BW), ACC) of row r: gates plus the conv of h_{r-1}."""
-    m2 = (ch[:, None] < HID) & (col[None, :] < W)
-    row = (ch[:, None] * H + r) * W + col[None, :]
-    base = g_ptr + n * 4 * HID * H * W
-    zi = tl.load(base + row, mask=m2, other=0.0).to(ACC)
-    zf = tl.load(base + row + HID * H * W, mask=m2, other=0.0).to(ACC)
-    zo = tl.load(base + row + 2 * HID * H * W, mask=m2, other=0.0).to(ACC)
-    zg = tl.load(base + row + 3 * HID * H * W, mask=m2, other=0.0).to(ACC)
-    for t in tl.static_range(K):
-        hp = _load_prev_h(hs_ptr, h0_ptr, n, r, ch, col, t - K // 2, HID, H, W, HAS_H0, ACC).to(DOT)
-        zi = tl.dot(_load_w_tile(w_ptr, 0, t, ch, ch, HID, K, False).to(DOT), hp, zi, input_precision=PRECISION)
-        zf = tl.dot(_load_w_tile(w_ptr, 1, t, ch, ch, HID, K, False).to(DOT), hp, zf, input_precision=PRECISION)
-        zo = tl.dot(_load_w_tile(w_ptr, 2, t, ch, ch, HID, K, False).to(DOT), hp, zo, input_precision=PRECISION)
-        zg = tl.dot(_load_w_tile(w_ptr, 3, t, ch, ch, HID, K, False).to(DOT), hp, zg, input_precision=PRECISION)
+    """z_i, z_f, z_o, z_g (each (BO, BW), ACC) of units o, columns col, row r: gates plus the conv of h_{r-1}."""
+    m2 = (o < HID)[:, None] & (col < W)[None, :]
+    plane = H * W
+    row = g_ptr + n * 4 * HID * plane + (o[:, None] * H + r) * W + col[None, :]
+    zi = tl.load(row, mask=m2, other=0.0).to(ACC)
+    zf = tl.load(row + HID * plane, mask=m2, other=0.0).to(ACC)
+    zo = tl.load(row + 2 * HID * plane, mask=m2, other=0.0).to(ACC)
+    zg = tl.load(row + 3 * HID * plane, mask=m2, other=0.0).to(ACC)
+    if r > 0:
+        src = hs_ptr + (n * HID * H + r - 1) * W  # hs[n, 0, r-1, 0]
+        zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src, plane, o, col, HID, W, K, ACC, DOT, PRECISION, BK)
+    else:
+        if HAS_H0:
+            src0 = h0_ptr + n * HID * W  # h0[n, 0, 0]
+            zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src0, W, o, col, HID, W, K, ACC, DOT, PRECISION, BK)
     return zi, zf, zo, zg
+
+
+@triton.jit
+def _conv_transpose_next(
+    acc, dg_ptr, w_ptr, n, r, o, col, HID, H, W,
+    K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """acc (BO, BW) += the gradient that dgates row r sends to the state of the row above it:
+    dh[o, w] += sum_t sum_c wp[t, c, o] * dz[c, w - (t - k//2)] over all 4h gate channels c (the four gates are
+    one reduction: dgates and wp both keep them contiguous), in BK-channel chunks."""
+    o_ok = o < HID
+    plane = H * W
+    row = dg_ptr + (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
+    for cb in range(0, 4 * HID, BK):
+        c = cb + tl.arange(0, BK).to(tl.int64)
+        c_ok = c < 4 * HID
+        w_off = c[None, :] * HID + o[:, None]  # (BO, BK): wp[t, c, o], contiguous along o
+        w_ok = o_ok[:, None] & c_ok[None, :]
+        for t in range(K):
+            x = col - (t - K // 2)
+            dz = tl.load(
+                row + c[:, None] * plane + x[None, :],
+                mask=c_ok[:, None] & ((x >= 0) & (x < W))[None, :],
+                other=0.0,
+            ).to(DOT)
+            wt = tl.load(w_ptr + t * 4 * HID * HID + w_off, mask=w_ok, other=0.0).to(DOT)
+            acc = tl.dot(wt, dz, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return acc
 
 
 @triton.jit
@@ -83,164 +131,180 @@ def row_lstm_fwd_kernel(
     g_ptr, w_ptr, h0_ptr, c0_ptr, y_ptr, hs_ptr, cs_ptr,
     HID, H, W,
     K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, WRITE_Y: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
-    ch = tl.arange(0, BH).to(tl.int64)
-    col = tl.arange(0, BW).to(tl.int64)
-    m2 = (ch[:, None] < HID) & (col[None, :] < W)
-    if HAS_C0:
-        c = tl.load(c0_ptr + (n * HID + ch[:, None]) * W + col[None, :], mask=m2, other=0.0).to(ACC)
-    else:
-        c = tl.zeros((BH, BW), dtype=ACC)
     for r in range(H):
-        zi, zf, zo, zg = _gate_preacts(
-            g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, ch, col, HID, H, W, K, HAS_H0, ACC, DOT, PRECISION
-        )
-        c = sigmoid(zf) * c + sigmoid(zi) * tanh(zg)
-        h = sigmoid(zo) * tanh(c)
-        off = ((n * HID + ch[:, None]) * H + r) * W + col[None, :]
-        tl.store(cs_ptr + off, c, mask=m2)
-        tl.store(hs_ptr + off, h, mask=m2)
-        if WRITE_Y:
-            tl.store(y_ptr + off, h.to(y_ptr.dtype.element_ty), mask=m2)
-        tl.debug_barrier()  # row r of hs is read back shifted by other threads of this program
+        for ob in range(0, HID, BO):
+            o = ob + tl.arange(0, BO).to(tl.int64)
+            for wb in range(0, W, BW):
+                col = wb + tl.arange(0, BW).to(tl.int64)
+                zi, zf, zo, zg = _gate_preacts(
+                    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, HID, H, W, K, HAS_H0, ACC, DOT, PRECISION, BK
+                )
+                m2 = (o < HID)[:, None] & (col < W)[None, :]
+                state = (n * HID + o[:, None]) * W + col[None, :]  # (n, o, col) of an (N, h, W) state
+                off = ((n * HID + o[:, None]) * H + r) * W + col[None, :]
+                if r > 0:
+                    c = tl.load(cs_ptr + off - W, mask=m2, other=0.0).to(ACC)
+                else:
+                    if HAS_C0:
+                        c = tl.load(c0_ptr + state, mask=m2, other=0.0).to(ACC)
+                    else:
+                        c = tl.zeros((BO, BW), dtype=ACC)
+                c = sigmoid(zf) * c + sigmoid(zi) * tanh(zg)
+                h = sigmoid(zo) * tanh(c)
+                tl.store(cs_ptr + off, c, mask=m2)
+                tl.store(hs_ptr + off, h, mask=m2)
+                if WRITE_Y:
+                    tl.store(y_ptr + off, h.to(y_ptr.dtype.element_ty), mask=m2)
+        tl.debug_barrier()  # row r of hs is read back shifted (and by other threads) in row r+1
 
 
 @triton.jit
 def row_lstm_bwd_kernel(
-    dy_ptr, g_ptr, w_ptr, h0_ptr, c0_ptr, hs_ptr, cs_ptr, dg_ptr, dh0_ptr, dc0_ptr,
+    dy_ptr, g_ptr, w_ptr, h0_ptr, c0_ptr, hs_ptr, cs_ptr, dg_ptr, dcs_ptr, dh0_ptr, dc0_ptr,
     HID, H, W,
     K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
-    ch = tl.arange(0, BH).to(tl.int64)
-    col = tl.arange(0, BW).to(tl.int64)
-    m2 = (ch[:, None] < HID) & (col[None, :] < W)
-    state0 = (n * HID + ch[:, None]) * W + col[None, :]
-    dh = tl.zeros((BH, BW), dtype=ACC)  # dL/dh_r through row r+1's state-to-state conv
-    dc = tl.zeros((BH, BW), dtype=ACC)  # dL/dc_r through row r+1's cell
     for rr in range(H):
         r = H - 1 - rr
-        zi, zf, zo, zg = _gate_preacts(
-            g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, ch, col, HID, H, W, K, HAS_H0, ACC, DOT, PRECISION
-        )
-        off = ((n * HID + ch[:, None]) * H + r) * W + col[None, :]
-        c = tl.load(cs_ptr + off, mask=m2, other=0.0).to(ACC)
-        prev = tl.maximum(r - 1, 0)
-        r_vec = col * 0 + r  # row tests as blocks (see _load_prev_h)
-        c_prev = tl.load(cs_ptr + off + (prev - r) * W, mask=m2 & (r_vec > 0)[None, :], other=0.0).to(ACC)
-        if HAS_C0:
-            c_prev += tl.load(c0_ptr + state0, mask=m2 & (r_vec == 0)[None, :], other=0.0).to(ACC)
-        dh += tl.load(dy_ptr + off, mask=m2, other=0.0).to(ACC)
-        si, sf, so = sigmoid(zi), sigmoid(zf), sigmoid(zo)
-        tg, tc = tanh(zg), tanh(c)
-        dc += dh * so * (1.0 - tc * tc)
-        dzi = dc * tg * si * (1.0 - si)
-        dzf = dc * c_prev * sf * (1.0 - sf)
-        dzo = dh * tc * so * (1.0 - so)
-        dzg = dc * si * (1.0 - tg * tg)
-        dc = dc * sf
-        dg_row = dg_ptr + n * 4 * HID * H * W + (ch[:, None] * H + r) * W + col[None, :]
-        tl.store(dg_row, dzi.to(dg_ptr.dtype.element_ty), mask=m2)
-        tl.store(dg_row + HID * H * W, dzf.to(dg_ptr.dtype.element_ty), mask=m2)
-        tl.store(dg_row + 2 * HID * H * W, dzo.to(dg_ptr.dtype.element_ty), mask=m2)
-        tl.store(dg_row + 3 * HID * H * W, dzg.to(dg_ptr.dtype.element_ty), mask=m2)
-        tl.debug_barrier()  # dgates row r is read back shifted by other threads of this program
-        dh = tl.zeros((BH, BW), dtype=ACC)
-        for t in tl.static_range(K):
-            src = col - (t - K // 2)  # dh_{r-1}[j, w] gets w_ss[o, j, t] * dz[o, w - (t - k//2)]
-            ok = (ch[:, None] < HID) & ((src >= 0) & (src < W))[None, :]
-            for gate in tl.static_range(4):
-                dz = tl.load(
-                    dg_ptr + n * 4 * HID * H * W + ((gate * HID + ch[:, None]) * H + r) * W + src[None, :],
-                    mask=ok,
-                    other=0.0,
+        for ob in range(0, HID, BO):
+            o = ob + tl.arange(0, BO).to(tl.int64)
+            for wb in range(0, W, BW):
+                col = wb + tl.arange(0, BW).to(tl.int64)
+                m2 = (o < HID)[:, None] & (col < W)[None, :]
+                state = (n * HID + o[:, None]) * W + col[None, :]
+                off = ((n * HID + o[:, None]) * H + r) * W + col[None, :]
+                scratch = ((n * 2 * HID + o[:, None]) * W + col[None, :]) + (r % 2) * HID * W  # dcs[n, r % 2, o, col]
+                scratch_next = ((n * 2 * HID + o[:, None]) * W + col[None, :]) + ((r + 1) % 2) * HID * W
+                dh = tl.load(dy_ptr + off, mask=m2, other=0.0).to(ACC)
+                if r + 1 < H:
+                    dh = _conv_transpose_next(dh, dg_ptr, w_ptr, n, r + 1, o, col, HID, H, W, K, DOT, PRECISION, BK)
+                    dc = tl.load(dcs_ptr + scratch_next, mask=m2, other=0.0)
+                else:
+                    dc = tl.zeros((BO, BW), dtype=ACC)
+                zi, zf, zo, zg = _gate_preacts(
+                    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, HID, H, W, K, HAS_H0, ACC, DOT, PRECISION, BK
                 )
-                wt = _load_w_tile(w_ptr, gate, t, ch, ch, HID, K, True)
-                dh = tl.dot(wt.to(DOT), dz.to(DOT), dh, input_precision=PRECISION)
-    if HAS_H0:
-        tl.store(dh0_ptr + state0, dh, mask=m2)
-    if HAS_C0:
-        tl.store(dc0_ptr + state0, dc, mask=m2)
+                c = tl.load(cs_ptr + off, mask=m2, other=0.0).to(ACC)
+                if r > 0:
+                    c_prev = tl.load(cs_ptr + off - W, mask=m2, other=0.0).to(ACC)
+                else:
+                    if HAS_C0:
+                        c_prev = tl.load(c0_ptr + state, mask=m2, other=0.0).to(ACC)
+                    else:
+                        c_prev = tl.zeros((BO, BW), dtype=ACC)
+                si, sf, so = sigmoid(zi), sigmoid(zf), sigmoid(zo)
+                tg, tc = tanh(zg), tanh(c)
+                dc += dh * so * (1.0 - tc * tc)
+                dzi = dc * tg * si * (1.0 - si)
+                dzf = dc * c_prev * sf * (1.0 - sf)
+                dzo = dh * tc * so * (1.0 - so)
+                dzg = dc * si * (1.0 - tg * tg)
+                tl.store(dcs_ptr + scratch, dc * sf, mask=m2)
+                dg_row = dg_ptr + n * 4 * HID * H * W + (o[:, None] * H + r) * W + col[None, :]
+                tl.store(dg_row, dzi.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + HID * H * W, dzf.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + 2 * HID * H * W, dzo.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + 3 * HID * H * W, dzg.to(dg_ptr.dtype.element_ty), mask=m2)
+        tl.debug_barrier()  # dgates row r and dcs[r % 2] are read (shifted, by other threads) in row r-1
+    if HAS_H0 or HAS_C0:
+        for ob in range(0, HID, BO):
+            o = ob + tl.arange(0, BO).to(tl.int64)
+            for wb in range(0, W, BW):
+                col = wb + tl.arange(0, BW).to(tl.int64)
+                m2 = (o < HID)[:, None] & (col < W)[None, :]
+                state = (n * HID + o[:, None]) * W + col[None, :]
+                if HAS_H0:
+                    dh0 = tl.zeros((BO, BW), dtype=ACC)
+                    dh0 = _conv_transpose_next(dh0, dg_ptr, w_ptr, n, 0, o, col, HID, H, W, K, DOT, PRECISION, BK)
+                    tl.store(dh0_ptr + state, dh0, mask=m2)
+                if HAS_C0:
+                    dc0 = tl.load(dcs_ptr + (n * 2 * HID + o[:, None]) * W + col[None, :], mask=m2, other=0.0)
+                    tl.store(dc0_ptr + state, dc0, mask=m2)
 
 
 @triton.jit
 def row_lstm_wgrad_kernel(
     dg_ptr, hs_ptr, h0_ptr, dw_ptr,
-    N, HID, H, W, pixels_per_split,
+    N, HID, H, W, SPLITS,
     K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """partial[split, o, j, t] = sum over the split's pixels (n, r, w) of dz[n, o, r, w] * h_{r-1}[n, j, w + t - k//2]."""
-    pid_ot = tl.program_id(0).to(tl.int64)
+    """partial[split] (4h, h*k) = sum over the split's pixels of dz[o, p] * B[p, j*k + t], B[p, j*k + t] =
+    h_{r-1}[j, w + t - k//2] at pixel p = (r, w). An item is one image's block of BLOCK_P pixels; split s takes
+    items s, s + SPLITS, ... (so the split count does not depend on the config's BLOCK_P)."""
+    pid_o = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
-    num_o = tl.cdiv(4 * HID, BLOCK_O)
-    t = pid_ot // num_o
-    o = (pid_ot % num_o) * BLOCK_O + tl.arange(0, BLOCK_O)
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    dx = t - K // 2
-    start = split * pixels_per_split
-    end = tl.minimum(start + pixels_per_split, N * H * W)
+    HK = HID * K
+    plane = H * W
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    jt = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    o_ok = o < 4 * HID
+    jt_ok = jt < HK
+    j = jt // K
+    dx = jt % K - K // 2
+    chunks = tl.cdiv(plane, BLOCK_P)
     acc = tl.zeros((BLOCK_O, BLOCK_J), dtype=ACC)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        p_ok = p < end
-        n = p // (H * W)
-        r = (p // W) % H
-        w = p % W
+    for item in range(split, N * chunks, SPLITS):
+        n = item // chunks
+        p = (item % chunks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_ok = p < plane
         dz = tl.load(
-            dg_ptr + ((n * 4 * HID)[None, :] + o[:, None]) * H * W + (r * W + w)[None, :],
-            mask=(o[:, None] < 4 * HID) & p_ok[None, :],
+            dg_ptr + (n * 4 * HID + o[:, None]) * plane + p[None, :],
+            mask=o_ok[:, None] & p_ok[None, :],
             other=0.0,
-        )
-        src = w + dx
-        ok = p_ok & (src >= 0) & (src < W)
-        hj = (n[:, None] * HID + j[None, :]) * H
+        ).to(DOT)
+        r = p // W
+        x = (p % W)[:, None] + dx[None, :]  # (BLOCK_P, BLOCK_J) source column
+        ok = (p_ok[:, None] & jt_ok[None, :]) & ((x >= 0) & (x < W))
         hp = tl.load(
-            hs_ptr + (hj + tl.maximum(r - 1, 0)[:, None]) * W + src[:, None],
-            mask=(ok & (r > 0))[:, None] & (j[None, :] < HID),
+            hs_ptr + (n * HID + j[None, :]) * plane + (p - W)[:, None] + dx[None, :],
+            mask=ok & (r > 0)[:, None],
             other=0.0,
         ).to(ACC)
         if HAS_H0:
             hp += tl.load(
-                h0_ptr + (n[:, None] * HID + j[None, :]) * W + src[:, None],
-                mask=(ok & (r == 0))[:, None] & (j[None, :] < HID),
+                h0_ptr + (n * HID + j[None, :]) * W + x,
+                mask=ok & (r == 0)[:, None],
                 other=0.0,
             ).to(ACC)
-        acc = tl.dot(dz.to(DOT), hp.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    out = dw_ptr + ((split * 4 * HID + o[:, None]) * HID + j[None, :]) * K + t
-    tl.store(out, acc, mask=(o[:, None] < 4 * HID) & (j[None, :] < HID))
+        acc = tl.dot(dz, hp.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    out = dw_ptr + (split * 4 * HID + o[:, None]) * HK + jt[None, :]
+    tl.store(out, acc, mask=o_ok[:, None] & jt_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers. Interpreted: fixed small blocks. On a GPU: the scans autotune num_warps only (their blocks are the
-# whole row), the weight-gradient GEMM its tile shape.
+# Launchers. Interpreted: fixed small blocks, smaller than the tests' hidden sizes and widths so every block loop
+# runs more than once and ends on a partial block. On a GPU: the scans autotune (BO, BK, num_warps) with BW fixed
+# by the width, the weight-gradient GEMM its tile shape.
 
 
 def _scan_configs():
-    return [triton.Config({}, num_warps=nw, num_stages=1) for nw in (4, 8, 16)]
+    shapes = [(64, 32, 4), (64, 32, 8), (32, 32, 4), (64, 64, 8)]
+    return [triton.Config(dict(BO=bo, BK=bk), num_warps=nw, num_stages=1) for bo, bk, nw in shapes]
 
 
 def _wgrad_configs():
-    shapes = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3), (128, 128, 32, 8, 3)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2)]
     return [
         triton.Config(dict(BLOCK_O=bo, BLOCK_J=bj, BLOCK_P=bp), num_warps=nw, num_stages=ns)
         for bo, bj, bp, nw, ns in shapes
     ]
 
 
-_WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=16, BLOCK_P=32)
-
-if INTERPRETED:
-    _fwd, _bwd, _wgrad = row_lstm_fwd_kernel, row_lstm_bwd_kernel, row_lstm_wgrad_kernel
-else:
-    _key = ["HID", "H", "W", "K"]
-    _fwd = triton.autotune(_scan_configs(), key=_key)(row_lstm_fwd_kernel)
-    _bwd = triton.autotune(_scan_configs(), key=_key)(row_lstm_bwd_kernel)
-    _wgrad = triton.autotune(_wgrad_configs(), key=["HID", "H", "W", "K", "N"])(row_lstm_wgrad_kernel)
+_SCAN_INTERP = dict(BO=4, BK=4)
+_WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=8, BLOCK_P=8)
+_key = ["HID", "H", "W", "K"]
+_fwd, _FWD_META = tuned(row_lstm_fwd_kernel, _scan_configs(), _key, _SCAN_INTERP)
+_bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _scan_configs(), _key, _SCAN_INTERP)
+_wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP)
 
 
 def _types(dtype: torch.dtype):
@@ -252,8 +316,16 @@ def _types(dtype: torch.dtype):
     return acc, dot, dot_precision(dtype, conv=True)
 
 
-def _blocks(hidden: int, width: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(hidden)), max(16, triton.next_power_of_2(width))
+def _block_w(width: int) -> int:
+    """Columns per block: the whole row up to 64 (4 under the interpreter, to exercise the column loop)."""
+    if INTERPRETED:
+        return 4
+    return max(16, min(64, triton.next_power_of_2(width)))
+
+
+def pack_weight(w_ss: torch.Tensor) -> torch.Tensor:
+    """(4h, h, k) -> (k, 4h, h) contiguous: wp[t, g*h + o, j] = w_ss[g*h + o, j, t]."""
+    return w_ss.permute(2, 0, 1).contiguous()
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -270,22 +342,22 @@ def forward(gates, w_ss, h0, c0):
     cs = torch.empty_like(hs)
     write_y = gates.dtype != sdt
     y = torch.empty(n, hidden, height, width, dtype=gates.dtype, device=gates.device) if write_y else hs
-    bh, bw = _blocks(hidden, width)
     _fwd[(n,)](
-        gates, w_ss, h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
+        gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
         hidden, height, width,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, WRITE_Y=write_y,
-        ACC=acc, DOT=dot, PRECISION=precision, BH=bh, BW=bw,
+        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), **_FWD_META,
     )  # fmt: skip
     return y, hs, cs
 
 
-def _num_splits(tiles: int, pixels: int, block_p: int) -> int:
+def _num_splits(tiles: int, items: int) -> int:
+    """Pixel splits of the weight-gradient GEMM: about two programs per SM, at least 4 items (of 64 pixels) each."""
     if INTERPRETED:
-        return 2 if pixels > 2 * block_p else 1  # exercise the split path in tests
+        return 2 if items > 2 else 1  # exercise the split path in tests
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = max(1, (2 * sms + tiles - 1) // tiles)
-    return max(1, min(want, pixels // 512))
+    return max(1, min(want, items // 4))
 
 
 def weight_grad(dgates, hs, h0, k):
@@ -293,19 +365,18 @@ def weight_grad(dgates, hs, h0, k):
     n, four_h, height, width = dgates.shape
     hidden = four_h // 4
     acc, dot, precision = _types(dgates.dtype)
-    pixels = n * height * width
-    splits = _num_splits(k * triton.cdiv(four_h, 64) * triton.cdiv(hidden, 64), pixels, _WGRAD_INTERP["BLOCK_P"])
-    per_split = triton.cdiv(pixels, splits)
+    block_p = _WGRAD_INTERP["BLOCK_P"] if INTERPRETED else 64
+    tiles = triton.cdiv(four_h, 128) * triton.cdiv(hidden * k, 128)
+    splits = _num_splits(tiles, n * triton.cdiv(height * width, block_p))
     partial = torch.empty(splits, four_h, hidden, k, dtype=hs.dtype, device=hs.device)
-    extra = _WGRAD_INTERP if INTERPRETED else {}
 
     def grid(meta):
-        return (k * triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden, meta["BLOCK_J"]), splits)
+        return (triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden * k, meta["BLOCK_J"]), splits)
 
     _wgrad[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
-        n, hidden, height, width, per_split,
-        K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, **extra,
+        n, hidden, height, width, splits,
+        K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, **_WGRAD_META,
     )  # fmt: skip
     return partial.sum(0) if splits > 1 else partial[0]
 
@@ -316,15 +387,15 @@ def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     hidden, k = four_h // 4, w_ss.shape[2]
     acc, dot, precision = _types(gates.dtype)
     dgates = torch.empty_like(gates)
+    dcs = torch.empty(n, 2, hidden, width, dtype=hs.dtype, device=hs.device)
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
-    bh, bw = _blocks(hidden, width)
     _bwd[(n,)](
-        dy, gates, w_ss, h0 if h0 is not None else hs, c0 if c0 is not None else hs, hs, cs,
-        dgates, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
+        dy, gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, hs, cs,
+        dgates, dcs, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
         hidden, height, width,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
-        ACC=acc, DOT=dot, PRECISION=precision, BH=bh, BW=bw,
+        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), **_BWD_META,
     )  # fmt: skip
     dw = weight_grad(dgates, hs, h0, k) if need_w else None
     return dgates, dw, dh0, dc0
