@@ -193,7 +193,10 @@ class Collector:
         def autotuner_run(self, *args, **kwargs):
             kwargs.pop("grid", None)
             kwargs.pop("warmup", None)
-            configs = self.configs[:1] if collector.first_config else self.configs
+            configs = self.configs[:1]
+            if not collector.first_config:
+                self.nargs = dict(zip(self.arg_names, args, strict=False))
+                configs = self.prune_configs(kwargs)
             for cfg in configs:
                 merged = {**kwargs, **cfg.all_kwargs()}
                 label = " ".join(f"{k}={v}" for k, v in cfg.all_kwargs().items() if v is not None and k != "num_ctas")
@@ -205,7 +208,8 @@ class Collector:
 
         # Launchers size grids from the device (SM count); answer as an H100/H200 would.
         props = types.SimpleNamespace(multi_processor_count=132, name=f"aot sm_{self.arch}", major=self.arch // 10,
-                                      minor=self.arch % 10, total_memory=80 << 30)  # fmt: skip
+                                      minor=self.arch % 10, total_memory=80 << 30,
+                                      shared_memory_per_block_optin=SMEM_LIMIT.get(self.arch, 227 * 1024))  # fmt: skip
         torch.cuda.get_device_properties = lambda *a, **k: props
         torch.cuda.current_device = lambda: 0
 

@@ -29,9 +29,11 @@ def acc_dtype(dtype: torch.dtype):
 AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
 
 
-def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict):
+def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=None):
     """(launchable kernel, extra launch kwargs): small fixed blocks under the interpreter, the first config when
-    autotuning is off, else triton.autotune over `configs` keyed on `key`."""
+    autotuning is off, else triton.autotune over `configs` keyed on `key`. `prune(configs, named_args)` drops
+    configs that cannot suit the call (e.g. by dtype) before timing; it must keep the first config valid for every
+    call, since that is what runs with autotuning off."""
     import triton  # noqa: PLC0415
 
     if INTERPRETED:
@@ -39,7 +41,46 @@ def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict):
     if not AUTOTUNE:
         c = configs[0]
         return kernel, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-    return triton.autotune(configs, key=key)(kernel), {}
+    if prune is None:
+        return triton.autotune(configs, key=key)(kernel), {}
+
+    def early_prune(configs, named_args, **kwargs):
+        return prune(configs, named_args) or configs[:1]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune})(kernel), {}
+
+
+def element_size(named_args: dict) -> int:
+    """Bytes per element of the first tensor argument of a launch (for config pruning)."""
+    return next(v for v in named_args.values() if hasattr(v, "element_size")).element_size()
+
+
+def smem_limit() -> int:
+    """Shared memory one block may use on the current GPU (opt-in maximum)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
+
+
+def fits_smem(elements_per_stage):
+    """A `prune` for tuned(): keeps configs whose pipelined operand tiles, elements_per_stage(config.kwargs)
+    elements of the first tensor's dtype per stage, fit in shared memory."""
+
+    def prune(configs, named_args):
+        budget = smem_limit() // element_size(named_args)
+        return [c for c in configs if elements_per_stage(c.kwargs) * max(c.num_stages, 1) <= budget]
+
+    return prune
+
+
+def by_element_size(tags: dict):
+    """A `prune` for tuned(): configs tagged for the first tensor's element size. `tags` maps id(config) to the
+    element sizes (bytes) it suits."""
+
+    def prune(configs, named_args):
+        size = element_size(named_args)
+        return [c for c in configs if size in tags.get(id(c), (size,))]
+
+    return prune
 
 
 @triton.jit

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, acc_dtype, dot_precision, sigmoid, tuned
-from gm.kernels.masked_linear import masked_w_tile
+from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_precision, sigmoid, tuned
+from gm.kernels.masked_linear import _CONFIG_TAGS, masked_w_tile, row_configs
 
 MODE_CODES = {"gated": 0, "affine": 1}
 
@@ -237,17 +237,20 @@ def fused_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _fused_configs():
-    shapes = [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]
-    return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
+    half, fp32 = (2,), (4, 8)
+    return row_configs([(32, 8, 3, (2, 4, 8)), (64, 4, 3, half), (64, 8, 3, half), (128, 8, 3, half), (32, 4, 4, half),
+                        (16, 4, 3, fp32), (16, 8, 3, fp32)])  # fmt: skip
 
 
 _FUSED_KEY = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]
 _fused_fwd, _FUSED_FWD_META = tuned(
-    made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS)
-)
+    made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS),
+    prune=by_element_size(_CONFIG_TAGS),
+)  # fmt: skip
 _fused_bwd, _FUSED_BWD_META = tuned(
-    made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS)
-)
+    made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS),
+    prune=by_element_size(_CONFIG_TAGS),
+)  # fmt: skip
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:

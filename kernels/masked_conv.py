@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, tuned
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, fits_smem, tuned
 
 
 @triton.jit
@@ -162,12 +162,15 @@ def _wgrad_configs():
     ]
 
 
+# float32 tiles take twice the shared memory: (128, 256, 64) x 3 stages would need 288 KiB (python -m bench.aot).
 _fwd, _FWD_META = tuned(
-    masked_conv_fwd_kernel, _fwd_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "FLIP"], _FWD_INTERP
-)
+    masked_conv_fwd_kernel, _fwd_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "FLIP"], _FWD_INTERP,
+    prune=fits_smem(lambda k: (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"]),
+)  # fmt: skip
 _wgrad, _WGRAD_META = tuned(
-    masked_conv_wgrad_kernel, _wgrad_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"], _WGRAD_INTERP
-)
+    masked_conv_wgrad_kernel, _wgrad_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"], _WGRAD_INTERP,
+    prune=fits_smem(lambda k: (k["BLOCK_C"] + k["BLOCK_O"]) * k["BLOCK_P"]),
+)  # fmt: skip
 
 
 def _check_dtype(t: torch.Tensor) -> None:

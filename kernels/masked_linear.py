@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, tuned
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, tuned
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
 
@@ -197,23 +197,36 @@ def wgrad_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
     return (64, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
 
 
-def _gemm_configs():
-    shapes = [(128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 4, 3), (32, 4, 4)]
-    return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
+_CONFIG_TAGS: dict[int, tuple[int, ...]] = {}  # id(config) -> element sizes it suits (see _common.by_element_size)
 
 
-def _wgrad_configs():
-    shapes = [(64, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]
-    return [triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns) for br, nw, ns in shapes]
+def row_configs(shapes) -> list:
+    """Configs over BLOCK_R from (BLOCK_R, warps, stages, element sizes); the first must suit every dtype (it is
+    what runs with autotuning off). python -m bench.aot chose them: float32 dots are FMA loops whose operands
+    live in registers, and row blocks of 64-128 with 4 warps spill there."""
+    out = []
+    for br, nw, ns, sizes in shapes:
+        cfg = triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns)
+        _CONFIG_TAGS[id(cfg)] = sizes
+        out.append(cfg)
+    return out
 
 
+_ANY, _HALF, _FP32 = (2, 4, 8), (2,), (4, 8)
 _gemm, _GEMM_META = tuned(
-    masked_gemm_kernel, _gemm_configs(), ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
+    masked_gemm_kernel,
+    row_configs([(32, 8, 3, _ANY), (128, 8, 3, _HALF), (64, 4, 4, _HALF), (64, 4, 3, _HALF),
+                 (32, 4, 4, _HALF), (16, 4, 3, _FP32)]),
+    ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
     dict(BLOCK_R=_INTERP_ROWS),
-)
+    prune=by_element_size(_CONFIG_TAGS),
+)  # fmt: skip
 _wgrad, _WGRAD_META = tuned(
-    masked_wgrad_kernel, _wgrad_configs(), ["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"], dict(BLOCK_R=_INTERP_ROWS)
-)
+    masked_wgrad_kernel,
+    row_configs([(64, 4, 3, _ANY), (64, 4, 4, _ANY), (128, 8, 3, _ANY), (32, 4, 4, _ANY)]),
+    ["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"],
+    dict(BLOCK_R=_INTERP_ROWS),
+)  # fmt: skip
 
 
 def _check_dtype(t: torch.Tensor) -> None:
