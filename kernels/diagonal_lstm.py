@@ -209,15 +209,20 @@ def diagonal_lstm_bwd_kernel(
         tl.debug_barrier()
 
 
-# Launch configuration: one program per batch element; the step loop carries a barrier, so no software pipelining
-# (num_stages=1). (BO output units, BK input channels per chunk, warps): all spill-free on sm_90 in float32 and
-# bfloat16 (python -m bench.aot --ops diagonal_lstm; numbers in bench/NOTES.md).
-_FWD_CONFIGS = [(64, 32, 4), (64, 64, 8), (32, 32, 4), (64, 32, 8)]
-_BWD_CONFIGS = [(64, 32, 8), (32, 32, 8), (32, 16, 4)]
+# Launch configuration: one program per batch element, a barrier at the end of every step. Triton pipelines only
+# innermost loops (here the channel loops inside a block), and their prologue runs inside the step, after the
+# previous step's barrier, so num_stages > 1 never prefetches y, c or dgates across a step: it only streams the
+# weight chunks (and the previous diagonal's tiles) through shared memory with cp.async. num_stages=1 loads the
+# weights with ordinary (L1-cached) loads instead, which may win where they fit in L1 (h = 64). Every config is
+# spill-free on sm_90 in float32 and bfloat16 and fits in shared memory in float32 (python -m bench.aot --ops
+# diagonal_lstm; numbers in bench/NOTES.md); the first (also used when autotuning is off) fits float64 too.
+# (BO output units, BK input channels per chunk, warps, stages).
+_FWD_CONFIGS = [(64, 32, 4, 1), (64, 64, 8, 1), (64, 32, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)]
+_BWD_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 8, 2), (128, 32, 8, 2), (64, 16, 8, 3)]
 
 
 def _configs(table):
-    return [triton.Config({"BO": bo, "BK": bk}, num_warps=w, num_stages=1) for bo, bk, w in table]
+    return [triton.Config({"BO": bo, "BK": bk}, num_warps=w, num_stages=s) for bo, bk, w, s in table]
 
 
 _KEY = ["HID", "H", "W", "REVERSE"]
@@ -242,27 +247,39 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c) for contiguous gates (N, 4h, H, W) and w_ss (4h, h, 2)."""
+def _launcher(tuned_kernel, raw_kernel, meta: dict, config: tuple | None):
+    """The tuned launch, or with config = (BO, BK, warps, stages) that one config (tests check every config)."""
+    if config is None:
+        return tuned_kernel, meta
+    bo, bk, warps, stages = config
+    return raw_kernel, {"BO": bo, "BK": bk, "num_warps": warps, "num_stages": stages}
+
+
+def forward(
+    gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, config: tuple | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, c) for contiguous gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of _FWD_CONFIGS (None: tuned)."""
     if gates.dtype not in TL_DTYPES:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     y = torch.empty(n, hid, height, width, dtype=gates.dtype, device=gates.device)
     c = torch.empty(n, hid, height, width, dtype=_state_dtype(gates.dtype), device=gates.device)
-    _fwd[(n,)](
+    kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
+    kernel[(n,)](
         gates, pack_weight(w_ss, gates.dtype), y, c,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_H=_block_h(height), **_FWD_META,
+        BLOCK_H=_block_h(height), **meta,
     )  # fmt: skip
     return y, c
 
 
 def backward(
-    grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool
-) -> torch.Tensor:
-    """dgates (N, 4h, H, W) in gates' dtype; every input contiguous."""
+    grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
+    config: tuple | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """dgates (N, 4h, H, W) in gates' dtype; every input contiguous; config: one of _BWD_CONFIGS (None: tuned)."""
     n, g4, height, width = gates.shape
     hid = g4 // 4
     block_h = _block_h(height)
@@ -270,10 +287,11 @@ def backward(
     dgates = torch.empty_like(gates)
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
     scratch = torch.empty(n, 2, hid, block_h, dtype=_state_dtype(gates.dtype), device=gates.device)
-    _bwd[(n,)](
+    kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
+    kernel[(n,)](
         grad, gates, w, w.transpose(2, 3).contiguous(), y, c, dgates, scratch,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
-        BLOCK_H=block_h, **_BWD_META,
+        BLOCK_H=block_h, **meta,
     )  # fmt: skip
     return dgates

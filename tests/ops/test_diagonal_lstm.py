@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gm.ops import diagonal_lstm
+from gm.ops.diagonal_lstm import weight_grad
 from gm.reference.diagonal_lstm import diagonal_lstm as reference
 from gm.reference.diagonal_lstm import diagonal_lstm_literal
 from tests._util import assert_rel, fast_backends, poison_empty
@@ -167,3 +168,27 @@ def test_gpu_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatc
     gates, w_ss, dy = _inputs(n, hid, h, w, dtype, device=cuda, scale=1.0 / hid**0.5)
     poison_empty(monkeypatch)
     _check(backend, gates, w_ss, dy, reverse, dtype, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("index", range(5))
+def test_gpu_triton_every_config(dtype, reverse, index):
+    """Each autotune config of the Triton kernels (unit blocks, channel chunks, pipelining depth), not only the
+    first one (the GPU tests launch the first config when autotuning is off)."""
+    from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    fwd_cfg = k._FWD_CONFIGS[index % len(k._FWD_CONFIGS)]
+    bwd_cfg = k._BWD_CONFIGS[index % len(k._BWD_CONFIGS)]
+    cuda = torch.device("cuda")
+    gates, w_ss, dy = _inputs(2, 72, 11, 13, dtype, device=cuda, scale=1.0 / 72**0.5)
+    gates, w_ss = gates.detach(), w_ss.detach()
+    y, c = k.forward(gates, w_ss, reverse, config=fwd_cfg)
+    dgates = k.backward(dy, gates, w_ss, y, c, reverse, config=bwd_cfg)
+    ref = _ref_and_grads(gates, w_ss, dy, reverse)
+    assert_rel(y, ref[0], dtype, f"h {fwd_cfg}", device=cuda)
+    assert_rel(dgates, ref[1], dtype, f"dgates {bwd_cfg}", device=cuda)
+    assert_rel(weight_grad(dgates, y, reverse).to(dtype), ref[2], dtype, f"dw_ss {bwd_cfg}", device=cuda)
