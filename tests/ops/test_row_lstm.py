@@ -20,6 +20,9 @@ CASES = [
     pytest.param((3, 4, 5, 7, 1, True), id="N3-h4-5x7-k1-init"),
     pytest.param((2, 8, 2, 6, 5, False), id="N2-h8-2x6-k5"),
     pytest.param((1, 3, 7, 3, 3, True), id="N1-h3-7x3-k3-init"),
+    # Interpreted, the triton scans use 4-unit x 4-column blocks: three unit blocks (the last partial), two column
+    # blocks, the dh0/dc0 pass over several blocks.
+    pytest.param((2, 9, 3, 6, 3, True), id="N2-h9-3x6-k3-init"),
 ]
 
 
