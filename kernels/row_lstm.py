@@ -35,7 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
+from gm.kernels._common import (
+    INTERPRETED,
+    TL_DTYPES,
+    acc_dtype,
+    by_element_size,
+    dot_precision,
+    sigmoid,
+    tanh,
+    tuned,
+)
 
 
 @triton.jit
@@ -91,15 +100,11 @@ def _gate_preacts(
     zg = tl.load(row + 3 * HID * plane, mask=m2, other=0.0).to(ACC)
     if r > 0:
         src = hs_ptr + (n * HID * H + r - 1) * W  # hs[n, 0, r-1, 0]
-        zi, zf, zo, zg = _conv_prev(
-            zi, zf, zo, zg, w_ptr, src, plane, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX
-        )
+        zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src, plane, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX)
     else:
         if HAS_H0:
             src0 = h0_ptr + n * HID * W  # h0[n, 0, 0]
-            zi, zf, zo, zg = _conv_prev(
-                zi, zf, zo, zg, w_ptr, src0, W, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX
-            )
+            zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src0, W, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX)
     return zi, zf, zo, zg
 
 
@@ -198,7 +203,9 @@ def row_lstm_bwd_kernel(
                 stile = o[:, None] * W + col[None, :]
                 dh = tl.load(dy_ptr + row + tile, mask=m2, other=0.0).to(ACC)
                 if r + 1 < H:
-                    dh = _conv_transpose_next(dh, dg_ptr, w_ptr, n, r + 1, o, col, HID, H, W, K, DOT, PRECISION, BK, IDX)
+                    dh = _conv_transpose_next(
+                        dh, dg_ptr, w_ptr, n, r + 1, o, col, HID, H, W, K, DOT, PRECISION, BK, IDX
+                    )
                     dc = tl.load(dcs_ptr + scratch_next + stile, mask=m2, other=0.0)
                 else:
                     dc = tl.zeros((BO, BW), dtype=ACC)
@@ -305,12 +312,14 @@ def _scan_configs(shapes):
     return [triton.Config(dict(BO=bo, BK=bk), num_warps=nw, num_stages=1) for bo, bk, nw in shapes]
 
 
-# (BO, BK, num_warps), each spill-free on sm_90 in float32 and bfloat16 at W=32 (python -m bench.aot --ops row_lstm;
-# HID is not a constexpr, so h=64 and h=128 share one binary). The backward holds a fifth accumulator (dh) and its
-# dh pull reads (BO, 4BK) weight tiles, so it gets smaller blocks; its two BO=128 configs spill a few dozen bytes in
-# one dtype. The first config is the one GM_TRITON_AUTOTUNE=0 (the GPU tests) runs.
+# (BO, BK, num_warps), each spill-free on sm_90 at W=32 (python -m bench.aot --ops row_lstm; HID is not a
+# constexpr, so h=64 and h=128 share one binary). The backward holds a fifth accumulator (dh) and its dh pull reads
+# (BO, 4BK) weight tiles, so it gets smaller blocks; its BO=128 configs are each spill-free in one element size only
+# (the other spills a few dozen bytes) and are tagged for it. The first config is the one GM_TRITON_AUTOTUNE=0 (the
+# GPU tests) runs.
 _FWD_SHAPES = [(128, 64, 16), (64, 64, 8), (128, 32, 8), (64, 32, 4)]
 _BWD_SHAPES = [(64, 32, 8), (64, 16, 8), (128, 16, 8), (128, 16, 16)]
+_BWD_SIZES = {(128, 16, 8): (4, 8), (128, 16, 16): (2,)}  # element sizes of dy a config is kept for
 
 
 def _wgrad_configs():
@@ -326,7 +335,9 @@ _SCAN_INTERP = dict(BO=4, BK=4)
 _WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=8, BLOCK_P=8)
 _key = ["HID", "H", "W", "K"]
 _fwd, _FWD_META = tuned(row_lstm_fwd_kernel, _scan_configs(_FWD_SHAPES), _key, _SCAN_INTERP)
-_bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _scan_configs(_BWD_SHAPES), _key, _SCAN_INTERP)
+_bwd_configs = _scan_configs(_BWD_SHAPES)
+_bwd_tags = {id(c): _BWD_SIZES[s] for c, s in zip(_bwd_configs, _BWD_SHAPES, strict=True) if s in _BWD_SIZES}
+_bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _bwd_configs, _key, _SCAN_INTERP, prune=by_element_size(_bwd_tags))
 _wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP)
 
 
