@@ -147,3 +147,42 @@ def test_bad_input():
 def test_gpu_matches_reference(backend, dtype, case, monkeypatch):
     assert HAS_GPU
     _compare(backend, dtype, case, torch.device("cuda"), monkeypatch)
+
+
+def _force_config(monkeypatch, i: int) -> None:
+    """Make the triton launchers run config i of each kernel's autotune list (autotuning may pick any of them;
+    GM_TRITON_AUTOTUNE=0 runs only the first): the block shapes, and on a GPU num_warps/num_stages too."""
+    import gm.kernels.row_lstm as kt  # noqa: PLC0415
+
+    def meta(cfg):
+        extra = {} if kt.INTERPRETED else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return {**cfg.kwargs, **extra}
+
+    fwd = kt._scan_configs(kt._FWD_SHAPES)
+    bwd = kt._scan_configs(kt._BWD_SHAPES)
+    wgrad = kt._wgrad_configs()
+    monkeypatch.setattr(kt, "_fwd", kt.row_lstm_fwd_kernel)
+    monkeypatch.setattr(kt, "_FWD_META", meta(fwd[i % len(fwd)]))
+    monkeypatch.setattr(kt, "_bwd", kt.row_lstm_bwd_kernel)
+    monkeypatch.setattr(kt, "_BWD_META", meta(bwd[i % len(bwd)]))
+    monkeypatch.setattr(kt, "_wgrad", kt.row_lstm_wgrad_kernel)
+    monkeypatch.setattr(kt, "_WGRAD_META", meta(wgrad[i % len(wgrad)]))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
+@pytest.mark.parametrize("i", range(4), ids=lambda i: f"config{i}")
+def test_triton_every_config(i, monkeypatch):
+    """The GPU configs' block shapes (one block larger than the whole problem: masked edges everywhere)."""
+    _force_config(monkeypatch, i)
+    _compare("triton", torch.float32, (1, 5, 3, 7, 3, True), CPU, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("i", range(4), ids=lambda i: f"config{i}")
+def test_gpu_triton_every_config(i, dtype, monkeypatch):
+    """Every autotune config of the scans and the weight-gradient GEMM on the GPU, at the benchmark's width and
+    both hidden sizes' block counts (h=80: one full and one partial 64-unit block, two 128-channel chunks)."""
+    assert HAS_GPU
+    _force_config(monkeypatch, i)
+    _compare("triton", dtype, (2, 80, 5, 32, 3, True), torch.device("cuda"), monkeypatch)
