@@ -21,7 +21,7 @@ def _case_modules(selected: list[str] | None):
         unknown = sorted(set(selected) - set(names))
         if unknown:
             raise SystemExit(f"--ops: unknown {unknown}; known: {names}")
-        names = [n for n in names if n in selected]
+        names = list(dict.fromkeys(selected))  # in the order given: gpu_check.sh runs the most wanted first
     return [(n, importlib.import_module(f"bench.cases.{n}")) for n in names]
 
 
