@@ -35,16 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import (
-    INTERPRETED,
-    TL_DTYPES,
-    acc_dtype,
-    by_element_size,
-    dot_precision,
-    sigmoid,
-    tanh,
-    tuned,
-)
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
 
 
 @triton.jit
@@ -57,30 +48,27 @@ def _conv_prev(
     z_g[o, w] += sum_t sum_j wp[t, g*h + o, j] * prev[j, w + t - k//2], prev[j, x] at src + j*ch_stride + x."""
     o_ok = o < HID
     gate = HID * HID
-    for kb in range(0, HID, BK):
-        j = kb + tl.arange(0, BK).to(IDX)
+    nkb = tl.cdiv(HID, BK)
+    for it in range(0, K * nkb):  # one flat loop over (tap, channel chunk): what num_stages > 1 pipelines
+        t = it // nkb
+        j = (it - t * nkb) * BK + tl.arange(0, BK).to(IDX)
         j_ok = j < HID
-        w_off = o[:, None] * HID + j[None, :]
+        x = col + (t - K // 2)
+        hp = tl.load(
+            src + j[:, None] * ch_stride + x[None, :],
+            mask=j_ok[:, None] & ((x >= 0) & (x < W))[None, :],
+            other=0.0,
+        ).to(DOT)
+        wt = w_ptr + t * 4 * gate + o[:, None] * HID + j[None, :]
         w_ok = o_ok[:, None] & j_ok[None, :]
-        h_off = j[:, None] * ch_stride + col[None, :]
-        for t in range(K):  # a runtime loop: unrolled, all taps' tiles would be loaded at once
-            x = col + (t - K // 2)
-            hp = tl.load(
-                src + (t - K // 2) + h_off,
-                mask=j_ok[:, None] & ((x >= 0) & (x < W))[None, :],
-                other=0.0,
-            ).to(DOT)
-            wt = w_ptr + t * 4 * gate + w_off
-            zi = tl.dot(tl.load(wt, mask=w_ok, other=0.0).to(DOT), hp, zi, input_precision=PRECISION, out_dtype=ACC)
-            zf = tl.dot(
-                tl.load(wt + gate, mask=w_ok, other=0.0).to(DOT), hp, zf, input_precision=PRECISION, out_dtype=ACC
-            )
-            zo = tl.dot(
-                tl.load(wt + 2 * gate, mask=w_ok, other=0.0).to(DOT), hp, zo, input_precision=PRECISION, out_dtype=ACC
-            )
-            zg = tl.dot(
-                tl.load(wt + 3 * gate, mask=w_ok, other=0.0).to(DOT), hp, zg, input_precision=PRECISION, out_dtype=ACC
-            )
+        zi = tl.dot(tl.load(wt, mask=w_ok, other=0.0).to(DOT), hp, zi, input_precision=PRECISION, out_dtype=ACC)
+        zf = tl.dot(tl.load(wt + gate, mask=w_ok, other=0.0).to(DOT), hp, zf, input_precision=PRECISION, out_dtype=ACC)
+        zo = tl.dot(
+            tl.load(wt + 2 * gate, mask=w_ok, other=0.0).to(DOT), hp, zo, input_precision=PRECISION, out_dtype=ACC
+        )
+        zg = tl.dot(
+            tl.load(wt + 3 * gate, mask=w_ok, other=0.0).to(DOT), hp, zg, input_precision=PRECISION, out_dtype=ACC
+        )
     return zi, zf, zo, zg
 
 
@@ -120,21 +108,22 @@ def _conv_transpose_next(
     o_ok = o < HID
     plane = H * W
     row = dg_ptr + (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
-    for cb in range(0, 4 * HID, 4 * BK):
-        c = cb + tl.arange(0, 4 * BK).to(IDX)
+    ncb = tl.cdiv(4 * HID, 4 * BK)
+    for it in range(0, K * ncb):  # one flat loop over (tap, channel chunk), as in _conv_prev
+        t = it // ncb
+        c = (it - t * ncb) * (4 * BK) + tl.arange(0, 4 * BK).to(IDX)
         c_ok = c < 4 * HID
-        w_off = c[None, :] * HID + o[:, None]  # (BO, BK): wp[t, c, o], contiguous along o
-        w_ok = o_ok[:, None] & c_ok[None, :]
-        dz_off = c[:, None] * plane + col[None, :]
-        for t in range(K):
-            x = col - (t - K // 2)
-            dz = tl.load(
-                row - (t - K // 2) + dz_off,
-                mask=c_ok[:, None] & ((x >= 0) & (x < W))[None, :],
-                other=0.0,
-            ).to(DOT)
-            wt = tl.load(w_ptr + t * 4 * HID * HID + w_off, mask=w_ok, other=0.0).to(DOT)
-            acc = tl.dot(wt, dz, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        x = col - (t - K // 2)
+        dz = tl.load(
+            row + c[:, None] * plane + x[None, :],
+            mask=c_ok[:, None] & ((x >= 0) & (x < W))[None, :],
+            other=0.0,
+        ).to(DOT)
+        # (BO, 4BK): wp[t, c, o], contiguous along o
+        wt = tl.load(
+            w_ptr + t * 4 * HID * HID + c[None, :] * HID + o[:, None], mask=o_ok[:, None] & c_ok[None, :], other=0.0
+        ).to(DOT)
+        acc = tl.dot(wt, dz, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -304,22 +293,22 @@ def row_lstm_wgrad_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. Interpreted: fixed small blocks, smaller than the tests' hidden sizes and widths so every block loop
-# runs more than once and ends on a partial block. On a GPU: the scans autotune (BO, BK, num_warps) with BW fixed
-# by the width, the weight-gradient GEMM its tile shape.
+# runs more than once and ends on a partial block. On a GPU: the scans autotune (BO, BK, num_warps, num_stages) with
+# BW fixed by the width, the weight-gradient GEMM its tile shape.
 
 
 def _scan_configs(shapes):
-    return [triton.Config(dict(BO=bo, BK=bk), num_warps=nw, num_stages=1) for bo, bk, nw in shapes]
+    return [triton.Config(dict(BO=bo, BK=bk), num_warps=nw, num_stages=ns) for bo, bk, nw, ns in shapes]
 
 
-# (BO, BK, num_warps), each spill-free on sm_90 at W=32 (python -m bench.aot --ops row_lstm; HID is not a
-# constexpr, so h=64 and h=128 share one binary). The backward holds a fifth accumulator (dh) and its dh pull reads
-# (BO, 4BK) weight tiles, so it gets smaller blocks; its BO=128 configs are each spill-free in one element size only
-# (the other spills a few dozen bytes) and are tagged for it. The first config is the one GM_TRITON_AUTOTUNE=0 (the
-# GPU tests) runs.
-_FWD_SHAPES = [(128, 64, 16), (64, 64, 8), (128, 32, 8), (64, 32, 4)]
-_BWD_SHAPES = [(64, 32, 8), (64, 16, 8), (128, 16, 8), (128, 16, 16)]
-_BWD_SIZES = {(128, 16, 8): (4, 8), (128, 16, 16): (2,)}  # element sizes of dy a config is kept for
+# (BO, BK, num_warps, num_stages), each spill-free on sm_90 at W=32 in float32 and bfloat16 (python -m bench.aot
+# --ops row_lstm; HID is not a constexpr, so h=64 and h=128 share one binary). The backward holds a fifth accumulator
+# (dh) and its dh pull reads (BO, 4BK) weight tiles, so it gets smaller blocks. num_stages > 1 pipelines the flat
+# (tap, channel chunk) loops through cp.async into shared memory; their prologue runs after the row's barrier, so the
+# loads still see the previous row's stores. The first config is the one GM_TRITON_AUTOTUNE=0 runs.
+_FWD_SHAPES = [(128, 64, 16, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 4, 1), (64, 32, 8, 3), (64, 64, 8, 2),
+               (128, 32, 8, 2)]  # fmt: skip
+_BWD_SHAPES = [(64, 32, 8, 1), (64, 16, 8, 1), (128, 16, 8, 1), (128, 16, 16, 1), (64, 16, 8, 2), (64, 16, 8, 3)]
 
 
 def _wgrad_configs():
@@ -335,9 +324,7 @@ _SCAN_INTERP = dict(BO=4, BK=4)
 _WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=8, BLOCK_P=8)
 _key = ["HID", "H", "W", "K"]
 _fwd, _FWD_META = tuned(row_lstm_fwd_kernel, _scan_configs(_FWD_SHAPES), _key, _SCAN_INTERP)
-_bwd_configs = _scan_configs(_BWD_SHAPES)
-_bwd_tags = {id(c): _BWD_SIZES[s] for c, s in zip(_bwd_configs, _BWD_SHAPES, strict=True) if s in _BWD_SIZES}
-_bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _bwd_configs, _key, _SCAN_INTERP, prune=by_element_size(_bwd_tags))
+_bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _scan_configs(_BWD_SHAPES), _key, _SCAN_INTERP)
 _wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP)
 
 

@@ -170,7 +170,7 @@ def _force_config(monkeypatch, i: int) -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
-@pytest.mark.parametrize("i", range(4), ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("i", range(7), ids=lambda i: f"config{i}")
 def test_triton_every_config(i, monkeypatch):
     """The GPU configs' block shapes (one block larger than the whole problem: masked edges everywhere)."""
     _force_config(monkeypatch, i)
@@ -179,7 +179,7 @@ def test_triton_every_config(i, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("i", range(4), ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("i", range(7), ids=lambda i: f"config{i}")
 def test_gpu_triton_every_config(i, dtype, monkeypatch):
     """Every autotune config of the scans and the weight-gradient GEMM on the GPU, at the benchmark's width and
     both hidden sizes' block counts (h=80: one full and one partial 64-unit block, two 128-channel chunks)."""
