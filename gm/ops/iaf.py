@@ -11,6 +11,8 @@ iaf_made_output(hidden, weight, mask, bias, z, mode): [m, s] = hidden (W ⊙ M)^
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gm._backend import resolve
@@ -18,6 +20,7 @@ from gm._checks import check_choice, check_same, check_tensor
 from gm.ops.masked_linear import (
     _cpu_mask,
     _cpu_zeros,
+    batch_bucket,
     blocked_input_grad,
     blocked_linear,
     blocked_weight_grad,
@@ -26,6 +29,7 @@ from gm.ops.masked_linear import (
     cpu_plan,
     linear_tile_map,
     mask_entry,
+    plan_blocks,
     tile_grids,
 )
 
@@ -176,27 +180,104 @@ def _torch_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, nee
     return dh, dw, db, dz
 
 
+def _group(d: int) -> int:
+    return math.gcd(d, 16)
+
+
+def _interleave(t: torch.Tensor, d: int) -> torch.Tensor:
+    """Rows [m (D); s (D)] of a (2D, ...) tensor reordered in groups of g = gcd(D, 16) rows:
+    m_0..m_{g-1}, s_0..s_{g-1}, m_g, ... (a copy)."""
+    g = _group(d)
+    rest = t.shape[1:]
+    return t.view(2, d // g, g, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def _deinterleave(t: torch.Tensor, d: int) -> torch.Tensor:
+    g = _group(d)
+    rest = t.shape[1:]
+    return t.view(d // g, 2, g, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def _cpu_fused_layout(entry, n: int):
+    """How the cpu backend runs the output layer at batch size n: (interleaved, plan, zeros).
+
+    A MADE output mask stacks one staircase per head ([m rows; s rows]), so row blocks of it cannot follow the
+    staircase without doubling the GEMM calls. With the rows interleaved in groups of 16 (m_0..m_15, s_0..s_15,
+    m_16, ...) both heads' rows of one degree sit together and half as many blocks follow it. The interleaved
+    layout is used when the cost model says it is cheaper; then the weight and bias are interleaved (one pass
+    each), m and s are copied out of the GEMM's output and dm, ds copied back in (each N x 2D, small next to the
+    GEMMs), and the weight gradient is de-interleaved at the end.
+    zeros: the bool mask of zeros in the chosen layout (weight gradient)."""
+    key = ("cpu_fused", batch_bucket(n))
+    hit = entry.maps.get(key)
+    if hit is None:
+        plan = cpu_plan(entry, n)
+        hit = (False, plan, _cpu_zeros(entry))
+        o = entry.u8.shape[0]
+        if o % 2 == 0 and o > 0:
+            nz_i = _interleave(entry.u8.cpu() != 0, o // 2)
+            plan_i = plan_blocks(nz_i, batch_bucket(n))
+            if plan_i.cost < plan.cost:
+                hit = (True, plan_i, (~nz_i).to(entry.u8.device))
+        entry.maps[key] = hit
+    return hit
+
+
+def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
+    """weight ⊙ mask in the layout of _cpu_fused_layout (one pass)."""
+    if not interleaved:
+        return weight * _cpu_mask(entry, weight.dtype)
+    g = _group(d)
+    key = ("cpu_fused_mask", weight.dtype)
+    mf = entry.maps.get(key)
+    if mf is None:
+        mf = entry.maps[key] = _interleave(_cpu_mask(entry, weight.dtype), d).view(d // g, 2, g, -1)
+    out = weight.new_empty(mf.shape)
+    torch.mul(weight.view(2, d // g, g, -1).transpose(0, 1), mf, out=out)
+    return out.view(weight.shape)
+
+
+def _split_heads(out: torch.Tensor, d: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not interleaved:
+        return out[:, :d], out[:, d:]
+    g = _group(d)
+    grouped = out.view(out.shape[0], d // g, 2, g)
+    return grouped[:, :, 0].reshape(-1, d), grouped[:, :, 1].reshape(-1, d)
+
+
 def _cpu_made_output(hidden, weight, mask, bias, z, mode):
     """cpu backend: [m, s] on the mask's non-zero blocks (gm.ops.masked_linear.blocked_linear), then the step.
-    Returns [m, s] (N, 2D) as well, saved for the backward (which then need not recompute it)."""
+    Returns [m, s] (N, 2D, in the layout of _cpu_fused_layout) as well, saved for the backward, which then
+    need not recompute it."""
     entry = mask_entry(mask)
-    out = blocked_linear(hidden, weight * _cpu_mask(entry, weight.dtype), bias, cpu_plan(entry, hidden.shape[0]))
     d = z.shape[1]
-    z_new, ld = _reference_step(z, out[:, :d], out[:, d:], mode)
+    inter, plan, _ = _cpu_fused_layout(entry, z.shape[0])
+    wm = _cpu_fused_weight(weight, entry, d, inter)
+    out = blocked_linear(hidden, wm, bias if bias is None or not inter else _interleave(bias, d), plan)
+    z_new, ld = _reference_step(z, *_split_heads(out, d, inter), mode)
     return z_new, ld, out
 
 
 def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved):
     entry = mask_entry(mask)
-    plan = cpu_plan(entry, hidden.shape[0])
-    mw = weight * _cpu_mask(entry, weight.dtype)
-    out = saved if saved.dim() == 2 else blocked_linear(hidden, mw, bias, plan)  # saved: [m, s] of the forward
-    d = z.shape[1]
-    dz, dm, ds = _torch_step_backward(z, out[:, :d], out[:, d:], gz, gl, mode)
-    dout = torch.cat([dm, ds], dim=1)
-    dh = blocked_input_grad(dout, mw, plan) if need_h else None
-    dw = blocked_weight_grad(dout, hidden, _cpu_zeros(entry), plan) if need_w else None
-    db = dout.sum(0) if need_b else None
+    n, d = z.shape
+    inter, plan, zeros = _cpu_fused_layout(entry, n)
+    wm = _cpu_fused_weight(weight, entry, d, inter)
+    out = saved
+    if saved.dim() != 2:  # not saved by the forward: recompute [m, s]
+        out = blocked_linear(hidden, wm, bias if bias is None or not inter else _interleave(bias, d), plan)
+    dz, dm, ds = _torch_step_backward(z, *_split_heads(out, d, inter), gz, gl, mode)
+    if inter:
+        g = _group(d)
+        dout = torch.stack([dm.view(n, d // g, g), ds.view(n, d // g, g)], dim=2).view(n, 2 * d)
+    else:
+        dout = torch.cat([dm, ds], dim=1)
+    dh = blocked_input_grad(dout, wm, plan) if need_h else None
+    dw = None
+    if need_w:
+        dw = blocked_weight_grad(dout, hidden, zeros, plan)
+        dw = _deinterleave(dw, d) if inter else dw
+    db = torch.cat([dm.sum(0), ds.sum(0)]) if need_b else None
     return dh, dw, db, dz
 
 

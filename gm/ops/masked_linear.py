@@ -197,19 +197,22 @@ class CpuPlan:
         nothing (y = bias). Covers every row once.
     cols: (c0, c1, o0, o1): input columns c0..c1 are reached only from output rows o0..o1 (input gradient).
     area: the fraction of O*K that the row blocks cover.
+    cost: the cost model's estimate for the row and the column blocks (forward + input gradient).
     """
 
     rows: tuple
     cols: tuple
     area: float
+    cost: float
 
 
 # Cost of one GEMM call over a block of r x c (the batch N is the third dimension), in units of one
 # multiply-add over the batch: (r + PAD) * (c + PAD) + FIXED_MACS / N. PAD models the lower efficiency of thin
 # blocks, FIXED_MACS the per-call cost (Python, dispatch, OpenMP fork/join). Fitted on the 2-core dev machine
 # (MKL sgemm, see bench/NOTES.md, "IAF on the CPU").
-CPU_PAD = 32
-CPU_FIXED_MACS = 4.0e6
+CPU_PAD = 16
+CPU_FIXED_MACS = 2.0e6
+CPU_COL_ALIGN = 8
 CPU_MAX_CANDIDATES = 96  # block boundaries considered per dimension (rows are cut at multiples of O / 96 or 16)
 
 
@@ -222,13 +225,15 @@ def _spans(nz: torch.Tensor) -> tuple[list[int], list[int]]:
     return lo.tolist(), hi.tolist()
 
 
-def cut_blocks(nz: torch.Tensor, n: int) -> list[tuple[int, int, int, int]]:
-    """Row blocks (r0, r1, k0, k1) of a bool (O, K) mask minimising the cost model for batch size n: a dynamic
-    program over block boundaries at multiples of an alignment (16 rows or O / CPU_MAX_CANDIDATES)."""
+def cut_blocks(nz: torch.Tensor, n: int) -> tuple[list[tuple[int, int, int, int]], float]:
+    """Row blocks (r0, r1, k0, k1) of a bool (O, K) mask minimising the cost model for batch size n (a dynamic
+    program over block boundaries at multiples of 16 rows or O / CPU_MAX_CANDIDATES), and their cost."""
     o, k = nz.shape
     if o == 0:
-        return []
+        return [], 0.0
     lo, hi = _spans(nz)
+    ca = CPU_COL_ALIGN  # column ranges widened to multiples of 8: MKL's sgemm takes ~1.5x longer for odd widths
+    lo, hi = [v - v % ca for v in lo], [min(k, -(-v // ca) * ca) for v in hi]
     align = max(16, -(-o // CPU_MAX_CANDIDATES))
     bounds = list(range(0, o, align)) + [o]
     seg_lo = [min(lo[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -251,24 +256,31 @@ def cut_blocks(nz: torch.Tensor, n: int) -> list[tuple[int, int, int, int]]:
         k0, k1 = min(lo[r0:r1]), max(hi[r0:r1])
         out.append((r0, r1, k0, k1) if k1 > k0 else (r0, r1, 0, 0))
         j = i
-    return out[::-1]
+    return out[::-1], best[-1]
+
+
+def plan_blocks(nz: torch.Tensor, n: int) -> CpuPlan:
+    """The CpuPlan of a bool (O, K) CPU mask for batch size n."""
+    o, k = nz.shape
+    row_blocks, row_cost = cut_blocks(nz, n)
+    col_blocks, col_cost = cut_blocks(nz.t(), n)
+    rows = tuple((r0, r1, k0, k1, k1 > k0 and not bool(nz[r0:r1, k0:k1].all())) for r0, r1, k0, k1 in row_blocks)
+    area = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1, _ in rows) / max(o * k, 1)
+    return CpuPlan(rows, tuple(col_blocks), area, row_cost + col_cost)
+
+
+def batch_bucket(n: int) -> int:
+    """Plans are kept per power-of-two bucket of the batch size."""
+    return 1 << (max(int(n), 1).bit_length() - 1)
 
 
 def cpu_plan(entry: MaskEntry, n: int) -> CpuPlan:
     """The cached CpuPlan of a mask for batch size n (plans are kept per power-of-two bucket of n)."""
-    bucket = 1 << max(int(n), 1).bit_length() - 1
+    bucket = batch_bucket(n)
     key = ("cpu_plan", bucket)
     plan = entry.maps.get(key)
     if plan is None:
-        nz = entry.u8.cpu() != 0
-        o, k = nz.shape
-        rows = []
-        for r0, r1, k0, k1 in cut_blocks(nz, bucket):
-            rows.append((r0, r1, k0, k1, k1 > k0 and not bool(nz[r0:r1, k0:k1].all())))
-        cols = tuple(cut_blocks(nz.t(), bucket))
-        area = sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1, _ in rows) / max(o * k, 1)
-        plan = CpuPlan(tuple(rows), cols, area)
-        entry.maps[key] = plan
+        plan = entry.maps[key] = plan_blocks(entry.u8.cpu() != 0, bucket)
     return plan
 
 
@@ -317,13 +329,18 @@ def blocked_input_grad(gp, wm, plan: CpuPlan) -> torch.Tensor:
 
 def blocked_weight_grad(gp, x, zeros: torch.Tensor, plan: CpuPlan) -> torch.Tensor:
     """(gp^T x) where the mask holds a one, exactly zero elsewhere; zeros (O, K) bool marks the mask's zeros."""
-    dw = gp.new_zeros(gp.shape[1], x.shape[1])
+    dw = gp.new_empty(gp.shape[1], x.shape[1])
+    k = x.shape[1]
     for r0, r1, k0, k1, partial in plan.rows:
         if k1 > k0:
             out = dw[r0:r1, k0:k1]
             torch.mm(gp[:, r0:r1].t(), x[:, k0:k1], out=out)
             if partial:
                 out.masked_fill_(zeros[r0:r1, k0:k1], 0)
+        if k0 > 0:
+            dw[r0:r1, :k0].zero_()
+        if k1 < k:
+            dw[r0:r1, k1:].zero_()
     return dw
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gm.ops.iaf import iaf_made_output, iaf_step
+from gm.ops.masked_linear import mask_entry
 from gm.reference import iaf as ref
 from tests._util import assert_rel, fast_backends, poison_empty
 
@@ -222,6 +223,17 @@ def fine_blocks(monkeypatch):
     ml.clear_mask_cache()
 
 
+def test_cpu_made_output_layout_default_cost_model():
+    """At the benchmark's size the MADE output mask runs interleaved, in blocks; a random mask runs dense."""
+    from gm.ops.iaf import _cpu_fused_layout  # noqa: PLC0415
+
+    _, _, mask, _, _ = _fused_inputs(2, 256, 64, torch.float32)
+    interleaved, plan, _ = _cpu_fused_layout(mask_entry(mask), 512)
+    assert interleaved and len(plan.rows) > 1 and plan.area < 0.8
+    interleaved, plan, _ = _cpu_fused_layout(mask_entry((torch.rand(128, 256) < 0.5).float()), 512)
+    assert len(plan.rows) == 1 and plan.area == 1.0
+
+
 @pytest.mark.parametrize("random_mask", [False, True], ids=["made", "random"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -233,12 +245,16 @@ def test_cpu_made_output_blocks(dtype, mode, random_mask, fine_blocks, monkeypat
 
 
 def test_cpu_made_output_saves_m_and_s(fine_blocks):
-    """The cpu forward returns [m, s] for the backward; the backward without it (recomputing) agrees."""
-    from gm.ops.iaf import _cpu_made_output_backward, _made_output_op  # noqa: PLC0415
+    """The cpu forward returns [m, s] for the backward (rows interleaved m_0, s_0, m_1, ... for a MADE output
+    mask, whose heads repeat one staircase); the backward without it (recomputing) agrees."""
+    from gm.ops.iaf import _cpu_fused_layout, _cpu_made_output_backward, _made_output_op  # noqa: PLC0415
 
     hidden, w, mask, b, z = (t.detach() for t in _fused_inputs(9, 48, 20, torch.float64))
     z_new, ld, saved = _made_output_op(hidden, w, mask, b, z, "gated", "cpu")
-    assert_rel(saved, ref.masked_linear(hidden, w, mask, b), torch.float64, "saved")
+    interleaved, plan, _ = _cpu_fused_layout(mask_entry(mask), 9)
+    assert interleaved and len(plan.rows) > 1
+    want = ref.masked_linear(hidden, w, mask, b)
+    assert_rel(saved, want.view(9, 2, 5, 4).transpose(1, 2).reshape(9, 40), torch.float64, "saved")  # groups of 4
     assert _made_output_op(hidden, w, mask, b, z, "gated", "reference")[2].numel() == 0
     gz, gl = torch.randn_like(z), torch.randn(9, dtype=torch.float64)
     with_saved = _cpu_made_output_backward(hidden, w, mask, b, z, gz, gl, "gated", True, True, True, saved)
