@@ -75,11 +75,14 @@ def _compiler_id(cxx: list[str]) -> str:
     return subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True).stdout
 
 
-def stage(dst: Path, mutations: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
+Mutations = dict[str, "tuple[str, str] | list[tuple[str, str]]"]
+
+
+def stage(dst: Path, mutations: Mutations | None = None) -> dict[str, str]:
     """Write the emulator's view of csrc/ under dst/csrc; returns {relative path: staged text}.
 
-    mutations: {"csrc/<path>": (old, new)} text replacements applied before translation (old must occur exactly
-    once), for tests that prove the emulator catches a seeded bug."""
+    mutations: {"csrc/<path>": (old, new) or [(old, new), ...]} text replacements applied before translation (each
+    old must occur exactly once), for tests that prove the emulator catches a seeded bug."""
     mutations = dict(mutations or {})
     known = supported_ptx()
     staged = {}
@@ -89,10 +92,11 @@ def stage(dst: Path, mutations: dict[str, tuple[str, str]] | None = None) -> dic
         rel = path.relative_to(REPO).as_posix()
         text = path.read_text()
         if rel in mutations:
-            old, new = mutations.pop(rel)
-            if text.count(old) != 1:
-                raise ValueError(f"mutation of {rel}: {old!r} occurs {text.count(old)} times, expected once")
-            text = text.replace(old, new)
+            edits = mutations.pop(rel)
+            for old, new in [edits] if isinstance(edits, tuple) else edits:
+                if text.count(old) != 1:
+                    raise ValueError(f"mutation of {rel}: {old!r} occurs {text.count(old)} times, expected once")
+                text = text.replace(old, new)
         if path.suffix in CUDA_SUFFIXES or path.suffix in HEADER_SUFFIXES:
             text = translate(text, rel, known, always=path.suffix == ".cu")
         out = dst / rel
@@ -135,7 +139,7 @@ def _digest(*parts: str | bytes) -> str:
 def build(
     cache: Path | None = None,
     *,
-    mutations: dict[str, tuple[str, str]] | None = None,
+    mutations: Mutations | None = None,
     jobs: int | None = None,
     verbose: bool = False,
 ) -> Path:

@@ -1,0 +1,376 @@
+"""gm's CUDA kernels run on the CPU under the host emulator (tools/cuda_emu), through their real launchers.
+
+The emulated module is built from csrc/ as it is now (the .cu files compiled by g++ against stand-in CUDA headers,
+every CUDA thread a fiber, __syncthreads a real barrier released in a shuffled order, warp shuffles / ldmatrix /
+mma.sync / cp.async emulated from the PTX ISA), cached by content under ~/.cache/gm/cuda_emu (GM_EMU_CACHE moves
+it). gm's public functions are called with backend="cuda" on CPU tensors: argument checks, the custom op, autograd,
+the Python launcher, the pybind entry point and the kernel all run; torch.empty is NaN-poisoned so an element a
+kernel forgets to write fails. Results are compared with gm.reference in float64 at tests/_util.REL_TOL (TF32 cases
+at the GPU float32 tolerance).
+
+Every run covers the scalar kernels (row_lstm, diagonal_lstm, minibatch, iaf_step: float64, float32, bfloat16, odd
+shapes, the thread-stride edges), the tensor-core GEMMs at small and medium shapes (masked_linear, iaf_made_output,
+masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the emulator must catch a
+removed __syncthreads in the row_lstm backward, and a removed cp.async wait and a removed barrier in the GEMM
+pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (a few minutes more). Skipped only
+where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about 1.5 minutes on a 2-core
+machine with a cold cache (most of it compiling), under 30 s warm. tools/cuda_emu/README.md says what this does and
+does not prove.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import gm
+import tests._util as util
+from gm.reference.diagonal_lstm import diagonal_lstm as diagonal_ref
+from gm.reference.iaf import iaf_step as iaf_step_ref
+from gm.reference.iaf import masked_linear as masked_linear_ref
+from gm.reference.minibatch import minibatch_discrimination as minibatch_ref
+from gm.reference.row_lstm import row_lstm as row_ref
+from tests._util import poison_empty, rel_err
+from tools.cuda_emu import build, load, patches, unavailable_reason
+
+CPU = torch.device("cpu")
+
+
+def _build(**kw):
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"the CUDA emulator cannot build here: {why}")
+    return load(build(**kw))
+
+
+@pytest.fixture(scope="module")
+def emu_module():
+    return _build()
+
+
+def _activate(module, monkeypatch):
+    for obj, attr, value in patches(module):
+        monkeypatch.setattr(obj, attr, value)
+    poison_empty(monkeypatch)
+
+
+@pytest.fixture
+def emu(emu_module, monkeypatch, request):
+    _activate(emu_module, monkeypatch)
+    before, failed = emu_module.emu_stats(), request.session.testsfailed
+    yield emu_module
+    if request.session.testsfailed > failed:
+        return  # the test already failed: no second report from teardown
+    after = emu_module.emu_stats()
+    assert after["launches"] > before["launches"], "no kernel ran in the emulator"
+    unchecked = after["unchecked_launches"] - before["unchecked_launches"]
+    assert unchecked == 0, f"{unchecked} launches not followed by GM_CUDA_CHECK_LAUNCH (cudaGetLastError)"
+
+
+def _check(name, got, want, dtype):
+    assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err, tol = rel_err(got, want), util.rel_tol(dtype, CPU)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g} ({dtype})"
+
+
+def _close(got, want, dtype):
+    return bool(torch.isfinite(got).all()) and rel_err(got, want) <= util.rel_tol(dtype, CPU)
+
+
+def _leaves(dtype, *tensors):
+    """The kernel's inputs in `dtype` (requiring grad) and float64 copies of exactly those values."""
+    ours = [t.to(dtype).requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in ours]
+    return ours, ref
+
+
+def _grads(out, leaves, grad):
+    present = [t for t in leaves if t is not None]
+    return torch.autograd.grad(out, present, grad)
+
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+# --------------------------------------------------------------------------------------------------------- row_lstm
+# (N, h, H, W, k, initial state): W=1/k=1, k=5, h*W > 256 threads (stride loop), 4h > 128 and h*k > 32 (wgrad tiles).
+ROW_CASES = [
+    (2, 4, 5, 7, 3, True),
+    (1, 3, 4, 1, 1, False),
+    (2, 8, 3, 6, 5, False),
+    (1, 33, 3, 17, 3, True),
+    (1, 40, 4, 9, 3, False),
+]
+
+
+def _row_lstm(case, dtype):
+    n, hid, height, width, k, init = case
+    g = torch.randn(n, 4 * hid, height, width, dtype=torch.float64)
+    w = torch.randn(4 * hid, hid, k, dtype=torch.float64) / (hid * k) ** 0.5
+    h0 = torch.randn(n, hid, width, dtype=torch.float64) if init else None
+    c0 = torch.randn(n, hid, width, dtype=torch.float64) if init else None
+    dy = torch.randn(n, hid, height, width, dtype=torch.float64).to(dtype)
+    (g, w, h0, c0), (gr, wr, h0r, c0r) = _leaves(dtype, g, w, h0, c0)
+    y = gm.ops.row_lstm(g, w, h0=h0, c0=c0, backend="cuda")
+    grads = _grads(y, (g, w, h0, c0), dy)
+    y_ref = row_ref(gr, wr, h0=h0r, c0=c0r)
+    grads_ref = _grads(y_ref, (gr, wr, h0r, c0r), dy.double())
+    return [("y", y, y_ref)] + list(zip(("dgates", "dw", "dh0", "dc0")[: len(grads)], grads, grads_ref, strict=True))
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_lstm(emu, case, dtype):
+    for name, got, want in _row_lstm(case, dtype):
+        _check(name, got, want, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- diagonal_lstm
+DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4)]  # (N, h, H, W)
+
+
+@pytest.mark.parametrize("case", DIAG_CASES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_diagonal_lstm(emu, case, reverse, dtype):
+    n, hid, height, width = case
+    g = torch.randn(n, 4 * hid, height, width, dtype=torch.float64)
+    w = torch.randn(4 * hid, hid, 2, dtype=torch.float64) / (2 * hid) ** 0.5
+    dy = torch.randn(n, hid, height, width, dtype=torch.float64).to(dtype)
+    (g, w), (gr, wr) = _leaves(dtype, g, w)
+    y = gm.ops.diagonal_lstm(g, w, reverse=reverse, backend="cuda")
+    dg, dw = _grads(y, (g, w), dy)
+    y_ref = diagonal_ref(gr, wr, reverse=reverse)
+    dg_ref, dw_ref = _grads(y_ref, (gr, wr), dy.double())
+    _check("y", y, y_ref, dtype)
+    _check("dgates", dg, dg_ref, dtype)
+    _check("dw", dw, dw_ref, dtype)
+
+
+# -------------------------------------------------------------------------------------------------------- minibatch
+# (N, B, C): C in the specialised set (1, 3, 5, 8) and the generic kernel (11); N across the 32/64-row tiles.
+MB_CASES = [(300, 20, 5), (129, 9, 3), (1, 3, 5), (70, 5, 1), (40, 3, 11), (65, 9, 8)]
+
+
+@pytest.mark.parametrize("case", MB_CASES, ids=str)
+@pytest.mark.parametrize("exclude_self", [True, False], ids=["excl", "incl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minibatch(emu, case, exclude_self, dtype):
+    (m,), (mr,) = _leaves(dtype, 0.3 * torch.randn(*case, dtype=torch.float64))
+    go = torch.randn(case[0], case[1], dtype=torch.float64).to(dtype)
+    o = gm.ops.minibatch_discrimination(m, exclude_self=exclude_self, backend="cuda")
+    (dm,) = _grads(o, (m,), go)
+    o_ref = minibatch_ref(mr, exclude_self=exclude_self)
+    (dm_ref,) = _grads(o_ref, (mr,), go.double())
+    _check("o", o, o_ref, dtype)
+    _check("dm", dm, dm_ref, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------- iaf_step
+@pytest.mark.parametrize("shape", [(13, 7), (3, 70), (1, 1), (4, 3, 5)], ids=str)
+@pytest.mark.parametrize("mode", ["gated", "affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_iaf_step(emu, shape, mode, dtype):
+    (z, m, s), (zr, mr, sr) = _leaves(dtype, *(torch.randn(*shape, dtype=torch.float64) for _ in range(3)))
+    z_new, ld = gm.ops.iaf_step(z, m, s, mode=mode, backend="cuda")
+    gz, gl = torch.randn_like(z_new), torch.randn_like(ld)
+    grads = torch.autograd.grad((z_new, ld), (z, m, s), (gz, gl))
+    z_ref, ld_ref = iaf_step_ref(zr, mr, sr, mode=mode)
+    grads_ref = torch.autograd.grad((z_ref, ld_ref), (zr, mr, sr), (gz.double(), gl.double()))
+    _check("z_new", z_new, z_ref, dtype)
+    _check("logdet", ld, ld_ref, dtype)
+    for name, got, want in zip(("dz", "dm", "ds"), grads, grads_ref, strict=True):
+        _check(name, got, want, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------- GEMMs
+# The tensor-core GEMMs (masked_linear, iaf_made_output, masked_conv2d): 256 threads a block with warp-collective
+# ldmatrix/mma, so these are the slower cases. "3xtf32" and "tf32" are float32 at that tensor-core precision
+# (torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32 False or True); TF32 is held to the GPU float32 tolerance.
+# By default: every dtype x mask x activation at a small shape, plus one medium case per dtype and mask;
+# GM_EMU_GEMM=1 adds the whole matrix at medium and large shapes (about 3 minutes more).
+FULL_GEMM = os.environ.get("GM_EMU_GEMM") == "1"
+_full_only = pytest.mark.skipif(not FULL_GEMM, reason="larger emulated GEMM cases: set GM_EMU_GEMM=1")
+GEMM_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
+
+
+@pytest.fixture
+def gemm(emu):
+    from tests.ops import test_masked_linear  # noqa: PLC0415
+
+    # cuBLAS/cuDNN setting objects, which monkeypatch cannot restore: saved and restored by hand.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    test_masked_linear.clear_mask_cache()
+    yield emu
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    test_masked_linear.clear_mask_cache()
+
+
+def _precision(dtype, monkeypatch):
+    """The torch dtype for a GEMM case, with the float32 tensor-core precision switched on or off."""
+    tf32 = dtype == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32  # the gemm fixture restores
+    if dtype not in ("tf32", "3xtf32"):
+        return dtype
+    if tf32:
+        import tests._util as util  # noqa: PLC0415
+
+        monkeypatch.setattr(
+            util, "rel_tol", lambda d, device=None: util.REL_TOL_GPU_FP32 if d == torch.float32 else util.REL_TOL[d]
+        )
+    return torch.float32
+
+
+def _gemm_params(shapes, dtypes, *axes, default=lambda si, combo: si == 0, skip=lambda combo: False):
+    """pytest params over shapes x dtypes x axes; `default(shape index, combo)` says which run without GM_EMU_GEMM."""
+    out = []
+    for si, shape in enumerate(shapes):
+        for combo in itertools.product(dtypes, *axes):
+            if skip(combo):
+                continue
+            marks = () if default(si, combo) else (_full_only,)
+            out.append(pytest.param(*combo, shape, marks=marks))
+    return out
+
+
+LINEAR_MASKS = ["mixed", "made_hidden", "made_output", "random"]
+LINEAR_ACTS = [None, "elu", "relu"]
+# (rows, out, in): one tile, then several row/column blocks with partly-masked tiles, then split-K weight gradients.
+LINEAR_SHAPES = [(5, 37, 29), (77, 130, 70), (130, 300, 260), (300, 256, 192)]
+
+
+def _linear_default(si, combo):
+    dtype, mask, act = combo
+    if si == 0:
+        return True  # the whole small matrix
+    if si == 1:  # one activation per (dtype, mask), rotating
+        return LINEAR_ACTS.index(act) == (GEMM_DTYPES.index(dtype) + LINEAR_MASKS.index(mask)) % 3
+    return si == 2 and dtype == torch.bfloat16 and mask == "mixed" and act == "elu"
+
+
+@pytest.mark.parametrize(
+    "dtype, mask, activation, shape",
+    # TF32 operand rounding moves pre-activations near 0 across the ReLU kink: the float64 oracle does not apply.
+    _gemm_params(
+        LINEAR_SHAPES,
+        GEMM_DTYPES,
+        LINEAR_MASKS,
+        LINEAR_ACTS,
+        default=_linear_default,
+        skip=lambda c: c[0] == "tf32" and c[2] == "relu",
+    ),
+    ids=str,
+)
+def test_masked_linear_gemm(gemm, dtype, mask, activation, shape, monkeypatch):
+    from tests.ops import test_masked_linear  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    test_masked_linear._compare("cuda", shape, _precision(dtype, monkeypatch), activation, CPU, mask)
+
+
+# (N, H, D): a tiny head, partial column blocks without bias, then several row and column blocks.
+MADE_SHAPES = [(5, 7, 3), (33, 48, 16), (77, 130, 70), (70, 100, 130), (300, 256, 64)]
+
+
+@pytest.mark.parametrize(
+    "dtype, mode, random_mask, shape",
+    _gemm_params(MADE_SHAPES, GEMM_DTYPES, ["gated", "affine"], [False, True], default=lambda si, c: si < 2),
+    ids=str,
+)
+def test_iaf_made_output_gemm(gemm, dtype, mode, random_mask, shape, monkeypatch):
+    from tests.ops import test_iaf  # noqa: PLC0415
+
+    torch.manual_seed(1)
+    test_iaf._fused_compare(
+        "cuda", shape, _precision(dtype, monkeypatch), mode, CPU, bias=shape[0] != 33, random_mask=random_mask
+    )
+
+
+# (N, C_in, C_out, H, W, kh, kw, mask, colour groups)
+CONV_SHAPES = [
+    (1, 4, 5, 3, 7, 1, 5, "B", False),
+    (2, 16, 16, 8, 8, 3, 3, "B", False),
+    (2, 6, 9, 5, 6, 3, 3, "B", True),
+    (2, 3, 5, 7, 7, 7, 7, "A", False),
+    (1, 42, 138, 6, 5, 3, 3, "A", True),
+]
+
+
+@pytest.mark.parametrize("dtype, shape", _gemm_params(CONV_SHAPES, GEMM_DTYPES, default=lambda si, c: si < 3), ids=str)
+def test_masked_conv2d_gemm(gemm, dtype, shape, monkeypatch):
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    n, cin, cout, height, width, kh, kw, mask, grouped = shape
+    dtype = _precision(dtype, monkeypatch)
+    torch.manual_seed(2)
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    x = torch.randn(n, cin, height, width, dtype=torch.float64)
+    w = torch.randn(cout, cin, kh, kw, dtype=torch.float64) / (cin * kh * kw) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64)
+    gy = torch.randn(n, cout, height, width, dtype=torch.float64).to(dtype)
+    (x, w, b), (xr, wr, br) = _leaves(dtype, x, w, b)
+    y = gm.ops.masked_conv2d(x, w, b, mask=mask, in_groups=gi, out_groups=go, backend="cuda")
+    grads = _grads(y, (x, w, b), gy)
+    y_ref = conv_ref(xr, wr, br, mask=mask, in_groups=gi, out_groups=go)
+    grads_ref = _grads(y_ref, (xr, wr, br), gy.double())
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), (y, *grads), (y_ref, *grads_ref), strict=True):
+        _check(name, got, want, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- mutation checks
+# Seeded bugs the emulator must catch, all in one mutant build: {file: [(text, replacement)]}. If a kernel is edited
+# so an anchor no longer occurs exactly once, the build says so: point the anchor at an equivalent line.
+ROW_SCAN = "csrc/row_lstm/row_lstm_cuda.cu"
+GEMM = "csrc/masked_linear/masked_linear_gemm.cuh"
+MUTATIONS = {
+    # row_lstm backward: the barrier between the dz writes and the dh reads of other threads' dz.
+    ROW_SCAN: [("__syncthreads();  // dz complete; dh, dc consumed", "")],
+    GEMM: [
+        # GEMM main loop (forward, input gradient): the wait for this thread's cp.async of the stage it computes on.
+        ("    cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed\n", ""),
+        # weight-gradient loop: the barrier after the wait (other threads' copies landed; the old stage is free).
+        ("    cp_async_wait<kStages - 2>();\n    __syncthreads();\n", "    cp_async_wait<kStages - 2>();\n"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def mutant():
+    return _build(mutations=MUTATIONS)
+
+
+@pytest.mark.parametrize("order", ["random", "forward", "reverse"])
+def test_emulator_catches_a_missing_barrier(mutant, order, monkeypatch):
+    """Without the row_lstm backward's barrier the gradients must be wrong whatever order the released threads run
+    in (the unmutated kernel passes test_row_lstm)."""
+    _activate(mutant, monkeypatch)
+    mutant.emu_set_order(order, 0)
+    try:
+        results = _row_lstm((2, 8, 5, 7, 3, True), torch.float64)
+    finally:
+        mutant.emu_set_order("random", 0)
+    wrong = [name for name, got, want in results if not _close(got, want, torch.float64)]
+    assert "dgates" in wrong, f"the emulator missed the removed barrier ({order} order): only {wrong} differ"
+
+
+def test_emulator_catches_gemm_pipeline_bugs(mutant, monkeypatch):
+    """masked_linear with a missing cp.async wait (forward) and a missing barrier (weight gradient): copies land at
+    their wait, and warps may run ahead of each other (the default random order), so both must show."""
+    from tests.ops import test_masked_linear  # noqa: PLC0415
+
+    _activate(mutant, monkeypatch)
+    test_masked_linear.clear_mask_cache()
+    x, w, b, mask = test_masked_linear._inputs(77, 130, 70, torch.bfloat16, "cpu", "mixed")
+    y = gm.ops.masked_linear(x, w, mask, b, backend="cuda")
+    gy = torch.randn_like(y)
+    dw = torch.autograd.grad(y, w, gy)[0]
+    test_masked_linear.clear_mask_cache()
+    xr, wr = x.detach().double(), w.detach().double().requires_grad_()
+    y_ref = masked_linear_ref(xr, wr, mask, b.detach().double())
+    dw_ref = torch.autograd.grad(y_ref, wr, gy.double())[0]
+    assert not _close(y, y_ref, torch.bfloat16), "the emulator missed the removed cp.async wait"
+    assert not _close(dw, dw_ref, torch.bfloat16), "the emulator missed the removed weight-gradient barrier"
