@@ -48,6 +48,7 @@ class Variant:
     seconds: float = 0.0
     error: str | None = None
     cases: set = dataclasses.field(default_factory=set)
+    first_case: str = ""
 
     def problems(self, arch: int) -> list[str]:
         out = []
@@ -151,7 +152,8 @@ class Collector:
         t0 = time.perf_counter()
         try:
             kernel = jit.run(*args, grid=(1,), warmup=True, **kwargs)
-            key = (jit.__name__, label, spec)
+            # Triton's specialisation (16-divisible integers, aligned pointers) makes distinct compiles of one spec.
+            key = (jit.__name__, label, spec, kernel.hash if kernel is not None else "?")
             if key in self.variants:
                 self.variants[key].cases.add(self.case)
                 return
@@ -172,6 +174,7 @@ class Collector:
             )
         v.seconds = time.perf_counter() - t0
         v.cases.add(self.case)
+        v.first_case = self.case
         self.variants[key] = v
 
     def install(self):
@@ -307,15 +310,15 @@ def _spill(v: Variant) -> str:
 def format_report(variants: list[Variant], arch: int) -> str:
     lines = [
         "| kernel | variant | config | regs | spill st/ld B | smem KiB | mma | compile s | problems |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in sorted(variants, key=lambda v: (v.kernel, v.spec, v.config)):
+    for v in sorted(variants, key=lambda v: (v.kernel, v.spec, v.config, v.first_case)):
         probs = "; ".join(v.problems(arch)) or ""
         if v.error:
             probs = f"{probs}: {v.error}"
         smem = f"{v.smem / 1024:.1f}" if v.smem is not None else "-"
         lines.append(
-            f"| {v.kernel} | {v.spec} | {v.config} | {v.regs if v.regs is not None else '-'} | "
+            f"| {v.kernel} | {v.spec} | {v.first_case} | {v.config} | {v.regs if v.regs is not None else '-'} | "
             f"{_spill(v)} | {smem} | {v.mma} | {v.seconds:.1f} | {probs} |"
         )
     return "\n".join(lines)

@@ -52,19 +52,22 @@ def masked_conv_fwd_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
+    # Pixel indices and in-image offsets are int32 (the launcher checks N*H*W and one image's size fit); only the
+    # per-row image base is int64. Full int64 pixel math made the A-tile addresses spill on sm_90 where H, W are
+    # not multiples of 16 (python -m bench.aot: 255 registers + 2.5 KB spills at 28x28, 136 and none at 32x32).
+    pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
     pid_m = pid // num_n  # consecutive programs share the input tile
     pid_n = pid % num_n
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < N * H * W
     n = m // (H * W)
-    hw = m % (H * W)
+    hw = m - n * (H * W)
     h = hw // W
-    w = hw % W
+    w = hw - h * W
     k = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + n * sxn
+    x_base = x_ptr + n.to(tl.int64) * sxn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     n_kc = tl.cdiv(CIN, BLOCK_K)
     for i in range(0, T * n_kc):
@@ -75,7 +78,7 @@ def masked_conv_fwd_kernel(
         iw = w + dx
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(
-            x_base[:, None] + c[None, :].to(tl.int64) * sxc + (ih * sxh + iw * sxw)[:, None],
+            x_base[:, None] + c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None],
             mask=row_ok[:, None] & (c[None, :] < CIN),
             other=0.0,
         )
@@ -87,7 +90,7 @@ def masked_conv_fwd_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0).to(ACC)[None, :]
-    y_off = (n * syn + h * syh + w * syw)[:, None] + o[None, :].to(tl.int64) * syc
+    y_off = (n.to(tl.int64) * syn + h * syh + w * syw)[:, None] + o[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (o[None, :] < COUT))
 
 
@@ -187,6 +190,8 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
     if t == 0:  # a 1x1 mask-A conv with a single group connects nothing
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
         return y
+    if n * h * w >= 2**31 or h * w * max(cin, cout) >= 2**31:
+        raise ValueError(f"the triton backend takes N*H*W and H*W*C below 2**31, got x of shape {tuple(x.shape)}")
     packed = packed.to(x.dtype).contiguous()
     x = x.contiguous(memory_format=torch.channels_last)
 
