@@ -12,8 +12,8 @@ Every run covers the scalar kernels (row_lstm, diagonal_lstm, minibatch, iaf_ste
 shapes, the thread-stride edges), the tensor-core GEMMs at small and medium shapes (masked_linear, iaf_made_output,
 masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the emulator must catch a
 removed __syncthreads in the row_lstm backward, and a removed cp.async wait and a removed barrier in the GEMM
-pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (a few minutes more). Skipped only
-where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about 1.5 minutes on a 2-core
+pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (about 4 minutes more). Skipped only
+where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about 70 s on a 2-core
 machine with a cold cache (most of it compiling), under 30 s warm. tools/cuda_emu/README.md says what this does and
 does not prove.
 """
@@ -128,6 +128,15 @@ def test_row_lstm(emu, case, dtype):
         _check(name, got, want, dtype)
 
 
+def test_row_lstm_reports_the_shared_memory_limit(emu):
+    """float64 backward at h=128, W=32 needs 240 KB of shared memory, more than the 227 KB opt-in: a clear error."""
+    g = torch.randn(1, 4 * 128, 1, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4 * 128, 128, 3, dtype=torch.float64) / 20
+    y = gm.ops.row_lstm(g, w, backend="cuda")  # the forward scan fits
+    with pytest.raises(ValueError, match="shared memory"):
+        y.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------------- diagonal_lstm
 DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4)]  # (N, h, H, W)
 
@@ -191,7 +200,7 @@ def test_iaf_step(emu, shape, mode, dtype):
 # ldmatrix/mma, so these are the slower cases. "3xtf32" and "tf32" are float32 at that tensor-core precision
 # (torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32 False or True); TF32 is held to the GPU float32 tolerance.
 # By default: every dtype x mask x activation at a small shape, plus one medium case per dtype and mask;
-# GM_EMU_GEMM=1 adds the whole matrix at medium and large shapes (about 3 minutes more).
+# GM_EMU_GEMM=1 adds the whole matrix at medium and large shapes (about 4 minutes more).
 FULL_GEMM = os.environ.get("GM_EMU_GEMM") == "1"
 _full_only = pytest.mark.skipif(not FULL_GEMM, reason="larger emulated GEMM cases: set GM_EMU_GEMM=1")
 GEMM_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]

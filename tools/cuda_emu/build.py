@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,10 +49,34 @@ class BuildUnavailable(RuntimeError):
 
 
 def default_cache() -> Path:
+    """GM_EMU_CACHE, else ~/.cache/gm/cuda_emu (XDG_CACHE_HOME honoured), else a temp directory if that is not
+    writable."""
     env = os.environ.get("GM_EMU_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gm" / "cuda_emu"
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gm" / "cuda_emu"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"gm-cuda-emu-{os.getuid()}"
+
+
+KEEP_DAYS = 14  # cached objects and libraries unused this long are removed after a build
+
+
+def _prune(cache: Path, used: list[Path]) -> None:
+    now = time.time()
+    for p in used:
+        os.utime(p, (now, now))
+    for p in [*cache.glob("obj/*.o"), *cache.glob("lib/*/_C*")]:
+        try:
+            if now - p.stat().st_mtime > KEEP_DAYS * 86400:
+                p.unlink()
+        except OSError:
+            pass
 
 
 def unavailable_reason() -> str | None:
@@ -223,6 +248,7 @@ def build(
         if res.returncode != 0:
             raise RuntimeError(f"gm CUDA emulator: link failed\n{res.stderr[-6000:]}")
         os.replace(tmp_lib, lib)
+    _prune(cache, [*objects, lib])
     return lib
 
 
