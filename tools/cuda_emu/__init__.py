@@ -3,7 +3,7 @@
 from tools.cuda_emu import build, load, emulated
 module = load(build())
 with emulated(module):
-    y = gm.row_lstm(gates, w, backend="cuda")   # CPU tensors, the real launcher, the emulated kernel
+    y = gm.ops.row_lstm(gates, w, backend="cuda")   # CPU tensors, the real launcher, the emulated kernel
 """
 
 from __future__ import annotations
