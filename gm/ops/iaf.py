@@ -14,21 +14,24 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
 from gm.ops.masked_linear import (
     _cpu_mask,
-    _cpu_zeros,
     batch_bucket,
     blocked_input_grad,
     blocked_linear,
     blocked_weight_grad,
     build_tile_map,
     check_mask,
+    cpu_call_cost,
     cpu_plan,
+    eager_cpu,
     linear_tile_map,
     mask_entry,
+    needs_grad,
     plan_blocks,
     tile_grids,
 )
@@ -198,42 +201,58 @@ def _deinterleave(t: torch.Tensor, d: int) -> torch.Tensor:
     return t.view(d // g, 2, g, *rest).transpose(0, 1).reshape(t.shape)
 
 
+CPU_COPY_MACS = 10  # cost of copying one element, in multiply-adds (2-core dev machine: ~0.1 ns vs ~0.01 ns)
+
+
 def _cpu_fused_layout(entry, n: int):
-    """How the cpu backend runs the output layer at batch size n: (interleaved, plan, zeros).
+    """How the cpu backend runs the output layer at batch size n: (interleaved, plan).
 
     A MADE output mask stacks one staircase per head ([m rows; s rows]), so row blocks of it cannot follow the
     staircase without doubling the GEMM calls. With the rows interleaved in groups of 16 (m_0..m_15, s_0..s_15,
     m_16, ...) both heads' rows of one degree sit together and half as many blocks follow it. The interleaved
-    layout is used when the cost model says it is cheaper; then the weight and bias are interleaved (one pass
-    each), m and s are copied out of the GEMM's output and dm, ds copied back in (each N x 2D, small next to the
-    GEMMs), and the weight gradient is de-interleaved at the end.
-    zeros: the bool mask of zeros in the chosen layout (weight gradient)."""
+    layout is used when the cost model says it is cheaper, counting what it adds: the weight and bias are
+    interleaved (one pass each), m and s copied out of the GEMM's output and dm, ds copied back in (N x 2D
+    each), the weight gradient de-interleaved at the end. On the dev machine that pays from a 2 x 1024 MADE
+    (H = 1024) up, not at H = 256 with N = 512 (bench/NOTES.md).
+    """
     key = ("cpu_fused", batch_bucket(n))
     hit = entry.maps.get(key)
     if hit is None:
         plan = cpu_plan(entry, n)
-        hit = (False, plan, _cpu_zeros(entry))
-        o = entry.u8.shape[0]
+        hit = (False, plan)
+        o, h = entry.u8.shape
         if o % 2 == 0 and o > 0:
+            nb = batch_bucket(n)[0]
             nz_i = _interleave(entry.u8.cpu() != 0, o // 2)
-            plan_i = plan_blocks(nz_i, batch_bucket(n))
-            if plan_i.cost < plan.cost:
-                hit = (True, plan_i, (~nz_i).to(entry.u8.device))
+            plan_i = plan_blocks(nz_i, nb)
+            # Extra passes (5 over N x 2D, 2 over 2D x H) at ~10 multiply-adds an element, and ~5 small calls
+            # at a quarter of a GEMM call's fixed cost, in the plan's units (multiply-adds / N).
+            extra = CPU_COPY_MACS * (5 * o + 2 * o * h / nb) + 0.25 * 5 * cpu_call_cost() / nb
+            if plan_i.cost + extra < plan.cost:
+                hit = (True, plan_i)
         entry.maps[key] = hit
     return hit
 
 
-def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
-    """weight ⊙ mask in the layout of _cpu_fused_layout (one pass)."""
+def _cpu_fused_mask(entry, dtype: torch.dtype, d: int, interleaved: bool) -> torch.Tensor:
+    """The mask as `dtype` in the layout of _cpu_fused_layout (cached)."""
     if not interleaved:
-        return weight * _cpu_mask(entry, weight.dtype)
-    g = _group(d)
-    key = ("cpu_fused_mask", weight.dtype)
+        return _cpu_mask(entry, dtype)
+    key = ("cpu_fused_mask", dtype)
     mf = entry.maps.get(key)
     if mf is None:
-        mf = entry.maps[key] = _interleave(_cpu_mask(entry, weight.dtype), d).view(d // g, 2, g, -1)
-    out = weight.new_empty(mf.shape)
-    torch.mul(weight.view(2, d // g, g, -1).transpose(0, 1), mf, out=out)
+        mf = entry.maps[key] = _interleave(_cpu_mask(entry, dtype), d)
+    return mf
+
+
+def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
+    """weight ⊙ mask in the layout of _cpu_fused_layout (one pass)."""
+    mf = _cpu_fused_mask(entry, weight.dtype, d, interleaved)
+    if not interleaved:
+        return weight * mf
+    g = _group(d)
+    out = weight.new_empty(d // g, 2, g, weight.shape[1])
+    torch.mul(weight.view(2, d // g, g, -1).transpose(0, 1), mf.view(out.shape), out=out)
     return out.view(weight.shape)
 
 
@@ -245,23 +264,23 @@ def _split_heads(out: torch.Tensor, d: int, interleaved: bool) -> tuple[torch.Te
     return grouped[:, :, 0].reshape(-1, d), grouped[:, :, 1].reshape(-1, d)
 
 
-def _cpu_made_output(hidden, weight, mask, bias, z, mode):
+def _cpu_made_output(hidden, weight, mask, bias, z, mode, entry=None):
     """cpu backend: [m, s] on the mask's non-zero blocks (gm.ops.masked_linear.blocked_linear), then the step.
     Returns [m, s] (N, 2D, in the layout of _cpu_fused_layout) as well, saved for the backward, which then
     need not recompute it."""
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     d = z.shape[1]
-    inter, plan, _ = _cpu_fused_layout(entry, z.shape[0])
+    inter, plan = _cpu_fused_layout(entry, z.shape[0])
     wm = _cpu_fused_weight(weight, entry, d, inter)
     out = blocked_linear(hidden, wm, bias if bias is None or not inter else _interleave(bias, d), plan)
     z_new, ld = _reference_step(z, *_split_heads(out, d, inter), mode)
     return z_new, ld, out
 
 
-def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved):
-    entry = mask_entry(mask)
+def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved, entry=None):
+    entry = entry or mask_entry(mask)
     n, d = z.shape
-    inter, plan, zeros = _cpu_fused_layout(entry, n)
+    inter, plan = _cpu_fused_layout(entry, n)
     wm = _cpu_fused_weight(weight, entry, d, inter)
     out = saved
     if saved.dim() != 2:  # not saved by the forward: recompute [m, s]
@@ -275,7 +294,7 @@ def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_
     dh = blocked_input_grad(dout, wm, plan) if need_h else None
     dw = None
     if need_w:
-        dw = blocked_weight_grad(dout, hidden, zeros, plan)
+        dw = blocked_weight_grad(dout, hidden, _cpu_fused_mask(entry, weight.dtype, d, inter), plan)
         dw = _deinterleave(dw, d) if inter else dw
     db = torch.cat([dm.sum(0), ds.sum(0)]) if need_b else None
     return dh, dw, db, dz
@@ -489,6 +508,33 @@ def _fused_backward(ctx, gz, gl, _gsaved):
 _made_output_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
+class _CpuMadeOutput(torch.autograd.Function):
+    """Eager cpu calls skip the torch.library dispatch (see gm.ops.masked_linear.eager_cpu)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, mask, bias, z, mode):
+        ctx.entry = mask_entry(mask)
+        z_new, ld, saved = _cpu_made_output(hidden, weight, mask, bias, z.contiguous(), mode, ctx.entry)
+        ctx.save_for_backward(hidden, weight, mask, bias, z, saved)
+        ctx.mode = mode
+        return z_new, ld
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gz, gl):
+        hidden, weight, mask, bias, z, saved = ctx.saved_tensors
+        need_h, need_w, _, need_b, need_z, _ = ctx.needs_input_grad
+        need_b = need_b and bias is not None
+        if not (need_h or need_w or need_b or need_z):
+            return None, None, None, None, None, None
+        z = z.contiguous()
+        gz = _grad_or_zeros(gz, z)
+        gl = _grad_or_zeros(gl, z[:, 0])
+        dh, dw, db, dz = _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, ctx.mode, need_h, need_w,
+                                                   need_b, saved, ctx.entry)  # fmt: skip
+        return dh, dw, None, db, dz, None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions.
 
@@ -584,5 +630,9 @@ def iaf_made_output(
             raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
     chosen = resolve(backend, hidden.device, native_cpu=False,
                      cuda_kernels=CUDA_FUSED_READY and hidden.dtype != torch.float64)  # fmt: skip
+    if chosen == "cpu" and eager_cpu(hidden, weight, mask, bias, z):
+        if needs_grad(hidden, weight, bias, z):
+            return _CpuMadeOutput.apply(hidden, weight, mask, bias, z, mode)
+        return _cpu_made_output(hidden, weight, mask, bias, z.contiguous(), mode)[:2]
     z_new, ld, _ = _made_output_op(hidden, weight, mask, bias, z, mode, chosen)
     return z_new, ld

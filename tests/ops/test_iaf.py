@@ -214,23 +214,25 @@ def test_gpu_made_output_cuda_is_auto():
 
 @pytest.fixture
 def fine_blocks(monkeypatch):
-    """Cost model without per-call cost or padding: the cpu plan cuts the mask into 16-row blocks."""
+    """Cost model without per-call cost, padding or copy cost: the cpu plan cuts the mask into 16-row blocks and
+    the fused output layer runs interleaved wherever that saves anything."""
     ml = importlib.import_module("gm.ops.masked_linear")
     monkeypatch.setattr(ml, "CPU_FIXED_MACS", 0.0)
     monkeypatch.setattr(ml, "CPU_PAD", 0)
+    monkeypatch.setattr(importlib.import_module("gm.ops.iaf"), "CPU_COPY_MACS", 0)
     ml.clear_mask_cache()
     yield
     ml.clear_mask_cache()
 
 
 def test_cpu_made_output_layout_default_cost_model():
-    """At the benchmark's size the MADE output mask runs interleaved, in blocks; a random mask runs dense."""
+    """A 2x1024 MADE's output mask (D=64) at N=512 runs interleaved, in blocks; a random mask runs dense."""
     from gm.ops.iaf import _cpu_fused_layout  # noqa: PLC0415
 
-    _, _, mask, _, _ = _fused_inputs(2, 256, 64, torch.float32)
-    interleaved, plan, _ = _cpu_fused_layout(mask_entry(mask), 512)
+    _, _, mask, _, _ = _fused_inputs(2, 1024, 64, torch.float32)
+    interleaved, plan = _cpu_fused_layout(mask_entry(mask), 512)
     assert interleaved and len(plan.rows) > 1 and plan.area < 0.8
-    interleaved, plan, _ = _cpu_fused_layout(mask_entry((torch.rand(128, 256) < 0.5).float()), 512)
+    interleaved, plan = _cpu_fused_layout(mask_entry((torch.rand(128, 1024) < 0.5).float()), 512)
     assert len(plan.rows) == 1 and plan.area == 1.0
 
 
@@ -251,7 +253,7 @@ def test_cpu_made_output_saves_m_and_s(fine_blocks):
 
     hidden, w, mask, b, z = (t.detach() for t in _fused_inputs(9, 48, 20, torch.float64))
     z_new, ld, saved = _made_output_op(hidden, w, mask, b, z, "gated", "cpu")
-    interleaved, plan, _ = _cpu_fused_layout(mask_entry(mask), 9)
+    interleaved, plan = _cpu_fused_layout(mask_entry(mask), 9)
     assert interleaved and len(plan.rows) > 1
     want = ref.masked_linear(hidden, w, mask, b)
     assert_rel(saved, want.view(9, 2, 5, 4).transpose(1, 2).reshape(9, 40), torch.float64, "saved")  # groups of 4

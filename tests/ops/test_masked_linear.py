@@ -237,10 +237,10 @@ def _check_plan(m: torch.Tensor, plan) -> None:
     nz = m != 0
     o, k = m.shape
     covered = torch.zeros(o, k, dtype=torch.int32)
-    for r0, r1, k0, k1, partial in plan.rows:
+    for r0, r1, k0, k1, z0, z1 in plan.rows:
         covered[r0:r1] += 1
         assert not nz[r0:r1, :k0].any() and not nz[r0:r1, k1:].any()
-        assert partial == (k1 > k0 and not bool(nz[r0:r1, k0:k1].all()))
+        assert k0 <= z0 <= z1 <= k1 and nz[r0:r1, k0:z0].all() and nz[r0:r1, z1:k1].all()
     assert (covered == 1).all()
     covered.zero_()
     for c0, c1, o0, o1 in plan.cols:
@@ -272,7 +272,7 @@ def test_cpu_plan_default_cost_model_on_made_masks():
     _check_plan(m, plan)
     assert len(plan.rows) > 1 and plan.area < 0.7
     r = _random_mask(512, 512)
-    assert cpu_plan(mask_entry(r), 1024).rows == ((0, 512, 0, 512, True),)
+    assert [blk[:4] for blk in cpu_plan(mask_entry(r), 1024).rows] == [(0, 512, 0, 512)]
     assert len(cpu_plan(mask_entry(m), 2).rows) == 1
     clear_mask_cache()
 
