@@ -323,3 +323,53 @@ def test_opcheck_cpu(fine_blocks):
     x, w, b, _ = _inputs(5, 40, 36, torch.float32)
     m = _made_hidden_mask(36, 40)
     torch.library.opcheck(torch.ops.gm.masked_linear.default, (x, w, m, b, "elu", "cpu"))
+
+
+@pytest.mark.parametrize("activation", [None, "elu"])
+def test_cpu_eager_path_equals_custom_op(activation, fine_blocks, monkeypatch):
+    """Eager cpu calls run through an autograd.Function instead of the custom op: bit-identical results."""
+    ml = importlib.import_module("gm.ops.masked_linear")
+    x, w, b, _ = _inputs(7, 40, 36, torch.float32)
+    m = _made_hidden_mask(36, 40)
+    g = torch.randn(7, 36)
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(ml, "CPU_EAGER_FAST_PATH", fast)
+        y = masked_linear(x, w, m, b, activation=activation, backend="cpu")
+        runs.append((y, *torch.autograd.grad(y, (x, w, b), g)))
+        with torch.no_grad():
+            runs.append((masked_linear(x, w, m, b, activation=activation, backend="cpu"),))
+    for a, e in zip(runs[0] + runs[1], runs[2] + runs[3], strict=True):
+        assert torch.equal(a, e)
+
+
+def test_cpu_eager_path_is_skipped_under_modes():
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    from gm.ops.masked_linear import eager_cpu  # noqa: PLC0415
+
+    x = torch.randn(3, 4)
+    assert eager_cpu(x, None, torch.nn.Parameter(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not eager_cpu(x)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        assert not eager_cpu(fx)
+        m = _made_hidden_mask(5, 4)
+        y = masked_linear(fx, mode.from_tensor(torch.randn(5, 4)), mode.from_tensor(m), backend="cpu")
+        assert y.shape == (3, 5)
+
+
+def test_torch_compile_fullgraph_cpu():
+    """Under torch.compile the cpu backend goes through the registered op (fake + autograd registrations)."""
+    x, w, b, _ = _inputs(6, 24, 20, torch.float32)
+    m = _made_hidden_mask(20, 24)
+
+    def f(x, w, b):
+        return masked_linear(x, w, m, b, activation="elu", backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y, y_ref = compiled(x, w, b), f(x, w, b)
+    torch.testing.assert_close(y, y_ref)
+    for a, e in zip(torch.autograd.grad(y.sum(), (x, w, b)), torch.autograd.grad(y_ref.sum(), (x, w, b)), strict=True):
+        torch.testing.assert_close(a, e)
