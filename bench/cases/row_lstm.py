@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.cases._scan import scan_case
 from bench.harness import Case, compiled, pick
 from gm.nn import RowLSTM
 from gm.reference.masked_conv import masked_conv2d
@@ -62,31 +63,10 @@ def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device)
 
 
 def _scan_case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device) -> Case:
-    """The scan op alone (gates precomputed), one direction: what the C++/Triton/CUDA scan kernels do."""
-    from gm.ops import row_lstm as gm_scan_op  # noqa: PLC0415
-    from gm.reference.row_lstm import row_lstm as ref_scan  # noqa: PLC0415
+    from gm.ops import row_lstm as gm_op  # noqa: PLC0415
+    from gm.reference.row_lstm import row_lstm as ref_op  # noqa: PLC0415
 
-    taps = K
-
-    def make_inputs():
-        gates = torch.randn(n, 4 * hid, size, size, device=device, dtype=dtype, requires_grad=True)
-        w_ss = (torch.randn(4 * hid, hid, taps, device=device, dtype=dtype) / (hid * taps) ** 0.5).requires_grad_()
-        return {"gates": gates, "w_ss": w_ss}
-
-    impls = {"reference": lambda gates, w_ss: ref_scan(gates, w_ss)}
-    if device.type == "cuda":
-        impls["reference+compile"] = compiled(lambda gates, w_ss: ref_scan(gates, w_ss))
-    return Case(
-        op="row_lstm scan",
-        name=f"N={n} h={hid} {size}x{size}",
-        dtype=dtype,
-        make_inputs=make_inputs,
-        gm=lambda gates, w_ss, backend: gm_scan_op(gates, w_ss, backend=backend),
-        impls=impls,
-        baseline="reference",
-        flops=float(n * size * size * (4 * hid) * (hid * taps) * 2),
-    )
-
+    return scan_case("row_lstm scan", gm_op, ref_op, K, n, hid, size, dtype, device)
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     shapes = pick(device, quick, quick_choice=QUICK_SHAPES, gpu_choice=GPU_SHAPES, cpu_choice=CPU_SHAPES)
