@@ -623,8 +623,7 @@ def masked_linear(
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
     chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a same-shape reshape adds an autograd node)
     if chosen == "cpu" and eager_cpu(x, weight, mask, bias):
         if needs_grad(x, weight, bias):
             y = _CpuMaskedLinear.apply(x2, weight, mask, bias, activation)
@@ -632,7 +631,7 @@ def masked_linear(
             y = _cpu_forward(x2, weight, mask, bias, activation)
     else:
         y = _masked_linear_op(x2, weight, mask, bias, activation or "none", chosen)
-    return y.reshape(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 __all__ = ["masked_linear", "mask_entry", "clear_mask_cache", "TileMap", "CpuPlan"]
