@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, compiled
+from bench.harness import Case, compiled, pick
 from gm.nn.made import hidden_degrees, made_masks
 from gm.reference.iaf import iaf_step as ref_step
 
@@ -101,9 +101,10 @@ def _masked_linear_case(n: int, width: int, d: int, dtype: torch.dtype, device: 
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if quick:
-        return [_iaf_case(*s, device) for s in QUICK_IAF] + [_masked_linear_case(256, 128, 16, torch.float32, device)]
-    if device.type == "cuda":
-        out = [_iaf_case(*s, device) for s in GPU_IAF]
-        return out + [_masked_linear_case(4096, 1024, 64, torch.bfloat16, device)]
-    return [_iaf_case(*s, device) for s in CPU_IAF] + [_masked_linear_case(1024, 512, 64, torch.float32, device)]
+    iaf, linear = pick(
+        device, quick,
+        quick_choice=(QUICK_IAF, (256, 128, 16, torch.float32)),
+        gpu_choice=(GPU_IAF, (4096, 1024, 64, torch.bfloat16)),
+        cpu_choice=(CPU_IAF, (1024, 512, 64, torch.float32)),
+    )  # fmt: skip  (IAF cases, masked_linear (N, width, D, dtype))
+    return [_iaf_case(*s, device) for s in iaf] + [_masked_linear_case(*linear, device)]
