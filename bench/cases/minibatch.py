@@ -82,6 +82,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         device, quick,
         quick_choice=[(256, True)],
         gpu_choice=[(256, True), (1024, True), (2048, True), (4096, False), (16384, False), (65536, False)],
-        cpu_choice=[(256, True), (512, True), (1024, True)],
+        cpu_choice=[(256, True), (512, True), (1024, True), (8192, False)],
     )  # fmt: skip  (N, with the naive baselines)
     return [_case(n, device, torch.float32, baselines=b) for n, b in plan]
