@@ -142,25 +142,32 @@ def _crop_mask(weight: torch.Tensor, mask: str, in_groups, out_groups) -> torch.
     return m
 
 
-def _pad_top(x: torch.Tensor, cy: int, cx: int) -> torch.Tensor:
-    return x if cy == 0 and cx == 0 else F.pad(x, (cx, cx, cy, 0))
+def _cpu_geometry(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(cy, cx, kw_used): rows up to the centre are kept; a 1 x k kernel also drops the columns right of the centre
+    (all masked), so oneDNN runs a 1 x (k//2 + 1) kernel padded on the left only."""
+    kh, kw = weight.shape[2:]
+    cy, cx = kh // 2, kw // 2
+    return cy, cx, (cx + 1 if kh == 1 else kw)
+
+
+def _pad_for_crop(x: torch.Tensor, cy: int, cx: int, kw_used: int) -> torch.Tensor:
+    right = kw_used - 1 - cx
+    return x if cy == 0 and cx == 0 and right == 0 else F.pad(x, (cx, right, cy, 0))
 
 
 def _cpu_forward(x, weight, bias, mask, in_groups, out_groups):
     # Rows below the centre are all zero: crop them and pad only the top, so oneDNN skips that half of the taps.
     # (Measured faster on the CPU than a kept-taps GEMM in C++ without a tuned BLAS; see bench.)
-    kh, kw = weight.shape[2:]
-    cy, cx = kh // 2, kw // 2
-    w = weight[:, :, : cy + 1] * _crop_mask(weight, mask, in_groups, out_groups)
-    return F.conv2d(_pad_top(x, cy, cx), w, bias)
+    cy, cx, kw_used = _cpu_geometry(weight)
+    w = weight[:, :, : cy + 1, :kw_used] * _crop_mask(weight, mask, in_groups, out_groups)[..., :kw_used]
+    return F.conv2d(_pad_for_crop(x, cy, cx, kw_used), w, bias)
 
 
 def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
-    kh, kw = weight.shape[2:]
-    cy, cx = kh // 2, kw // 2
-    crop_mask = _crop_mask(weight, mask, in_groups, out_groups)
-    w = weight[:, :, : cy + 1] * crop_mask
-    xp = _pad_top(x, cy, cx)
+    cy, cx, kw_used = _cpu_geometry(weight)
+    crop_mask = _crop_mask(weight, mask, in_groups, out_groups)[..., :kw_used]
+    w = weight[:, :, : cy + 1, :kw_used] * crop_mask
+    xp = _pad_for_crop(x, cy, cx, kw_used)
     gx, gw, _ = torch.ops.aten.convolution_backward(
         grad, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
     )
@@ -168,7 +175,7 @@ def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
     dw = None
     if need_w:
         dw = torch.zeros_like(weight)
-        dw[:, :, : cy + 1] = gw * crop_mask
+        dw[:, :, : cy + 1, :kw_used] = gw * crop_mask
     return dx, dw
 
 
