@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_table(rows))
     if not args.no_save and rows:
         print(f"\nsaved {len(rows)} rows to {path}")
+        picks = harness.autotune_picks()
+        if picks:
+            import json  # noqa: PLC0415
+
+            tuned = path.with_name(path.stem + "_autotune.json")
+            tuned.write_text(json.dumps({"env": env, "picks": picks}, indent=1))
+            print(f"autotuner picks of {len(picks)} kernels in {tuned}")
     return 0
 
 

@@ -234,3 +234,24 @@ def save(rows: list[Row], env: dict, out_dir: Path) -> Path:
         for r in rows:
             f.write(json.dumps({**env, **dataclasses.asdict(r)}) + "\n")
     return path
+
+
+def autotune_picks() -> dict:
+    """{kernel: [{"key": ..., "config": ...}]}: what Triton's autotuners chose in this process, to shorten the config
+    lists (the picks depend on the GPU; saved beside the rows by python -m bench on CUDA)."""
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    try:
+        import gm.kernels as pkg  # noqa: PLC0415
+        from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+    except ImportError:
+        return {}
+    picks: dict[str, list] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"gm.kernels.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner) and obj.cache:
+                name = getattr(obj.base_fn, "__name__", str(obj.base_fn))
+                picks[name] = [{"key": [str(k) for k in key], "config": str(cfg)} for key, cfg in obj.cache.items()]
+    return picks
