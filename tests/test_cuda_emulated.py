@@ -334,22 +334,29 @@ def test_masked_conv2d_gemm(gemm, dtype, shape, monkeypatch):
 # Seeded bugs the emulator must catch, all in one mutant build: {file: [(text, replacement)]}. If a kernel is edited
 # so an anchor no longer occurs exactly once, the build says so: point the anchor at an equivalent line.
 ROW_SCAN = "csrc/row_lstm/row_lstm_cuda.cu"
-GEMM = "csrc/masked_linear/masked_linear_gemm.cuh"
+MAINLOOP = "csrc/common/mma_sync.cuh"  # cp_async_mainloop: the stage pipeline of every GEMM
 MUTATIONS = {
     # row_lstm backward: the barrier between the dz writes and the dh reads of other threads' dz.
     ROW_SCAN: [("__syncthreads();  // dz complete; dh, dc consumed", "")],
-    GEMM: [
-        # GEMM main loop (forward, input gradient): the wait for this thread's cp.async of the stage it computes on.
-        ("    cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed\n", ""),
-        # weight-gradient loop: the barrier after the wait (other threads' copies landed; the old stage is free).
-        ("    cp_async_wait<kStages - 2>();\n    __syncthreads();\n", "    cp_async_wait<kStages - 2>();\n"),
-    ],
+    # GEMM main loop: the wait for this thread's cp.async of the stage it computes on.
+    MAINLOOP: [("    cp_async_wait<kStages - 2>();  // this thread's copies of iteration `it` have landed\n", "")],
+}
+# GEMM main loop: the barrier after the wait (other threads' copies landed; the old stage is free). A build of its own:
+# with the wait also gone, a wrong weight gradient would not show that the barrier's absence is caught.
+BARRIER_MUTATIONS = {
+    MAINLOOP: [("    __syncthreads();  // iteration `it` complete for all threads; the slot of it - 1 is free to refill\n",
+                "")],
 }
 
 
 @pytest.fixture(scope="module")
 def mutant():
     return _build(mutations=MUTATIONS)
+
+
+@pytest.fixture(scope="module")
+def barrier_mutant():
+    return _build(mutations=BARRIER_MUTATIONS)
 
 
 @pytest.mark.parametrize("order", ["random", "forward", "reverse"])
@@ -366,12 +373,11 @@ def test_emulator_catches_a_missing_barrier(mutant, order, monkeypatch):
     assert "dgates" in wrong, f"the emulator missed the removed barrier ({order} order): only {wrong} differ"
 
 
-def test_emulator_catches_gemm_pipeline_bugs(mutant, monkeypatch):
-    """masked_linear with a missing cp.async wait (forward) and a missing barrier (weight gradient): copies land at
-    their wait, and warps may run ahead of each other (the default random order), so both must show."""
+def _masked_linear_vs_reference(module, monkeypatch):
+    """(y, y_ref, dw, dw_ref) of one bf16 masked_linear on `module`'s cuda kernels, against the float64 reference."""
     from tests.ops import test_masked_linear  # noqa: PLC0415
 
-    _activate(mutant, monkeypatch)
+    _activate(module, monkeypatch)
     test_masked_linear.clear_mask_cache()
     x, w, b, mask = test_masked_linear._inputs(77, 130, 70, torch.bfloat16, "cpu", "mixed")
     y = gm.ops.masked_linear(x, w, mask, b, backend="cuda")
@@ -381,5 +387,14 @@ def test_emulator_catches_gemm_pipeline_bugs(mutant, monkeypatch):
     xr, wr = x.detach().double(), w.detach().double().requires_grad_()
     y_ref = masked_linear_ref(xr, wr, mask, b.detach().double())
     dw_ref = torch.autograd.grad(y_ref, wr, gy.double())[0]
+    return y, y_ref, dw, dw_ref
+
+
+def test_emulator_catches_gemm_pipeline_bugs(mutant, barrier_mutant, monkeypatch):
+    """masked_linear with a missing cp.async wait (forward) and, in a separate build, a missing main-loop barrier
+    (weight gradient): copies land at their wait, and warps may run ahead of each other (the default random order),
+    so both must show."""
+    y, y_ref, _, _ = _masked_linear_vs_reference(mutant, monkeypatch)
     assert not _close(y, y_ref, torch.bfloat16), "the emulator missed the removed cp.async wait"
+    _, _, dw, dw_ref = _masked_linear_vs_reference(barrier_mutant, monkeypatch)
     assert not _close(dw, dw_ref, torch.bfloat16), "the emulator missed the removed weight-gradient barrier"

@@ -164,6 +164,36 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4]
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The multi-stage cp.async main loop shared by gm's GEMMs. load(slot, iter) issues this thread's copies of k-iteration
+// `iter` into stage buffer `slot` (one commit group per iteration, empty past the end); landed(slot, iter) runs on
+// this thread's own landed copies before the barrier (e.g. zeroing masked weights); step(slot) consumes the stage once
+// every thread's copies are in. kStages - 1 iterations are in flight; all copies have landed on return.
+
+struct NoLanded {
+  __device__ __forceinline__ void operator()(int, int) const {}
+};
+
+template <int kStages, typename Load, typename Step, typename Landed = NoLanded>
+__device__ __forceinline__ void cp_async_mainloop(int k_iters, Load&& load, Step&& step, Landed&& landed = {}) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_iters) load(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < k_iters; ++it) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of iteration `it` have landed
+    const int slot = it % kStages;
+    landed(slot, it);
+    __syncthreads();  // iteration `it` complete for all threads; the slot of it - 1 is free to refill
+    const int next = it + kStages - 1;
+    if (next < k_iters) load(next % kStages, next);
+    cp_async_commit();
+    step(slot);
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Fragment loaders for one k-step `ks` of a stage.
 //
 // Row tiles: rows are M (or N), the reduction is contiguous (kRow bytes a row; kRow % 128 == 80 or 16-byte padded

@@ -129,19 +129,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
 
   WarpAcc acc;
   acc.zero();
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_iters) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kiter = 0; kiter < k_iters; ++kiter) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage kiter landed for all threads; stage kiter - 1 is free to refill
-    const int next = kiter + kStages - 1;
-    if (next < k_iters) load_stage(next % kStages, next);
-    cp_async_commit();
-
-    const std::uint32_t a_base = smem_base + (kiter % kStages) * kGemmStage;
+  cp_async_mainloop<kStages>(k_iters, load_stage, [&](int slot) {
+    const std::uint32_t a_base = smem_base + slot * kGemmStage;
     const std::uint32_t b_base = a_base + kBM * kGemmRow;
 #pragma unroll
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
@@ -150,8 +139,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
       row_fragments_b(bf, b_base, kGemmRow, wn0, ks, lane);
       mma_step<T, P>(acc, af, bf);
     }
-  }
-  cp_async_wait<0>();
+  });
   __syncthreads();
 
   // Epilogue: stage the tile transposed (channel-major) in shared memory, then write NCHW along pixels.
@@ -279,19 +267,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
 
   WarpAcc acc;
   acc.zero();
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_iters) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kiter = 0; kiter < k_iters; ++kiter) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = kiter + kStages - 1;
-    if (next < k_iters) load_stage(next % kStages, next);
-    cp_async_commit();
-
-    const std::uint32_t a_base = smem_base + (kiter % kStages) * S::kStage;
+  cp_async_mainloop<kStages>(k_iters, load_stage, [&](int slot) {
+    const std::uint32_t a_base = smem_base + slot * S::kStage;
     const std::uint32_t b_base = a_base + S::kTile;
 #pragma unroll
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
@@ -299,8 +276,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
       wgrad_fragments<T>(a_base, b_base, smem, ks, lane, wm0, wn0, af, bf);
       mma_step<T, P>(acc, af, bf);
     }
-  }
-  cp_async_wait<0>();
+  });
 
   const int g = lane >> 2, tq = lane & 3;
   float* out = args.partial + (static_cast<std::int64_t>(blockIdx.z) * args.taps.count + t) * args.c_in *

@@ -193,38 +193,29 @@ __device__ __forceinline__ void gemm_mainloop(const GemmArgs& args, unsigned cha
   };
 
   acc.zero();
+  cp_async_mainloop<kStages>(
+      k_iters, [&](int slot, int it) { load_stage(slot, start + it); },
+      [&](int slot) {
+        const std::uint32_t a_base = smem_base + slot * kStage;
+        const std::uint32_t b_base = a_base + kTileA;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_iters) load_stage(s, start + s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < k_iters; ++it) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed
-    const int stage = it % kStages;
-    if (start + it >= mid) {  // partly-zero tile: zero the masked elements of this thread's own weight chunks
-      unsigned char* w_tile = smem + stage * kStage + kTileA;
+        for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
+          std::uint32_t af[4][4], bf[4][2];
+          row_fragments_a(af, a_base, kRowTile, wm0, ks, lane);
+          if constexpr (L == BLayout::kRows)
+            row_fragments_b(bf, b_base, kRowTile, wn0, ks, lane);
+          else
+            trans_fragments_b<T, TT::kRow>(bf, b_base, smem, ks, lane, wn0);
+          mma_step<T, P>(acc, af, bf);
+        }
+      },
+      [&](int slot, int it) {
+        if (start + it >= mid) {  // partly-zero tile: zero the masked elements of this thread's own weight chunks
+          unsigned char* w_tile = smem + slot * kStage + kTileA;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) mask_chunk<T>(w_tile + b_dst[r], w_tile + kTileB + m_dst[r]);
-    }
-    __syncthreads();  // stage `it` complete and masked for all threads; stage it - 1 free to refill
-    const int next = it + kStages - 1;
-    if (next < k_iters) load_stage(next % kStages, start + next);
-    cp_async_commit();
-
-    const std::uint32_t a_base = smem_base + stage * kStage;
-    const std::uint32_t b_base = a_base + kTileA;
-#pragma unroll
-    for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
-      std::uint32_t af[4][4], bf[4][2];
-      row_fragments_a(af, a_base, kRowTile, wm0, ks, lane);
-      if constexpr (L == BLayout::kRows)
-        row_fragments_b(bf, b_base, kRowTile, wn0, ks, lane);
-      else
-        trans_fragments_b<T, TT::kRow>(bf, b_base, smem, ks, lane, wn0);
-      mma_step<T, P>(acc, af, bf);
-    }
-  }
-  cp_async_wait<0>();
+          for (int r = 0; r < 2; ++r) mask_chunk<T>(w_tile + b_dst[r], w_tile + kTileB + m_dst[r]);
+        }
+      });
   __syncthreads();
 }
 
@@ -336,18 +327,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : 2)
 
   WarpAcc acc;
   acc.zero();
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_iters) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kiter = 0; kiter < k_iters; ++kiter) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = kiter + kStages - 1;
-    if (next < k_iters) load_stage(next % kStages, next);
-    cp_async_commit();
-    const std::uint32_t a_base = smem_base + (kiter % kStages) * kWStage;
+  cp_async_mainloop<kStages>(k_iters, load_stage, [&](int slot) {
+    const std::uint32_t a_base = smem_base + slot * kWStage;
     const std::uint32_t b_base = a_base + TT::kTile;
 #pragma unroll
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
@@ -356,8 +337,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : 2)
       trans_fragments_b<T, TT::kRow>(bf, b_base, smem, ks, lane, wn0);
       mma_step<T, P>(acc, af, bf);
     }
-  }
-  cp_async_wait<0>();
+  });
 
   const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
