@@ -61,3 +61,20 @@ def stream_of(t: torch.Tensor) -> int:
     if t.device.type != "cuda":
         return 0
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
+    """How many ways a CUDA GEMM splits its reduction (pixels or rows, `work` of them) into partial sums so that
+    `tiles` output tiles x splits fill whole waves of the SMs (`blocks_per_sm` resident blocks each) with few partial
+    sums to add: at most 64 splits, at least 512 reduction steps each."""
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm
+    best, best_score = 1, -1.0
+    for s in range(1, 65):
+        if s > 1 and work // s < 512:  # too little work per block to pay for its partial sum
+            break
+        blocks = tiles * s
+        waves = -(-blocks // slots)
+        score = blocks / (waves * slots) - 0.01 * s
+        if score > best_score:
+            best, best_score = s, score
+    return best

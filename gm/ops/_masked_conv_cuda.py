@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gm._ext import dtype_code, ext, stream_of
+from gm._ext import dtype_code, ext, reduction_splits, stream_of
 
 _CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
 _TILE = 128  # block tile of the weight-gradient kernel along C_in and C_out
@@ -118,21 +118,6 @@ def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps, *, grad_nhwc=None
     return _conv_gemm(grad, packed, None, mirrored, packed.shape[1], a_nhwc=grad_nhwc)
 
 
-def _num_splits(tiles: int, pixels: int, device: torch.device) -> int:
-    """Pixel splits of the weight-gradient reduction: fill whole waves of the SMs, few partial sums to add."""
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BLOCKS_PER_SM
-    best, best_score = 1, -1.0
-    for s in range(1, 65):
-        if s > 1 and pixels // s < 512:  # too little work per block to pay for its partial sum
-            break
-        blocks = tiles * s
-        waves = -(-blocks // slots)
-        score = blocks / (waves * slots) - 0.01 * s
-        if score > best_score:
-            best, best_score = s, score
-    return best
-
-
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, *, grad_nhwc=None) -> torch.Tensor:
     """Packed weight gradient (T, C_in, C_out) in float32; the pixel splits are added in a fixed order."""
     _check_cuda("x", x)
@@ -144,7 +129,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, *, grad_nhwc=None) ->
         return torch.zeros(t, cin, cout, dtype=torch.float32, device=x.device)
     pixels = n * h * w
     tiles = t * (-(-cin // _TILE)) * (-(-cout // _TILE))
-    splits = _num_splits(tiles, pixels, x.device)
+    splits = reduction_splits(tiles, pixels, x.device, _BLOCKS_PER_SM)
     per_split = -(-pixels // splits)
     splits = -(-pixels // per_split)  # no empty trailing split
     cin_p, cout_p = _padded(cin), _padded(cout)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from gm._ext import dtype_code, ext, stream_of
+from gm._ext import dtype_code, ext, reduction_splits, stream_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _STAGE_BYTES = 64  # reduction bytes per pipeline stage = the tile map's reduction granularity
@@ -132,20 +132,6 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
     return dx
 
 
-def _num_splits(tiles: int, rows: int, device: torch.device) -> int:
-    """Row splits of the weight-gradient reduction: fill whole waves of the SMs, few partial sums to add."""
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * _BLOCKS_PER_SM
-    best, best_score = 1, -1.0
-    for s in range(1, 65):
-        if s > 1 and rows // s < 512:  # too little work per block to pay for its partial sum
-            break
-        waves = -(-tiles * s // slots)
-        score = tiles * s / (waves * slots) - 0.01 * s
-        if score > best_score:
-            best, best_score = s, score
-    return best
-
-
 def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
     """dW (O, K) in x's dtype, exactly zero where the mask is 0."""
     from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
@@ -156,7 +142,7 @@ def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
     if rows == 0 or o == 0 or k == 0:
         return torch.zeros(o, k, dtype=x.dtype, device=x.device)
     tm = linear_tile_map(entry, _BLOCK, _BLOCK)
-    splits = _num_splits(max(tm.nonempty, 1), rows, x.device)
+    splits = reduction_splits(max(tm.nonempty, 1), rows, x.device, _BLOCKS_PER_SM)
     per_split = -(-rows // splits)
     splits = -(-rows // per_split)
     op, kp = _padded(o, x.dtype), _padded(k, x.dtype)
