@@ -1,5 +1,6 @@
-"""A benchmark case for an LSTM scan op alone (gates precomputed, one direction), shared by the row and diagonal
-LSTM case modules: what the C++/Triton/CUDA scan kernels do, apart from the layer's convolutions."""
+"""Pieces shared by the row and diagonal LSTM case modules: the layer cases' inputs and gm callable (a module per
+backend run on the case's parameter leaves), and a case for the scan op alone (gates precomputed, one direction):
+what the C++/Triton/CUDA scan kernels do, apart from the layer's convolutions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from collections.abc import Callable
 import torch
 
 from bench.harness import Case, compiled
+
+
+def layer_functions(make_layer: Callable, x_shape: tuple, dtype: torch.dtype, device: torch.device):
+    """(make_inputs, gm) for a layer case: make_inputs() gives x and the layer's parameters as leaves (named with
+    "_" for "."); gm(x, backend, **params) runs one module per backend (make_layer(backend)) on those parameters."""
+    names = [name for name, _ in make_layer(None).named_parameters()]
+    layers = {}
+
+    def make_inputs():
+        template = make_layer(None).to(device, dtype)
+        inputs = {"x": torch.randn(*x_shape, device=device, dtype=dtype, requires_grad=True)}
+        for name, p in template.named_parameters():
+            inputs[name.replace(".", "_")] = p.detach().clone().requires_grad_()
+        return inputs
+
+    def gm_layer(x, backend, **kw):
+        if backend not in layers:
+            layers[backend] = make_layer(backend).to(device, dtype)
+        return torch.func.functional_call(layers[backend], {n: kw[n.replace(".", "_")] for n in names}, (x,))
+
+    return make_inputs, gm_layer
 
 
 def scan_case(op: str, gm_op: Callable, ref_op: Callable, taps: int, n: int, hid: int, size: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.cases._scan import scan_case
+from bench.cases._scan import layer_functions, scan_case
 from bench.harness import Case, compiled, pick
 from gm.nn import DiagonalBiLSTM
 from gm.reference.diagonal_lstm import diagonal_bilstm
@@ -19,27 +19,13 @@ GPU_SHAPES = [(32, 64, 32, torch.float32), (32, 64, 32, torch.bfloat16), (32, 12
               (32, 128, 32, torch.bfloat16)]  # fmt: skip  (N, h, H=W, dtype)
 CPU_SHAPES = [(8, 32, 16, torch.float32)]
 QUICK_SHAPES = [(2, 8, 8, torch.float32)]
-PARAMS = ("input_to_state.weight", "input_to_state.bias", "w_ss", "w_ss_rev", "output.weight", "output.bias")
 
 
 def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device, with_cudnn: bool) -> Case:
     in_ch = 2 * hid
-    layers = {}  # one module per backend, parameters passed in (torch.func.functional_call)
-
-    def make_inputs():
-        template = DiagonalBiLSTM(in_ch, hid).to(device, dtype)
-        inputs = {"x": torch.randn(n, in_ch, size, size, device=device, dtype=dtype, requires_grad=True)}
-        for name, p in template.named_parameters():
-            inputs[name.replace(".", "_")] = p.detach().clone().requires_grad_()
-        return inputs
-
-    def params_of(kw):
-        return {name: kw[name.replace(".", "_")] for name in PARAMS}
-
-    def gm_layer(x, backend, **kw):
-        if backend not in layers:
-            layers[backend] = DiagonalBiLSTM(in_ch, hid, backend=backend).to(device, dtype)
-        return torch.func.functional_call(layers[backend], params_of(kw), (x,))
+    make_inputs, gm_layer = layer_functions(
+        lambda backend: DiagonalBiLSTM(in_ch, hid, backend=backend), (n, in_ch, size, size), dtype, device
+    )
 
     def reference(x, **kw):
         w_is, b_is = kw["input_to_state_weight"], kw["input_to_state_bias"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.cases._scan import scan_case
+from bench.cases._scan import layer_functions, scan_case
 from bench.harness import Case, compiled, pick
 from gm.nn import RowLSTM
 from gm.reference.masked_conv import masked_conv2d
@@ -18,26 +18,14 @@ GPU_SHAPES = [(32, 64, 32, torch.float32), (32, 64, 32, torch.bfloat16), (32, 12
               (32, 128, 32, torch.bfloat16)]  # fmt: skip  (N, h, H=W, dtype)
 CPU_SHAPES = [(8, 32, 16, torch.float32)]
 QUICK_SHAPES = [(2, 8, 8, torch.float32)]
-PARAMS = ("input_to_state.weight", "input_to_state.bias", "w_ss", "out.weight", "out.bias")
 K = 3
 
 
 def _case(n: int, hid: int, size: int, dtype: torch.dtype, device: torch.device) -> Case:
     in_ch = 2 * hid
-    layers = {}  # one module per backend, parameters passed in (torch.func.functional_call)
-
-    def make_inputs():
-        template = RowLSTM(in_ch, hid, kernel_size=K).to(device, dtype)
-        inputs = {"x": torch.randn(n, in_ch, size, size, device=device, dtype=dtype, requires_grad=True)}
-        for name, p in template.named_parameters():
-            inputs[name.replace(".", "_")] = p.detach().clone().requires_grad_()
-        return inputs
-
-    def gm_layer(x, backend, **kw):
-        if backend not in layers:
-            layers[backend] = RowLSTM(in_ch, hid, kernel_size=K, backend=backend).to(device, dtype)
-        params = {name: kw[name.replace(".", "_")] for name in PARAMS}
-        return torch.func.functional_call(layers[backend], params, (x,))
+    make_inputs, gm_layer = layer_functions(
+        lambda backend: RowLSTM(in_ch, hid, kernel_size=K, backend=backend), (n, in_ch, size, size), dtype, device
+    )
 
     def reference(x, **kw):
         gates = masked_conv2d(x, kw["input_to_state_weight"], kw["input_to_state_bias"], mask="B")
