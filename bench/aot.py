@@ -47,8 +47,7 @@ class Variant:
     mma: str = "-"
     seconds: float = 0.0
     error: str | None = None
-    cases: set = dataclasses.field(default_factory=set)
-    first_case: str = ""
+    first_case: str = ""  # the first benchmark case or direct call that compiled this variant
 
     def problems(self, arch: int) -> list[str]:
         out = []
@@ -155,7 +154,6 @@ class Collector:
             # Triton's specialisation (16-divisible integers, aligned pointers) makes distinct compiles of one spec.
             key = (jit.__name__, label, spec, kernel.hash if kernel is not None else "?")
             if key in self.variants:
-                self.variants[key].cases.add(self.case)
                 return
             v = Variant(kernel=jit.__name__, config=label, spec=spec)
             v.regs, v.spill_stores, v.spill_loads = _resource_usage(kernel.asm["ptx"], self.arch)
@@ -164,7 +162,6 @@ class Collector:
         except Exception as err:  # noqa: BLE001 (the report lists every failure)
             key = (jit.__name__, label, spec)
             if key in self.variants:
-                self.variants[key].cases.add(self.case)
                 return
             v = Variant(
                 kernel=jit.__name__,
@@ -173,7 +170,6 @@ class Collector:
                 error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
             )
         v.seconds = time.perf_counter() - t0
-        v.cases.add(self.case)
         v.first_case = self.case
         self.variants[key] = v
 
@@ -309,7 +305,7 @@ def _spill(v: Variant) -> str:
 
 def format_report(variants: list[Variant], arch: int) -> str:
     lines = [
-        "| kernel | variant | config | regs | spill st/ld B | smem KiB | mma | compile s | problems |",
+        "| kernel | variant | first case | config | regs | spill st/ld B | smem KiB | mma | compile s | problems |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in sorted(variants, key=lambda v: (v.kernel, v.spec, v.config, v.first_case)):
