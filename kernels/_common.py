@@ -72,15 +72,17 @@ def fits_smem(elements_per_stage):
     return prune
 
 
-def by_element_size(tags: dict):
-    """A `prune` for tuned(): configs tagged for the first tensor's element size. `tags` maps id(config) to the
-    element sizes (bytes) it suits."""
+def suits(config, element_sizes: tuple[int, ...]):
+    """Tag a triton.Config with the element sizes (bytes) of the inputs it suits, for by_element_size."""
+    config.element_sizes = element_sizes
+    return config
 
-    def prune(configs, named_args):
-        size = element_size(named_args)
-        return [c for c in configs if size in tags.get(id(c), (size,))]
 
-    return prune
+def by_element_size(configs, named_args):
+    """A `prune` for tuned(): the configs tagged (suits()) for the first tensor's element size; untagged ones suit
+    every size."""
+    size = element_size(named_args)
+    return [c for c in configs if size in getattr(c, "element_sizes", (size,))]
 
 
 @triton.jit

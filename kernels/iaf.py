@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_precision, sigmoid, tuned
-from gm.kernels.masked_linear import _CONFIG_TAGS, masked_w_tile, row_configs
+from gm.kernels.masked_linear import masked_w_tile, row_configs
 
 MODE_CODES = {"gated": 0, "affine": 1}
 
@@ -245,11 +244,11 @@ def _fused_configs():
 _FUSED_KEY = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]
 _fused_fwd, _FUSED_FWD_META = tuned(
     made_iaf_fwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS),
-    prune=by_element_size(_CONFIG_TAGS),
+    prune=by_element_size,
 )  # fmt: skip
 _fused_bwd, _FUSED_BWD_META = tuned(
     made_iaf_bwd_kernel, _fused_configs(), _FUSED_KEY, dict(BLOCK_R=_INTERP_FUSED_ROWS),
-    prune=by_element_size(_CONFIG_TAGS),
+    prune=by_element_size,
 )  # fmt: skip
 
 

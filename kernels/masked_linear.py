@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, tuned
+from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, suits, tuned
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
 
@@ -197,19 +196,11 @@ def wgrad_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
     return (64, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
 
 
-_CONFIG_TAGS: dict[int, tuple[int, ...]] = {}  # id(config) -> element sizes it suits (see _common.by_element_size)
-
-
 def row_configs(shapes) -> list:
     """Configs over BLOCK_R from (BLOCK_R, warps, stages, element sizes); the first must suit every dtype (it is
     what runs with autotuning off). python -m bench.aot chose them: float32 dots are FMA loops whose operands
     live in registers, and row blocks of 64-128 with 4 warps spill there."""
-    out = []
-    for br, nw, ns, sizes in shapes:
-        cfg = triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns)
-        _CONFIG_TAGS[id(cfg)] = sizes
-        out.append(cfg)
-    return out
+    return [suits(triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns), sizes) for br, nw, ns, sizes in shapes]
 
 
 _ANY, _HALF, _FP32 = (2, 4, 8), (2,), (4, 8)
@@ -219,7 +210,7 @@ _gemm, _GEMM_META = tuned(
                  (32, 4, 4, _HALF), (16, 4, 3, _FP32)]),
     ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
     dict(BLOCK_R=_INTERP_ROWS),
-    prune=by_element_size(_CONFIG_TAGS),
+    prune=by_element_size,
 )  # fmt: skip
 _wgrad, _WGRAD_META = tuned(
     masked_wgrad_kernel,
