@@ -533,12 +533,15 @@ def eager_cpu(*tensors) -> bool:
     """Whether a cpu-backend call may bypass the custom op (see above)."""
     if not CPU_EAGER_FAST_PATH or torch.compiler.is_compiling():
         return False
-    if (
-        torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.is_autocast_enabled("cpu")
-    ):
+    try:  # private torch state: a torch release that moves any of it just loses the fast path
+        if (
+            torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return False
+    except (AttributeError, TypeError):
         return False
     return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
