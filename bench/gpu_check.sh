@@ -37,6 +37,8 @@ fi
 # The whole suite (TESTS=tests) compiles a few hundred Triton variants: several minutes on a cold cache.
 if want tests; then
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o filterwarnings= -o addopts= --timeout "${TEST_CASE_TIMEOUT:-120}")
+# TEST_WORKERS (default 8) pytest-xdist processes share the GPU: the tests are dominated by Triton compiles (CPU).
+if [ "${TEST_WORKERS:-8}" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n "${TEST_WORKERS:-8}"); fi
 if [ -n "${TESTS:-}" ]; then
   stage "tests: $TESTS"
   GM_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" "${PYTEST[@]}" $TESTS 2>&1 | tee "$OUT/tests.log" | tail -40
@@ -44,7 +46,7 @@ else
   stage "tests: -m gpu tests"
   GM_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-300}" "${PYTEST[@]}" -m gpu tests 2>&1 | tee "$OUT/tests.log" | tail -40
   stage "tests: tests/ops/test_masked_conv.py"
-  GM_TRITON_AUTOTUNE=0 timeout 90 "${PYTEST[@]}" tests/ops/test_masked_conv.py 2>&1 | tee -a "$OUT/tests.log" | tail -15
+  GM_TRITON_AUTOTUNE=0 timeout "${CONV_TEST_TIMEOUT:-90}" "${PYTEST[@]}" tests/ops/test_masked_conv.py 2>&1 | tee -a "$OUT/tests.log" | tail -15
 fi
 
 fi
@@ -52,9 +54,13 @@ fi
 # Most wanted first (the harness saves case by case, so a timeout keeps what finished).
 BENCH_OPS="${BENCH_OPS:-masked_conv,diagonal_lstm,row_lstm,minibatch,iaf,models}"
 ops_arg=(--ops "$BENCH_OPS")
+# DEADLINE (seconds after the start) bounds the bench by what is left of the call instead of BENCH_TIMEOUT;
+# BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config).
 if want bench; then
-stage "bench: $BENCH_OPS ${BENCH_ARGS:---no-compile}"
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile} >"$OUT/bench.log" 2>&1
+bt="${BENCH_TIMEOUT:-300}"
+if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
+stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile}"
+GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile} >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"
 fi
 stage "done"
