@@ -3,6 +3,7 @@
 #ifdef GM_WITH_CUDA
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
