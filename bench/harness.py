@@ -203,6 +203,8 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "commit": commit,
+        # False: each Triton kernel ran its first config (GM_TRITON_AUTOTUNE=0), not the autotuner's pick.
+        "triton_autotune": os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -37,7 +37,8 @@ def render(rows: list[dict]) -> str:
     for device in sorted({r["device"] for r in rows}):
         dev_rows = [r for r in rows if r["device"] == device]
         meta = dev_rows[0]
-        out.append(f"**{device}** (torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']})\n")
+        tuned = {False: ", Triton kernels on their first config (autotune off)"}.get(meta.get("triton_autotune"), "")
+        out.append(f"**{device}** (torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}{tuned})\n")
         out.append("| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd+bwd vs baseline | TFLOP/s fwd |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in dev_rows:
