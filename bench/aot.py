@@ -278,7 +278,7 @@ def _extras() -> list[tuple[str, object]]:
         ]  # fmt: skip
 
     return [(f"{label} {str(dt).replace('torch.', '')}", fn)
-            for dt in (torch.float32, torch.bfloat16, torch.float16) for label, fn in make(dt)]  # fmt: skip
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for label, fn in make(dt)]  # fmt: skip
 
 
 def _gpu_cases(modules, quick: bool):

@@ -96,3 +96,14 @@ def sigmoid(v):
 def tanh(x):
     """2 sigmoid(2x) - 1 (tl has no tanh in every Triton version); exp(-2x) overflowing to inf gives -1 exactly."""
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def dot_acc(a, b, acc, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. float64 operands computed in registers (a masked weight tile, an activation's gradient) make
+    Triton 3.6's sm_90 backend abort ("Currently fp64 don't support largeK MMA"), so float64 takes a broadcast
+    product instead of tl.dot: FMA work on small float64 tiles (float64 is the checking dtype, not a fast one)."""
+    if ACC == tl.float64:
+        return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)

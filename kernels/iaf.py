@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_precision, sigmoid, tuned
+from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_acc, dot_precision, sigmoid, tuned
 from gm.kernels.masked_linear import masked_w_tile, row_configs
 
 MODE_CODES = {"gated": 0, "affine": 1}
@@ -126,9 +126,9 @@ def _two_head_tiles(
         rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         a = tl.load(h_ptr + rr[:, None] * sh_r + rk[None, :] * sh_k, mask=r_ok[:, None] & (rk[None, :] < H), other=0.0)
         w_m = masked_w_tile(w_ptr, m_ptr, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, USE_MASK)
-        acc_m = tl.dot(a, w_m, acc_m, input_precision=PRECISION, out_dtype=ACC)
+        acc_m = dot_acc(a, w_m, acc_m, ACC, PRECISION)
         w_s = masked_w_tile(w_ptr + D * sw_o, m_ptr + D * sm_o, rk, rd, H, D, sw_k, sw_o, sm_k, sm_o, USE_MASK)
-        acc_s = tl.dot(a, w_s, acc_s, input_precision=PRECISION, out_dtype=ACC)
+        acc_s = dot_acc(a, w_s, acc_s, ACC, PRECISION)
     return acc_m, acc_s
 
 
@@ -232,6 +232,8 @@ def fused_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_K) of the fused output layer's tile map."""
     if INTERPRETED:
         return (16, 16)
+    if dtype == torch.float64:
+        return (32, 16)  # dot_acc's broadcast product on float64
     return (64, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
 
 

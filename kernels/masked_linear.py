@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, suits, tuned
+from gm.kernels._common import (
+    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_acc, dot_precision, suits, tuned,
+)  # fmt: skip
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
 
@@ -75,7 +77,7 @@ def _gemm_over_tiles(
             yv = tl.load(y_ptr + rr[:, None] * sy_r + ri[None, :] * sy_i, mask=a_ok, other=0.0)
             a = act_grad(a.to(ACC), yv.to(ACC), PRO_ACT).to(a_ptr.dtype.element_ty)
         w = masked_w_tile(w_ptr, m_ptr, ri, rj, I, J, sw_i, sw_j, sm_i, sm_j, USE_MASK)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc = dot_acc(a, w, acc, ACC, PRECISION)
     return acc
 
 
@@ -187,6 +189,8 @@ def tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_O, BLOCK_K): the mask tile granularity for `dtype`."""
     if INTERPRETED:
         return _INTERP_TILES
+    if dtype == torch.float64:
+        return (32, 16)  # dot_acc's broadcast product: (BLOCK_R, 16, 32) float64 registers
     return (128, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 32)
 
 

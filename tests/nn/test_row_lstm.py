@@ -70,7 +70,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_gpu_layer(dtype):
     dev = torch.device("cuda")
-    m = gm.nn.RowLSTM(6, 32, colors=3).to(dev)
+    m = gm.nn.RowLSTM(6, 33, colors=3).to(dev)  # hidden: a multiple of colors
     x = torch.randn(2, 6, 16, 16, device=dev)
     ref = _reference(m.double(), x.double())
     m = m.to(dtype)
