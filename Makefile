@@ -5,13 +5,23 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := torch triton numpy pybind11 ninja cmake pytest setuptools wheel mlxtend pillow
 
-.PHONY: setup build test test-fast demo bench lint clean
+.PHONY: setup build test test-fast demo bench lint clean aot-venv
 
 $(VENV)/.deps: constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt $(DEPS)
 	touch $@
+
+# The GPU machine's Triton (3.6, with a numpy its interpreter accepts) in its own environment, for
+# tests/test_aot.py's second compile of every kernel (GM_AOT_PYTHON=$(AOT_VENV)/bin/python; .ci/run sets it).
+AOT_VENV ?= .venv-triton36
+$(AOT_VENV)/.deps:
+	test -x $(AOT_VENV)/bin/python || python3 -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy==2.2.6
+	touch $@
+
+aot-venv: $(AOT_VENV)/.deps
 
 # The extension is rebuilt incrementally (CMake in build/) on every setup, so edits to csrc/ are picked up.
 build: $(VENV)/.deps

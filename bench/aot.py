@@ -192,10 +192,11 @@ class Collector:
         def autotuner_run(self, *args, **kwargs):
             kwargs.pop("grid", None)
             kwargs.pop("warmup", None)
-            configs = self.configs[:1]
-            if not collector.first_config:
-                self.nargs = dict(zip(self.arg_names, args, strict=False))
-                configs = self.prune_configs(kwargs)
+            # Pruned as on a GPU; --first-config keeps the first that suits the call (what GM_TRITON_AUTOTUNE=0 runs).
+            self.nargs = dict(zip(self.arg_names, args, strict=False))
+            configs = self.prune_configs(kwargs)
+            if collector.first_config:
+                configs = configs[:1]
             for cfg in configs:
                 merged = {**kwargs, **cfg.all_kwargs()}
                 label = " ".join(f"{k}={v}" for k, v in cfg.all_kwargs().items() if v is not None and k != "num_ctas")

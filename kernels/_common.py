@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,17 +31,17 @@ AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
 
 
 def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=None):
-    """(launchable kernel, extra launch kwargs): small fixed blocks under the interpreter, the first config when
-    autotuning is off, else triton.autotune over `configs` keyed on `key`. `prune(configs, named_args)` drops
-    configs that cannot suit the call (e.g. by dtype) before timing; it must keep the first config valid for every
-    call, since that is what runs with autotuning off."""
+    """(launchable kernel, extra launch kwargs): small fixed blocks under the interpreter, the first config that
+    suits the call when autotuning is off, else triton.autotune over `configs` keyed on `key`.
+    `prune(configs, named_args)` drops configs that cannot suit the call (by dtype, shared memory) before timing."""
     import triton  # noqa: PLC0415
 
     if INTERPRETED:
         return kernel, dict(interpreted_meta)
     if not AUTOTUNE:
-        c = configs[0]
-        return kernel, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        if prune is not None:
+            return _FirstSuitable(kernel, configs, prune), {}
+        return kernel, _launch_meta(configs[0])
     if prune is None:
         return triton.autotune(configs, key=key)(kernel), {}
 
@@ -50,6 +51,28 @@ def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=N
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune})(kernel), {}
 
 
+def _launch_meta(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class _FirstSuitable:
+    """With autotuning off: `kernel[grid](...)` launches the first config that `prune` keeps for the call (e.g. the
+    first that fits shared memory in the call's dtype), the first config when it keeps none."""
+
+    def __init__(self, kernel, configs, prune):
+        self.kernel, self.configs, self.prune = kernel, configs, prune
+        self.arg_names = kernel.arg_names
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            meta = _launch_meta((self.prune(self.configs, named) or self.configs)[0])
+            g = grid({**named, **meta}) if callable(grid) else grid
+            return self.kernel[g](*args, **kwargs, **meta)
+
+        return launch
+
+
 def element_size(named_args: dict) -> int:
     """Bytes per element of the first tensor argument of a launch (for config pruning)."""
     return next(v for v in named_args.values() if hasattr(v, "element_size")).element_size()
@@ -57,7 +80,12 @@ def element_size(named_args: dict) -> int:
 
 def smem_limit() -> int:
     """Shared memory one block may use on the current GPU (opt-in maximum)."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return _smem_limit(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
 
 
@@ -76,6 +104,17 @@ def suits(config, element_sizes: tuple[int, ...]):
     """Tag a triton.Config with the element sizes (bytes) of the inputs it suits, for by_element_size."""
     config.element_sizes = element_sizes
     return config
+
+
+def all_of(*prunes):
+    """A `prune` for tuned() that applies each of `prunes` in turn."""
+
+    def prune(configs, named_args):
+        for p in prunes:
+            configs = p(configs, named_args)
+        return configs
+
+    return prune
 
 
 def by_element_size(configs, named_args):

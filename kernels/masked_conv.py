@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, fits_smem, tuned
+from gm.kernels._common import (
+    INTERPRETED, TL_DTYPES, acc_dtype, all_of, by_element_size, dot_precision, fits_smem, suits, tuned,
+)  # fmt: skip
 
 
 @triton.jit
@@ -149,30 +151,34 @@ _FWD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 _WGRAD_INTERP = dict(BLOCK_C=16, BLOCK_O=16, BLOCK_P=32)
 
 
+# The last config of each list is float64's alone: none of the others fits its 8-byte tiles in shared memory.
+_NOT_FP64, _FP64 = (2, 4), (8,)
+
+
 def _fwd_configs():
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
     return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=nw, num_stages=ns)
-        for bm, bn, bk, nw, ns in shapes
+        suits(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=nw, num_stages=ns), sizes)
+        for bm, bn, bk, nw, ns, sizes in [(*s, _NOT_FP64) for s in shapes] + [(64, 64, 32, 4, 2, _FP64)]
     ]
 
 
 def _wgrad_configs():
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
     return [
-        triton.Config(dict(BLOCK_C=bc, BLOCK_O=bo, BLOCK_P=bp), num_warps=nw, num_stages=ns)
-        for bc, bo, bp, nw, ns in shapes
+        suits(triton.Config(dict(BLOCK_C=bc, BLOCK_O=bo, BLOCK_P=bp), num_warps=nw, num_stages=ns), sizes)
+        for bc, bo, bp, nw, ns, sizes in [(*s, _NOT_FP64) for s in shapes] + [(64, 64, 32, 4, 2, _FP64)]
     ]
 
 
 # float32 tiles take twice the shared memory: (128, 256, 64) x 3 stages would need 288 KiB (python -m bench.aot).
 _fwd, _FWD_META = tuned(
     masked_conv_fwd_kernel, _fwd_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "FLIP"], _FWD_INTERP,
-    prune=fits_smem(lambda k: (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"]),
+    prune=all_of(by_element_size, fits_smem(lambda k: (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"])),
 )  # fmt: skip
 _wgrad, _WGRAD_META = tuned(
     masked_conv_wgrad_kernel, _wgrad_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"], _WGRAD_INTERP,
-    prune=fits_smem(lambda k: (k["BLOCK_C"] + k["BLOCK_O"]) * k["BLOCK_P"]),
+    prune=all_of(by_element_size, fits_smem(lambda k: (k["BLOCK_C"] + k["BLOCK_O"]) * k["BLOCK_P"])),
 )  # fmt: skip
 
 
