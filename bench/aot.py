@@ -140,13 +140,17 @@ def _spec(jit, args, kwargs) -> str:
 
 
 class Collector:
-    def __init__(self, arch: int, first_config: bool):
+    def __init__(self, arch: int, first_config: bool, shard: tuple[int, int] = (0, 1)):
         self.arch = arch
         self.first_config = first_config
         self.variants: dict[tuple, Variant] = {}
         self.case = ""
+        self.shard, self.calls = shard, 0
 
     def compile(self, jit, args, kwargs, label: str, config_keys=()):
+        self.calls += 1
+        if (self.calls - 1) % self.shard[1] != self.shard[0]:
+            return  # another shard's compile (the sequence of calls is the same in every shard)
         spec = _spec(jit, args, {k: v for k, v in kwargs.items() if k not in config_keys})
         t0 = time.perf_counter()
         try:
@@ -329,13 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the benchmark's quick shapes instead of its GPU shapes")
     p.add_argument("--first-config", action="store_true", help="only the first autotune config of each kernel")
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    p.add_argument("--shard", default="0/1", help="K/N: compile only every N-th variant from the K-th (0-based), so N "
+                   "processes side by side fill Triton's cache in parallel (bench/gpu_check.sh's warm stage)")
     args = p.parse_args(argv)
+    k, n = (int(v) for v in args.shard.split("/"))
+    if not 0 <= k < n:
+        p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard}")
 
     from bench.__main__ import _case_modules  # noqa: PLC0415
 
     selected = [s for s in args.ops.split(",") if s] or None
     modules = [(n, m) for n, m in _case_modules(selected) if selected or n != "models"]
-    collector = Collector(args.arch, args.first_config)
+    collector = Collector(args.arch, args.first_config, (k, n))
     collector.install()
     failures = []
     for name, case in _gpu_cases(modules, args.quick):

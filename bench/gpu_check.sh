@@ -5,9 +5,10 @@
 #   bash bench/gpu_check.sh                                   (defaults: gpu tests, full table without compile)
 #   TESTS="tests/ops" BENCH_OPS="masked_conv" BENCH_ARGS="--quick" bash bench/gpu_check.sh
 # BENCH_ARGS defaults to --no-compile (the torch.compile baselines take minutes to compile); set BENCH_ARGS=" " for them.
-# STAGES (default "build,tests,bench") splits the work across device calls, which may each run 10 minutes at most;
+# STAGES (default "build,warm,tests,bench") splits the work across device calls, which may each run 10 minutes at most;
 # the build stays on the warm machine between calls:
-#   call 1: STAGES=build,tests bash bench/gpu_check.sh        call 2: STAGES=bench bash bench/gpu_check.sh
+#   call 1: STAGES=build,warm,tests bash bench/gpu_check.sh        call 2: STAGES=bench bash bench/gpu_check.sh
+# The machine goes back 30 s after a call ends: a second call must follow at once (or rebuild).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -16,7 +17,7 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
 stage() { echo "=== [$(($(date +%s) - T0))s] $*"; }
-STAGES="${STAGES:-build,tests,bench}"
+STAGES="${STAGES:-build,warm,tests,bench}"
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 stage "device"
@@ -31,6 +32,21 @@ if ! GM_CUDA=1 GM_CUDA_ARCHS="${GM_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" t
 fi
 fi
 "$PY" -m gm info | tee "$OUT/info.txt"
+
+# Warm: every autotune config of every Triton kernel that the benchmark launches, compiled into Triton's cache by
+# WARM_JOBS parallel `python -m bench.aot --shard K/N` processes (CPU only: a stand-in driver, the GPU's target), so
+# the autotuner in the bench stage finds them compiled instead of compiling one config after another.
+if want warm; then
+W="${WARM_JOBS:-14}"
+AOT_OPS="$(echo "${BENCH_OPS:-masked_conv,diagonal_lstm,row_lstm,minibatch,iaf}" | tr ',' '\n' | grep -v '^models$' | paste -sd,)"
+stage "warm: $AOT_OPS in $W processes"
+for k in $(seq 0 $((W - 1))); do
+  timeout "${WARM_TIMEOUT:-180}" "$PY" -m bench.aot --ops "$AOT_OPS" --shard "$k/$W" >"/tmp/gm_warm_$k.md" 2>&1 &
+done
+wait
+cat /tmp/gm_warm_*.md | grep -c "_kernel |" | sed 's/^/compiled variants: /'
+cat /tmp/gm_warm_*.md | grep "_kernel |" | grep -i "error" | head -5
+fi
 
 # Tests: the gpu-marked tests (cuda and triton backends, fp32/bf16, written for the GPU) and the masked_conv suite,
 # which runs every backend of the device. GM_TRITON_AUTOTUNE=0: one compile per kernel variant, not one per config.
