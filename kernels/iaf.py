@@ -239,7 +239,7 @@ def fused_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 def _fused_configs():
     half, fp32 = (2,), (4, 8)
-    return row_configs([(32, 8, 3, (2, 4, 8)), (64, 4, 3, half), (64, 8, 3, half), (128, 8, 3, half), (32, 4, 4, half),
+    return row_configs([(64, 8, 3, half), (32, 8, 3, (2, 4, 8)), (64, 4, 3, half), (128, 8, 3, half), (32, 4, 4, half),
                         (16, 4, 3, fp32), (16, 8, 3, fp32)])  # fmt: skip
 
 

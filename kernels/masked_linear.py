@@ -89,7 +89,7 @@ def masked_gemm_kernel(
     sa_r, sa_i, sy_r, sy_i,
     sw_i, sw_j, sm_i, sm_j,
     sc_r, sc_j,
-    PRO_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRO_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PREMASKED: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
@@ -109,7 +109,7 @@ def masked_gemm_kernel(
     )  # fmt: skip
     acc = _gemm_over_tiles(
         acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, mid, end, rr, rj, R, I, J,
-        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, True, ACC, PRECISION, BLOCK_I,
+        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, not PREMASKED, ACC, PRECISION, BLOCK_I,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + rj, mask=rj < J, other=0.0).to(ACC)[None, :]
@@ -201,16 +201,16 @@ def wgrad_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def row_configs(shapes) -> list:
-    """Configs over BLOCK_R from (BLOCK_R, warps, stages, element sizes); the first must suit every dtype (it is
-    what runs with autotuning off). python -m bench.aot chose them: float32 dots are FMA loops whose operands
-    live in registers, and row blocks of 64-128 with 4 warps spill there."""
+    """Configs over BLOCK_R from (BLOCK_R, warps, stages, element sizes); with autotuning off each dtype runs
+    the first that suits it (16-bit: 128-row wgmma tiles). python -m bench.aot chose them: float32 dots are FMA
+    loops whose operands live in registers, and row blocks of 64-128 with 4 warps spill there."""
     return [suits(triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns), sizes) for br, nw, ns, sizes in shapes]
 
 
 _ANY, _HALF, _FP32 = (2, 4, 8), (2,), (4, 8)
 _gemm, _GEMM_META = tuned(
     masked_gemm_kernel,
-    row_configs([(32, 8, 3, _ANY), (128, 8, 3, _HALF), (64, 4, 4, _HALF), (64, 4, 3, _HALF),
+    row_configs([(128, 8, 3, _HALF), (32, 8, 3, _ANY), (64, 4, 4, _HALF), (64, 4, 3, _HALF),
                  (32, 4, 4, _HALF), (16, 4, 3, _FP32)]),
     ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
     dict(BLOCK_R=_INTERP_ROWS),
@@ -229,10 +229,11 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
-def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_act, block_i, block_j):
+def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_act, block_i, block_j,
+                premasked=False):  # fmt: skip
     """C (R, J) = epi_act(A' Wm + bias) with A' = act_grad(A, y) when pro_act; Wm = (W ⊙ M)^T (forward,
     transpose=False: J = O) or W ⊙ M (input gradient, transpose=True: J = K). `tiles` = (offsets, idx, mids)
-    of the tile map along J."""
+    of the tile map along J. premasked: `weight` already holds W ⊙ M (any strides), so the mask is never read."""
     _check_dtype(a)
     r = a.shape[0]
     o, k = weight.shape
@@ -256,7 +257,7 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
         *a.stride(), *yy.stride(),
         sw_i, sw_j, sm_i, sm_j,
         *c.stride(),
-        PRO_ACT=ACT_CODES[pro_act], EPI_ACT=ACT_CODES[epi_act], HAS_BIAS=bias is not None,
+        PRO_ACT=ACT_CODES[pro_act], EPI_ACT=ACT_CODES[epi_act], HAS_BIAS=bias is not None, PREMASKED=premasked,
         ACC=acc_dtype(a.dtype), PRECISION=dot_precision(a.dtype, conv=False),
         BLOCK_J=block_j, BLOCK_I=block_i, **_GEMM_META,
     )  # fmt: skip

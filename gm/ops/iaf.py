@@ -19,7 +19,8 @@ from torch.autograd.function import once_differentiable
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
 from gm.ops.masked_linear import (
-    _cpu_mask,
+    mask_as,
+    premasked_weight,
     batch_bucket,
     blocked_input_grad,
     blocked_linear,
@@ -237,22 +238,23 @@ def _cpu_fused_layout(entry, n: int):
 def _cpu_fused_mask(entry, dtype: torch.dtype, d: int, interleaved: bool) -> torch.Tensor:
     """The mask as `dtype` in the layout of _cpu_fused_layout (cached)."""
     if not interleaved:
-        return _cpu_mask(entry, dtype)
+        return mask_as(entry, dtype)
     key = ("cpu_fused_mask", dtype)
     mf = entry.maps.get(key)
     if mf is None:
-        mf = entry.maps[key] = _interleave(_cpu_mask(entry, dtype), d)
+        mf = entry.maps[key] = _interleave(mask_as(entry, dtype), d)
     return mf
 
 
 def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
-    """weight ⊙ mask in the layout of _cpu_fused_layout (one pass)."""
-    mf = _cpu_fused_mask(entry, weight.dtype, d, interleaved)
+    """weight ⊙ mask in the layout of _cpu_fused_layout (one pass; a where, so NaN under the mask stays out)."""
+    keep = _cpu_fused_mask(entry, torch.bool, d, interleaved)
+    zero = weight.new_zeros(())
     if not interleaved:
-        return weight * mf
+        return torch.where(keep, weight, zero)
     g = _group(d)
     out = weight.new_empty(d // g, 2, g, weight.shape[1])
-    torch.mul(weight.view(2, d // g, g, -1).transpose(0, 1), mf.view(out.shape), out=out)
+    torch.where(keep.view(out.shape), weight.view(2, d // g, g, -1).transpose(0, 1), zero, out=out)
     return out.view(weight.shape)
 
 
@@ -335,8 +337,9 @@ def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, ne
     if need_h:
         bo, bkk = kl.tile_sizes(hidden.dtype)
         lm = linear_tile_map(entry, bo, bkk)
-        dh = kl.masked_gemm(dout, None, weight, entry.u8, None, lm.cols, transpose=True, pro_act=None, epi_act=None,
-                            block_i=bo, block_j=bkk)  # fmt: skip
+        dh = kl.masked_gemm(dout, None, premasked_weight(weight, entry, transposed=False), entry.u8, None, lm.cols,
+                            transpose=True, pro_act=None, epi_act=None, block_i=bo, block_j=bkk,
+                            premasked=True)  # fmt: skip
     if need_w or need_b:
         bo, bkk = kl.wgrad_tile_sizes(hidden.dtype)
         lm = linear_tile_map(entry, bo, bkk)

@@ -300,12 +300,26 @@ def cpu_plan(entry: MaskEntry, n: int) -> CpuPlan:
     return plan
 
 
-def _cpu_mask(entry: MaskEntry, dtype: torch.dtype) -> torch.Tensor:
-    key = ("cpu_mask", dtype)
+def mask_as(entry: MaskEntry, dtype: torch.dtype) -> torch.Tensor:
+    """The mask in `dtype` (cached on the entry)."""
+    key = ("mask_as", dtype)
     m = entry.maps.get(key)
     if m is None:
         m = entry.maps[key] = entry.u8.to(dtype)
     return m
+
+
+def premasked_weight(weight: torch.Tensor, entry: MaskEntry, *, transposed: bool) -> torch.Tensor:
+    """W ⊙ M in one pass, as an (O, K) view; transposed=True lays it out (K, O) in memory (the forward GEMM's
+    B operand, contiguous along its columns). One pass over the weight buys the GEMM kernels mask-free tiles in
+    the layout the tensor cores read (masked tiles loaded transposed, with their mask, spilled registers)."""
+    keep = mask_as(entry, torch.bool)
+    zero = weight.new_zeros(())
+    if not transposed:
+        return torch.where(keep, weight, zero)  # where, not a product: a NaN under the mask stays out
+    out = torch.empty(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
+    torch.where(keep.t(), weight.t(), zero, out=out)
+    return out.t()
 
 
 def blocked_linear(x, wm, bias, plan: CpuPlan) -> torch.Tensor:
@@ -366,7 +380,7 @@ def blocked_weight_grad(gp, x, mf: torch.Tensor, plan: CpuPlan) -> torch.Tensor:
 def _cpu_forward(x, weight, mask, bias, activation, entry=None):
     entry = entry or mask_entry(mask)
     plan = cpu_plan(entry, x.shape[0])
-    y = blocked_linear(x, weight * _cpu_mask(entry, weight.dtype), bias, plan)
+    y = blocked_linear(x, premasked_weight(weight, entry, transposed=False), bias, plan)
     if activation == "elu":
         torch.nn.functional.elu(y, inplace=True)
     elif activation == "relu":
@@ -378,8 +392,8 @@ def _cpu_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, 
     entry = entry or mask_entry(mask)
     plan = cpu_plan(entry, x.shape[0])
     gp = act_grad(grad, y, activation)
-    dx = blocked_input_grad(gp, weight * _cpu_mask(entry, weight.dtype), plan) if need_x else None
-    dw = blocked_weight_grad(gp, x, _cpu_mask(entry, weight.dtype), plan) if need_w else None
+    dx = blocked_input_grad(gp, premasked_weight(weight, entry, transposed=False), plan) if need_x else None
+    dw = blocked_weight_grad(gp, x, mask_as(entry, weight.dtype), plan) if need_w else None
     db = gp.sum(0) if need_b else None
     return dx, dw, db
 
@@ -390,9 +404,10 @@ def _triton_forward(x, weight, mask, bias, activation):
     entry = mask_entry(mask)
     bo, bk = k.tile_sizes(x.dtype)
     tm = linear_tile_map(entry, bo, bk)
+    wm = premasked_weight(weight, entry, transposed=True)
     return k.masked_gemm(
-        x, None, weight, entry.u8, bias, tm.rows, transpose=False, pro_act=None, epi_act=activation,
-        block_i=bk, block_j=bo,
+        x, None, wm, entry.u8, bias, tm.rows, transpose=False, pro_act=None, epi_act=activation,
+        block_i=bk, block_j=bo, premasked=True,
     )  # fmt: skip
 
 
@@ -405,8 +420,8 @@ def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_
         bo, bk = k.tile_sizes(x.dtype)
         tm = linear_tile_map(entry, bo, bk)
         dx = k.masked_gemm(
-            grad, y, weight, entry.u8, None, tm.cols, transpose=True, pro_act=activation, epi_act=None,
-            block_i=bo, block_j=bk,
+            grad, y, premasked_weight(weight, entry, transposed=False), entry.u8, None, tm.cols, transpose=True,
+            pro_act=activation, epi_act=None, block_i=bo, block_j=bk, premasked=True,
         )  # fmt: skip
     if need_w or need_b:
         bo, bk = k.wgrad_tile_sizes(x.dtype)

@@ -86,6 +86,25 @@ def _fused_compare(backend, shape, dtype, mode, device=torch.device("cpu"), bias
     assert (grads[1][mask == 0] == 0).all(), "weight gradient must be exactly zero where masked"
 
 
+@pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "reference"])
+def test_made_output_nan_weights_under_the_mask_stay_out(backend):
+    """Masked-out weights are left out, not multiplied by zero (NaN * 0 is NaN): outputs and the hidden gradient
+    finite and equal to the reference on the clean weight."""
+    hidden, w, mask, b, z = _fused_inputs(19, 37, 21, torch.float32, random_mask=True)
+    w_nan = w.detach().clone()
+    w_nan[mask == 0] = float("nan")
+    z_new, ld = iaf_made_output(hidden, w_nan, mask, b, z, mode="gated", backend=backend)
+    (dh,) = torch.autograd.grad(z_new.sum() + ld.sum(), hidden)
+    h64 = hidden.detach().double().requires_grad_()
+    z_ref, ld_ref = ref.iaf_made_output(h64, w.detach().double(), mask, b.detach().double(), z.detach().double(),
+                                        mode="gated")  # fmt: skip
+    (dh_ref,) = torch.autograd.grad(z_ref.sum() + ld_ref.sum(), h64)
+    cpu = torch.device("cpu")
+    assert_rel(z_new, z_ref, torch.float32, "z_new", cpu)
+    assert_rel(ld, ld_ref, torch.float32, "logdet", cpu)
+    assert_rel(dh, dh_ref, torch.float32, "dhidden", cpu)
+
+
 FUSED_SHAPES = [(5, 7, 3), (19, 37, 21), (33, 48, 16)]  # (N, H, D)
 
 

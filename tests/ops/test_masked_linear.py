@@ -216,6 +216,25 @@ def test_gpu_cuda_skips_empty_tiles_without_reading_their_weights():
     assert_rel(y, reference(x.double(), w.double(), m, b.double()), torch.bfloat16, "y", torch.device("cuda"))
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_nan_weights_under_the_mask_stay_out(backend):
+    """Masked-out weights are never part of the product (not multiplied by zero: NaN * 0 is NaN): forward and
+    the input gradient are finite and match the reference on the clean weight."""
+    clear_mask_cache()
+    dtype = torch.float32
+    x, w, b, m = _inputs(33, 40, 35, dtype, "cpu", "made_hidden")
+    w_nan = w.detach().clone()
+    w_nan[m == 0] = float("nan")
+    x = x.detach().requires_grad_()
+    y = masked_linear(x, w_nan, m, b, activation="elu", backend=backend)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x64 = x.detach().double().requires_grad_()
+    y_ref = reference(x64, w.detach().double(), m, b.detach().double(), activation="elu")
+    (dx_ref,) = torch.autograd.grad(y_ref, x64, torch.ones_like(y_ref))
+    assert_rel(y, y_ref, dtype, "y", device=torch.device("cpu"))
+    assert_rel(dx, dx_ref, dtype, "dx", device=torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # cpu backend: GEMMs over the mask's non-zero blocks (gm.ops.masked_linear.CpuPlan).
 
