@@ -21,7 +21,7 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401, PLC0415

@@ -17,7 +17,7 @@ BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     # gm._C links the system libgomp while torch ships its own: two OpenMP pools that, with the default active wait,
     # spin against each other on few cores (a 1x1 conv went from 2.3 ms to 40 ms on 2 cores). torch has read its

@@ -65,7 +65,7 @@ class _FirstSuitable:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            named = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}
             meta = _launch_meta((self.prune(self.configs, named) or self.configs)[0])
             g = grid({**named, **meta}) if callable(grid) else grid
             return self.kernel[g](*args, **kwargs, **meta)
@@ -83,7 +83,7 @@ def smem_limit() -> int:
     return _smem_limit(torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smem_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
 
 

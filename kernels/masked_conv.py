@@ -25,9 +25,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from gm.kernels._common import (
-    INTERPRETED, TL_DTYPES, acc_dtype, all_of, by_element_size, dot_precision, fits_smem, suits, tuned,
+    INTERPRETED,
+    TL_DTYPES,
+    acc_dtype,
+    all_of,
+    by_element_size,
+    dot_precision,
+    fits_smem,
+    suits,
+    tuned,
 )  # fmt: skip
 
 

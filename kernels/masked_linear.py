@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import (
-    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_acc, dot_precision, suits, tuned,
+    INTERPRETED,
+    TL_DTYPES,
+    acc_dtype,
+    by_element_size,
+    dot_acc,
+    dot_precision,
+    suits,
+    tuned,
 )  # fmt: skip
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype
 
 

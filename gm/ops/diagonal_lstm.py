@@ -19,6 +19,7 @@ import torch
 
 from gm._backend import resolve
 from gm._checks import check_same, check_tensor
+from gm.ops._eager import EagerOp, backward_call
 
 _OP = "gm::diagonal_lstm"
 
@@ -140,14 +141,16 @@ _BACKWARD = {
 # torch.library registration.
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _diagonal_lstm_op(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _diagonal_lstm_impl(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, g4, height, width = gates.shape
     if n * height * width == 0:
         y = gates.new_zeros(n, g4 // 4, height, width)
         return y, torch.zeros_like(y, dtype=state_dtype(gates.dtype))
     y, c = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
     return y.contiguous(), c.contiguous()
+
+
+_diagonal_lstm_op = torch.library.custom_op(_OP, _diagonal_lstm_impl, mutates_args=())
 
 
 @_diagonal_lstm_op.register_fake
@@ -157,8 +160,7 @@ def _(gates, w_ss, reverse, backend):
     return y, y.new_empty(y.shape, dtype=state_dtype(gates.dtype))
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _diagonal_lstm_backward_op(
+def _diagonal_lstm_backward_impl(
     grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -166,6 +168,9 @@ def _diagonal_lstm_backward_op(
         return torch.zeros_like(gates), torch.zeros_like(w_ss)
     dgates, dw = _BACKWARD[backend](grad.contiguous(), gates.contiguous(), w_ss.contiguous(), y, c, reverse)
     return dgates.contiguous(), dw.contiguous()
+
+
+_diagonal_lstm_backward_op = torch.library.custom_op(_OP + "_backward", _diagonal_lstm_backward_impl, mutates_args=())
 
 
 @_diagonal_lstm_backward_op.register_fake
@@ -185,12 +190,14 @@ def _backward(ctx, grad_y, grad_c):
     gates, w_ss, y, c = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(y)
-    dgates, dw = _diagonal_lstm_backward_op(grad_y, gates, w_ss, y, c, ctx.reverse, ctx.backend)
+    dgates, dw = backward_call(ctx, _diagonal_lstm_backward_op, _diagonal_lstm_backward_impl, grad_y, gates, w_ss, y,
+                               c, ctx.reverse, ctx.backend)  # fmt: skip
     need_g, need_w = ctx.needs_input_grad[:2]
     return (dgates if need_g else None), (dw if need_w else None), None, None
 
 
 _diagonal_lstm_op.register_autograd(_backward, setup_context=_setup_context)
+_DIAGONAL_LSTM = EagerOp(_diagonal_lstm_op, _diagonal_lstm_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,4 +246,4 @@ def diagonal_lstm(
     """
     check_diagonal_lstm_args(gates, w_ss, reverse)
     chosen = resolve(backend, gates.device, native_cpu=True)
-    return _diagonal_lstm_op(gates, w_ss, reverse, chosen)[0]
+    return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

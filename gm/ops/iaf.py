@@ -18,9 +18,8 @@ from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
+from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad
 from gm.ops.masked_linear import (
-    mask_as,
-    premasked_weight,
     batch_bucket,
     blocked_input_grad,
     blocked_linear,
@@ -29,11 +28,11 @@ from gm.ops.masked_linear import (
     check_mask,
     cpu_call_cost,
     cpu_plan,
-    eager_cpu,
     linear_tile_map,
+    mask_as,
     mask_entry,
-    needs_grad,
     plan_blocks,
+    premasked_weight,
     tile_grids,
 )
 
@@ -387,12 +386,14 @@ def _grad_or_zeros(g, like):
     return torch.zeros_like(like) if g is None else g.contiguous()
 
 
-@torch.library.custom_op(_STEP, mutates_args=())
-def _iaf_step_op(
+def _iaf_step_impl(
     z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, mode: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z_new, ld = _STEP_FWD[backend](z.contiguous(), m.contiguous(), s.contiguous(), mode)
     return z_new.contiguous(), ld.contiguous()
+
+
+_iaf_step_op = torch.library.custom_op(_STEP, _iaf_step_impl, mutates_args=())
 
 
 @_iaf_step_op.register_fake
@@ -400,13 +401,15 @@ def _(z, m, s, mode, backend):
     return z.new_empty(z.shape), z.new_empty(z.shape[0])
 
 
-@torch.library.custom_op(_STEP + "_backward", mutates_args=())
-def _iaf_step_backward_op(
+def _iaf_step_backward_impl(
     z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, gz: torch.Tensor, gl: torch.Tensor, mode: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dz, dm, ds = _STEP_BWD[backend](z.contiguous(), m.contiguous(), s.contiguous(), gz.contiguous(), gl.contiguous(),
                                     mode)  # fmt: skip
     return dz.contiguous(), dm.contiguous(), ds.contiguous()
+
+
+_iaf_step_backward_op = torch.library.custom_op(_STEP + "_backward", _iaf_step_backward_impl, mutates_args=())
 
 
 @_iaf_step_backward_op.register_fake
@@ -424,15 +427,16 @@ def _step_backward(ctx, gz, gl):
     z, m, s = ctx.saved_tensors
     gz = _grad_or_zeros(gz, z)
     gl = _grad_or_zeros(gl, z[:, 0])
-    dz, dm, ds = _iaf_step_backward_op(z, m, s, gz, gl, ctx.mode, ctx.backend)
+    dz, dm, ds = backward_call(ctx, _iaf_step_backward_op, _iaf_step_backward_impl, z, m, s, gz, gl, ctx.mode,
+                               ctx.backend)  # fmt: skip
     return dz, dm, ds, None, None
 
 
 _iaf_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+_IAF_STEP = EagerOp(_iaf_step_op, _iaf_step_impl, _step_setup, _step_backward)
 
 
-@torch.library.custom_op(_FUSED, mutates_args=())
-def _made_output_op(
+def _made_output_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     mask: torch.Tensor,
@@ -448,14 +452,16 @@ def _made_output_op(
     return z_new.contiguous(), ld.contiguous(), saved
 
 
+_made_output_op = torch.library.custom_op(_FUSED, _made_output_impl, mutates_args=())
+
+
 @_made_output_op.register_fake
 def _(hidden, weight, mask, bias, z, mode, backend):
     saved = hidden.new_empty(z.shape[0], weight.shape[0]) if backend == "cpu" else hidden.new_empty(0)
     return z.new_empty(z.shape), z.new_empty(z.shape[0]), saved
 
 
-@torch.library.custom_op(_FUSED + "_backward", mutates_args=())
-def _made_output_backward_op(
+def _made_output_backward_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     mask: torch.Tensor,
@@ -477,6 +483,9 @@ def _made_output_backward_op(
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     db = db.contiguous() if db is not None else weight.new_empty(0)
     return dh, dw, db, dz.contiguous()
+
+
+_made_output_backward_op = torch.library.custom_op(_FUSED + "_backward", _made_output_backward_impl, mutates_args=())
 
 
 @_made_output_backward_op.register_fake
@@ -502,17 +511,17 @@ def _fused_backward(ctx, gz, gl, _gsaved):
     need_b = need_b and bias is not None
     gz = _grad_or_zeros(gz, z)
     gl = _grad_or_zeros(gl, z[:, 0])
-    dh, dw, db, dz = _made_output_backward_op(
-        hidden, weight, mask, bias, z, gz, gl, saved, ctx.mode, ctx.backend, need_h, need_w, need_b
-    )
+    dh, dw, db, dz = backward_call(ctx, _made_output_backward_op, _made_output_backward_impl, hidden, weight, mask,
+                                   bias, z, gz, gl, saved, ctx.mode, ctx.backend, need_h, need_w, need_b)  # fmt: skip
     return (dh if need_h else None), (dw if need_w else None), None, (db if need_b else None), dz, None, None
 
 
 _made_output_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+_MADE_OUTPUT = EagerOp(_made_output_op, _made_output_impl, _fused_setup, _fused_backward)
 
 
 class _CpuMadeOutput(torch.autograd.Function):
-    """Eager cpu calls skip the torch.library dispatch (see gm.ops.masked_linear.eager_cpu)."""
+    """Eager cpu calls with gradients (gm.ops._eager), keeping the mask's cache entry for the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, mask, bias, z, mode):
@@ -585,7 +594,7 @@ def iaf_step(
     chosen = _step_backend(backend, z.device)
     n = z.shape[0]
     flat = (n, z[0].numel()) if n > 0 else (0, 1)
-    z_new, ld = _iaf_step_op(z.reshape(flat), m.reshape(flat), s.reshape(flat), mode, chosen)
+    z_new, ld = _IAF_STEP(z.reshape(flat), m.reshape(flat), s.reshape(flat), mode, chosen)
     return z_new.reshape(z.shape), ld
 
 
@@ -633,9 +642,9 @@ def iaf_made_output(
             raise ValueError(f"bias must have 2D={2 * d} entries, got {bias.shape[0]}")
     chosen = resolve(backend, hidden.device, native_cpu=False,
                      cuda_kernels=CUDA_FUSED_READY and hidden.dtype != torch.float64)  # fmt: skip
-    if chosen == "cpu" and eager_cpu(hidden, weight, mask, bias, z):
+    if chosen == "cpu" and eager_ok(hidden, weight, mask, bias, z):
         if needs_grad(hidden, weight, bias, z):
             return _CpuMadeOutput.apply(hidden, weight, mask, bias, z, mode)
         return _cpu_made_output(hidden, weight, mask, bias, z.contiguous(), mode)[:2]
-    z_new, ld, _ = _made_output_op(hidden, weight, mask, bias, z, mode, chosen)
+    z_new, ld, _ = _MADE_OUTPUT(hidden, weight, mask, bias, z, mode, chosen)
     return z_new, ld

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
+from gm.ops._eager import EagerOp, backward_call
 
 MASKS = ("A", "B")
 _OP = "gm::masked_conv2d"
@@ -246,8 +247,7 @@ _BACKWARD = {
 # torch.library registration: custom ops with fake implementations and autograd, so torch.compile traces them.
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _masked_conv2d_op(
+def _masked_conv2d_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -259,13 +259,15 @@ def _masked_conv2d_op(
     return _FORWARD[backend](x, weight, bias, mask, in_groups, out_groups).contiguous()
 
 
+_masked_conv2d_op = torch.library.custom_op(_OP, _masked_conv2d_impl, mutates_args=())
+
+
 @_masked_conv2d_op.register_fake
 def _(x, weight, bias, mask, in_groups, out_groups, backend):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _masked_conv2d_backward_op(
+def _masked_conv2d_backward_impl(
     grad: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -280,6 +282,9 @@ def _masked_conv2d_backward_op(
     dx = dx.contiguous() if dx is not None else x.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     return dx, dw
+
+
+_masked_conv2d_backward_op = torch.library.custom_op(_OP + "_backward", _masked_conv2d_backward_impl, mutates_args=())
 
 
 @_masked_conv2d_backward_op.register_fake
@@ -300,7 +305,8 @@ def _backward(ctx, grad):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx = dw = db = None
     if need_x or need_w:
-        gx, gw = _masked_conv2d_backward_op(grad, x, weight, ctx.mask, in_groups, out_groups, ctx.backend, need_x, need_w)
+        gx, gw = backward_call(ctx, _masked_conv2d_backward_op, _masked_conv2d_backward_impl, grad, x, weight, ctx.mask,
+                               in_groups, out_groups, ctx.backend, need_x, need_w)  # fmt: skip
         dx = gx if need_x else None
         dw = gw if need_w else None
     if ctx.has_bias and need_b:
@@ -309,6 +315,7 @@ def _backward(ctx, grad):
 
 
 _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_MASKED_CONV2D = EagerOp(_masked_conv2d_op, _masked_conv2d_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,4 +381,4 @@ def masked_conv2d(
     """
     check_masked_conv_args(x, weight, bias, mask, in_groups, out_groups)
     chosen = resolve(backend, x.device, native_cpu=False)
-    return _masked_conv2d_op(x, weight, bias, mask, in_groups, out_groups, chosen)
+    return _MASKED_CONV2D(x, weight, bias, mask, in_groups, out_groups, chosen)

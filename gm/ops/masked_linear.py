@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
+from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad
 
 ACTIVATIONS = (None, "elu", "relu")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -461,8 +462,7 @@ def _act_name(activation: str) -> str | None:
     return None if activation == "none" else activation
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _masked_linear_op(
+def _masked_linear_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     mask: torch.Tensor,
@@ -473,13 +473,15 @@ def _masked_linear_op(
     return _FORWARD[backend](x, weight, mask, bias, _act_name(activation)).contiguous()
 
 
+_masked_linear_op = torch.library.custom_op(_OP, _masked_linear_impl, mutates_args=())
+
+
 @_masked_linear_op.register_fake
 def _(x, weight, mask, bias, activation, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _masked_linear_backward_op(
+def _masked_linear_backward_impl(
     grad: torch.Tensor,
     y: torch.Tensor,
     x: torch.Tensor,
@@ -498,6 +500,9 @@ def _masked_linear_backward_op(
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     db = db.contiguous() if db is not None else weight.new_empty(0)
     return dx, dw, db
+
+
+_masked_linear_backward_op = torch.library.custom_op(_OP + "_backward", _masked_linear_backward_impl, mutates_args=())
 
 
 @_masked_linear_backward_op.register_fake
@@ -523,46 +528,18 @@ def _backward(ctx, grad):
     if not (need_x or need_w or need_b):
         return None, None, None, None, None, None
     y = y if y is not None else grad  # unused without an activation
-    dx, dw, db = _masked_linear_backward_op(
-        grad, y, x, weight, mask, ctx.activation, ctx.backend, need_x, need_w, need_b
-    )
+    dx, dw, db = backward_call(ctx, _masked_linear_backward_op, _masked_linear_backward_impl, grad, y, x, weight, mask,
+                               ctx.activation, ctx.backend, need_x, need_w, need_b)  # fmt: skip
     return (dx if need_x else None), (dw if need_w else None), None, (db if need_b else None), None, None
 
 
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_MASKED_LINEAR = EagerOp(_masked_linear_op, _masked_linear_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Eager cpu calls skip the torch.library dispatch.
-#
-# A custom op's call, autograd wrapper and backward op cost ~85 us per layer forward+backward on the dev machine
-# (one thread, measured against ~35 us for F.linear + ELU under autograd), as much as a 512 x 256 x 256 GEMM
-# on two cores. In plain eager mode the cpu backend therefore runs the same functions (_cpu_forward /
-# _cpu_backward) through a torch.autograd.Function (~25 us); under torch.compile/export, fake tensors, tensor
-# subclasses, dispatch or function modes, functorch transforms and autocast it calls the registered op as every
-# other backend does, so tracing and opcheck see gm::masked_linear. Results are identical either way.
-CPU_EAGER_FAST_PATH = True
-
-
-def eager_cpu(*tensors) -> bool:
-    """Whether a cpu-backend call may bypass the custom op (see above)."""
-    if not CPU_EAGER_FAST_PATH or torch.compiler.is_compiling():
-        return False
-    try:  # private torch state: a torch release that moves any of it just loses the fast path
-        if (
-            torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return False
-    except (AttributeError, TypeError):
-        return False
-    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
-
-
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+# Eager cpu calls with gradients: an autograd.Function of their own (gm.ops._eager), which also keeps the mask's
+# cache entry for the backward.
 
 
 class _CpuMaskedLinear(torch.autograd.Function):
@@ -642,13 +619,13 @@ def masked_linear(
             raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
     chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a same-shape reshape adds an autograd node)
-    if chosen == "cpu" and eager_cpu(x, weight, mask, bias):
+    if chosen == "cpu" and eager_ok(x, weight, mask, bias):
         if needs_grad(x, weight, bias):
             y = _CpuMaskedLinear.apply(x2, weight, mask, bias, activation)
         else:
             y = _cpu_forward(x2, weight, mask, bias, activation)
     else:
-        y = _masked_linear_op(x2, weight, mask, bias, activation or "none", chosen)
+        y = _MASKED_LINEAR(x2, weight, mask, bias, activation or "none", chosen)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

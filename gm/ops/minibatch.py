@@ -14,6 +14,7 @@ import torch
 from gm import _ext
 from gm._backend import resolve
 from gm._checks import check_tensor
+from gm.ops._eager import EagerOp, backward_call
 
 _OP = "gm::minibatch_discrimination"
 
@@ -101,9 +102,11 @@ _BACKWARD = {
 # torch.library registration.
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _minibatch_op(m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
+def _minibatch_impl(m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
     return _FORWARD[backend](m.contiguous(), exclude_self).contiguous()
+
+
+_minibatch_op = torch.library.custom_op(_OP, _minibatch_impl, mutates_args=())
 
 
 @_minibatch_op.register_fake
@@ -111,9 +114,11 @@ def _(m, exclude_self, backend):
     return m.new_empty(m.shape[0], m.shape[1])
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _minibatch_backward_op(grad: torch.Tensor, m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
+def _minibatch_backward_impl(grad: torch.Tensor, m: torch.Tensor, exclude_self: bool, backend: str) -> torch.Tensor:
     return _BACKWARD[backend](grad.contiguous(), m.contiguous(), exclude_self).contiguous()
+
+
+_minibatch_backward_op = torch.library.custom_op(_OP + "_backward", _minibatch_backward_impl, mutates_args=())
 
 
 @_minibatch_backward_op.register_fake
@@ -129,11 +134,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (m,) = ctx.saved_tensors
-    dm = _minibatch_backward_op(grad, m, ctx.exclude_self, ctx.backend) if ctx.needs_input_grad[0] else None
+    dm = (
+        backward_call(ctx, _minibatch_backward_op, _minibatch_backward_impl, grad, m, ctx.exclude_self, ctx.backend)
+        if ctx.needs_input_grad[0]
+        else None
+    )
     return dm, None, None
 
 
 _minibatch_op.register_autograd(_backward, setup_context=_setup_context)
+_MINIBATCH = EagerOp(_minibatch_op, _minibatch_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,4 +174,4 @@ def minibatch_discrimination(m: torch.Tensor, *, exclude_self: bool = True, back
     """
     check_minibatch_args(m)
     chosen = resolve(backend, m.device, native_cpu=True)
-    return _minibatch_op(m, exclude_self, chosen)
+    return _MINIBATCH(m, exclude_self, chosen)

@@ -21,6 +21,7 @@ import torch
 from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
 from gm._ext import dtype_code, ext, stream_of
+from gm.ops._eager import EagerOp, backward_call
 
 _OP = "gm::row_lstm"
 
@@ -148,8 +149,7 @@ _BACKWARD = {
 # state itself, i.e. float32/float64 inputs; both empty for the reference backend), not differentiable.
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _row_lstm_op(
+def _row_lstm_impl(
     gates: torch.Tensor,
     w_ss: torch.Tensor,
     h0: torch.Tensor | None,
@@ -159,6 +159,9 @@ def _row_lstm_op(
     y, hs, cs = _FORWARD[backend](gates, w_ss, h0, c0)
     hs = hs.new_empty(0) if hs is y else hs.contiguous()  # outputs may not alias each other
     return y.contiguous(), hs, cs.contiguous()
+
+
+_row_lstm_op = torch.library.custom_op(_OP, _row_lstm_impl, mutates_args=())
 
 
 @_row_lstm_op.register_fake
@@ -172,8 +175,7 @@ def _(gates, w_ss, h0, c0, backend):
     return y, hs, y.new_empty(n, four_h // 4, height, width, dtype=sdt)
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _row_lstm_backward_op(
+def _row_lstm_backward_impl(
     dy: torch.Tensor,
     gates: torch.Tensor,
     w_ss: torch.Tensor,
@@ -191,6 +193,9 @@ def _row_lstm_backward_op(
         dh0.to(h0.dtype).contiguous() if dh0 is not None else gates.new_empty(0),
         dc0.to(c0.dtype).contiguous() if dc0 is not None else gates.new_empty(0),
     )
+
+
+_row_lstm_backward_op = torch.library.custom_op(_OP + "_backward", _row_lstm_backward_impl, mutates_args=())
 
 
 @_row_lstm_backward_op.register_fake
@@ -217,7 +222,8 @@ def _backward(ctx, dy, _dhs, _dcs):
     if dy is None:
         return None, None, None, None, None
     need_g, need_w, need_h0, need_c0 = ctx.needs_input_grad[:4]
-    dgates, dw, dh0, dc0 = _row_lstm_backward_op(dy, gates, w_ss, h0, c0, hs, cs, ctx.backend, need_w)
+    dgates, dw, dh0, dc0 = backward_call(ctx, _row_lstm_backward_op, _row_lstm_backward_impl, dy, gates, w_ss, h0, c0,
+                                         hs, cs, ctx.backend, need_w)  # fmt: skip
     return (
         dgates if need_g else None,
         dw if need_w else None,
@@ -228,6 +234,7 @@ def _backward(ctx, dy, _dhs, _dcs):
 
 
 _row_lstm_op.register_autograd(_backward, setup_context=_setup_context)
+_ROW_LSTM = EagerOp(_row_lstm_op, _row_lstm_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,4 +295,4 @@ def row_lstm(
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
-    return _row_lstm_op(gates, w_ss, h0, c0, chosen)[0]
+    return _ROW_LSTM(gates, w_ss, h0, c0, chosen)[0]
