@@ -5,8 +5,11 @@ For skewed column t and image row i (pixel (i, j = t - i), column j counted righ
     c = sigmoid(a_f) * c_left + sigmoid(a_i) * tanh(a_g);   h = sigmoid(o) * tanh(c)
 with gate order i, f, o, g; state zero outside the image (see gm.reference.diagonal_lstm).
 
-Shapes: gates (N, 4h, H, W) contiguous; packed weight (2, 4, h, h) = [tap (up, left), gate, out, in] in the input
-dtype; y (N, h, H, W) in the input dtype; c (N, h, H, W) float32 (float64 for float64).
+Shapes: gates (N, 4h, H, W) channels-last (memory (N, H, W, 4h)); packed weight (2, 4, h, h) = [tap (up, left),
+gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype and c (N, h, H, W) float32 (float64 for
+float64), both channels-last. Channels-last because the scan's tiles are (channels x image rows) at one skewed
+column: in NCHW every element of such a tile lies in its own 128-byte line (rows W elements apart), in NHWC each
+row's channels are one contiguous run. The launchers convert (a copy each way, microseconds against the scan).
 
 One program per batch element loops over the W+H-1 skewed columns (the whole diagonal is coupled, so no grid
 sync: one barrier per step). The skew is addressing: gates and outputs are read and written at (i, t - i) directly.
@@ -54,17 +57,18 @@ def _cell_geometry(t, rr, H, W, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_left, HID, HW,
+def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_left, HID,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """The four gate pre-activations of output units o, a (BO, BLOCK_H) tile each in ACC:
     gates[g, o] + w[up, g][o, :] @ y(pixel above) + w[left, g][o, :] @ y(pixel left), the state read back from y.
 
     One loop over both taps' input channels in BK chunks (each tap padded to a multiple of BK): an iteration holds
     four (BO, BK) weight tiles and one (BK, BLOCK_H) state tile."""
-    a_i = tl.load(g_base + o * HW + pix, mask=m, other=0.0).to(ACC)
-    a_f = tl.load(g_base + (HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
-    a_o = tl.load(g_base + (2 * HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
-    a_g = tl.load(g_base + (3 * HID + o) * HW + pix, mask=m, other=0.0).to(ACC)
+    g_at = g_base + pix * (4 * HID) + o  # channels-last: a pixel's 4h gate values are contiguous
+    a_i = tl.load(g_at, mask=m, other=0.0).to(ACC)
+    a_f = tl.load(g_at + HID, mask=m, other=0.0).to(ACC)
+    a_o = tl.load(g_at + 2 * HID, mask=m, other=0.0).to(ACC)
+    a_g = tl.load(g_at + 3 * HID, mask=m, other=0.0).to(ACC)
     kr = tl.arange(0, BK)[:, None]
     kc = tl.arange(0, BK)[None, :]
     kp = tl.cdiv(HID, BK) * BK
@@ -75,7 +79,7 @@ def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_
         k = k0 + kr
         src = tl.where(tap == 0, up, left)
         ok = tl.where(tap == 0, has_up, has_left)
-        h = tl.load(y_base + k * HW + src, mask=(k < HID) & ok, other=0.0)
+        h = tl.load(y_base + src * HID + k, mask=(k < HID) & ok, other=0.0)
         w_tap = w_ptr + tap * 4 * gs + o * HID + (k0 + kc)
         w_mask = o_ok & ((k0 + kc) < HID)
         a_i = tl.dot(tl.load(w_tap, mask=w_mask, other=0.0), h, a_i, input_precision=PRECISION, out_dtype=ACC)
@@ -111,22 +115,22 @@ def diagonal_lstm_fwd_kernel(
             o_ok = o < HID
             m = o_ok & inside
             a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
-                                               has_left, HID, HW, ACC, PRECISION, BK)  # fmt: skip
-            c_left = tl.load(c_base + o * HW + left, mask=o_ok & has_left, other=0.0).to(ACC)
+                                               has_left, HID, ACC, PRECISION, BK)  # fmt: skip
+            c_left = tl.load(c_base + left * HID + o, mask=o_ok & has_left, other=0.0).to(ACC)
             c = sigmoid(a_f) * c_left + sigmoid(a_i) * tanh(a_g)
             h = sigmoid(a_o) * tanh(c)
-            tl.store(y_base + o * HW + pix, h.to(y_ptr.dtype.element_ty), mask=m)
-            tl.store(c_base + o * HW + pix, c, mask=m)
+            tl.store(y_base + pix * HID + o, h.to(y_ptr.dtype.element_ty), mask=m)
+            tl.store(c_base + pix * HID + o, c, mask=m)
         tl.debug_barrier()
 
 
 @triton.jit
-def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down, has_right, HID, HW,
+def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down, has_right, HID,
                 ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """dL/dh for units o, a (BO, BLOCK_H) tile in ACC: dy + sum_g w[up, g]^T @ da_g(pixel below)
     + sum_g w[left, g]^T @ da_g(pixel right), the da read back from dgates (written in the previous backward step).
     wt is the packed weight transposed per (tap, gate): wt[tap, g][o, k] = w[tap, g][k, o]."""
-    dh = tl.load(dy_base + o * HW + pix, mask=m, other=0.0).to(ACC)
+    dh = tl.load(dy_base + pix * HID + o, mask=m, other=0.0).to(ACC)
     kr = tl.arange(0, BK)[:, None]
     kc = tl.arange(0, BK)[None, :]
     kp = tl.cdiv(HID, BK) * BK
@@ -137,16 +141,16 @@ def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down
         k = k0 + kr
         src = tl.where(tap == 0, down, right)
         ok = (k < HID) & tl.where(tap == 0, has_down, has_right)
-        da = dg_base + k * HW + src
+        da = dg_base + src * (4 * HID) + k
         w_tap = wt_ptr + tap * 4 * gs + o * HID + (k0 + kc)
         w_mask = o_ok & ((k0 + kc) < HID)
         dh = tl.dot(tl.load(w_tap, mask=w_mask, other=0.0), tl.load(da, mask=ok, other=0.0), dh,
                     input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
-        dh = tl.dot(tl.load(w_tap + gs, mask=w_mask, other=0.0), tl.load(da + HID * HW, mask=ok, other=0.0), dh,
+        dh = tl.dot(tl.load(w_tap + gs, mask=w_mask, other=0.0), tl.load(da + HID, mask=ok, other=0.0), dh,
                     input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
-        dh = tl.dot(tl.load(w_tap + 2 * gs, mask=w_mask, other=0.0), tl.load(da + 2 * HID * HW, mask=ok, other=0.0),
+        dh = tl.dot(tl.load(w_tap + 2 * gs, mask=w_mask, other=0.0), tl.load(da + 2 * HID, mask=ok, other=0.0),
                     dh, input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
-        dh = tl.dot(tl.load(w_tap + 3 * gs, mask=w_mask, other=0.0), tl.load(da + 3 * HID * HW, mask=ok, other=0.0),
+        dh = tl.dot(tl.load(w_tap + 3 * gs, mask=w_mask, other=0.0), tl.load(da + 3 * HID, mask=ok, other=0.0),
                     dh, input_precision=PRECISION, out_dtype=ACC)  # fmt: skip
     return dh
 
@@ -186,11 +190,11 @@ def diagonal_lstm_bwd_kernel(
             o_ok = o < HID
             m = o_ok & inside
             dh = _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, pix + W, right, has_down, has_right, HID,
-                             HW, ACC, PRECISION, BK)  # fmt: skip
+                             ACC, PRECISION, BK)  # fmt: skip
             a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
-                                               has_left, HID, HW, ACC, PRECISION, BK)  # fmt: skip
-            c = tl.load(c_base + o * HW + pix, mask=m, other=0.0).to(ACC)
-            c_left = tl.load(c_base + o * HW + left, mask=o_ok & has_left, other=0.0).to(ACC)
+                                               has_left, HID, ACC, PRECISION, BK)  # fmt: skip
+            c = tl.load(c_base + pix * HID + o, mask=m, other=0.0).to(ACC)
+            c_left = tl.load(c_base + left * HID + o, mask=o_ok & has_left, other=0.0).to(ACC)
             tile = o * BLOCK_H + rr
             dc_right = tl.load(dc_in + tile, mask=o_ok & has_right, other=0.0)
             s_i = sigmoid(a_i)
@@ -199,11 +203,11 @@ def diagonal_lstm_bwd_kernel(
             t_g = tanh(a_g)
             t_c = tanh(c)
             dc = dc_right + dh * s_o * (1.0 - t_c * t_c)
-            dg_off = o * HW + pix
+            dg_off = pix * (4 * HID) + o
             tl.store(dg_base + dg_off, (dc * t_g * s_i * (1.0 - s_i)).to(dt), mask=m)
-            tl.store(dg_base + HID * HW + dg_off, (dc * c_left * s_f * (1.0 - s_f)).to(dt), mask=m)
-            tl.store(dg_base + 2 * HID * HW + dg_off, (dh * t_c * s_o * (1.0 - s_o)).to(dt), mask=m)
-            tl.store(dg_base + 3 * HID * HW + dg_off, (dc * s_i * (1.0 - t_g * t_g)).to(dt), mask=m)
+            tl.store(dg_base + HID + dg_off, (dc * c_left * s_f * (1.0 - s_f)).to(dt), mask=m)
+            tl.store(dg_base + 2 * HID + dg_off, (dh * t_c * s_o * (1.0 - s_o)).to(dt), mask=m)
+            tl.store(dg_base + 3 * HID + dg_off, (dc * s_i * (1.0 - t_g * t_g)).to(dt), mask=m)
             tl.store(dc_out + tile, dc * s_f, mask=m)
         tl.debug_barrier()
 
@@ -254,43 +258,50 @@ def _launcher(tuned_kernel, raw_kernel, meta: dict, config: tuple | None):
     return raw_kernel, {"BO": bo, "BK": bk, "num_warps": warps, "num_stages": stages}
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> a (N, H, W, C) contiguous copy (no copy when t already has that memory)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
 def forward(
     gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, config: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c) for contiguous gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of _FWD_CONFIGS (None: tuned)."""
+    """(y, c) (N, h, H, W), channels-last views, for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of
+    _FWD_CONFIGS (None: tuned)."""
     if gates.dtype not in TL_DTYPES:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
     n, g4, height, width = gates.shape
     hid = g4 // 4
-    y = torch.empty(n, hid, height, width, dtype=gates.dtype, device=gates.device)
-    c = torch.empty(n, hid, height, width, dtype=_state_dtype(gates.dtype), device=gates.device)
+    y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
+    c = torch.empty(n, height, width, hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
     kernel[(n,)](
-        gates, pack_weight(w_ss, gates.dtype), y, c,
+        _nhwc(gates), pack_weight(w_ss, gates.dtype), y, c,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=_block_h(height), **meta,
     )  # fmt: skip
-    return y, c
+    return y.permute(0, 3, 1, 2), c.permute(0, 3, 1, 2)
 
 
 def backward(
     grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
     config: tuple | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """dgates (N, 4h, H, W) in gates' dtype; every input contiguous; config: one of _BWD_CONFIGS (None: tuned)."""
+    """dgates (N, 4h, H, W) in gates' dtype, a channels-last view; inputs (N, C, H, W) in any layout; config: one
+    of _BWD_CONFIGS (None: tuned)."""
     n, g4, height, width = gates.shape
     hid = g4 // 4
     block_h = _block_h(height)
     w = pack_weight(w_ss, gates.dtype)
-    dgates = torch.empty_like(gates)
+    dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
     scratch = torch.empty(n, 2, hid, block_h, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
     kernel[(n,)](
-        grad, gates, w, w.transpose(2, 3).contiguous(), y, c, dgates, scratch,
+        _nhwc(grad), _nhwc(gates), w, w.transpose(2, 3).contiguous(), _nhwc(y), _nhwc(c), dgates, scratch,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=block_h, **meta,
     )  # fmt: skip
-    return dgates
+    return dgates.permute(0, 3, 1, 2)
