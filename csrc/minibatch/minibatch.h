@@ -35,10 +35,12 @@ void backward_cpu_f64(const double* g, const double* m, double* dm, int64_t n, i
 
 #ifdef GM_WITH_CUDA
 // CUDA entry points (minibatch_cuda.cu): m, o, g, dm in `dtype` (f32/f16/bf16; f64 too), fp32 accumulation.
+// splits > 1 divides the j range across blocks; `part` then holds splits x (the output's size) partial sums in
+// the accumulation type (float32; float64 for f64), added into the output by a second kernel.
 void forward_cuda(std::uintptr_t m, std::uintptr_t o, int64_t n, int64_t b, int64_t c, bool exclude_self, int dtype,
-                  std::uintptr_t stream);
+                  int splits, std::uintptr_t part, std::uintptr_t stream);
 void backward_cuda(std::uintptr_t g, std::uintptr_t m, std::uintptr_t dm, int64_t n, int64_t b, int64_t c,
-                   bool exclude_self, int dtype, std::uintptr_t stream);
+                   bool exclude_self, int dtype, int splits, std::uintptr_t part, std::uintptr_t stream);
 #endif
 
 }  // namespace minibatch

@@ -6,6 +6,9 @@
 // (|.| is an operand modifier), one MUFU.EX2 and one FADD, against the 3C "useful" operations. Only tiles that
 // meet the block's rows test j != i. Inputs fp32/fp16/bf16 (fp64 too) with fp32 (fp64) accumulation.
 // C <= 8 is a template parameter (fully unrolled, registers); larger C reads m from global memory (slow path).
+// Small N gives too few blocks to fill the GPU ((N / 128) x (B / 8): 104 at N = 1024, B = 100 on 132 SMs), so the
+// j range can be split across gridDim.z blocks: each writes its partial sums (accumulation type) to `part`
+// [split][row][...], and reduce_kernel adds the splits into the output.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -87,7 +90,9 @@ __device__ __forceinline__ void stage_tile(const T* m, const T* g, int64_t n, in
 
 template <typename T, int C>
 __global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __restrict__ m, T* __restrict__ o,
-                                                                  int64_t n, int64_t nb, bool exclude_self) {
+                                                                  typename AccOf<T>::type* __restrict__ part,
+                                                                  int64_t n, int64_t nb, int64_t j_chunk,
+                                                                  bool exclude_self) {
   using A = typename AccOf<T>::type;
   __shared__ A xs[kTileJ][kWarps][C];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -98,12 +103,13 @@ __global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __rest
   load_rows<T, A, C>(m, n, nb, i0, b, lane, xi);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = A(0);
+  const int64_t j_begin = int64_t(blockIdx.z) * j_chunk, j_end = min(n, j_begin + j_chunk);
 
-  for (int64_t j0 = 0; j0 < n; j0 += kTileJ) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileJ) {
     __syncthreads();
-    stage_tile<T, A, C>(m, nullptr, n, nb, j0, b0, xs, nullptr);
+    stage_tile<T, A, C>(m, nullptr, j_end, nb, j0, b0, xs, nullptr);
     __syncthreads();
-    const int jn = int(min(int64_t(kTileJ), n - j0));
+    const int jn = int(min(int64_t(kTileJ), j_end - j0));
     const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;  // block-uniform
     for (int jj = 0; jj < jn; ++jj) {
       A xj[C];
@@ -124,14 +130,20 @@ __global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __rest
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = i0 + lane + 32 * r;
-      if (i < n) store(o + i * nb + b, acc[r]);
+      if (i >= n) continue;
+      if (part != nullptr)
+        part[(int64_t(blockIdx.z) * n + i) * nb + b] = acc[r];
+      else
+        store(o + i * nb + b, acc[r]);
     }
   }
 }
 
 template <typename T, int C>
 __global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __restrict__ g, const T* __restrict__ m,
-                                                                  T* __restrict__ dm, int64_t n, int64_t nb,
+                                                                  T* __restrict__ dm,
+                                                                  typename AccOf<T>::type* __restrict__ part,
+                                                                  int64_t n, int64_t nb, int64_t j_chunk,
                                                                   bool exclude_self) {
   using A = typename AccOf<T>::type;
   __shared__ A xs[kTileJ][kWarps][C];
@@ -150,12 +162,13 @@ __global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __rest
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[r][c] = A(0);
   }
+  const int64_t j_begin = int64_t(blockIdx.z) * j_chunk, j_end = min(n, j_begin + j_chunk);
 
-  for (int64_t j0 = 0; j0 < n; j0 += kTileJ) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileJ) {
     __syncthreads();
-    stage_tile<T, A, C>(m, g, n, nb, j0, b0, xs, gs);
+    stage_tile<T, A, C>(m, g, j_end, nb, j0, b0, xs, gs);
     __syncthreads();
-    const int jn = int(min(int64_t(kTileJ), n - j0));
+    const int jn = int(min(int64_t(kTileJ), j_end - j0));
     const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;
     for (int jj = 0; jj < jn; ++jj) {
       A xj[C];
@@ -182,9 +195,13 @@ __global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __rest
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = i0 + lane + 32 * r;
-      if (i < n) {
+      if (i >= n) continue;
 #pragma unroll
-        for (int c = 0; c < C; ++c) store(dm + (i * nb + b) * C + c, -acc[r][c]);
+      for (int c = 0; c < C; ++c) {
+        if (part != nullptr)
+          part[((int64_t(blockIdx.z) * n + i) * nb + b) * C + c] = -acc[r][c];
+        else
+          store(dm + (i * nb + b) * C + c, -acc[r][c]);
       }
     }
   }
@@ -225,18 +242,41 @@ __global__ void minibatch_generic_kernel(const T* __restrict__ g, const T* __res
   }
 }
 
+// out[e] = sum over the splits of part[split][e], in the accumulation type, rounded once.
+template <typename T>
+__global__ void reduce_kernel(const typename AccOf<T>::type* __restrict__ part, T* __restrict__ out, int64_t total,
+                              int splits) {
+  using A = typename AccOf<T>::type;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    A sum = A(0);
+    for (int s = 0; s < splits; ++s) sum += part[int64_t(s) * total + e];
+    store(out + e, sum);
+  }
+}
+
 template <typename T, int C = 1>
-void launch(const T* g, const T* m, T* out, int64_t n, int64_t nb, int64_t nc, bool exclude_self,
-            cudaStream_t stream) {
+void launch(const T* g, const T* m, T* out, int64_t n, int64_t nb, int64_t nc, bool exclude_self, int splits,
+            typename AccOf<T>::type* part, cudaStream_t stream) {
   if constexpr (C <= kMaxFixedC) {
-    if (nc != C) return launch<T, C + 1>(g, m, out, n, nb, nc, exclude_self, stream);
-    const dim3 grid(unsigned((n + kBlockRows - 1) / kBlockRows), unsigned((nb + kWarps - 1) / kWarps));
+    if (nc != C) return launch<T, C + 1>(g, m, out, n, nb, nc, exclude_self, splits, part, stream);
+    if (splits < 1 || splits > 65535 || (splits > 1 && part == nullptr))
+      throw std::invalid_argument("gm minibatch (cuda): splits must be 1..65535, with a partial-sum buffer if > 1");
+    const int64_t j_chunk = ((n + splits - 1) / splits + kTileJ - 1) / kTileJ * kTileJ;  // whole j tiles
+    const unsigned z = unsigned((n + j_chunk - 1) / j_chunk);
+    const dim3 grid(unsigned((n + kBlockRows - 1) / kBlockRows), unsigned((nb + kWarps - 1) / kWarps), z);
     if (grid.y > 65535) throw std::invalid_argument("gm minibatch (cuda): B must be below 524280");
+    typename AccOf<T>::type* p = z > 1 ? part : nullptr;
     if (g == nullptr)
-      minibatch_fwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(m, out, n, nb, exclude_self);
+      minibatch_fwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(m, out, p, n, nb, j_chunk, exclude_self);
     else
-      minibatch_bwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(g, m, out, n, nb, exclude_self);
+      minibatch_bwd_kernel<T, C><<<grid, kThreads, 0, stream>>>(g, m, out, p, n, nb, j_chunk, exclude_self);
     GM_CUDA_CHECK_LAUNCH();
+    if (z > 1) {
+      const int64_t total = n * nb * (g == nullptr ? 1 : C);
+      const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 4096));
+      reduce_kernel<T><<<blocks, 256, 0, stream>>>(part, out, total, int(z));
+      GM_CUDA_CHECK_LAUNCH();
+    }
   } else {
     const int64_t total = n * nb;
     minibatch_generic_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(g, m, out, n, nb, nc,
@@ -246,32 +286,35 @@ void launch(const T* g, const T* m, T* out, int64_t n, int64_t nb, int64_t nc, b
 }
 
 void dispatch(std::uintptr_t g, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t nb, int64_t nc,
-              bool exclude_self, int dtype, std::uintptr_t stream) {
+              bool exclude_self, int dtype, int splits, std::uintptr_t part, std::uintptr_t stream) {
   if (n <= 0 || nb <= 0 || nc <= 0) return;
   const cudaStream_t s = to_stream(stream);
   switch (to_dtype(dtype)) {
     case DType::f32:
-      return launch(ptr<const float>(g), ptr<const float>(m), ptr<float>(out), n, nb, nc, exclude_self, s);
+      return launch(ptr<const float>(g), ptr<const float>(m), ptr<float>(out), n, nb, nc, exclude_self, splits,
+                    ptr<float>(part), s);
     case DType::f64:
-      return launch(ptr<const double>(g), ptr<const double>(m), ptr<double>(out), n, nb, nc, exclude_self, s);
+      return launch(ptr<const double>(g), ptr<const double>(m), ptr<double>(out), n, nb, nc, exclude_self, splits,
+                    ptr<double>(part), s);
     case DType::f16:
-      return launch(ptr<const __half>(g), ptr<const __half>(m), ptr<__half>(out), n, nb, nc, exclude_self, s);
+      return launch(ptr<const __half>(g), ptr<const __half>(m), ptr<__half>(out), n, nb, nc, exclude_self, splits,
+                    ptr<float>(part), s);
     case DType::bf16:
       return launch(ptr<const __nv_bfloat16>(g), ptr<const __nv_bfloat16>(m), ptr<__nv_bfloat16>(out), n, nb, nc,
-                    exclude_self, s);
+                    exclude_self, splits, ptr<float>(part), s);
   }
 }
 
 }  // namespace
 
 void forward_cuda(std::uintptr_t m, std::uintptr_t o, int64_t n, int64_t b, int64_t c, bool exclude_self, int dtype,
-                  std::uintptr_t stream) {
-  dispatch(0, m, o, n, b, c, exclude_self, dtype, stream);
+                  int splits, std::uintptr_t part, std::uintptr_t stream) {
+  dispatch(0, m, o, n, b, c, exclude_self, dtype, splits, part, stream);
 }
 
 void backward_cuda(std::uintptr_t g, std::uintptr_t m, std::uintptr_t dm, int64_t n, int64_t b, int64_t c,
-                   bool exclude_self, int dtype, std::uintptr_t stream) {
-  dispatch(g, m, dm, n, b, c, exclude_self, dtype, stream);
+                   bool exclude_self, int dtype, int splits, std::uintptr_t part, std::uintptr_t stream) {
+  dispatch(g, m, dm, n, b, c, exclude_self, dtype, splits, part, stream);
 }
 
 }  // namespace minibatch

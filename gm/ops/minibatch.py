@@ -69,24 +69,36 @@ def _triton_backward(grad, m, exclude_self):
     return k.backward(grad, m, exclude_self)
 
 
-def _cuda_forward(m, exclude_self):
+def cuda_splits(n: int, b: int, device) -> int:
+    """How many parts the CUDA kernels split the j range into: enough blocks ((N/128) x (B/8) x splits) for two
+    per SM, at least 128 j (two tiles) per part."""
+    blocks = -(-n // 128) * -(-b // 8)
+    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-slots // blocks), n // 128, 64))
+
+
+def _cuda_call(entry, grad, m, out, exclude_self):
     n, b, c = m.shape
-    o = torch.empty(n, b, dtype=m.dtype, device=m.device)
+    splits = cuda_splits(n, b, m.device) if c <= 8 else 1  # (the C > 8 kernel does not split)
+    part = None
+    if splits > 1:
+        acc = torch.float64 if m.dtype == torch.float64 else torch.float32
+        part = torch.empty(splits, *out.shape, dtype=acc, device=m.device)
     with torch.cuda.device(m.device):  # launch on the tensors' GPU
-        _ext.ext().minibatch_fwd_cuda(
-            m.data_ptr(), o.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
-        )
-    return o
+        args = (grad.data_ptr(),) if grad is not None else ()
+        entry(*args, m.data_ptr(), out.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), splits,
+              part.data_ptr() if part is not None else 0, _ext.stream_of(m))  # fmt: skip
+    return out
+
+
+def _cuda_forward(m, exclude_self):
+    n, b, _ = m.shape
+    o = torch.empty(n, b, dtype=m.dtype, device=m.device)
+    return _cuda_call(_ext.ext().minibatch_fwd_cuda, None, m, o, exclude_self)
 
 
 def _cuda_backward(grad, m, exclude_self):
-    n, b, c = m.shape
-    dm = torch.empty(n, b, c, dtype=m.dtype, device=m.device)
-    with torch.cuda.device(m.device):
-        _ext.ext().minibatch_bwd_cuda(
-            grad.data_ptr(), m.data_ptr(), dm.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), _ext.stream_of(m)
-        )
-    return dm
+    return _cuda_call(_ext.ext().minibatch_bwd_cuda, grad, m, torch.empty_like(m), exclude_self)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
