@@ -21,6 +21,39 @@ def _check_sizes(in_ch: int, hidden: int, colors: int) -> None:
         raise ValueError(f"in_ch and hidden must be multiples of colors={colors}, got in_ch={in_ch}, hidden={hidden}")
 
 
+# On a GPU the two directions of a DiagonalBiLSTM run on two CUDA streams: each scan is one program per image (N of
+# the SMs: 32 of 132 at the benchmark's N = 32), so two at once take about the time of one. Autograd runs each
+# backward on its forward's stream, so the backward scans overlap too. False: one after the other.
+CONCURRENT_DIRECTIONS = True
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def both_directions(gates, w_ss, gates_rev, w_ss_rev, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(diagonal_lstm(gates, w_ss), diagonal_lstm(gates_rev, w_ss_rev, reverse=True)), the reverse scan on a side
+    stream when on a GPU outside torch.compile (CONCURRENT_DIRECTIONS)."""
+    if not (CONCURRENT_DIRECTIONS and gates.is_cuda) or torch.compiler.is_compiling():
+        return (diagonal_lstm(gates, w_ss, backend=backend),
+                diagonal_lstm(gates_rev, w_ss_rev, reverse=True, backend=backend))  # fmt: skip
+    main = torch.cuda.current_stream(gates.device)
+    side = _side_stream(gates.device)
+    side.wait_stream(main)  # gates_rev and the weights are ready
+    with torch.cuda.stream(side):
+        h_rev = diagonal_lstm(gates_rev, w_ss_rev, reverse=True, backend=backend)
+    h = diagonal_lstm(gates, w_ss, backend=backend)
+    main.wait_stream(side)
+    for t in (gates_rev, w_ss_rev):  # allocated on main, read on side: not reusable before side is done with them
+        t.record_stream(side)
+    h_rev.record_stream(main)  # allocated on side, used on main from here on
+    return h, h_rev
+
+
 def _state_weight(hidden: int) -> nn.Parameter:
     w = torch.empty(4 * hidden, hidden, 2)
     bound = 1.0 / math.sqrt(2 * hidden)  # fan-in of the 2-tap state-to-state convolution
@@ -75,8 +108,8 @@ class DiagonalBiLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates, gates_rev = self.input_to_state(x).chunk(2, dim=1)
-        h = diagonal_lstm(gates, self.w_ss, backend=self.backend)
-        h = h + shift_down(diagonal_lstm(gates_rev, self.w_ss_rev, reverse=True, backend=self.backend))
+        h, h_rev = both_directions(gates, self.w_ss, gates_rev, self.w_ss_rev, backend=self.backend)
+        h = h + shift_down(h_rev)
         if self.output is None:
             return h
         return x + self.output(h)

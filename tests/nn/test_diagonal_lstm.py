@@ -94,3 +94,26 @@ def test_bad_sizes():
         DiagonalBiLSTM(4, 6, colors=3)
     with pytest.raises(ValueError, match="colors must be one of"):
         DiagonalBiLSTM(4, 4, colors=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_bilstm_concurrent_directions_equal_sequential(backend, monkeypatch):
+    """The two scans on two CUDA streams give what one after the other gives, forward and every gradient (to
+    rounding: cuBLAS may pick another algorithm on another stream), and the reference within fp32 tolerance."""
+    import gm.nn.diagonal_lstm as mod  # noqa: PLC0415
+
+    if backend not in fast_backends(torch.device("cuda")):
+        pytest.skip(f"backend {backend} is not available")
+    torch.manual_seed(0)
+    layer = DiagonalBiLSTM(16, 32, backend=backend).cuda()
+    x = torch.randn(4, 16, 12, 10, device="cuda", requires_grad=True)
+    gy = torch.randn(4, 16, 12, 10, device="cuda")
+    runs = []
+    for concurrent in (True, False):
+        monkeypatch.setattr(mod, "CONCURRENT_DIRECTIONS", concurrent)
+        y = layer(x)
+        runs.append((y, *torch.autograd.grad(y, (x, *layer.parameters()), gy)))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_rel(runs[0][0], _reference_layer(layer.double(), x.double()), torch.float32, "y", torch.device("cuda"))
