@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each gm row and the baseline's forward+backward (torch.profiler: wall time, "
+                        "device kernel time, top kernels), printed and saved beside the rows as <results>_profile.md")
     args = p.parse_args(argv)
 
     from bench import harness  # noqa: PLC0415
 
     harness.WITH_COMPILE = not args.no_compile
+    harness.PROFILE = args.profile
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             case_rows = harness.run_case(case, device, args.warmup_ms, args.rep_ms)
             rows += case_rows
             print("\n".join(harness.format_table(case_rows).splitlines()[2:]), flush=True)
+            for r in case_rows:
+                if r.profile:
+                    print(harness.format_profile(r), flush=True)
             if not args.no_save:  # saved case by case: a run cut off by a time limit keeps what it measured
                 path = harness.save(case_rows, env, Path(args.out) if args.out else harness.RESULTS_DIR)
     print()

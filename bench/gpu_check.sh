@@ -4,7 +4,8 @@
 # (default ./gpu_out). Every stage is bounded by a timeout (build 300 s, tests 300 + 90 s, bench 300 s).
 #   bash bench/gpu_check.sh                                   (defaults: gpu tests, full table without compile)
 #   TESTS="tests/ops" BENCH_OPS="masked_conv" BENCH_ARGS="--quick" bash bench/gpu_check.sh
-# BENCH_ARGS defaults to --no-compile (the torch.compile baselines take minutes to compile); set BENCH_ARGS=" " for them.
+# BENCH_ARGS defaults to "--no-compile --profile" (the torch.compile baselines take minutes to compile); set
+# BENCH_ARGS=" " for them.
 # STAGES (default "build,warm,tests,bench") splits the work across device calls, which may each run 10 minutes at most;
 # the build stays on the warm machine between calls:
 #   call 1: STAGES=build,warm,tests bash bench/gpu_check.sh        call 2: STAGES=bench bash bench/gpu_check.sh
@@ -70,13 +71,15 @@ fi
 # Most wanted first (the harness saves case by case, so a timeout keeps what finished).
 BENCH_OPS="${BENCH_OPS:-masked_conv,diagonal_lstm,row_lstm,minibatch,iaf,models}"
 ops_arg=(--ops "$BENCH_OPS")
+# BENCH_ARGS defaults to "--no-compile --profile": the profile (torch.profiler: wall vs device-kernel time, top
+# kernels of each gm row and baseline) lands beside the rows as <results>_profile.md.
 # DEADLINE (seconds after the start) bounds the bench by what is left of the call instead of BENCH_TIMEOUT;
 # BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config).
 if want bench; then
 bt="${BENCH_TIMEOUT:-300}"
 if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
-stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile}"
-GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile} >"$OUT/bench.log" 2>&1
+stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile}"
+GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile} >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"
 fi
 stage "done"

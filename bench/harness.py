@@ -26,6 +26,7 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WITH_COMPILE = True  # python -m bench --no-compile drops the "+compile" baselines (their compile time is long)
+PROFILE = False  # python -m bench --profile: a torch.profiler breakdown of each gm row and the case's baseline
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class Row:
     speedup_fwd: float | None = None
     speedup_fwdbwd: float | None = None
     error: str | None = None
+    profile: dict | None = None  # --profile: profile_fwd_bwd()'s summary (not saved in the JSON lines)
 
 
 def pick(device: torch.device, quick: bool, *, quick_choice, gpu_choice, cpu_choice):
@@ -136,6 +138,8 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
             run = _fwd_bwd_fn(fn, inputs)
             row.fwdbwd_ms = _time_ms(run, device, warmup_ms, rep_ms)
             row.peak_mib = _peak_mib(run, device)
+            if PROFILE and (label.startswith("gm[") or label == case.baseline):
+                row.profile = profile_fwd_bwd(run, device)
         if case.flops:
             row.tflops_fwd = case.flops / (row.fwd_ms * 1e-3) / 1e12
         if case.bytes:
@@ -145,6 +149,52 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def _self_device_us(evt) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):  # renamed in torch 2.4+
+        v = getattr(evt, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def profile_fwd_bwd(run: Callable[[], None], device: torch.device, iters: int = 5, top: int = 8) -> dict:
+    """Where one forward+backward's time goes: wall time per iteration (under the profiler, so a little high), the
+    summed time of the device kernels (GPU), and the top ops/kernels by self time (device time on a GPU, CPU time
+    on the CPU). Wall well above the kernels' sum: the step is bound by host work (Python, dispatch, launches)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / iters
+    events = prof.key_averages()
+    key = _self_device_us if cuda else (lambda e: float(e.self_cpu_time_total))
+    ranked = sorted(events, key=key, reverse=True)
+    busy = sum(_self_device_us(e) for e in events) / iters if cuda else None
+    return {
+        "wall_us": wall * 1e6,
+        "kernels_us": busy,
+        "top": [(e.key[:70], e.count / iters, key(e) / iters) for e in ranked[:top] if key(e) > 0],
+    }
+
+
+def format_profile(row: Row) -> str:
+    p = row.profile
+    head = f"{row.op} | {row.case} | {row.dtype} | {row.impl}: wall {p['wall_us']:.0f} us per fwd+bwd"
+    if p["kernels_us"] is not None:
+        head += f", device kernels {p['kernels_us']:.0f} us ({100 * p['kernels_us'] / max(p['wall_us'], 1e-9):.0f}%)"
+    lines = [head] + [f"    {us:9.1f} us  x{count:<5.1f} {name}" for name, count, us in p["top"]]
+    return "\n".join(lines)
 
 
 def gm_backends_for(device: torch.device) -> list[str]:
@@ -234,7 +284,11 @@ def save(rows: list[Row], env: dict, out_dir: Path) -> Path:
     path = out_dir / f"{env['date'][:10]}_{slug}.jsonl"
     with path.open("a") as f:
         for r in rows:
-            f.write(json.dumps({**env, **dataclasses.asdict(r)}) + "\n")
+            f.write(json.dumps({**env, **{k: v for k, v in dataclasses.asdict(r).items() if k != "profile"}}) + "\n")
+    profiled = [format_profile(r) for r in rows if r.profile]
+    if profiled:
+        with path.with_name(path.stem + "_profile.md").open("a") as f:
+            f.write("\n".join(profiled) + "\n\n")
     return path
 
 

@@ -1,0 +1,27 @@
+"""python -m bench end to end on the CPU (one quick case): rows saved as JSON lines with the run's environment,
+the --profile breakdown beside them, and bench.report renders the README section from that folder."""
+
+from __future__ import annotations
+
+import json
+
+from bench import report
+from bench.__main__ import main
+
+
+def test_bench_quick_profile_and_report(tmp_path, capsys):
+    assert main(["--quick", "--ops", "minibatch", "--no-compile", "--profile", "--out", str(tmp_path),
+                 "--warmup-ms", "1", "--rep-ms", "5"]) == 0  # fmt: skip
+    (rows_file,) = tmp_path.glob("*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    impls = {r["impl"] for r in rows}
+    assert "gm[cpu]" in impls and "naive (N×N×B×C)" in impls
+    assert all(r["error"] is None and r["fwdbwd_ms"] > 0 and "profile" not in r for r in rows)
+    assert all(r["triton_autotune"] in (True, False) and r["commit"] for r in rows)
+    gm_row = next(r for r in rows if r["impl"] == "gm[cpu]")
+    assert gm_row["speedup_fwdbwd"] > 1  # against the naive N x N x B x C baseline, even at N=256
+    profile = (tmp_path / (rows_file.stem + "_profile.md")).read_text()
+    assert "gm[cpu]: wall" in profile and "minibatch" in profile
+    assert "gm[cpu]: wall" in capsys.readouterr().out
+    section = report.render(report.load_rows(tmp_path))
+    assert "| minibatch_discrimination |" in section and "gm[cpu]" in section
