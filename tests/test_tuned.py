@@ -8,6 +8,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from gm.kernels import _common  # noqa: E402
 
 
@@ -49,3 +51,27 @@ def test_no_prune_launches_the_first_config(monkeypatch):
     kernel = _FakeKernel()
     launchable, meta = _common.tuned(kernel, _configs(), ["n"], dict(BLOCK=4))
     assert launchable is kernel and meta == dict(BLOCK=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    tl.store(y_ptr + i, 2 * tl.load(x_ptr + i, mask=ok), mask=ok)
+
+
+def test_first_suitable_launches_a_real_kernel(monkeypatch):
+    """The wrapper's launch goes through Triton's own launcher with the chosen config's meta-parameters (run under
+    the interpreter here; on a GPU this is the GM_TRITON_AUTOTUNE=0 path of every pruned kernel)."""
+    import torch  # noqa: PLC0415
+
+    if not _common.INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by the test suite's conftest) on a machine without a GPU")
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    launchable, _ = _common.tuned(_scale_kernel, _configs(), ["n"], dict(BLOCK=4), prune=_common.by_element_size)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(300, dtype=dtype)
+        y = torch.empty_like(x)
+        launchable[lambda m: (triton.cdiv(m["n"], m["BLOCK"]),)](x, y, x.numel())
+        assert torch.equal(y, 2 * x)
