@@ -37,7 +37,7 @@ def _guarded(fn, need_bytes: float, device: torch.device):
     return too_big
 
 
-def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool) -> Case:
+def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool, gm_backends=None) -> Case:
     def make_inputs():
         f = torch.randn(n, FEATURES, device=device, dtype=dtype, requires_grad=True)
         t = (0.05 * torch.randn(FEATURES, KERNELS * DIM, device=device, dtype=dtype)).requires_grad_()
@@ -74,6 +74,7 @@ def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool) -> 
         impls=impls,
         baseline=BASELINE,
         flops=3.0 * n * n * KERNELS * DIM,
+        gm_backends=gm_backends,
     )
 
 
@@ -84,4 +85,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         gpu_choice=[(256, True), (1024, True), (2048, True), (4096, False), (16384, False), (65536, False)],
         cpu_choice=[(256, True), (512, True), (1024, True), (8192, False)],
     )  # fmt: skip  (N, with the naive baselines)
-    return [_case(n, device, torch.float32, baselines=b) for n, b in plan]
+    out = []
+    for n, b in plan:
+        backends = None
+        if n > 16384:  # the largest case only on the fastest backend (Triton's fwd+bwd would take ~8 s a call)
+            from bench.harness import gm_backends_for  # noqa: PLC0415
+
+            backends = tuple(x for x in gm_backends_for(device) if x == "cuda") or None
+        out.append(_case(n, device, torch.float32, baselines=b, gm_backends=backends))
+    return out
