@@ -234,7 +234,8 @@ def diagonal_lstm(
         w_ss: (4h, h, 2) state-to-state weights, tap 0 for the pixel above, tap 1 for the pixel to the left
             (to the right when reverse). Same dtype and device as gates.
         reverse: scan right to left (≡ flip the width, scan, flip back).
-        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+        backend: None (auto: "triton" for CUDA tensors, "cpu" for CPU ones), "reference", "cpu", "triton" or
+            "cuda".
 
     Returns:
         h (N, h, H, W), gates' dtype.
@@ -245,5 +246,7 @@ def diagonal_lstm(
         torch.Size([2, 16, 8, 8])
     """
     check_diagonal_lstm_args(gates, w_ss, reverse)
-    chosen = resolve(backend, gates.device, native_cpu=True)
+    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the cuda kernels (one block per image on
+    # CUDA cores) on an H200 (bench/results/2026-11-28_nvidia-h200.jsonl); backend="cuda" still runs those.
+    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
     return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

@@ -280,7 +280,8 @@ def row_lstm(
             float16/bfloat16/float32/float64; the state and accumulation are float32 (float64 for float64).
         w_ss: (4h, h, k) state-to-state kernel along the width, k odd; same dtype and device as gates.
         h0, c0: optional (N, h, W) initial hidden and cell state (zero when None).
-        backend: None (auto), "reference", "cpu", "triton" or "cuda".
+        backend: None (auto: "triton" for CUDA tensors, "cpu" for CPU ones), "reference", "cpu", "triton" or
+            "cuda".
 
     Returns:
         h of every row: (N, h, H, W), gates' dtype.
@@ -291,7 +292,9 @@ def row_lstm(
         torch.Size([2, 8, 5, 6])
     """
     check_row_lstm_args(gates, w_ss, h0, c0)
-    chosen = resolve(backend, gates.device, native_cpu=True)
+    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the cuda kernels (one block per image on
+    # CUDA cores) on an H200 (bench/results/2026-11-28_nvidia-h200.jsonl); backend="cuda" still runs those.
+    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None

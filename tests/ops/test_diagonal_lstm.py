@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -192,3 +194,18 @@ def test_gpu_triton_every_config(dtype, reverse, index):
     assert_rel(y, ref[0], dtype, f"h {fwd_cfg}", device=cuda)
     assert_rel(dgates, ref[1], dtype, f"dgates {bwd_cfg}", device=cuda)
     assert_rel(weight_grad(dgates, y, reverse).to(dtype), ref[2], dtype, f"dw_ss {bwd_cfg}", device=cuda)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton(monkeypatch):
+    """Auto sends CUDA tensors to the triton scans (measured faster than the cuda kernels), whatever gm._C holds."""
+    mod = importlib.import_module("gm.ops.diagonal_lstm")  # gm.ops.diagonal_lstm is also the function's name
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked the cuda backend")
+
+    monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
+    monkeypatch.delenv("GM_BACKEND", raising=False)
+    gates = torch.randn(2, 16, 5, 6, device="cuda")
+    w_ss = 0.1 * torch.randn(16, 4, 2, device="cuda")
+    assert mod.diagonal_lstm(gates, w_ss).shape == (2, 4, 5, 6)

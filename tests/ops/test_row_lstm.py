@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -186,3 +188,18 @@ def test_gpu_triton_every_config(i, dtype, monkeypatch):
     assert HAS_GPU
     _force_config(monkeypatch, i)
     _compare("triton", dtype, (2, 80, 5, 32, 3, True), torch.device("cuda"), monkeypatch)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton(monkeypatch):
+    """Auto sends CUDA tensors to the triton scans (measured faster than the cuda kernels), whatever gm._C holds."""
+    mod = importlib.import_module("gm.ops.row_lstm")  # gm.ops.row_lstm is also the function's name
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked the cuda backend")
+
+    monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
+    monkeypatch.delenv("GM_BACKEND", raising=False)
+    gates = torch.randn(2, 16, 5, 6, device="cuda")
+    w_ss = 0.1 * torch.randn(16, 4, 3, device="cuda")
+    assert mod.row_lstm(gates, w_ss).shape == (2, 4, 5, 6)
