@@ -282,8 +282,8 @@ def _extras() -> list[tuple[str, object]]:
             for mode in ("gated", "affine")
         ]  # fmt: skip
 
-    return [(f"{label} {str(dt).replace('torch.', '')}", fn)
-            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for label, fn in make(dt)]  # fmt: skip
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return [(f"{label} {str(dt).replace('torch.', '')}", fn) for dt in dtypes for label, fn in make(dt)]
 
 
 def _gpu_cases(modules, quick: bool):

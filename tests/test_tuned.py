@@ -9,7 +9,6 @@ import pytest
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
-
 from gm.kernels import _common  # noqa: E402
 
 
