@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
+from gm.kernels._common import TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned
 
 
 @triton.jit
@@ -225,14 +225,21 @@ _BWD_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 8, 2), (128, 32, 8, 2),
 
 
 def _configs(table):
-    return [triton.Config({"BO": bo, "BK": bk}, num_warps=w, num_stages=s) for bo, bk, w, s in table]
+    """Configs from (BO, BK, warps, stages); those whose pipelined float64 tiles exceed shared memory (sm_90, Triton
+    3.6) are left out for float64."""
+    no_fp64 = {(64, 64, 8, 3), (128, 32, 8, 3)}
+    return [suits(triton.Config({"BO": bo, "BK": bk}, num_warps=w, num_stages=s),
+                  (2, 4) if (bo, bk, w, s) in no_fp64 else (2, 4, 8))
+            for bo, bk, w, s in table]  # fmt: skip
 
 
 _KEY = ["HID", "H", "W", "REVERSE"]
 # Under the interpreter: 16-wide blocks, so hidden sizes above 16 run several output blocks and channel chunks.
 _INTERPRETED_META = {"BO": 16, "BK": 16}
-_fwd, _FWD_META = tuned(diagonal_lstm_fwd_kernel, _configs(_FWD_CONFIGS), _KEY, _INTERPRETED_META)
-_bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(_BWD_CONFIGS), _KEY, _INTERPRETED_META)
+_fwd, _FWD_META = tuned(diagonal_lstm_fwd_kernel, _configs(_FWD_CONFIGS), _KEY, _INTERPRETED_META,
+                        prune=by_element_size)  # fmt: skip
+_bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(_BWD_CONFIGS), _KEY, _INTERPRETED_META,
+                        prune=by_element_size)  # fmt: skip
 
 
 def _block_h(height: int) -> int:

@@ -215,6 +215,7 @@ def row_configs(shapes) -> list:
 
 
 _ANY, _HALF, _FP32 = (2, 4, 8), (2,), (4, 8)
+_NOT_FP64 = (2, 4)  # float64 tiles of these exceed shared memory with the activation-gradient prologue (sm_90)
 _gemm, _GEMM_META = tuned(
     masked_gemm_kernel,
     row_configs([(128, 8, 3, _HALF), (32, 8, 3, _ANY), (64, 4, 4, _HALF), (64, 4, 3, _HALF),
@@ -225,9 +226,10 @@ _gemm, _GEMM_META = tuned(
 )  # fmt: skip
 _wgrad, _WGRAD_META = tuned(
     masked_wgrad_kernel,
-    row_configs([(64, 4, 3, _ANY), (64, 4, 4, _ANY), (128, 8, 3, _ANY), (32, 4, 4, _ANY)]),
+    row_configs([(64, 4, 3, _ANY), (64, 4, 4, _NOT_FP64), (128, 8, 3, _NOT_FP64), (32, 4, 4, _ANY)]),
     ["R", "O", "K", "BLOCK_O", "BLOCK_K", "PRO_ACT"],
     dict(BLOCK_R=_INTERP_ROWS),
+    prune=by_element_size,
 )  # fmt: skip
 
 

@@ -34,7 +34,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype, dot_precision, sigmoid, tanh, tuned
+from gm.kernels._common import (
+    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned,
+)  # fmt: skip
 
 
 @triton.jit
@@ -312,10 +314,12 @@ _BWD_SHAPES = [(64, 32, 8, 1), (64, 16, 8, 1), (128, 16, 8, 1), (128, 16, 16, 1)
 
 def _wgrad_configs():
     # (BLOCK_O, BLOCK_J, BLOCK_P, num_warps, num_stages), spill-free and within shared memory in float32 and bfloat16.
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3)]
+    # (128, 64, 64) exceeds shared memory in float64 (sm_90, Triton 3.6): not a float64 candidate.
+    shapes = [(128, 128, 32, 8, 3, (2, 4, 8)), (128, 64, 64, 8, 3, (2, 4)), (128, 64, 32, 4, 3, (2, 4, 8)),
+              (64, 64, 64, 4, 3, (2, 4, 8))]  # fmt: skip
     return [
-        triton.Config(dict(BLOCK_O=bo, BLOCK_J=bj, BLOCK_P=bp), num_warps=nw, num_stages=ns)
-        for bo, bj, bp, nw, ns in shapes
+        suits(triton.Config(dict(BLOCK_O=bo, BLOCK_J=bj, BLOCK_P=bp), num_warps=nw, num_stages=ns), sizes)
+        for bo, bj, bp, nw, ns, sizes in shapes
     ]
 
 
@@ -324,7 +328,8 @@ _WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=8, BLOCK_P=8)
 _key = ["HID", "H", "W", "K"]
 _fwd, _FWD_META = tuned(row_lstm_fwd_kernel, _scan_configs(_FWD_SHAPES), _key, _SCAN_INTERP)
 _bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _scan_configs(_BWD_SHAPES), _key, _SCAN_INTERP)
-_wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP)
+_wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP,
+                            prune=by_element_size)  # fmt: skip
 
 
 def _types(dtype: torch.dtype):
