@@ -3,8 +3,8 @@
 A case module bench/cases/<op>.py defines `cases(device, quick) -> list[Case]`. For every case the harness times:
   - gm on each fast backend that runs on the device (cuda and triton on a GPU, cpu on the CPU), via `Case.gm(backend=...)`;
   - every baseline in `Case.impls` (eager reference, reference under torch.compile, cuDNN on masked weights, ...).
-Timings: medians after warm-up, device events on CUDA (triton.testing.do_bench, which also flushes L2 between repeats),
-perf_counter on the CPU. Forward runs under no_grad; forward+backward back-propagates fixed random output gradients (or
+Timings: medians after warm-up, device events on CUDA (triton.testing.do_bench, which also flushes L2 between repeats;
+calls over SLOW_MS take the median of three), perf_counter on the CPU. Forward runs under no_grad; forward+backward back-propagates fixed random output gradients (or
 calls .backward() on a scalar loss). Peak memory is the CUDA allocator's peak over one forward+backward, minus what was
 allocated before. Results are printed as one table and appended as JSON lines (device, versions, commit) to bench/results/.
 """
@@ -79,10 +79,26 @@ def _as_list(out) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
+SLOW_MS = 50.0  # calls slower than this are timed three times (one warm-up, no L2 flush needed) instead of by do_bench
+
+
+def _event_ms(fn: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def _time_ms(fn: Callable[[], None], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
     if device.type == "cuda":
         import triton.testing  # noqa: PLC0415
 
+        fn()  # warm-up (compiles, autotunes, allocates)
+        first = _event_ms(fn)
+        if first > SLOW_MS:  # do_bench would spend at least 7 calls; the eager references take up to seconds each
+            return statistics.median([first, _event_ms(fn), _event_ms(fn)])
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     fn()  # warm-up (and compile)
     times = []
