@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--print", action="store_true", help="print the section instead of rewriting the README")
+    p.add_argument("--check", action="store_true", help="exit 1 when the README's section is not what the results give")
     args = p.parse_args(argv)
     section = render(load_rows(Path(args.results)))
     if args.print:
@@ -70,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{readme} has no {MARK} marker", file=sys.stderr)
         return 1
     head = text[: text.index(MARK) + len(MARK)]
-    readme.write_text(head + "\n\n" + section + "\n")
+    new = head + "\n\n" + section + "\n"
+    if args.check:
+        if new != text:
+            print(f"{readme}'s results section is stale: run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
     return 0
 
 

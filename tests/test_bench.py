@@ -25,3 +25,8 @@ def test_bench_quick_profile_and_report(tmp_path, capsys):
     assert "gm[cpu]: wall" in capsys.readouterr().out
     section = report.render(report.load_rows(tmp_path))
     assert "| minibatch_discrimination |" in section and "gm[cpu]" in section
+
+
+def test_readme_results_section_is_current():
+    """README's results section is what bench/results/*.jsonl give (python -m bench.report rewrites it)."""
+    assert report.main(["--check"]) == 0
