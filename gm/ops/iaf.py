@@ -247,10 +247,10 @@ def _cpu_fused_mask(entry, dtype: torch.dtype, d: int, interleaved: bool) -> tor
 
 def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
     """weight ⊙ mask in the layout of _cpu_fused_layout (one pass; a where, so NaN under the mask stays out)."""
+    if not interleaved:
+        return premasked_weight(weight, entry, transposed=False)
     keep = _cpu_fused_mask(entry, torch.bool, d, interleaved)
     zero = weight.new_zeros(())
-    if not interleaved:
-        return torch.where(keep, weight, zero)
     g = _group(d)
     out = weight.new_empty(d // g, 2, g, weight.shape[1])
     torch.where(keep.view(out.shape), weight.view(2, d // g, g, -1).transpose(0, 1), zero, out=out)
