@@ -15,11 +15,14 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def dot_precision(dtype: torch.dtype, *, conv: bool) -> str:
-    """Triton's input_precision for a float32 dot: tf32 only where torch itself would use it."""
+    """Triton's input_precision for a float32 dot: tf32 only where torch itself would use it (cudnn.allow_tf32 for
+    the convolution-like ops, cuda.matmul.allow_tf32 for the GEMMs), else tf32x3: three tf32 tensor-core products
+    on hi/lo splits of the operands (fp32-level error, as the cuda backend's 3xTF32) instead of "ieee", which Triton
+    runs on CUDA cores (no tensor cores: ~5 TFLOP/s measured for the IAF step's fp32 GEMMs on an H200)."""
     if dtype != torch.float32 or INTERPRETED:
         return "ieee"
     allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if allowed else "ieee"
+    return "tf32" if allowed else "tf32x3"
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -238,9 +238,9 @@ def fused_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _fused_configs():
-    half, fp32 = (2,), (4, 8)
-    return row_configs([(64, 8, 3, half), (32, 8, 3, (2, 4, 8)), (64, 4, 3, half), (128, 8, 3, half), (32, 4, 4, half),
-                        (16, 4, 3, fp32), (16, 8, 3, fp32)])  # fmt: skip
+    half, fp32, f32 = (2,), (4, 8), (4,)
+    return row_configs([(64, 8, 3, half), (64, 4, 3, f32), (128, 8, 3, f32), (32, 8, 3, (2, 4, 8)), (64, 4, 3, half),
+                        (128, 8, 3, half), (32, 4, 4, half), (16, 4, 3, fp32), (16, 8, 3, fp32)])  # fmt: skip
 
 
 _FUSED_KEY = ["R", "D", "H", "MODE", "BLOCK_D", "BLOCK_K"]

@@ -209,17 +209,18 @@ def wgrad_tile_sizes(dtype: torch.dtype) -> tuple[int, int]:
 
 def row_configs(shapes) -> list:
     """Configs over BLOCK_R from (BLOCK_R, warps, stages, element sizes); with autotuning off each dtype runs
-    the first that suits it (16-bit: 128-row wgmma tiles). python -m bench.aot chose them: float32 dots are FMA
-    loops whose operands live in registers, and row blocks of 64-128 with 4 warps spill there."""
+    the first that suits it (16-bit: 128-row wgmma tiles; float32: 64/128-row tf32 mma.sync tiles, its dots being
+    tf32 or tf32x3 on tensor cores; float64: broadcast FMA products on small tiles). python -m bench.aot checked
+    them spill-free on sm_90."""
     return [suits(triton.Config(dict(BLOCK_R=br), num_warps=nw, num_stages=ns), sizes) for br, nw, ns, sizes in shapes]
 
 
-_ANY, _HALF, _FP32 = (2, 4, 8), (2,), (4, 8)
+_ANY, _HALF, _FP32, _F32 = (2, 4, 8), (2,), (4, 8), (4,)
 _NOT_FP64 = (2, 4)  # float64 tiles of these exceed shared memory with the activation-gradient prologue (sm_90)
 _gemm, _GEMM_META = tuned(
     masked_gemm_kernel,
-    row_configs([(128, 8, 3, _HALF), (32, 8, 3, _ANY), (64, 4, 4, _HALF), (64, 4, 3, _HALF),
-                 (32, 4, 4, _HALF), (16, 4, 3, _FP32)]),
+    row_configs([(128, 8, 3, _HALF), (128, 8, 3, _F32), (64, 4, 3, _F32), (32, 8, 3, _ANY), (64, 4, 4, _HALF),
+                 (64, 4, 3, _HALF), (32, 4, 4, _HALF), (16, 4, 3, _FP32)]),
     ["R", "I", "J", "BLOCK_J", "BLOCK_I", "PRO_ACT", "EPI_ACT"],
     dict(BLOCK_R=_INTERP_ROWS),
     prune=by_element_size,

@@ -74,3 +74,24 @@ def test_first_suitable_launches_a_real_kernel(monkeypatch):
         y = torch.empty_like(x)
         launchable[lambda m: (triton.cdiv(m["n"], m["BLOCK"]),)](x, y, x.numel())
         assert torch.equal(y, 2 * x)
+
+
+def test_float32_dot_precision_follows_torch_tf32_flags(monkeypatch):
+    """float32 dots: tf32 where torch allows it for the op's kind, else tf32x3 (tensor cores, fp32-level error),
+    never "ieee" (CUDA-core FMA loops); other dtypes and the interpreter take "ieee" (it ignores the setting)."""
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    import torch  # noqa: PLC0415
+
+    for conv, flag in ((True, torch.backends.cudnn), (False, torch.backends.cuda.matmul)):
+        saved = flag.allow_tf32  # torch's flag objects take plain assignment only
+        try:
+            flag.allow_tf32 = True
+            assert _common.dot_precision(torch.float32, conv=conv) == "tf32"
+            flag.allow_tf32 = False
+            assert _common.dot_precision(torch.float32, conv=conv) == "tf32x3"
+            assert _common.dot_precision(torch.bfloat16, conv=conv) == "ieee"
+            assert _common.dot_precision(torch.float64, conv=conv) == "ieee"
+        finally:
+            flag.allow_tf32 = saved
+    monkeypatch.setattr(_common, "INTERPRETED", True)
+    assert _common.dot_precision(torch.float32, conv=False) == "ieee"

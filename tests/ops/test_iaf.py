@@ -11,7 +11,7 @@ from gm.ops import _eager as eager
 from gm.ops.iaf import iaf_made_output, iaf_step
 from gm.ops.masked_linear import mask_entry
 from gm.reference import iaf as ref
-from tests._util import assert_rel, fast_backends, poison_empty
+from tests._util import assert_rel, fast_backends, poison_empty, rel_err
 
 BACKENDS = ["reference", *fast_backends(torch.device("cpu"))]
 FUSED_BACKENDS = [b for b in BACKENDS if b != "cuda"]
@@ -213,6 +213,27 @@ def test_gpu_made_output_cuda(dtype, mode, random_mask, monkeypatch):
     for shape in [(5, 7, 3), (77, 130, 70), (300, 256, 64), (260, 1024, 256)]:
         _fused_compare("cuda", shape, dtype, mode, torch.device("cuda"), random_mask=random_mask)
     _fused_compare("cuda", (33, 48, 16), dtype, mode, torch.device("cuda"), bias=False, random_mask=random_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [True, False])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_made_output_float32_precision(backend, allow_tf32, monkeypatch):
+    """The fused output layer in float32: tf32 when torch allows it for matmuls, else 3xTF32 (the cuda kernels'
+    hi/lo splits, Triton's tf32x3) at fp32-level error, forward and every gradient."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    hidden, w, mask, b, z = _fused_inputs(257, 1024, 64, torch.float32, "cuda")
+    leaves = (hidden, w, b, z)
+    got = iaf_made_output(hidden, w, mask, b, z, backend=backend)
+    gouts = [torch.randn_like(t) for t in got]
+    got_grads = torch.autograd.grad(got, leaves, gouts)
+    dbl = [t.detach().double().requires_grad_() for t in leaves]
+    want = ref.iaf_made_output(dbl[0], dbl[1], mask, dbl[2], dbl[3])
+    want_grads = torch.autograd.grad(want, dbl, [g.double() for g in gouts])
+    tol = 2e-3 if allow_tf32 else 1e-5
+    names = ("z_new", "logdet", "dhidden", "dweight", "dbias", "dz")
+    for name, g, r in zip(names, (*got, *got_grads), (*want, *want_grads), strict=True):
+        assert rel_err(g, r) < tol, f"{name} (allow_tf32={allow_tf32})"
 
 
 @pytest.mark.gpu

@@ -177,11 +177,13 @@ def test_gpu_cuda(dtype, activation, mask, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("allow_tf32", [True, False])
-def test_gpu_cuda_float32_precision(allow_tf32, monkeypatch):
-    """tf32 when torch allows it for matmuls; otherwise 3xTF32, at the error level of fp32 arithmetic."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_float32_precision(backend, allow_tf32, monkeypatch):
+    """tf32 when torch allows it for matmuls; otherwise 3xTF32 (the cuda kernels' hi/lo splits, Triton's tf32x3),
+    at the error level of fp32 arithmetic."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     x, w, b, m = _inputs(257, 1024, 384, torch.float32, "cuda", "made_hidden")
-    y = masked_linear(x, w, m, b, activation="elu", backend="cuda")
+    y = masked_linear(x, w, m, b, activation="elu", backend=backend)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, w, b), g)
     y_ref = reference(x.double(), w.double(), m, b.double(), activation="elu")
