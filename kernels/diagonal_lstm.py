@@ -9,7 +9,7 @@ Shapes: gates (N, 4h, H, W) channels-last (memory (N, H, W, 4h)); packed weight 
 gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype and c (N, h, H, W) float32 (float64 for
 float64), both channels-last. Channels-last because the scan's tiles are (channels x image rows) at one skewed
 column: in NCHW every element of such a tile lies in its own 128-byte line (rows W elements apart), in NHWC each
-row's channels are one contiguous run. The launchers convert (a copy each way, microseconds against the scan).
+row's channels are one contiguous run. The launchers convert with tiled transposes (gm.kernels._layout).
 
 One program per batch element loops over the W+H-1 skewed columns (the whole diagonal is coupled, so no grid
 sync: one barrier per step). The skew is addressing: gates and outputs are read and written at (i, t - i) directly.
@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned
+from gm.kernels._layout import channels_last, nchw
 
 
 @triton.jit
@@ -266,15 +267,15 @@ def _launcher(tuned_kernel, raw_kernel, meta: dict, config: tuple | None):
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> a (N, H, W, C) contiguous copy (no copy when t already has that memory)."""
-    return t.permute(0, 2, 3, 1).contiguous()
+    """(N, C, H, W) -> (N, H, W, C) contiguous: a view when t is channels_last already, else a tiled copy."""
+    return channels_last(t).permute(0, 2, 3, 1)
 
 
 def forward(
     gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, config: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c) (N, h, H, W), channels-last views, for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of
-    _FWD_CONFIGS (None: tuned)."""
+    """(y, c) (N, h, H, W) NCHW-contiguous, for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of
+    _FWD_CONFIGS (None: tuned). The kernel writes channels-last; the layout copies are tiled transposes."""
     if gates.dtype not in TL_DTYPES:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
     n, g4, height, width = gates.shape
@@ -288,15 +289,15 @@ def forward(
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=_block_h(height), **meta,
     )  # fmt: skip
-    return y.permute(0, 3, 1, 2), c.permute(0, 3, 1, 2)
+    return nchw(y.permute(0, 3, 1, 2)), nchw(c.permute(0, 3, 1, 2))
 
 
 def backward(
     grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
     config: tuple | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """dgates (N, 4h, H, W) in gates' dtype, a channels-last view; inputs (N, C, H, W) in any layout; config: one
-    of _BWD_CONFIGS (None: tuned)."""
+    """dgates (N, 4h, H, W) in gates' dtype, NCHW-contiguous; inputs (N, C, H, W) in any layout; config: one of
+    _BWD_CONFIGS (None: tuned)."""
     n, g4, height, width = gates.shape
     hid = g4 // 4
     block_h = _block_h(height)
@@ -311,4 +312,4 @@ def backward(
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=block_h, **meta,
     )  # fmt: skip
-    return dgates.permute(0, 3, 1, 2)
+    return nchw(dgates.permute(0, 3, 1, 2))

@@ -11,7 +11,7 @@ Input gradient: the same kernel with the taps negated (FLIP) on grad (N, C_out, 
 (T, C_out, C_in). Weight gradient: dWp[t, c, o] = sum_p x[p + off_t, c] * grad[p, o], split over pixels into
 fp32 partial sums that are added afterwards.
 
-The launchers hand the kernels channels_last (NHWC) inputs, converting NCHW ones (one pass over the tensor), so the
+The launchers hand the kernels channels_last (NHWC) inputs, converting NCHW ones (gm.kernels._layout), so the
 channel dimension is contiguous: 16-byte loads along K of the implicit GEMM. Outputs are written NCHW-contiguous.
 Offsets are computed in int64 (pixel indices in int32 in the weight-gradient loop, where N*H*W < 2**31 is checked).
 
@@ -36,6 +36,7 @@ from gm.kernels._common import (
     suits,
     tuned,
 )  # fmt: skip
+from gm.kernels._layout import channels_last
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
     if n * h * w >= 2**31 or h * w * max(cin, cout) >= 2**31:
         raise ValueError(f"the triton backend takes N*H*W and H*W*C below 2**31, got x of shape {tuple(x.shape)}")
     packed = packed.to(x.dtype).contiguous()
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = channels_last(x)
 
     def grid(meta):
         return (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
@@ -249,8 +250,8 @@ def weight_grad(x, grad, t, kh, kw, taps):
     pixels = n * h * w
     if pixels >= 2**31:
         raise ValueError(f"the triton backend takes N*H*W < 2**31 pixels, got {pixels}")
-    x = x.contiguous(memory_format=torch.channels_last)
-    grad = grad.contiguous(memory_format=torch.channels_last)
+    x = channels_last(x)
+    grad = channels_last(grad)
     tiles = t * triton.cdiv(cin, 64) * triton.cdiv(cout, 128)
     splits = _num_splits(tiles, pixels, _WGRAD_INTERP["BLOCK_P"])
     per_split = triton.cdiv(pixels, splits)

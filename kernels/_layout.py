@@ -1,0 +1,63 @@
+"""Memory-format conversions for the Triton launchers: NCHW-contiguous <-> channels_last (NHWC in memory).
+
+The implicit-GEMM and diagonal-scan kernels read channels-last operands (16-byte loads along the channel dim), and
+the diagonal scans write channels-last outputs. torch's `t.contiguous(memory_format=...)` between the two layouts
+is a generic strided copy: ~0.2 ms for 64 MB of bf16 on an H200 (~0.6 TB/s of the 4.2 available; bench/NOTES.md).
+Both directions are a batched 2-D transpose, (B, R, S) -> (B, S, R): the kernel here copies one (R x S) tile per
+program, read along S and written along R (Triton stages the transpose through shared memory), so reads and
+writes are both coalesced.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gm.kernels._common import INTERPRETED
+
+
+@triton.jit
+def transpose_kernel(x_ptr, y_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y[b, s, r] = x[b, r, s] for contiguous x (B, R, S) and y (B, S, R)."""
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    base = tl.program_id(2).to(tl.int64) * R * S  # one batch entry; offsets inside it fit int32 (launcher checks)
+    ok = (r[:, None] < R) & (s[None, :] < S)
+    v = tl.load(x_ptr + base + (r[:, None] * S + s[None, :]), mask=ok)
+    tl.store(y_ptr + base + (s[None, :] * R + r[:, None]), v, mask=ok)
+
+
+_BLOCK = 16 if INTERPRETED else 64  # tile edge
+_MAX_GRID_Z = 65535
+
+
+def _transpose_into(x: torch.Tensor, out: torch.Tensor, b: int, r: int, s: int) -> torch.Tensor:
+    grid = (triton.cdiv(s, _BLOCK), triton.cdiv(r, _BLOCK), b)
+    transpose_kernel[grid](x, out, r, s, BLOCK_R=_BLOCK, BLOCK_S=_BLOCK, num_warps=4)
+    return out
+
+
+def _kernel_ok(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.numel() > 0 and t.shape[0] <= _MAX_GRID_Z and t[0].numel() < 2**31
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) `t` as a channels_last tensor: `t` itself when it is one already, a tiled copy of an
+    NCHW-contiguous `t`, torch's strided copy of any other layout."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    if not (t.is_contiguous() and _kernel_ok(t)):
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    return _transpose_into(t, torch.empty_like(t, memory_format=torch.channels_last), n, c, h * w)
+
+
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) `t` as an NCHW-contiguous tensor: `t` itself when it is one already, a tiled copy of a
+    channels_last `t`, torch's strided copy of any other layout."""
+    if t.is_contiguous():
+        return t
+    if not (t.is_contiguous(memory_format=torch.channels_last) and _kernel_ok(t)):
+        return t.contiguous()
+    n, c, h, w = t.shape
+    return _transpose_into(t, torch.empty(t.shape, dtype=t.dtype, device=t.device), n, h * w, c)

@@ -1,0 +1,49 @@
+"""kernels._layout: the tiled NCHW <-> channels_last copies of the Triton launchers (interpreted here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._util import DEVICE
+
+triton = pytest.importorskip("triton")
+
+from gm.kernels import _layout  # noqa: E402
+
+# Odd channel and pixel counts (partial tiles both ways), one image, a single channel, a single pixel.
+SHAPES = [(2, 3, 5, 7), (1, 37, 6, 6), (3, 1, 4, 5), (2, 20, 1, 1), (2, 33, 17, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_round_trip_exact(shape, dtype):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    cl = _layout.channels_last(x)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl, x)
+    back = _layout.nchw(cl)
+    assert back.is_contiguous() and torch.equal(back, x)
+
+
+def test_no_copy_when_already_in_layout():
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _layout.channels_last(cl) is cl
+    assert _layout.nchw(x) is x
+
+
+def test_other_layouts_go_through_torch():
+    x = torch.randn(2, 8, 6, 4, device=DEVICE)[:, ::2]  # neither layout
+    assert torch.equal(_layout.channels_last(x), x)
+    assert _layout.channels_last(x).is_contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 8, 6, 4, device=DEVICE).permute(0, 1, 3, 2)
+    assert torch.equal(_layout.nchw(y), y) and _layout.nchw(y).is_contiguous()
+
+
+@pytest.mark.gpu
+def test_gpu_large():
+    x = torch.randn(128, 256, 32, 32, device="cuda", dtype=torch.bfloat16)
+    cl = _layout.channels_last(x)
+    assert torch.equal(cl, x) and cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_layout.nchw(cl), x)
