@@ -107,7 +107,7 @@ def masked_conv_fwd_kernel(
 @triton.jit
 def masked_conv_wgrad_kernel(
     x_ptr, g_ptr, dw_ptr,
-    N, H, W, CIN, COUT, T, pixels_per_split,
+    N, H, W, CIN, COUT, T,
     sxn, sxc, sxh, sxw,
     sgn, sgc, sgh, sgw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -123,6 +123,8 @@ def masked_conv_wgrad_kernel(
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     dy, dx = _tap_offset(t, KH, KW, False)
     total = N * H * W
+    # The launcher picks the number of splits (grid z) per config: each takes an equal, BLOCK_P-aligned range.
+    pixels_per_split = tl.cdiv(tl.cdiv(total, tl.num_programs(2)), BLOCK_P) * BLOCK_P
     start = split.to(tl.int32) * pixels_per_split
     end = tl.minimum(start + pixels_per_split, total)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
@@ -232,11 +234,17 @@ def input_grad(grad, packed, kh, kw, taps):
 
 
 def _num_splits(tiles: int, pixels: int, block_p: int) -> int:
+    """Pixel splits of the weight gradient for `tiles` (tap, C_in block, C_out block) tiles: enough programs for
+    two per SM, each split at least 1024 pixels."""
     if INTERPRETED:
         return 2 if pixels > 2 * block_p else 1  # exercise the split path in tests
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = max(1, (2 * sms + tiles - 1) // tiles)
     return max(1, min(want, pixels // 1024))
+
+
+def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
+    return t * triton.cdiv(cin, meta["BLOCK_C"]) * triton.cdiv(cout, meta["BLOCK_O"])
 
 
 def weight_grad(x, grad, t, kh, kw, taps):
@@ -252,19 +260,24 @@ def weight_grad(x, grad, t, kh, kw, taps):
         raise ValueError(f"the triton backend takes N*H*W < 2**31 pixels, got {pixels}")
     x = channels_last(x)
     grad = channels_last(grad)
-    tiles = t * triton.cdiv(cin, 64) * triton.cdiv(cout, 128)
-    splits = _num_splits(tiles, pixels, _WGRAD_INTERP["BLOCK_P"])
-    per_split = triton.cdiv(pixels, splits)
-    partial = torch.empty(splits, t, cin, cout, dtype=acc_torch, device=x.device)
+    # The split count follows the launched config's tiles (the autotuner calls grid() for every config it times,
+    # the chosen one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
+    configs = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
+    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"]) for c in configs)
+    partial = torch.empty(most, t, cin, cout, dtype=acc_torch, device=x.device)
+    launched = {}
 
     def grid(meta):
+        splits = _num_splits(_wgrad_tiles(t, cin, cout, meta), pixels, meta["BLOCK_P"])
+        launched["splits"] = splits
         return (t * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
 
     _wgrad[grid](
         x, grad, partial,
-        n, h, w, cin, cout, t, per_split,
+        n, h, w, cin, cout, t,
         *x.stride(), *grad.stride(),
         KH=kh, KW=kw, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_WGRAD_META,
     )  # fmt: skip
-    return partial.sum(0) if splits > 1 else partial[0]
+    splits = launched["splits"]
+    return partial[:splits].sum(0) if splits > 1 else partial[0]

@@ -76,6 +76,31 @@ def test_masked_taps_get_exactly_zero_weight_grad(backend):
     assert (dw[m == 1] != 0).any()
 
 
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_triton_weight_grad_any_split_count(splits, monkeypatch):
+    """The weight gradient's pixel splits are sized in the kernel from the grid: 3 splits of 70 pixels leave the
+    last one short, 5 leave two empty (their partial sums must be zeros, not garbage); the buffer's slots past the
+    launched splits (NaN-poisoned) stay out of the sum."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    from gm.kernels import masked_conv as k  # noqa: PLC0415
+
+    calls = []
+
+    def fake_splits(tiles, pixels, block_p):  # the buffer is sized for 2 more than the launch uses
+        calls.append(tiles)
+        return splits + 2 if len(calls) == 1 else splits
+
+    monkeypatch.setattr(k, "_num_splits", fake_splits)
+    x, wt, b = _inputs(2, 3, 4, 5, 7, 3, 3, torch.float32)
+    gy = torch.randn(2, 4, 5, 7, device=DEVICE)
+    ref = _ref_and_grads(x, wt, b, "B", None, None, gy)
+    poison_empty(monkeypatch)
+    y = gm.ops.masked_conv2d(x, wt, b, mask="B", backend="triton")
+    (dw,) = torch.autograd.grad(y, wt, gy)
+    assert_rel(dw, ref[2], torch.float32, f"dweight, {splits} splits")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_input(backend):
     x, wt, b = _inputs(2, 4, 5, 6, 6, 3, 3, torch.float32)
