@@ -186,15 +186,20 @@ class Collector:
         collector = self
         original_run = JITFunction.run
 
+        def size_grid(jit, grid, args, kwargs):  # a launcher may record what its grid function chose, as on a GPU
+            if callable(grid):
+                grid({**dict(zip(jit.arg_names, args, strict=False)), **kwargs})
+
         def jit_run(self, *args, grid, warmup, **kwargs):
             if warmup:
                 return original_run(self, *args, grid=grid, warmup=True, **kwargs)
+            size_grid(self, grid, args, kwargs)
             meta = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
             collector.compile(self, args, kwargs, " ".join(f"{k}={v}" for k, v in meta.items()) or "default")
             return None
 
         def autotuner_run(self, *args, **kwargs):
-            kwargs.pop("grid", None)
+            grid = kwargs.pop("grid", None)
             kwargs.pop("warmup", None)
             # Pruned as on a GPU; --first-config keeps the first that suits the call (what GM_TRITON_AUTOTUNE=0 runs).
             self.nargs = dict(zip(self.arg_names, args, strict=False))
@@ -204,6 +209,7 @@ class Collector:
             for cfg in configs:
                 merged = {**kwargs, **cfg.all_kwargs()}
                 label = " ".join(f"{k}={v}" for k, v in cfg.all_kwargs().items() if v is not None and k != "num_ctas")
+                size_grid(self.fn, grid, args, merged)
                 collector.compile(self.fn, args, merged, label, cfg.kwargs.keys())
             return None
 

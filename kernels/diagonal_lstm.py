@@ -6,8 +6,9 @@ For skewed column t and image row i (pixel (i, j = t - i), column j counted righ
 with gate order i, f, o, g; state zero outside the image (see gm.reference.diagonal_lstm).
 
 Shapes: gates (N, 4h, H, W) channels-last (memory (N, H, W, 4h)); packed weight (2, 4, h, h) = [tap (up, left),
-gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype and c (N, h, H, W) float32 (float64 for
-float64), both channels-last. Channels-last because the scan's tiles are (channels x image rows) at one skewed
+gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype; the saved state (N, 5h, H, W) float32 (float64
+for float64): per pixel [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o), tanh(a_g)], each h channels; all three
+channels-last. Channels-last because the scan's tiles are (channels x image rows) at one skewed
 column: in NCHW every element of such a tile lies in its own 128-byte line (rows W elements apart), in NHWC each
 row's channels are one contiguous run. The launchers convert with tiled transposes (gm.kernels._layout).
 
@@ -21,14 +22,14 @@ hits) and c_left from c, so the live set is four (BO x BLOCK_H) accumulators plu
 keeps the kernels spill-free at h = 128 (a register-resident (h x H) state with full (h x h) weight tiles spilled
 kilobytes). The dot operands are the input dtype (h rounded as y stores it), accumulation and state are float32.
 
-Backward walks the steps in reverse, in pull form. It needs c at each cell: the forward saves c (float32, the size
-of y) rather than recomputing the scan. Per step t and block of units: dh = dy + sum_g w[up, g]^T @ da_g(pixel
-below) + sum_g w[left, g]^T @ da_g(pixel right), both da on diagonal t+1, read back from dgates (written by this
-program in the previous step; a transposed copy of the weight makes those tiles contiguous); the gate
-pre-activations are recomputed from gates + w @ (y above, y left), the exact operands the forward used (one
-step's product instead of storing 4h values per pixel); dc(i, j+1) * sigmoid(f(i, j+1)) comes through a small
-per-program float32 scratch (hidden x rows, double-buffered by step parity). dw_ss = sum over pixels of
-da (x) (y above, y left) is one GEMM over dgates and y after the kernel (gm.ops.diagonal_lstm).
+Backward walks the steps in reverse, in pull form, from what the forward saved: c and the four gate activations of
+every pixel (5h values, the forward's only extra stores), so no gate pre-activation is recomputed (that was a second
+weight stream and a second set of dots per step, doubling the backward's per-step latency). Per step t and block of
+units: dh = dy + sum_g w[up, g]^T @ da_g(pixel below) + sum_g w[left, g]^T @ da_g(pixel right), both da on diagonal
+t+1, read back from dgates (written by this program in the previous step; a transposed copy of the weight makes those
+tiles contiguous); dc(i, j+1) * sigmoid(f(i, j+1)) comes through a small per-program float32 scratch (hidden x rows,
+double-buffered by step parity). dw_ss = sum over pixels of da (x) (y above, y left) is one GEMM over dgates and y
+after the kernel (gm.ops.diagonal_lstm).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_
 
 @triton.jit
 def diagonal_lstm_fwd_kernel(
-    g_ptr, w_ptr, y_ptr, c_ptr,
+    g_ptr, w_ptr, y_ptr, s_ptr,
     HID, H, W,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
@@ -105,7 +106,7 @@ def diagonal_lstm_fwd_kernel(
     rr = tl.arange(0, BLOCK_H)[None, :]
     g_base = g_ptr + n * 4 * HID * HW
     y_base = y_ptr + n * HID * HW
-    c_base = c_ptr + n * HID * HW
+    s_base = s_ptr + n * 5 * HID * HW  # per pixel [c, s_i, s_f, s_o, t_g]
     for t in range(0, W + H - 1):
         j, inside, pix, left, right = _cell_geometry(t, rr, H, W, REVERSE)
         has_up = inside & (rr >= 1)
@@ -117,11 +118,20 @@ def diagonal_lstm_fwd_kernel(
             m = o_ok & inside
             a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
                                                has_left, HID, ACC, PRECISION, BK)  # fmt: skip
-            c_left = tl.load(c_base + left * HID + o, mask=o_ok & has_left, other=0.0).to(ACC)
-            c = sigmoid(a_f) * c_left + sigmoid(a_i) * tanh(a_g)
-            h = sigmoid(a_o) * tanh(c)
+            c_left = tl.load(s_base + left * (5 * HID) + o, mask=o_ok & has_left, other=0.0).to(ACC)
+            s_i = sigmoid(a_i)
+            s_f = sigmoid(a_f)
+            s_o = sigmoid(a_o)
+            t_g = tanh(a_g)
+            c = s_f * c_left + s_i * t_g
+            h = s_o * tanh(c)
             tl.store(y_base + pix * HID + o, h.to(y_ptr.dtype.element_ty), mask=m)
-            tl.store(c_base + pix * HID + o, c, mask=m)
+            st = s_base + pix * (5 * HID) + o
+            tl.store(st, c, mask=m)
+            tl.store(st + HID, s_i, mask=m)
+            tl.store(st + 2 * HID, s_f, mask=m)
+            tl.store(st + 3 * HID, s_o, mask=m)
+            tl.store(st + 4 * HID, t_g, mask=m)
         tl.debug_barrier()
 
 
@@ -158,7 +168,7 @@ def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down
 
 @triton.jit
 def diagonal_lstm_bwd_kernel(
-    dy_ptr, g_ptr, w_ptr, wt_ptr, y_ptr, c_ptr, dg_ptr, scratch_ptr,
+    dy_ptr, wt_ptr, s_ptr, dg_ptr, scratch_ptr,
     HID, H, W,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
@@ -167,18 +177,15 @@ def diagonal_lstm_bwd_kernel(
     HW = H * W
     oo = tl.arange(0, BO)[:, None]
     rr = tl.arange(0, BLOCK_H)[None, :]
-    g_base = g_ptr + n * 4 * HID * HW
     dg_base = dg_ptr + n * 4 * HID * HW
-    y_base = y_ptr + n * HID * HW
-    c_base = c_ptr + n * HID * HW
+    s_base = s_ptr + n * 5 * HID * HW
     dy_base = dy_ptr + n * HID * HW
     # dc(i, j+1) * sigmoid(f(i, j+1)) per (unit, row), double-buffered by step parity.
     scratch = scratch_ptr + n * 2 * HID * BLOCK_H
-    dt = y_ptr.dtype.element_ty
+    dt = dg_ptr.dtype.element_ty
     for step in range(0, W + H - 1):
         t = W + H - 2 - step
         j, inside, pix, left, right = _cell_geometry(t, rr, H, W, REVERSE)
-        has_up = inside & (rr >= 1)
         has_left = inside & (j >= 1)
         has_down = inside & (rr + 1 < H)
         has_right = inside & (j + 1 < W)
@@ -192,16 +199,15 @@ def diagonal_lstm_bwd_kernel(
             m = o_ok & inside
             dh = _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, pix + W, right, has_down, has_right, HID,
                              ACC, PRECISION, BK)  # fmt: skip
-            a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
-                                               has_left, HID, ACC, PRECISION, BK)  # fmt: skip
-            c = tl.load(c_base + pix * HID + o, mask=m, other=0.0).to(ACC)
-            c_left = tl.load(c_base + left * HID + o, mask=o_ok & has_left, other=0.0).to(ACC)
+            st = s_base + pix * (5 * HID) + o
+            c = tl.load(st, mask=m, other=0.0).to(ACC)
+            s_i = tl.load(st + HID, mask=m, other=0.0).to(ACC)
+            s_f = tl.load(st + 2 * HID, mask=m, other=0.0).to(ACC)
+            s_o = tl.load(st + 3 * HID, mask=m, other=0.0).to(ACC)
+            t_g = tl.load(st + 4 * HID, mask=m, other=0.0).to(ACC)
+            c_left = tl.load(s_base + left * (5 * HID) + o, mask=o_ok & has_left, other=0.0).to(ACC)
             tile = o * BLOCK_H + rr
             dc_right = tl.load(dc_in + tile, mask=o_ok & has_right, other=0.0)
-            s_i = sigmoid(a_i)
-            s_f = sigmoid(a_f)
-            s_o = sigmoid(a_o)
-            t_g = tanh(a_g)
             t_c = tanh(c)
             dc = dc_right + dh * s_o * (1.0 - t_c * t_c)
             dg_off = pix * (4 * HID) + o
@@ -222,7 +228,7 @@ def diagonal_lstm_bwd_kernel(
 # diagonal_lstm; numbers in bench/NOTES.md); the first (also used when autotuning is off) fits float64 too.
 # (BO output units, BK input channels per chunk, warps, stages).
 _FWD_CONFIGS = [(64, 32, 4, 1), (64, 64, 8, 1), (64, 32, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)]
-_BWD_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 8, 2), (128, 32, 8, 2), (64, 16, 8, 3)]
+_BWD_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 8, 2), (64, 64, 8, 1), (64, 16, 8, 3)]
 
 
 def _configs(table):
@@ -274,42 +280,42 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 def forward(
     gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, config: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c) (N, h, H, W) NCHW-contiguous, for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of
-    _FWD_CONFIGS (None: tuned). The kernel writes channels-last; the layout copies are tiled transposes."""
+    """(y (N, h, H, W) NCHW-contiguous, state (N, 5h, H, W) channels-last: [c, sigmoid(i), sigmoid(f), sigmoid(o),
+    tanh(g)] for backward()) for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of _FWD_CONFIGS (None:
+    tuned). The kernel writes channels-last; y's layout copy is a tiled transpose."""
     if gates.dtype not in TL_DTYPES:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
-    c = torch.empty(n, height, width, hid, dtype=_state_dtype(gates.dtype), device=gates.device)
+    state = torch.empty(n, height, width, 5 * hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
     kernel[(n,)](
-        _nhwc(gates), pack_weight(w_ss, gates.dtype), y, c,
+        _nhwc(gates), pack_weight(w_ss, gates.dtype), y, state,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=_block_h(height), **meta,
     )  # fmt: skip
-    return nchw(y.permute(0, 3, 1, 2)), nchw(c.permute(0, 3, 1, 2))
+    return nchw(y.permute(0, 3, 1, 2)), state.permute(0, 3, 1, 2)
 
 
 def backward(
-    grad: torch.Tensor, gates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor, c: torch.Tensor, reverse: bool,
-    config: tuple | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """dgates (N, 4h, H, W) in gates' dtype, NCHW-contiguous; inputs (N, C, H, W) in any layout; config: one of
-    _BWD_CONFIGS (None: tuned)."""
-    n, g4, height, width = gates.shape
-    hid = g4 // 4
+    grad: torch.Tensor, w_ss: torch.Tensor, state: torch.Tensor, reverse: bool, config: tuple | None = None
+) -> torch.Tensor:
+    """dgates (N, 4h, H, W) in w_ss' dtype, NCHW-contiguous, from grad (N, h, H, W) in any layout and forward()'s
+    state; config: one of _BWD_CONFIGS (None: tuned)."""
+    n, h5, height, width = state.shape
+    hid = h5 // 5
     block_h = _block_h(height)
-    w = pack_weight(w_ss, gates.dtype)
-    dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
+    w = pack_weight(w_ss, w_ss.dtype)
+    dgates = torch.empty(n, height, width, 4 * hid, dtype=w_ss.dtype, device=w_ss.device)
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
-    scratch = torch.empty(n, 2, hid, block_h, dtype=_state_dtype(gates.dtype), device=gates.device)
+    scratch = torch.empty(n, 2, hid, block_h, dtype=state.dtype, device=state.device)
     kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
     kernel[(n,)](
-        _nhwc(grad), _nhwc(gates), w, w.transpose(2, 3).contiguous(), _nhwc(y), _nhwc(c), dgates, scratch,
+        _nhwc(grad.to(w_ss.dtype)), w.transpose(2, 3).contiguous(), _nhwc(state), dgates, scratch,
         hid, height, width,
-        REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
+        REVERSE=reverse, ACC=acc_dtype(w_ss.dtype), PRECISION=dot_precision(w_ss.dtype, conv=True),
         BLOCK_H=block_h, **meta,
     )  # fmt: skip
     return nchw(dgates.permute(0, 3, 1, 2))

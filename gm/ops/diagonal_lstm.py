@@ -40,13 +40,24 @@ def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backends: forward -> (y, c), backward -> (dgates, dw_ss).
+# Backends: forward -> (y, state), backward (given the forward's state) -> (dgates, dw_ss). The state is what the
+# backend's backward reads besides y: the cell state c (N, h, H, W) contiguous, or for triton (N, 5h, H, W)
+# channels-last [c and the four gate activations] (state_shape()).
+
+
+def state_shape(gates: torch.Tensor, backend: str) -> tuple[tuple[int, ...], bool]:
+    """(shape, channels_last) of the forward's state output on `backend`."""
+    n, g4, height, width = gates.shape
+    if backend == "triton":
+        return (n, 5 * (g4 // 4), height, width), True
+    return (n, g4 // 4, height, width), False
 
 
 def _reference_forward(gates, w_ss, reverse):
     from gm.reference.diagonal_lstm import diagonal_lstm_with_cell  # noqa: PLC0415
 
-    return diagonal_lstm_with_cell(gates, w_ss, reverse=reverse)
+    y, c = diagonal_lstm_with_cell(gates, w_ss, reverse=reverse)
+    return y, c.contiguous()
 
 
 def _reference_backward(grad, gates, w_ss, y, c, reverse):
@@ -96,7 +107,7 @@ def _triton_forward(gates, w_ss, reverse):
 def _triton_backward(grad, gates, w_ss, y, c, reverse):
     from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
 
-    dgates = k.backward(grad, gates, w_ss, y, c, reverse)
+    dgates = k.backward(grad, w_ss, c, reverse)
     return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 
@@ -144,10 +155,13 @@ _BACKWARD = {
 def _diagonal_lstm_impl(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, g4, height, width = gates.shape
     if n * height * width == 0:
-        y = gates.new_zeros(n, g4 // 4, height, width)
-        return y, torch.zeros_like(y, dtype=state_dtype(gates.dtype))
-    y, c = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
-    return y.contiguous(), c.contiguous()
+        shape, channels_last = state_shape(gates, backend)
+        state = gates.new_zeros(shape, dtype=state_dtype(gates.dtype))
+        return gates.new_zeros(n, g4 // 4, height, width), (
+            state.contiguous(memory_format=torch.channels_last) if channels_last else state
+        )
+    y, state = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
+    return y.contiguous(), state  # the state in its backend's layout (state_shape): the backward reads it as is
 
 
 _diagonal_lstm_op = torch.library.custom_op(_OP, _diagonal_lstm_impl, mutates_args=())
@@ -157,7 +171,9 @@ _diagonal_lstm_op = torch.library.custom_op(_OP, _diagonal_lstm_impl, mutates_ar
 def _(gates, w_ss, reverse, backend):
     n, g4, height, width = gates.shape
     y = gates.new_empty(n, g4 // 4, height, width)
-    return y, y.new_empty(y.shape, dtype=state_dtype(gates.dtype))
+    shape, channels_last = state_shape(gates, backend)
+    state = gates.new_empty(shape, dtype=state_dtype(gates.dtype))
+    return y, (state.contiguous(memory_format=torch.channels_last) if channels_last else state)
 
 
 def _diagonal_lstm_backward_impl(
