@@ -3,8 +3,10 @@
 Forward, per batch element n and row r = 0 .. H-1 (h_{-1} = h0 or 0, c_{-1} = c0 or 0):
     z_g[o, w] = gates[n, g*h + o, r, w] + sum_{t < k} sum_j w_ss[g*h + o, j, t] * h_{r-1}[j, w + t - k//2]
     c_r = sig(z_f) c_{r-1} + sig(z_i) tanh(z_g);   h_r = sig(z_o) tanh(c_r)
-Shapes: gates (N, 4h, H, W), w_ss (4h, h, k), h0/c0 (N, h, W); states hs, cs (N, h, H, W) in the accumulation
-dtype (float32, float64 for float64 inputs); y (N, h, H, W) in the input dtype (y is hs itself for float32/64).
+Shapes: gates (N, 4h, H, W), w_ss (4h, h, k), h0/c0 (N, h, W); states hs (N, h, H, W) and cs (N, 5h, H, W) in the
+accumulation dtype (float32, float64 for float64 inputs): cs holds per pixel c and the four gate activations
+[c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)], h channels each, for the backward; y (N, h, H, W) in the input dtype
+(y is hs itself for float32/64).
 The kernels take the weight packed as wp (k, 4h, h) = w_ss.permute(2, 0, 1): a tap's (BO x BK) tile is contiguous
 along its input channels (vector loads), and read transposed for the backward it is contiguous along its rows.
 
@@ -19,8 +21,9 @@ row's stores before the next row's shifted loads among the program's own threads
 The live set is 4 accumulators (BO x BW) plus the operand tiles, whatever h and W are: no spills.
 
 Backward walks rows bottom to top with the same blocking. For a block of row r: dh_r = dy_r + the transposed
-conv of row r+1's dz, pulled from dgates row r+1 (this program wrote it in the previous step); z is recomputed
-from the saved h_{r-1} (cheaper than storing 4h activations per pixel); dc_r comes from row r+1 through a
+conv of row r+1's dz, pulled from dgates row r+1 (this program wrote it in the previous step); the gate activations
+are read from cs, where the forward stored them (recomputing them was a second weight stream and a second set of
+dots per row, about half the backward's per-row latency); dc_r comes from row r+1 through a
 per-program scratch dcs (N, 2, h, W) in the accumulation dtype, double-buffered by row parity so a block never
 reads what another thread of the same step may already have overwritten; dz goes to dgates row r. After row 0,
 dh0 is the transposed conv of dgates row 0 and dc0 is the scratch's parity-0 buffer.
@@ -140,7 +143,8 @@ def row_lstm_fwd_kernel(
     n = tl.program_id(0).to(tl.int64)
     plane = H * W
     for r in range(H):
-        row = (n * HID * H + r) * W  # hs/cs/y[n, 0, r, 0]
+        row = (n * HID * H + r) * W  # hs/y[n, 0, r, 0]
+        crow = (n * 5 * HID * H + r) * W  # cs[n, 0, r, 0]
         for ob in range(0, HID, BO):
             o = ob + tl.arange(0, BO).to(IDX)
             for wb in range(0, W, BW):
@@ -152,15 +156,21 @@ def row_lstm_fwd_kernel(
                     K, HAS_H0, ACC, DOT, PRECISION, BK, IDX,
                 )  # fmt: skip
                 if r > 0:
-                    c = tl.load(cs_ptr + (row - W) + tile, mask=m2, other=0.0).to(ACC)
+                    c = tl.load(cs_ptr + (crow - W) + tile, mask=m2, other=0.0).to(ACC)
                 else:
                     if HAS_C0:
                         c = tl.load(c0_ptr + n * HID * W + o[:, None] * W + col[None, :], mask=m2, other=0.0).to(ACC)
                     else:
                         c = tl.zeros((BO, BW), dtype=ACC)
-                c = sigmoid(zf) * c + sigmoid(zi) * tanh(zg)
-                h = sigmoid(zo) * tanh(c)
-                tl.store(cs_ptr + row + tile, c, mask=m2)
+                si, sf, so, tg = sigmoid(zi), sigmoid(zf), sigmoid(zo), tanh(zg)
+                c = sf * c + si * tg
+                h = so * tanh(c)
+                cs_tile = cs_ptr + crow + tile
+                tl.store(cs_tile, c, mask=m2)
+                tl.store(cs_tile + HID * plane, si, mask=m2)
+                tl.store(cs_tile + 2 * HID * plane, sf, mask=m2)
+                tl.store(cs_tile + 3 * HID * plane, so, mask=m2)
+                tl.store(cs_tile + 4 * HID * plane, tg, mask=m2)
                 tl.store(hs_ptr + row + tile, h, mask=m2)
                 if WRITE_Y:
                     tl.store(y_ptr + row + tile, h.to(y_ptr.dtype.element_ty), mask=m2)
@@ -169,7 +179,7 @@ def row_lstm_fwd_kernel(
 
 @triton.jit
 def row_lstm_bwd_kernel(
-    dy_ptr, g_ptr, w_ptr, h0_ptr, c0_ptr, hs_ptr, cs_ptr, dg_ptr, dcs_ptr, dh0_ptr, dc0_ptr,
+    dy_ptr, w_ptr, c0_ptr, cs_ptr, dg_ptr, dcs_ptr, dh0_ptr, dc0_ptr,
     HID, H, W,
     K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -180,7 +190,8 @@ def row_lstm_bwd_kernel(
     state0 = n * HID * W  # an (N, h, W) state's [n, 0, 0]
     for rr in range(H):
         r = H - 1 - rr
-        row = (n * HID * H + r) * W  # dy/hs/cs[n, 0, r, 0]
+        row = (n * HID * H + r) * W  # dy[n, 0, r, 0]
+        crow = (n * 5 * HID * H + r) * W  # cs[n, 0, r, 0]
         grow = (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
         scratch = (n * 2 + r % 2) * HID * W  # dcs[n, r % 2, 0, 0]: written in row r
         scratch_next = (n * 2 + (r + 1) % 2) * HID * W  # dcs[n, (r+1) % 2]: row r+1's dc_{r}
@@ -199,20 +210,20 @@ def row_lstm_bwd_kernel(
                     dc = tl.load(dcs_ptr + scratch_next + stile, mask=m2, other=0.0)
                 else:
                     dc = tl.zeros((BO, BW), dtype=ACC)
-                zi, zf, zo, zg = _gate_preacts(
-                    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, tile, m2, HID, H, W,
-                    K, HAS_H0, ACC, DOT, PRECISION, BK, IDX,
-                )  # fmt: skip
-                c = tl.load(cs_ptr + row + tile, mask=m2, other=0.0).to(ACC)
+                cs_tile = cs_ptr + crow + tile
+                c = tl.load(cs_tile, mask=m2, other=0.0).to(ACC)
+                si = tl.load(cs_tile + HID * plane, mask=m2, other=0.0).to(ACC)
+                sf = tl.load(cs_tile + 2 * HID * plane, mask=m2, other=0.0).to(ACC)
+                so = tl.load(cs_tile + 3 * HID * plane, mask=m2, other=0.0).to(ACC)
+                tg = tl.load(cs_tile + 4 * HID * plane, mask=m2, other=0.0).to(ACC)
                 if r > 0:
-                    c_prev = tl.load(cs_ptr + (row - W) + tile, mask=m2, other=0.0).to(ACC)
+                    c_prev = tl.load(cs_ptr + (crow - W) + tile, mask=m2, other=0.0).to(ACC)
                 else:
                     if HAS_C0:
                         c_prev = tl.load(c0_ptr + state0 + stile, mask=m2, other=0.0).to(ACC)
                     else:
                         c_prev = tl.zeros((BO, BW), dtype=ACC)
-                si, sf, so = sigmoid(zi), sigmoid(zf), sigmoid(zo)
-                tg, tc = tanh(zg), tanh(c)
+                tc = tanh(c)
                 dc += dh * so * (1.0 - tc * tc)
                 dzi = dc * tg * si * (1.0 - si)
                 dzf = dc * c_prev * sf * (1.0 - sf)
@@ -303,13 +314,14 @@ def _scan_configs(shapes):
 
 
 # (BO, BK, num_warps, num_stages), each spill-free on sm_90 at W=32 in float32 and bfloat16 (python -m bench.aot
-# --ops row_lstm; HID is not a constexpr, so h=64 and h=128 share one binary). The backward holds a fifth accumulator
-# (dh) and its dh pull reads (BO, 4BK) weight tiles, so it gets smaller blocks. num_stages > 1 pipelines the flat
+# --ops row_lstm, Triton 3.6 and 3.9; HID is not a constexpr, so h=64 and h=128 share one binary). The epilogues
+# store (forward) or load (backward) the four gate activations beside c, so 128-unit blocks spill outside the
+# 16-warp forward config; the backward's dh pull reads (BO, 4BK) weight tiles and it keeps 64-unit blocks or less. num_stages > 1 pipelines the flat
 # (tap, channel chunk) loops through cp.async into shared memory; their prologue runs after the row's barrier, so the
 # loads still see the previous row's stores. The first config is the one GM_TRITON_AUTOTUNE=0 runs.
 _FWD_SHAPES = [(128, 64, 16, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 4, 1), (64, 32, 8, 3), (64, 64, 8, 2),
-               (128, 32, 8, 2)]  # fmt: skip
-_BWD_SHAPES = [(64, 32, 8, 1), (64, 16, 8, 1), (128, 16, 8, 1), (128, 16, 16, 1), (64, 16, 8, 2), (64, 16, 8, 3)]
+               (64, 32, 8, 2)]  # fmt: skip
+_BWD_SHAPES = [(64, 32, 8, 1), (64, 16, 8, 1), (64, 64, 8, 1), (32, 32, 4, 1), (64, 16, 8, 2), (64, 16, 8, 3)]
 
 
 def _wgrad_configs():
@@ -354,9 +366,10 @@ def pack_weight(w_ss: torch.Tensor) -> torch.Tensor:
 
 
 def _index_dtype(four_h: int, height: int, width: int, k: int):
-    """Offsets inside one image (and into the packed weight) as int32 when they fit, else int64."""
+    """Offsets inside one image (of cs, the largest: 5h channels) and into the packed weight as int32 when they
+    fit, else int64."""
     hidden = four_h // 4
-    return tl.int32 if max(four_h * height * width, k * four_h * hidden) < 2**31 else tl.int64
+    return tl.int32 if max(5 * hidden * height * width, k * four_h * hidden) < 2**31 else tl.int64
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -364,13 +377,14 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(gates, w_ss, h0, c0):
-    """(y, hs, cs): y in gates' dtype; hs, cs (N, h, H, W) in the state dtype; y is hs for float32/64."""
+    """(y, hs, cs): y in gates' dtype; hs (N, h, H, W) and cs (N, 5h, H, W: c and the gate activations) in the
+    state dtype; y is hs for float32/64."""
     n, four_h, height, width = gates.shape
     hidden, k = four_h // 4, w_ss.shape[2]
     acc, dot, precision = _types(gates.dtype)
     sdt = _state_dtype(gates.dtype)
     hs = torch.empty(n, hidden, height, width, dtype=sdt, device=gates.device)
-    cs = torch.empty_like(hs)
+    cs = torch.empty(n, 5 * hidden, height, width, dtype=sdt, device=gates.device)
     write_y = gates.dtype != sdt
     y = torch.empty(n, hidden, height, width, dtype=gates.dtype, device=gates.device) if write_y else hs
     _fwd[(n,)](
@@ -414,7 +428,8 @@ def weight_grad(dgates, hs, h0, k):
 
 
 def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
-    """(dgates in gates' dtype, dw_ss or None, dh0 or None, dc0 or None); dh0/dc0 in the state dtype."""
+    """(dgates in gates' dtype, dw_ss or None, dh0 or None, dc0 or None); dh0/dc0 in the state dtype; hs and cs as
+    forward() returned them."""
     n, four_h, height, width = gates.shape
     hidden, k = four_h // 4, w_ss.shape[2]
     acc, dot, precision = _types(gates.dtype)
@@ -423,7 +438,7 @@ def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
     _bwd[(n,)](
-        dy, gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, hs, cs,
+        dy, pack_weight(w_ss), c0 if c0 is not None else hs, cs,
         dgates, dcs, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
         hidden, height, width,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None,

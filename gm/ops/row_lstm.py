@@ -172,7 +172,9 @@ def _(gates, w_ss, h0, c0, backend):
     if backend == "reference":
         return y, y.new_empty(0), y.new_empty(0)
     hs = y.new_empty(n, four_h // 4, height, width, dtype=sdt) if sdt != gates.dtype else y.new_empty(0, dtype=sdt)
-    return y, hs, y.new_empty(n, four_h // 4, height, width, dtype=sdt)
+    # triton's cs also holds the four gate activations per pixel for its backward (gm.kernels.row_lstm)
+    c_channels = 5 * (four_h // 4) if backend == "triton" else four_h // 4
+    return y, hs, y.new_empty(n, c_channels, height, width, dtype=sdt)
 
 
 def _row_lstm_backward_impl(
