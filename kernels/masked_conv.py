@@ -55,13 +55,16 @@ def _tap_offset(t, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
 @triton.jit
 def masked_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    N, H, W, CIN, COUT, T,
+    N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # H and W are constexprs (one compile per image size, which the autotune key separates anyway): the pixel
+    # index divisions become multiply-shifts and Triton 3.9 no longer spills the A-tile address state at 28x28
+    # (first config 220 B -> none; Triton 3.6 compiled both spill-free).
     # Pixel indices and in-image offsets are int32 (the launcher checks N*H*W and one image's size fit); only the
     # per-row image base is int64. Full int64 pixel math made the A-tile addresses spill on sm_90 where H, W are
     # not multiples of 16 (python -m bench.aot: 255 registers + 2.5 KB spills at 28x28, 136 and none at 32x32).
