@@ -9,7 +9,8 @@ N = C_out columns and K = T*C_in: the masked-out taps are never loaded or multip
 
 Input gradient: the same kernel with the taps negated (FLIP) on grad (N, C_out, H, W) and Wp transposed
 (T, C_out, C_in). Weight gradient: dWp[t, c, o] = sum_p x[p + off_t, c] * grad[p, o], split over pixels into
-fp32 partial sums that are added afterwards.
+fp32 partial sums; one more pass adds them and scatters them into the (C_out, C_in, kh, kw) weight layout in the
+weight's dtype (zeros at masked taps).
 
 The launchers hand the kernels channels_last (NHWC) inputs, converting NCHW ones (gm.kernels._layout), so the
 channel dimension is contiguous: 16-byte loads along K of the implicit GEMM. Outputs are written NCHW-contiguous.
@@ -158,6 +159,31 @@ def masked_conv_wgrad_kernel(
     tl.store(out, acc, mask=(c[:, None] < CIN) & (o[None, :] < COUT))
 
 
+@triton.jit
+def masked_conv_wgrad_unpack_kernel(
+    part_ptr, tap_ptr, keep_ptr, dw_ptr,
+    S, T, CIN, COUT, KK,
+    HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """dw[o, c, pos] (C_out, C_in, kh*kw) in the weight's dtype = sum over the S splits of partial[s, t, c, o] for
+    the kept tap t = tap[pos] (times keep[t, c, o] at the centre tap's forbidden channel pairs), exactly zero at
+    masked-out positions (tap[pos] = -1): the split sum, the scatter to the weight layout and the cast in one pass."""
+    pos = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ok = (c[:, None] < CIN) & (o[None, :] < COUT)
+    t = tl.load(tap_ptr + pos)
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=part_ptr.dtype.element_ty)
+    if t >= 0:
+        off = (t * CIN + c[:, None]).to(tl.int64) * COUT + o[None, :]
+        for s in range(0, S):
+            acc += tl.load(part_ptr + s * T * CIN * COUT + off, mask=ok, other=0.0)
+        if HAS_KEEP:
+            acc = tl.where(tl.load(keep_ptr + off, mask=ok, other=0) != 0, acc, 0.0)
+    dst = dw_ptr + (o[None, :].to(tl.int64) * CIN + c[:, None]) * KK + pos
+    tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
 # Launch configurations. Interpreted: small blocks (each program is a numpy loop). On a GPU: chosen by
 # autotuning over a short list keyed on the problem shape.
 _FWD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -193,6 +219,10 @@ _wgrad, _WGRAD_META = tuned(
     masked_conv_wgrad_kernel, _wgrad_configs(), ["CIN", "COUT", "T", "H", "W", "KH", "KW", "N"], _WGRAD_INTERP,
     prune=all_of(by_element_size, fits_smem(lambda k: (k["BLOCK_C"] + k["BLOCK_O"]) * k["BLOCK_P"])),
 )  # fmt: skip
+
+
+_unpack = masked_conv_wgrad_unpack_kernel
+_UNPACK_BLOCK = (16, 16) if INTERPRETED else (32, 64)  # (C_in, C_out) per program
 
 
 def _check_dtype(t: torch.Tensor) -> None:
@@ -250,14 +280,17 @@ def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
     return t * triton.cdiv(cin, meta["BLOCK_C"]) * triton.cdiv(cout, meta["BLOCK_O"])
 
 
-def weight_grad(x, grad, t, kh, kw, taps):
-    """Packed weight gradient (T, C_in, C_out) in float32 (float64 for float64 inputs)."""
+def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
+    """Weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: the packed (T, C_in, C_out)
+    GEMM over pixels in float32 (float64 for float64) partial sums, then one unpack pass (the split sum, the scatter
+    and the cast). positions: (kh*kw,) int32, the packed tap of each kernel position or -1; keep: None or
+    (T, C_in, C_out) bool, False at the centre tap's forbidden channel pairs."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     if t == 0:
-        return torch.zeros(0, cin, cout, dtype=acc_torch, device=x.device)
+        return torch.zeros(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
     pixels = n * h * w
     if pixels >= 2**31:
         raise ValueError(f"the triton backend takes N*H*W < 2**31 pixels, got {pixels}")
@@ -282,5 +315,11 @@ def weight_grad(x, grad, t, kh, kw, taps):
         KH=kh, KW=kw, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_WGRAD_META,
     )  # fmt: skip
-    splits = launched["splits"]
-    return partial[:splits].sum(0) if splits > 1 else partial[0]
+    dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
+    bc, bo = _UNPACK_BLOCK
+    _unpack[(kh * kw, triton.cdiv(cin, bc), triton.cdiv(cout, bo))](
+        partial, positions, keep if keep is not None else positions, dw,
+        launched["splits"], t, cin, cout, kh * kw,
+        HAS_KEEP=keep is not None, BLOCK_C=bc, BLOCK_O=bo, num_warps=4,
+    )  # fmt: skip
+    return dw

@@ -68,6 +68,7 @@ class PackPlan:
 
     taps: tuple[tuple[int, int], ...]
     index: torch.Tensor  # (T, C_in, C_out) int64 positions in weight.view(-1)
+    positions: torch.Tensor  # (kh*kw,) int32: the packed tap at each kernel position, -1 where masked out
     keep: torch.Tensor | None  # (T, C_in, C_out) bool, False at forbidden centre pairs; None when all are kept
     groups: tuple  # strong references to the group tensors, so their addresses in the key stay theirs
     crop_masks: dict = dataclasses.field(default_factory=dict)  # dtype -> (C_out, C_in, kh//2+1, kw) for the cpu path
@@ -98,7 +99,10 @@ def pack_plan(weight_shape, mask: str, in_groups, out_groups, device) -> PackPla
     if taps and taps[-1] == (0, 0) and (in_groups is not None or out_groups is not None or mask == "A"):
         keep = torch.ones(len(taps), cin, cout, dtype=torch.bool, device=device)
         keep[-1] = centre_allowed(mask, in_groups, out_groups, cin, cout, device).t()
-    plan = PackPlan(taps, index.contiguous(), keep, (in_groups, out_groups))
+    positions = torch.full((kh * kw,), -1, dtype=torch.int32)
+    for t, (dy, dx) in enumerate(taps):
+        positions[(dy + cy) * kw + (dx + cx)] = t
+    plan = PackPlan(taps, index.contiguous(), positions.to(device), keep, (in_groups, out_groups))
     _PLANS[key] = plan
     if len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
@@ -215,8 +219,9 @@ def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_
     dx = k.input_grad(grad, packed, weight.shape[2], weight.shape[3], taps) if need_x else None
     dw = None
     if need_w:
-        packed_grad = k.weight_grad(x, grad, len(taps), weight.shape[2], weight.shape[3], taps)
-        dw = unpack_weight_grad(packed_grad, weight.shape, taps, mask, in_groups, out_groups).to(weight.dtype)
+        plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+        dw = k.weight_grad(x, grad, len(taps), weight.shape[2], weight.shape[3], taps, plan.positions, plan.keep,
+                           weight.dtype)  # fmt: skip
     return dx, dw
 
 
