@@ -61,3 +61,35 @@ def nchw(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous()
     n, c, h, w = t.shape
     return _transpose_into(t, torch.empty(t.shape, dtype=t.dtype, device=t.device), n, h * w, c)
+
+
+@triton.jit
+def split_sum_kernel(x_ptr, y_ptr, S, M, BLOCK: tl.constexpr):
+    """y[i] = sum_s x[s, i] for contiguous x (S, M), accumulated in x's dtype, stored in y's."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < M
+    acc = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
+    src = x_ptr + i
+    for _ in range(0, S):
+        acc += tl.load(src, mask=ok, other=0.0)
+        src += M  # pointer arithmetic: 64-bit past 2**31 elements in all
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_SUM_BLOCK = 64 if INTERPRETED else 1024
+
+
+def sum_splits(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """partial (S, ...) summed over its first dim and cast to out_dtype in one pass (torch's sum then cast is two
+    launches and an intermediate): the split-K partial sums of the weight-gradient GEMMs."""
+    if partial.shape[0] == 1:
+        return partial[0].to(out_dtype)
+    partial = partial.contiguous()
+    out = torch.empty(partial.shape[1:], dtype=out_dtype, device=partial.device)
+    m = out.numel()
+    if m == 0:
+        return out
+    if m >= 2**31:
+        return partial.sum(0).to(out_dtype)
+    split_sum_kernel[(triton.cdiv(m, _SUM_BLOCK),)](partial, out, partial.shape[0], m, BLOCK=_SUM_BLOCK, num_warps=4)
+    return out

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_acc, dot_precision, sigmoid, tuned
+from gm.kernels._layout import sum_splits
 from gm.kernels.masked_linear import masked_w_tile, row_configs
 
 MODE_CODES = {"gated": 0, "affine": 1}
@@ -277,7 +278,7 @@ def step_forward(z, m, s, mode):
     iaf_step_fwd_kernel[grid](
         z, m, s, z_new, ld, r, f, per_split, MODE=MODE_CODES[mode], ACC=acc_dtype(z.dtype), **blocks,
     )  # fmt: skip
-    return z_new, ld.sum(0).to(z.dtype) if splits > 1 else ld[0].to(z.dtype)
+    return z_new, sum_splits(ld, z.dtype)
 
 
 def step_backward(z, m, s, gz, gl, mode):
@@ -316,7 +317,7 @@ def made_output_forward(hidden, weight, mask_u8, bias, z, rows_map, block_d, blo
     ld = torch.empty(n_d, r, dtype=_sum_dtype(z.dtype), device=z.device)
     _fused_launch(_fused_fwd, _FUSED_FWD_META, hidden, weight, mask_u8, bias, rows_map,
                   block_d, block_k, (z, z_new, ld), mode)  # fmt: skip
-    return z_new, (ld.sum(0) if n_d > 1 else ld[0]).to(z.dtype)
+    return z_new, sum_splits(ld, z.dtype)
 
 
 def made_output_backward(hidden, weight, mask_u8, bias, z, gz, gl, rows_map, block_d, block_k, mode):

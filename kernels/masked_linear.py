@@ -31,6 +31,7 @@ from gm.kernels._common import (
     suits,
     tuned,
 )  # fmt: skip
+from gm.kernels._layout import sum_splits
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
 
@@ -302,10 +303,4 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
         ACC=acc_dtype(g.dtype), PRECISION=dot_precision(g.dtype, conv=False),
         BLOCK_O=block_o, BLOCK_K=block_k, **_WGRAD_META,
     )  # fmt: skip
-    if splits > 1:
-        dw = dw.sum(0).to(g.dtype)
-        db = db.sum(0).to(g.dtype) if need_bias else None
-    else:
-        dw = dw[0]
-        db = db[0] if need_bias else None
-    return dw, db
+    return sum_splits(dw, g.dtype), (sum_splits(db, g.dtype) if need_bias else None)

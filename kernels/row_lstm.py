@@ -40,6 +40,7 @@ import triton.language as tl
 from gm.kernels._common import (
     INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned,
 )  # fmt: skip
+from gm.kernels._layout import sum_splits
 
 
 @triton.jit
@@ -424,7 +425,7 @@ def weight_grad(dgates, hs, h0, k):
         n, hidden, height, width, splits,
         K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, **_WGRAD_META,
     )  # fmt: skip
-    return partial.sum(0) if splits > 1 else partial[0]
+    return sum_splits(partial, partial.dtype)
 
 
 def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):

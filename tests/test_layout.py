@@ -47,3 +47,15 @@ def test_gpu_large():
     cl = _layout.channels_last(x)
     assert torch.equal(cl, x) and cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(_layout.nchw(cl), x)
+
+
+@pytest.mark.parametrize(("splits", "shape"), [(1, (5, 3)), (3, (7, 13)), (4, (70,)), (2, (0, 4))])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_sum_splits(splits, shape, out_dtype):
+    """The split-K partial sums: summed over the first dim (in the partials' dtype) and cast in one pass; partial
+    blocks of the flat range and an empty result included."""
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    partial = torch.randn(splits, *shape, device=DEVICE, dtype=acc)
+    got = _layout.sum_splits(partial, out_dtype)
+    assert got.dtype == out_dtype and got.shape == shape
+    torch.testing.assert_close(got, partial.sum(0).to(out_dtype))  # bf16: a rounding step apart at most
