@@ -1,4 +1,5 @@
-"""Memory-format conversions for the Triton launchers: NCHW-contiguous <-> channels_last (NHWC in memory).
+"""Data-movement passes shared by the Triton launchers: memory-format conversions (NCHW-contiguous <->
+channels_last, NHWC in memory) and the sum of split-K partial results (sum_splits, at the end of this file).
 
 The implicit-GEMM and diagonal-scan kernels read channels-last operands (16-byte loads along the channel dim), and
 the diagonal scans write channels-last outputs. torch's `t.contiguous(memory_format=...)` between the two layouts
