@@ -29,7 +29,7 @@ units: dh = dy + sum_g w[up, g]^T @ da_g(pixel below) + sum_g w[left, g]^T @ da_
 t+1, read back from dgates (written by this program in the previous step; a transposed copy of the weight makes those
 tiles contiguous); dc(i, j+1) * sigmoid(f(i, j+1)) comes through a small per-program float32 scratch (hidden x rows,
 double-buffered by step parity). dw_ss = sum over pixels of da (x) (y above, y left) is one GEMM over dgates and y
-after the kernel (gm.ops.diagonal_lstm).
+after the kernel, on their NCHW layouts (gm.kernels.row_lstm.weight_grad with the diagonal taps).
 """
 
 from __future__ import annotations

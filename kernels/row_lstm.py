@@ -258,11 +258,15 @@ def row_lstm_wgrad_kernel(
     dg_ptr, hs_ptr, h0_ptr, dw_ptr,
     N, HID, H, W, SPLITS,
     K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr = 0,
 ):  # fmt: skip
-    """partial[split] (4h, h*k) = sum over the split's pixels of dz[o, p] * B[p, j*k + t], B[p, j*k + t] =
-    h_{r-1}[j, w + t - k//2] at pixel p = (r, w). An item is one image's block of BLOCK_P pixels; split s takes
-    items s, s + SPLITS, ... (so the split count does not depend on the config's BLOCK_P)."""
+    """partial[split] (4h, h*k) = sum over the split's pixels of dz[o, p] * B[p, j*k + t], B[p, j*k + t] = the
+    state h[j] at tap t's neighbour of pixel p = (r, w), zero outside the image (or h0 above row 0 when HAS_H0):
+      TAPS=0 (Row LSTM): the previous row, column w + t - k//2;
+      TAPS=1 / 2 (Diagonal LSTM, k=2, forward / reverse scan): t=0 the pixel above, t=1 the pixel to the left
+      (to the right for the reverse scan).
+    An item is one image's block of BLOCK_P pixels; split s takes items s, s + SPLITS, ... (so the split count
+    does not depend on the config's BLOCK_P)."""
     pid_o = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -273,7 +277,13 @@ def row_lstm_wgrad_kernel(
     o_ok = o < 4 * HID
     jt_ok = jt < HK
     j = jt // K
-    dx = jt % K - K // 2
+    t = (jt % K).to(tl.int32)
+    if TAPS == 0:
+        dr = tl.full((BLOCK_J,), -1, tl.int32)
+        dx = t - K // 2
+    else:
+        dr = tl.where(t == 0, -1, 0)
+        dx = tl.where(t == 0, 0, -1 if TAPS == 1 else 1)
     chunks = tl.cdiv(plane, BLOCK_P)
     acc = tl.zeros((BLOCK_O, BLOCK_J), dtype=ACC)
     for item in range(split, N * chunks, SPLITS):
@@ -285,12 +295,13 @@ def row_lstm_wgrad_kernel(
             mask=o_ok[:, None] & p_ok[None, :],
             other=0.0,
         ).to(DOT)
-        r = p // W
-        x = (p % W)[:, None] + dx[None, :]  # (BLOCK_P, BLOCK_J) source column
+        pi = p.to(tl.int32)  # in-image pixel: int32 (H*W < 2**31)
+        r = pi // W
+        x = (pi - r * W)[:, None] + dx[None, :]  # (BLOCK_P, BLOCK_J) source column
         ok = (p_ok[:, None] & jt_ok[None, :]) & ((x >= 0) & (x < W))
         hp = tl.load(
-            hs_ptr + (n * HID + j[None, :]) * plane + (p - W)[:, None] + dx[None, :],
-            mask=ok & (r > 0)[:, None],
+            hs_ptr + (n * HID + j[None, :]) * plane + (pi[:, None] + (dr * W + dx)[None, :]),
+            mask=ok & ((r[:, None] + dr[None, :]) >= 0),
             other=0.0,
         ).to(ACC)
         if HAS_H0:
@@ -341,8 +352,8 @@ _WGRAD_INTERP = dict(BLOCK_O=16, BLOCK_J=8, BLOCK_P=8)
 _key = ["HID", "H", "W", "K"]
 _fwd, _FWD_META = tuned(row_lstm_fwd_kernel, _scan_configs(_FWD_SHAPES), _key, _SCAN_INTERP)
 _bwd, _BWD_META = tuned(row_lstm_bwd_kernel, _scan_configs(_BWD_SHAPES), _key, _SCAN_INTERP)
-_wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K"], _WGRAD_INTERP,
-                            prune=by_element_size)  # fmt: skip
+_wgrad, _WGRAD_META = tuned(row_lstm_wgrad_kernel, _wgrad_configs(), ["N", "HID", "H", "W", "K", "TAPS"],
+                            _WGRAD_INTERP, prune=by_element_size)  # fmt: skip
 
 
 def _types(dtype: torch.dtype):
@@ -407,15 +418,16 @@ def _num_splits(tiles: int, items: int) -> int:
     return max(1, min(want, items // 4))
 
 
-def weight_grad(dgates, hs, h0, k):
-    """dw_ss (4h, h, k) in the state dtype."""
+def weight_grad(dgates, hs, h0, k, taps: int = 0):
+    """dw_ss (4h, h, k) in the state dtype of dgates' dtype; taps as in
+    row_lstm_wgrad_kernel (0: the Row LSTM's; 1, 2: the Diagonal LSTM's up/left taps, forward/reverse scan, k=2)."""
     n, four_h, height, width = dgates.shape
     hidden = four_h // 4
     acc, dot, precision = _types(dgates.dtype)
     block_p = _WGRAD_INTERP["BLOCK_P"] if INTERPRETED else 64
     tiles = triton.cdiv(four_h, 128) * triton.cdiv(hidden * k, 128)
     splits = _num_splits(tiles, n * triton.cdiv(height * width, block_p))
-    partial = torch.empty(splits, four_h, hidden, k, dtype=hs.dtype, device=hs.device)
+    partial = torch.empty(splits, four_h, hidden, k, dtype=_state_dtype(dgates.dtype), device=hs.device)
 
     def grid(meta):
         return (triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden * k, meta["BLOCK_J"]), splits)
@@ -423,7 +435,7 @@ def weight_grad(dgates, hs, h0, k):
     _wgrad[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
         n, hidden, height, width, splits,
-        K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, **_WGRAD_META,
+        K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, TAPS=taps, **_WGRAD_META,
     )  # fmt: skip
     return sum_splits(partial, partial.dtype)
 

@@ -107,8 +107,12 @@ def _triton_forward(gates, w_ss, reverse):
 def _triton_backward(grad, gates, w_ss, y, c, reverse):
     from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
 
+    from gm.kernels import row_lstm as kr  # noqa: PLC0415
+
     dgates = k.backward(grad, w_ss, c, reverse)
-    return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
+    # The up/left-tap GEMM over pixels on NCHW operands (the einsum form permutes dgates and y into copies).
+    dw = kr.weight_grad(dgates, y.contiguous(), None, 2, taps=2 if reverse else 1)
+    return dgates, dw.to(w_ss.dtype)
 
 
 def _cuda_forward(gates, w_ss, reverse):
