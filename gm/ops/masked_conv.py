@@ -168,7 +168,33 @@ def _cpu_forward(x, weight, bias, mask, in_groups, out_groups):
     return F.conv2d(_pad_for_crop(x, cy, cx, kw_used), w, bias)
 
 
+def _full_mask(weight: torch.Tensor, mask: str, in_groups, out_groups) -> torch.Tensor:
+    """The whole (C_out, C_in, kh, kw) mask in weight's dtype: the crop mask and zero rows below it, cached."""
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    key = ("full", weight.dtype)
+    m = plan.crop_masks.get(key)
+    if m is None:
+        crop = _crop_mask(weight, mask, in_groups, out_groups)
+        m = torch.zeros_like(weight)
+        m[:, :, : crop.shape[2]] = crop
+        plan.crop_masks[key] = m
+    return m
+
+
+# Up to 3x3 the cropped backward's input pad and gradient slice cost more than the taps it skips (a 3x3 kernel keeps
+# 6 of 9 rows' taps): measured on the 2-core dev CPU, N=8-16, C=64-128, 28-32 px, fwd+bwd through the op, the
+# masked whole-kernel backward was faster (bench/NOTES.md). From 5x5 on the crop wins (1.3-1.5x).
+_CROP_BACKWARD_MIN_TAPS = 25
+
+
 def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
+    kh, kw = weight.shape[2:]
+    if kh * kw < _CROP_BACKWARD_MIN_TAPS:
+        m = _full_mask(weight, mask, in_groups, out_groups)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+        )
+        return (gx if need_x else None), (gw * m if need_w else None)
     cy, cx, kw_used = _cpu_geometry(weight)
     crop_mask = _crop_mask(weight, mask, in_groups, out_groups)[..., :kw_used]
     w = weight[:, :, : cy + 1, :kw_used] * crop_mask
