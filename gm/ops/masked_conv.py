@@ -181,15 +181,16 @@ def _full_mask(weight: torch.Tensor, mask: str, in_groups, out_groups) -> torch.
     return m
 
 
-# Up to 3x3 the cropped backward's input pad and gradient slice cost more than the taps it skips (a 3x3 kernel keeps
-# 6 of 9 rows' taps): measured on the 2-core dev CPU, N=8-16, C=64-128, 28-32 px, fwd+bwd through the op, the
-# masked whole-kernel backward was faster (bench/NOTES.md). From 5x5 on the crop wins (1.3-1.5x).
+# For a 3x3 kernel the cropped backward's input pad and gradient slice cost more than the taps it skips (it keeps 6
+# of 9): measured on the 2-core dev CPU through the bench harness, the masked whole-kernel backward was faster
+# (bench/NOTES.md). From 5x5 on the crop wins (1.2-1.5x), and for 1 x k kernels (no rows to crop, a left pad only)
+# it stays ahead by a few percent (the RowLSTM layer's 1x3: 2.22 vs 2.31 ms fwd+bwd).
 _CROP_BACKWARD_MIN_TAPS = 25
 
 
 def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
     kh, kw = weight.shape[2:]
-    if kh * kw < _CROP_BACKWARD_MIN_TAPS:
+    if kh > 1 and kh * kw < _CROP_BACKWARD_MIN_TAPS:
         m = _full_mask(weight, mask, in_groups, out_groups)
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
