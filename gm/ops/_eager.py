@@ -74,3 +74,16 @@ def backward_call(ctx, op, impl, *args):
     """In a registered backward: the backward custom op `op`, or its implementation `impl` when the forward ran
     through EagerOp's autograd.Function."""
     return impl(*args) if getattr(ctx, "gm_eager", False) else op(*args)
+
+
+_ZEROS: dict = {}
+
+
+def zero_scalar(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-dim zero on `device`, the `other` of torch.where(mask, w, 0) where an out= is needed (a Python
+    scalar is not accepted there; a fresh tensor is an allocation and a fill launch per call). Read-only."""
+    key = (str(device), dtype)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+    return z

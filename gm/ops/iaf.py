@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
-from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad
+from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad, zero_scalar
 from gm.ops.masked_linear import (
     batch_bucket,
     blocked_input_grad,
@@ -250,7 +250,7 @@ def _cpu_fused_weight(weight, entry, d: int, interleaved: bool) -> torch.Tensor:
     if not interleaved:
         return premasked_weight(weight, entry, transposed=False)
     keep = _cpu_fused_mask(entry, torch.bool, d, interleaved)
-    zero = weight.new_zeros(())
+    zero = zero_scalar(weight.device, weight.dtype)
     g = _group(d)
     out = weight.new_empty(d // g, 2, g, weight.shape[1])
     torch.where(keep.view(out.shape), weight.view(2, d // g, g, -1).transpose(0, 1), zero, out=out)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
-from gm.ops._eager import EagerOp, backward_call
+from gm.ops._eager import EagerOp, backward_call, zero_scalar
 
 MASKS = ("A", "B")
 _OP = "gm::masked_conv2d"
@@ -114,7 +114,7 @@ def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
     packed = weight.reshape(-1)[plan.index]
     if plan.keep is not None:
-        packed = torch.where(plan.keep, packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
+        packed = torch.where(plan.keep, packed, zero_scalar(packed.device, packed.dtype))
     return packed, plan.taps
 
 
@@ -123,7 +123,7 @@ def unpack_weight_grad(packed_grad: torch.Tensor, weight_shape, taps, mask, in_g
     plan = pack_plan(weight_shape, mask, in_groups, out_groups, packed_grad.device)
     g = packed_grad
     if plan.keep is not None:
-        g = torch.where(plan.keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = torch.where(plan.keep, g, zero_scalar(g.device, g.dtype))
     full = torch.zeros(math.prod(weight_shape), dtype=g.dtype, device=g.device)
     full[plan.index.reshape(-1)] = g.reshape(-1)
     return full.view(tuple(weight_shape))

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
-from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad
+from gm.ops._eager import EagerOp, backward_call, eager_ok, needs_grad, zero_scalar
 
 ACTIVATIONS = (None, "elu", "relu")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -315,7 +315,7 @@ def premasked_weight(weight: torch.Tensor, entry: MaskEntry, *, transposed: bool
     B operand, contiguous along its columns). One pass over the weight buys the GEMM kernels mask-free tiles in
     the layout the tensor cores read (masked tiles loaded transposed, with their mask, spilled registers)."""
     keep = mask_as(entry, torch.bool)
-    zero = weight.new_zeros(())
+    zero = zero_scalar(weight.device, weight.dtype)
     if not transposed:
         return torch.where(keep, weight, zero)  # where, not a product: a NaN under the mask stays out
     out = torch.empty(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
