@@ -85,5 +85,7 @@ def zero_scalar(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     key = (str(device), dtype)
     z = _ZEROS.get(key)
     if z is None:
-        z = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+        z = torch.zeros((), dtype=dtype, device=device)
+        if type(z) is torch.Tensor:  # not a fake or subclass tensor made under some mode
+            _ZEROS[key] = z
     return z
