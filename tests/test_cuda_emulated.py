@@ -330,6 +330,38 @@ def test_masked_conv2d_gemm(gemm, dtype, shape, monkeypatch):
         _check(name, got, want, dtype)
 
 
+@pytest.mark.parametrize("mask, grouped", [("A", True), ("B", False)])
+def test_masked_conv2d_weight_grad_over_splits(gemm, mask, grouped, monkeypatch):
+    """The weight gradient's epilogue (the splits added in a fixed order, scattered to (C_out, C_in, kh, kw) with
+    zeros at masked taps and at the centre's forbidden colour pairs, cast to the weight's dtype) over three pixel
+    splits; the same bits on every call, and backward() gives what the separate calls give."""
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan, pack_weight  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    monkeypatch.setattr(c, "reduction_splits", lambda *args, **kwargs: 3)
+    torch.manual_seed(3)
+    cin = cout = 6
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    x = torch.randn(2, cin, 5, 6, dtype=torch.float64)
+    w = torch.randn(cout, cin, 5, 5, dtype=torch.float64) / (cin * 25) ** 0.5
+    gy = torch.randn(2, cout, 5, 6, dtype=torch.float64)
+    (x16, w16), (xr, wr) = _leaves(torch.bfloat16, x, w)
+    y_ref = conv_ref(xr, wr, None, mask=mask, in_groups=gi, out_groups=go)
+    (dw_ref,) = torch.autograd.grad(y_ref, (wr,), gy)
+    x16, w16, gy16 = x16.detach(), w16.detach(), gy.to(torch.bfloat16)
+    packed, taps = pack_weight(w16, mask, gi, go)
+    plan = pack_plan(w16.shape, mask, gi, go, w16.device)
+    shape = tuple(w16.shape)
+    dw = c.weight_grad(x16, gy16, taps, plan, shape, torch.bfloat16)
+    _check("dweight", dw, dw_ref, torch.bfloat16)
+    assert (dw[dw_ref == 0] == 0).all(), "masked taps must get exactly zero"
+    assert torch.equal(c.weight_grad(x16, gy16, taps, plan, shape, torch.bfloat16), dw)
+    dx, dw2 = c.backward(gy16, x16, packed, taps, plan, shape, torch.bfloat16, True, True)
+    assert torch.equal(dw2, dw) and torch.equal(dx, c.input_grad(gy16, packed, taps))
+
+
 # ------------------------------------------------------------------------------------------------- mutation checks
 # Seeded bugs the emulator must catch, all in one mutant build: {file: [(text, replacement)]}. If a kernel is edited
 # so an anchor no longer occurs exactly once, the build says so: point the anchor at an equivalent line.

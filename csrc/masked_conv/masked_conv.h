@@ -4,7 +4,8 @@
 //     a: (N, H, W, Kp) NHWC, Kp a multiple of 8 (zero-padded channels), b: (T, N_out, Kp), out: (N, N_out, H, W) NCHW.
 //     The input gradient is the same GEMM on grad with the taps negated and the packed weight (T, C_in, C_out).
 //   weight gradient:  partial[s, t, c, o] = sum_{p in split s} x[p + off_t, c] * grad[p, o]   (float32)
-//     x: (N, H, W, Cin_p), grad: (N, H, W, Cout_p) NHWC; the splits are summed afterwards in Python (deterministic).
+//     x: (N, H, W, Cin_p), grad: (N, H, W, Cout_p) NHWC; the splits are summed afterwards in a fixed order, with the
+//     scatter to the weight layout and the cast (cuda_wgrad_unpack; deterministic).
 //
 // Python (gm/ops/_masked_conv_cuda.py) converts layouts, pads channels, checks dtypes/devices and passes raw pointers.
 #pragma once
@@ -39,6 +40,11 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
                       std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream);
+
+// dw (C_out, C_in, kk) in dtype = sum over splits of partial (splits, taps, C_in, C_out) float32 at tap_at[pos]
+// (int32, -1: masked position: zero), times keep (uint8 (taps, C_in, C_out), 0 = forbidden) unless keep is 0.
+void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintptr_t keep, std::uintptr_t dw,
+                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream);
 #endif
 
 }  // namespace masked_conv

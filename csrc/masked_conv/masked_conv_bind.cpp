@@ -62,6 +62,11 @@ GM_REGISTER_BINDINGS(m) {
       py::arg("x"), py::arg("grad"), py::arg("partial"), py::arg("n"), py::arg("h"), py::arg("w"),
       py::arg("c_in_padded"), py::arg("c_out_padded"), py::arg("c_in"), py::arg("c_out"), py::arg("dy"), py::arg("dx"),
       py::arg("pixels_per_split"), py::arg("splits"), py::arg("dtype"), py::arg("precision"), py::arg("stream"));
+  m.def("masked_conv_wgrad_unpack_cuda", &gm::masked_conv::cuda_wgrad_unpack,
+        "masked_conv2d weight gradient (C_out, C_in, kh*kw) from the split partial sums: sum, scatter, zero masked taps, "
+        "cast",
+        py::arg("partial"), py::arg("tap_at"), py::arg("keep"), py::arg("dw"), py::arg("splits"), py::arg("taps"),
+        py::arg("c_in"), py::arg("c_out"), py::arg("kk"), py::arg("dtype"), py::arg("stream"));
 #else
   (void)m;
 #endif

@@ -318,6 +318,33 @@ __global__ void __launch_bounds__(256) nchw_to_nhwc_kernel(const E* in, E* out, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Weight-gradient epilogue: dw[o, c, pos] (C_out, C_in, kh*kw) in the weight's dtype = sum over the splits of
+// partial[s, t, c, o] at the kept tap t = tap_at[pos] (times keep[t, c, o] where given), exactly zero where
+// tap_at[pos] = -1. One pass for what was a split sum, a select, a zero fill, a scatter and a cast. One thread per
+// output element in dw's memory order (the partial reads are strided; partial is small next to the GEMMs).
+
+template <typename E>
+__global__ void __launch_bounds__(256)
+    wgrad_unpack_kernel(const float* partial, const int* tap_at, const std::uint8_t* keep, E* dw, int splits,
+                        int taps, int c_in, int c_out, int kk) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const std::int64_t total = static_cast<std::int64_t>(c_out) * c_in * kk;
+  if (i >= total) return;
+  const int pos = static_cast<int>(i % kk);
+  const std::int64_t oc = i / kk;
+  const int c = static_cast<int>(oc % c_in), o = static_cast<int>(oc / c_in);
+  const int t = tap_at[pos];
+  float acc = 0.f;
+  if (t >= 0) {
+    const std::int64_t off = (static_cast<std::int64_t>(t) * c_in + c) * c_out + o;
+    const std::int64_t split_stride = static_cast<std::int64_t>(taps) * c_in * c_out;
+    for (int s = 0; s < splits; ++s) acc += partial[s * split_stride + off];
+    if (keep != nullptr && keep[off] == 0) acc = 0.f;
+  }
+  dw[i] = from_float<E>(acc);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Host side: dtype/precision dispatch and launch.
 
 template <typename K>
@@ -418,6 +445,35 @@ void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t part
   WgradArgs args{ptr<const char>(x), ptr<const char>(grad), ptr<float>(partial), n, h, w, c_in_padded * elem,
                  c_out_padded * elem, c_in, c_out, pixels_per_split, taps};
   dispatch<WgradLauncher>(dtype, precision, args, splits, to_stream(stream));
+}
+
+void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintptr_t keep, std::uintptr_t dw,
+                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream) {
+  const std::int64_t total = static_cast<std::int64_t>(c_out) * c_in * kk;
+  if (total == 0) return;
+  const std::int64_t blocks = (total + 255) / 256;
+  if (blocks > 0x7fffffff) throw std::invalid_argument("masked_conv2d (cuda): weight too large for one launch");
+  const auto* p = ptr<const float>(partial);
+  const auto* t = ptr<const int>(tap_at);
+  const auto* k = ptr<const std::uint8_t>(keep);
+  const auto g = static_cast<unsigned>(blocks);
+  switch (to_dtype(dtype)) {
+    case DType::bf16:
+      wgrad_unpack_kernel<__nv_bfloat16><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<__nv_bfloat16>(dw), splits,
+                                                                          taps, c_in, c_out, kk);
+      break;
+    case DType::f16:
+      wgrad_unpack_kernel<__half><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<__half>(dw), splits, taps, c_in,
+                                                                   c_out, kk);
+      break;
+    case DType::f32:
+      wgrad_unpack_kernel<float><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<float>(dw), splits, taps, c_in, c_out,
+                                                                  kk);
+      break;
+    default:
+      throw std::invalid_argument("masked_conv2d (cuda): takes float16, bfloat16 or float32");
+  }
+  GM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace masked_conv

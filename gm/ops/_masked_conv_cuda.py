@@ -118,15 +118,18 @@ def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps, *, grad_nhwc=None
     return _conv_gemm(grad, packed, None, mirrored, packed.shape[1], a_nhwc=grad_nhwc)
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, *, grad_nhwc=None) -> torch.Tensor:
-    """Packed weight gradient (T, C_in, C_out) in float32; the pixel splits are added in a fixed order."""
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None):
+    """The weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: packed float32 partial
+    sums per pixel split (T, C_in, C_out), then one pass that adds the splits in a fixed order, scatters them to the
+    weight layout (plan.positions: the packed tap of each kernel position or -1; plan.keep: the centre tap's allowed
+    channel pairs or None) and casts."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     t = len(taps)
     if t == 0 or n * h * w == 0:
-        return torch.zeros(t, cin, cout, dtype=torch.float32, device=x.device)
+        return torch.zeros(weight_shape, dtype=out_dtype, device=x.device)
     pixels = n * h * w
     tiles = t * (-(-cin // _TILE)) * (-(-cout // _TILE))
     splits = reduction_splits(tiles, pixels, x.device, _BLOCKS_PER_SM)
@@ -143,15 +146,22 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, *, grad_nhwc=None) ->
             x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
             dy, dx, per_split, splits, dtype_code(x), precision, stream_of(x),
         )  # fmt: skip
-    return partial.sum(0) if splits > 1 else partial[0]
+        dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
+        keep = plan.keep
+        ext().masked_conv_wgrad_unpack_cuda(
+            partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
+            splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream_of(x),
+        )  # fmt: skip
+    return dw
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, taps, need_x: bool, need_w: bool):
-    """(dx or None, packed weight gradient or None), converting grad to the kernels' layout once for both."""
+def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, taps, plan, weight_shape, out_dtype,
+             need_x: bool, need_w: bool):
+    """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both."""
     _check_cuda("grad", grad)
     _precision(grad.dtype)
     grad = grad.to(x.dtype)
     g_nhwc = _nhwc(grad, _padded(grad.shape[1])) if (need_x and need_w and len(taps) > 0) else None
     dx = input_grad(grad, packed, taps, grad_nhwc=g_nhwc) if need_x else None
-    dwp = weight_grad(x, grad, taps, grad_nhwc=g_nhwc) if need_w else None
-    return dx, dwp
+    dw = weight_grad(x, grad, taps, plan, weight_shape, out_dtype, grad_nhwc=g_nhwc) if need_w else None
+    return dx, dw

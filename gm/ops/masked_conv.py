@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections import OrderedDict
 
 import torch
@@ -116,17 +115,6 @@ def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple
     if plan.keep is not None:
         packed = torch.where(plan.keep, packed, zero_scalar(packed.device, packed.dtype))
     return packed, plan.taps
-
-
-def unpack_weight_grad(packed_grad: torch.Tensor, weight_shape, taps, mask, in_groups, out_groups) -> torch.Tensor:
-    """Scatter a (T, C_in, C_out) gradient back to (C_out, C_in, kh, kw); every masked tap gets exactly zero."""
-    plan = pack_plan(weight_shape, mask, in_groups, out_groups, packed_grad.device)
-    g = packed_grad
-    if plan.keep is not None:
-        g = torch.where(plan.keep, g, zero_scalar(g.device, g.dtype))
-    full = torch.zeros(math.prod(weight_shape), dtype=g.dtype, device=g.device)
-    full[plan.index.reshape(-1)] = g.reshape(-1)
-    return full.view(tuple(weight_shape))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,11 +251,9 @@ def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
     from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
 
     packed, taps = pack_weight(weight, mask, in_groups, out_groups)
-    dx, packed_grad = c.backward(grad, x, packed, taps, need_x, need_w)  # converts grad to NHWC once for both
-    dw = None
-    if need_w:
-        dw = unpack_weight_grad(packed_grad, weight.shape, taps, mask, in_groups, out_groups).to(weight.dtype)
-    return dx, dw
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    # converts grad to NHWC once for both gradients; the weight gradient comes back in weight's layout and dtype
+    return c.backward(grad, x, packed, taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

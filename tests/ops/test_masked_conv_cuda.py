@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gm._ext import cuda_status
-from gm.ops.masked_conv import masked_conv2d, pack_weight
+from gm.ops.masked_conv import masked_conv2d, pack_plan, pack_weight
 from gm.reference.masked_conv import masked_conv2d as reference
 from tests._util import assert_rel, poison_empty
 
@@ -121,9 +121,10 @@ def test_cuda_weight_grad_split_reduction_is_deterministic():
 
     x, wt, _, gy = _case(16, 64, 64, 32, 32, 7, 7, torch.bfloat16)
     _, taps = pack_weight(wt, "A", None, None)
-    first = c.weight_grad(x, gy, taps)
+    plan = pack_plan(wt.shape, "A", None, None, wt.device)
+    first = c.weight_grad(x, gy, taps, plan, tuple(wt.shape), wt.dtype)
     for _ in range(3):
-        assert torch.equal(c.weight_grad(x, gy, taps), first)
+        assert torch.equal(c.weight_grad(x, gy, taps, plan, tuple(wt.shape), wt.dtype), first)
 
 
 def test_cuda_rejects_float64():
@@ -143,10 +144,12 @@ def test_cuda_backward_shares_grad_conversion():
 
     x, wt, _, gy = _case(3, 20, 12, 9, 8, 7, 7, torch.bfloat16)
     packed, taps = pack_weight(wt, "B", None, None)
-    dx, dwp = c.backward(gy, x, packed, taps, True, True)
+    plan = pack_plan(wt.shape, "B", None, None, wt.device)
+    shape = tuple(wt.shape)
+    dx, dw = c.backward(gy, x, packed, taps, plan, shape, wt.dtype, True, True)
     assert torch.equal(dx, c.input_grad(gy, packed, taps))
-    assert torch.equal(dwp, c.weight_grad(x, gy, taps))
-    assert c.backward(gy, x, packed, taps, False, True)[0] is None
+    assert torch.equal(dw, c.weight_grad(x, gy, taps, plan, shape, wt.dtype))
+    assert c.backward(gy, x, packed, taps, plan, shape, wt.dtype, False, True)[0] is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
