@@ -18,14 +18,15 @@ from gm.kernels._common import INTERPRETED
 
 
 @triton.jit
-def transpose_kernel(x_ptr, y_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y[b, s, r] = x[b, r, s] for contiguous x (B, R, S) and y (B, S, R)."""
+def transpose_kernel(x_ptr, y_ptr, R, S, X_BATCH_STRIDE, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y[b, s, r] = x[b, r, s] for x (B, R, S) with contiguous (R, S) blocks X_BATCH_STRIDE elements apart (a
+    channel slice of a larger NCHW tensor too) and contiguous y (B, S, R)."""
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    base = tl.program_id(2).to(tl.int64) * R * S  # one batch entry; offsets inside it fit int32 (launcher checks)
+    b = tl.program_id(2).to(tl.int64)  # one batch entry; offsets inside it fit int32 (the launcher checks)
     ok = (r[:, None] < R) & (s[None, :] < S)
-    v = tl.load(x_ptr + base + (r[:, None] * S + s[None, :]), mask=ok)
-    tl.store(y_ptr + base + (s[None, :] * R + r[:, None]), v, mask=ok)
+    v = tl.load(x_ptr + b * X_BATCH_STRIDE + (r[:, None] * S + s[None, :]), mask=ok)
+    tl.store(y_ptr + b * R * S + (s[None, :] * R + r[:, None]), v, mask=ok)
 
 
 _BLOCK = 16 if INTERPRETED else 64  # tile edge
@@ -34,8 +35,14 @@ _MAX_GRID_Z = 65535
 
 def _transpose_into(x: torch.Tensor, out: torch.Tensor, b: int, r: int, s: int) -> torch.Tensor:
     grid = (triton.cdiv(s, _BLOCK), triton.cdiv(r, _BLOCK), b)
-    transpose_kernel[grid](x, out, r, s, BLOCK_R=_BLOCK, BLOCK_S=_BLOCK, num_warps=4)
+    transpose_kernel[grid](x, out, r, s, x.stride(0), BLOCK_R=_BLOCK, BLOCK_S=_BLOCK, num_warps=4)
     return out
+
+
+def _images_contiguous(t: torch.Tensor) -> bool:
+    """Each image's (C, H, W) block contiguous (an NCHW tensor, or a channel slice of one), images anywhere."""
+    _, c, h, w = t.shape
+    return t.stride()[1:] == (h * w, w, 1) or c * h * w <= 1
 
 
 def _kernel_ok(t: torch.Tensor) -> bool:
@@ -43,11 +50,11 @@ def _kernel_ok(t: torch.Tensor) -> bool:
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) `t` as a channels_last tensor: `t` itself when it is one already, a tiled copy of an
-    NCHW-contiguous `t`, torch's strided copy of any other layout."""
+    """(N, C, H, W) `t` as a channels_last tensor: `t` itself when it is one already, a tiled copy when each image
+    of `t` is an NCHW block (a contiguous tensor or a channel slice of one), torch's strided copy otherwise."""
     if t.is_contiguous(memory_format=torch.channels_last):
         return t
-    if not (t.is_contiguous() and _kernel_ok(t)):
+    if not (_kernel_ok(t) and (t.is_contiguous() or _images_contiguous(t))):
         return t.contiguous(memory_format=torch.channels_last)
     n, c, h, w = t.shape
     return _transpose_into(t, torch.empty_like(t, memory_format=torch.channels_last), n, c, h * w)

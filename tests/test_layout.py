@@ -33,6 +33,19 @@ def test_no_copy_when_already_in_layout():
     assert _layout.nchw(x) is x
 
 
+@pytest.mark.parametrize("half", [0, 1])
+def test_channel_slice_is_read_in_place(half, monkeypatch):
+    """A channel slice of an NCHW tensor (DiagonalBiLSTM's chunk of its 8h gates) goes through the tiled copy, not
+    torch's, and comes out exact."""
+    x = torch.randn(3, 10, 4, 5, device=DEVICE)
+    part = x.chunk(2, dim=1)[half]
+    assert not part.is_contiguous()
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("torch's copy was used"))
+    cl = _layout.channels_last(part)
+    monkeypatch.undo()
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, part)
+
+
 def test_other_layouts_go_through_torch():
     x = torch.randn(2, 8, 6, 4, device=DEVICE)[:, ::2]  # neither layout
     assert torch.equal(_layout.channels_last(x), x)

@@ -164,7 +164,9 @@ def _diagonal_lstm_impl(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, 
         return gates.new_zeros(n, g4 // 4, height, width), (
             state.contiguous(memory_format=torch.channels_last) if channels_last else state
         )
-    y, state = _FORWARD[backend](gates.contiguous(), w_ss.contiguous(), reverse)
+    # triton reads gates through its own channels-last copy, which takes a channel slice (DiagonalBiLSTM's chunk of
+    # one 8h conv output) as it is; the other backends read NCHW-contiguous gates
+    y, state = _FORWARD[backend](gates if backend == "triton" else gates.contiguous(), w_ss.contiguous(), reverse)
     return y.contiguous(), state  # the state in its backend's layout (state_shape): the backward reads it as is
 
 
