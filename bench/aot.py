@@ -244,6 +244,7 @@ def _extras() -> list[tuple[str, object]]:
     """Direct op calls at small shapes in every GPU dtype, for what the benchmark cases leave out (bf16/fp16 variants,
     iaf_step, both scan directions, h0/c0): (label, thunk running forward and backward)."""
     import gm.ops as ops  # noqa: PLC0415
+    from gm.kernels._layout import sum_splits  # noqa: PLC0415
     from gm.nn.made import made_masks  # noqa: PLC0415
 
     def grads(out):
@@ -273,6 +274,8 @@ def _extras() -> list[tuple[str, object]]:
             ("diagonal_lstm reverse", lambda: grads(ops.diagonal_lstm(
                 leaf(n, 4 * hid, size, size, dtype=dtype), leaf(4 * hid, hid, 2, dtype=dtype, scale=0.1),
                 reverse=True, backend="triton"))),
+            ("sum_splits", lambda: sum_splits(  # split-K partial sums (the benchmark shapes may take one split)
+                torch.randn(3, 5, 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32), dtype)),
             ("minibatch_discrimination", lambda: grads(ops.minibatch_discrimination(
                 leaf(37, 10, 5, dtype=dtype), backend="triton"))),
             ("masked_linear elu", lambda: grads(ops.masked_linear(
