@@ -85,7 +85,7 @@ def _gate_preacts(
 ):  # fmt: skip
     """z_i, z_f, z_o, z_g (each (BO, BW), ACC) of units o, columns col, row r: gates plus the conv of h_{r-1}.
     tile = o * H*W + col (offsets of the block in a channel-major plane), m2 its mask."""
-    plane = H * W
+    plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
     row = g_ptr + (n * 4 * HID * H + r) * W + tile  # gates[n, o, r, col]
     zi = tl.load(row, mask=m2, other=0.0).to(ACC)
     zf = tl.load(row + HID * plane, mask=m2, other=0.0).to(ACC)
@@ -111,7 +111,7 @@ def _conv_transpose_next(
     one reduction: dgates and wp both keep them contiguous), in chunks of 4*BK channels (the operand tiles of an
     iteration are then about the size of _conv_prev's: one (BO, 4BK) weight tile instead of four (BO, BK))."""
     o_ok = o < HID
-    plane = H * W
+    plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
     row = dg_ptr + (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
     ncb = tl.cdiv(4 * HID, 4 * BK)
     for it in range(0, K * ncb):  # one flat loop over (tap, channel chunk), as in _conv_prev
@@ -142,7 +142,7 @@ def row_lstm_fwd_kernel(
 ):  # fmt: skip
     """Scalar image/row bases in int64; offsets inside an image in IDX (int32 unless an image is too large)."""
     n = tl.program_id(0).to(tl.int64)
-    plane = H * W
+    plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
     for r in range(H):
         row = (n * HID * H + r) * W  # hs/y[n, 0, r, 0]
         crow = (n * 5 * HID * H + r) * W  # cs[n, 0, r, 0]
@@ -187,7 +187,7 @@ def row_lstm_bwd_kernel(
     BO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
-    plane = H * W
+    plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
     state0 = n * HID * W  # an (N, h, W) state's [n, 0, 0]
     for rr in range(H):
         r = H - 1 - rr

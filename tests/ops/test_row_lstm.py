@@ -180,6 +180,18 @@ def test_triton_every_config(i, monkeypatch):
     _compare("triton", torch.float32, (1, 5, 3, 7, 3, True), CPU, monkeypatch)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
+def test_triton_int64_offsets(monkeypatch):
+    """The 64-bit in-image offsets that images past 2**31 / 5h elements take (forced here at a small size): the same
+    results as the reference, h0/c0 included."""
+    import triton.language as tl  # noqa: PLC0415
+
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    monkeypatch.setattr(k, "_index_dtype", lambda *args: tl.int64)
+    _compare("triton", torch.float32, (1, 5, 3, 7, 3, True), CPU, monkeypatch)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("i", range(7), ids=lambda i: f"config{i}")
