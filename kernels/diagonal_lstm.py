@@ -287,6 +287,8 @@ def forward(
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
     n, g4, height, width = gates.shape
     hid = g4 // 4
+    if 5 * hid * height * width >= 2**31:  # in-image offsets are int32 (the saved state has 5h channels)
+        raise ValueError(f"the triton backend takes 5h*H*W < 2**31 per image, got gates of shape {tuple(gates.shape)}")
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
