@@ -221,7 +221,8 @@ _wgrad, _WGRAD_META = tuned(
 )  # fmt: skip
 
 
-_unpack = masked_conv_wgrad_unpack_kernel
+# The block sizes any weight-gradient launch may take (sizing its split buffer).
+_WGRAD_BLOCKS = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
 _UNPACK_BLOCK = (16, 16) if INTERPRETED else (32, 64)  # (C_in, C_out) per program
 
 
@@ -298,8 +299,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     grad = channels_last(grad)
     # The split count follows the launched config's tiles (the autotuner calls grid() for every config it times,
     # the chosen one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
-    configs = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
-    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"]) for c in configs)
+    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"]) for c in _WGRAD_BLOCKS)
     partial = torch.empty(most, t, cin, cout, dtype=acc_torch, device=x.device)
     launched = {}
 
@@ -317,7 +317,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
     bc, bo = _UNPACK_BLOCK
-    _unpack[(kh * kw, triton.cdiv(cin, bc), triton.cdiv(cout, bo))](
+    masked_conv_wgrad_unpack_kernel[(kh * kw, triton.cdiv(cin, bc), triton.cdiv(cout, bo))](
         partial, positions, keep if keep is not None else positions, dw,
         launched["splits"], t, cin, cout, kh * kw,
         HAS_KEEP=keep is not None, BLOCK_C=bc, BLOCK_O=bo, num_warps=4,

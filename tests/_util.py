@@ -66,3 +66,18 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: nan_fill(real_new_empty(self, *a, **k)))
+
+
+def assert_auto_picks_triton(op_module: str, call, monkeypatch) -> None:
+    """Auto sends CUDA tensors of the scan op in `op_module` to triton (measured faster than its cuda kernels),
+    whatever gm._C holds: the cuda forward is replaced by one that fails, and `call(module)` must still run."""
+    import importlib  # noqa: PLC0415
+
+    mod = importlib.import_module(op_module)  # gm.ops.<op> is also the function's name: import the module itself
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked the cuda backend")
+
+    monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
+    monkeypatch.delenv("GM_BACKEND", raising=False)
+    call(mod)

@@ -70,7 +70,8 @@ class PackPlan:
     positions: torch.Tensor  # (kh*kw,) int32: the packed tap at each kernel position, -1 where masked out
     keep: torch.Tensor | None  # (T, C_in, C_out) bool, False at forbidden centre pairs; None when all are kept
     groups: tuple  # strong references to the group tensors, so their addresses in the key stay theirs
-    crop_masks: dict = dataclasses.field(default_factory=dict)  # dtype -> (C_out, C_in, kh//2+1, kw) for the cpu path
+    # cpu path masks: dtype -> the crop mask (C_out, C_in, kh//2+1, kw); ("full", dtype) -> the whole mask
+    crop_masks: dict = dataclasses.field(default_factory=dict)
 
 
 _PLANS: OrderedDict = OrderedDict()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from gm.ops import diagonal_lstm
 from gm.ops.diagonal_lstm import weight_grad
 from gm.reference.diagonal_lstm import diagonal_lstm as reference
 from gm.reference.diagonal_lstm import diagonal_lstm_literal
-from tests._util import assert_rel, fast_backends, poison_empty
+from tests._util import assert_auto_picks_triton, assert_rel, fast_backends, poison_empty
 
 CPU = torch.device("cpu")
 BACKENDS = fast_backends(CPU)
@@ -200,14 +199,10 @@ def test_gpu_triton_every_config(dtype, reverse, index):
 
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton(monkeypatch):
-    """Auto sends CUDA tensors to the triton scans (measured faster than the cuda kernels), whatever gm._C holds."""
-    mod = importlib.import_module("gm.ops.diagonal_lstm")  # gm.ops.diagonal_lstm is also the function's name
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("auto picked the cuda backend")
-
-    monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
-    monkeypatch.delenv("GM_BACKEND", raising=False)
     gates = torch.randn(2, 16, 5, 6, device="cuda")
     w_ss = 0.1 * torch.randn(16, 4, 2, device="cuda")
-    assert mod.diagonal_lstm(gates, w_ss).shape == (2, 4, 5, 6)
+
+    def call(mod):
+        assert mod.diagonal_lstm(gates, w_ss).shape == (2, 4, 5, 6)
+
+    assert_auto_picks_triton("gm.ops.diagonal_lstm", call, monkeypatch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from gm.ops.row_lstm import _row_lstm_op, row_lstm
 from gm.reference.row_lstm import row_lstm as ref_row_lstm
 from gm.reference.row_lstm import row_lstm_backward as ref_row_lstm_backward
-from tests._util import HAS_GPU, assert_rel, fast_backends, poison_empty
+from tests._util import HAS_GPU, assert_auto_picks_triton, assert_rel, fast_backends, poison_empty
 
 CPU = torch.device("cpu")
 BACKENDS_HERE = ["reference", *fast_backends(CPU)]
@@ -205,14 +204,10 @@ def test_gpu_triton_every_config(i, dtype, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton(monkeypatch):
-    """Auto sends CUDA tensors to the triton scans (measured faster than the cuda kernels), whatever gm._C holds."""
-    mod = importlib.import_module("gm.ops.row_lstm")  # gm.ops.row_lstm is also the function's name
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("auto picked the cuda backend")
-
-    monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
-    monkeypatch.delenv("GM_BACKEND", raising=False)
     gates = torch.randn(2, 16, 5, 6, device="cuda")
     w_ss = 0.1 * torch.randn(16, 4, 3, device="cuda")
-    assert mod.row_lstm(gates, w_ss).shape == (2, 4, 5, 6)
+
+    def call(mod):
+        assert mod.row_lstm(gates, w_ss).shape == (2, 4, 5, 6)
+
+    assert_auto_picks_triton("gm.ops.row_lstm", call, monkeypatch)
