@@ -138,13 +138,20 @@ def test_row_lstm_reports_the_shared_memory_limit(emu):
 
 
 # ---------------------------------------------------------------------------------------------------- diagonal_lstm
-DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4)]  # (N, h, H, W)
+# (N, h, H, W): h padded to 16 (h=3, 5), several m16 tiles (40, 70), H = 1 and W = 1, two 32-row chunks (H = 37, 33),
+# more warp items than the 16 warps of a block (h=70, H=37: 20 forward items).
+# The largest case (the items loop) runs in bfloat16 only: it is the slowest to emulate.
+DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4), (2, 9, 33, 2)]
+DIAG_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
+DIAG_PARAMS = [pytest.param(c, r, d, id=f"{d}-{'rev' if r else 'fwd'}-{c}")
+               for c, d in [*itertools.product(DIAG_CASES, DIAG_DTYPES), ((1, 70, 37, 3), torch.bfloat16)]
+               for r in (False, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", DIAG_CASES, ids=str)
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_diagonal_lstm(emu, case, reverse, dtype):
+@pytest.mark.parametrize(("case", "reverse", "dtype"), DIAG_PARAMS)
+def test_diagonal_lstm(gemm, monkeypatch, case, reverse, dtype):
+    """The tensor-core scans (csrc/diagonal_lstm/diagonal_lstm_cuda.cu): y, dgates, dw against the float64 reference."""
+    dtype = _precision(dtype, monkeypatch)
     n, hid, height, width = case
     g = torch.randn(n, 4 * hid, height, width, dtype=torch.float64)
     w = torch.randn(4 * hid, hid, 2, dtype=torch.float64) / (2 * hid) ** 0.5
@@ -157,6 +164,26 @@ def test_diagonal_lstm(emu, case, reverse, dtype):
     _check("y", y, y_ref, dtype)
     _check("dgates", dg, dg_ref, dtype)
     _check("dw", dw, dw_ref, dtype)
+
+
+def test_diagonal_lstm_channel_slice(emu):
+    """DiagonalBiLSTM's chunk of one 8h conv output (a channel slice) and a channels-last grad, read as they are."""
+    both = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    w = torch.randn(8, 2, 2, dtype=torch.float64) / 2
+    (both, w), (both_r, w_r) = _leaves(torch.bfloat16, both, w)
+    dy = torch.randn(2, 2, 3, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y = gm.ops.diagonal_lstm(both[:, 8:], w, backend="cuda")
+    y_ref = diagonal_ref(both_r[:, 8:], w_r)
+    for name, got, want in zip(("y", "dboth", "dw"), (y, *_grads(y, (both, w), dy)),
+                               (y_ref, *_grads(y_ref, (both_r, w_r), dy.double())), strict=True):  # fmt: skip
+        _check(name, got, want, torch.bfloat16)
+
+
+def test_diagonal_lstm_rejects_float64(emu):
+    g = torch.randn(1, 8, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        gm.ops.diagonal_lstm(g, torch.randn(8, 2, 2, dtype=torch.float64), backend="cuda")
+    gm.ops.diagonal_lstm(g.float(), torch.randn(8, 2, 2), backend="cuda")  # float32 runs (the fixture wants a launch)
 
 
 # -------------------------------------------------------------------------------------------------------- minibatch
@@ -366,10 +393,14 @@ def test_masked_conv2d_weight_grad_over_splits(gemm, mask, grouped, monkeypatch)
 # Seeded bugs the emulator must catch, all in one mutant build: {file: [(text, replacement)]}. If a kernel is edited
 # so an anchor no longer occurs exactly once, the build says so: point the anchor at an equivalent line.
 ROW_SCAN = "csrc/row_lstm/row_lstm_cuda.cu"
+DIAG_SCAN = "csrc/diagonal_lstm/diagonal_lstm_cuda.cu"
 MAINLOOP = "csrc/common/mma_sync.cuh"  # cp_async_mainloop: the stage pipeline of every GEMM
 MUTATIONS = {
     # row_lstm backward: the barrier between the dz writes and the dh reads of other threads' dz.
     ROW_SCAN: [("__syncthreads();  // dz complete; dh, dc consumed", "")],
+    # diagonal_lstm backward (tensor cores): the per-step barrier between the warps' da writes and the next step's
+    # B-fragment reads of them.
+    DIAG_SCAN: [("__syncthreads();  // da of step t complete for every warp; the buffer of step t + 1 is free", "")],
     # GEMM main loop: the wait for this thread's cp.async of the stage it computes on.
     MAINLOOP: [("    cp_async_wait<kStages - 2>();  // this thread's copies of iteration `it` have landed\n", "")],
 }
@@ -403,6 +434,18 @@ def test_emulator_catches_a_missing_barrier(mutant, order, monkeypatch):
         mutant.emu_set_order("random", 0)
     wrong = [name for name, got, want in results if not _close(got, want, torch.float64)]
     assert "dgates" in wrong, f"the emulator missed the removed barrier ({order} order): only {wrong} differ"
+
+
+def test_emulator_catches_a_missing_scan_barrier(mutant, monkeypatch):
+    """Without the diagonal backward's per-step barrier (3 warps at h=40), dgates must be wrong."""
+    _activate(mutant, monkeypatch)
+    g = torch.randn(1, 160, 5, 6, dtype=torch.float64)
+    w = torch.randn(160, 40, 2, dtype=torch.float64) / 9
+    (g, w), (gr, wr) = _leaves(torch.bfloat16, g, w)
+    dy = torch.randn(1, 40, 5, 6).to(torch.bfloat16)
+    (dg,) = _grads(gm.ops.diagonal_lstm(g, w, backend="cuda"), (g,), dy)
+    (dg_ref,) = _grads(diagonal_ref(gr, wr), (gr,), dy.double())
+    assert not _close(dg, dg_ref, torch.bfloat16), "the emulator missed the removed scan barrier"
 
 
 def _masked_linear_vs_reference(module, monkeypatch):

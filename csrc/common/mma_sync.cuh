@@ -111,13 +111,16 @@ struct WarpAcc {
   }
 };
 
-template <typename T, Precision P>
-__device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4], std::uint32_t (&bf)[4][2]) {
+// One k-step of MMAs over a kM x kN grid of m16 x n8 tiles, on fragments already in registers (they are rounded or
+// split in place for tf32).
+template <typename T, Precision P, int kM, int kN>
+__device__ __forceinline__ void mma_tiles(float (&acc)[kM][kN][4], std::uint32_t (&af)[kM][4],
+                                          std::uint32_t (&bf)[kN][2]) {
   if constexpr (P == Precision::kTf32x3) {
     // x = big + small with both tf32: big*big + big*small + small*big (small*small is below fp32 rounding).
-    std::uint32_t a_small[4][4], b_small[4][2];
+    std::uint32_t a_small[kM][4], b_small[kN][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kM; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = __uint_as_float(af[i][e]);
@@ -125,7 +128,7 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4]
         a_small[i][e] = to_tf32(__float_as_uint(x - __uint_as_float(af[i][e])));
       }
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kN; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float x = __uint_as_float(bf[j][e]);
@@ -135,32 +138,37 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4]
     // The tensor cores truncate while accumulating: sum this k-step from zero, then add it with a rounded FADD,
     // so the truncation error stays inside 8 products instead of growing with the whole reduction.
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kM; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kN; ++j) {
         float step[4] = {0.f, 0.f, 0.f, 0.f};
         MmaOp<float>::run(step, a_small[i], bf[j]);
         MmaOp<float>::run(step, af[i], b_small[j]);
         MmaOp<float>::run(step, af[i], bf[j]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc.v[i][j][e] += step[e];
+        for (int e = 0; e < 4; ++e) acc[i][j][e] += step[e];
       }
   } else {
     if constexpr (P == Precision::kTf32) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) af[i][e] = to_tf32(af[i][e]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kN; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) bf[j][e] = to_tf32(bf[j][e]);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kM; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) MmaOp<T>::run(acc.v[i][j], af[i], bf[j]);
+      for (int j = 0; j < kN; ++j) MmaOp<T>::run(acc[i][j], af[i], bf[j]);
   }
+}
+
+template <typename T, Precision P>
+__device__ __forceinline__ void mma_step(WarpAcc& acc, std::uint32_t (&af)[4][4], std::uint32_t (&bf)[4][2]) {
+  mma_tiles<T, P, 4, 4>(acc.v, af, bf);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 //
 // gate order i, f, o, g; h, c zero outside the image; j counts columns right to left when `reverse`.
 // Shapes: gates, dgates (N, 4h, H, W); w_ss, dw_ss (4h, h, 2); y, dy (N, h, H, W); c (N, h, H, W) in the
-// state type (float, double for double), all contiguous. The forward saves c; the backward recomputes the
-// gate pre-activations from gates + w_ss (y above, y left) and walks the pixels in reverse.
+// state type (float, double for double), all contiguous, for the CPU kernels: the forward saves c; the backward
+// recomputes the gate pre-activations from gates + w_ss (y above, y left) and walks the pixels in reverse. The CUDA
+// kernels' layouts are below.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -67,14 +68,17 @@ void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* y, const 
                   int64_t hid, int64_t height, int64_t width, bool reverse);
 
 #ifdef GM_WITH_CUDA
-// CUDA entry points (diagonal_lstm_cuda.cu): gates/y/dy/dgates in `dtype` (f32, f64, f16, bf16); c in float
-// (double for f64); w_ss (4h, h, 2) and w_t = w_ss packed as (2, h, 4h) = [tap, in, out], both in `dtype`.
-// One block per batch element.
-void forward_cuda(std::uintptr_t gates, std::uintptr_t w_t, std::uintptr_t y, std::uintptr_t c, int64_t n, int64_t hid,
-                  int64_t height, int64_t width, bool reverse, int dtype, std::uintptr_t stream);
-void backward_cuda(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t w_t, std::uintptr_t w_ss, std::uintptr_t y,
-                   std::uintptr_t c, std::uintptr_t dgates, int64_t n, int64_t hid, int64_t height, int64_t width, bool reverse,
-                   int dtype, std::uintptr_t stream);
+// CUDA entry points (diagonal_lstm_cuda.cu), tensor cores: gates/y/dy/dgates channels-last (N, H, W, C) in `dtype`
+// (f32, f16, bf16); state (N, H, W, 5h) float32 = [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o), tanh(a_g)];
+// a_pack: the forward's [w_up | w_left] (4hp x 2hp, gate rows interleaved per 8 units) or the backward's
+// [w_up^T | w_left^T] (hp x 8hp), in m16 x k-step fragment order (gm/ops/diagonal_lstm.py packs them);
+// precision: common/precision.h (float32 only). One block per batch element.
+void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
+                  int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
+                  std::uintptr_t stream);
+void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
+                   int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
+                   std::uintptr_t stream);
 #endif
 
 }  // namespace diagonal_lstm

@@ -41,14 +41,14 @@ def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.T
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backends: forward -> (y, state), backward (given the forward's state) -> (dgates, dw_ss). The state is what the
-# backend's backward reads besides y: the cell state c (N, h, H, W) contiguous, or for triton (N, 5h, H, W)
+# backend's backward reads besides y: the cell state c (N, h, H, W) contiguous, or for triton and cuda (N, 5h, H, W)
 # channels-last [c and the four gate activations] (state_shape()).
 
 
 def state_shape(gates: torch.Tensor, backend: str) -> tuple[tuple[int, ...], bool]:
     """(shape, channels_last) of the forward's state output on `backend`."""
     n, g4, height, width = gates.shape
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         return (n, 5 * (g4 // 4), height, width), True
     return (n, g4 // 4, height, width), False
 
@@ -115,31 +115,50 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
     return dgates, dw.to(w_ss.dtype)
 
 
+def _cuda_pack(w_ss: torch.Tensor, dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """w_ss as the cuda kernels' A operand in fragment order (csrc/diagonal_lstm/diagonal_lstm_cuda.cu): two launches
+    (a zero appended, one gather) through an index cached per (h, pass, dtype, device)."""
+    from gm.ops._lstm_cuda import pack_index  # noqa: PLC0415
+
+    idx = pack_index(w_ss.shape[1], 2, backward, dtype, w_ss.device)
+    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
+
+
 def _cuda_forward(gates, w_ss, reverse):
     from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
 
+    prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
-    y = torch.empty(n, g4 // 4, height, width, dtype=gates.dtype, device=gates.device)
-    c = torch.empty(n, g4 // 4, height, width, dtype=state_dtype(gates.dtype), device=gates.device)
-    w_t = w_ss.permute(2, 1, 0).contiguous()  # (2, h, 4h): [tap, in, out], coalesced over the output rows
+    hid = g4 // 4
+    y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
+    state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
+    gates_cl = gates.contiguous(memory_format=torch.channels_last)  # no copy when the producer wrote channels-last
+    a_pack = _cuda_pack(w_ss, gates.dtype, False)  # held until the launch is queued
     with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
         ext().diagonal_lstm_forward_cuda(
-            *_ptr_args(gates, w_t, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates), stream_of(gates)
-        )
-    return y, c
+            gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
+            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
+        )  # fmt: skip
+    return y.permute(0, 3, 1, 2), state.permute(0, 3, 1, 2)
 
 
-def _cuda_backward(grad, gates, w_ss, y, c, reverse):
+def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
 
+    prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
-    dgates = torch.empty_like(gates)
-    w_t = w_ss.permute(2, 1, 0).contiguous()
+    hid = g4 // 4
+    dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
+    dy = grad.to(gates.dtype).contiguous(memory_format=torch.channels_last)
+    a_pack = _cuda_pack(w_ss, gates.dtype, True)
     with torch.cuda.device(gates.device):
         ext().diagonal_lstm_backward_cuda(
-            *_ptr_args(grad, gates, w_t, w_ss, y, c, dgates), n, g4 // 4, height, width, reverse, dtype_code(gates),
-            stream_of(gates),
+            dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
+            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
+    dgates = dgates.permute(0, 3, 1, 2)
     return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 
@@ -164,9 +183,10 @@ def _diagonal_lstm_impl(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, 
         return gates.new_zeros(n, g4 // 4, height, width), (
             state.contiguous(memory_format=torch.channels_last) if channels_last else state
         )
-    # triton reads gates through its own channels-last copy, which takes a channel slice (DiagonalBiLSTM's chunk of
-    # one 8h conv output) as it is; the other backends read NCHW-contiguous gates
-    y, state = _FORWARD[backend](gates if backend == "triton" else gates.contiguous(), w_ss.contiguous(), reverse)
+    # triton and cuda read gates through their own channels-last copies, which take a channel slice (DiagonalBiLSTM's
+    # chunk of one 8h conv output) as it is; the other backends read NCHW-contiguous gates
+    y, state = _FORWARD[backend](gates if backend in ("triton", "cuda") else gates.contiguous(), w_ss.contiguous(),
+                                 reverse)  # fmt: skip
     return y.contiguous(), state  # the state in its backend's layout (state_shape): the backward reads it as is
 
 
@@ -188,7 +208,10 @@ def _diagonal_lstm_backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if gates.numel() == 0:
         return torch.zeros_like(gates), torch.zeros_like(w_ss)
-    dgates, dw = _BACKWARD[backend](grad.contiguous(), gates.contiguous(), w_ss.contiguous(), y, c, reverse)
+    # triton and cuda take grad in any layout (they read it through a channels-last copy)
+    grad = grad if backend in ("triton", "cuda") else grad.contiguous()
+    fused = backend in ("triton", "cuda")  # they read only gates' shape and dtype here
+    dgates, dw = _BACKWARD[backend](grad, gates if fused else gates.contiguous(), w_ss.contiguous(), y, c, reverse)
     return dgates.contiguous(), dw.contiguous()
 
 
@@ -250,9 +273,9 @@ def diagonal_lstm(
     """Diagonal LSTM scan of PixelRNN over an image, one direction (fused: one kernel launch per pass).
 
     Args:
-        gates: (N, 4h, H, W) input-to-state result (bias included), gate order i, f, o, g;
-            float16/bfloat16/float32/float64 (the cpu backend: float32/float64). State is float32
-            (float64 for float64).
+        gates: (N, 4h, H, W) input-to-state result (bias included), gate order i, f, o, g, any memory format;
+            float16/bfloat16/float32/float64 (the cpu backend: float32/float64; the cuda backend, on tensor cores:
+            float16/bfloat16/float32). State is float32 (float64 for float64).
         w_ss: (4h, h, 2) state-to-state weights, tap 0 for the pixel above, tap 1 for the pixel to the left
             (to the right when reverse). Same dtype and device as gates.
         reverse: scan right to left (≡ flip the width, scan, flip back).
@@ -268,7 +291,8 @@ def diagonal_lstm(
         torch.Size([2, 16, 8, 8])
     """
     check_diagonal_lstm_args(gates, w_ss, reverse)
-    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the cuda kernels (one block per image on
-    # CUDA cores) on an H200 (bench/results/2026-11-28_nvidia-h200.jsonl); backend="cuda" still runs those.
+    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an
+    # H200 (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed on
+    # a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster.
     chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
     return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

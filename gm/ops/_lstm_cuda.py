@@ -1,0 +1,68 @@
+"""Weight packing for the CUDA LSTM scans' tensor-core kernels (csrc/diagonal_lstm/diagonal_lstm_cuda.cu).
+
+A scan step is one small GEMM whose A operand is the state-to-state weight w_ss (4h, h, taps) in one of two forms:
+    forward:   (4hp, taps*hp)  row 32 q + 8 gate + u = unit 8 q + u of that gate, column tap*hp + input unit;
+               (each 32-row group holds the i, f, o, g rows of 8 units: after the MMAs a thread holds all four gates
+               of its cells)
+    backward:  (hp, taps*4hp)  row = input unit, column tap*4hp + gate*hp + output unit  (the transpose, per tap)
+with h zero-padded to hp, a multiple of 16. The kernels read A straight from global memory in mma.sync fragment order
+([m16 tile][k-step][lane][register elements], 16 bytes per lane), so the launcher gathers w_ss into that order through
+an index built once per (h, taps, pass, dtype, device): a padded zero stands for every padded position.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def padded_hidden(hid: int) -> int:
+    return -(-hid // 16) * 16
+
+
+def _fragment_index(m: int, k: int, k_step: int) -> torch.Tensor:
+    """Flat indices into a row-major (m, k) matrix in mma.sync A-fragment order, [m16 tile][k-step][lane][element]
+    (PTX ISA fragment layouts; g = lane / 4, t = lane % 4):
+        m16n8k16 (16-bit): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..2t+1), a2 = (g, 2t+8..2t+9), a3 = (g+8, 2t+8..2t+9)
+        m16n8k8 (tf32):    a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4)"""
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    if k_step == 16:
+        rows = torch.stack([g, g, g + 8, g + 8, g, g, g + 8, g + 8], 1)
+        cols = torch.stack([2 * t, 2 * t + 1, 2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9, 2 * t + 8, 2 * t + 9], 1)
+    else:
+        rows = torch.stack([g, g + 8, g, g + 8], 1)
+        cols = torch.stack([t, t, t + 4, t + 4], 1)
+    tile = torch.arange(m // 16).view(-1, 1, 1, 1)
+    step = torch.arange(k // k_step).view(1, -1, 1, 1)
+    return ((tile * 16 + rows) * k + step * k_step + cols).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def pack_index(hid: int, taps: int, backward: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Indices into w_ss.reshape(-1) padded with one zero (index 4h*h*taps) giving the packed A operand."""
+    hp = padded_hidden(hid)
+    zero = 4 * hid * hid * taps
+    flat = torch.arange(zero).view(4, hid, hid, taps)  # [gate, out, in, tap]
+    if backward:
+        a = torch.full((4, hp, hp, taps), zero)  # [gate, out, in, tap]
+        a[:, :hid, :hid] = flat
+        a = a.permute(2, 3, 0, 1).reshape(hp, taps * 4 * hp)  # [in][tap, gate, out]
+    else:
+        a = torch.full((4, hp, taps, hp), zero)  # [gate, out, tap, in]
+        a[:, :hid, :, :hid] = flat.permute(0, 1, 3, 2)
+        a = a.view(4, hp // 8, 8, taps * hp).permute(1, 0, 2, 3).reshape(4 * hp, taps * hp)  # [group, gate, u][tap, in]
+    k_step = 32 // torch.empty(0, dtype=dtype).element_size()  # one 32-byte MMA k-step: k16 (16-bit), k8 (tf32)
+    return a.reshape(-1)[_fragment_index(*a.shape, k_step)].to(device)
+
+
+def precision(dtype: torch.dtype, op: str) -> int:
+    """common/precision.h code for the scans' MMAs: native for 16-bit types; float32 on tf32 where torch allows it for
+    convolution-like ops (torch.backends.cudnn.allow_tf32, as the triton backend and cuDNN's LSTM), else 3xTF32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 0
+    if dtype == torch.float32:
+        return 1 if torch.backends.cudnn.allow_tf32 else 2
+    raise ValueError(f"the cuda backend of {op} takes float16/bfloat16/float32 (tensor cores), got {dtype}: use "
+                     f"backend='triton', 'cpu' or 'reference' for it")  # fmt: skip
