@@ -29,25 +29,21 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/cuda_check.h"
-#include "common/mma_sync.cuh"
-#include "common/precision.h"
-#include "common/tensor_args.h"
+#include "common/lstm_scan_tc.cuh"
 #include "diagonal_lstm/diagonal_lstm.h"
 
 namespace gm {
 namespace diagonal_lstm {
 namespace {
 
+using lstm_tc::kItemRows;
+using lstm_tc::kMaxWarps;
+using lstm_tc::step_gemm;
+using lstm_tc::zero_shared;
 using mma::from_float;
 using mma::kStepBytes;
-using mma::mma_tiles;
-using mma::row_fragments_b;
 using mma::smem_addr;
 using mma::to_float;
-
-constexpr int kMaxWarps = 16;
-constexpr int kItemRows = 32;  // image rows per warp item: four n8 tiles
 
 struct Geometry {
   int hid, hp, height, width, chunks;  // chunks: 32-row groups of image rows
@@ -62,54 +58,17 @@ __device__ __forceinline__ T stored(float x) {
   return from_float<T>(x);
 }
 
-// A fragments of (m16 tile, k-step) for this lane: 16 bytes packed by the launcher in register order.
-template <int kM>
-__device__ __forceinline__ void load_a(std::uint32_t (&af)[kM][4], const uint4* __restrict__ a_pack, int mtile0,
-                                       int ksteps, int ks, int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    const uint4 v = __ldg(a_pack + (int64_t(mtile0 + m) * ksteps + ks) * 32 + lane);
-    af[m][0] = v.x;
-    af[m][1] = v.y;
-    af[m][2] = v.z;
-    af[m][3] = v.w;
-  }
-}
-
-// acc[kM][4][4] = A[mtile0 .. +kM) . B, with B's k-steps split in two taps of `tap_steps` each, tap q reading the
-// 32-row tile that starts at buffer row wn0[q] of `buf` (row_bytes a row).
-template <typename T, Precision P, int kM>
-__device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
-                                          std::uint32_t buf, int row_bytes, int wn0_tap0, int wn0_tap1,
-                                          int tap_steps, int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-  const int ksteps = 2 * tap_steps;
-  for (int ks = 0; ks < ksteps; ++ks) {
-    const int tap = ks >= tap_steps;
-    std::uint32_t af[kM][4], bf[4][2];
-    load_a<kM>(af, a_pack, mtile0, ksteps, ks, lane);
-    row_fragments_b(bf, buf, row_bytes, tap ? wn0_tap1 : wn0_tap0, ks - tap * tap_steps, lane);
-    mma_tiles<T, P, kM, 4>(acc, af, bf);
-  }
-}
-
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     diagonal_lstm_fwd_tc(const T* __restrict__ gates, const uint4* __restrict__ a_pack, T* __restrict__ y,
                          float* __restrict__ state, Geometry g) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rows = g.rows(), hp = g.hp, hid = g.hid;
-  const int row_bytes = hp * int(sizeof(T)) + 16;  // 16-byte pad: 8 consecutive rows on distinct banks
+  const int row_bytes = lstm_tc::row_bytes(hp, sizeof(T));
   const int buf_bytes = (rows + 1) * row_bytes;
   float* c_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [image row][hp + 1]
   const int c_stride = hp + 1;
-  for (int e = threadIdx.x; e < 2 * buf_bytes / 4; e += blockDim.x) reinterpret_cast<std::uint32_t*>(smem_raw)[e] = 0u;
-  for (int e = threadIdx.x; e < rows * c_stride; e += blockDim.x) c_buf[e] = 0.f;
+  zero_shared(smem_raw, 2 * buf_bytes + rows * c_stride * 4);
   __syncthreads();
 
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * g.width;
@@ -144,7 +103,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         }
       float acc[2][4][4];
       // Up tap: image row i - 1 sits at buffer row i; left tap: image row i at buffer row i + 1.
-      step_gemm<T, P, 2>(acc, a_pack, 2 * group, rd, row_bytes, row0, row0 + 1, tap_steps, lane);
+      step_gemm<T, P, 2>(acc, a_pack, 2 * group, rd, row_bytes, row0, 1, 2, tap_steps, lane);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -189,8 +148,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int buf_bytes = (rows + 1) * row_bytes;
   float* dc_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [image row][hp + 1]: dc * sigmoid(f)
   const int c_stride = hp + 1;
-  for (int e = threadIdx.x; e < 2 * buf_bytes / 4; e += blockDim.x) reinterpret_cast<std::uint32_t*>(smem_raw)[e] = 0u;
-  for (int e = threadIdx.x; e < rows * c_stride; e += blockDim.x) dc_buf[e] = 0.f;
+  zero_shared(smem_raw, 2 * buf_bytes + rows * c_stride * 4);
   __syncthreads();
 
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * g.width;
@@ -210,7 +168,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const int tile = item % tiles, row0 = (item / tiles) * kItemRows;
       float acc[1][4][4];
       // Tap 0 (w_up^T) reads da of the pixel below: buffer row i + 1; tap 1 (w_left^T) the pixel right: row i.
-      step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, row0 + 1, row0, tap_steps, lane);
+      step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, row0 + 1, -1, 2, tap_steps, lane);
 #pragma unroll
       for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -258,72 +216,32 @@ Geometry make_geometry(int64_t hid, int64_t height, int64_t width, bool reverse)
 
 size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
   const size_t rows = size_t(kItemRows) * g.chunks;
-  const size_t row_bytes = gates_per_row * size_t(g.hp) * elem + 16;
-  return 2 * (rows + 1) * row_bytes + rows * (g.hp + 1) * sizeof(float);
-}
-
-template <typename K>
-void set_smem(K kernel, size_t bytes, const char* pass) {
-  int device = 0, limit = 0;
-  GM_CUDA_CHECK(cudaGetDevice(&device));
-  GM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > static_cast<size_t>(limit))
-    throw std::invalid_argument(std::string("gm diagonal_lstm (cuda): the ") + pass + " scan needs " +
-                                std::to_string(bytes) + " bytes of shared memory, more than this GPU's " +
-                                std::to_string(limit) +
-                                " per block: use the triton backend, or a smaller hidden size or height");
-  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
-int threads_for(int items) { return 32 * (items < kMaxWarps ? items : kMaxWarps); }
-
-template <typename T, Precision P>
-void launch_forward(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
-                    const Geometry& g, cudaStream_t stream) {
-  auto kernel = diagonal_lstm_fwd_tc<T, P>;
-  const size_t smem = smem_bytes(g, 1, sizeof(T));
-  set_smem(kernel, smem, "forward");
-  kernel<<<static_cast<unsigned>(n), threads_for(g.hp / 8 * g.chunks), smem, stream>>>(
-      ptr<const T>(gates), ptr<const uint4>(a_pack), ptr<T>(y), ptr<float>(state), g);
-  GM_CUDA_CHECK_LAUNCH();
-}
-
-template <typename T, Precision P>
-void launch_backward(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
-                     const Geometry& g, cudaStream_t stream) {
-  auto kernel = diagonal_lstm_bwd_tc<T, P>;
-  const size_t smem = smem_bytes(g, 4, sizeof(T));
-  set_smem(kernel, smem, "backward");
-  kernel<<<static_cast<unsigned>(n), threads_for(g.hp / 16 * g.chunks), smem, stream>>>(
-      ptr<const T>(dy), ptr<const uint4>(a_pack), ptr<const float>(state), ptr<T>(dgates), g);
-  GM_CUDA_CHECK_LAUNCH();
-}
-
-// dtype x precision dispatch: float16/bfloat16 run natively, float32 as tf32 or 3xTF32.
-template <template <typename, Precision> class Launch, typename... Args>
-void dispatch(int dtype, int precision, Args... args) {
-  switch (to_dtype(dtype)) {
-    case DType::f16: return Launch<__half, Precision::kNative>::run(args...);
-    case DType::bf16: return Launch<__nv_bfloat16, Precision::kNative>::run(args...);
-    case DType::f32:
-      if (static_cast<Precision>(precision) == Precision::kTf32) return Launch<float, Precision::kTf32>::run(args...);
-      return Launch<float, Precision::kTf32x3>::run(args...);
-    default: throw std::invalid_argument("gm diagonal_lstm (cuda) takes float16, bfloat16 or float32");
-  }
+  return 2 * (rows + 1) * lstm_tc::row_bytes(gates_per_row * g.hp, elem) + rows * (g.hp + 1) * sizeof(float);
 }
 
 template <typename T, Precision P>
 struct Forward {
-  template <typename... Args>
-  static void run(Args... args) {
-    launch_forward<T, P>(args...);
+  static void run(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
+                  Geometry g, cudaStream_t stream) {
+    auto kernel = diagonal_lstm_fwd_tc<T, P>;
+    const size_t smem = smem_bytes(g, 1, sizeof(T));
+    lstm_tc::set_smem(kernel, smem, "diagonal_lstm (cuda): the forward scan");
+    kernel<<<static_cast<unsigned>(n), lstm_tc::threads_for(g.hp / 8 * g.chunks), smem, stream>>>(
+        ptr<const T>(gates), ptr<const uint4>(a_pack), ptr<T>(y), ptr<float>(state), g);
+    GM_CUDA_CHECK_LAUNCH();
   }
 };
+
 template <typename T, Precision P>
 struct Backward {
-  template <typename... Args>
-  static void run(Args... args) {
-    launch_backward<T, P>(args...);
+  static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
+                  Geometry g, cudaStream_t stream) {
+    auto kernel = diagonal_lstm_bwd_tc<T, P>;
+    const size_t smem = smem_bytes(g, 4, sizeof(T));
+    lstm_tc::set_smem(kernel, smem, "diagonal_lstm (cuda): the backward scan");
+    kernel<<<static_cast<unsigned>(n), lstm_tc::threads_for(g.hp / 16 * g.chunks), smem, stream>>>(
+        ptr<const T>(dy), ptr<const uint4>(a_pack), ptr<const float>(state), ptr<T>(dgates), g);
+    GM_CUDA_CHECK_LAUNCH();
   }
 };
 
@@ -332,15 +250,15 @@ struct Backward {
 void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
                   int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
                   std::uintptr_t stream) {
-  dispatch<Forward>(dtype, precision, gates, a_pack, y, state, n, make_geometry(hid, height, width, reverse),
-                    to_stream(stream));
+  lstm_tc::dispatch<Forward>("diagonal_lstm", dtype, precision, gates, a_pack, y, state, n,
+                             make_geometry(hid, height, width, reverse), to_stream(stream));
 }
 
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
                    int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
                    std::uintptr_t stream) {
-  dispatch<Backward>(dtype, precision, dy, a_pack, state, dgates, n, make_geometry(hid, height, width, reverse),
-                     to_stream(stream));
+  lstm_tc::dispatch<Backward>("diagonal_lstm", dtype, precision, dy, a_pack, state, dgates, n,
+                              make_geometry(hid, height, width, reverse), to_stream(stream));
 }
 
 }  // namespace diagonal_lstm
