@@ -8,13 +8,13 @@ the Python launcher, the pybind entry point and the kernel all run; torch.empty 
 kernel forgets to write fails. Results are compared with gm.reference in float64 at tests/_util.REL_TOL (TF32 cases
 at the GPU float32 tolerance).
 
-Every run covers the scalar kernels (row_lstm, diagonal_lstm, minibatch, iaf_step: float64, float32, bfloat16, odd
-shapes, the thread-stride edges), the tensor-core GEMMs at small and medium shapes (masked_linear, iaf_made_output,
-masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the emulator must catch a
-removed __syncthreads in the row_lstm backward, and a removed cp.async wait and a removed barrier in the GEMM
-pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (about 4 minutes more). Skipped only
-where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about 70 s on a 2-core
-machine with a cold cache (most of it compiling), under 30 s warm. tools/cuda_emu/README.md says what this does and
+Every run covers the scalar kernels (minibatch, iaf_step: float64, float32, bfloat16, odd shapes, the thread-stride
+edges), the tensor-core kernels at small and medium shapes (the row_lstm and diagonal_lstm scans, masked_linear,
+iaf_made_output, masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the
+emulator must catch a removed per-step __syncthreads in each LSTM scan's backward, and a removed cp.async wait and a
+removed barrier in the GEMM pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (about
+4 minutes more). Skipped only where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about
+90 s on a 2-core machine with a cold cache (most of it compiling), under 50 s warm. tools/cuda_emu/README.md says what this does and
 does not prove.
 """
 
@@ -94,16 +94,24 @@ def _grads(out, leaves, grad):
 
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# The tensor-core kernels' dtypes: float32 as 3xTF32 and as TF32 (see _precision below).
+TC_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
 
 # --------------------------------------------------------------------------------------------------------- row_lstm
-# (N, h, H, W, k, initial state): W=1/k=1, k=5, h*W > 256 threads (stride loop), 4h > 128 and h*k > 32 (wgrad tiles).
+# The tensor-core scans (csrc/row_lstm/row_lstm_cuda.cu) and the dw GEMM.
+# (N, h, H, W, k, initial state): h padded to 16 (3, 4, 8), several m16 tiles (33, 40), W = 1, k = 1 and 5, two
+# 32-column chunks (W = 37), more warp items than the 16 warps of a block (h=70, W=33: 20 forward items, last case,
+# bfloat16 only: it is the slowest to emulate), 4h > 32 and h*k > 32 (dw tiles).
 ROW_CASES = [
     (2, 4, 5, 7, 3, True),
     (1, 3, 4, 1, 1, False),
     (2, 8, 3, 6, 5, False),
     (1, 33, 3, 17, 3, True),
     (1, 40, 4, 9, 3, False),
+    (1, 9, 3, 37, 3, True),
 ]
+ROW_PARAMS = [pytest.param(c, d, id=f"{d}-{c}")
+              for c, d in [*itertools.product(ROW_CASES, TC_DTYPES), ((1, 70, 2, 33, 3, True), torch.bfloat16)]]
 
 
 def _row_lstm(case, dtype):
@@ -121,18 +129,26 @@ def _row_lstm(case, dtype):
     return [("y", y, y_ref)] + list(zip(("dgates", "dw", "dh0", "dc0")[: len(grads)], grads, grads_ref, strict=True))
 
 
-@pytest.mark.parametrize("case", ROW_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_row_lstm(emu, case, dtype):
+@pytest.mark.parametrize(("case", "dtype"), ROW_PARAMS)
+def test_row_lstm(gemm, monkeypatch, case, dtype):
+    dtype = _precision(dtype, monkeypatch)
     for name, got, want in _row_lstm(case, dtype):
         _check(name, got, want, dtype)
 
 
+def test_row_lstm_rejects_float64(emu):
+    g = torch.randn(1, 8, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        gm.ops.row_lstm(g, torch.randn(8, 2, 3, dtype=torch.float64), backend="cuda")
+    gm.ops.row_lstm(g.float(), torch.randn(8, 2, 3), backend="cuda")  # float32 runs (the fixture wants a launch)
+
+
 def test_row_lstm_reports_the_shared_memory_limit(emu):
-    """float64 backward at h=128, W=32 needs 240 KB of shared memory, more than the 227 KB opt-in: a clear error."""
-    g = torch.randn(1, 4 * 128, 1, 32, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4 * 128, 128, 3, dtype=torch.float64) / 20
-    y = gm.ops.row_lstm(g, w, backend="cuda")  # the forward scan fits
+    """The float32 backward at h=128, W=64 needs 272 KB of shared memory, more than the 227 KB opt-in: a clear
+    error (the forward fits)."""
+    g = torch.randn(1, 4 * 128, 1, 64, requires_grad=True)
+    w = torch.randn(4 * 128, 128, 3) / 20
+    y = gm.ops.row_lstm(g, w, backend="cuda")
     with pytest.raises(ValueError, match="shared memory"):
         y.sum().backward()
 
@@ -142,9 +158,8 @@ def test_row_lstm_reports_the_shared_memory_limit(emu):
 # more warp items than the 16 warps of a block (h=70, H=37: 20 forward items).
 # The largest case (the items loop) runs in bfloat16 only: it is the slowest to emulate.
 DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4), (2, 9, 33, 2)]
-DIAG_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
 DIAG_PARAMS = [pytest.param(c, r, d, id=f"{d}-{'rev' if r else 'fwd'}-{c}")
-               for c, d in [*itertools.product(DIAG_CASES, DIAG_DTYPES), ((1, 70, 37, 3), torch.bfloat16)]
+               for c, d in [*itertools.product(DIAG_CASES, TC_DTYPES), ((1, 70, 37, 3), torch.bfloat16)]
                for r in (False, True)]  # fmt: skip
 
 
@@ -230,7 +245,6 @@ def test_iaf_step(emu, shape, mode, dtype):
 # GM_EMU_GEMM=1 adds the whole matrix at medium and large shapes (about 4 minutes more).
 FULL_GEMM = os.environ.get("GM_EMU_GEMM") == "1"
 _full_only = pytest.mark.skipif(not FULL_GEMM, reason="larger emulated GEMM cases: set GM_EMU_GEMM=1")
-GEMM_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
 
 
 @pytest.fixture
@@ -283,7 +297,7 @@ def _linear_default(si, combo):
     if si == 0:
         return True  # the whole small matrix
     if si == 1:  # one activation per (dtype, mask), rotating
-        return LINEAR_ACTS.index(act) == (GEMM_DTYPES.index(dtype) + LINEAR_MASKS.index(mask)) % 3
+        return LINEAR_ACTS.index(act) == (TC_DTYPES.index(dtype) + LINEAR_MASKS.index(mask)) % 3
     return si == 2 and dtype == torch.bfloat16 and mask == "mixed" and act == "elu"
 
 
@@ -292,7 +306,7 @@ def _linear_default(si, combo):
     # TF32 operand rounding moves pre-activations near 0 across the ReLU kink: the float64 oracle does not apply.
     _gemm_params(
         LINEAR_SHAPES,
-        GEMM_DTYPES,
+        TC_DTYPES,
         LINEAR_MASKS,
         LINEAR_ACTS,
         default=_linear_default,
@@ -313,7 +327,7 @@ MADE_SHAPES = [(5, 7, 3), (33, 48, 16), (77, 130, 70), (70, 100, 130), (300, 256
 
 @pytest.mark.parametrize(
     "dtype, mode, random_mask, shape",
-    _gemm_params(MADE_SHAPES, GEMM_DTYPES, ["gated", "affine"], [False, True], default=lambda si, c: si < 2),
+    _gemm_params(MADE_SHAPES, TC_DTYPES, ["gated", "affine"], [False, True], default=lambda si, c: si < 2),
     ids=str,
 )
 def test_iaf_made_output_gemm(gemm, dtype, mode, random_mask, shape, monkeypatch):
@@ -335,7 +349,7 @@ CONV_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, shape", _gemm_params(CONV_SHAPES, GEMM_DTYPES, default=lambda si, c: si < 3), ids=str)
+@pytest.mark.parametrize("dtype, shape", _gemm_params(CONV_SHAPES, TC_DTYPES, default=lambda si, c: si < 3), ids=str)
 def test_masked_conv2d_gemm(gemm, dtype, shape, monkeypatch):
     from gm.nn import color_groups  # noqa: PLC0415
     from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
@@ -396,8 +410,9 @@ ROW_SCAN = "csrc/row_lstm/row_lstm_cuda.cu"
 DIAG_SCAN = "csrc/diagonal_lstm/diagonal_lstm_cuda.cu"
 MAINLOOP = "csrc/common/mma_sync.cuh"  # cp_async_mainloop: the stage pipeline of every GEMM
 MUTATIONS = {
-    # row_lstm backward: the barrier between the dz writes and the dh reads of other threads' dz.
-    ROW_SCAN: [("__syncthreads();  // dz complete; dh, dc consumed", "")],
+    # row_lstm backward (tensor cores): the per-row barrier between the warps' dz writes and the next row's B-fragment
+    # reads of them.
+    ROW_SCAN: [("__syncthreads();  // dz of row r complete for every warp; the buffer of row r + 1 is free", "")],
     # diagonal_lstm backward (tensor cores): the per-step barrier between the warps' da writes and the next step's
     # B-fragment reads of them.
     DIAG_SCAN: [("__syncthreads();  // da of step t complete for every warp; the buffer of step t + 1 is free", "")],
@@ -422,18 +437,14 @@ def barrier_mutant():
     return _build(mutations=BARRIER_MUTATIONS)
 
 
-@pytest.mark.parametrize("order", ["random", "forward", "reverse"])
-def test_emulator_catches_a_missing_barrier(mutant, order, monkeypatch):
-    """Without the row_lstm backward's barrier the gradients must be wrong whatever order the released threads run
-    in (the unmutated kernel passes test_row_lstm)."""
+def test_emulator_catches_a_missing_barrier(mutant, monkeypatch):
+    """Without the row_lstm backward's per-row barrier (3 warps at h=40) the gradients must be wrong (the unmutated
+    kernel passes test_row_lstm). In the default random order only: the barrier matters when a warp runs a whole row
+    ahead of another, and the forward/reverse orders keep the warps in step at every mma."""
     _activate(mutant, monkeypatch)
-    mutant.emu_set_order(order, 0)
-    try:
-        results = _row_lstm((2, 8, 5, 7, 3, True), torch.float64)
-    finally:
-        mutant.emu_set_order("random", 0)
-    wrong = [name for name, got, want in results if not _close(got, want, torch.float64)]
-    assert "dgates" in wrong, f"the emulator missed the removed barrier ({order} order): only {wrong} differ"
+    results = _row_lstm((2, 40, 5, 7, 3, True), torch.bfloat16)
+    wrong = [name for name, got, want in results if not _close(got, want, torch.bfloat16)]
+    assert "dgates" in wrong, f"the emulator missed the removed barrier: only {wrong} differ"
 
 
 def test_emulator_catches_a_missing_scan_barrier(mutant, monkeypatch):

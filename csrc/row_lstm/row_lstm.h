@@ -73,13 +73,15 @@ void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* h0, const
 #ifdef GM_WITH_CUDA
 namespace gm {
 namespace row_lstm {
-// CUDA backend (row_lstm_cuda.cu). gates, w_ss, h0, c0, dy, y, dgates in the input dtype (dtype code of
-// gm/_ext.py); hs, cs, dw, dh0, dc0 in the state type (float; double for double). y may equal hs.
-void forward_cuda(std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, std::uintptr_t stream);
-void backward_cuda(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t h0, std::uintptr_t c0,
-                   std::uintptr_t hs, std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0,
-                   std::uintptr_t dc0, Shape s, int dtype, std::uintptr_t stream);
+// CUDA backend (row_lstm_cuda.cu), tensor cores: gates, h0, c0, dy, y, dgates in the input dtype (f32, f16, bf16:
+// the dtype code of gm/_ext.py); hs (N, h, H, W), cs (N, 5h, H, W) = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
+// dw, dh0, dc0 in float32; y may equal hs (float32). a_pack: w_ss packed by gm/ops/_lstm_cuda.py (the forward's or
+// the backward's form); precision: common/precision.h.
+void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, int precision, std::uintptr_t stream);
+void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
+                   std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
+                   Shape s, int dtype, int precision, std::uintptr_t stream);
 }  // namespace row_lstm
 }  // namespace gm
 #endif

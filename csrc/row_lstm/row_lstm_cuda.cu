@@ -1,16 +1,25 @@
-// CUDA backend of row_lstm: one launch per pass of the scan, plus a tiled GEMM for dw_ss.
+// CUDA backend of row_lstm: one launch per pass of the scan on tensor cores, plus a tiled GEMM for dw_ss.
 //
-// Scan kernels: one thread block per batch element loops over the rows (state on chip). The state-to-state conv
-// couples neighbouring columns and every output channel reads every input channel of the previous row, so a
-// row is finished by one block before the next starts (__syncthreads only; no grid-wide sync). Threads own
-// (channel j, column w) pairs with w fastest, so a warp reads one weight (broadcast) and consecutive shared-memory
-// words of the previous row. h_{r-1} lives in shared memory, padded with k/2 zero columns each side, in the
-// state type (float; double for double inputs).
-// Forward:  z_q[j, w] = gates[n, q*h + j, r, w] + sum_{i,t} w_ss[q*h + j, i, t] h_{r-1}[i, w + t - k/2]; cell.
-// Backward: rows bottom to top; recompute z from the saved h_{r-1}, cell backward (row_lstm.h) into dz (shared,
-// padded, and dgates), then dh_{r-1}[i, w] = sum_{o,t} w_ss[o, i, t] dz[o, w - t + k/2].
+// Scan kernels: one thread block per batch element loops over the rows (the state-to-state conv couples neighbouring
+// columns and every output channel reads every input channel of the previous row, so a row is finished by one block
+// before the next starts: one __syncthreads per row, no grid-wide sync). Each row is one small GEMM on mma.sync
+// (common/lstm_scan_tc.cuh):
+//   forward:  z (4hp x cols) = A (4hp x k hp) . [h_{r-1} shifted by tap t - k/2, t < k] + gates row r;
+//             A's rows permuted so each 32-row group holds the i, f, o, g rows of 8 units (a thread ends up with all
+//             four gates of its cells); h_{r-1} lives in shared memory as [k/2 + column][unit] with k/2 zero
+//             columns each side (the taps are the same tile at shifted start rows), double-buffered by row parity,
+//             rounded to the input dtype (the dot operand, as the triton backend).
+//   backward: rows bottom to top, pull form: dh_r (hp x cols) = A^T-form (hp x k 4hp) . [dz_{r+1} shifted by
+//             k/2 - t] + dy_r; the gate activations come from cs, where the forward stored them, so nothing is
+//             recomputed; dc passes up a column through a per-cell shared slot. After row 0, dh0 is one more product
+//             over dz_0, dc0 the slots.
+// A is packed by gm/ops/_lstm_cuda.py in fragment order and read from global memory (L1-resident at h <= 64).
+// Layouts (NCHW): gates, dgates (N, 4h, H, W), y, dy (N, h, H, W) in the input dtype; hs (N, h, H, W) float32 (h
+// before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
+// the triton backend's layout. bfloat16/float16 on m16n8k16, float32 on tf32 m16n8k8 when torch allows tf32 for
+// convolutions, else 3xTF32.
 // dw_ss[o, i, t] = sum over pixels of dz[o, p] h_{r-1}[i, w + t - k/2]: a (4h x P) @ (P x h*k) GEMM, tiled in shared
-// memory, pixels split over gridDim.z with atomicAdd into a zeroed state-type buffer.
+// memory, pixels split over gridDim.z with atomicAdd into a zeroed float buffer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,152 +27,209 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/cuda_check.h"
-#include "common/tensor_args.h"
+#include "common/lstm_scan_tc.cuh"
 #include "row_lstm/row_lstm.h"
 
 namespace gm {
 namespace row_lstm {
 namespace {
 
-constexpr int kScanThreads = 512;
+using lstm_tc::kItemRows;
+using lstm_tc::kMaxWarps;
+using lstm_tc::step_gemm;
+using lstm_tc::zero_shared;
+using mma::from_float;
+using mma::kStepBytes;
+using mma::smem_addr;
+using mma::to_float;
+
+struct Geometry {
+  int hid, hp, height, width, k, chunks;  // chunks: 32-column groups
+  __device__ int cols() const { return kItemRows * chunks; }
+  __device__ int pad() const { return k / 2; }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_state(const T* p, int64_t i) {
+  return p != nullptr ? to_float(p[i]) : 0.f;
+}
+
+template <typename T, Precision P>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    row_lstm_fwd_tc(const T* __restrict__ gates, const uint4* __restrict__ a_pack, const T* __restrict__ h0,
+                    const T* __restrict__ c0, T* __restrict__ y, float* __restrict__ hs, float* __restrict__ cs,
+                    Geometry g) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int cols = g.cols(), pad = g.pad(), hp = g.hp, hid = g.hid, W = g.width;
+  const int row_bytes = lstm_tc::row_bytes(hp, sizeof(T)), row_elems = row_bytes / int(sizeof(T));
+  const int buf_bytes = (cols + 2 * pad) * row_bytes;
+  float* c_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [column][hp + 1]
+  const int c_stride = hp + 1;
+  zero_shared(smem_raw, 2 * buf_bytes + cols * c_stride * 4);
+  __syncthreads();
+  const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
+  // h_{-1} = h0 (rounded to the dot dtype) and c_{-1} = c0, or zero.
+  T* s0 = reinterpret_cast<T*>(smem_raw);
+  for (int e = threadIdx.x; e < hid * W; e += blockDim.x) {
+    const int unit = e / W, col = e % W;
+    s0[(pad + col) * row_elems + unit] = from_float<T>(to_state(h0, (n * hid + unit) * W + col));
+    c_buf[col * c_stride + unit] = to_state(c0, (n * hid + unit) * W + col);
+  }
+  __syncthreads();
+
+  const T* gates_n = gates + n * 4 * hid * hw;
+  float* hs_n = hs + n * hid * hw;
+  float* cs_n = cs + n * 5 * hid * hw;
+  T* y_n = y != nullptr ? y + n * hid * hw : nullptr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int groups = hp / 8, items = groups * g.chunks;
+  const int tap_steps = hp * int(sizeof(T)) / kStepBytes;
+  const std::uint32_t s_base = smem_addr(smem_raw);
+  for (int r = 0; r < g.height; ++r) {
+    const std::uint32_t rd = s_base + (r & 1) * buf_bytes;
+    T* wr = reinterpret_cast<T*>(smem_raw + ((r + 1) & 1) * buf_bytes);
+    for (int item = warp; item < items; item += warps) {
+      const int group = item % groups, col0 = (item / groups) * kItemRows;
+      const int unit = group * 8 + gq;
+      const bool real = unit < hid;
+      const int64_t plane = int64_t(r) * W;  // offset of row r inside an (H, W) plane
+      float gv[4][4][2];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + 8 * j + 2 * tq + e;
+          const bool in = real && col < W;
+          const T* at = gates_n + (in ? int64_t(unit) * hw + plane + col : 0);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(at[q * hid * hw]) : 0.f;
+        }
+      float acc[2][4][4];
+      // Tap t reads column col + t - k/2, at buffer row col + t.
+      step_gemm<T, P, 2>(acc, a_pack, 2 * group, rd, row_bytes, col0, 1, g.k, tap_steps, lane);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + 8 * j + 2 * tq + e;
+          float* c_at = c_buf + col * c_stride + unit;
+          float h = 0.f;
+          if (real && col < W) {
+            // m16 tile 0 holds gates i (rows 0-7) and f (rows 8-15) of the group's units, tile 1 gates o and g.
+            const float s_i = sigmoid(acc[0][j][e] + gv[0][j][e]);
+            const float s_f = sigmoid(acc[0][j][2 + e] + gv[1][j][e]);
+            const float s_o = sigmoid(acc[1][j][e] + gv[2][j][e]);
+            const float t_g = tanh_via_exp(acc[1][j][2 + e] + gv[3][j][e]);
+            const float c = s_f * *c_at + s_i * t_g;
+            h = s_o * tanh_via_exp(c);
+            *c_at = c;
+            const int64_t at = int64_t(unit) * hw + plane + col;
+            hs_n[at] = h;
+            if (y_n != nullptr) y_n[at] = from_float<T>(h);
+            float* st = cs_n + at;
+            st[0] = c;
+            st[hid * hw] = s_i;
+            st[2 * hid * hw] = s_f;
+            st[3 * hid * hw] = s_o;
+            st[4 * hid * hw] = t_g;
+          }
+          wr[(pad + col) * row_elems + unit] = from_float<T>(h);
+        }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, Precision P>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    row_lstm_bwd_tc(const T* __restrict__ dy, const uint4* __restrict__ a_pack, const T* __restrict__ c0,
+                    const float* __restrict__ cs, T* __restrict__ dgates, float* __restrict__ dh0,
+                    float* __restrict__ dc0, Geometry g) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int cols = g.cols(), pad = g.pad(), hp = g.hp, hid = g.hid, W = g.width;
+  const int row_bytes = lstm_tc::row_bytes(4 * hp, sizeof(T)), row_elems = row_bytes / int(sizeof(T));
+  const int buf_bytes = (cols + 2 * pad) * row_bytes;
+  float* dc_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [column][hp + 1]: dc * sig(f)
+  const int c_stride = hp + 1;
+  zero_shared(smem_raw, 2 * buf_bytes + cols * c_stride * 4);
+  __syncthreads();
+
+  const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
+  const T* dy_n = dy + n * hid * hw;
+  const float* cs_n = cs + n * 5 * hid * hw;
+  T* dg_n = dgates + n * 4 * hid * hw;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int tiles = hp / 16, items = tiles * g.chunks;
+  const int tap_steps = 4 * hp * int(sizeof(T)) / kStepBytes;
+  const std::uint32_t s_base = smem_addr(smem_raw);
+  // Tap t pulls dz_{r+1} from column col - t + k/2, at buffer row col + 2 (k/2) - t = col + k - 1 - t.
+  for (int r = g.height - 1; r >= 0; --r) {
+    const std::uint32_t rd = s_base + ((r + 1) & 1) * buf_bytes;  // dz of row r + 1
+    T* wr = reinterpret_cast<T*>(smem_raw + (r & 1) * buf_bytes);
+    const int64_t plane = int64_t(r) * W;
+    for (int item = warp; item < items; item += warps) {
+      const int tile = item % tiles, col0 = (item / tiles) * kItemRows;
+      float acc[1][4][4];
+      step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, col0 + g.k - 1, -1, g.k, tap_steps, lane);
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * j + 2 * tq + e;
+            float* dc_at = dc_buf + col * c_stride + unit;
+            float dz[4] = {0.f, 0.f, 0.f, 0.f};
+            if (unit < hid && col < W) {
+              const int64_t at = int64_t(unit) * hw + plane + col;
+              const float* st = cs_n + at;
+              const float c = st[0], s_i = st[hid * hw], s_f = st[2 * hid * hw], s_o = st[3 * hid * hw],
+                          t_g = st[4 * hid * hw];
+              const float c_prev = r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
+              const float dh = acc[0][j][2 * half + e] + to_float(dy_n[at]);
+              const float t_c = tanh_via_exp(c);
+              const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
+              dz[0] = dc * t_g * s_i * (1.f - s_i);
+              dz[1] = dc * c_prev * s_f * (1.f - s_f);
+              dz[2] = dh * t_c * s_o * (1.f - s_o);
+              dz[3] = dc * s_i * (1.f - t_g * t_g);
+              *dc_at = dc * s_f;
+#pragma unroll
+              for (int q = 0; q < 4; ++q) dg_n[at + int64_t(q) * hid * hw] = from_float<T>(dz[q]);
+            }
+            T* row = wr + (pad + col) * row_elems + unit;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(dz[q]);
+          }
+    }
+    __syncthreads();  // dz of row r complete for every warp; the buffer of row r + 1 is free
+  }
+  if (dh0 == nullptr && dc0 == nullptr) return;
+  // dh0 = the transposed conv of dz_0 (buffer 0 after the last row), dc0 = the slots.
+  for (int item = warp; item < items; item += warps) {
+    const int tile = item % tiles, col0 = (item / tiles) * kItemRows;
+    float acc[1][4][4];
+    if (dh0 != nullptr) step_gemm<T, P, 1>(acc, a_pack, tile, s_base, row_bytes, col0 + g.k - 1, -1, g.k, tap_steps, lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * j + 2 * tq + e;
+          if (unit >= hid || col >= W) continue;
+          const int64_t at = (n * hid + unit) * W + col;
+          if (dh0 != nullptr) dh0[at] = acc[0][j][2 * half + e];
+          if (dc0 != nullptr) dc0[at] = dc_buf[col * c_stride + unit];
+        }
+  }
+}
 
 template <typename TA, typename TI>
 __device__ __forceinline__ TA to_acc(TI x) {
   return static_cast<TA>(static_cast<float>(x));
-}
-template <>
-__device__ __forceinline__ double to_acc<double, double>(double x) {
-  return x;
-}
-template <typename TI, typename TA>
-__device__ __forceinline__ TI from_acc(TA x) {
-  return static_cast<TI>(static_cast<float>(x));
-}
-template <>
-__device__ __forceinline__ double from_acc<double, double>(double x) {
-  return x;
-}
-
-// hp (h, W + 2p) in shared memory <- h_{r-1} of batch element n (row r-1 of hs, h0 or zero); pads are zero.
-template <typename TA, typename TI>
-__device__ void load_prev_h(TA* hp, const TA* hs, const TI* h0, int64_t n, int64_t r, const Shape& s) {
-  const int64_t p = s.k / 2, wp = s.width + 2 * p;
-  for (int64_t idx = threadIdx.x; idx < s.hidden * wp; idx += blockDim.x) {
-    const int64_t i = idx / wp, w = idx % wp - p;
-    TA v = TA(0);
-    if (w >= 0 && w < s.width) {
-      if (r > 0)
-        v = hs[((n * s.hidden + i) * s.height + r - 1) * s.width + w];
-      else if (h0 != nullptr)
-        v = to_acc<TA>(h0[(n * s.hidden + i) * s.width + w]);
-    }
-    hp[idx] = v;
-  }
-}
-
-// The four gate pre-activations of pair (j, w) at row r.
-template <typename TA, typename TI>
-__device__ __forceinline__ void preacts(const TI* gates, const TI* w_ss, const TA* hp, int64_t n, int64_t r,
-                                        int64_t j, int64_t w, const Shape& s, TA z[4]) {
-  const int64_t h = s.hidden, wp = s.width + 2 * (s.k / 2);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) z[q] = to_acc<TA>(gates[((n * 4 * h + q * h + j) * s.height + r) * s.width + w]);
-  for (int64_t i = 0; i < h; ++i) {
-    const TA* hrow = hp + i * wp + w;  // hrow[t] = h_{r-1}[i, w + t - p]
-    for (int64_t t = 0; t < s.k; ++t) {
-      const TA a = hrow[t];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) z[q] += to_acc<TA>(w_ss[((q * h + j) * h + i) * s.k + t]) * a;
-    }
-  }
-}
-
-template <typename TA, typename TI>
-__global__ void row_lstm_fwd_kernel(const TI* __restrict__ gates, const TI* __restrict__ w_ss,
-                                    const TI* __restrict__ h0, const TI* __restrict__ c0, TI* __restrict__ y,
-                                    TA* __restrict__ hs, TA* __restrict__ cs, Shape s) {
-  extern __shared__ unsigned char smem_raw[];
-  TA* hp = reinterpret_cast<TA*>(smem_raw);  // (h, W + 2p)
-  const int64_t n = blockIdx.x, h = s.hidden, pairs = h * s.width;
-  for (int64_t r = 0; r < s.height; ++r) {
-    load_prev_h(hp, hs, h0, n, r, s);
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-      const int64_t j = idx / s.width, w = idx % s.width;
-      TA z[4];
-      preacts(gates, w_ss, hp, n, r, j, w, s, z);
-      const int64_t at = ((n * h + j) * s.height + r) * s.width + w;
-      TA c_prev = TA(0);
-      if (r > 0)
-        c_prev = cs[at - s.width];  // written by this thread at row r-1
-      else if (c0 != nullptr)
-        c_prev = to_acc<TA>(c0[(n * h + j) * s.width + w]);
-      TA c, hn;
-      cell_forward(z[0], z[1], z[2], z[3], c_prev, c, hn);
-      cs[at] = c;
-      hs[at] = hn;
-      if (y != nullptr) y[at] = from_acc<TI>(hn);
-    }
-    __syncthreads();  // hs row r complete (and hp free) before the next row loads it
-  }
-}
-
-template <typename TA, typename TI>
-__global__ void row_lstm_bwd_kernel(const TI* __restrict__ dy, const TI* __restrict__ gates,
-                                    const TI* __restrict__ w_ss, const TI* __restrict__ h0,
-                                    const TI* __restrict__ c0, const TA* __restrict__ hs, const TA* __restrict__ cs,
-                                    TI* __restrict__ dgates, TA* __restrict__ dh0, TA* __restrict__ dc0, Shape s) {
-  extern __shared__ unsigned char smem_raw[];
-  const int64_t h = s.hidden, p = s.k / 2, wp = s.width + 2 * p, pairs = h * s.width;
-  TA* hp = reinterpret_cast<TA*>(smem_raw);  // (h, W + 2p): h_{r-1}
-  TA* dz = hp + h * wp;                      // (4h, W + 2p): dz of row r, zero pads
-  TA* dh = dz + 4 * h * wp;                  // (h, W): dL/dh_r carried from row r+1
-  TA* dc = dh + pairs;                       // (h, W): dL/dc_r carried from row r+1
-  const int64_t n = blockIdx.x;
-  for (int64_t idx = threadIdx.x; idx < 4 * h * wp; idx += blockDim.x) dz[idx] = TA(0);
-  for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) dh[idx] = dc[idx] = TA(0);
-  for (int64_t r = s.height - 1; r >= 0; --r) {
-    load_prev_h(hp, hs, h0, n, r, s);
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-      const int64_t j = idx / s.width, w = idx % s.width;
-      TA z[4];
-      preacts(gates, w_ss, hp, n, r, j, w, s, z);
-      const int64_t at = ((n * h + j) * s.height + r) * s.width + w;
-      TA c_prev = TA(0);
-      if (r > 0)
-        c_prev = cs[at - s.width];
-      else if (c0 != nullptr)
-        c_prev = to_acc<TA>(c0[(n * h + j) * s.width + w]);
-      TA g[4];
-      TA dct = dc[idx];
-      cell_backward(z[0], z[1], z[2], z[3], c_prev, cs[at], dh[idx] + to_acc<TA>(dy[at]), dct, g);
-      dc[idx] = dct;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const TI gq = from_acc<TI>(g[q]);
-        dgates[((n * 4 * h + q * h + j) * s.height + r) * s.width + w] = gq;
-        dz[(q * h + j) * wp + p + w] = g[q];
-      }
-    }
-    __syncthreads();  // dz complete; dh, dc consumed
-    for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-      const int64_t i = idx / s.width, w = idx % s.width;
-      TA acc = TA(0);
-      for (int64_t o = 0; o < 4 * h; ++o) {
-        const TA* zrow = dz + o * wp + p + w;  // zrow[-(t - p)] = dz[o, w - t + p]
-        for (int64_t t = 0; t < s.k; ++t) acc += to_acc<TA>(w_ss[(o * h + i) * s.k + t]) * zrow[p - t];
-      }
-      dh[idx] = acc;
-    }
-    __syncthreads();  // dh ready for row r-1; dz and hp free
-  }
-  for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-    const int64_t j = idx / s.width, w = idx % s.width;
-    if (dh0 != nullptr) dh0[(n * h + j) * s.width + w] = dh[idx];
-    if (dc0 != nullptr) dc0[(n * h + j) * s.width + w] = dc[idx];
-  }
 }
 
 constexpr int kTile = 32;  // dw GEMM: 32 x 32 outputs per block, 256 threads x 4 outputs, 32 pixels per step
@@ -212,103 +278,83 @@ __global__ void row_lstm_wgrad_kernel(const TI* __restrict__ dgates, const TA* _
   }
 }
 
-template <typename TA>
-size_t fwd_smem(const Shape& s) {
-  return sizeof(TA) * s.hidden * (s.width + 2 * (s.k / 2));
-}
-template <typename TA>
-size_t bwd_smem(const Shape& s) {
-  const int64_t wp = s.width + 2 * (s.k / 2);
-  return sizeof(TA) * (5 * s.hidden * wp + 2 * s.hidden * s.width);
+// ---------------------------------------------------------------------------------------------------------------
+// Launch.
+
+Geometry make_geometry(const Shape& s) {
+  return Geometry{static_cast<int>(s.hidden), static_cast<int>((s.hidden + 15) / 16 * 16), static_cast<int>(s.height),
+                  static_cast<int>(s.width), static_cast<int>(s.k),
+                  static_cast<int>((s.width + kItemRows - 1) / kItemRows)};
 }
 
-// Opt in to more than 48 KB of dynamic shared memory; a clear error past the device's per-block limit (227 KB on
-// H100/H200: e.g. the float64 backward at h = 128, W = 32 needs 240 KB).
-template <typename K>
-void set_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  int device = 0, limit = 0;
-  GM_CUDA_CHECK(cudaGetDevice(&device));
-  GM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > static_cast<size_t>(limit))
-    throw std::invalid_argument("gm row_lstm (cuda): the scan needs " + std::to_string(bytes) +
-                                " bytes of shared memory, more than this GPU's " + std::to_string(limit) +
-                                " per block: use the triton backend, or a smaller hidden size or width");
-  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
+  const size_t cols = size_t(kItemRows) * g.chunks;
+  return 2 * (cols + 2 * (g.k / 2)) * lstm_tc::row_bytes(gates_per_row * g.hp, elem) +
+         cols * (g.hp + 1) * sizeof(float);
 }
 
-template <typename TA, typename TI>
-void forward_typed(std::uintptr_t g, std::uintptr_t w, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                   std::uintptr_t hs, std::uintptr_t cs, Shape s, cudaStream_t stream) {
-  if (s.n == 0 || s.height == 0 || s.width == 0) return;
-  const size_t smem = fwd_smem<TA>(s);
-  auto kernel = row_lstm_fwd_kernel<TA, TI>;
-  set_smem(kernel, smem);
-  TI* yp = (y == hs) ? nullptr : ptr<TI>(y);
-  kernel<<<static_cast<unsigned>(s.n), kScanThreads, smem, stream>>>(
-      ptr<const TI>(g), ptr<const TI>(w), ptr<const TI>(h0), ptr<const TI>(c0), yp, ptr<TA>(hs), ptr<TA>(cs), s);
-  GM_CUDA_CHECK_LAUNCH();
-}
-
-template <typename TA, typename TI>
-void backward_typed(std::uintptr_t dy, std::uintptr_t g, std::uintptr_t w, std::uintptr_t h0, std::uintptr_t c0,
-                    std::uintptr_t hs, std::uintptr_t cs, std::uintptr_t dg, std::uintptr_t dw, std::uintptr_t dh0,
-                    std::uintptr_t dc0, Shape s, cudaStream_t stream) {
-  const int64_t nq = s.hidden * s.k;
-  if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<TA>(dw), 0, sizeof(TA) * 4 * s.hidden * nq, stream));
-  if (s.n == 0 || s.height == 0 || s.width == 0) {
-    if (dh0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<TA>(dh0), 0, sizeof(TA) * s.n * s.hidden * s.width, stream));
-    if (dc0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<TA>(dc0), 0, sizeof(TA) * s.n * s.hidden * s.width, stream));
-    return;
+template <typename T, Precision P>
+struct Forward {
+  static void run(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, cudaStream_t stream) {
+    if (s.n == 0 || s.height == 0 || s.width == 0) return;
+    const Geometry g = make_geometry(s);
+    auto kernel = row_lstm_fwd_tc<T, P>;
+    const size_t smem = smem_bytes(g, 1, sizeof(T));
+    lstm_tc::set_smem(kernel, smem, "row_lstm (cuda): the forward scan");
+    kernel<<<static_cast<unsigned>(s.n), lstm_tc::threads_for(g.hp / 8 * g.chunks), smem, stream>>>(
+        ptr<const T>(gates), ptr<const uint4>(a_pack), ptr<const T>(h0), ptr<const T>(c0),
+        y == hs ? nullptr : ptr<T>(y), ptr<float>(hs), ptr<float>(cs), g);
+    GM_CUDA_CHECK_LAUNCH();
   }
-  const size_t smem = bwd_smem<TA>(s);
-  auto kernel = row_lstm_bwd_kernel<TA, TI>;
-  set_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(s.n), kScanThreads, smem, stream>>>(
-      ptr<const TI>(dy), ptr<const TI>(g), ptr<const TI>(w), ptr<const TI>(h0), ptr<const TI>(c0), ptr<const TA>(hs),
-      ptr<const TA>(cs), ptr<TI>(dg), ptr<TA>(dh0), ptr<TA>(dc0), s);
-  GM_CUDA_CHECK_LAUNCH();
-  if (dw == 0) return;
-  const int64_t pixels = s.n * s.height * s.width;
-  const int64_t tiles = ((nq + kTile - 1) / kTile) * ((4 * s.hidden + kTile - 1) / kTile);
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((264 + tiles - 1) / tiles, pixels / 256));
-  const int64_t per_split = ((pixels + splits - 1) / splits + kTile - 1) / kTile * kTile;
-  const dim3 grid(static_cast<unsigned>((nq + kTile - 1) / kTile), static_cast<unsigned>((4 * s.hidden + kTile - 1) / kTile),
-                  static_cast<unsigned>((pixels + per_split - 1) / per_split));
-  row_lstm_wgrad_kernel<TA, TI><<<grid, 256, 0, stream>>>(ptr<const TI>(dg), ptr<const TA>(hs), ptr<const TI>(h0),
-                                                          ptr<TA>(dw), s, per_split);
-  GM_CUDA_CHECK_LAUNCH();
-}
+};
+
+template <typename T, Precision P>
+struct Backward {
+  static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
+                  std::uintptr_t cs, std::uintptr_t dg, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
+                  Shape s, cudaStream_t stream) {
+    const int64_t nq = s.hidden * s.k;
+    if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dw), 0, sizeof(float) * 4 * s.hidden * nq, stream));
+    if (s.n == 0 || s.height == 0 || s.width == 0) {
+      if (dh0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dh0), 0, sizeof(float) * s.n * s.hidden * s.width, stream));
+      if (dc0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dc0), 0, sizeof(float) * s.n * s.hidden * s.width, stream));
+      return;
+    }
+    const Geometry g = make_geometry(s);
+    auto kernel = row_lstm_bwd_tc<T, P>;
+    const size_t smem = smem_bytes(g, 4, sizeof(T));
+    lstm_tc::set_smem(kernel, smem, "row_lstm (cuda): the backward scan");
+    kernel<<<static_cast<unsigned>(s.n), lstm_tc::threads_for(g.hp / 16 * g.chunks), smem, stream>>>(
+        ptr<const T>(dy), ptr<const uint4>(a_pack), ptr<const T>(c0), ptr<const float>(cs), ptr<T>(dg),
+        ptr<float>(dh0), ptr<float>(dc0), g);
+    GM_CUDA_CHECK_LAUNCH();
+    if (dw == 0) return;
+    const int64_t pixels = s.n * s.height * s.width;
+    const int64_t tiles = ((nq + kTile - 1) / kTile) * ((4 * s.hidden + kTile - 1) / kTile);
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((264 + tiles - 1) / tiles, pixels / 256));
+    const int64_t per_split = ((pixels + splits - 1) / splits + kTile - 1) / kTile * kTile;
+    const dim3 grid(static_cast<unsigned>((nq + kTile - 1) / kTile),
+                    static_cast<unsigned>((4 * s.hidden + kTile - 1) / kTile),
+                    static_cast<unsigned>((pixels + per_split - 1) / per_split));
+    row_lstm_wgrad_kernel<float, T><<<grid, 256, 0, stream>>>(ptr<const T>(dg), ptr<const float>(hs),
+                                                               ptr<const T>(h0), ptr<float>(dw), s, per_split);
+    GM_CUDA_CHECK_LAUNCH();
+  }
+};
 
 }  // namespace
 
-void forward_cuda(std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, std::uintptr_t stream) {
-  const cudaStream_t st = to_stream(stream);
-  switch (to_dtype(dtype)) {
-    case DType::f32: return forward_typed<float, float>(gates, w_ss, h0, c0, y, hs, cs, s, st);
-    case DType::f64: return forward_typed<double, double>(gates, w_ss, h0, c0, y, hs, cs, s, st);
-    case DType::f16: return forward_typed<float, __half>(gates, w_ss, h0, c0, y, hs, cs, s, st);
-    case DType::bf16: return forward_typed<float, __nv_bfloat16>(gates, w_ss, h0, c0, y, hs, cs, s, st);
-  }
-  throw std::invalid_argument("row_lstm_forward_cuda: unknown dtype");
+void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, int precision, std::uintptr_t stream) {
+  lstm_tc::dispatch<Forward>("row_lstm", dtype, precision, gates, a_pack, h0, c0, y, hs, cs, s, to_stream(stream));
 }
 
-void backward_cuda(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t h0, std::uintptr_t c0,
-                   std::uintptr_t hs, std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0,
-                   std::uintptr_t dc0, Shape s, int dtype, std::uintptr_t stream) {
-  const cudaStream_t st = to_stream(stream);
-  switch (to_dtype(dtype)) {
-    case DType::f32:
-      return backward_typed<float, float>(dy, gates, w_ss, h0, c0, hs, cs, dgates, dw, dh0, dc0, s, st);
-    case DType::f64:
-      return backward_typed<double, double>(dy, gates, w_ss, h0, c0, hs, cs, dgates, dw, dh0, dc0, s, st);
-    case DType::f16:
-      return backward_typed<float, __half>(dy, gates, w_ss, h0, c0, hs, cs, dgates, dw, dh0, dc0, s, st);
-    case DType::bf16:
-      return backward_typed<float, __nv_bfloat16>(dy, gates, w_ss, h0, c0, hs, cs, dgates, dw, dh0, dc0, s, st);
-  }
-  throw std::invalid_argument("row_lstm_backward_cuda: unknown dtype");
+void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
+                   std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
+                   Shape s, int dtype, int precision, std::uintptr_t stream) {
+  lstm_tc::dispatch<Backward>("row_lstm", dtype, precision, dy, a_pack, h0, c0, hs, cs, dgates, dw, dh0, dc0, s,
+                              to_stream(stream));
 }
 
 }  // namespace row_lstm

@@ -6,12 +6,13 @@ For each row r, top to bottom:
     c_r = sigmoid(f) c_{r-1} + sigmoid(i) tanh(g);  h_r = sigmoid(o) tanh(c_r)
 with h_{-1} = h0 (or 0), c_{-1} = c0 (or 0), both (N, h, W). Returns h (N, h, H, W).
 
-The forward saves the h and c of every row in the state dtype (float32; float64 for float64 inputs): (N, h, H, W)
-each, i.e. 2/4 of the gates' size. The backward recomputes the gate pre-activations of each row from h_{r-1}
-(one extra (4h x hk) @ (hk x W) product per row, the same as the forward's) instead of storing the 4h gate
-activations (4x the memory of h, and as much extra traffic written and read back). For float32/float64
-inputs the saved h is the output itself; for bfloat16/float16 a float32 copy is kept, so the backward sees
-the exact state the forward used rather than its rounded output.
+The forward saves the h of every row in the state dtype (float32; float64 for float64 inputs), (N, h, H, W); for
+float32/float64 inputs that is the output itself, for bfloat16/float16 a float32 copy, so the backward sees the exact
+state the forward used rather than its rounded output. What else it saves depends on the backend: the cpu backend
+keeps c (N, h, H, W) and its backward recomputes each row's gate pre-activations from h_{r-1} (one extra
+(4h x hk) @ (hk x W) product per row); the triton and cuda backends keep cs (N, 5h, H, W) = [c and the four gate
+activations], so their backwards recompute nothing (half the per-row dots and weight stream, for 4h more values per
+pixel of memory).
 """
 
 from __future__ import annotations
@@ -106,31 +107,46 @@ def _triton_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     return k.backward(dy, gates, w_ss, h0, c0, hs, cs, need_w)
 
 
+def _cuda_pack(w_ss: torch.Tensor, dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """w_ss as the cuda kernels' A operand in fragment order (gm.ops._lstm_cuda): a zero appended, one gather."""
+    from gm.ops._lstm_cuda import pack_index  # noqa: PLC0415
+
+    idx = pack_index(w_ss.shape[1], w_ss.shape[2], backward, dtype, w_ss.device)
+    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
+
+
 def _cuda_forward(gates, w_ss, h0, c0):
+    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+
+    prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
-    sdt = _state_dtype(gates.dtype)
-    hs = torch.empty(n, four_h // 4, height, width, dtype=sdt, device=gates.device)
-    cs = torch.empty_like(hs)
-    y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != sdt else hs
+    hs = torch.empty(n, four_h // 4, height, width, dtype=torch.float32, device=gates.device)
+    cs = torch.empty(n, 5 * (four_h // 4), height, width, dtype=torch.float32, device=gates.device)
+    y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != torch.float32 else hs
+    a_pack = _cuda_pack(w_ss, gates.dtype, False)  # held until the launch is queued
     with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
         _cpu_call("row_lstm_forward_cuda")(
-            gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
-            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+            gates.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
+            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
     return y, hs, cs
 
 
 def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+
+    prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
     dgates = torch.empty_like(gates)
-    dw = torch.empty(w_ss.shape, dtype=hs.dtype, device=gates.device) if need_w else None
-    dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
-    dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
+    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device) if need_w else None
+    dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
+    dc0 = torch.empty_like(c0, dtype=torch.float32) if c0 is not None else None
+    a_pack = _cuda_pack(w_ss, gates.dtype, True)
     with torch.cuda.device(gates.device):
         _cpu_call("row_lstm_backward_cuda")(
-            dy.data_ptr(), gates.data_ptr(), w_ss.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
+            dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
             dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
-            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), stream_of(gates),
+            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
     return dgates, dw, dh0, dc0
 
@@ -172,8 +188,8 @@ def _(gates, w_ss, h0, c0, backend):
     if backend == "reference":
         return y, y.new_empty(0), y.new_empty(0)
     hs = y.new_empty(n, four_h // 4, height, width, dtype=sdt) if sdt != gates.dtype else y.new_empty(0, dtype=sdt)
-    # triton's cs also holds the four gate activations per pixel for its backward (gm.kernels.row_lstm)
-    c_channels = 5 * (four_h // 4) if backend == "triton" else four_h // 4
+    # triton's and cuda's cs also hold the four gate activations per pixel for their backwards
+    c_channels = 5 * (four_h // 4) if backend in ("triton", "cuda") else four_h // 4
     return y, hs, y.new_empty(n, c_channels, height, width, dtype=sdt)
 
 
@@ -279,7 +295,8 @@ def row_lstm(
 
     Args:
         gates: (N, 4h, H, W) input-to-state pre-activations (bias included), gate blocks i, f, o, g.
-            float16/bfloat16/float32/float64; the state and accumulation are float32 (float64 for float64).
+            float16/bfloat16/float32/float64 (the cuda backend, on tensor cores: float16/bfloat16/float32); the
+            state and accumulation are float32 (float64 for float64).
         w_ss: (4h, h, k) state-to-state kernel along the width, k odd; same dtype and device as gates.
         h0, c0: optional (N, h, W) initial hidden and cell state (zero when None).
         backend: None (auto: "triton" for CUDA tensors, "cpu" for CPU ones), "reference", "cpu", "triton" or
@@ -294,8 +311,9 @@ def row_lstm(
         torch.Size([2, 8, 5, 6])
     """
     check_row_lstm_args(gates, w_ss, h0, c0)
-    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the cuda kernels (one block per image on
-    # CUDA cores) on an H200 (bench/results/2026-11-28_nvidia-h200.jsonl); backend="cuda" still runs those.
+    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an
+    # H200 (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed on
+    # a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster.
     chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None

@@ -165,7 +165,8 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b
 @pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize(("n", "hid", "h", "w"), [(3, 32, 16, 16), (2, 64, 11, 13), (2, 5, 7, 3), (2, 100, 9, 5)])
+@pytest.mark.parametrize(("n", "hid", "h", "w"), [(3, 32, 16, 16), (2, 64, 11, 13), (2, 5, 7, 3), (2, 100, 9, 5),
+                                                  (1, 40, 37, 5)])
 def test_gpu_matches_reference(backend, dtype, reverse, n, hid, h, w, monkeypatch):
     cuda = torch.device("cuda")
     gates, w_ss, dy = _inputs(n, hid, h, w, dtype, device=cuda, scale=1.0 / hid**0.5)

@@ -143,8 +143,9 @@ def test_bad_input():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize(
     "case",
-    [(2, 32, 16, 16, 3, False), (3, 8, 5, 7, 5, True), (1, 64, 9, 32, 3, True), (2, 3, 4, 1, 1, False)],
-    ids=["N2-h32-16x16", "N3-h8-5x7-k5-init", "N1-h64-9x32-init", "N2-h3-4x1-k1"],
+    [(2, 32, 16, 16, 3, False), (3, 8, 5, 7, 5, True), (1, 64, 9, 32, 3, True), (2, 3, 4, 1, 1, False),
+     (1, 40, 3, 45, 3, True)],
+    ids=["N2-h32-16x16", "N3-h8-5x7-k5-init", "N1-h64-9x32-init", "N2-h3-4x1-k1", "N1-h40-3x45-init"],
 )
 def test_gpu_matches_reference(backend, dtype, case, monkeypatch):
     assert HAS_GPU
