@@ -14,8 +14,8 @@ iaf_made_output, masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activat
 emulator must catch a removed per-step __syncthreads in each LSTM scan's backward, and a removed cp.async wait and a
 removed barrier in the GEMM pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (about
 4 minutes more). Skipped only where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about
-90 s on a 2-core machine with a cold cache (most of it compiling), under 50 s warm. tools/cuda_emu/README.md says what this does and
-does not prove.
+90 s on a 2-core machine with a cold cache (most of it compiling), under 50 s warm. tools/cuda_emu/README.md says what
+this does and does not prove.
 """
 
 from __future__ import annotations
