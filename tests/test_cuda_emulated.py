@@ -100,8 +100,7 @@ TC_DTYPES = [torch.bfloat16, torch.float16, "3xtf32", "tf32"]
 # --------------------------------------------------------------------------------------------------------- row_lstm
 # The tensor-core scans (csrc/row_lstm/row_lstm_cuda.cu) and the dw GEMM.
 # (N, h, H, W, k, initial state): h padded to 16 (3, 4, 8), several m16 tiles (33, 40), W = 1, k = 1 and 5, two
-# 32-column chunks (W = 37), more warp items than the 16 warps of a block (h=70, W=33: 20 forward items, last case,
-# bfloat16 only: it is the slowest to emulate), 4h > 32 and h*k > 32 (dw tiles).
+# 32-column chunks (W = 37), 4h > 64 and h*k > 64 (several dw tiles).
 ROW_CASES = [
     (2, 4, 5, 7, 3, True),
     (1, 3, 4, 1, 1, False),
@@ -110,8 +109,10 @@ ROW_CASES = [
     (1, 40, 4, 9, 3, False),
     (1, 9, 3, 37, 3, True),
 ]
+# Beyond the matrix, in bfloat16: 20 warp items on 16 warps; 640 pixels (the weight gradient's two pixel splits).
 ROW_PARAMS = [pytest.param(c, d, id=f"{d}-{c}")
-              for c, d in [*itertools.product(ROW_CASES, TC_DTYPES), ((1, 70, 2, 33, 3, True), torch.bfloat16)]]
+              for c, d in [*itertools.product(ROW_CASES, TC_DTYPES), ((1, 70, 2, 33, 3, True), torch.bfloat16),
+                           ((2, 8, 16, 20, 3, True), torch.bfloat16)]]  # fmt: skip
 
 
 def _row_lstm(case, dtype):
@@ -156,10 +157,11 @@ def test_row_lstm_reports_the_shared_memory_limit(emu):
 # ---------------------------------------------------------------------------------------------------- diagonal_lstm
 # (N, h, H, W): h padded to 16 (h=3, 5), several m16 tiles (40, 70), H = 1 and W = 1, two 32-row chunks (H = 37, 33),
 # more warp items than the 16 warps of a block (h=70, H=37: 20 forward items).
-# The largest case (the items loop) runs in bfloat16 only: it is the slowest to emulate.
+# Beyond the matrix, in bfloat16 (the slowest to emulate): the items loop; 640 pixels (two weight-gradient splits).
 DIAG_CASES = [(2, 4, 5, 7), (1, 3, 4, 1), (2, 5, 1, 6), (1, 40, 3, 4), (1, 70, 9, 4), (2, 9, 33, 2)]
 DIAG_PARAMS = [pytest.param(c, r, d, id=f"{d}-{'rev' if r else 'fwd'}-{c}")
-               for c, d in [*itertools.product(DIAG_CASES, TC_DTYPES), ((1, 70, 37, 3), torch.bfloat16)]
+               for c, d in [*itertools.product(DIAG_CASES, TC_DTYPES), ((1, 70, 37, 3), torch.bfloat16),
+                            ((2, 8, 16, 20), torch.bfloat16)]
                for r in (False, True)]  # fmt: skip
 
 

@@ -96,5 +96,126 @@ void dispatch(const char* op, int dtype, int precision, Args... args) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Weight gradient of a scan's state-to-state convolution on tensor cores:
+//   dw[o, i, t] = sum over pixels p = (n, r, w) of dz[n, o, r, w] * src[n, i, r + dr(t), w + dc(t)]
+// with src zero outside the image, except that row -1 reads init[n, i, w + dc(t)] when init is given (row_lstm's h0).
+// Taps: row_lstm (kind 0): dr = -1, dc = t - k/2 for t < k; diagonal_lstm (kind 1): t = 0 the pixel above (-1, 0),
+// t = 1 the left one in scan order (0, -1), or (0, +1) when reversed. dz, src, init NCHW; dw (4h, h, taps) float32,
+// zeroed here and accumulated with atomics over pixel splits (blockIdx.z). A block computes a 64 (o) x 64 (i, t) tile
+// over chunks of 32 pixels, gathered (with the tap shifts and the conversion to T) into shared memory by plain loads;
+// 4 warps of 32 x 32.
+
+struct WgradArgs {
+  int64_t n;
+  int hid, height, width, taps, kind, dir;  // dir: k/2 for kind 0; +1 / -1 (reverse / not) for kind 1
+  int64_t per_split;
+};
+
+__device__ __forceinline__ void wgrad_tap(const WgradArgs& a, int t, int& dr, int& dc) {
+  if (a.kind == 0) {
+    dr = -1;
+    dc = t - a.dir;
+  } else {
+    dr = t == 0 ? -1 : 0;
+    dc = t == 0 ? 0 : a.dir;
+  }
+}
+
+template <typename T>
+constexpr size_t wgrad_smem_bytes() {
+  return 2 * 64 * (32 * sizeof(T) + 16);
+}
+
+template <typename T, typename S, Precision P>
+__global__ void __launch_bounds__(128)
+    lstm_wgrad_tc(const T* __restrict__ dz, const S* __restrict__ src, const T* __restrict__ init,
+                  float* __restrict__ dw, WgradArgs a) {
+  constexpr int kBM = 64, kBQ = 64, kBP = 32;
+  constexpr int kRow = kBP * int(sizeof(T)) + 16;  // bytes per shared row (pixels contiguous)
+  extern __shared__ __align__(16) unsigned char wgrad_smem[];  // wgrad_smem_bytes<T>(): the dz and src tiles
+  unsigned char* a_s = wgrad_smem;
+  unsigned char* b_s = wgrad_smem + kBM * kRow;
+  const int64_t hw = int64_t(a.height) * a.width, total = a.n * hw;
+  const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
+  const int o0 = blockIdx.y * kBM, q0 = blockIdx.x * kBQ;
+  const int64_t start = int64_t(blockIdx.z) * a.per_split;
+  const int64_t end = start + a.per_split < total ? start + a.per_split : total;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 1, wq = warp >> 1;
+  const std::uint32_t a_addr = mma::smem_addr(a_s), b_addr = mma::smem_addr(b_s);
+  float acc[2][4][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+  for (int64_t p0 = start; p0 < end; p0 += kBP) {
+    for (int e = threadIdx.x; e < kBM * kBP; e += blockDim.x) {
+      const int row = e / kBP, c = e % kBP;
+      const int64_t p = p0 + c;
+      float va = 0.f, vb = 0.f;
+      if (p < end) {
+        const int64_t n = p / hw, pix = p % hw;
+        const int o = o0 + row, q = q0 + row;
+        if (o < m_rows) va = mma::to_float(dz[(n * m_rows + o) * hw + pix]);
+        if (q < q_cols) {
+          const int i = q / a.taps;
+          int dr, dc;
+          wgrad_tap(a, q % a.taps, dr, dc);
+          const int r = int(pix / a.width) + dr, w = int(pix % a.width) + dc;
+          if (w >= 0 && w < a.width && r < a.height) {
+            if (r >= 0)
+              vb = float(src[((n * a.hid + i) * a.height + r) * a.width + w]);
+            else if (init != nullptr)
+              vb = mma::to_float(init[(n * a.hid + i) * a.width + w]);
+          }
+        }
+      }
+      *reinterpret_cast<T*>(a_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(va);
+      *reinterpret_cast<T*>(b_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(vb);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kBP * int(sizeof(T)) / mma::kStepBytes; ++ks) {
+      std::uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        mma::ldmatrix_x4(af[m], a_addr + (wm * 32 + 16 * m + (lane & 15)) * kRow + ks * mma::kStepBytes +
+                                    (lane >> 4) * 16);
+      mma::row_fragments_b(bf, b_addr, kRow, wq * 32, ks, lane);
+      mma::mma_tiles<T, P, 2, 4>(acc, af, bf);
+    }
+    __syncthreads();  // the tiles are consumed before the next chunk overwrites them
+  }
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int o = o0 + wm * 32 + 16 * m + gq + 8 * (e / 2), q = q0 + wq * 32 + 8 * j + 2 * tq + (e % 2);
+        if (o < m_rows && q < q_cols) atomicAdd(dw + int64_t(o) * q_cols + q, acc[m][j][e]);
+      }
+}
+
+// Launch: dw zeroed, pixel splits sized to fill ~2 blocks per SM (132 SMs assumed for the split count only).
+template <typename T, typename S, Precision P>
+void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream) {
+  const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
+  GM_CUDA_CHECK(cudaMemsetAsync(dw, 0, sizeof(float) * m_rows * q_cols, stream));
+  const int64_t pixels = a.n * a.height * a.width;
+  if (pixels == 0) return;
+  const int64_t tiles = int64_t((q_cols + 63) / 64) * ((m_rows + 63) / 64);
+  int64_t splits = (264 + tiles - 1) / tiles;
+  if (splits > pixels / 256) splits = pixels / 256 > 0 ? pixels / 256 : 1;
+  a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
+  const dim3 grid(static_cast<unsigned>((q_cols + 63) / 64), static_cast<unsigned>((m_rows + 63) / 64),
+                  static_cast<unsigned>((pixels + a.per_split - 1) / a.per_split));
+  lstm_wgrad_tc<T, S, P><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
+  GM_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace lstm_tc
 }  // namespace gm

@@ -79,6 +79,10 @@ void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y,
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
                    int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
                    std::uintptr_t stream);
+// dw_ss (4h, h, 2) float32 = sum over pixels of dgates (x) (y above, y left in scan order); dgates and y NCHW in
+// `dtype`, on tensor cores (common/lstm_scan_tc.cuh).
+void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
+                      int64_t height, int64_t width, bool reverse, int dtype, int precision, std::uintptr_t stream);
 #endif
 
 }  // namespace diagonal_lstm

@@ -53,5 +53,6 @@ GM_REGISTER_BINDINGS(m) {
 #ifdef GM_WITH_CUDA
   m.def("diagonal_lstm_forward_cuda", &dl::forward_cuda, "diagonal LSTM scan forward (CUDA)");
   m.def("diagonal_lstm_backward_cuda", &dl::backward_cuda, "diagonal LSTM scan backward (CUDA)");
+  m.def("diagonal_lstm_weight_grad_cuda", &dl::weight_grad_cuda, "diagonal LSTM state-to-state weight gradient (CUDA)");
 #endif
 }

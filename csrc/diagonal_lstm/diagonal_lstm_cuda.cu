@@ -233,6 +233,15 @@ struct Forward {
 };
 
 template <typename T, Precision P>
+struct WeightGrad {
+  static void run(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, Geometry g,
+                  cudaStream_t stream) {
+    const lstm_tc::WgradArgs wa{n, g.hid, g.height, g.width, 2, 1, g.reverse ? 1 : -1, 0};
+    lstm_tc::launch_wgrad<T, T, P>(ptr<const T>(dgates), ptr<const T>(y), nullptr, ptr<float>(dw), wa, stream);
+  }
+};
+
+template <typename T, Precision P>
 struct Backward {
   static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
                   Geometry g, cudaStream_t stream) {
@@ -259,6 +268,12 @@ void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t stat
                    std::uintptr_t stream) {
   lstm_tc::dispatch<Backward>("diagonal_lstm", dtype, precision, dy, a_pack, state, dgates, n,
                               make_geometry(hid, height, width, reverse), to_stream(stream));
+}
+
+void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
+                      int64_t height, int64_t width, bool reverse, int dtype, int precision, std::uintptr_t stream) {
+  lstm_tc::dispatch<WeightGrad>("diagonal_lstm", dtype, precision, dgates, y, dw, n,
+                                make_geometry(hid, height, width, reverse), to_stream(stream));
 }
 
 }  // namespace diagonal_lstm

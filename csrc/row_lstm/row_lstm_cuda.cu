@@ -18,8 +18,9 @@
 // before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
 // the triton backend's layout. bfloat16/float16 on m16n8k16, float32 on tf32 m16n8k8 when torch allows tf32 for
 // convolutions, else 3xTF32.
-// dw_ss[o, i, t] = sum over pixels of dz[o, p] h_{r-1}[i, w + t - k/2]: a (4h x P) @ (P x h*k) GEMM, tiled in shared
-// memory, pixels split over gridDim.z with atomicAdd into a zeroed float buffer.
+// dw_ss[o, i, t] = sum over pixels of dz[o, p] h_{r-1}[i, w + t - k/2]: a (4h x P) @ (P x h*k) GEMM on tensor cores
+// (lstm_tc::lstm_wgrad_tc: h_{r-1} gathered with the tap shifts from hs and h0, pixels split over gridDim.z with
+// atomicAdd into a zeroed float buffer).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -227,57 +228,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 }
 
-template <typename TA, typename TI>
-__device__ __forceinline__ TA to_acc(TI x) {
-  return static_cast<TA>(static_cast<float>(x));
-}
-
-constexpr int kTile = 32;  // dw GEMM: 32 x 32 outputs per block, 256 threads x 4 outputs, 32 pixels per step
-
-template <typename TA, typename TI>
-__global__ void row_lstm_wgrad_kernel(const TI* __restrict__ dgates, const TA* __restrict__ hs,
-                                      const TI* __restrict__ h0, TA* __restrict__ dw, Shape s,
-                                      int64_t pixels_per_split) {
-  __shared__ TA a_tile[kTile][kTile + 1];  // [o][pixel]
-  __shared__ TA b_tile[kTile][kTile + 1];  // [q = i*k + t][pixel]
-  const int64_t h = s.hidden, hw = s.height * s.width, total = s.n * hw, nq = h * s.k, p = s.k / 2;
-  const int64_t o0 = int64_t(blockIdx.y) * kTile, q0 = int64_t(blockIdx.x) * kTile;
-  const int64_t start = int64_t(blockIdx.z) * pixels_per_split;
-  const int64_t end = min(total, start + pixels_per_split);
-  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;  // ty in [0, 8): rows ty, ty+8, ty+16, ty+24
-  TA acc[4] = {TA(0), TA(0), TA(0), TA(0)};
-  for (int64_t p0 = start; p0 < end; p0 += kTile) {
-    for (int rr = ty; rr < kTile; rr += 8) {
-      const int64_t px = p0 + tx;
-      const bool ok = px < end;
-      const int64_t n = ok ? px / hw : 0, r = ok ? (px / s.width) % s.height : 0, w = ok ? px % s.width : 0;
-      const int64_t o = o0 + rr;
-      a_tile[rr][tx] = (ok && o < 4 * h) ? to_acc<TA>(dgates[(n * 4 * h + o) * hw + r * s.width + w]) : TA(0);
-      const int64_t q = q0 + rr, i = q / s.k, src = w + q % s.k - p;
-      TA v = TA(0);
-      if (ok && q < nq && src >= 0 && src < s.width) {
-        if (r > 0)
-          v = hs[((n * h + i) * s.height + r - 1) * s.width + src];
-        else if (h0 != nullptr)
-          v = to_acc<TA>(h0[(n * h + i) * s.width + src]);
-      }
-      b_tile[rr][tx] = v;
-    }
-    __syncthreads();
-    for (int kk = 0; kk < kTile; ++kk) {
-      const TA b = b_tile[tx][kk];
-#pragma unroll
-      for (int m = 0; m < 4; ++m) acc[m] += a_tile[ty + 8 * m][kk] * b;
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const int64_t o = o0 + ty + 8 * m, q = q0 + tx;
-    if (o < 4 * h && q < nq) atomicAdd(dw + o * nq + q, acc[m]);  // dw[o, i, t] at o*h*k + i*k + t = o*nq + q
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Launch.
 
@@ -314,11 +264,11 @@ struct Backward {
   static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                   std::uintptr_t cs, std::uintptr_t dg, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
                   Shape s, cudaStream_t stream) {
-    const int64_t nq = s.hidden * s.k;
-    if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dw), 0, sizeof(float) * 4 * s.hidden * nq, stream));
     if (s.n == 0 || s.height == 0 || s.width == 0) {
-      if (dh0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dh0), 0, sizeof(float) * s.n * s.hidden * s.width, stream));
-      if (dc0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dc0), 0, sizeof(float) * s.n * s.hidden * s.width, stream));
+      const size_t states = sizeof(float) * s.n * s.hidden * s.width;
+      if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dw), 0, sizeof(float) * 4 * s.hidden * s.hidden * s.k, stream));
+      if (dh0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dh0), 0, states, stream));
+      if (dc0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dc0), 0, states, stream));
       return;
     }
     const Geometry g = make_geometry(s);
@@ -330,16 +280,9 @@ struct Backward {
         ptr<float>(dh0), ptr<float>(dc0), g);
     GM_CUDA_CHECK_LAUNCH();
     if (dw == 0) return;
-    const int64_t pixels = s.n * s.height * s.width;
-    const int64_t tiles = ((nq + kTile - 1) / kTile) * ((4 * s.hidden + kTile - 1) / kTile);
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((264 + tiles - 1) / tiles, pixels / 256));
-    const int64_t per_split = ((pixels + splits - 1) / splits + kTile - 1) / kTile * kTile;
-    const dim3 grid(static_cast<unsigned>((nq + kTile - 1) / kTile),
-                    static_cast<unsigned>((4 * s.hidden + kTile - 1) / kTile),
-                    static_cast<unsigned>((pixels + per_split - 1) / per_split));
-    row_lstm_wgrad_kernel<float, T><<<grid, 256, 0, stream>>>(ptr<const T>(dg), ptr<const float>(hs),
-                                                               ptr<const T>(h0), ptr<float>(dw), s, per_split);
-    GM_CUDA_CHECK_LAUNCH();
+    const lstm_tc::WgradArgs wa{s.n, g.hid, g.height, g.width, g.k, 0, g.k / 2, 0};
+    lstm_tc::launch_wgrad<T, float, P>(ptr<const T>(dg), ptr<const float>(hs), ptr<const T>(h0), ptr<float>(dw), wa,
+                                       stream);
   }
 };
 

@@ -158,8 +158,15 @@ def _cuda_backward(grad, gates, w_ss, y, state, reverse):
             dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
-    dgates = dgates.permute(0, 3, 1, 2)
-    return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
+    dgates = dgates.permute(0, 3, 1, 2).contiguous()  # NCHW, as the op returns it and the weight gradient reads it
+    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
+    y = y.contiguous()
+    with torch.cuda.device(gates.device):
+        ext().diagonal_lstm_weight_grad_cuda(
+            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(),
+            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
+        )  # fmt: skip
+    return dgates, dw.to(w_ss.dtype)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
