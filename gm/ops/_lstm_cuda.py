@@ -57,6 +57,13 @@ def pack_index(hid: int, taps: int, backward: bool, dtype: torch.dtype, device: 
     return a.reshape(-1)[_fragment_index(*a.shape, k_step)].to(device)
 
 
+def pack_weight(w_ss: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torch.Tensor:
+    """w_ss (4h, h, taps) as the kernels' A operand of one pass, in `dtype`: a zero appended, one gather (two
+    launches). Hold the result until the kernel is queued (the launchers pass its address)."""
+    idx = pack_index(w_ss.shape[1], w_ss.shape[2], backward, dtype, w_ss.device)
+    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
+
+
 def precision(dtype: torch.dtype, op: str) -> int:
     """common/precision.h code for the scans' MMAs: native for 16-bit types; float32 on tf32 where torch allows it for
     convolution-like ops (torch.backends.cudnn.allow_tf32, as the triton backend and cuDNN's LSTM), else 3xTF32."""

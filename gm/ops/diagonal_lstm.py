@@ -115,18 +115,9 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
     return dgates, dw.to(w_ss.dtype)
 
 
-def _cuda_pack(w_ss: torch.Tensor, dtype: torch.dtype, backward: bool) -> torch.Tensor:
-    """w_ss as the cuda kernels' A operand in fragment order (csrc/diagonal_lstm/diagonal_lstm_cuda.cu): two launches
-    (a zero appended, one gather) through an index cached per (h, pass, dtype, device)."""
-    from gm.ops._lstm_cuda import pack_index  # noqa: PLC0415
-
-    idx = pack_index(w_ss.shape[1], 2, backward, dtype, w_ss.device)
-    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
-
-
 def _cuda_forward(gates, w_ss, reverse):
     from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
@@ -134,7 +125,7 @@ def _cuda_forward(gates, w_ss, reverse):
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
     gates_cl = gates.contiguous(memory_format=torch.channels_last)  # no copy when the producer wrote channels-last
-    a_pack = _cuda_pack(w_ss, gates.dtype, False)  # held until the launch is queued
+    a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
     with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
         ext().diagonal_lstm_forward_cuda(
             gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
@@ -145,14 +136,14 @@ def _cuda_forward(gates, w_ss, reverse):
 
 def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
     dy = grad.to(gates.dtype).contiguous(memory_format=torch.channels_last)
-    a_pack = _cuda_pack(w_ss, gates.dtype, True)
+    a_pack = pack_weight(w_ss, gates.dtype, backward=True)
     with torch.cuda.device(gates.device):
         ext().diagonal_lstm_backward_cuda(
             dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),

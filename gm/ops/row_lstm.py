@@ -107,23 +107,15 @@ def _triton_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     return k.backward(dy, gates, w_ss, h0, c0, hs, cs, need_w)
 
 
-def _cuda_pack(w_ss: torch.Tensor, dtype: torch.dtype, backward: bool) -> torch.Tensor:
-    """w_ss as the cuda kernels' A operand in fragment order (gm.ops._lstm_cuda): a zero appended, one gather."""
-    from gm.ops._lstm_cuda import pack_index  # noqa: PLC0415
-
-    idx = pack_index(w_ss.shape[1], w_ss.shape[2], backward, dtype, w_ss.device)
-    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
-
-
 def _cuda_forward(gates, w_ss, h0, c0):
-    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
     hs = torch.empty(n, four_h // 4, height, width, dtype=torch.float32, device=gates.device)
     cs = torch.empty(n, 5 * (four_h // 4), height, width, dtype=torch.float32, device=gates.device)
     y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != torch.float32 else hs
-    a_pack = _cuda_pack(w_ss, gates.dtype, False)  # held until the launch is queued
+    a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
     with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
         _cpu_call("row_lstm_forward_cuda")(
             gates.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
@@ -133,7 +125,7 @@ def _cuda_forward(gates, w_ss, h0, c0):
 
 
 def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
-    from gm.ops._lstm_cuda import precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
@@ -141,7 +133,7 @@ def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device) if need_w else None
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=torch.float32) if c0 is not None else None
-    a_pack = _cuda_pack(w_ss, gates.dtype, True)
+    a_pack = pack_weight(w_ss, gates.dtype, backward=True)
     with torch.cuda.device(gates.device):
         _cpu_call("row_lstm_backward_cuda")(
             dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
