@@ -21,6 +21,34 @@ namespace lstm_tc {
 constexpr int kMaxWarps = 16;
 constexpr int kItemRows = 32;  // positions (image rows or columns) per warp item: four n8 tiles
 
+// Gate activations. For 16-bit inputs, whose h is rounded to 8 (bf16) or 11 (fp16) bits anyway, tanh is one
+// tanh.approx.f32 (MUFU, max relative error ~2^-11) and sigmoid(x) = (1 + tanh(x / 2)) / 2: one special-function
+// op each instead of an exp and a reciprocal, which bound a step's cell math (5 activations per cell, ~2k cells per
+// step at h = 64 and 32 rows, all on one SM's 16 MUFU lanes). float32 keeps exp-based forms (fp32-level error).
+__device__ __forceinline__ float tanh_approx(float x) {
+  float r;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ float act_tanh(float x) {
+  if constexpr (sizeof(T) == 2) {
+    return tanh_approx(x);
+  } else {
+    return 2.f / (1.f + __expf(-2.f * x)) - 1.f;  // saturates to +-1 without NaN for large |x|
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float act_sigmoid(float x) {
+  if constexpr (sizeof(T) == 2) {
+    return 0.5f * tanh_approx(0.5f * x) + 0.5f;
+  } else {
+    return 1.f / (1.f + __expf(-x));
+  }
+}
+
 // A fragments of (m16 tile, k-step) for this lane.
 template <int kM>
 __device__ __forceinline__ void load_a(std::uint32_t (&af)[kM][4], const uint4* __restrict__ a_pack, int mtile0,

@@ -36,6 +36,8 @@ namespace gm {
 namespace diagonal_lstm {
 namespace {
 
+using lstm_tc::act_sigmoid;
+using lstm_tc::act_tanh;
 using lstm_tc::kItemRows;
 using lstm_tc::kMaxWarps;
 using lstm_tc::step_gemm;
@@ -113,12 +115,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           float c = 0.f, h = 0.f;
           if (real && g.inside(i, t)) {
             // m16 tile 0 holds gates i (rows 0-7) and f (rows 8-15) of the group's units, tile 1 gates o and g.
-            const float s_i = sigmoid(acc[0][j][e] + gv[0][j][e]);
-            const float s_f = sigmoid(acc[0][j][2 + e] + gv[1][j][e]);
-            const float s_o = sigmoid(acc[1][j][e] + gv[2][j][e]);
-            const float t_g = tanh_of(acc[1][j][2 + e] + gv[3][j][e]);
+            const float s_i = act_sigmoid<T>(acc[0][j][e] + gv[0][j][e]);
+            const float s_f = act_sigmoid<T>(acc[0][j][2 + e] + gv[1][j][e]);
+            const float s_o = act_sigmoid<T>(acc[1][j][e] + gv[2][j][e]);
+            const float t_g = act_tanh<T>(acc[1][j][2 + e] + gv[3][j][e]);
             c = s_f * *c_at + s_i * t_g;
-            const T h_t = stored<T>(s_o * tanh_of(c));
+            const T h_t = stored<T>(s_o * act_tanh<T>(c));
             h = to_float(h_t);
             const int64_t p = g.pix(i, t);
             y_n[p * hid + unit] = h_t;
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               const float c = st[0], s_i = st[hid], s_f = st[2 * hid], s_o = st[3 * hid], t_g = st[4 * hid];
               const float c_left = t - i > 0 ? st_n[g.pix(i, t - 1) * 5 * hid + unit] : 0.f;
               const float dh = acc[0][j][2 * half + e] + to_float(dy_n[p * hid + unit]);
-              const float t_c = tanh_of(c);
+              const float t_c = act_tanh<T>(c);
               const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
               da[0] = dc * t_g * s_i * (1.f - s_i);
               da[1] = dc * c_left * s_f * (1.f - s_f);

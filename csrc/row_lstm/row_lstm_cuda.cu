@@ -35,6 +35,8 @@ namespace gm {
 namespace row_lstm {
 namespace {
 
+using lstm_tc::act_sigmoid;
+using lstm_tc::act_tanh;
 using lstm_tc::kItemRows;
 using lstm_tc::kMaxWarps;
 using lstm_tc::step_gemm;
@@ -118,12 +120,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           float h = 0.f;
           if (real && col < W) {
             // m16 tile 0 holds gates i (rows 0-7) and f (rows 8-15) of the group's units, tile 1 gates o and g.
-            const float s_i = sigmoid(acc[0][j][e] + gv[0][j][e]);
-            const float s_f = sigmoid(acc[0][j][2 + e] + gv[1][j][e]);
-            const float s_o = sigmoid(acc[1][j][e] + gv[2][j][e]);
-            const float t_g = tanh_via_exp(acc[1][j][2 + e] + gv[3][j][e]);
+            const float s_i = act_sigmoid<T>(acc[0][j][e] + gv[0][j][e]);
+            const float s_f = act_sigmoid<T>(acc[0][j][2 + e] + gv[1][j][e]);
+            const float s_o = act_sigmoid<T>(acc[1][j][e] + gv[2][j][e]);
+            const float t_g = act_tanh<T>(acc[1][j][2 + e] + gv[3][j][e]);
             const float c = s_f * *c_at + s_i * t_g;
-            h = s_o * tanh_via_exp(c);
+            h = s_o * act_tanh<T>(c);
             *c_at = c;
             const int64_t at = int64_t(unit) * hw + plane + col;
             hs_n[at] = h;
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
                           t_g = st[4 * hid * hw];
               const float c_prev = r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
               const float dh = acc[0][j][2 * half + e] + to_float(dy_n[at]);
-              const float t_c = tanh_via_exp(c);
+              const float t_c = act_tanh<T>(c);
               const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
               dz[0] = dc * t_g * s_i * (1.f - s_i);
               dz[1] = dc * c_prev * s_f * (1.f - s_f);

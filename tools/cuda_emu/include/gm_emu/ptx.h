@@ -97,6 +97,16 @@ inline void ex2_approx_ftz_f32(float& d, float a) {
   if (std::fpclassify(d) == FP_SUBNORMAL) d = 0.f;
 }
 
+// ---- tanh.approx.f32 (sm_75+): the GPU's has a maximum relative error of about 2^-11; here tanh rounded to 11
+// mantissa bits (truncation: an error of the same size), so tests see an approximate result, not an exact one.
+inline void tanh_approx_f32(float& d, float a) {
+  float t = std::tanh(a);
+  std::uint32_t u;
+  std::memcpy(&u, &t, 4);
+  if (((u >> 23) & 0xffu) != 0xffu) u &= 0xfffff000u;
+  std::memcpy(&d, &u, 4);
+}
+
 // ---- mma.sync.aligned.{m16n8k16 (16-bit), m16n8k8 (tf32)}.row.col.f32: fragment layouts from the PTX ISA.
 enum class Elem { bf16, f16, tf32 };
 
