@@ -223,6 +223,15 @@ def test_pixelrnn_layer(gemm, layer):
         _check(f"d{name}", p.grad, p_ref.grad, torch.bfloat16)
 
 
+@pytest.mark.parametrize("model_name", ["pixelcnn", "rowlstm", "diagonal_bilstm"])
+def test_models(gemm, model_name):
+    """Each whole model (preset tiny-rgb, 1x5x4 images) on backend="cuda" in float32 (3xTF32) against the float64
+    reference: loss and every parameter's gradient (tests/models/test_models.compare_model, the GPU test's check)."""
+    from tests.models.test_models import compare_model  # noqa: PLC0415
+
+    compare_model(model_name, "tiny-rgb", "cuda", torch.float32, CPU, shape=(1, 5, 4))
+
+
 # -------------------------------------------------------------------------------------------------------- minibatch
 # (N, B, C): C in the specialised set (1, 3, 5, 8) and the generic kernel (11); N across the 32/64-row tiles.
 MB_CASES = [(300, 20, 5), (129, 9, 3), (1, 3, 5), (70, 5, 1), (40, 3, 11), (65, 9, 8)]
