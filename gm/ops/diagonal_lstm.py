@@ -41,8 +41,9 @@ def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.T
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backends: forward -> (y, state), backward (given the forward's state) -> (dgates, dw_ss). The state is what the
-# backend's backward reads besides y: the cell state c (N, h, H, W) contiguous, or for triton and cuda (N, 5h, H, W)
-# channels-last [c and the four gate activations] (state_shape()).
+# backend's backward reads besides y: the cell state c (N, h, H, W) contiguous; for the cpu backend on 16-bit inputs
+# (N, 2h, H, W) = [c, y in float32] (it scans in float32, and its backward recomputes from the unrounded h); for triton
+# and cuda (N, 5h, H, W) channels-last [c and the four gate activations] (state_shape()).
 
 
 def state_shape(gates: torch.Tensor, backend: str) -> tuple[tuple[int, ...], bool]:
@@ -50,6 +51,8 @@ def state_shape(gates: torch.Tensor, backend: str) -> tuple[tuple[int, ...], boo
     n, g4, height, width = gates.shape
     if backend in ("triton", "cuda"):
         return (n, 5 * (g4 // 4), height, width), True
+    if backend == "cpu" and gates.dtype in (torch.float16, torch.bfloat16):
+        return (n, 2 * (g4 // 4), height, width), False
     return (n, g4 // 4, height, width), False
 
 
@@ -73,29 +76,35 @@ def _ptr_args(*tensors):
 
 
 def _cpu_forward(gates, w_ss, reverse):
+    """The C++ scan in float32/float64; 16-bit inputs are widened once and scanned in float32 (the state is float32
+    anyway), their float32 h kept beside c for the backward."""
     from gm._ext import dtype_code, ext  # noqa: PLC0415
 
-    if gates.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the cpu backend takes float32/float64, got {gates.dtype}: use .float() or another backend")
-    n, g4, height, width = gates.shape
-    y = torch.empty(n, g4 // 4, height, width, dtype=gates.dtype)
-    c = torch.empty(n, g4 // 4, height, width, dtype=state_dtype(gates.dtype))
-    ext().diagonal_lstm_forward_cpu(
-        *_ptr_args(gates, w_ss, y, c), n, g4 // 4, height, width, reverse, dtype_code(gates)
-    )
-    return y, c
+    sdt = state_dtype(gates.dtype)
+    g, w = gates.to(sdt).contiguous(), w_ss.to(sdt).contiguous()
+    n, g4, height, width = g.shape
+    y = torch.empty(n, g4 // 4, height, width, dtype=sdt)
+    c = torch.empty_like(y)
+    ext().diagonal_lstm_forward_cpu(*_ptr_args(g, w, y, c), n, g4 // 4, height, width, reverse, dtype_code(y))
+    if sdt == gates.dtype:
+        return y, c
+    return y.to(gates.dtype), torch.cat([c, y], dim=1)
 
 
 def _cpu_backward(grad, gates, w_ss, y, c, reverse):
     from gm._ext import dtype_code, ext  # noqa: PLC0415
 
     n, g4, height, width = gates.shape
-    dgates = torch.empty_like(gates)
-    dw = torch.empty_like(w_ss)
+    sdt = state_dtype(gates.dtype)
+    if sdt != gates.dtype:  # widened: the state holds [c, float32 h]
+        c, y = c[:, : g4 // 4].contiguous(), c[:, g4 // 4 :].contiguous()
+    g, w, d = gates.to(sdt).contiguous(), w_ss.to(sdt).contiguous(), grad.to(sdt).contiguous()
+    dgates = torch.empty_like(g)
+    dw = torch.empty_like(w)
     ext().diagonal_lstm_backward_cpu(
-        *_ptr_args(grad, gates, w_ss, y, c, dgates, dw), n, g4 // 4, height, width, reverse, dtype_code(gates)
+        *_ptr_args(d, g, w, y, c, dgates, dw), n, g4 // 4, height, width, reverse, dtype_code(g)
     )
-    return dgates, dw
+    return dgates.to(gates.dtype), dw.to(w_ss.dtype)
 
 
 def _triton_forward(gates, w_ss, reverse):
@@ -272,8 +281,8 @@ def diagonal_lstm(
 
     Args:
         gates: (N, 4h, H, W) input-to-state result (bias included), gate order i, f, o, g, any memory format;
-            float16/bfloat16/float32/float64 (the cpu backend: float32/float64; the cuda backend, on tensor cores:
-            float16/bfloat16/float32). State is float32 (float64 for float64).
+            float16/bfloat16/float32/float64 (the cpu backend scans 16-bit inputs in float32; the cuda backend, on
+            tensor cores: float16/bfloat16/float32). State is float32 (float64 for float64).
         w_ss: (4h, h, 2) state-to-state weights, tap 0 for the pixel above, tap 1 for the pixel to the left
             (to the right when reverse). Same dtype and device as gates.
         reverse: scan right to left (≡ flip the width, scan, flip back).

@@ -149,10 +149,17 @@ def test_bad_input():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C not built")
-def test_cpu_rejects_half():
-    with pytest.raises(ValueError, match="cpu backend takes float32/float64"):
-        diagonal_lstm(torch.randn(1, 8, 2, 2, dtype=torch.bfloat16), torch.randn(8, 2, 2, dtype=torch.bfloat16),
-                      backend="cpu")  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_cpu_half_scans_in_float32(dtype, reverse, monkeypatch):
+    """16-bit inputs on the cpu backend (a model under --precision bf16 on a CPU) are widened and scanned in float32:
+    output and gradients in the input dtype, within its tolerance of the float64 reference; the saved state is
+    [c, float32 h], which the fake implementation reports too (opcheck)."""
+    gates, w_ss, dy = _inputs(2, 3, 5, 4, dtype)
+    poison_empty(monkeypatch)
+    _check("cpu", gates, w_ss, dy, reverse, dtype, CPU)
+    op = torch.ops.gm.diagonal_lstm.default
+    torch.library.opcheck(op, (gates.detach(), w_ss.detach(), reverse, "cpu"), test_utils=("test_faketensor",))
 
 
 # ------------------------------------------------------------------------------------------------------------
