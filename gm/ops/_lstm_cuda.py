@@ -53,7 +53,7 @@ def pack_index(hid: int, taps: int, backward: bool, dtype: torch.dtype, device: 
         a = torch.full((4, hp, taps, hp), zero)  # [gate, out, tap, in]
         a[:, :hid, :, :hid] = flat.permute(0, 1, 3, 2)
         a = a.view(4, hp // 8, 8, taps * hp).permute(1, 0, 2, 3).reshape(4 * hp, taps * hp)  # [group, gate, u][tap, in]
-    k_step = 32 // torch.empty(0, dtype=dtype).element_size()  # one 32-byte MMA k-step: k16 (16-bit), k8 (tf32)
+    k_step = 32 // dtype.itemsize  # one 32-byte MMA k-step: k16 (16-bit), k8 (tf32)
     return a.reshape(-1)[_fragment_index(*a.shape, k_step)].to(device)
 
 

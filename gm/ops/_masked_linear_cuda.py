@@ -42,11 +42,11 @@ def precision(dtype: torch.dtype, op: str = "masked_linear") -> int:
 
 def reduction_tile(dtype: torch.dtype) -> int:
     """Elements of the reduction dim per pipeline stage (the tile maps' block along it)."""
-    return _STAGE_BYTES // torch.empty(0, dtype=dtype).element_size()
+    return _STAGE_BYTES // dtype.itemsize
 
 
 def _padded(n: int, dtype: torch.dtype) -> int:
-    per16 = 16 // torch.empty(0, dtype=dtype).element_size()
+    per16 = 16 // dtype.itemsize
     return -(-n // per16) * per16
 
 
