@@ -196,6 +196,16 @@ def test_diagonal_lstm_channel_slice(emu):
         _check(name, got, want, torch.bfloat16)
 
 
+def test_diagonal_lstm_reports_the_shared_memory_limit(emu):
+    """The float32 forward at h=256, H=128 needs 399 KB of shared memory (two (129 x h) state buffers and the c
+    slots), more than the 227 KB opt-in: a clear error that points to triton, before any launch. (The fixture wants
+    a launch: a small call runs after.)"""
+    g = torch.randn(1, 4 * 256, 128, 1)
+    with pytest.raises(ValueError, match="shared memory.*triton"):
+        gm.ops.diagonal_lstm(g, torch.randn(4 * 256, 256, 2) / 20, backend="cuda")
+    gm.ops.diagonal_lstm(torch.randn(1, 8, 2, 2), torch.randn(8, 2, 2), backend="cuda")
+
+
 def test_diagonal_lstm_rejects_float64(emu):
     g = torch.randn(1, 8, 2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
