@@ -49,11 +49,11 @@ GPU_BACKENDS = fast_backends(torch.device("cuda")) if torch.cuda.is_available() 
 
 def compare_model(model_name, preset, backend, dtype, device, shape=(3, 11, 9)):
     """`model_name` on `backend` and `device` against the same weights on the float64 reference on the CPU: loss and
-    parameter gradients, for one loss and backward through every kernel of the model, on `shape` = (N, H, W) levels. float32 runs with tf32 off
-    (3xTF32 in gm's kernels) and must match each parameter's gradient to 1e-4 (measured on the cpu backend: 5e-7).
-    bfloat16 runs as the CLI's --precision bf16 (fp32 masters, bf16 compute); the reference's own bf16 run differs
-    from float64 by up to 4e-4 in the loss and 3-6% in the concatenated gradient (15% for single parameters), so
-    the bounds are 5e-3 and 15% on the concatenation: loose, but a wrong kernel lands near 100%."""
+    parameter gradients, for one loss and backward through every kernel of the model, on `shape` = (N, H, W) levels.
+    float32 runs with tf32 off (3xTF32 in gm's kernels) and must match each parameter's gradient to 1e-4 (measured on
+    the cpu backend: 5e-7). bfloat16 runs as the CLI's --precision bf16 (fp32 masters, bf16 compute); the reference's
+    own bf16 run differs from float64 by up to 4e-4 in the loss and 3-6% in the concatenated gradient (15% for single
+    parameters), so the bounds are 5e-3 and 15% on the concatenation: loose, but a wrong kernel lands near 100%."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
