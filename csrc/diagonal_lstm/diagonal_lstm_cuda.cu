@@ -20,8 +20,9 @@
 //
 // Gates, y, dy, dgates are channels-last (N, H, W, C); the state is (N, H, W, 5h) float32. bfloat16/float16 run on
 // m16n8k16 tensor cores with float32 accumulation (h and da rounded to the input dtype, the values y and dgates hold);
-// float32 on tf32 m16n8k8 when torch allows tf32, else 3xTF32 (fp32-level error). The launcher pads h to hp, a
-// multiple of 16.
+// float32 on tf32 m16n8k8 when torch allows tf32 for convolutions, else 3xTF32 (fp32-level error); 16-bit inputs
+// take tanh.approx for their activations (lstm_tc::act_tanh). The launcher pads h to hp, a multiple of 16. dw_ss is
+// lstm_tc::lstm_wgrad_tc on NCHW dgates and y (weight_grad_cuda).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -16,8 +16,8 @@
 // A is packed by gm/ops/_lstm_cuda.py in fragment order and read from global memory (L1-resident at h <= 64).
 // Layouts (NCHW): gates, dgates (N, 4h, H, W), y, dy (N, h, H, W) in the input dtype; hs (N, h, H, W) float32 (h
 // before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
-// the triton backend's layout. bfloat16/float16 on m16n8k16, float32 on tf32 m16n8k8 when torch allows tf32 for
-// convolutions, else 3xTF32.
+// the triton backend's layout. bfloat16/float16 on m16n8k16 (activations by tanh.approx), float32 on tf32 m16n8k8
+// when torch allows tf32 for convolutions, else 3xTF32.
 // dw_ss[o, i, t] = sum over pixels of dz[o, p] h_{r-1}[i, w + t - k/2]: a (4h x P) @ (P x h*k) GEMM on tensor cores
 // (lstm_tc::lstm_wgrad_tc: h_{r-1} gathered with the tap shifts from hs and h0, pixels split over gridDim.z with
 // atomicAdd into a zeroed float buffer).
