@@ -56,10 +56,18 @@ def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
+# torch's raw-handle query (what Triton's launcher uses): an int, where torch.cuda.current_stream() builds a Stream
+# object per call (a few microseconds of host time per kernel launch, on hosts where launches are the bottleneck).
+# Absent in CPU-only builds and perhaps in a future torch: then the public call.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(t: torch.Tensor) -> int:
     """Raw handle of the current CUDA stream on t's device (0 for CPU tensors)."""
     if t.device.type != "cuda":
         return 0
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 

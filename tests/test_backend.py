@@ -64,3 +64,19 @@ def test_info_reports_every_backend():
 def test_gm_info_command():
     out = subprocess.run([sys.executable, "-m", "gm", "info"], capture_output=True, text=True, check=True).stdout
     assert "backend.reference" in out and "extension" in out
+
+
+@pytest.mark.gpu
+def test_gpu_stream_of_is_the_current_stream():
+    """The launchers' raw stream handle follows torch's current stream, on the default stream and inside a side
+    stream's context (DiagonalBiLSTM's reverse scan runs there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from gm._ext import stream_of  # noqa: PLC0415
+
+    t = torch.zeros(1, device="cuda")
+    assert stream_of(t) == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert stream_of(t) == side.cuda_stream != torch.cuda.default_stream().cuda_stream
+    assert stream_of(torch.zeros(1)) == 0
