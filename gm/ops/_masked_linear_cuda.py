@@ -75,9 +75,36 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | None, activation) -> torch.Tensor:
-    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
+def _map_args(entry, kind: str, dtype: torch.dtype) -> tuple:
+    """The mask and tile-map addresses one launch kind passes, as ints, cached with the mask's entry (its tensors stay
+    alive there): the dict lookup replaces several helper calls and attribute reads per launch (host time).
+        "rows":  (mask, mask row bytes, offsets, idx, mids) of the forward's (128, stage) map
+        "cols":  the same for the input gradient's (stage, 128) map
+        "flags": (u8 mask, flags, non-empty tiles) of the weight gradient's (128, 128) map
+        "fused": the fused output layer's (64, stage) two-head map, laid out as for "rows"."""
+    key = ("cuda_args", kind, dtype)
+    args = entry.maps.get(key)
+    if args is None:
+        from gm.ops.iaf import fused_tile_map  # noqa: PLC0415
+        from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
 
+        if kind == "flags":
+            tm = linear_tile_map(entry, _BLOCK, _BLOCK)
+            args = (entry.u8.data_ptr(), tm.flags.data_ptr(), tm.nonempty)
+        else:
+            mask = mask_rows16(entry)
+            if kind == "rows":
+                csr = linear_tile_map(entry, _BLOCK, reduction_tile(dtype)).rows
+            elif kind == "cols":
+                csr = linear_tile_map(entry, reduction_tile(dtype), _BLOCK).cols
+            else:
+                csr = fused_tile_map(entry, _HEAD_COLS, reduction_tile(dtype)).rows
+            args = (mask.data_ptr(), mask.shape[1], *(t.data_ptr() for t in csr))
+        entry.maps[key] = args
+    return args
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | None, activation) -> torch.Tensor:
     prec = precision(x.dtype)
     rows, k = x.shape
     o = weight.shape[0]
@@ -86,13 +113,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | N
         return y
     kp = _padded(k, x.dtype)
     xp, wp = _pad_cols(x, kp), _pad_cols(weight, kp)
-    mask = mask_rows16(entry)
-    offsets, idx, mids = linear_tile_map(entry, _BLOCK, reduction_tile(x.dtype)).rows
+    mask, mask_row, offsets, idx, mids = _map_args(entry, "rows", x.dtype)
     bias_c = bias.contiguous() if bias is not None else None
     with torch.cuda.device(x.device):
         ext().masked_linear_forward_cuda(
-            xp.data_ptr(), wp.data_ptr(), mask.data_ptr(), _ptr(bias_c), y.data_ptr(),
-            offsets.data_ptr(), idx.data_ptr(), mids.data_ptr(), rows, o, kp, mask.shape[1],
+            xp.data_ptr(), wp.data_ptr(), mask, _ptr(bias_c), y.data_ptr(), offsets, idx, mids, rows, o, kp, mask_row,
             ACT_CODES[activation], dtype_code(x), prec, stream_of(x),
         )  # fmt: skip
     return y
@@ -110,8 +135,6 @@ def act_grad(grad: torch.Tensor, y: torch.Tensor, activation) -> torch.Tensor:
 
 
 def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
-    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
-
     prec = precision(gp.dtype)
     rows, o = gp.shape
     k = weight.shape[1]
@@ -122,27 +145,24 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
         return dx.zero_()
     op, kp = _padded(o, gp.dtype), _padded(k, gp.dtype)
     gpp, wp = _pad_cols(gp, op), _pad_cols(weight, kp)
-    mask = mask_rows16(entry)
-    offsets, idx, mids = linear_tile_map(entry, reduction_tile(gp.dtype), _BLOCK).cols
+    mask, mask_row, offsets, idx, mids = _map_args(entry, "cols", gp.dtype)
     with torch.cuda.device(gp.device):
         ext().masked_linear_input_grad_cuda(
-            gpp.data_ptr(), wp.data_ptr(), mask.data_ptr(), dx.data_ptr(), offsets.data_ptr(), idx.data_ptr(),
-            mids.data_ptr(), rows, o, op, k, kp, mask.shape[1], dtype_code(gp), prec, stream_of(gp),
+            gpp.data_ptr(), wp.data_ptr(), mask, dx.data_ptr(), offsets, idx, mids, rows, o, op, k, kp, mask_row,
+            dtype_code(gp), prec, stream_of(gp),
         )  # fmt: skip
     return dx
 
 
 def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
     """dW (O, K) in x's dtype, exactly zero where the mask is 0."""
-    from gm.ops.masked_linear import linear_tile_map  # noqa: PLC0415
-
     prec = precision(x.dtype)
     rows, o = gp.shape
     k = x.shape[1]
     if rows == 0 or o == 0 or k == 0:
         return torch.zeros(o, k, dtype=x.dtype, device=x.device)
-    tm = linear_tile_map(entry, _BLOCK, _BLOCK)
-    splits = reduction_splits(max(tm.nonempty, 1), rows, x.device, _BLOCKS_PER_SM)
+    u8, flags, nonempty = _map_args(entry, "flags", x.dtype)
+    splits = reduction_splits(max(nonempty, 1), rows, x.device, _BLOCKS_PER_SM)
     per_split = -(-rows // splits)
     splits = -(-rows // per_split)
     op, kp = _padded(o, x.dtype), _padded(k, x.dtype)
@@ -150,7 +170,7 @@ def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
     partial = torch.empty(splits, o, k, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         ext().masked_linear_weight_grad_cuda(
-            gpp.data_ptr(), xp.data_ptr(), entry.u8.data_ptr(), tm.flags.data_ptr(), partial.data_ptr(),
+            gpp.data_ptr(), xp.data_ptr(), u8, flags, partial.data_ptr(),
             rows, o, op, k, kp, per_split, splits, dtype_code(x), prec, stream_of(x),
         )  # fmt: skip
     return (partial.sum(0) if splits > 1 else partial[0]).to(x.dtype)
@@ -161,21 +181,19 @@ def bias_grad(gp: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_launch(name, hidden, weight, entry, bias, z, tensors, mode):
-    from gm.ops.iaf import _MODE_CODES, fused_tile_map  # noqa: PLC0415
+    from gm.ops.iaf import _MODE_CODES  # noqa: PLC0415
 
     prec = precision(hidden.dtype, "iaf_made_output")
     rows, h = hidden.shape
     d = z.shape[1]
     hp = _padded(h, hidden.dtype)
     hidden_p, wp = _pad_cols(hidden, hp), _pad_cols(weight, hp)
-    mask = mask_rows16(entry)
-    offsets, idx, mids = fused_tile_map(entry, _HEAD_COLS, reduction_tile(hidden.dtype)).rows
+    mask, mask_row, offsets, idx, mids = _map_args(entry, "fused", hidden.dtype)
     bias_c = bias.contiguous() if bias is not None else None
     with torch.cuda.device(hidden.device):
         getattr(ext(), name)(
-            hidden_p.data_ptr(), wp.data_ptr(), mask.data_ptr(), _ptr(bias_c), z.data_ptr(),
-            *(_ptr(t) for t in tensors), offsets.data_ptr(), idx.data_ptr(), mids.data_ptr(),
-            rows, d, hp, mask.shape[1], _MODE_CODES[mode], dtype_code(hidden), prec, stream_of(hidden),
+            hidden_p.data_ptr(), wp.data_ptr(), mask, _ptr(bias_c), z.data_ptr(), *(_ptr(t) for t in tensors),
+            offsets, idx, mids, rows, d, hp, mask_row, _MODE_CODES[mode], dtype_code(hidden), prec, stream_of(hidden),
         )  # fmt: skip
 
 
