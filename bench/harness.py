@@ -58,6 +58,9 @@ class Row:
     speedup_fwd: float | None = None
     speedup_fwdbwd: float | None = None
     error: str | None = None
+    # --profile on a GPU: the device kernels' summed time per fwd+bwd (what the step costs the GPU, apart from the
+    # host time that fwdbwd_ms also holds; a row whose fwdbwd_ms is far above it is host-bound)
+    kernels_fwdbwd_ms: float | None = None
     profile: dict | None = None  # --profile: profile_fwd_bwd()'s summary (not saved in the JSON lines)
 
 
@@ -156,6 +159,8 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
             row.peak_mib = _peak_mib(run, device)
             if PROFILE and (label.startswith("gm[") or label == case.baseline):
                 row.profile = profile_fwd_bwd(run, device)
+                if row.profile["kernels_us"] is not None:
+                    row.kernels_fwdbwd_ms = row.profile["kernels_us"] / 1e3
         if case.flops:
             row.tflops_fwd = case.flops / (row.fwd_ms * 1e-3) / 1e12
         if case.bytes:

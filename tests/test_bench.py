@@ -30,3 +30,17 @@ def test_bench_quick_profile_and_report(tmp_path, capsys):
 def test_readme_results_section_is_current():
     """README's results section is what bench/results/*.jsonl give (python -m bench.report rewrites it)."""
     assert report.main(["--check"]) == 0
+
+
+def test_report_shows_the_device_kernel_time_when_profiled():
+    """GPU runs with --profile save each row's device-kernel time per fwd+bwd; the report gives it a column (every
+    table line keeps the header's cell count, error rows too), and leaves the column out where no row has it."""
+    base = {"device": "gpu", "torch": "t", "triton": "3", "commit": "c", "date": "d", "op": "op", "case": "k",
+            "dtype": "float32", "fwd_ms": 1.0, "fwdbwd_ms": 3.0, "speedup_fwdbwd": 1.0, "tflops_fwd": None}  # fmt: skip
+    rows = [{**base, "impl": "gm[cuda]", "kernels_fwdbwd_ms": 0.25}, {**base, "impl": "reference", "error": "OOM"},
+            {**base, "impl": "F", "kernels_fwdbwd_ms": None}]  # fmt: skip
+    lines = [line for line in report.render(rows).splitlines() if line.startswith("|")]
+    assert "device kernels ms" in lines[0] and "| 0.250 |" in lines[2]
+    assert len({line.count("|") for line in lines}) == 1
+    plain = report.render([{**r, "kernels_fwdbwd_ms": None} for r in rows])
+    assert "device kernels" not in plain
