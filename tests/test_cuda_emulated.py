@@ -213,6 +213,28 @@ def test_diagonal_lstm_rejects_float64(emu):
     gm.ops.diagonal_lstm(g.float(), torch.randn(8, 2, 2), backend="cuda")  # float32 runs (the fixture wants a launch)
 
 
+@pytest.mark.parametrize("op_name", ["row_lstm", "diagonal_lstm"])
+def test_lstm_fake_implementations_match_the_cuda_kernels(emu, op_name):
+    """torch.compile sees the ops through their fake implementations: for backend="cuda" their outputs' shapes,
+    dtypes and strides (the channels-last (N, 5h, H, W) saved state) must be the kernels' (opcheck's fake-tensor
+    test, forward and backward ops)."""
+    g = torch.randn(2, 16, 3, 5, dtype=torch.bfloat16)
+    if op_name == "row_lstm":
+        args = (g, torch.randn(16, 4, 3, dtype=torch.bfloat16) / 4, None, None, "cuda")
+    else:
+        args = (g, torch.randn(16, 4, 2, dtype=torch.bfloat16) / 4, False, "cuda")
+    op = getattr(torch.ops.gm, op_name).default
+    torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+    outs = op(*args)
+    backward = getattr(torch.ops.gm, op_name + "_backward").default
+    dy = torch.randn_like(outs[0])
+    if op_name == "row_lstm":
+        bargs = (dy, g, args[1], None, None, outs[1], outs[2], "cuda", True)
+    else:
+        bargs = (dy, g, args[1], outs[0], outs[1], False, "cuda")
+    torch.library.opcheck(backward, bargs, test_utils=("test_faketensor",))
+
+
 # ---------------------------------------------------------------------------------------------- the PixelRNN layers
 @pytest.mark.parametrize("layer", ["RowLSTM", "DiagonalBiLSTM"])
 def test_pixelrnn_layer(gemm, layer):
