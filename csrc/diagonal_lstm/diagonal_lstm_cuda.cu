@@ -27,9 +27,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "common/lstm_scan_tc.cuh"
 #include "diagonal_lstm/diagonal_lstm.h"
 
@@ -55,11 +52,6 @@ struct Geometry {
   __device__ bool inside(int i, int t) const { return i < height && t - i >= 0 && t - i < width; }
   __device__ int64_t pix(int i, int t) const { return pixel(i, t - i, width, reverse); }
 };
-
-template <typename T>
-__device__ __forceinline__ T stored(float x) {
-  return from_float<T>(x);
-}
 
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kMaxWarps * 32)
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             const float s_o = act_sigmoid<T>(acc[1][j][e] + gv[2][j][e]);
             const float t_g = act_tanh<T>(acc[1][j][2 + e] + gv[3][j][e]);
             c = s_f * *c_at + s_i * t_g;
-            const T h_t = stored<T>(s_o * act_tanh<T>(c));
+            const T h_t = from_float<T>(s_o * act_tanh<T>(c));
             h = to_float(h_t);
             const int64_t p = g.pix(i, t);
             y_n[p * hid + unit] = h_t;
@@ -133,7 +125,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             st[4 * hid] = t_g;
           }
           *c_at = c;
-          wr[(i + 1) * (row_bytes / int(sizeof(T))) + unit] = stored<T>(h);
+          wr[(i + 1) * (row_bytes / int(sizeof(T))) + unit] = from_float<T>(h);
         }
     }
     __syncthreads();
@@ -196,12 +188,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               dc_pass = dc * s_f;
               T* dg = dg_n + p * 4 * hid + unit;
 #pragma unroll
-              for (int q = 0; q < 4; ++q) dg[q * hid] = stored<T>(da[q]);
+              for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);
             }
             *dc_at = dc_pass;
             T* row = wr + i * row_elems + unit;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) row[q * hp] = stored<T>(da[q]);
+            for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(da[q]);
           }
     }
     __syncthreads();  // da of step t complete for every warp; the buffer of step t + 1 is free

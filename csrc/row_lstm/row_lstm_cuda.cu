@@ -24,10 +24,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
-#include <stdexcept>
-#include <string>
-
 #include "common/lstm_scan_tc.cuh"
 #include "row_lstm/row_lstm.h"
 

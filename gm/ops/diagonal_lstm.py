@@ -30,13 +30,11 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """dw_ss (4h, h, 2) = sum over pixels of dgates (x) (h above, h left): one GEMM per tap over the outputs."""
-    up = torch.einsum("nohw,nkhw->ok", dgates[:, :, 1:], y[:, :, :-1])
-    if reverse:
-        left = torch.einsum("nohw,nkhw->ok", dgates[..., :-1], y[..., 1:])
-    else:
-        left = torch.einsum("nohw,nkhw->ok", dgates[..., 1:], y[..., :-1])
-    return torch.stack([up, left], dim=-1)
+    """The triton backend's dw_ss (4h, h, 2), float32 (float64 for float64) = sum over pixels of dgates (x) (h above,
+    h left): the row scan's weight-gradient GEMM kernel with the diagonal's up/left taps, on NCHW operands."""
+    from gm.kernels import row_lstm as kr  # noqa: PLC0415
+
+    return kr.weight_grad(dgates, y.contiguous(), None, 2, taps=2 if reverse else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,12 +114,8 @@ def _triton_forward(gates, w_ss, reverse):
 def _triton_backward(grad, gates, w_ss, y, c, reverse):
     from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
 
-    from gm.kernels import row_lstm as kr  # noqa: PLC0415
-
     dgates = k.backward(grad, w_ss, c, reverse)
-    # The up/left-tap GEMM over pixels on NCHW operands (the einsum form permutes dgates and y into copies).
-    dw = kr.weight_grad(dgates, y.contiguous(), None, 2, taps=2 if reverse else 1)
-    return dgates, dw.to(w_ss.dtype)
+    return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 
 def _cuda_forward(gates, w_ss, reverse):
