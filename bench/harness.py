@@ -180,10 +180,19 @@ def _self_device_us(evt) -> float:
     return 0.0
 
 
+def _is_device_event(evt) -> bool:
+    """A device activity (kernel, memcpy, memset), not a host op: a host op's self device time is the time of the
+    kernels it launched, which the kernels' own events count again."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
+
+    return getattr(evt, "device_type", None) not in (None, DeviceType.CPU)
+
+
 def profile_fwd_bwd(run: Callable[[], None], device: torch.device, iters: int = 5, top: int = 8) -> dict:
     """Where one forward+backward's time goes: wall time per iteration (under the profiler, so a little high), the
-    summed time of the device kernels (GPU), and the top ops/kernels by self time (device time on a GPU, CPU time
-    on the CPU). Wall well above the kernels' sum: the step is bound by host work (Python, dispatch, launches)."""
+    summed time of the device activities (GPU kernels, copies; each counted once), the top kernels by device time,
+    and the top host ops by self CPU time (on the CPU: only the latter). Wall well above the kernels' sum: the step
+    is bound by host work (Python, dispatch, launches), and the host list says which."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     cuda = device.type == "cuda"
@@ -199,13 +208,18 @@ def profile_fwd_bwd(run: Callable[[], None], device: torch.device, iters: int = 
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / iters
     events = prof.key_averages()
-    key = _self_device_us if cuda else (lambda e: float(e.self_cpu_time_total))
-    ranked = sorted(events, key=key, reverse=True)
-    busy = sum(_self_device_us(e) for e in events) / iters if cuda else None
+    device_events = [e for e in events if _is_device_event(e)]
+    host_events = [e for e in events if not _is_device_event(e)]
+
+    def ranked(evts, key):
+        return [(e.key[:70], e.count / iters, key(e) / iters) for e in sorted(evts, key=key, reverse=True)[:top]
+                if key(e) > 0]  # fmt: skip
+
     return {
         "wall_us": wall * 1e6,
-        "kernels_us": busy,
-        "top": [(e.key[:70], e.count / iters, key(e) / iters) for e in ranked[:top] if key(e) > 0],
+        "kernels_us": sum(_self_device_us(e) for e in device_events) / iters if cuda else None,
+        "top": ranked(device_events, _self_device_us) if cuda else [],
+        "host": ranked(host_events, lambda e: float(e.self_cpu_time_total)),
     }
 
 
@@ -215,6 +229,7 @@ def format_profile(row: Row) -> str:
     if p["kernels_us"] is not None:
         head += f", device kernels {p['kernels_us']:.0f} us ({100 * p['kernels_us'] / max(p['wall_us'], 1e-9):.0f}%)"
     lines = [head] + [f"    {us:9.1f} us  x{count:<5.1f} {name}" for name, count, us in p["top"]]
+    lines += ["  host (self CPU time):"] + [f"    {us:9.1f} us  x{count:<5.1f} {name}" for name, count, us in p["host"]]
     return "\n".join(lines)
 
 

@@ -36,22 +36,46 @@ def render(rows: list[dict]) -> str:
     out = []
     for device in sorted({r["device"] for r in rows}):
         dev_rows = [r for r in rows if r["device"] == device]
-        meta = dev_rows[0]
-        tuned = {False: ", Triton kernels on their first config (autotune off)"}.get(meta.get("triton_autotune"), "")
-        out.append(f"**{device}** (torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}{tuned})\n")
+
+        # The table may draw on several runs (each (op, case, dtype) from its newest): name each run and its ops.
+        def run_of(r):
+            return (r["date"], r["torch"], r["triton"], r["commit"], r.get("triton_autotune"))
+
+        runs: dict[tuple, list[str]] = {}
+        for r in sorted(dev_rows, key=lambda r: r["date"]):
+            ops = runs.setdefault(run_of(r), [])
+            if r["op"] not in ops:
+                ops.append(r["op"])
+        number = {key: i + 1 for i, key in enumerate(runs)}
+        lines = {}
+        for key in runs:
+            date, torch_v, triton_v, commit, autotune = key
+            tuned = {False: ", Triton kernels on their first config (autotune off)"}.get(autotune, "")
+            lines[key] = f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}{tuned}"
+        several = len(runs) > 1
+        if several:
+            out.append(f"**{device}**, rows from {len(runs)} runs (the run column):\n")
+            out += [f"{number[key]}. {line}: {', '.join(runs[key])}" for key, line in lines.items()] + [""]
+        else:
+            out.append(f"**{device}** ({next(iter(lines.values()))})\n")
         # Runs with --profile on a GPU also saved the device kernels' time per fwd+bwd: a column of its own, so a
         # host-bound row (wall far above its kernels) reads as such.
         kernels = any(r.get("kernels_fwdbwd_ms") is not None for r in dev_rows)
         extra_head, extra_rule = (" fwd+bwd device kernels ms |", "---|") if kernels else ("", "")
+        if several:
+            extra_head, extra_rule = extra_head + " run |", extra_rule + "---|"
         out.append(f"| op | case | dtype | impl | fwd ms | fwd+bwd ms |{extra_head} speedup fwd+bwd vs baseline | "
                    f"TFLOP/s fwd |")  # fmt: skip
         out.append(f"|---|---|---|---|---|---|{extra_rule}---|---|")
         for r in dev_rows:
             if r.get("error"):
-                out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {r['error']} | |{' |' if kernels else ''} | |")
+                blank = (" |" if kernels else "") + (f" {number[run_of(r)]} |" if several else "")
+                out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {r['error']} | |{blank} | |")
                 continue
             tf = "-" if r.get("tflops_fwd") is None else f"{r['tflops_fwd']:.1f}"
-            extra = f" {_ms(r.get('kernels_fwdbwd_ms'))} |" if kernels else ""
+            extra = (f" {_ms(r.get('kernels_fwdbwd_ms'))} |" if kernels else "") + (
+                f" {number[run_of(r)]} |" if several else ""
+            )
             out.append(
                 f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {_ms(r['fwd_ms'])} | {_ms(r['fwdbwd_ms'])} |"
                 f"{extra} {_x(r.get('speedup_fwdbwd'))} | {tf} |"

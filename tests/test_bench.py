@@ -21,7 +21,7 @@ def test_bench_quick_profile_and_report(tmp_path, capsys):
     gm_row = next(r for r in rows if r["impl"] == "gm[cpu]")
     assert gm_row["speedup_fwdbwd"] > 1  # against the naive N x N x B x C baseline, even at N=256
     profile = (tmp_path / (rows_file.stem + "_profile.md")).read_text()
-    assert "gm[cpu]: wall" in profile and "minibatch" in profile
+    assert "gm[cpu]: wall" in profile and "minibatch" in profile and "host (self CPU time):" in profile
     assert "gm[cpu]: wall" in capsys.readouterr().out
     section = report.render(report.load_rows(tmp_path))
     assert "| minibatch_discrimination |" in section and "gm[cpu]" in section
@@ -44,3 +44,22 @@ def test_report_shows_the_device_kernel_time_when_profiled():
     assert len({line.count("|") for line in lines}) == 1
     plain = report.render([{**r, "kernels_fwdbwd_ms": None} for r in rows])
     assert "device kernels" not in plain
+
+
+def test_report_names_each_run_a_table_draws_on():
+    """Rows of one device from several runs (each case from its newest): a numbered list of the runs with their
+    ops, and a run column pointing each row at its run; one run keeps the plain header and no column."""
+    base = {"device": "gpu", "torch": "t", "triton": "3", "case": "k", "dtype": "float32", "impl": "gm[cuda]",
+            "fwd_ms": 1.0, "fwdbwd_ms": 3.0, "speedup_fwdbwd": 1.0, "tflops_fwd": None}  # fmt: skip
+    rows = [{**base, "op": "a", "commit": "old", "date": "d1", "triton_autotune": False},
+            {**base, "op": "b", "commit": "new", "date": "d2", "triton_autotune": True},
+            {**base, "op": "b", "impl": "ref", "commit": "new", "date": "d2", "triton_autotune": True,
+             "error": "OOM"}]  # fmt: skip
+    text = report.render(rows)
+    assert "1. t" in text and "commit old, d1, Triton kernels on their first config (autotune off): a" in text
+    assert "2. t" in text and "commit new, d2: b" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert "| run |" in table[0] and len({line.count("|") for line in table}) == 1
+    assert table[2].startswith("| a |") and "| 1 |" in table[2] and "| 2 |" in table[3] and "| 2 |" in table[4]
+    single = report.render(rows[1:])
+    assert "| run |" not in single and "commit new, d2)" in single

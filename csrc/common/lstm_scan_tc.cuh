@@ -156,10 +156,10 @@ constexpr size_t wgrad_smem_bytes() {
 }
 
 template <typename T, typename S, Precision P>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(128, 3)
     lstm_wgrad_tc(const T* __restrict__ dz, const S* __restrict__ src, const T* __restrict__ init,
                   float* __restrict__ dw, WgradArgs a) {
-  constexpr int kBM = 64, kBQ = 64, kBP = 32;
+  constexpr int kBM = 64, kBQ = 64, kBP = 32, kRowsPerThread = kBM / 4;  // 128 threads: 4 row groups
   constexpr int kRow = kBP * int(sizeof(T)) + 16;  // bytes per shared row (pixels contiguous)
   extern __shared__ __align__(16) unsigned char wgrad_smem[];  // wgrad_smem_bytes<T>(): the dz and src tiles
   unsigned char* a_s = wgrad_smem;
@@ -178,32 +178,54 @@ __global__ void __launch_bounds__(128)
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-  for (int64_t p0 = start; p0 < end; p0 += kBP) {
-    for (int e = threadIdx.x; e < kBM * kBP; e += blockDim.x) {
-      const int row = e / kBP, c = e % kBP;
-      const int64_t p = p0 + c;
-      float va = 0.f, vb = 0.f;
-      if (p < end) {
-        const int64_t n = p / hw, pix = p % hw;
-        const int o = o0 + row, q = q0 + row;
-        if (o < m_rows) va = mma::to_float(dz[(n * m_rows + o) * hw + pix]);
-        if (q < q_cols) {
-          const int i = q / a.taps;
-          int dr, dc;
-          wgrad_tap(a, q % a.taps, dr, dc);
-          const int r = int(pix / a.width) + dr, w = int(pix % a.width) + dc;
-          if (w >= 0 && w < a.width && r < a.height) {
-            if (r >= 0)
-              vb = float(src[((n * a.hid + i) * a.height + r) * a.width + w]);
-            else if (init != nullptr)
-              vb = mma::to_float(init[(n * a.hid + i) * a.width + w]);
-          }
+  // Thread (pixel column c, row group rg) gathers rows rg, rg + 4, ..., rg + 60 of both tiles for pixel p0 + c:
+  // one pixel decomposition per chunk, 32 independent loads in flight, coalesced along pixels within a warp. The
+  // (input channel, tap) of each source row is fixed for the whole block and computed once.
+  const int c = threadIdx.x & 31, rg = threadIdx.x >> 5;
+  int q_it[kRowsPerThread];  // input channel * 16 + tap (taps <= 15), or -1 past q_cols
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int q = q0 + rg + 4 * k, i = q / a.taps;
+    q_it[k] = q < q_cols ? i * 16 + (q - i * a.taps) : -1;
+  }
+  float va[kRowsPerThread], vb[kRowsPerThread];
+  auto gather = [&](int64_t p0) {
+    const int64_t p = p0 + c;
+    const bool ok = p < end;
+    const int64_t n = ok ? p / hw : 0;
+    const int pix = ok ? int(p - n * hw) : 0;
+    const int r = pix / a.width, w = pix - r * a.width;
+    const T* dz_p = dz + n * m_rows * hw + pix;
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int o = o0 + rg + 4 * k;
+      va[k] = ok && o < m_rows ? mma::to_float(dz_p[int64_t(o) * hw]) : 0.f;
+      float v = 0.f;
+      if (ok && q_it[k] >= 0) {
+        const int i = q_it[k] >> 4;
+        int dr, dc;
+        wgrad_tap(a, q_it[k] & 15, dr, dc);
+        const int rr = r + dr, ww = w + dc;
+        if (ww >= 0 && ww < a.width && rr < a.height) {
+          if (rr >= 0)
+            v = float(src[((n * a.hid + i) * a.height + rr) * a.width + ww]);
+          else if (init != nullptr)
+            v = mma::to_float(init[(n * a.hid + i) * a.width + ww]);
         }
       }
-      *reinterpret_cast<T*>(a_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(va);
-      *reinterpret_cast<T*>(b_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(vb);
+      vb[k] = v;
+    }
+  };
+  if (start < end) gather(start);
+  for (int64_t p0 = start; p0 < end; p0 += kBP) {
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int row = rg + 4 * k;
+      *reinterpret_cast<T*>(a_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(va[k]);
+      *reinterpret_cast<T*>(b_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(vb[k]);
     }
     __syncthreads();
+    if (p0 + kBP < end) gather(p0 + kBP);  // the next chunk's loads fly while this one's MMAs run
 #pragma unroll
     for (int ks = 0; ks < kBP * int(sizeof(T)) / mma::kStepBytes; ++ks) {
       std::uint32_t af[2][4], bf[4][2];
@@ -228,7 +250,8 @@ __global__ void __launch_bounds__(128)
       }
 }
 
-// Launch: dw zeroed, pixel splits sized to fill ~2 blocks per SM (132 SMs assumed for the split count only).
+// Launch: dw zeroed, pixel splits sized to fill 3 blocks per SM (132 SMs assumed for the split count only; the
+// kernel is bounded to 168 registers a thread for 3 resident blocks), at least 256 pixels each.
 template <typename T, typename S, Precision P>
 void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream) {
   const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
@@ -236,7 +259,7 @@ void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs
   const int64_t pixels = a.n * a.height * a.width;
   if (pixels == 0) return;
   const int64_t tiles = int64_t((q_cols + 63) / 64) * ((m_rows + 63) / 64);
-  int64_t splits = (264 + tiles - 1) / tiles;
+  int64_t splits = (396 + tiles - 1) / tiles;
   if (splits > pixels / 256) splits = pixels / 256 > 0 ? pixels / 256 : 1;
   a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
   const dim3 grid(static_cast<unsigned>((q_cols + 63) / 64), static_cast<unsigned>((m_rows + 63) / 64),
