@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--graphs", action="store_true",
+                   help="on a GPU, also time each implementation's forward+backward replayed from a CUDA graph (the "
+                        "kernels' time without the host's per-launch cost; a failed capture is reported per row)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each gm row and the baseline's forward+backward (torch.profiler: wall time, "
                         "device kernel time, top kernels), printed and saved beside the rows as <results>_profile.md")
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     harness.WITH_COMPILE = not args.no_compile
     harness.PROFILE = args.profile
+    harness.GRAPHS = args.graphs
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -4,7 +4,7 @@
 # (default ./gpu_out). Every stage is bounded by a timeout (build 300 s, tests 300 + 90 s, bench 300 s).
 #   bash bench/gpu_check.sh                                   (defaults: gpu tests, full table without compile)
 #   TESTS="tests/ops" BENCH_OPS="masked_conv" BENCH_ARGS="--quick" bash bench/gpu_check.sh
-# BENCH_ARGS defaults to "--no-compile --profile" (the torch.compile baselines take minutes to compile); set
+# BENCH_ARGS defaults to "--no-compile --profile --graphs" (the torch.compile baselines take minutes to compile); set
 # BENCH_ARGS=" " for them.
 # STAGES (default "build,warm,tests,bench") splits the work across device calls, which may each run 10 minutes at most;
 # the build stays on the warm machine between calls:
@@ -72,15 +72,16 @@ fi
 # the last run and still furthest from their targets; masked_conv has two runs already.
 BENCH_OPS="${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv,models}"
 ops_arg=(--ops "$BENCH_OPS")
-# BENCH_ARGS defaults to "--no-compile --profile": the profile (torch.profiler: wall vs device-kernel time, top
+# BENCH_ARGS defaults to "--no-compile --profile --graphs": --graphs adds each row's fwd+bwd replayed from a CUDA
+# graph (the kernels' time without the host's launch cost, which dominated the small cases on that machine); the profile (torch.profiler: wall vs device-kernel time, top
 # kernels of each gm row and baseline) lands beside the rows as <results>_profile.md.
 # DEADLINE (seconds after the start) bounds the bench by what is left of the call instead of BENCH_TIMEOUT;
 # BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config).
 if want bench; then
 bt="${BENCH_TIMEOUT:-300}"
 if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
-stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile}"
-GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile} >"$OUT/bench.log" 2>&1
+stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile --graphs}"
+GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile --graphs} >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"
 fi
 stage "done"

@@ -27,6 +27,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WITH_COMPILE = True  # python -m bench --no-compile drops the "+compile" baselines (their compile time is long)
 PROFILE = False  # python -m bench --profile: a torch.profiler breakdown of each gm row and the case's baseline
+GRAPHS = False  # python -m bench --graphs: also time each implementation's fwd+bwd replayed from a CUDA graph
 
 
 @dataclasses.dataclass
@@ -61,6 +62,10 @@ class Row:
     # --profile on a GPU: the device kernels' summed time per fwd+bwd (what the step costs the GPU, apart from the
     # host time that fwdbwd_ms also holds; a row whose fwdbwd_ms is far above it is host-bound)
     kernels_fwdbwd_ms: float | None = None
+    # --graphs on a GPU: fwd+bwd captured once into a CUDA graph and replayed (no host work per step: the GPU's own
+    # time, as a training loop under CUDA graphs sees it), or why the capture failed
+    graph_fwdbwd_ms: float | None = None
+    graph_error: str | None = None
     profile: dict | None = None  # --profile: profile_fwd_bwd()'s summary (not saved in the JSON lines)
 
 
@@ -142,6 +147,27 @@ def _peak_mib(run: Callable[[], None], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def _graph_ms(run: Callable[[], None], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
+    """Milliseconds per replay of `run` (a fwd+bwd) captured into a CUDA graph: warmed up on a side stream (capture
+    needs the autotuners, caches and allocations settled), captured once, replayed by _time_ms."""
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+        return _time_ms(graph.replay, device, warmup_ms, rep_ms)
+    finally:
+        del graph
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def short_error(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".splitlines()[0]
     return text[:90]
@@ -157,6 +183,11 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
             run = _fwd_bwd_fn(fn, inputs)
             row.fwdbwd_ms = _time_ms(run, device, warmup_ms, rep_ms)
             row.peak_mib = _peak_mib(run, device)
+            if GRAPHS and device.type == "cuda" and row.fwdbwd_ms < SLOW_MS:  # (not the slow eager references)
+                try:
+                    row.graph_fwdbwd_ms = _graph_ms(run, device, warmup_ms, rep_ms)
+                except Exception as err:  # noqa: BLE001  (an op that cannot be captured is a finding, not a crash)
+                    row.graph_error = short_error(err)
             if PROFILE and (label.startswith("gm[") or label == case.baseline):
                 row.profile = profile_fwd_bwd(run, device)
                 if row.profile["kernels_us"] is not None:
@@ -300,17 +331,21 @@ def _fmt(v, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = "| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | TFLOP/s fwd | GB/s fwd | peak MiB |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | TFLOP/s fwd | GB/s fwd | "
+            "peak MiB | fwd+bwd CUDA graph ms |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |")
+            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |  |")
             continue
+        graph = "capture failed" if r.graph_error else _fmt(r.graph_fwdbwd_ms, ".3f")
         lines.append(
             f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
             f"{_fmt(r.speedup_fwd, '.2f')} | {_fmt(r.speedup_fwdbwd, '.2f')} | {_fmt(r.tflops_fwd, '.1f')} | "
-            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} |"
+            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {graph} |"
         )
+    failed = [r for r in rows if r.graph_error]
+    lines += [f"  graph capture failed, {r.impl}: {r.graph_error}" for r in failed]
     return "\n".join(lines)
 
 

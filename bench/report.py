@@ -58,24 +58,28 @@ def render(rows: list[dict]) -> str:
             out += [f"{number[key]}. {line}: {', '.join(runs[key])}" for key, line in lines.items()] + [""]
         else:
             out.append(f"**{device}** ({next(iter(lines.values()))})\n")
-        # Runs with --profile on a GPU also saved the device kernels' time per fwd+bwd: a column of its own, so a
-        # host-bound row (wall far above its kernels) reads as such.
-        kernels = any(r.get("kernels_fwdbwd_ms") is not None for r in dev_rows)
-        extra_head, extra_rule = (" fwd+bwd device kernels ms |", "---|") if kernels else ("", "")
+        # Optional columns, each shown where some row has it: the device kernels' time per fwd+bwd (runs with
+        # --profile on a GPU: a host-bound row's wall time is far above it), the fwd+bwd replayed from a CUDA graph
+        # (--graphs: no host cost per launch), and the run a row comes from when the table draws on several.
+        extras = []
+        if any(r.get("kernels_fwdbwd_ms") is not None for r in dev_rows):
+            extras.append(("fwd+bwd device kernels ms", lambda r: _ms(r.get("kernels_fwdbwd_ms"))))
+        if any(r.get("graph_fwdbwd_ms") is not None or r.get("graph_error") for r in dev_rows):
+            extras.append(("fwd+bwd CUDA graph ms",
+                           lambda r: "capture failed" if r.get("graph_error") else _ms(r.get("graph_fwdbwd_ms"))))  # fmt: skip
         if several:
-            extra_head, extra_rule = extra_head + " run |", extra_rule + "---|"
+            extras.append(("run", lambda r: str(number[run_of(r)])))
+        extra_head = "".join(f" {name} |" for name, _ in extras)
         out.append(f"| op | case | dtype | impl | fwd ms | fwd+bwd ms |{extra_head} speedup fwd+bwd vs baseline | "
                    f"TFLOP/s fwd |")  # fmt: skip
-        out.append(f"|---|---|---|---|---|---|{extra_rule}---|---|")
+        out.append(f"|---|---|---|---|---|---|{'---|' * len(extras)}---|---|")
         for r in dev_rows:
             if r.get("error"):
-                blank = (" |" if kernels else "") + (f" {number[run_of(r)]} |" if several else "")
+                blank = "".join(f" {get(r)} |" if name == "run" else " |" for name, get in extras)
                 out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {r['error']} | |{blank} | |")
                 continue
             tf = "-" if r.get("tflops_fwd") is None else f"{r['tflops_fwd']:.1f}"
-            extra = (f" {_ms(r.get('kernels_fwdbwd_ms'))} |" if kernels else "") + (
-                f" {number[run_of(r)]} |" if several else ""
-            )
+            extra = "".join(f" {get(r)} |" for _, get in extras)
             out.append(
                 f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {_ms(r['fwd_ms'])} | {_ms(r['fwdbwd_ms'])} |"
                 f"{extra} {_x(r.get('speedup_fwdbwd'))} | {tf} |"

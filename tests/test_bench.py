@@ -63,3 +63,14 @@ def test_report_names_each_run_a_table_draws_on():
     assert table[2].startswith("| a |") and "| 1 |" in table[2] and "| 2 |" in table[3] and "| 2 |" in table[4]
     single = report.render(rows[1:])
     assert "| run |" not in single and "commit new, d2)" in single
+
+
+def test_report_shows_cuda_graph_times_and_failed_captures():
+    base = {"device": "gpu", "torch": "t", "triton": "3", "commit": "c", "date": "d", "op": "op", "case": "k",
+            "dtype": "float32", "fwd_ms": 1.0, "fwdbwd_ms": 3.0, "speedup_fwdbwd": 1.0, "tflops_fwd": None}  # fmt: skip
+    rows = [{**base, "impl": "gm[cuda]", "graph_fwdbwd_ms": 0.5}, {**base, "impl": "F", "graph_error": "boom"},
+            {**base, "impl": "reference", "error": "OOM"}]  # fmt: skip
+    lines = [line for line in report.render(rows).splitlines() if line.startswith("|")]
+    assert "fwd+bwd CUDA graph ms" in lines[0] and "| 0.500 |" in lines[2] and "| capture failed |" in lines[3]
+    assert len({line.count("|") for line in lines}) == 1
+    assert "CUDA graph" not in report.render([{**base, "impl": "x"}])
