@@ -30,3 +30,26 @@ def test_every_split_keeps_at_least_256_steps(tiles, work):
 
 def test_no_split_when_the_tiles_fill_the_gpu_and_the_reduction_is_short():
     assert _reduction_splits(264, 512, SLOTS) == 1
+
+
+def test_minibatch_splits_fill_whole_waves():
+    """N = 1024, B = 100 (104 blocks): 2 forward parts fill one wave of 264 slots (3, the old rule, spilled 48
+    blocks into a second); the backward's 528 slots take 4."""
+    from gm.ops.minibatch import _splits_for  # noqa: PLC0415
+
+    assert _splits_for(104, 1024, 264) == 2
+    assert _splits_for(104, 1024, 528) == 4
+
+
+@pytest.mark.parametrize("n", [1, 3, 127, 128, 300, 1000, 1024, 4097, 65536])
+@pytest.mark.parametrize("slots", [264, 528])
+def test_minibatch_splits_are_what_the_kernels_launch(n, slots):
+    """The part count returned is the one the CUDA launcher derives from it (whole 64-j tiles, no empty part): the
+    partial-sum buffer is sized by it."""
+    from gm.ops.minibatch import _splits_for  # noqa: PLC0415
+
+    tiles = -(-n // 128) * 13
+    s = _splits_for(tiles, n, slots)
+    per_part = -(-n // s)
+    chunk = -(-per_part // 64) * 64  # csrc/minibatch/minibatch_cuda.cu: j_chunk
+    assert 1 <= s <= 64 and -(-n // chunk) == s
