@@ -161,11 +161,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     T* wr = reinterpret_cast<T*>(smem_raw + (t & 1) * buf_bytes);
     for (int item = warp; item < items; item += warps) {
       const int tile = item % tiles, row0 = (item / tiles) * kItemRows;
+      // What the forward saved for this thread's cells (c, the four activations, c of the left neighbour, dy):
+      // loaded unconditionally (zero outside the image) so each half's loads issue together, half 0's before the
+      // GEMM so their latency hides behind it; half 1's right after it, while half 0 computes. Read once, so they
+      // stream past L1 (ld.global.cs) and leave it to the packed weights that every k-step reads.
+      auto load_half = [&](int half, float (&in)[4][2][7]) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int unit = tile * 16 + gq + 8 * half, i = row0 + 8 * j + 2 * tq + e;
+            const bool ok = unit < hid && g.inside(i, t), left = ok && t - i > 0;
+            const float* st = st_n + (ok ? g.pix(i, t) * 5 * hid + unit : 0);
+            const float* st_left = st_n + (left ? g.pix(i, t - 1) * 5 * hid + unit : 0);
+#pragma unroll
+            for (int q = 0; q < 5; ++q) in[j][e][q] = ok ? __ldcs(st + q * hid) : 0.f;
+            in[j][e][5] = left ? __ldcs(st_left) : 0.f;
+            in[j][e][6] = ok ? to_float(__ldcs(dy_n + (g.pix(i, t) * hid + unit))) : 0.f;
+          }
+      };
+      float in[4][2][7];
+      load_half(0, in);
       float acc[1][4][4];
       // Tap 0 (w_up^T) reads da of the pixel below: buffer row i + 1; tap 1 (w_left^T) the pixel right: row i.
       step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, row0 + 1, -1, 2, tap_steps, lane);
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
+      for (int half = 0; half < 2; ++half) {
+        if (half == 1) load_half(1, in);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -174,11 +196,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             float* dc_at = dc_buf + i * c_stride + unit;
             float da[4] = {0.f, 0.f, 0.f, 0.f}, dc_pass = 0.f;
             if (unit < hid && g.inside(i, t)) {
-              const int64_t p = g.pix(i, t);
-              const float* st = st_n + p * 5 * hid + unit;
-              const float c = st[0], s_i = st[hid], s_f = st[2 * hid], s_o = st[3 * hid], t_g = st[4 * hid];
-              const float c_left = t - i > 0 ? st_n[g.pix(i, t - 1) * 5 * hid + unit] : 0.f;
-              const float dh = acc[0][j][2 * half + e] + to_float(dy_n[p * hid + unit]);
+              const float* v = in[j][e];
+              const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_left = v[5];
+              const float dh = acc[0][j][2 * half + e] + v[6];
               const float t_c = act_tanh<T>(c);
               const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
               da[0] = dc * t_g * s_i * (1.f - s_i);
@@ -186,7 +206,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               da[2] = dh * t_c * s_o * (1.f - s_o);
               da[3] = dc * s_i * (1.f - t_g * t_g);
               dc_pass = dc * s_f;
-              T* dg = dg_n + p * 4 * hid + unit;
+              T* dg = dg_n + g.pix(i, t) * 4 * hid + unit;
 #pragma unroll
               for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);
             }
@@ -195,6 +215,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
             for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(da[q]);
           }
+      }
     }
     __syncthreads();  // da of step t complete for every warp; the buffer of step t + 1 is free
   }

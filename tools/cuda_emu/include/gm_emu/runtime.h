@@ -166,6 +166,7 @@ template <class T> T atomicCAS(T* p, T cmp, T v) { const T old = *p; if (old == 
 
 inline std::size_t __cvta_generic_to_shared(const void* p) { return gm_emu::shared_address(p); }
 template <class T> T __ldg(const T* p) { return *p; }
+template <class T> T __ldcs(const T* p) { return *p; }  // cache-streaming load: a plain load here
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
