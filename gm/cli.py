@@ -71,7 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model, preset=args.preset, data=args.data or defaults.data,
         binarize=args.binarize or defaults.binarize, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
-        precision=args.precision or defaults.precision, compile=args.compile, backend=args.backend,
+        precision=args.precision or defaults.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        backend=args.backend,
         device=args.device, out=args.out or f"runs/{args.model}-{args.preset}",
         seed=args.seed if args.seed is not None else defaults.seed, eval_every=args.eval_every,
         sample_every=args.sample_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
@@ -173,6 +174,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each training step from a CUDA graph (GPU, fp32/bf16, one process): removes the "
+                        "host's per-kernel launch cost, which bounds small models")
     p.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None, help="default: auto")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default=None, help="run directory (default runs/MODEL-PRESET)")

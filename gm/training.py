@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-3
     precision: str = "fp32"
     compile: bool = False
+    cuda_graphs: bool = False
     backend: str | None = None
     device: str = "auto"
     out: str = "runs/pixelcnn"
@@ -332,6 +333,69 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
+def _check_cuda_graphs(cfg: TrainConfig, device: torch.device) -> None:
+    if not cfg.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise TrainError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if cfg.precision == "fp16":
+        raise TrainError("--cuda-graphs takes --precision fp32 or bf16, got fp16 (its loss scaler is not capturable)")
+    if cfg.compile:
+        raise TrainError("--cuda-graphs and --compile are exclusive: choose one")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainError("--cuda-graphs runs in a single process, got WORLD_SIZE > 1 (torchrun)")
+
+
+class GraphedStep:
+    """One training step (forward, loss, backward, Adam step) replayed from a CUDA graph: the host launches one
+    graph per step instead of every kernel, which is what bounds the small models' step time on a GPU host.
+
+    The first `warmup` calls run eagerly on a side stream (capture needs the autotuners, caches and the optimizer's
+    state settled), each a real step on its batch; the next call captures the step on a static input buffer and
+    replays it, later calls copy their batch into that buffer and replay. The optimizer must be capturable
+    (Adam(capturable=True)); parameters are updated in place, so checkpoints, evaluation and sampling between steps
+    see them as in eager mode. Returns the step's loss (a tensor the next replay overwrites)."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, dims: int, warmup: int = 3):
+        self.model, self.opt, self.dims, self.warmup = model, opt, dims, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        loss = self.model.metric(self.model.nll(x, self.model(x)), self.dims).mean()
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        main = torch.cuda.current_stream(x.device)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                loss = self._step(x)
+            main.wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.static_x = x.clone()
+            self.opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in its pool
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.static_loss = self._step(self.static_x)
+            except RuntimeError as err:
+                raise TrainError(f"--cuda-graphs: the training step could not be captured ({err}); "
+                                 "train without --cuda-graphs") from err  # fmt: skip
+        else:
+            self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_loss
+
+
 def train(
     cfg: TrainConfig, *, resume: str | bool | None = None, given: frozenset[str] = frozenset(), log=print
 ) -> dict:
@@ -358,6 +422,7 @@ def train(
             f"{data.shape[0]} channels: choose a preset for this data"
         )
     device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts
+    _check_cuda_graphs(cfg, device)
     dist = _Dist(device.type)
     try:
         return _run(cfg, name, model_cfg, data, ckpt, dist, device, log)
@@ -380,7 +445,7 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
     random.seed(cfg.seed)
     model = gmmodels.get(name, cfg.preset, backend=cfg.backend).to(device)
     model.compute_dtype = gmmodels.PRECISIONS[cfg.precision]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, capturable=cfg.cuda_graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     step = 0
     if ckpt is not None:
@@ -396,6 +461,7 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
         runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         runner = torch.compile(runner)
+    graphed = GraphedStep(model, opt, dims=math.prod(data.shape)) if cfg.cuda_graphs else None
 
     out = Path(cfg.out)
     metrics_path, ckpt_path, samples_path = out / METRICS_NAME, out / CHECKPOINT_NAME, out / SAMPLES_NAME
@@ -467,12 +533,15 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
             break
         idx, _, _ = batch_indices(cfg.seed, step, n_train, global_batch)
         x = make_batch(data.train, idx, levels, cfg.binarize, cfg.seed, step)[dist.rank :: dist.world].to(device)
-        logits = runner(x)
-        loss = model.metric(model.nll(x, logits), dims).mean()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        if graphed is not None:
+            loss = graphed(x)
+        else:
+            logits = runner(x)
+            loss = model.metric(model.nll(x, logits), dims).mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         step += 1
         window_imgs += global_batch
         images_done += global_batch

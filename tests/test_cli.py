@@ -159,3 +159,42 @@ def test_bad_input_exits_with_a_message_and_overwrites_nothing(finished_run, tmp
     _bad(["eval", str(tmp_path / "missing.pt")], capsys, "does not exist")
     _bad(["download", "mnist", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:1/", "--timeout", "5"], capsys,
          "Are you offline")  # fmt: skip
+
+
+def test_cuda_graphs_refuses_what_it_cannot_capture(tmp_path, capsys):
+    """--cuda-graphs needs a CUDA device and a capturable step: a clear message and exit 2 otherwise, nothing
+    written."""
+    out = tmp_path / "g"
+    _bad(["train", "pixelcnn", *FAST, "--steps", "1", "--cuda-graphs", "--out", str(out)], capsys,
+         "--cuda-graphs needs a CUDA device, got cpu")  # fmt: skip
+    assert not out.exists()
+    if torch.cuda.is_available():
+        _bad(["train", "pixelcnn", "--preset", "tiny", "--steps", "1", "--device", "cuda", "--cuda-graphs",
+              "--precision", "fp16", "--out", str(out)], capsys, "not capturable")  # fmt: skip
+        _bad(["train", "pixelcnn", "--preset", "tiny", "--steps", "1", "--device", "cuda", "--cuda-graphs",
+              "--compile", "--out", str(out)], capsys, "exclusive")  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["pixelcnn", "diagonal_bilstm"])
+def test_gpu_cuda_graphs_train_like_eager(model, tmp_path):
+    """Training steps replayed from a CUDA graph (after 3 eager warm-up steps) follow the eager run's losses and end
+    at its weights, and the graphed run resumes from its checkpoint."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    common = [model, "--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--n-samples", "0", "--device",
+              "cuda", "--eval-every", "0", "--seed", "3", "--steps", "8"]  # fmt: skip
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert main(["train", *common, "--out", str(eager)]) == 0
+    assert main(["train", *common, "--cuda-graphs", "--out", str(graphed)]) == 0
+    le, lg = _losses(eager), _losses(graphed)
+    assert len(le) == len(lg) == 8
+    for a, b in zip(le, lg, strict=True):
+        assert abs(a - b) <= 1e-3 * abs(a), (le, lg)
+    a, b = _state(eager)["model_state"], _state(graphed)["model_state"]
+    for name, t in a.items():
+        torch.testing.assert_close(b[name], t, rtol=1e-3, atol=1e-4, msg=name)
+    assert main(["train", model, "--preset", "tiny", "--steps", "10", "--out", str(graphed), "--resume",
+                 "--cuda-graphs", "--log-every", "1", "--n-samples", "0", "--eval-every", "0", "--device",
+                 "cuda"]) == 0  # fmt: skip
+    assert _state(graphed)["step"] == 10 and len(_losses(graphed)) == 10
