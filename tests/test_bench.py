@@ -74,3 +74,13 @@ def test_report_shows_cuda_graph_times_and_failed_captures():
     assert "fwd+bwd CUDA graph ms" in lines[0] and "| 0.500 |" in lines[2] and "| capture failed |" in lines[3]
     assert len({line.count("|") for line in lines}) == 1
     assert "CUDA graph" not in report.render([{**base, "impl": "x"}])
+
+
+def test_host_cost_tool_runs_every_module(capsys):
+    """python -m bench.host: gm's per-call host cost with the CUDA kernels stubbed, one row per module."""
+    from bench import host  # noqa: PLC0415
+
+    assert host.main(["--calls", "3"]) == 0
+    out = capsys.readouterr().out
+    for name in ("MaskedConv2d", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "IAFStep", "nn.Linear"):
+        assert f"| {name}" in out

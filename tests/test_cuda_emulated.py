@@ -547,3 +547,23 @@ def test_emulator_catches_gemm_pipeline_bugs(mutant, barrier_mutant, monkeypatch
     assert not _close(y, y_ref, torch.bfloat16), "the emulator missed the removed cp.async wait"
     _, _, dw, dw_ref = _masked_linear_vs_reference(barrier_mutant, monkeypatch)
     assert not _close(dw, dw_ref, torch.bfloat16), "the emulator missed the removed weight-gradient barrier"
+
+
+def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):
+    """gm.ops._lstm_cuda.diagonal_fits (auto's test for picking the cuda scans) agrees with the kernels' own check at
+    the boundary: h=192 (float32, H=32) needs 228,512 bytes, under the 227 KB opt-in, and runs forward and backward;
+    h=193 pads to 208 and needs 247,456: the backward refuses it."""
+    from gm.ops._lstm_cuda import diagonal_fits, diagonal_smem_bytes  # noqa: PLC0415
+
+    assert diagonal_smem_bytes(192, 32, 4) == 228_512 and diagonal_fits(192, 32, 4, 0)
+    assert diagonal_smem_bytes(193, 32, 4) == 247_456 and not diagonal_fits(193, 32, 4, 0)
+    for hid, fits in ((192, True), (193, False)):
+        gates = (0.1 * torch.randn(1, 4 * hid, 32, 1)).requires_grad_()
+        w = (torch.randn(4 * hid, hid, 2) / hid).requires_grad_()
+        y = gm.ops.diagonal_lstm(gates, w, backend="cuda")
+        if fits:
+            y.sum().backward()
+            assert torch.isfinite(gates.grad).all()
+        else:
+            with pytest.raises(ValueError, match="shared memory.*triton"):
+                y.sum().backward()

@@ -21,6 +21,26 @@ def padded_hidden(hid: int) -> int:
     return -(-hid // 16) * 16
 
 
+_DEFAULT_SMEM_OPTIN = 227 * 1024  # sm_80 (163 KB) and sm_90 report theirs; this stands in where torch does not say
+
+
+def diagonal_smem_bytes(hid: int, height: int, elem: int) -> int:
+    """Shared memory of the diagonal scan's larger kernel, the backward (csrc/diagonal_lstm: smem_bytes with four
+    gate blocks per row): two [row][4 hp] gate-gradient buffers of 32-row chunks plus a float32 [row][hp + 1] slot
+    array."""
+    hp, rows = padded_hidden(hid), 32 * -(-height // 32)
+    return 2 * (rows + 1) * (4 * hp * elem + 16) + rows * (hp + 1) * 4
+
+
+@torch.compiler.assume_constant_result
+def diagonal_fits(hid: int, height: int, elem: int, device_index: int) -> bool:
+    """Whether the cuda diagonal scans fit this GPU's shared memory per block (otherwise they raise, and auto picks
+    the triton scans, which keep their state in registers and global memory)."""
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", None) or _DEFAULT_SMEM_OPTIN
+    return diagonal_smem_bytes(hid, height, elem) <= limit
+
+
 def _fragment_index(m: int, k: int, k_step: int) -> torch.Tensor:
     """Flat indices into a row-major (m, k) matrix in mma.sync A-fragment order, [m16 tile][k-step][lane][element]
     (PTX ISA fragment layouts; g = lane / 4, t = lane % 4):

@@ -268,6 +268,17 @@ def check_diagonal_lstm_args(gates, w_ss, reverse) -> None:
         raise ValueError(f"reverse must be a bool, got {reverse!r}")
 
 
+def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
+    """Whether auto may pick the cuda scans for these gates: a CUDA tensor of a dtype they take (not float64) whose
+    hidden size and height fit the kernels' shared memory on its GPU."""
+    if gates.device.type != "cuda" or gates.dtype == torch.float64:
+        return False
+    from gm.ops._lstm_cuda import diagonal_fits  # noqa: PLC0415
+
+    index = gates.device.index if gates.device.index is not None else torch.cuda.current_device()
+    return diagonal_fits(int(hid), int(gates.shape[2]), gates.element_size(), index)
+
+
 def diagonal_lstm(
     gates: torch.Tensor, w_ss: torch.Tensor, *, reverse: bool = False, backend: str | None = None
 ) -> torch.Tensor:
@@ -280,8 +291,9 @@ def diagonal_lstm(
         w_ss: (4h, h, 2) state-to-state weights, tap 0 for the pixel above, tap 1 for the pixel to the left
             (to the right when reverse). Same dtype and device as gates.
         reverse: scan right to left (≡ flip the width, scan, flip back).
-        backend: None (auto: "triton" for CUDA tensors, "cpu" for CPU ones), "reference", "cpu", "triton" or
-            "cuda".
+        backend: None (auto: "cuda" for CUDA tensors where gm._C has CUDA kernels, the dtype is 16-bit or float32
+            and the scan fits the GPU's shared memory, else "triton"; "cpu" for CPU ones), "reference", "cpu",
+            "triton" or "cuda".
 
     Returns:
         h (N, h, H, W), gates' dtype.
@@ -292,8 +304,8 @@ def diagonal_lstm(
         torch.Size([2, 16, 8, 8])
     """
     check_diagonal_lstm_args(gates, w_ss, reverse)
-    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an
-    # H200 (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed on
-    # a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster.
-    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
+    # Auto: the cuda (tensor-core) scans where they run, the triton ones otherwise. On an H200 the DiagonalBiLSTM
+    # layer (N=32, h=64, 32x32) ran 5.86 / 4.71 ms fwd+bwd on cuda against 6.97 / 7.49 on triton (fp32 / bf16,
+    # bench/results/2026-11-28_run3_nvidia-h200.jsonl), the Triton launches costing that host more than the kernels.
+    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=cuda_auto_ok(gates, w_ss.shape[1]))
     return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

@@ -214,3 +214,16 @@ def test_gpu_auto_picks_triton(monkeypatch):
         assert mod.diagonal_lstm(gates, w_ss).shape == (2, 4, 5, 6)
 
     assert_auto_picks_triton("gm.ops.diagonal_lstm", call, monkeypatch)
+
+
+def test_auto_picks_cuda_scans_only_where_they_run():
+    """Auto's cuda test: CUDA tensors of float16/bfloat16/float32 whose scan fits the GPU's shared memory; CPU
+    tensors and float64 never (the cuda scans do not take float64)."""
+    from gm.ops.diagonal_lstm import cuda_auto_ok  # noqa: PLC0415
+
+    assert not cuda_auto_ok(torch.randn(1, 8, 4, 4), 2)
+    if torch.cuda.is_available():
+        g = torch.randn(1, 256, 32, 32, device="cuda")
+        assert cuda_auto_ok(g, 64) and cuda_auto_ok(g.bfloat16(), 64)
+        assert not cuda_auto_ok(g.double(), 64)
+        assert not cuda_auto_ok(torch.randn(1, 4 * 256, 128, 1, device="cuda"), 256)

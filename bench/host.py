@@ -1,0 +1,100 @@
+"""gm's host cost per call, without a GPU: `python -m bench.host [--profile NAME] [--calls N]`.
+
+Each module runs forward+backward on tiny CPU tensors with backend="cuda" routed (through tools/cuda_emu's patches)
+to a stub extension whose kernel entry points return at once, so what is timed is the Python and torch dispatch
+that a GPU step pays before its kernels run: argument checks, backend choice, autograd, layout helpers, weight
+packing, allocations and launch arguments. On the H200 machine's host that cost was what set the eager time of
+the small benchmark cases (bench/NOTES.md), so it is tracked here, where it can be measured. A tiny real
+nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import types
+
+import torch
+
+
+class _StubExtension(types.ModuleType):
+    """Every attribute is a kernel entry point that does nothing."""
+
+    with_cuda = True
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def _modules():
+    from gm import nn as gnn  # noqa: PLC0415
+
+    return {
+        "MaskedConv2d 3x3 B": (lambda: gnn.MaskedConv2d(8, 8, 3, mask="B", backend="cuda"), (2, 8, 5, 5)),
+        "RowLSTM": (lambda: gnn.RowLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
+        "DiagonalBiLSTM": (lambda: gnn.DiagonalBiLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
+        "MinibatchDiscrimination": (lambda: gnn.MinibatchDiscrimination(8, kernels=4, dim=3, backend="cuda"), (6, 8)),
+        "IAFStep": (lambda: gnn.IAFStep(8, 16, backend="cuda"), (4, 8)),
+        "nn.Linear (real, tiny)": (lambda: torch.nn.Linear(8, 8), (4, 8)),
+    }
+
+
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor):
+    params = list(module.parameters())
+
+    def run():
+        out = module(x)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return run
+
+
+def time_us(run, calls: int, repeats: int = 5) -> float:
+    for _ in range(20):
+        run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--profile", default=None, help="a module name from the table: cProfile its fwd+bwd")
+    args = p.parse_args(argv)
+    from tools.cuda_emu import emulated  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    with emulated(_StubExtension("gm_stub_extension")):
+        modules = _modules()
+        print("| module | host us per fwd+bwd (min of 5) |\n|---|---|")
+        for name, (make, shape) in modules.items():
+            run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))
+            print(f"| {name} | {time_us(run, args.calls):.1f} |", flush=True)
+        if args.profile:
+            make, shape = modules[args.profile]
+            run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                run()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
