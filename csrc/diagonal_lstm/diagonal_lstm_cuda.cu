@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           const bool in = real && g.inside(i, t);
           const T* at = gates_n + (in ? g.pix(i, t) * 4 * hid + unit : 0);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(at[q * hid]) : 0.f;
+          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid)) : 0.f;  // read once
         }
       float acc[2][4][4];
       // Up tap: image row i - 1 sits at buffer row i; left tap: image row i at buffer row i + 1.

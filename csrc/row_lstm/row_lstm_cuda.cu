@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           const bool in = real && col < W;
           const T* at = gates_n + (in ? int64_t(unit) * hw + plane + col : 0);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(at[q * hid * hw]) : 0.f;
+          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid * hw)) : 0.f;  // read once
         }
       float acc[2][4][4];
       // Tap t reads column col + t - k/2, at buffer row col + t.
