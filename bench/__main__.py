@@ -8,6 +8,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] cases() failed: {harness.short_error(err)}", flush=True)
             continue
         for case in cases:
+            t0 = time.perf_counter()
             case_rows = harness.run_case(case, device, args.warmup_ms, args.rep_ms)
             rows += case_rows
             print("\n".join(harness.format_table(case_rows).splitlines()[2:]), flush=True)
+            # Where a time-boxed GPU run's budget goes (compiles and autotuning count here).
+            print(f"  [{case.op} {case.name} {str(case.dtype).replace('torch.', '')}: {time.perf_counter() - t0:.1f} s; "
+                  f"impls {', '.join(f'{r.impl} {r.seconds:.1f} s' for r in case_rows)}]", flush=True)
             for r in case_rows:
                 if r.profile:
                     print(harness.format_profile(r), flush=True)

@@ -67,6 +67,7 @@ class Row:
     graph_fwdbwd_ms: float | None = None
     graph_error: str | None = None
     profile: dict | None = None  # --profile: profile_fwd_bwd()'s summary (not saved in the JSON lines)
+    seconds: float = 0.0  # wall time this row took to measure (compiles, autotuning, timing, profile)
 
 
 def pick(device: torch.device, quick: bool, *, quick_choice, gpu_choice, cpu_choice):
@@ -175,6 +176,7 @@ def short_error(err: BaseException) -> str:
 
 def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_ms: float, rep_ms: float) -> Row:
     row = Row(case.op, case.name, str(case.dtype).replace("torch.", ""), label)
+    t_start = time.perf_counter()
     try:
         inputs = case.make_inputs()
         with torch.no_grad():
@@ -200,6 +202,7 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
         row.error = short_error(err)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    row.seconds = time.perf_counter() - t_start
     return row
 
 
