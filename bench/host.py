@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--profile", default=None, help="a module name from the table: cProfile its fwd+bwd")
+    p.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime, ...)")
     args = p.parse_args(argv)
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.calls):
                 run()
             prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
     return 0
 
 

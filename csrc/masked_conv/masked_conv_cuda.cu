@@ -235,6 +235,11 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
 
   int row[2], col_byte[2];
   bool cx_ok[2], cg_ok[2];
+  // Pixel of each of this thread's two rows, kept incrementally: load_stage is called with kiter = 0, 1, 2, ... in
+  // order (cp_async_mainloop), so each call advances the pixel by kRows with a few compares instead of the int64
+  // division and two int32 divisions per row and stage that made the index math outweigh the MMAs.
+  std::int64_t p_cur[2], img[2];
+  int ph[2], pw[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int id = tid + r * kThreads;
@@ -242,22 +247,38 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     col_byte[r] = (id % S::kChunksPerRow) * 16;
     cx_ok[r] = c0 * S::kElem + col_byte[r] < args.x_bytes;
     cg_ok[r] = o0 * S::kElem + col_byte[r] < args.g_bytes;
+    p_cur[r] = p_begin + row[r];
+    img[r] = p_cur[r] / hw_size;
+    const int hw = static_cast<int>(p_cur[r] - img[r] * hw_size);
+    ph[r] = hw / args.w;
+    pw[r] = hw - ph[r] * args.w;
   }
+  int k_cur = 0;
   const std::uint32_t smem_base = smem_addr(smem);
 
   auto load_stage = [&](int stage, int kiter) {
     const std::uint32_t a_dst = smem_base + stage * S::kStage;
     const std::uint32_t b_dst = a_dst + S::kTile;
+    const int step = (kiter - k_cur) * S::kRows;  // kRows in order; any forward distance stays exact
+    k_cur = kiter;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const std::int64_t p = p_begin + static_cast<std::int64_t>(kiter) * S::kRows + row[r];
+      p_cur[r] += step;
+      pw[r] += step;
+      while (pw[r] >= args.w) {
+        pw[r] -= args.w;
+        ++ph[r];
+      }
+      while (ph[r] >= args.h) {
+        ph[r] -= args.h;
+        ++img[r];
+      }
+      const std::int64_t p = p_cur[r];
       const bool p_ok = p < p_end;
-      const std::int64_t img = p / hw_size;
-      const int hw = static_cast<int>(p - img * hw_size);
-      const int ih = hw / args.w + off.x, iw = hw % args.w + off.y;
+      const int ih = ph[r] + off.x, iw = pw[r] + off.y;
       const bool ok = p_ok && cx_ok[r] && ih >= 0 && ih < args.h && iw >= 0 && iw < args.w;
       const char* src =
-          ok ? args.x + (img * hw_size + ih * args.w + iw) * args.x_bytes + c0 * S::kElem + col_byte[r] : args.x;
+          ok ? args.x + (img[r] * hw_size + ih * args.w + iw) * args.x_bytes + c0 * S::kElem + col_byte[r] : args.x;
       cp_async16(a_dst + row[r] * S::kRow + col_byte[r], src, ok);
       const bool gok = p_ok && cg_ok[r];
       const char* gsrc = gok ? args.g + p * args.g_bytes + o0 * S::kElem + col_byte[r] : args.g;
