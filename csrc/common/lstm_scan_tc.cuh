@@ -130,9 +130,11 @@ void dispatch(const char* op, int dtype, int precision, Args... args) {
 // with src zero outside the image, except that row -1 reads init[n, i, w + dc(t)] when init is given (row_lstm's h0).
 // Taps: row_lstm (kind 0): dr = -1, dc = t - k/2 for t < k; diagonal_lstm (kind 1): t = 0 the pixel above (-1, 0),
 // t = 1 the left one in scan order (0, -1), or (0, +1) when reversed. dz, src, init NCHW; dw (4h, h, taps) float32,
-// zeroed here and accumulated with atomics over pixel splits (blockIdx.z). A block computes a 64 (o) x 64 (i, t) tile
-// over chunks of 32 pixels, gathered (with the tap shifts and the conversion to T) into shared memory by plain loads;
-// 4 warps of 32 x 32.
+// zeroed here and accumulated with atomics over pixel splits (blockIdx.z). A block computes a 64 (o) x 64 (i) tile of
+// ONE tap t over chunks of 32 pixels, gathered (with the tap's shift and the conversion to T) into shared memory by
+// plain loads; 4 warps of 32 x 32. One tap per block makes the shift, the bounds and the source offset a per-pixel
+// value, so a gathered element costs an address add and a load (the (i, t)-mixed tile took ~100 instructions an
+// element: sm_90 SASS, 3100 instructions a chunk for 16 MMAs).
 
 struct WgradArgs {
   int64_t n;
@@ -155,7 +157,7 @@ constexpr size_t wgrad_smem_bytes() {
   return 2 * 64 * (32 * sizeof(T) + 16);
 }
 
-template <typename T, typename S, Precision P>
+template <typename T, typename S, Precision P, bool kInit>
 __global__ void __launch_bounds__(128, 3)
     lstm_wgrad_tc(const T* __restrict__ dz, const S* __restrict__ src, const T* __restrict__ init,
                   float* __restrict__ dw, WgradArgs a) {
@@ -166,7 +168,10 @@ __global__ void __launch_bounds__(128, 3)
   unsigned char* b_s = wgrad_smem + kBM * kRow;
   const int64_t hw = int64_t(a.height) * a.width, total = a.n * hw;
   const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
-  const int o0 = blockIdx.y * kBM, q0 = blockIdx.x * kBQ;
+  const int i_tiles = (a.hid + kBQ - 1) / kBQ;
+  const int tap = blockIdx.x / i_tiles, i0 = (blockIdx.x - tap * i_tiles) * kBQ, o0 = blockIdx.y * kBM;
+  int dr, dc;
+  wgrad_tap(a, tap, dr, dc);
   const int64_t start = int64_t(blockIdx.z) * a.per_split;
   const int64_t end = start + a.per_split < total ? start + a.per_split : total;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 1, wq = warp >> 1;
@@ -179,41 +184,40 @@ __global__ void __launch_bounds__(128, 3)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
   // Thread (pixel column c, row group rg) gathers rows rg, rg + 4, ..., rg + 60 of both tiles for pixel p0 + c:
-  // one pixel decomposition per chunk, 32 independent loads in flight, coalesced along pixels within a warp. The
-  // (input channel, tap) of each source row is fixed for the whole block and computed once.
-  const int c = threadIdx.x & 31, rg = threadIdx.x >> 5;
-  int q_it[kRowsPerThread];  // input channel * 16 + tap (taps <= 15), or -1 past q_cols
-#pragma unroll
-  for (int k = 0; k < kRowsPerThread; ++k) {
-    const int q = q0 + rg + 4 * k, i = q / a.taps;
-    q_it[k] = q < q_cols ? i * 16 + (q - i * a.taps) : -1;
-  }
+  // one pixel decomposition and one tap shift per chunk, 32 independent loads in flight, coalesced along pixels.
+  const int c = lane, rg = warp;
   float va[kRowsPerThread], vb[kRowsPerThread];
+  // Loads are unconditional from a valid address (the image's first element where the value is a zero) and
+  // selected after, so the gather compiles to straight-line code: no branch per element.
   auto gather = [&](int64_t p0) {
     const int64_t p = p0 + c;
     const bool ok = p < end;
     const int64_t n = ok ? p / hw : 0;
     const int pix = ok ? int(p - n * hw) : 0;
     const int r = pix / a.width, w = pix - r * a.width;
-    const T* dz_p = dz + n * m_rows * hw + pix;
+    const int rr = r + dr, ww = w + dc;
+    const bool in = ok && ww >= 0 && ww < a.width && rr < a.height;
+    const bool from_src = in && rr >= 0;
+    const T* dz_n = dz + n * m_rows * hw + pix;
+    const S* src_n = src + n * a.hid * hw + (from_src ? int64_t(rr) * a.width + ww : 0);
 #pragma unroll
     for (int k = 0; k < kRowsPerThread; ++k) {
-      const int o = o0 + rg + 4 * k;
-      va[k] = ok && o < m_rows ? mma::to_float(dz_p[int64_t(o) * hw]) : 0.f;
-      float v = 0.f;
-      if (ok && q_it[k] >= 0) {
-        const int i = q_it[k] >> 4;
-        int dr, dc;
-        wgrad_tap(a, q_it[k] & 15, dr, dc);
-        const int rr = r + dr, ww = w + dc;
-        if (ww >= 0 && ww < a.width && rr < a.height) {
-          if (rr >= 0)
-            v = float(src[((n * a.hid + i) * a.height + rr) * a.width + ww]);
-          else if (init != nullptr)
-            v = mma::to_float(init[(n * a.hid + i) * a.width + ww]);
+      const int o = o0 + rg + 4 * k, i = i0 + rg + 4 * k;
+      const bool take_a = ok && o < m_rows, take_b = from_src && i < a.hid;
+      const float x = mma::to_float(dz_n[take_a ? int64_t(o) * hw : 0]);
+      const float y = float(src_n[take_b ? int64_t(i) * hw : 0]);
+      va[k] = take_a ? x : 0.f;
+      vb[k] = take_b ? y : 0.f;
+    }
+    if constexpr (kInit) {  // row -1 reads the initial state (row_lstm's h0): one image row in H, a rare branch
+      if (in && rr < 0) {
+        const T* init_n = init + n * a.hid * a.width + ww;
+#pragma unroll
+        for (int k = 0; k < kRowsPerThread; ++k) {
+          const int i = i0 + rg + 4 * k;
+          vb[k] = i < a.hid ? mma::to_float(init_n[int64_t(i) * a.width]) : 0.f;
         }
       }
-      vb[k] = v;
     }
   };
   if (start < end) gather(start);
@@ -245,8 +249,8 @@ __global__ void __launch_bounds__(128, 3)
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int o = o0 + wm * 32 + 16 * m + gq + 8 * (e / 2), q = q0 + wq * 32 + 8 * j + 2 * tq + (e % 2);
-        if (o < m_rows && q < q_cols) atomicAdd(dw + int64_t(o) * q_cols + q, acc[m][j][e]);
+        const int o = o0 + wm * 32 + 16 * m + gq + 8 * (e / 2), i = i0 + wq * 32 + 8 * j + 2 * tq + (e % 2);
+        if (o < m_rows && i < a.hid) atomicAdd(dw + int64_t(o) * q_cols + i * a.taps + tap, acc[m][j][e]);
       }
 }
 
@@ -258,13 +262,17 @@ void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs
   GM_CUDA_CHECK(cudaMemsetAsync(dw, 0, sizeof(float) * m_rows * q_cols, stream));
   const int64_t pixels = a.n * a.height * a.width;
   if (pixels == 0) return;
-  const int64_t tiles = int64_t((q_cols + 63) / 64) * ((m_rows + 63) / 64);
+  const int x_tiles = (a.hid + 63) / 64 * a.taps;
+  const int64_t tiles = int64_t(x_tiles) * ((m_rows + 63) / 64);
   int64_t splits = (396 + tiles - 1) / tiles;
   if (splits > pixels / 256) splits = pixels / 256 > 0 ? pixels / 256 : 1;
   a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
-  const dim3 grid(static_cast<unsigned>((q_cols + 63) / 64), static_cast<unsigned>((m_rows + 63) / 64),
+  const dim3 grid(static_cast<unsigned>(x_tiles), static_cast<unsigned>((m_rows + 63) / 64),
                   static_cast<unsigned>((pixels + a.per_split - 1) / a.per_split));
-  lstm_wgrad_tc<T, S, P><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
+  if (init != nullptr)
+    lstm_wgrad_tc<T, S, P, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
+  else
+    lstm_wgrad_tc<T, S, P, false><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
   GM_CUDA_CHECK_LAUNCH();
 }
 
