@@ -270,13 +270,17 @@ def check_diagonal_lstm_args(gates, w_ss, reverse) -> None:
 
 def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
     """Whether auto may pick the cuda scans for these gates: a CUDA tensor of a dtype they take (not float64) whose
-    hidden size and height fit the kernels' shared memory on its GPU."""
+    hidden size and height fit the kernels' shared memory on its GPU, and whose image's saved state (5h x H x W)
+    stays below 2^31 elements (the kernels' 32-bit offsets)."""
     if gates.device.type != "cuda" or gates.dtype == torch.float64:
         return False
     from gm.ops._lstm_cuda import diagonal_fits  # noqa: PLC0415
 
+    height, width = int(gates.shape[2]), int(gates.shape[3])
+    if 5 * int(hid) * height * width >= 2**31:  # the kernels' 32-bit per-image offsets (they refuse it)
+        return False
     index = gates.device.index if gates.device.index is not None else torch.cuda.current_device()
-    return diagonal_fits(int(hid), int(gates.shape[2]), gates.element_size(), index)
+    return diagonal_fits(int(hid), height, gates.element_size(), index)
 
 
 def diagonal_lstm(
