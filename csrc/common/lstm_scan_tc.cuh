@@ -86,6 +86,26 @@ __device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* _
   }
 }
 
+// acc[kM][4][4] = A[m16 tiles mtile0 .. +kM), k-steps ks0 .. ks0 + count of ksteps] . B, B's k-step s read from
+// buffer row `row` of `buf` (one tap of step_gemm: a k-split of a step's GEMM across warps).
+template <typename T, Precision P, int kM>
+__device__ __forceinline__ void tap_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
+                                         int ksteps, int ks0, int count, std::uint32_t buf, int row_bytes, int row,
+                                         int lane) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+  for (int s = 0; s < count; ++s) {
+    std::uint32_t af[kM][4], bf[4][2];
+    load_a<kM>(af, a_pack, mtile0, ksteps, ks0 + s, lane);
+    mma::row_fragments_b(bf, buf, row_bytes, row, s, lane);
+    mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
+  }
+}
+
 // Zero `bytes` (a multiple of 4) of shared memory with the whole block.
 __device__ __forceinline__ void zero_shared(unsigned char* p, int bytes) {
   for (int e = threadIdx.x; e < bytes / 4; e += blockDim.x) reinterpret_cast<std::uint32_t*>(p)[e] = 0u;

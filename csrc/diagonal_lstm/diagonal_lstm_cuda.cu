@@ -15,8 +15,9 @@
 // The forward stores y and the state the backward reads, per pixel [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o),
 // tanh(a_g)] (5h floats), so no gate pre-activation is ever recomputed. Backward walks the steps in reverse, in pull
 // form: dh(i, t) = dy + w_up^T . da(i + 1, t + 1) + w_left^T . da(i, t + 1), one (hp x 8hp) . (8hp x rows) GEMM per
-// step over da of step t + 1 (shared memory, [image row][gate, unit], double-buffered); a warp owns 16 units x 32 rows
-// and dc * sigmoid(f) passes to the left neighbour through a per-cell shared slot.
+// step over da of step t + 1 (shared memory, [image row][gate, unit], double-buffered); a pair of warps owns 16 units x
+// 32 rows (split by tap, see diagonal_lstm_bwd_tc) and dc * sigmoid(f) passes to the left neighbour through a
+// per-cell shared slot.
 //
 // Gates, y, dy, dgates are channels-last (N, H, W, C); the state is (N, H, W, 5h) float32. bfloat16/float16 run on
 // m16n8k16 tensor cores with float32 accumulation (h and da rounded to the input dtype, the values y and dgates hold);
@@ -134,6 +135,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 }
 
+// Backward items run on warp pairs, split by tap (K): warp kh of a pair multiplies tap kh (4hp of the 8hp reduction),
+// the two exchange the partial dh of the rows the other finishes through shared memory, and each finishes 16 of the
+// item's 32 rows. Per warp and step that halves the MMAs and the cell math, and twice the warps issue them: the
+// single-warp item was issue-bound (sm_90 SASS: ~4100 instructions per warp and step on 4 warps at h = 64, against
+// the forward's ~2300 on 8).
+constexpr int kXchgFloats = 8 * 32;  // per warp: 2 row tiles x 4 accumulator registers, per lane
+
+__host__ __device__ inline int bwd_pairs(int items) { return items < kMaxWarps / 2 ? items : kMaxWarps / 2; }
+
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     diagonal_lstm_bwd_tc(const T* __restrict__ dy, const uint4* __restrict__ a_pack, const float* __restrict__ state,
@@ -145,6 +155,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int buf_bytes = (rows + 1) * row_bytes;
   float* dc_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [image row][hp + 1]: dc * sigmoid(f)
   const int c_stride = hp + 1;
+  const int tiles = hp / 16, items = tiles * g.chunks, pairs = bwd_pairs(items);
+  float* xchg = dc_buf + rows * c_stride;  // [pair][kh][register][lane]: the partial dh a warp hands its partner
   zero_shared(smem_raw, 2 * buf_bytes + rows * c_stride * 4);
   __syncthreads();
 
@@ -152,72 +164,90 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const T* dy_n = dy + n * hw * hid;
   const float* st_n = state + n * hw * 5 * hid;
   T* dg_n = dgates + n * hw * 4 * hid;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int pair = warp >> 1, kh = warp & 1;  // kh: the tap this warp multiplies and the rows (j = 2 kh, 2 kh + 1) it finishes
   const int gq = lane >> 2, tq = lane & 3;
-  const int tiles = hp / 16, items = tiles * g.chunks;
   const int tap_steps = 4 * hp * int(sizeof(T)) / kStepBytes;
   const std::uint32_t s_base = smem_addr(smem_raw);
+  float* x_mine = xchg + (pair * 2 + kh) * kXchgFloats + lane;
+  const float* x_other = xchg + (pair * 2 + (kh ^ 1)) * kXchgFloats + lane;
 
   for (int t = g.width + g.height - 2; t >= 0; --t) {
     const std::uint32_t rd = s_base + ((t + 1) & 1) * buf_bytes;  // da of step t + 1
     T* wr = reinterpret_cast<T*>(smem_raw + (t & 1) * buf_bytes);
-    for (int item = warp; item < items; item += warps) {
+    for (int base = 0; base < items; base += pairs) {  // every warp runs every round: the barriers below match
+      const int item = base + pair;
+      const bool active = item < items;
       const int tile = item % tiles, row0 = (item / tiles) * kItemRows;
-      // What the forward saved for this thread's cells (c, the four activations, c of the left neighbour, dy):
-      // loaded unconditionally (zero outside the image) so each half's loads issue together, half 0's before the
-      // GEMM so their latency hides behind it; half 1's right after it, while half 0 computes. Read once, so they
-      // stream past L1 (ld.global.cs) and leave it to the packed weights that every k-step reads.
-      auto load_half = [&](int half, float (&in)[4][2][7]) {
+      // What the forward saved for this thread's 8 cells (c, the four activations, c of the left neighbour, dy),
+      // loaded before the GEMM so their latency hides behind it: unconditionally (zero outside the image), so the
+      // loads issue together; read once, so they stream past L1 (ld.global.cs) and leave it to the packed weights.
+      float in[2][2][2][7];  // [half (unit + 8)][j - 2 kh][e][value]
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int unit = tile * 16 + gq + 8 * half, i = row0 + 8 * j + 2 * tq + e;
-            const bool ok = unit < hid && g.inside(i, t), left = ok && t - i > 0;
+            const int unit = tile * 16 + gq + 8 * half, i = row0 + 8 * (2 * kh + jj) + 2 * tq + e;
+            const bool ok = active && unit < hid && g.inside(i, t), left = ok && t - i > 0;
             const float* st = st_n + (ok ? g.pix(i, t) * 5 * hid + unit : 0);
             const float* st_left = st_n + (left ? g.pix(i, t - 1) * 5 * hid + unit : 0);
 #pragma unroll
-            for (int q = 0; q < 5; ++q) in[j][e][q] = ok ? __ldcs(st + q * hid) : 0.f;
-            in[j][e][5] = left ? __ldcs(st_left) : 0.f;
-            in[j][e][6] = ok ? to_float(__ldcs(dy_n + (g.pix(i, t) * hid + unit))) : 0.f;
+            for (int q = 0; q < 5; ++q) in[half][jj][e][q] = ok ? __ldcs(st + q * hid) : 0.f;
+            in[half][jj][e][5] = left ? __ldcs(st_left) : 0.f;
+            in[half][jj][e][6] = ok ? to_float(__ldcs(dy_n + (g.pix(i, t) * hid + unit))) : 0.f;
           }
-      };
-      float in[4][2][7];
-      load_half(0, in);
       float acc[1][4][4];
-      // Tap 0 (w_up^T) reads da of the pixel below: buffer row i + 1; tap 1 (w_left^T) the pixel right: row i.
-      step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, row0 + 1, -1, 2, tap_steps, lane);
+      if (active) {
+        // Tap 0 (w_up^T) reads da of the pixel below: buffer row i + 1; tap 1 (w_left^T) the pixel right: row i.
+        lstm_tc::tap_gemm<T, P, 1>(acc, a_pack, tile, 2 * tap_steps, kh * tap_steps, tap_steps, rd, row_bytes,
+                                   row0 + 1 - kh, lane);
+        // (selects, not acc[0][2 * kh + jj]: a run-time index would put the accumulators in local memory)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        if (half == 1) load_half(1, in);
+        for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int unit = tile * 16 + gq + 8 * half, i = row0 + 8 * j + 2 * tq + e;
-            float* dc_at = dc_buf + i * c_stride + unit;
-            float da[4] = {0.f, 0.f, 0.f, 0.f}, dc_pass = 0.f;
-            if (unit < hid && g.inside(i, t)) {
-              const float* v = in[j][e];
-              const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_left = v[5];
-              const float dh = acc[0][j][2 * half + e] + v[6];
-              const float t_c = act_tanh<T>(c);
-              const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
-              da[0] = dc * t_g * s_i * (1.f - s_i);
-              da[1] = dc * c_left * s_f * (1.f - s_f);
-              da[2] = dh * t_c * s_o * (1.f - s_o);
-              da[3] = dc * s_i * (1.f - t_g * t_g);
-              dc_pass = dc * s_f;
-              T* dg = dg_n + g.pix(i, t) * 4 * hid + unit;
-#pragma unroll
-              for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);
-            }
-            *dc_at = dc_pass;
-            T* row = wr + i * row_elems + unit;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(da[q]);
-          }
+          for (int r = 0; r < 4; ++r) x_mine[(jj * 4 + r) * 32] = kh ? acc[0][jj][r] : acc[0][2 + jj][r];
       }
+      __syncthreads();  // the partners' partial sums are in shared memory
+      if (active) {
+        float dh_acc[2][4];  // this warp's rows: j = 2 kh + jj
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) dh_acc[jj][r] = (kh ? acc[0][2 + jj][r] : acc[0][jj][r]) + x_other[(jj * 4 + r) * 32];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = 2 * kh + jj;
+              const int unit = tile * 16 + gq + 8 * half, i = row0 + 8 * j + 2 * tq + e;
+              float* dc_at = dc_buf + i * c_stride + unit;
+              float da[4] = {0.f, 0.f, 0.f, 0.f}, dc_pass = 0.f;
+              if (unit < hid && g.inside(i, t)) {
+                const float* v = in[half][jj][e];
+                const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_left = v[5];
+                const float dh = dh_acc[jj][2 * half + e] + v[6];
+                const float t_c = act_tanh<T>(c);
+                const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
+                da[0] = dc * t_g * s_i * (1.f - s_i);
+                da[1] = dc * c_left * s_f * (1.f - s_f);
+                da[2] = dh * t_c * s_o * (1.f - s_o);
+                da[3] = dc * s_i * (1.f - t_g * t_g);
+                dc_pass = dc * s_f;
+                T* dg = dg_n + g.pix(i, t) * 4 * hid + unit;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);
+              }
+              *dc_at = dc_pass;
+              T* row = wr + i * row_elems + unit;
+#pragma unroll
+              for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(da[q]);
+            }
+      }
+      if (base + pairs < items) __syncthreads();  // this round's exchange slots are read before the next round's writes
     }
     __syncthreads();  // da of step t complete for every warp; the buffer of step t + 1 is free
   }
@@ -239,6 +269,11 @@ Geometry make_geometry(int64_t hid, int64_t height, int64_t width, bool reverse)
 size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
   const size_t rows = size_t(kItemRows) * g.chunks;
   return 2 * (rows + 1) * lstm_tc::row_bytes(gates_per_row * g.hp, elem) + rows * (g.hp + 1) * sizeof(float);
+}
+
+// The backward's: smem_bytes with four gate blocks per row, plus the warp pairs' exchange slots.
+size_t bwd_smem_bytes(const Geometry& g, size_t elem) {
+  return smem_bytes(g, 4, elem) + size_t(2 * bwd_pairs(g.hp / 16 * g.chunks)) * kXchgFloats * sizeof(float);
 }
 
 template <typename T, Precision P>
@@ -268,9 +303,9 @@ struct Backward {
   static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
                   Geometry g, cudaStream_t stream) {
     auto kernel = diagonal_lstm_bwd_tc<T, P>;
-    const size_t smem = smem_bytes(g, 4, sizeof(T));
+    const size_t smem = bwd_smem_bytes(g, sizeof(T));
     lstm_tc::set_smem(kernel, smem, "diagonal_lstm (cuda): the backward scan");
-    kernel<<<static_cast<unsigned>(n), lstm_tc::threads_for(g.hp / 16 * g.chunks), smem, stream>>>(
+    kernel<<<static_cast<unsigned>(n), 64 * bwd_pairs(g.hp / 16 * g.chunks), smem, stream>>>(
         ptr<const T>(dy), ptr<const uint4>(a_pack), ptr<const float>(state), ptr<T>(dgates), g);
     GM_CUDA_CHECK_LAUNCH();
   }

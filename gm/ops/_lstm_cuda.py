@@ -25,11 +25,12 @@ _DEFAULT_SMEM_OPTIN = 227 * 1024  # sm_80 (163 KB) and sm_90 report theirs; this
 
 
 def diagonal_smem_bytes(hid: int, height: int, elem: int) -> int:
-    """Shared memory of the diagonal scan's larger kernel, the backward (csrc/diagonal_lstm: smem_bytes with four
-    gate blocks per row): two [row][4 hp] gate-gradient buffers of 32-row chunks plus a float32 [row][hp + 1] slot
-    array."""
+    """Shared memory of the diagonal scan's larger kernel, the backward (csrc/diagonal_lstm: bwd_smem_bytes): two
+    [row][4 hp] gate-gradient buffers of 32-row chunks, a float32 [row][hp + 1] slot array, and 2 KB of exchange
+    slots per warp pair (one pair per 16-unit x 32-row item, at most 8)."""
     hp, rows = padded_hidden(hid), 32 * -(-height // 32)
-    return 2 * (rows + 1) * (4 * hp * elem + 16) + rows * (hp + 1) * 4
+    pairs = min(hp // 16 * (rows // 32), 8)
+    return 2 * (rows + 1) * (4 * hp * elem + 16) + rows * (hp + 1) * 4 + pairs * 2 * 256 * 4
 
 
 @torch.compiler.assume_constant_result
