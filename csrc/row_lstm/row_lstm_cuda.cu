@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   zero_shared(smem_raw, 2 * buf_bytes + cols * c_stride * 4);
   __syncthreads();
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
+  const int hw_i = static_cast<int>(hw);
   // h_{-1} = h0 (rounded to the dot dtype) and c_{-1} = c0, or zero.
   T* s0 = reinterpret_cast<T*>(smem_raw);
   for (int e = threadIdx.x; e < hid * W; e += blockDim.x) {
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const int group = item % groups, col0 = (item / groups) * kItemRows;
       const int unit = group * 8 + gq;
       const bool real = unit < hid;
-      const int64_t plane = int64_t(r) * W;  // offset of row r inside an (H, W) plane
+      const int plane = r * W;  // offset of row r inside an (H, W) plane (32-bit: per-image offsets fit, checked at launch)
       float gv[4][4][2];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -100,9 +101,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + 8 * j + 2 * tq + e;
           const bool in = real && col < W;
-          const T* at = gates_n + (in ? int64_t(unit) * hw + plane + col : 0);
+          const T* at = gates_n + (in ? unit * hw_i + plane + col : 0);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid * hw)) : 0.f;  // read once
+          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid * hw_i)) : 0.f;  // read once
         }
       float acc[2][4][4];
       // Tap t reads column col + t - k/2, at buffer row col + t.
@@ -123,15 +124,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             const float c = s_f * *c_at + s_i * t_g;
             h = s_o * act_tanh<T>(c);
             *c_at = c;
-            const int64_t at = int64_t(unit) * hw + plane + col;
+            const int at = unit * hw_i + plane + col;
             hs_n[at] = h;
             if (y_n != nullptr) y_n[at] = from_float<T>(h);
             float* st = cs_n + at;
             st[0] = c;
-            st[hid * hw] = s_i;
-            st[2 * hid * hw] = s_f;
-            st[3 * hid * hw] = s_o;
-            st[4 * hid * hw] = t_g;
+            st[hid * hw_i] = s_i;
+            st[2 * hid * hw_i] = s_f;
+            st[3 * hid * hw_i] = s_o;
+            st[4 * hid * hw_i] = t_g;
           }
           wr[(pad + col) * row_elems + unit] = from_float<T>(h);
         }
@@ -155,6 +156,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   __syncthreads();
 
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
+  const int hw_i = static_cast<int>(hw);
   const T* dy_n = dy + n * hid * hw;
   const float* cs_n = cs + n * 5 * hid * hw;
   T* dg_n = dgates + n * 4 * hid * hw;
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   for (int r = g.height - 1; r >= 0; --r) {
     const std::uint32_t rd = s_base + ((r + 1) & 1) * buf_bytes;  // dz of row r + 1
     T* wr = reinterpret_cast<T*>(smem_raw + (r & 1) * buf_bytes);
-    const int64_t plane = int64_t(r) * W;
+    const int plane = r * W;
     for (int item = warp; item < items; item += warps) {
       const int tile = item % tiles, col0 = (item / tiles) * kItemRows;
       float acc[1][4][4];
@@ -182,10 +184,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             float* dc_at = dc_buf + col * c_stride + unit;
             float dz[4] = {0.f, 0.f, 0.f, 0.f};
             if (unit < hid && col < W) {
-              const int64_t at = int64_t(unit) * hw + plane + col;
+              const int at = unit * hw_i + plane + col;
               const float* st = cs_n + at;
-              const float c = st[0], s_i = st[hid * hw], s_f = st[2 * hid * hw], s_o = st[3 * hid * hw],
-                          t_g = st[4 * hid * hw];
+              const float c = st[0], s_i = st[hid * hw_i], s_f = st[2 * hid * hw_i], s_o = st[3 * hid * hw_i],
+                          t_g = st[4 * hid * hw_i];
               const float c_prev = r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
               const float dh = acc[0][j][2 * half + e] + to_float(dy_n[at]);
               const float t_c = act_tanh<T>(c);
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               dz[3] = dc * s_i * (1.f - t_g * t_g);
               *dc_at = dc * s_f;
 #pragma unroll
-              for (int q = 0; q < 4; ++q) dg_n[at + int64_t(q) * hid * hw] = from_float<T>(dz[q]);
+              for (int q = 0; q < 4; ++q) dg_n[at + q * hid * hw_i] = from_float<T>(dz[q]);
             }
             T* row = wr + (pad + col) * row_elems + unit;
 #pragma unroll
@@ -230,6 +232,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // Launch.
 
 Geometry make_geometry(const Shape& s) {
+  if (5 * s.hidden * s.height * s.width >= (int64_t(1) << 31))
+    throw std::invalid_argument("gm row_lstm (cuda): an image's saved state (5h x H x W = " +
+                                std::to_string(5 * s.hidden * s.height * s.width) +
+                                " elements) must stay below 2^31 for the kernels' 32-bit offsets: use the triton backend");
   return Geometry{static_cast<int>(s.hidden), static_cast<int>((s.hidden + 15) / 16 * 16), static_cast<int>(s.height),
                   static_cast<int>(s.width), static_cast<int>(s.k),
                   static_cast<int>((s.width + kItemRows - 1) / kItemRows)};
