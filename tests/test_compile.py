@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) traces through every gm module (custom ops with fake implementations), on the
 CPU backend, and gives the eager result and input gradient; on a GPU, inductor compiles the PixelRNN layers on the
-triton and cuda backends."""
+triton and cuda backends and on auto (whose shape checks run once, at trace time)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_compile_fullgraph_matches_eager(name, module, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", None], ids=["triton", "cuda", "auto"])
 @pytest.mark.parametrize("layer", ["RowLSTM", "DiagonalBiLSTM"])
 def test_gpu_compile_fullgraph_matches_eager(layer, backend):
     """On a GPU, inductor compiles the PixelRNN layers on the triton and cuda backends (its generated code checks
@@ -48,7 +48,7 @@ def test_gpu_compile_fullgraph_matches_eager(layer, backend):
         pytest.skip("needs a CUDA GPU")
     from gm._backend import availability  # noqa: PLC0415
 
-    ok, why = availability(backend, torch.device("cuda"))
+    ok, why = availability(backend, torch.device("cuda")) if backend is not None else (True, "")
     if not ok:
         pytest.skip(why)
     torch._dynamo.reset()

@@ -36,8 +36,9 @@ def diagonal_smem_bytes(hid: int, height: int, elem: int) -> int:
 @torch.compiler.assume_constant_result
 def diagonal_fits(hid: int, height: int, elem: int, device_index: int) -> bool:
     """Whether the cuda diagonal scans fit this GPU's shared memory per block (otherwise they raise, and auto picks
-    the triton scans, which keep their state in registers and global memory)."""
-    props = torch.cuda.get_device_properties(device_index)
+    the triton scans, which keep their state in registers and global memory). device_index -1: the current device.
+    Evaluated eagerly under torch.compile (a constant of the trace), like gm._backend.resolve."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index < 0 else device_index)
     limit = getattr(props, "shared_memory_per_block_optin", None) or _DEFAULT_SMEM_OPTIN
     return diagonal_smem_bytes(hid, height, elem) <= limit
 

@@ -279,8 +279,8 @@ def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
     height, width = int(gates.shape[2]), int(gates.shape[3])
     if 5 * int(hid) * height * width >= 2**31:  # the kernels' 32-bit per-image offsets (they refuse it)
         return False
-    index = gates.device.index if gates.device.index is not None else torch.cuda.current_device()
-    return diagonal_fits(int(hid), height, gates.element_size(), index)
+    index = gates.device.index
+    return diagonal_fits(int(hid), height, gates.element_size(), -1 if index is None else index)
 
 
 def diagonal_lstm(
