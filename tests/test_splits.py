@@ -33,8 +33,8 @@ def test_no_split_when_the_tiles_fill_the_gpu_and_the_reduction_is_short():
 
 
 def test_minibatch_splits_fill_whole_waves():
-    """N = 1024, B = 100 (104 blocks): 2 forward parts fill one wave of 264 slots (3, the old rule, spilled 48
-    blocks into a second); the backward's 528 slots take 4."""
+    """N = 1024, B = 100 (104 blocks): 2 parts fill one wave of 264 slots (two blocks per SM on an H200's 132 SMs;
+    3, the old rule, spilled 48 blocks into a second); twice the slots take 4."""
     from gm.ops.minibatch import _splits_for  # noqa: PLC0415
 
     assert _splits_for(104, 1024, 264) == 2

@@ -44,13 +44,60 @@ template <typename T> __device__ __forceinline__ T from_acc(float v) { return st
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// 2^(-d): MUFU.EX2 for float (relative error ~2^-22, subnormal results flushed to 0); exp2 for double.
+// 2^(-d): MUFU.EX2 for float (relative error ~2^-22, subnormal results flushed to 0); exp2 for double. The negation
+// is inside the asm so ptxas folds it into MUFU's source operand (computed outside, it stayed a separate FADD).
 __device__ __forceinline__ float exp2_neg(float d) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(-d));
+  float t, r;
+  asm("neg.f32 %0, %1;" : "=f"(t) : "f"(d));  // not neg.ftz (what -d compiles to): MUFU cannot take that one
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
   return r;
 }
 __device__ __forceinline__ double exp2_neg(double d) { return exp2(-d); }
+
+// sum_c |xi[c] - xj[c]| (and the differences in d), starting from two terms so that every FADD takes |.| as free
+// source modifiers: C subtractions and C - 1 additions (sm_90 SASS of `dist = 0; dist += |.|`: one more, an add to
+// zero).
+template <typename A, int C>
+__device__ __forceinline__ A l1_dist(const A (&xi)[C], const A (&xj)[C], A (&d)[C]) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) d[c] = xi[c] - xj[c];
+  if constexpr (C == 1) {
+    return fabs(d[0]);
+  } else {
+    A s = fabs(d[0]) + fabs(d[1]);
+#pragma unroll
+    for (int c = 2; c < C; ++c) s += fabs(d[c]);
+    return s;
+  }
+}
+
+// Shared-memory row of one (j, kernel b): C values padded to 1, 2, 4 or 8 so a row is one or two vector loads.
+template <int C>
+constexpr int padded_c() {
+  return C <= 2 ? C : (C <= 4 ? 4 : 8);
+}
+
+template <typename A, int C>
+__device__ __forceinline__ void load_row(const A* row, A (&x)[C]) {
+  constexpr int CP = padded_c<C>();
+  if constexpr (sizeof(A) == 4 && CP >= 4) {
+    const float4 lo = *reinterpret_cast<const float4*>(row);
+    x[0] = lo.x;
+    if constexpr (C > 1) x[1] = lo.y;
+    if constexpr (C > 2) x[2] = lo.z;
+    if constexpr (C > 3) x[3] = lo.w;
+    if constexpr (C > 4) {
+      const float4 hi = *reinterpret_cast<const float4*>(row + 4);
+      x[4] = hi.x;
+      if constexpr (C > 5) x[5] = hi.y;
+      if constexpr (C > 6) x[6] = hi.z;
+      if constexpr (C > 7) x[7] = hi.w;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < C; ++c) x[c] = row[c];
+  }
+}
 
 template <typename T, typename A>
 __device__ __forceinline__ void store(T* p, A v) { *p = from_acc<T>(v); }
@@ -73,7 +120,7 @@ __device__ __forceinline__ void load_rows(const T* m, int64_t n, int64_t nb, int
 // Stage m[j0 .. j0 + kTileJ, b0 .. b0 + kWarps, :] (scaled) into xs[j][w][c]; and g likewise when given.
 template <typename T, typename A, int C>
 __device__ __forceinline__ void stage_tile(const T* m, const T* g, int64_t n, int64_t nb, int64_t j0, int64_t b0,
-                                           A (*xs)[kWarps][C], A (*gs)[kWarps]) {
+                                           A (*xs)[kWarps][padded_c<C>()], A (*gs)[kWarps]) {
   for (int e = threadIdx.x; e < kTileJ * kWarps * C; e += kThreads) {
     const int jj = e / (kWarps * C), w = (e / C) % kWarps, c = e % C;
     const int64_t j = j0 + jj, b = b0 + w;
@@ -94,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __rest
                                                                   int64_t n, int64_t nb, int64_t j_chunk,
                                                                   bool exclude_self) {
   using A = typename AccOf<T>::type;
-  __shared__ A xs[kTileJ][kWarps][C];
+  __shared__ __align__(16) A xs[kTileJ][kWarps][padded_c<C>()];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b0 = int64_t(blockIdx.y) * kWarps, b = b0 + warp;
   const int64_t i0 = int64_t(blockIdx.x) * kBlockRows;
@@ -113,14 +160,11 @@ __global__ void __launch_bounds__(kThreads) minibatch_fwd_kernel(const T* __rest
     const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;  // block-uniform
     for (int jj = 0; jj < jn; ++jj) {
       A xj[C];
-#pragma unroll
-      for (int c = 0; c < C; ++c) xj[c] = xs[jj][warp][c];
+      load_row<A, C>(xs[jj][warp], xj);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        A d = A(0);
-#pragma unroll
-        for (int c = 0; c < C; ++c) d += fabs(xi[r][c] - xj[c]);
-        A e = exp2_neg(d);
+        A d[C];
+        A e = exp2_neg(l1_dist<A, C>(xi[r], xj, d));
         if (check && j0 + jj == i0 + lane + 32 * r) e = A(0);
         acc[r] += e;
       }
@@ -146,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __rest
                                                                   int64_t n, int64_t nb, int64_t j_chunk,
                                                                   bool exclude_self) {
   using A = typename AccOf<T>::type;
-  __shared__ A xs[kTileJ][kWarps][C];
+  __shared__ __align__(16) A xs[kTileJ][kWarps][padded_c<C>()];
   __shared__ A gs[kTileJ][kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b0 = int64_t(blockIdx.y) * kWarps, b = b0 + warp;
@@ -172,19 +216,12 @@ __global__ void __launch_bounds__(kThreads) minibatch_bwd_kernel(const T* __rest
     const bool check = exclude_self && j0 < i0 + kBlockRows && i0 < j0 + kTileJ;
     for (int jj = 0; jj < jn; ++jj) {
       A xj[C];
-#pragma unroll
-      for (int c = 0; c < C; ++c) xj[c] = xs[jj][warp][c];
+      load_row<A, C>(xs[jj][warp], xj);
       const A gj = gs[jj][warp];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         A d[C];
-        A dist = A(0);
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          d[c] = xi[r][c] - xj[c];
-          dist += fabs(d[c]);
-        }
-        A w = (gi[r] + gj) * exp2_neg(dist);
+        A w = (gi[r] + gj) * exp2_neg(l1_dist<A, C>(xi[r], xj, d));
         if (check && j0 + jj == i0 + lane + 32 * r) w = A(0);
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[r][c] += w * pair_sign(d[c]);

@@ -71,16 +71,18 @@ def _triton_backward(grad, m, exclude_self):
     return k.backward(grad, m, exclude_self)
 
 
-# Resident blocks per SM of the CUDA kernels (256 threads; ptxas sm_90: forward 127 registers, backward 64).
-_BLOCKS_PER_SM = {"forward": 2, "backward": 4}
+# Blocks of 8 warps that keep an SM's issue busy: two (16 warps). The kernels are issue-bound (sm_90 SASS: ~13
+# instructions per pair and kernel at C = 5), so blocks beyond two on an SM share its issue slots and count as
+# further waves in the split model, whatever the occupancy limit (4 forward blocks fit at C <= 5, 2 backward).
+_SATURATING_BLOCKS_PER_SM = 2
 
 
-def cuda_splits(n: int, b: int, device, *, pass_: str = "forward") -> int:
+def cuda_splits(n: int, b: int, device) -> int:
     """How many parts the CUDA kernels split the j range into: the count whose blocks ((N/128) x (B/8) x parts)
-    fill whole waves of the SMs best, by the time model waves x (j per part + 128), with parts of whole 64-j
-    tiles, at least 128 j each, at most 64 parts. (The earlier rule, enough blocks for two per SM, could spill into
-    a second, mostly empty wave: 312 forward blocks on 264 slots at N = 1024, B = 100.)"""
-    slots = _BLOCKS_PER_SM[pass_] * torch.cuda.get_device_properties(device).multi_processor_count
+    fill whole waves of two blocks per SM best, by the time model waves x (j per part + 128), with parts of whole
+    64-j tiles, at least 128 j each, at most 64 parts. (The earlier rule, enough blocks for two per SM, could spill
+    into a second, mostly empty wave: 312 blocks on 264 slots at N = 1024, B = 100.)"""
+    slots = _SATURATING_BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return _splits_for(-(-n // 128) * -(-b // 8), n, slots)
 
 
@@ -100,7 +102,7 @@ def _splits_for(tiles: int, n: int, slots: int) -> int:
 def _cuda_call(entry, grad, m, out, exclude_self):
     n, b, c = m.shape
     # (the C > 8 kernel does not split)
-    splits = cuda_splits(n, b, m.device, pass_="forward" if grad is None else "backward") if c <= 8 else 1
+    splits = cuda_splits(n, b, m.device) if c <= 8 else 1
     part = None
     if splits > 1:
         acc = torch.float64 if m.dtype == torch.float64 else torch.float32

@@ -217,7 +217,7 @@ def _rewrite_shared(src: str) -> str:
     def static(m: re.Match, g) -> str:
         align, type_, name, dims = g(1), g(2), g(3), g(4)
         return (
-            f"static {align}{type_} {name}{dims}; [[maybe_unused]] static const bool gm_emu_smem_{name}_ = "
+            f"{align}static {type_} {name}{dims}; [[maybe_unused]] static const bool gm_emu_smem_{name}_ = "
             f"::gm_emu::register_static_smem(&{name}, sizeof({name}));"
         )
 

@@ -99,6 +99,8 @@ inline void ex2_approx_ftz_f32(float& d, float a) {
 
 // ---- tanh.approx.f32 (sm_75+): the GPU's has a maximum relative error of about 2^-11; here tanh rounded to 11
 // mantissa bits (truncation: an error of the same size), so tests see an approximate result, not an exact one.
+inline void neg_f32(float& d, float a) { d = -a; }
+
 inline void tanh_approx_f32(float& d, float a) {
   float t = std::tanh(a);
   std::uint32_t u;
