@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         total = Counter(o.split(".")[0] for _, o, _ in insns)
         print(f"{name[:110]}\n  {len(insns)} instructions; " + ", ".join(f"{k} {total[k]}" for k in _WATCH if total[k]))
         for start, length, mix in loops(insns):
-            print(f"  loop @{start:#06x}: {length} instructions; " + ", ".join(f"{k} {mix[k]}" for k in _WATCH if mix[k]))
+            print(
+                f"  loop @{start:#06x}: {length} instructions; " + ", ".join(f"{k} {mix[k]}" for k in _WATCH if mix[k])
+            )
     return 0
 
 
