@@ -190,7 +190,8 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
                     row.graph_fwdbwd_ms = _graph_ms(run, device, warmup_ms, rep_ms)
                 except Exception as err:  # noqa: BLE001  (an op that cannot be captured is a finding, not a crash)
                     row.graph_error = short_error(err)
-            if PROFILE and (label.startswith("gm[") or label == case.baseline):
+            # (not the slow eager references: profiling thousands of launches costs a GPU run tens of seconds)
+            if PROFILE and (label.startswith("gm[") or label == case.baseline) and row.fwdbwd_ms < SLOW_MS:
                 row.profile = profile_fwd_bwd(run, device)
                 if row.profile["kernels_us"] is not None:
                     row.kernels_fwdbwd_ms = row.profile["kernels_us"] / 1e3
