@@ -474,9 +474,9 @@ ROW_SCAN = "csrc/row_lstm/row_lstm_cuda.cu"
 DIAG_SCAN = "csrc/diagonal_lstm/diagonal_lstm_cuda.cu"
 MAINLOOP = "csrc/common/mma_sync.cuh"  # cp_async_mainloop: the stage pipeline of every GEMM
 MUTATIONS = {
-    # row_lstm backward (tensor cores): the per-row barrier between the warps' dz writes and the next row's B-fragment
-    # reads of them.
-    ROW_SCAN: [("__syncthreads();  // dz of row r complete for every warp; the buffer of row r + 1 is free", "")],
+    # row_lstm backward (tensor cores): the barrier between a warp pair's exchange of partial dh and the reads of it
+    # (the per-row barrier's removal does not show here, as for the diagonal scan below).
+    ROW_SCAN: [("__syncthreads();  // the partners' partial sums are in shared memory", "")],
     # diagonal_lstm backward (tensor cores): the barrier between a warp pair's exchange of partial dh and the reads
     # of it. (Its per-step barrier, between the warps' da writes and the next step's B-fragment reads of them, is
     # needed on a GPU but its removal does not show here: the fibers released from the exchange barrier each run
@@ -504,9 +504,8 @@ def barrier_mutant():
 
 
 def test_emulator_catches_a_missing_barrier(mutant, monkeypatch):
-    """Without the row_lstm backward's per-row barrier (3 warps at h=40) the gradients must be wrong (the unmutated
-    kernel passes test_row_lstm). In the default random order only: the barrier matters when a warp runs a whole row
-    ahead of another, and the forward/reverse orders keep the warps in step at every mma."""
+    """Without the row_lstm backward's exchange barrier (3 warp pairs at h=40) the gradients must be wrong (the
+    unmutated kernel passes test_row_lstm)."""
     _activate(mutant, monkeypatch)
     results = _row_lstm((2, 40, 5, 7, 3, True), torch.bfloat16)
     wrong = [name for name, got, want in results if not _close(got, want, torch.bfloat16)]

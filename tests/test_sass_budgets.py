@@ -48,7 +48,7 @@ BUDGETS = [
         800,
     ),
     ("csrc/row_lstm/row_lstm_cuda.cu", "row_lstm_fwd_tcI13__nv_bfloat16", "longest", 2070),
-    ("csrc/row_lstm/row_lstm_cuda.cu", "row_lstm_bwd_tcI13__nv_bfloat16", "longest", 4500),
+    ("csrc/row_lstm/row_lstm_cuda.cu", "row_lstm_bwd_tcI13__nv_bfloat16", "longest", 2350),
     ("csrc/minibatch/minibatch_cuda.cu", "minibatch_fwd_kernelIfLi5E", "mufu", 112),
     ("csrc/minibatch/minibatch_cuda.cu", "minibatch_bwd_kernelIfLi5E", "mufu", 152),
 ]

@@ -106,6 +106,35 @@ __device__ __forceinline__ void tap_gemm(float (&acc)[kM][4][4], const uint4* __
   }
 }
 
+// step_gemm's product over half the k-steps of every tap (part 0: the first half of each tap's k-steps, part 1 the
+// second): a K split of a step's GEMM over a warp pair whatever the tap count (tap_steps is even: hp is a multiple of
+// 16).
+template <typename T, Precision P, int kM>
+__device__ __forceinline__ void half_k_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
+                                            std::uint32_t buf, int row_bytes, int first_row, int dir, int taps,
+                                            int tap_steps, int part, int lane) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+  const int per = tap_steps / 2, ksteps = taps * tap_steps;
+  for (int tap = 0; tap < taps; ++tap) {
+    for (int s = part * per; s < (part + 1) * per; ++s) {
+      std::uint32_t af[kM][4], bf[4][2];
+      load_a<kM>(af, a_pack, mtile0, ksteps, tap * tap_steps + s, lane);
+      mma::row_fragments_b(bf, buf, row_bytes, first_row + dir * tap, s, lane);
+      mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
+    }
+  }
+}
+
+// Warp pairs of a K-split backward: at most kMaxWarps / 2 (one per 16-unit x 32-position item), and the floats of
+// their exchange slots (per warp: 2 row tiles x 4 accumulator registers x 32 lanes).
+__host__ __device__ inline int bwd_pairs(int items) { return items < kMaxWarps / 2 ? items : kMaxWarps / 2; }
+constexpr int kXchgFloats = 8 * 32;
+
 // Zero `bytes` (a multiple of 4) of shared memory with the whole block.
 __device__ __forceinline__ void zero_shared(unsigned char* p, int bytes) {
   for (int e = threadIdx.x; e < bytes / 4; e += blockDim.x) reinterpret_cast<std::uint32_t*>(p)[e] = 0u;

@@ -140,9 +140,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // item's 32 rows. Per warp and step that halves the MMAs and the cell math, and twice the warps issue them: the
 // single-warp item was issue-bound (sm_90 SASS: ~4100 instructions per warp and step on 4 warps at h = 64, against
 // the forward's ~2300 on 8).
-constexpr int kXchgFloats = 8 * 32;  // per warp: 2 row tiles x 4 accumulator registers, per lane
-
-__host__ __device__ inline int bwd_pairs(int items) { return items < kMaxWarps / 2 ? items : kMaxWarps / 2; }
+using lstm_tc::bwd_pairs;
+using lstm_tc::kXchgFloats;
 
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kMaxWarps * 32)

@@ -11,8 +11,8 @@
 //             rounded to the input dtype (the dot operand, as the triton backend).
 //   backward: rows bottom to top, pull form: dh_r (hp x cols) = A^T-form (hp x k 4hp) . [dz_{r+1} shifted by
 //             k/2 - t] + dy_r; the gate activations come from cs, where the forward stored them, so nothing is
-//             recomputed; dc passes up a column through a per-cell shared slot. After row 0, dh0 is one more product
-//             over dz_0, dc0 the slots.
+//             recomputed; dc passes up a column through a per-cell shared slot; a warp pair splits each item's GEMM
+//             by K (row_lstm_bwd_tc). After row 0, dh0 is one more product over dz_0, dc0 the slots.
 // A is packed by gm/ops/_lstm_cuda.py in fragment order and read from global memory (L1-resident at h <= 64).
 // Layouts (NCHW): gates, dgates (N, 4h, H, W), y, dy (N, h, H, W) in the input dtype; hs (N, h, H, W) float32 (h
 // before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
@@ -141,6 +141,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 }
 
+// Backward items (16 units x 32 columns) run on warp pairs splitting the row's GEMM by K (half of every tap's
+// k-steps each, lstm_tc::half_k_gemm): the two exchange the partial dh of the columns the other finishes through
+// shared memory, and each finishes 16 of the item's 32 columns, its cells' saved state loaded before the GEMM.
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     row_lstm_bwd_tc(const T* __restrict__ dy, const uint4* __restrict__ a_pack, const T* __restrict__ c0,
@@ -152,6 +155,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int buf_bytes = (cols + 2 * pad) * row_bytes;
   float* dc_buf = reinterpret_cast<float*>(smem_raw + 2 * buf_bytes);  // [column][hp + 1]: dc * sig(f)
   const int c_stride = hp + 1;
+  float* xchg = dc_buf + cols * c_stride;  // [pair][kh][register][lane]: the partial dh a warp hands its partner
   zero_shared(smem_raw, 2 * buf_bytes + cols * c_stride * 4);
   __syncthreads();
 
@@ -162,48 +166,85 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   T* dg_n = dgates + n * 4 * hid * hw;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int tiles = hp / 16, items = tiles * g.chunks;
+  const int tiles = hp / 16, items = tiles * g.chunks, pairs = lstm_tc::bwd_pairs(items);
+  const int pair = warp >> 1, kh = warp & 1;  // kh: this warp's half of the k-steps, and its columns (j = 2 kh, 2 kh + 1)
   const int tap_steps = 4 * hp * int(sizeof(T)) / kStepBytes;
   const std::uint32_t s_base = smem_addr(smem_raw);
+  float* x_mine = xchg + (pair * 2 + kh) * lstm_tc::kXchgFloats + lane;
+  const float* x_other = xchg + (pair * 2 + (kh ^ 1)) * lstm_tc::kXchgFloats + lane;
   // Tap t pulls dz_{r+1} from column col - t + k/2, at buffer row col + 2 (k/2) - t = col + k - 1 - t.
   for (int r = g.height - 1; r >= 0; --r) {
     const std::uint32_t rd = s_base + ((r + 1) & 1) * buf_bytes;  // dz of row r + 1
     T* wr = reinterpret_cast<T*>(smem_raw + (r & 1) * buf_bytes);
     const int plane = r * W;
-    for (int item = warp; item < items; item += warps) {
+    for (int base = 0; base < items; base += pairs) {  // every warp runs every round: the barriers below match
+      const int item = base + pair;
+      const bool active = item < items;
       const int tile = item % tiles, col0 = (item / tiles) * kItemRows;
-      float acc[1][4][4];
-      step_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, col0 + g.k - 1, -1, g.k, tap_steps, lane);
+      // This thread's 8 cells (c, the four activations, c of the row above or c0, dy), loaded unconditionally
+      // before the GEMM (zero outside the image) so the loads issue together and their latency hides behind it.
+      float in[2][2][2][7];  // [half (unit + 8)][j - 2 kh][e][value]
 #pragma unroll
       for (int half = 0; half < 2; ++half)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * j + 2 * tq + e;
-            float* dc_at = dc_buf + col * c_stride + unit;
-            float dz[4] = {0.f, 0.f, 0.f, 0.f};
-            if (unit < hid && col < W) {
-              const int at = unit * hw_i + plane + col;
-              const float* st = cs_n + at;
-              const float c = st[0], s_i = st[hid * hw_i], s_f = st[2 * hid * hw_i], s_o = st[3 * hid * hw_i],
-                          t_g = st[4 * hid * hw_i];
-              const float c_prev = r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
-              const float dh = acc[0][j][2 * half + e] + to_float(dy_n[at]);
-              const float t_c = act_tanh<T>(c);
-              const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
-              dz[0] = dc * t_g * s_i * (1.f - s_i);
-              dz[1] = dc * c_prev * s_f * (1.f - s_f);
-              dz[2] = dh * t_c * s_o * (1.f - s_o);
-              dz[3] = dc * s_i * (1.f - t_g * t_g);
-              *dc_at = dc * s_f;
+            const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * (2 * kh + jj) + 2 * tq + e;
+            const bool ok = active && unit < hid && col < W;
+            const int at = ok ? unit * hw_i + plane + col : 0;
+            const float* st = cs_n + at;
 #pragma unroll
-              for (int q = 0; q < 4; ++q) dg_n[at + q * hid * hw_i] = from_float<T>(dz[q]);
-            }
-            T* row = wr + (pad + col) * row_elems + unit;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(dz[q]);
+            for (int q = 0; q < 5; ++q) in[half][jj][e][q] = ok ? st[q * hid * hw_i] : 0.f;
+            in[half][jj][e][5] = !ok ? 0.f : r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
+            in[half][jj][e][6] = ok ? to_float(dy_n[at]) : 0.f;
           }
+      float acc[1][4][4];
+      if (active) {
+        lstm_tc::half_k_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, col0 + g.k - 1, -1, g.k, tap_steps, kh, lane);
+        // (selects, not acc[0][2 * kh + jj]: a run-time index would put the accumulators in local memory)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) x_mine[(jj * 4 + q) * 32] = kh ? acc[0][jj][q] : acc[0][2 + jj][q];
+      }
+      __syncthreads();  // the partners' partial sums are in shared memory
+      if (active) {
+        float dh_acc[2][4];  // this warp's columns: j = 2 kh + jj
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) dh_acc[jj][q] = (kh ? acc[0][2 + jj][q] : acc[0][jj][q]) + x_other[(jj * 4 + q) * 32];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * (2 * kh + jj) + 2 * tq + e;
+              float* dc_at = dc_buf + col * c_stride + unit;
+              float dz[4] = {0.f, 0.f, 0.f, 0.f};
+              if (unit < hid && col < W) {
+                const float* v = in[half][jj][e];
+                const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_prev = v[5];
+                const float dh = dh_acc[jj][2 * half + e] + v[6];
+                const float t_c = act_tanh<T>(c);
+                const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
+                dz[0] = dc * t_g * s_i * (1.f - s_i);
+                dz[1] = dc * c_prev * s_f * (1.f - s_f);
+                dz[2] = dh * t_c * s_o * (1.f - s_o);
+                dz[3] = dc * s_i * (1.f - t_g * t_g);
+                *dc_at = dc * s_f;
+                const int at = unit * hw_i + plane + col;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) dg_n[at + q * hid * hw_i] = from_float<T>(dz[q]);
+              }
+              T* row = wr + (pad + col) * row_elems + unit;
+#pragma unroll
+              for (int q = 0; q < 4; ++q) row[q * hp] = from_float<T>(dz[q]);
+            }
+      }
+      if (base + pairs < items) __syncthreads();  // this round's exchange slots are read before the next round's writes
     }
     __syncthreads();  // dz of row r complete for every warp; the buffer of row r + 1 is free
   }
@@ -247,6 +288,12 @@ size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
          cols * (g.hp + 1) * sizeof(float);
 }
 
+// The backward's: smem_bytes with four gate blocks per row, plus the warp pairs' exchange slots.
+size_t bwd_smem_bytes(const Geometry& g, size_t elem) {
+  return smem_bytes(g, 4, elem) +
+         size_t(2 * lstm_tc::bwd_pairs(g.hp / 16 * g.chunks)) * lstm_tc::kXchgFloats * sizeof(float);
+}
+
 template <typename T, Precision P>
 struct Forward {
   static void run(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
@@ -277,9 +324,9 @@ struct Backward {
     }
     const Geometry g = make_geometry(s);
     auto kernel = row_lstm_bwd_tc<T, P>;
-    const size_t smem = smem_bytes(g, 4, sizeof(T));
+    const size_t smem = bwd_smem_bytes(g, sizeof(T));
     lstm_tc::set_smem(kernel, smem, "row_lstm (cuda): the backward scan");
-    kernel<<<static_cast<unsigned>(s.n), lstm_tc::threads_for(g.hp / 16 * g.chunks), smem, stream>>>(
+    kernel<<<static_cast<unsigned>(s.n), 64 * lstm_tc::bwd_pairs(g.hp / 16 * g.chunks), smem, stream>>>(
         ptr<const T>(dy), ptr<const uint4>(a_pack), ptr<const T>(c0), ptr<const float>(cs), ptr<T>(dg),
         ptr<float>(dh0), ptr<float>(dc0), g);
     GM_CUDA_CHECK_LAUNCH();
