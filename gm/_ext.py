@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import ModuleType
@@ -69,6 +70,20 @@ def stream_of(t: torch.Tensor) -> int:
     if _RAW_STREAM is not None:
         return _RAW_STREAM(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+@functools.cache
+def _single_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() == 1
+
+
+def device_guard(t: torch.Tensor):
+    """`with device_guard(t):` launches on t's GPU: torch.cuda.device(t.device), or nothing where one GPU is visible
+    (t's is then the current device; the guard's enter and exit cost a few microseconds of host time per launch)."""
+    return _NO_GUARD if _single_gpu() else torch.cuda.device(t.device)
 
 
 def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gm._ext import dtype_code, ext, reduction_splits, stream_of
+from gm._ext import device_guard, dtype_code, ext, reduction_splits, stream_of
 
 _CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
 _TILE = 128  # block tile of the weight-gradient kernel along C_in and C_out
@@ -53,7 +53,7 @@ def _nhwc(t: torch.Tensor, c_padded: int) -> torch.Tensor:
     if t.is_contiguous() and 0 < n <= 65535 and t.numel() > 0:
         # Tiled transpose kernel: torch's permute-copy measured ~0.2 ms for 64 MB of bf16 on an H200 (0.6 TB/s).
         out = torch.empty(n, h, w, c_padded, dtype=t.dtype, device=t.device)
-        with torch.cuda.device(t.device):
+        with device_guard(t):
             ext().masked_conv_to_nhwc_cuda(
                 t.data_ptr(), out.data_ptr(), n, c, c_padded, h * w, t.element_size(), stream_of(t)
             )
@@ -95,7 +95,7 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
     bias_c = bias.to(a.dtype).contiguous() if bias is not None else None
     dy = [int(t[0]) for t in taps]
     dx = [int(t[1]) for t in taps]
-    with torch.cuda.device(a.device):
+    with device_guard(a):
         ext().masked_conv_gemm_cuda(
             a_nhwc.data_ptr(), b_pad.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
             n, h, w, cp, n_out, dy, dx, dtype_code(a), _precision(a.dtype), stream_of(a),
@@ -141,7 +141,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, o
     partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
     dy = [int(o[0]) for o in taps]
     dx = [int(o[1]) for o in taps]
-    with torch.cuda.device(x.device):
+    with device_guard(x):
         ext().masked_conv_wgrad_cuda(
             x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
             dy, dx, per_split, splits, dtype_code(x), precision, stream_of(x),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from gm._ext import dtype_code, ext, reduction_splits, stream_of
+from gm._ext import device_guard, dtype_code, ext, reduction_splits, stream_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _STAGE_BYTES = 64  # reduction bytes per pipeline stage = the tile map's reduction granularity
@@ -115,7 +115,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | N
     xp, wp = _pad_cols(x, kp), _pad_cols(weight, kp)
     mask, mask_row, offsets, idx, mids = _map_args(entry, "rows", x.dtype)
     bias_c = bias.contiguous() if bias is not None else None
-    with torch.cuda.device(x.device):
+    with device_guard(x):
         ext().masked_linear_forward_cuda(
             xp.data_ptr(), wp.data_ptr(), mask, _ptr(bias_c), y.data_ptr(), offsets, idx, mids, rows, o, kp, mask_row,
             ACT_CODES[activation], dtype_code(x), prec, stream_of(x),
@@ -128,7 +128,7 @@ def act_grad(grad: torch.Tensor, y: torch.Tensor, activation) -> torch.Tensor:
     if activation is None:
         return grad
     out = torch.empty_like(grad)
-    with torch.cuda.device(grad.device):
+    with device_guard(grad):
         ext().masked_linear_act_grad_cuda(grad.data_ptr(), y.contiguous().data_ptr(), out.data_ptr(), grad.numel(),
                                           ACT_CODES[activation], dtype_code(grad), stream_of(grad))  # fmt: skip
     return out
@@ -146,7 +146,7 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
     op, kp = _padded(o, gp.dtype), _padded(k, gp.dtype)
     gpp, wp = _pad_cols(gp, op), _pad_cols(weight, kp)
     mask, mask_row, offsets, idx, mids = _map_args(entry, "cols", gp.dtype)
-    with torch.cuda.device(gp.device):
+    with device_guard(gp):
         ext().masked_linear_input_grad_cuda(
             gpp.data_ptr(), wp.data_ptr(), mask, dx.data_ptr(), offsets, idx, mids, rows, o, op, k, kp, mask_row,
             dtype_code(gp), prec, stream_of(gp),
@@ -168,7 +168,7 @@ def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
     op, kp = _padded(o, x.dtype), _padded(k, x.dtype)
     gpp, xp = _pad_cols(gp, op), _pad_cols(x, kp)
     partial = torch.empty(splits, o, k, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
+    with device_guard(x):
         ext().masked_linear_weight_grad_cuda(
             gpp.data_ptr(), xp.data_ptr(), u8, flags, partial.data_ptr(),
             rows, o, op, k, kp, per_split, splits, dtype_code(x), prec, stream_of(x),
@@ -190,7 +190,7 @@ def _fused_launch(name, hidden, weight, entry, bias, z, tensors, mode):
     hidden_p, wp = _pad_cols(hidden, hp), _pad_cols(weight, hp)
     mask, mask_row, offsets, idx, mids = _map_args(entry, "fused", hidden.dtype)
     bias_c = bias.contiguous() if bias is not None else None
-    with torch.cuda.device(hidden.device):
+    with device_guard(hidden):
         getattr(ext(), name)(
             hidden_p.data_ptr(), wp.data_ptr(), mask, _ptr(bias_c), z.data_ptr(), *(_ptr(t) for t in tensors),
             offsets, idx, mids, rows, d, hp, mask_row, _MODE_CODES[mode], dtype_code(hidden), prec, stream_of(hidden),

@@ -119,7 +119,7 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
 
 
 def _cuda_forward(gates, w_ss, reverse):
-    from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+    from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
     from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
@@ -129,7 +129,7 @@ def _cuda_forward(gates, w_ss, reverse):
     state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
     gates_cl = gates.contiguous(memory_format=torch.channels_last)  # no copy when the producer wrote channels-last
     a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
-    with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
+    with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
         ext().diagonal_lstm_forward_cuda(
             gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
@@ -138,7 +138,7 @@ def _cuda_forward(gates, w_ss, reverse):
 
 
 def _cuda_backward(grad, gates, w_ss, y, state, reverse):
-    from gm._ext import dtype_code, ext, stream_of  # noqa: PLC0415
+    from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
     from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
@@ -147,7 +147,7 @@ def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
     dy = grad.to(gates.dtype).contiguous(memory_format=torch.channels_last)
     a_pack = pack_weight(w_ss, gates.dtype, backward=True)
-    with torch.cuda.device(gates.device):
+    with device_guard(gates):
         ext().diagonal_lstm_backward_cuda(
             dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
@@ -155,7 +155,7 @@ def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     dgates = dgates.permute(0, 3, 1, 2).contiguous()  # NCHW, as the op returns it and the weight gradient reads it
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
     y = y.contiguous()
-    with torch.cuda.device(gates.device):
+    with device_guard(gates):
         ext().diagonal_lstm_weight_grad_cuda(
             dgates.data_ptr(), y.data_ptr(), dw.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),

@@ -101,22 +101,22 @@ def native_cpu_step_backward(z, m, s, gz, gl, mode):
 
 
 def _cuda_step(z, m, s, mode):
-    from gm._ext import ext, stream_of  # noqa: PLC0415
+    from gm._ext import device_guard, ext, stream_of  # noqa: PLC0415
 
     r, f = z.shape
     z_new, ld = torch.empty_like(z), torch.empty(r, dtype=z.dtype, device=z.device)
-    with torch.cuda.device(z.device):  # launch on the tensors' GPU
+    with device_guard(z):  # launch on the tensors' GPU
         ext().iaf_step_forward_cuda(z.data_ptr(), m.data_ptr(), s.data_ptr(), z_new.data_ptr(), ld.data_ptr(), r, f,
                                     _MODE_CODES[mode], _dtype_code(z), stream_of(z))  # fmt: skip
     return z_new, ld
 
 
 def _cuda_step_backward(z, m, s, gz, gl, mode):
-    from gm._ext import ext, stream_of  # noqa: PLC0415
+    from gm._ext import device_guard, ext, stream_of  # noqa: PLC0415
 
     r, f = z.shape
     dz, dm, ds = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
-    with torch.cuda.device(z.device):
+    with device_guard(z):
         ext().iaf_step_backward_cuda(z.data_ptr(), m.data_ptr(), s.data_ptr(), gz.data_ptr(), gl.data_ptr(),
                                      dz.data_ptr(), dm.data_ptr(), ds.data_ptr(), r, f, _MODE_CODES[mode],
                                      _dtype_code(z), stream_of(z))  # fmt: skip

@@ -107,7 +107,7 @@ def _cuda_call(entry, grad, m, out, exclude_self):
     if splits > 1:
         acc = torch.float64 if m.dtype == torch.float64 else torch.float32
         part = torch.empty(splits, *out.shape, dtype=acc, device=m.device)
-    with torch.cuda.device(m.device):  # launch on the tensors' GPU
+    with _ext.device_guard(m):  # launch on the tensors' GPU
         args = (grad.data_ptr(),) if grad is not None else ()
         entry(*args, m.data_ptr(), out.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), splits,
               part.data_ptr() if part is not None else 0, _ext.stream_of(m))  # fmt: skip

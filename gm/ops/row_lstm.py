@@ -21,7 +21,7 @@ import torch
 
 from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
-from gm._ext import dtype_code, ext, stream_of
+from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
 
 _OP = "gm::row_lstm"
@@ -116,7 +116,7 @@ def _cuda_forward(gates, w_ss, h0, c0):
     cs = torch.empty(n, 5 * (four_h // 4), height, width, dtype=torch.float32, device=gates.device)
     y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != torch.float32 else hs
     a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
-    with torch.cuda.device(gates.device):  # launch (and set kernel attributes) on the tensors' GPU
+    with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
         _cpu_call("row_lstm_forward_cuda")(
             gates.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
             n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), prec, stream_of(gates),
@@ -134,7 +134,7 @@ def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=torch.float32) if c0 is not None else None
     a_pack = pack_weight(w_ss, gates.dtype, backward=True)
-    with torch.cuda.device(gates.device):
+    with device_guard(gates):
         _cpu_call("row_lstm_backward_cuda")(
             dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
             dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
