@@ -569,3 +569,20 @@ def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):
         else:
             with pytest.raises(ValueError, match="shared memory.*triton"):
                 y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layout_transpose(emu, dtype):
+    """csrc/layout's tiled transpose through gm.ops._lstm_cuda.to_nhwc / to_nchw: exact copies at sizes off the
+    32 x 32 tile, from a channel slice (the DiagonalBiLSTM's half of one conv output), and back."""
+    from gm.ops._lstm_cuda import to_nchw, to_nhwc  # noqa: PLC0415
+
+    full = torch.randn(3, 70, 5, 7).to(dtype)
+    part = full[:, 33:68]  # a channel slice: images 70*35 elements apart
+    nhwc = to_nhwc(part)
+    assert nhwc.shape == (3, 5, 7, 35) and nhwc.is_contiguous()
+    assert torch.equal(nhwc, part.permute(0, 2, 3, 1))
+    back = to_nchw(nhwc)
+    assert back.is_contiguous() and torch.equal(back, part)
+    cl = full.contiguous(memory_format=torch.channels_last)
+    assert to_nhwc(cl).data_ptr() == cl.data_ptr()  # already channels-last: no copy

@@ -120,39 +120,39 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
 
 def _cuda_forward(gates, w_ss, reverse):
     from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision, to_nchw, to_nhwc  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
-    gates_cl = gates.contiguous(memory_format=torch.channels_last)  # no copy when the producer wrote channels-last
+    gates_cl = to_nhwc(gates)  # no copy when the producer wrote channels-last
     a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
     with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
         ext().diagonal_lstm_forward_cuda(
             gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
-    return y.permute(0, 3, 1, 2), state.permute(0, 3, 1, 2)
+    return to_nchw(y), state.permute(0, 3, 1, 2)  # y NCHW (the op's output), by the tiled transpose
 
 
 def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pack_weight, precision, to_nchw, to_nhwc  # noqa: PLC0415
 
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
-    dy = grad.to(gates.dtype).contiguous(memory_format=torch.channels_last)
+    dy = to_nhwc(grad.to(gates.dtype))
     a_pack = pack_weight(w_ss, gates.dtype, backward=True)
     with device_guard(gates):
         ext().diagonal_lstm_backward_cuda(
             dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
             n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
-    dgates = dgates.permute(0, 3, 1, 2).contiguous()  # NCHW, as the op returns it and the weight gradient reads it
+    dgates = to_nchw(dgates)  # NCHW, as the op returns it and the weight gradient reads it
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
     y = y.contiguous()
     with device_guard(gates):
