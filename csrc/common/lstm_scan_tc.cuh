@@ -77,12 +77,14 @@ __device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* _
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
   const int ksteps = taps * tap_steps;
-  for (int ks = 0; ks < ksteps; ++ks) {
-    const int tap = ks / tap_steps;
-    std::uint32_t af[kM][4], bf[4][2];
-    load_a<kM>(af, a_pack, mtile0, ksteps, ks, lane);
-    mma::row_fragments_b(bf, buf, row_bytes, first_row + dir * tap, ks - tap * tap_steps, lane);
-    mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
+  for (int tap = 0; tap < taps; ++tap) {  // nested, not ks / tap_steps: no integer division per k-step
+    const std::uint32_t tap_buf = buf + (first_row + dir * tap) * row_bytes;
+    for (int s = 0; s < tap_steps; ++s) {
+      std::uint32_t af[kM][4], bf[4][2];
+      load_a<kM>(af, a_pack, mtile0, ksteps, tap * tap_steps + s, lane);
+      mma::row_fragments_b(bf, tap_buf, row_bytes, 0, s, lane);
+      mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
+    }
   }
 }
 
