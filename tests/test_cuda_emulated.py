@@ -586,3 +586,12 @@ def test_layout_transpose(emu, dtype):
     assert back.is_contiguous() and torch.equal(back, part)
     cl = full.contiguous(memory_format=torch.channels_last)
     assert to_nhwc(cl).data_ptr() == cl.data_ptr()  # already channels-last: no copy
+
+
+def test_masked_conv2d_refuses_more_channels_than_its_division_covers(emu):
+    """The GEMM finds (tap, channel chunk) by a multiply-high that is exact below 8192 chunks of 64 bytes: more input
+    channels (512 KB a pixel) get a clear error pointing to triton, not a wrong result."""
+    x = torch.randn(1, 131072, 1, 1)
+    with pytest.raises(ValueError, match="512 KB.*triton"):
+        gm.ops.masked_conv2d(x, torch.randn(1, 131072, 1, 1), mask="B", backend="cuda")
+    gm.ops.masked_conv2d(torch.randn(1, 8, 3, 3), torch.randn(4, 8, 3, 3), mask="B", backend="cuda")

@@ -349,7 +349,8 @@ __global__ void __launch_bounds__(256) nchw_to_nhwc_kernel(const E* in, E* out, 
 // Weight-gradient epilogue: dw[o, c, pos] (C_out, C_in, kh*kw) in the weight's dtype = sum over the splits of
 // partial[s, t, c, o] at the kept tap t = tap_at[pos] (times keep[t, c, o] where given), exactly zero where
 // tap_at[pos] = -1. One pass for what was a split sum, a select, a zero fill, a scatter and a cast. One thread per
-// output element in dw's memory order (the partial reads are strided; partial is small next to the GEMMs).
+// output element in partial's order (o fastest), so the split reads, the bulk of the traffic (up to 64 splits of the
+// whole weight), are coalesced; the writes to dw are strided but touch the weight once.
 
 template <typename E>
 __global__ void __launch_bounds__(256)
@@ -358,9 +359,9 @@ __global__ void __launch_bounds__(256)
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::int64_t total = static_cast<std::int64_t>(c_out) * c_in * kk;
   if (i >= total) return;
-  const int pos = static_cast<int>(i % kk);
-  const std::int64_t oc = i / kk;
-  const int c = static_cast<int>(oc % c_in), o = static_cast<int>(oc / c_in);
+  const int o = static_cast<int>(i % c_out);
+  const std::int64_t pc = i / c_out;
+  const int c = static_cast<int>(pc % c_in), pos = static_cast<int>(pc / c_in);
   const int t = tap_at[pos];
   float acc = 0.f;
   if (t >= 0) {
@@ -369,7 +370,7 @@ __global__ void __launch_bounds__(256)
     for (int s = 0; s < splits; ++s) acc += partial[s * split_stride + off];
     if (keep != nullptr && keep[off] == 0) acc = 0.f;
   }
-  dw[i] = from_float<E>(acc);
+  dw[(static_cast<std::int64_t>(o) * c_in + c) * kk + pos] = from_float<E>(acc);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
