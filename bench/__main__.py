@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--backends", default=None,
+                   help="comma-separated gm backends to time (default: every one that runs on the device), e.g. cuda")
     p.add_argument("--graphs", action="store_true",
                    help="on a GPU, also time each implementation's forward+backward replayed from a CUDA graph (the "
                         "kernels' time without the host's per-launch cost; a failed capture is reported per row)")
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.WITH_COMPILE = not args.no_compile
     harness.PROFILE = args.profile
     harness.GRAPHS = args.graphs
+    harness.BACKENDS = tuple(b for b in args.backends.split(",") if b) if args.backends else None
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

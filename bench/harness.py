@@ -28,6 +28,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WITH_COMPILE = True  # python -m bench --no-compile drops the "+compile" baselines (their compile time is long)
 PROFILE = False  # python -m bench --profile: a torch.profiler breakdown of each gm row and the case's baseline
 GRAPHS = False  # python -m bench --graphs: also time each implementation's fwd+bwd replayed from a CUDA graph
+BACKENDS: tuple[str, ...] | None = None  # python -m bench --backends cuda: only these gm backends (default: all)
 
 
 @dataclasses.dataclass
@@ -273,6 +274,8 @@ def gm_backends_for(device: torch.device) -> list[str]:
     from gm._ext import ext_status  # noqa: PLC0415
 
     wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    if BACKENDS is not None:
+        wanted = tuple(b for b in wanted if b in BACKENDS)
     out = []
     for b in wanted:
         ok, _ = availability(b, device)
@@ -286,7 +289,7 @@ def gm_backends_for(device: torch.device) -> list[str]:
 def run_case(case: Case, device: torch.device, warmup_ms: float, rep_ms: float) -> list[Row]:
     rows = []
     if case.gm is not None:
-        for b in case.gm_backends or gm_backends_for(device):
+        for b in [b for b in (case.gm_backends or gm_backends_for(device)) if BACKENDS is None or b in BACKENDS]:
             rows.append(run_impl(case, f"gm[{b}]", lambda _b=b, **kw: case.gm(backend=_b, **kw), device, warmup_ms, rep_ms))
     for label, fn in case.impls.items():
         if "compile" in label and not WITH_COMPILE:

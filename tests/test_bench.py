@@ -84,3 +84,12 @@ def test_host_cost_tool_runs_every_module(capsys):
     out = capsys.readouterr().out
     for name in ("MaskedConv2d", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "IAFStep", "nn.Linear"):
         assert f"| {name}" in out
+
+
+def test_bench_backends_option_restricts_the_gm_rows(tmp_path):
+    """--backends names the gm backends to time: one that is not on the device leaves no gm row, the baselines run."""
+    assert main(["--quick", "--ops", "minibatch", "--no-compile", "--out", str(tmp_path), "--warmup-ms", "1",
+                 "--rep-ms", "5", "--backends", "cuda"]) == 0  # fmt: skip
+    (rows_file,) = tmp_path.glob("*.jsonl")
+    impls = {json.loads(line)["impl"] for line in rows_file.read_text().splitlines()}
+    assert not any(i.startswith("gm[") for i in impls) and "naive (N×N×B×C)" in impls
