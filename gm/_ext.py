@@ -99,12 +99,18 @@ def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _reduction_splits(tiles: int, work: int, slots: int) -> int:
+def _reduction_splits(tiles: int, work: int, slots: int, granule: int = 1, min_steps: int = 256) -> int:
+    """The split count of the model above: parts of whole `granule`s of the reduction (the kernels round a part up
+    to them), at least `min_steps` each unless unsplit, at most 64; the count the kernel will launch (no empty
+    part)."""
     best, best_cost = 1, float("inf")
     for s in range(1, 65):
-        if s > 1 and work // s < 256:
+        if s > 1 and work // s < min_steps:
             break
-        cost = -(-tiles * s // slots) * (-(-work // s) + 128)
+        per_part = -(-work // s)
+        chunk = -(-per_part // granule) * granule
+        parts = -(-work // chunk)
+        cost = -(-tiles * parts // slots) * (chunk + 128)
         if cost < best_cost:
-            best, best_cost = s, cost
+            best, best_cost = parts, cost
     return best

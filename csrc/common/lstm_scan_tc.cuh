@@ -63,13 +63,14 @@ __device__ __forceinline__ void load_a(std::uint32_t (&af)[kM][4], const uint4* 
   }
 }
 
-// acc[kM][4][4] = A[m16 tiles mtile0 .. +kM) . B over `taps` taps of `tap_steps` k-steps each; tap q reads the 32
-// positions from buffer row first_row + dir * q of `buf` (row_bytes a row). Fragment e of acc[m][j] holds A row
-// 16 m + lane / 4 + 8 (e / 2) and position 8 j + 2 (lane % 4) + e % 2.
+// acc[kM][4][4] = A[m16 tiles mtile0 .. +kM) . B over k-steps lo .. hi of each of `taps` taps of `tap_steps` k-steps;
+// tap q reads the 32 positions from buffer row first_row + dir * q of `buf` (row_bytes a row). Fragment e of
+// acc[m][j] holds A row 16 m + lane / 4 + 8 (e / 2) and position 8 j + 2 (lane % 4) + e % 2. The loops are nested
+// per tap (not ks / tap_steps: no integer division per k-step).
 template <typename T, Precision P, int kM>
-__device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
-                                          std::uint32_t buf, int row_bytes, int first_row, int dir, int taps,
-                                          int tap_steps, int lane) {
+__device__ __forceinline__ void k_range_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
+                                             std::uint32_t buf, int row_bytes, int first_row, int dir, int taps,
+                                             int tap_steps, int lo, int hi, int lane) {
 #pragma unroll
   for (int m = 0; m < kM; ++m)
 #pragma unroll
@@ -77,9 +78,9 @@ __device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* _
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
   const int ksteps = taps * tap_steps;
-  for (int tap = 0; tap < taps; ++tap) {  // nested, not ks / tap_steps: no integer division per k-step
+  for (int tap = 0; tap < taps; ++tap) {
     const std::uint32_t tap_buf = buf + (first_row + dir * tap) * row_bytes;
-    for (int s = 0; s < tap_steps; ++s) {
+    for (int s = lo; s < hi; ++s) {
       std::uint32_t af[kM][4], bf[4][2];
       load_a<kM>(af, a_pack, mtile0, ksteps, tap * tap_steps + s, lane);
       mma::row_fragments_b(bf, tap_buf, row_bytes, 0, s, lane);
@@ -88,54 +89,64 @@ __device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* _
   }
 }
 
-// acc[kM][4][4] = A[m16 tiles mtile0 .. +kM), k-steps ks0 .. ks0 + count of ksteps] . B, B's k-step s read from
-// buffer row `row` of `buf` (one tap of step_gemm: a k-split of a step's GEMM across warps).
+// A scan step's whole GEMM.
 template <typename T, Precision P, int kM>
-__device__ __forceinline__ void tap_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
-                                         int ksteps, int ks0, int count, std::uint32_t buf, int row_bytes, int row,
-                                         int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-  for (int s = 0; s < count; ++s) {
-    std::uint32_t af[kM][4], bf[4][2];
-    load_a<kM>(af, a_pack, mtile0, ksteps, ks0 + s, lane);
-    mma::row_fragments_b(bf, buf, row_bytes, row, s, lane);
-    mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
-  }
+__device__ __forceinline__ void step_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
+                                          std::uint32_t buf, int row_bytes, int first_row, int dir, int taps,
+                                          int tap_steps, int lane) {
+  k_range_gemm<T, P, kM>(acc, a_pack, mtile0, buf, row_bytes, first_row, dir, taps, tap_steps, 0, tap_steps, lane);
 }
 
-// step_gemm's product over half the k-steps of every tap (part 0: the first half of each tap's k-steps, part 1 the
-// second): a K split of a step's GEMM over a warp pair whatever the tap count (tap_steps is even: hp is a multiple of
-// 16).
+// Half of it (part 0: the first half of each tap's k-steps, part 1 the second): the K split of a warp pair, whatever
+// the tap count (tap_steps is even: hp is a multiple of 16).
 template <typename T, Precision P, int kM>
 __device__ __forceinline__ void half_k_gemm(float (&acc)[kM][4][4], const uint4* __restrict__ a_pack, int mtile0,
                                             std::uint32_t buf, int row_bytes, int first_row, int dir, int taps,
                                             int tap_steps, int part, int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-  const int per = tap_steps / 2, ksteps = taps * tap_steps;
-  for (int tap = 0; tap < taps; ++tap) {
-    for (int s = part * per; s < (part + 1) * per; ++s) {
-      std::uint32_t af[kM][4], bf[4][2];
-      load_a<kM>(af, a_pack, mtile0, ksteps, tap * tap_steps + s, lane);
-      mma::row_fragments_b(bf, buf, row_bytes, first_row + dir * tap, s, lane);
-      mma::mma_tiles<T, P, kM, 4>(acc, af, bf);
-    }
-  }
+  const int per = tap_steps / 2;
+  k_range_gemm<T, P, kM>(acc, a_pack, mtile0, buf, row_bytes, first_row, dir, taps, tap_steps, part * per,
+                         (part + 1) * per, lane);
 }
 
 // Warp pairs of a K-split backward: at most kMaxWarps / 2 (one per 16-unit x 32-position item), and the floats of
 // their exchange slots (per warp: 2 row tiles x 4 accumulator registers x 32 lanes).
 __host__ __device__ inline int bwd_pairs(int items) { return items < kMaxWarps / 2 ? items : kMaxWarps / 2; }
 constexpr int kXchgFloats = 8 * 32;
+
+// The pair exchange of a K-split backward item: warp kh finishes positions j = 2 kh, 2 kh + 1 of its 32 (two n8
+// tiles), so it hands its partial sums of the other two to its partner (pair_put, before a barrier) and adds the
+// partner's to its own (pair_sum, after it). Selects, not acc[0][2 * kh + jj]: a run-time index would put the
+// accumulators in local memory. x_mine / x_other: this lane's slot of the warp's / the partner's kXchgFloats.
+__device__ __forceinline__ void pair_put(const float (&acc)[1][4][4], int kh, float* x_mine) {
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) x_mine[(jj * 4 + q) * 32] = kh ? acc[0][jj][q] : acc[0][2 + jj][q];
+}
+
+__device__ __forceinline__ void pair_sum(const float (&acc)[1][4][4], int kh, const float* x_other,
+                                         float (&dh)[2][4]) {
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) dh[jj][q] = (kh ? acc[0][2 + jj][q] : acc[0][jj][q]) + x_other[(jj * 4 + q) * 32];
+}
+
+// An LSTM cell's backward from what the forward saved, v = [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o),
+// tanh(a_g), c of the cell it took its state from, dy], the state term of dh, and dc carried from the next cell:
+// the four gate gradients (order i, f, o, g) into da; returns dc * sigmoid(a_f), the dc carried on.
+template <typename T>
+__device__ __forceinline__ float cell_backward(const float (&v)[7], float dh_state, float dc_carry, float (&da)[4]) {
+  const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_prev = v[5];
+  const float dh = dh_state + v[6];
+  const float t_c = act_tanh<T>(c);
+  const float dc = dc_carry + dh * s_o * (1.f - t_c * t_c);
+  da[0] = dc * t_g * s_i * (1.f - s_i);
+  da[1] = dc * c_prev * s_f * (1.f - s_f);
+  da[2] = dh * t_c * s_o * (1.f - s_o);
+  da[3] = dc * s_i * (1.f - t_g * t_g);
+  return dc * s_f;
+}
 
 // Zero `bytes` (a multiple of 4) of shared memory with the whole block.
 __device__ __forceinline__ void zero_shared(unsigned char* p, int bytes) {

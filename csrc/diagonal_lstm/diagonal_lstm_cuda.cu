@@ -16,7 +16,7 @@
 // tanh(a_g)] (5h floats), so no gate pre-activation is ever recomputed. Backward walks the steps in reverse, in pull
 // form: dh(i, t) = dy + w_up^T . da(i + 1, t + 1) + w_left^T . da(i, t + 1), one (hp x 8hp) . (8hp x rows) GEMM per
 // step over da of step t + 1 (shared memory, [image row][gate, unit], double-buffered); a pair of warps owns 16 units x
-// 32 rows (split by tap, see diagonal_lstm_bwd_tc) and dc * sigmoid(f) passes to the left neighbour through a
+// 32 rows (split by K, see diagonal_lstm_bwd_tc) and dc * sigmoid(f) passes to the left neighbour through a
 // per-cell shared slot.
 //
 // Gates, y, dy, dgates are channels-last (N, H, W, C); the state is (N, H, W, 5h) float32. bfloat16/float16 run on
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 }
 
-// Backward items run on warp pairs, split by tap (K): warp kh of a pair multiplies tap kh (4hp of the 8hp reduction),
+// Backward items run on warp pairs, split by K (lstm_tc::half_k_gemm: half of each tap's k-steps per warp),
 // the two exchange the partial dh of the rows the other finishes through shared memory, and each finishes 16 of the
 // item's 32 rows. Per warp and step that halves the MMAs and the cell math, and twice the warps issue them: the
 // single-warp item was issue-bound (sm_90 SASS: ~4100 instructions per warp and step on 4 warps at h = 64, against
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const float* st_n = state + n * hw * 5 * hid;
   T* dg_n = dgates + n * hw * 4 * hid;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int pair = warp >> 1, kh = warp & 1;  // kh: the tap this warp multiplies and the rows (j = 2 kh, 2 kh + 1) it finishes
+  const int pair = warp >> 1, kh = warp & 1;  // kh: this warp's half of the k-steps, and its rows (j = 2 kh, 2 kh + 1)
   const int gq = lane >> 2, tq = lane & 3;
   const int tap_steps = 4 * hp * int(sizeof(T)) / kStepBytes;
   const std::uint32_t s_base = smem_addr(smem_raw);
@@ -200,21 +200,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       float acc[1][4][4];
       if (active) {
         // Tap 0 (w_up^T) reads da of the pixel below: buffer row i + 1; tap 1 (w_left^T) the pixel right: row i.
-        lstm_tc::tap_gemm<T, P, 1>(acc, a_pack, tile, 2 * tap_steps, kh * tap_steps, tap_steps, rd, row_bytes,
-                                   row0 + 1 - kh, lane);
-        // (selects, not acc[0][2 * kh + jj]: a run-time index would put the accumulators in local memory)
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) x_mine[(jj * 4 + r) * 32] = kh ? acc[0][jj][r] : acc[0][2 + jj][r];
+        lstm_tc::half_k_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, row0 + 1, -1, 2, tap_steps, kh, lane);
+        lstm_tc::pair_put(acc, kh, x_mine);
       }
       __syncthreads();  // the partners' partial sums are in shared memory
       if (active) {
         float dh_acc[2][4];  // this warp's rows: j = 2 kh + jj
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) dh_acc[jj][r] = (kh ? acc[0][2 + jj][r] : acc[0][jj][r]) + x_other[(jj * 4 + r) * 32];
+        lstm_tc::pair_sum(acc, kh, x_other, dh_acc);
 #pragma unroll
         for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -226,16 +218,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               float* dc_at = dc_buf + i * c_stride + unit;
               float da[4] = {0.f, 0.f, 0.f, 0.f}, dc_pass = 0.f;
               if (unit < hid && g.inside(i, t)) {
-                const float* v = in[half][jj][e];
-                const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_left = v[5];
-                const float dh = dh_acc[jj][2 * half + e] + v[6];
-                const float t_c = act_tanh<T>(c);
-                const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
-                da[0] = dc * t_g * s_i * (1.f - s_i);
-                da[1] = dc * c_left * s_f * (1.f - s_f);
-                da[2] = dh * t_c * s_o * (1.f - s_o);
-                da[3] = dc * s_i * (1.f - t_g * t_g);
-                dc_pass = dc * s_f;
+                dc_pass = lstm_tc::cell_backward<T>(in[half][jj][e], dh_acc[jj][2 * half + e], *dc_at, da);
                 T* dg = dg_n + g.pix(i, t) * 4 * hid + unit;
 #pragma unroll
                 for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);

@@ -202,19 +202,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       float acc[1][4][4];
       if (active) {
         lstm_tc::half_k_gemm<T, P, 1>(acc, a_pack, tile, rd, row_bytes, col0 + g.k - 1, -1, g.k, tap_steps, kh, lane);
-        // (selects, not acc[0][2 * kh + jj]: a run-time index would put the accumulators in local memory)
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) x_mine[(jj * 4 + q) * 32] = kh ? acc[0][jj][q] : acc[0][2 + jj][q];
+        lstm_tc::pair_put(acc, kh, x_mine);
       }
       __syncthreads();  // the partners' partial sums are in shared memory
       if (active) {
         float dh_acc[2][4];  // this warp's columns: j = 2 kh + jj
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) dh_acc[jj][q] = (kh ? acc[0][2 + jj][q] : acc[0][jj][q]) + x_other[(jj * 4 + q) * 32];
+        lstm_tc::pair_sum(acc, kh, x_other, dh_acc);
 #pragma unroll
         for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -225,16 +218,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               float* dc_at = dc_buf + col * c_stride + unit;
               float dz[4] = {0.f, 0.f, 0.f, 0.f};
               if (unit < hid && col < W) {
-                const float* v = in[half][jj][e];
-                const float c = v[0], s_i = v[1], s_f = v[2], s_o = v[3], t_g = v[4], c_prev = v[5];
-                const float dh = dh_acc[jj][2 * half + e] + v[6];
-                const float t_c = act_tanh<T>(c);
-                const float dc = *dc_at + dh * s_o * (1.f - t_c * t_c);
-                dz[0] = dc * t_g * s_i * (1.f - s_i);
-                dz[1] = dc * c_prev * s_f * (1.f - s_f);
-                dz[2] = dh * t_c * s_o * (1.f - s_o);
-                dz[3] = dc * s_i * (1.f - t_g * t_g);
-                *dc_at = dc * s_f;
+                *dc_at = lstm_tc::cell_backward<T>(in[half][jj][e], dh_acc[jj][2 * half + e], *dc_at, dz);
                 const int at = unit * hw_i + plane + col;
 #pragma unroll
                 for (int q = 0; q < 4; ++q) dg_n[at + q * hid * hw_i] = from_float<T>(dz[q]);

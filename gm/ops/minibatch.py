@@ -9,8 +9,6 @@ The fast backends loop over j in tiles and recompute c_b(i, j) in the backward: 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gm import _ext
@@ -86,17 +84,9 @@ def cuda_splits(n: int, b: int, device) -> int:
     return _splits_for(-(-n // 128) * -(-b // 8), n, slots)
 
 
-@functools.lru_cache(maxsize=1024)
 def _splits_for(tiles: int, n: int, slots: int) -> int:
-    best, best_cost = 1, float("inf")
-    for s in range(1, max(1, min(64, n // 128)) + 1):
-        per_part = -(-n // s)
-        chunk = -(-per_part // 64) * 64  # the kernels' j_chunk: whole tiles
-        parts = -(-n // chunk)
-        cost = -(-tiles * parts // slots) * (chunk + 128)
-        if cost < best_cost:
-            best, best_cost = parts, cost
-    return best
+    # gm._ext's split model over the j range: parts of whole 64-j tiles (the kernels' j_chunk), 128 j at least.
+    return _ext._reduction_splits(tiles, n, slots, granule=64, min_steps=128)
 
 
 def _cuda_call(entry, grad, m, out, exclude_self):
