@@ -403,6 +403,16 @@ def test_iaf_made_output_gemm(gemm, dtype, mode, random_mask, shape, monkeypatch
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "3xtf32"], ids=str)
+def test_made_iaf_step_gemm(gemm, dtype, monkeypatch):
+    """The whole-step op on the cuda backend: two hidden layers with context, the fused output layer, every
+    gradient, through its single autograd node."""
+    from tests.ops import test_made_iaf  # noqa: PLC0415
+
+    torch.manual_seed(2)
+    test_made_iaf._compare("cuda", (9, 5, 21, 2, 3, True), _precision(dtype, monkeypatch), "gated")
+
+
 # (N, C_in, C_out, H, W, kh, kw, mask, colour groups)
 CONV_SHAPES = [
     (1, 4, 5, 3, 7, 1, 5, "B", False),

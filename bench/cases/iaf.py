@@ -41,11 +41,10 @@ def _iaf_case(n: int, d: int, hidden: int, dtype: torch.dtype, device: torch.dev
             return reference(*args)
 
     def gm_step(z, w0, b0, w1, b1, w2, b2, backend):
-        from gm.ops import iaf_made_output, masked_linear  # noqa: PLC0415
+        # What gm.nn.IAFStep runs: the whole step as one op (one autograd node in eager mode).
+        from gm.ops import made_iaf_step  # noqa: PLC0415
 
-        h = masked_linear(z, w0, masks[0], b0, activation="elu", backend=backend)
-        h = masked_linear(h, w1, masks[1], b1, activation="elu", backend=backend)
-        return iaf_made_output(h, w2, masks[2], b2, z, mode="gated", backend=backend)
+        return made_iaf_step(z, [w0, w1, w2], masks, [b0, b1, b2], mode="gated", backend=backend)
 
     impls = {"reference": reference}
     if dtype == torch.bfloat16:

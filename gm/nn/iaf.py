@@ -2,8 +2,8 @@
 
 IAFStep: a MADE produces (m, s) from z (and context h); z' = σ z + (1 − σ) m with σ = sigmoid(s) ("gated",
 eq. 14) or z' = (z − m) exp(−s) ("affine"); the last MADE layer is fused with the update
-(gm.ops.iaf_made_output), so m and s never go to memory. IAFFlow chains steps, reversing the variable order
-between steps, and sums the log-determinants.
+(gm.ops.iaf_made_output), so m and s never go to memory, and the whole step is one op (gm.ops.made_iaf_step).
+IAFFlow chains steps, reversing the variable order between steps, and sums the log-determinants.
 
 ARConv2d / ARMultiConv2d: the convolutional autoregressive network of the paper for latent maps (N, C, H, W),
 on gm.nn.MaskedConv2d. The order is raster over pixels and channel order within a pixel: taps above and left
@@ -22,7 +22,8 @@ from torch import nn
 
 from gm.nn.made import MADE
 from gm.nn.masked_conv import MaskedConv2d
-from gm.ops.iaf import iaf_made_output, iaf_step
+from gm.ops.iaf import iaf_step
+from gm.ops.made_iaf import made_iaf_step
 
 # Initial bias of s in gated mode: σ ≈ sigmoid(1) ≈ 0.73, so a fresh step stays close to the identity
 # (the paper's "forget gate bias" advice, section 4).
@@ -50,9 +51,17 @@ class IAFStep(nn.Module):
                 self.made.output.bias[features:].fill_(GATE_BIAS)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.made.output
-        hid = self.made.trunk(z, h)
-        return iaf_made_output(hid, out.weight, out.mask, out.bias, z, mode=self.mode, backend=self.backend)
+        made = self.made
+        if (h is None) != (made.context == 0):
+            raise ValueError(f"h must be given exactly when context > 0 (context={made.context}), got "
+                             f"{'None' if h is None else tuple(h.shape)}")  # fmt: skip
+        layers = [*made.layers, made.output]
+        # One op for the whole step (one autograd node in eager mode: gm.ops.made_iaf).
+        return made_iaf_step(
+            z, [layer.weight for layer in layers], [layer.mask for layer in layers], [layer.bias for layer in layers],
+            context=None if h is None else h.to(z.dtype), mode=self.mode, activation=made.layers[0].activation,
+            backend=self.backend,
+        )  # fmt: skip
 
 
 class _StepChain(nn.Module):

@@ -19,6 +19,9 @@ from torch.autograd.function import once_differentiable
 EAGER_FAST_PATH = True
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_ok(*tensors) -> bool:
     """Whether a call on `tensors` (None allowed) may bypass the custom op (see the module docstring)."""
     if not EAGER_FAST_PATH or torch.compiler.is_compiling():
@@ -30,11 +33,20 @@ def eager_ok(*tensors) -> bool:
             or torch._C._functorch.peek_interpreter_stack() is not None
         ):
             return False
-        if any(torch.is_autocast_enabled(t.device.type) for t in tensors if t is not None):
-            return False
+        checked = None  # autocast is asked once per device type (a call's tensors share one device)
+        for t in tensors:
+            if t is None:
+                continue
+            if type(t) not in _PLAIN_TYPES:
+                return False
+            kind = t.device.type
+            if kind != checked:
+                if torch.is_autocast_enabled(kind):
+                    return False
+                checked = kind
     except (AttributeError, TypeError, RuntimeError):
         return False
-    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+    return True
 
 
 def needs_grad(*tensors) -> bool:

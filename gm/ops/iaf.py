@@ -161,14 +161,15 @@ _STEP_BWD = {
 # iaf_made_output backends.
 
 
-def _torch_made_output(hidden, weight, mask, bias, z, mode):
+def _torch_made_output(hidden, weight, mask, bias, z, mode, entry=None):
     from gm.reference.iaf import iaf_made_output  # noqa: PLC0415
 
-    mask_entry(mask)
+    entry or mask_entry(mask)  # checks the mask binary, as the other backends do
     return iaf_made_output(hidden, weight, mask, bias, z, mode=mode)
 
 
-def _torch_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+def _torch_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved=None,
+                                entry=None):
     from gm.reference.iaf import masked_linear  # noqa: PLC0415
 
     d = z.shape[1]
@@ -278,13 +279,14 @@ def _cpu_made_output(hidden, weight, mask, bias, z, mode, entry=None):
     return z_new, ld, out
 
 
-def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved, entry=None):
+def _cpu_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved=None,
+                              entry=None):
     entry = entry or mask_entry(mask)
     n, d = z.shape
     inter, plan = _cpu_fused_layout(entry, n)
     wm = _cpu_fused_weight(weight, entry, d, inter)
     out = saved
-    if saved.dim() != 2:  # not saved by the forward: recompute [m, s]
+    if saved is None or saved.dim() != 2:  # not saved by the forward: recompute [m, s]
         out = blocked_linear(hidden, wm, bias if bias is None or not inter else _interleave(bias, d), plan)
     dz, dm, ds = _torch_step_backward(z, *_split_heads(out, d, inter), gz, gl, mode)
     if inter:
@@ -315,20 +317,21 @@ def fused_tile_map(entry, block_d: int, block_k: int):
     return tm
 
 
-def _triton_made_output(hidden, weight, mask, bias, z, mode):
+def _triton_made_output(hidden, weight, mask, bias, z, mode, entry=None):
     from gm.kernels import iaf as k  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     bd, bk = k.fused_tile_sizes(hidden.dtype)
     tm = fused_tile_map(entry, bd, bk)
     return k.made_output_forward(hidden, weight, entry.u8, bias, z, tm.rows, bd, bk, mode)
 
 
-def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved=None,
+                                 entry=None):
     from gm.kernels import iaf as k  # noqa: PLC0415
     from gm.kernels import masked_linear as kl  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     bd, bk = k.fused_tile_sizes(hidden.dtype)
     tm = fused_tile_map(entry, bd, bk)
     dz, dout = k.made_output_backward(hidden, weight, entry.u8, bias, z, gz, gl, tm.rows, bd, bk, mode)
@@ -347,16 +350,17 @@ def _triton_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, ne
     return dh, dw, db, dz
 
 
-def _cuda_made_output(hidden, weight, mask, bias, z, mode):
+def _cuda_made_output(hidden, weight, mask, bias, z, mode, entry=None):
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
-    return kc.made_output_forward(hidden, weight, mask_entry(mask), bias, z, mode)
+    return kc.made_output_forward(hidden, weight, entry or mask_entry(mask), bias, z, mode)
 
 
-def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b):
+def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved=None,
+                               entry=None):
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     dz, dout = kc.made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode)
     dh = kc.input_grad(dout, weight, entry) if need_h else None
     dw = kc.weight_grad(dout, hidden, entry) if need_w else None
@@ -476,9 +480,8 @@ def _made_output_backward_impl(
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    extra = (saved,) if backend == "cpu" else ()
     dh, dw, db, dz = _FUSED_BWD[backend](hidden, weight, mask, bias, z.contiguous(), gz.contiguous(),
-                                         gl.contiguous(), mode, need_h, need_w, need_b, *extra)  # fmt: skip
+                                         gl.contiguous(), mode, need_h, need_w, need_b, saved)  # fmt: skip
     dh = dh.contiguous() if dh is not None else hidden.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     db = db.contiguous() if db is not None else weight.new_empty(0)

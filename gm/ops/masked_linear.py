@@ -76,7 +76,7 @@ def _mask_key(mask: torch.Tensor) -> tuple:
         version = mask._version
     except RuntimeError:  # inference tensors track no version
         version = None
-    return (mask.data_ptr(), version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, str(mask.device))
+    return (mask.data_ptr(), version, mask.shape, mask.stride(), mask.dtype, mask.device)
 
 
 def mask_entry(mask: torch.Tensor, name: str = "mask") -> MaskEntry:
@@ -162,16 +162,16 @@ def act_grad(grad: torch.Tensor, y: torch.Tensor, activation: str | None) -> tor
     return grad
 
 
-def _torch_forward(x, weight, mask, bias, activation):
+def _torch_forward(x, weight, mask, bias, activation, entry=None):
     # reference backend: the eager reference on the masked dense weight.
     from gm.reference.iaf import masked_linear  # noqa: PLC0415
 
-    mask_entry(mask)
+    entry or mask_entry(mask)  # checks the mask binary, as the other backends do
     return masked_linear(x, weight, mask, bias, activation=activation)
 
 
-def _torch_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
-    mask_entry(mask)
+def _torch_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, entry=None):
+    entry or mask_entry(mask)
     m = mask.to(weight.dtype)
     gp = act_grad(grad, y, activation)
     dx = gp @ (weight * m) if need_x else None
@@ -399,10 +399,10 @@ def _cpu_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, 
     return dx, dw, db
 
 
-def _triton_forward(x, weight, mask, bias, activation):
+def _triton_forward(x, weight, mask, bias, activation, entry=None):
     from gm.kernels import masked_linear as k  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     bo, bk = k.tile_sizes(x.dtype)
     tm = linear_tile_map(entry, bo, bk)
     wm = premasked_weight(weight, entry, transposed=True)
@@ -412,10 +412,10 @@ def _triton_forward(x, weight, mask, bias, activation):
     )  # fmt: skip
 
 
-def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, entry=None):
     from gm.kernels import masked_linear as k  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     dx = dw = db = None
     if need_x:
         bo, bk = k.tile_sizes(x.dtype)
@@ -433,16 +433,16 @@ def _triton_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_
     return dx, dw, db
 
 
-def _cuda_forward(x, weight, mask, bias, activation):
+def _cuda_forward(x, weight, mask, bias, activation, entry=None):
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
-    return kc.forward(x, weight, mask_entry(mask), bias, activation)
+    return kc.forward(x, weight, entry or mask_entry(mask), bias, activation)
 
 
-def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b):
+def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, entry=None):
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
-    entry = mask_entry(mask)
+    entry = entry or mask_entry(mask)
     gp = kc.act_grad(grad, y, activation)  # shared by both gradients
     dx = kc.input_grad(gp, weight, entry) if need_x else None
     dw = kc.weight_grad(gp, x, entry) if need_w else None
