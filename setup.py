@@ -76,8 +76,10 @@ setup(
         "gm.models",
         "gm.data",
         "gm.kernels",
+        "gm.kernels.tuned",  # data only: the autotuner picks that tuned() launches, one table per GPU
     ],
     package_dir={"gm": "gm", "gm.kernels": "kernels"},
+    package_data={"gm.kernels.tuned": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

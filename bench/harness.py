@@ -358,7 +358,9 @@ def format_table(rows: list[Row]) -> str:
 
 def save(rows: list[Row], env: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    from gm.kernels._common import device_slug  # noqa: PLC0415  (the tuned tables' names too)
+
+    slug = device_slug(env["device"])
     path = out_dir / f"{env['date'][:10]}_{slug}.jsonl"
     with path.open("a") as f:
         for r in rows:

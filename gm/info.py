@@ -21,12 +21,16 @@ def info_dict() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
         "extension": "built" if ext_ok else f"missing: {ext_why}",
         "extension_cuda": "yes" if cuda_ok else f"no: {cuda_why}",
         "triton": "missing: " + triton_why if not triton_ok else _triton_version(),
         "triton_mode": "interpreted (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled",
     }
+    if triton_ok:
+        d["triton_tuned"] = _tuned_tables()
     if ext_ok:
         from gm._ext import ext  # noqa: PLC0415
 
@@ -39,6 +43,24 @@ def info_dict() -> dict:
             ok, why = ext_ok, ext_why
         d[f"backend.{b}"] = "available" if ok else f"unavailable: {why}"
     return d
+
+
+def _tuned_tables() -> str:
+    """Whether a table of autotuner picks (launched by gm.kernels._common.tuned) ships for this GPU, and which do."""
+    from gm.kernels import _common  # noqa: PLC0415
+
+    tables = _common.shipped_tables()
+    listed = ", ".join(f"{slug} ({n} picks)" for slug, n in tables.items())
+    ships = f"tables ship for {listed}" if tables else "no table ships"
+    slug = _common.current_device_slug()
+    if slug is None:
+        return f"no GPU here; {ships}"
+    if slug not in tables:
+        return f"none for {slug}: each launch shape is autotuned at first use; {ships}"
+    kernels = len(_common.tuned_table(slug).get("picks", {}))
+    off = {"GM_TRITON_AUTOTUNE": _common.AUTOTUNE, "GM_TRITON_TUNED": _common.TUNED}
+    unused = "".join(f" (unused: {var}=0)" for var, on in off.items() if not on)
+    return f"kernels/tuned/{slug}.json: {tables[slug]} picks of {kernels} kernels{unused}"
 
 
 def _triton_version() -> str:

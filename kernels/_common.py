@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -11,7 +14,12 @@ import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 def dot_precision(dtype: torch.dtype, *, conv: bool) -> str:
@@ -31,27 +39,129 @@ def acc_dtype(dtype: torch.dtype):
 
 # GM_TRITON_AUTOTUNE=0 launches the first config instead of autotuning (the GPU tests use it: one compile per variant).
 AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
+# GM_TRITON_TUNED=0 ignores the shipped tables of autotuner picks (TUNED_DIR/<device slug>.json): every launch shape
+# is autotuned again (how a GPU run measures fresh picks for `python -m bench.tuned`).
+TUNED = os.environ.get("GM_TRITON_TUNED", "1") != "0"
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+# Every tuned() kernel's (config list, key names) by kernel name, in any mode: what a shipped pick is checked against.
+CONFIG_LISTS: dict[str, tuple[list, list[str]]] = {}
 
 
 def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=None):
     """(launchable kernel, extra launch kwargs): small fixed blocks under the interpreter, the first config that
-    suits the call when autotuning is off, else triton.autotune over `configs` keyed on `key`.
+    suits the call when autotuning is off, else triton.autotune over `configs` keyed on `key`, which launches the
+    shipped pick of the current GPU (tuned_table) without timing where one is recorded for the launch's key.
     `prune(configs, named_args)` drops configs that cannot suit the call (by dtype, shared memory) before timing."""
     import triton  # noqa: PLC0415
 
+    CONFIG_LISTS[kernel_name(kernel)] = (configs, list(key))
     if INTERPRETED:
         return kernel, dict(interpreted_meta)
     if not AUTOTUNE:
         if prune is not None:
             return _FirstSuitable(kernel, configs, prune), {}
         return kernel, _launch_meta(configs[0])
-    if prune is None:
-        return triton.autotune(configs, key=key)(kernel), {}
+    by = None
+    if prune is not None:
 
-    def early_prune(configs, named_args, **kwargs):
-        return prune(configs, named_args) or configs[:1]
+        def early_prune(configs, named_args, **kwargs):
+            return prune(configs, named_args) or configs[:1]
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune})(kernel), {}
+        by = {"early_config_prune": early_prune}
+    if not TUNED:
+        return triton.autotune(configs, key=key, prune_configs_by=by)(kernel), {}
+    return _table_autotuner()(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=by), {}
+
+
+def kernel_name(kernel) -> str:
+    """The name the autotuner picks are recorded under: the Python function's (as Autotuner.base_fn)."""
+    fn = kernel
+    while not inspect.isfunction(fn) and hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__name__", type(kernel).__name__)
+
+
+def config_fields(config) -> tuple:
+    """A triton.Config, or the str() of one, as sorted (name, value string) pairs without the None-valued fields:
+    equal across Triton versions whose str() differ (3.9 appends "ir_override: None", 3.6 does not)."""
+    pairs = (field.partition(": ") for field in str(config).split(", "))
+    return tuple(sorted((name, value) for name, _, value in pairs if value != "None"))
+
+
+def device_slug(device_name: str) -> str:
+    """The device part of bench result names and of the tuned tables' file names: "NVIDIA H200" -> "nvidia-h200"."""
+    return "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+
+
+@functools.cache
+def tuned_table(slug: str) -> dict:
+    """The shipped table TUNED_DIR/<slug>.json ({"device", "picks": {kernel: [{"key", "config", provenance}]}}), or
+    {} where none ships."""
+    path = TUNED_DIR / f"{slug}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shipped_tables() -> dict[str, int]:
+    """{device slug: number of picks} of every shipped table."""
+    slugs = [p.stem for p in sorted(TUNED_DIR.glob("*.json"))]
+    return {slug: sum(len(v) for v in tuned_table(slug).get("picks", {}).values()) for slug in slugs}
+
+
+def current_device_slug() -> str | None:
+    try:
+        return device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    except (RuntimeError, AssertionError):
+        return None
+
+
+def table_picks(name: str, configs: list, slug: str | None) -> dict:
+    """{key strings: config of `configs`} recorded for kernel `name` in the table of `slug`; a pick whose config is
+    not in `configs` (a changed config list) is left out."""
+    by_fields = {config_fields(c): c for c in configs}
+    picks = tuned_table(slug).get("picks", {}).get(name, []) if slug else []
+    return {tuple(p["key"]): by_fields[f] for p in picks if (f := config_fields(p["config"])) in by_fields}
+
+
+@functools.cache
+def _table_autotuner():
+    from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+
+    class TableAutotuner(Autotuner):
+        """triton.autotune that launches the current GPU's recorded pick for a launch's key, when the call's prune keeps
+        it, without timing: the pick enters Triton's own cache (so best_config and the bench's export see it) the
+        first time Triton finds the key missing there; any other launch is autotuned as usual."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.picks = None  # {key strings: config}, loaded at the first cache miss (the GPU is known by then)
+            self.cache = _PickCache(self)
+
+        def enter_pick(self, key: tuple) -> bool:
+            """Whether the recorded pick for `key` (Triton's own key of the launch in progress) was entered."""
+            if self.picks is None:
+                self.picks = table_picks(self.base_fn.__name__, self.configs, current_device_slug())
+            config = self.picks.get(tuple(str(k) for k in key))
+            # run() has set nargs (the positional arguments, which Triton passes to early_config_prune) by now.
+            if config is None or getattr(self, "nargs", None) is None or config not in self.prune_configs({}):
+                return False
+            self.cache[key] = config
+            return True
+
+    return TableAutotuner
+
+
+class _PickCache(dict):
+    """Autotuner.cache ({key: config}) that, asked for a key it lacks (Autotuner.run's `key not in self.cache` before it
+    times the configs, the same in Triton 3.6 and 3.9), first takes the recorded pick for the key. Keys are the ones
+    Triton computes, so a pick matches exactly when the key the bench exported (str of each element) does."""
+
+    def __init__(self, autotuner):
+        super().__init__()
+        self.autotuner = autotuner
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) or self.autotuner.enter_pick(key)
 
 
 def _launch_meta(config) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED, TL_DTYPES, acc_dtype
+from gm.kernels._common import TL_DTYPES, acc_dtype, tuned
 
 
 @triton.jit
@@ -113,12 +113,9 @@ def _configs(backward: bool):
     ]
 
 
-if INTERPRETED:
-    _fwd = minibatch_fwd_kernel
-    _bwd = minibatch_bwd_kernel
-else:
-    _fwd = triton.autotune(_configs(False), key=["N", "B", "C", "EXCLUDE_SELF"])(minibatch_fwd_kernel)
-    _bwd = triton.autotune(_configs(True), key=["N", "B", "C", "EXCLUDE_SELF"])(minibatch_bwd_kernel)
+_KEY = ["N", "B", "C", "EXCLUDE_SELF"]
+_fwd, _FWD_META = tuned(minibatch_fwd_kernel, _configs(False), _KEY, _INTERP)
+_bwd, _BWD_META = tuned(minibatch_bwd_kernel, _configs(True), _KEY, _INTERP)
 
 
 def _check_dtype(t: torch.Tensor) -> None:
@@ -131,14 +128,13 @@ def forward(m: torch.Tensor, exclude_self: bool) -> torch.Tensor:
     _check_dtype(m)
     n, b, c = m.shape
     o = torch.empty(n, b, dtype=m.dtype, device=m.device)
-    extra = _INTERP if INTERPRETED else {}
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(b, meta["BLOCK_B"]))
 
     _fwd[grid](
         m, o, n, b, *m.stride(),
-        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), **extra,
+        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), **_FWD_META,
     )  # fmt: skip
     return o
 
@@ -150,13 +146,12 @@ def backward(grad: torch.Tensor, m: torch.Tensor, exclude_self: bool) -> torch.T
     grad = grad.contiguous()
     n, b, c = m.shape
     dm = torch.empty(n, b, c, dtype=m.dtype, device=m.device)
-    extra = _INTERP if INTERPRETED else {}
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(b, meta["BLOCK_B"]))
 
     _bwd[grid](
         grad, m, dm, n, b, *m.stride(),
-        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), BLOCK_C=triton.next_power_of_2(c), **extra,
+        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), BLOCK_C=triton.next_power_of_2(c), **_BWD_META,
     )  # fmt: skip
     return dm

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
-from bench import report
+from bench import harness, report
 from bench.__main__ import main
 
 
-def test_bench_quick_profile_and_report(tmp_path, capsys):
+def test_bench_quick_profile_and_report(tmp_path, capsys, monkeypatch):
+    # Rows slower than SLOW_MS are not profiled; gm[cpu] takes ~10 ms here, but several times that on a loaded
+    # 2-core machine: this test checks the files and the report, not the cut-off.
+    monkeypatch.setattr(harness, "SLOW_MS", float("inf"))
     assert main(["--quick", "--ops", "minibatch", "--no-compile", "--profile", "--out", str(tmp_path),
                  "--warmup-ms", "1", "--rep-ms", "5"]) == 0  # fmt: skip
     (rows_file,) = tmp_path.glob("*.jsonl")

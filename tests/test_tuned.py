@@ -1,7 +1,10 @@
-"""kernels._common.tuned with autotuning off: the first config that the prune keeps for the call is launched."""
+"""kernels._common.tuned: with autotuning off, the first config that the prune keeps for the call is launched; with it
+on, the current GPU's shipped pick for the launch's key (kernels/tuned/<device>.json) is launched without timing, any
+other launch is autotuned; the shipped tables only hold picks of the current config lists (python -m bench.tuned)."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -95,3 +98,228 @@ def test_float32_dot_precision_follows_torch_tf32_flags(monkeypatch):
             flag.allow_tf32 = saved
     monkeypatch.setattr(_common, "INTERPRETED", True)
     assert _common.dot_precision(torch.float32, conv=False) == "ieee"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shipped tables of autotuner picks, on Triton's own Autotuner with a stand-in kernel and a mocked GPU name.
+
+
+def _fake_kernel_fn(x_ptr, n):
+    """The function the autotuner's picks of the stand-in kernel are recorded under (Autotuner.base_fn)."""
+
+
+class _FakeJit:
+    """A stand-in for a @triton.jit function under triton.autotune: records each launch's arguments and meta."""
+
+    arg_names = ["x_ptr", "n"]
+
+    def __init__(self):
+        self.fn = _fake_kernel_fn
+        self.launches = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launches.append((args, kwargs))
+
+
+def _three_configs():
+    """Two configs for 2- and 4-byte inputs, one for 8-byte ones (by_element_size keeps two or one)."""
+    return [_common.suits(triton.Config(dict(BLOCK=b), num_warps=w, num_stages=1), sizes)
+            for b, w, sizes in [(128, 8, (2, 4)), (64, 4, (2, 4)), (16, 2, (8,))]]  # fmt: skip
+
+
+def _pick(n, dtype, config):
+    return {"key": [str(n), dtype], "config": config, "commit": "abc", "triton": "3.6.0", "date": "2026-01-01T00:00Z"}
+
+
+@pytest.fixture
+def gpu_table(monkeypatch, tmp_path):
+    """tuned() as on a GPU named "Fake GPU X1" whose shipped table the test writes (`write(picks)`); each launch that
+    is autotuned is recorded in `timed` (timings: the smaller BLOCK wins)."""
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common, "TUNED", True)
+    monkeypatch.setattr(_common, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU X1")
+    _common.tuned_table.cache_clear()
+    env = types.SimpleNamespace(timed=[], kernel=_FakeJit())
+
+    def write(picks):
+        table = {"device": "Fake GPU X1", "picks": {"_fake_kernel_fn": picks}}
+        (tmp_path / "fake-gpu-x1.json").write_text(json.dumps(table))
+        _common.tuned_table.cache_clear()
+
+    def make(configs=None, prune=_common.by_element_size):
+        launchable, meta = _common.tuned(env.kernel, configs or _three_configs(), ["n"], dict(BLOCK=4), prune=prune)
+        assert meta == {}
+
+        def bench(*args, config, **kwargs):
+            env.timed.append(config.kwargs["BLOCK"])
+            return [float(config.kwargs["BLOCK"])] * 3
+
+        launchable._bench = bench
+        return launchable
+
+    env.write, env.make = write, make
+    yield env
+    _common.tuned_table.cache_clear()
+
+
+def _tensor(itemsize):
+    import torch  # noqa: PLC0415
+
+    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[itemsize]
+    return types.SimpleNamespace(dtype=dtype, element_size=lambda: itemsize)
+
+
+def test_recorded_pick_launches_without_autotuning(gpu_table):
+    """A key recorded for this GPU, as Triton 3.6 wrote it (no "ir_override" in the config string): its config is
+    launched and enters Triton's cache (best_config, the bench's export see it); nothing is timed."""
+    gpu_table.write([_pick(5, "torch.float16", "BLOCK: 128, num_warps: 8, num_ctas: 1, num_stages: 1, maxnreg: None")])
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(2), 5)
+    launchable[(1,)](_tensor(2), 5)
+    assert gpu_table.timed == []
+    assert [kw["BLOCK"] for _, kw in gpu_table.kernel.launches] == [128, 128]
+    assert gpu_table.kernel.launches[0][1]["num_warps"] == 8
+    assert launchable.best_config.kwargs == dict(BLOCK=128)
+
+
+@pytest.mark.parametrize(
+    ("n", "itemsize", "config"),
+    [
+        (6, 2, "BLOCK: 128, num_warps: 8, num_ctas: 1, num_stages: 1, maxnreg: None"),  # another n
+        (5, 4, "BLOCK: 128, num_warps: 8, num_ctas: 1, num_stages: 1, maxnreg: None"),  # another dtype
+        (5, 2, "BLOCK: 256, num_warps: 8, num_ctas: 1, num_stages: 1, maxnreg: None"),  # not in the current list
+        (5, 2, "BLOCK: 128, num_warps: 4, num_ctas: 1, num_stages: 1, maxnreg: None"),  # a field differs
+    ],
+    ids=["key-n", "key-dtype", "config-gone", "config-warps"],
+)
+def test_other_launches_are_autotuned(gpu_table, n, itemsize, config):
+    gpu_table.write([_pick(5, "torch.float16", config)])
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(itemsize), n)
+    assert sorted(gpu_table.timed) == [64, 128]  # both configs that suit 2- and 4-byte inputs were timed
+    assert [kw["BLOCK"] for _, kw in gpu_table.kernel.launches] == [64]
+
+
+def test_pick_the_prune_drops_is_autotuned(gpu_table):
+    """The float64-only config recorded for a float16 key (a stale or hand-edited table) is not launched."""
+    gpu_table.write([_pick(5, "torch.float16", "BLOCK: 16, num_warps: 2, num_ctas: 1, num_stages: 1, maxnreg: None")])
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(2), 5)
+    assert sorted(gpu_table.timed) == [64, 128]
+
+
+def test_no_table_for_this_gpu_and_switched_off(gpu_table, monkeypatch):
+    launchable = gpu_table.make()  # no table written for "Fake GPU X1"
+    launchable[(1,)](_tensor(2), 5)
+    assert sorted(gpu_table.timed) == [64, 128]
+    from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "TUNED", False)
+    assert type(gpu_table.make()) is Autotuner  # GM_TRITON_TUNED=0: triton.autotune as it is
+
+
+def test_key_is_tritons_own(gpu_table):
+    """The pick is looked up under the key the installed Triton computes (key arguments passed by keyword too, then
+    the dtypes), as the bench exports it: str of each element."""
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(4), n=7)
+    assert [[str(k) for k in key] for key in launchable.cache] == [["7", "torch.float32"]]
+    assert gpu_table.timed
+    gpu_table.timed.clear()
+    gpu_table.write([_pick(7, "torch.float32", str(_three_configs()[0]))])  # Triton 3.9's string, "ir_override" too
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(4), n=7)
+    assert gpu_table.timed == [] and gpu_table.kernel.launches[-1][1]["BLOCK"] == 128
+
+
+def test_config_strings_match_across_triton_versions():
+    config = triton.Config(dict(BLOCK_M=128, BLOCK_K=32), num_warps=4, num_stages=4)
+    triton36 = "BLOCK_M: 128, BLOCK_K: 32, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None"
+    triton39 = triton36 + ", ir_override: None"
+    assert _common.config_fields(config) == _common.config_fields(triton36) == _common.config_fields(triton39)
+    assert _common.config_fields(config) != _common.config_fields(triton36.replace("num_stages: 4", "num_stages: 3"))
+
+
+def test_device_slug_is_the_bench_results_name(tmp_path):
+    from bench import harness  # noqa: PLC0415
+
+    path = harness.save([], {"device": "NVIDIA H200 (PCIe) ", "date": "2026-01-01T00:00:00Z"}, tmp_path)
+    assert path.name == f"2026-01-01_{_common.device_slug('NVIDIA H200 (PCIe) ')}.jsonl"
+    assert _common.device_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_shipped_tables_hold_only_current_picks():
+    """Every shipped pick names a tuned() kernel of gm.kernels, a config of its current list and a key of its current
+    key arguments (then dtypes); a stale pick would never launch: rerun python -m bench.tuned on the run's picks."""
+    from bench import tuned as bench_tuned  # noqa: PLC0415
+
+    tables = sorted(_common.TUNED_DIR.glob("*.json"))
+    assert tables, "no table ships in kernels/tuned"
+    lists = bench_tuned.config_lists()
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert _common.device_slug(table["device"]) == path.stem
+        assert table["picks"]
+        kept, stale = bench_tuned.split_stale(table["picks"], lists)
+        assert stale == [], f"{path.name}: stale picks:\n" + "\n".join(stale)
+        for picks in table["picks"].values():
+            assert all(p["commit"] and p["triton"] and p["date"] for p in picks)
+        assert bench_tuned.dump(table) == path.read_text()  # as bench.tuned writes it
+
+
+def test_refresh_merges_newer_picks_and_drops_stale(tmp_path, capsys):
+    from bench import tuned as bench_tuned  # noqa: PLC0415
+
+    lists = {"k": ([triton.Config(dict(B=b)) for b in (16, 32, 64)], ["n"])}
+    cfg = {b: str(triton.Config(dict(B=b))) for b in (16, 32, 64, 128)}
+
+    def run(date, picks):
+        env = {"device": "Fake GPU X1", "commit": date[:4], "triton": "3.9.0", "torch": "2", "date": date}
+        return {"env": env, "picks": {"k": [{"key": [str(n), "torch.float32"], "config": cfg[b]} for n, b in picks]}}
+
+    table = bench_tuned.merge({}, run("2026-01-02", [(1, 16), (2, 16), (3, 16)]))
+    table = bench_tuned.merge(table, run("2026-01-03", [(1, 32), (2, 16), (4, 128)]))  # newer: 1 changes, 2 same
+    table = bench_tuned.merge(table, run("2026-01-01", [(3, 64)]))  # older than the pick recorded for n=3
+    picks = {p["key"][0]: (p["config"], p["date"]) for p in table["picks"]["k"]}
+    assert picks == {"1": (cfg[32], "2026-01-03"), "2": (cfg[16], "2026-01-02"), "3": (cfg[16], "2026-01-02"),
+                     "4": (cfg[128], "2026-01-03")}  # fmt: skip
+    kept, stale = bench_tuned.split_stale(table["picks"], lists)
+    assert [p["key"][0] for p in kept["k"]] == ["1", "2", "3"] and len(stale) == 1 and "not in the current" in stale[0]
+    bad_key = {"k": [{"key": ["torch.float32"], "config": cfg[16]}], "gone": [{"key": ["1"], "config": cfg[16]}]}
+    reasons = [s.rsplit(": ", 1)[1] for s in bench_tuned.split_stale(bad_key, lists)[1]]
+    assert reasons == ["key is not (n, dtypes...)", "kernel not launched through tuned()"]
+
+
+def test_refresh_command_writes_the_table(tmp_path, capsys):
+    from bench import tuned as bench_tuned  # noqa: PLC0415
+
+    fwd = "masked_conv_fwd_kernel"
+    configs, key = bench_tuned.config_lists()[fwd]
+    pick = {"key": ["1"] * len(key) + ["torch.float32"], "config": str(configs[0])}
+    env = {"device": "Fake GPU X1", "commit": "c", "triton": "3.9.0", "torch": "2", "date": "2026-01-01T00:00:00Z"}
+    run_file = tmp_path / "run_autotune.json"
+    run_file.write_text(json.dumps({"env": env, "picks": {fwd: [pick], "not_a_kernel": [pick]}}))
+    assert bench_tuned.main([str(run_file), "--out", str(tmp_path / "tables")]) == 0
+    table = json.loads((tmp_path / "tables" / "fake-gpu-x1.json").read_text())
+    assert table["picks"] == {fwd: [{**pick, "commit": "c", "triton": "3.9.0", "torch": "2", "date": env["date"]}]}
+    assert "dropped not_a_kernel" in capsys.readouterr().out
+    assert bench_tuned.main(["--check", "--out", str(tmp_path / "tables")]) == 0
+
+
+def test_info_names_the_tables(monkeypatch):
+    import gm  # noqa: PLC0415
+
+    tables = _common.shipped_tables()
+    assert tables and all(n > 0 for n in tables.values())
+    monkeypatch.setattr(_common, "current_device_slug", lambda: None)
+    assert gm.info(print_out=False)["triton_tuned"].startswith("no GPU here; tables ship for nvidia-h200 (")
+    monkeypatch.setattr(_common, "current_device_slug", lambda: "nvidia-h200")
+    line = gm.info(print_out=False)["triton_tuned"]
+    assert line.startswith(f"kernels/tuned/nvidia-h200.json: {tables['nvidia-h200']} picks")
+    monkeypatch.setattr(_common, "current_device_slug", lambda: "other-gpu")
+    assert gm.info(print_out=False)["triton_tuned"].startswith("none for other-gpu")
