@@ -8,6 +8,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Codes shared with csrc/common/tensor_args.h (enum class DType).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -65,10 +66,10 @@ _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 def stream_of(t: torch.Tensor) -> int:
     """Raw handle of the current CUDA stream on t's device (0 for CPU tensors)."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # is_cuda and get_device(): a tenth of the host time of t.device.type / t.device.index
         return 0
     if _RAW_STREAM is not None:
-        return _RAW_STREAM(t.device.index)
+        return _RAW_STREAM(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
@@ -86,6 +87,50 @@ def device_guard(t: torch.Tensor):
     return _NO_GUARD if _single_gpu() else torch.cuda.device(t.device)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Packed weight operands: a forward's pack reused by its backward.
+
+# False: the backward launchers repack their weights too (see packed()).
+PACK_CACHE = True
+_PACKS = WeakIdKeyDictionary()  # weight -> (version, data_ptr, {key: packed form})
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    """A plain tensor with a version counter, not read during a CUDA graph capture (a capture must record the pack,
+    or its replays would use the pack of the weight as it was at capture, whatever the weight holds then)."""
+    if not PACK_CACHE or type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_inference():
+        return False
+    return not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def packed(weight: torch.Tensor, key, pack, *, fresh: bool):
+    """pack(): a form of `weight` that a launcher reads (a gathered, padded or transposed copy; `key` names the form,
+    e.g. its layout and dtype). fresh=True (a forward) always packs, and keeps the form for the backward;
+    fresh=False (a backward) reuses the form kept for `weight` as it is now, else packs. So a training step packs
+    each weight once, not twice, and nothing outlives the next forward: a write that autograd's version counter does
+    not see (through `weight.data`, as EMA and weight-clipping code often does; a CUDA graph replay; a fused optimizer
+    outside torch writing through the raw pointer) can at worst reach a backward whose forward saw the old value,
+    where autograd's own saved tensors are stale too. The kept form is dropped when `weight` changes through torch
+    (its _version moves) or gets new storage (its data_ptr moves, as in module.half()), and lives no longer than
+    `weight` (weak keys); the current stream is part of the key, so a form is only read on the stream that made it.
+    pack() runs without autograd, so the form holds no reference to `weight`."""
+    if not _cacheable(weight):
+        with torch.no_grad():
+            return pack()
+    version, address = weight._version, weight.data_ptr()
+    entry = _PACKS.get(weight)
+    if entry is None or entry[0] != version or entry[1] != address:
+        entry = (version, address, {})
+        _PACKS[weight] = entry
+    key = (key, stream_of(weight))
+    forms = entry[2]
+    form = None if fresh else forms.get(key)
+    if form is None:
+        with torch.no_grad():
+            form = forms[key] = pack()
+    return form
+
+
 def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
     """How many ways a CUDA GEMM splits its reduction (pixels or rows, `work` of them) into partial sums: the split
     count s (1 to 64, at least 256 reduction steps a block) that minimises the modelled time
@@ -99,18 +144,21 @@ def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _reduction_splits(tiles: int, work: int, slots: int, granule: int = 1, min_steps: int = 256) -> int:
+def _reduction_splits(
+    tiles: int, work: int, slots: int, granule: int = 1, min_steps: int = 256, fixed: int = 128, cap: int = 64
+) -> int:
     """The split count of the model above: parts of whole `granule`s of the reduction (the kernels round a part up
-    to them), at least `min_steps` each unless unsplit, at most 64; the count the kernel will launch (no empty
-    part)."""
+    to them), at least `min_steps` each unless unsplit, at most `cap`; the count the kernel will launch (no empty
+    part). `fixed`: a block's fixed cost in units of `work` (128 for the CUDA kernels, whose unit is one pixel or
+    row; the Triton GEMMs count k-steps of 32-64 pixels or rows and pass their own)."""
     best, best_cost = 1, float("inf")
-    for s in range(1, 65):
+    for s in range(1, cap + 1):
         if s > 1 and work // s < min_steps:
             break
         per_part = -(-work // s)
         chunk = -(-per_part // granule) * granule
         parts = -(-work // chunk)
-        cost = -(-tiles * parts // slots) * (chunk + 128)
+        cost = -(-tiles * parts // slots) * (chunk + fixed)
         if cost < best_cost:
             best, best_cost = parts, cost
     return best

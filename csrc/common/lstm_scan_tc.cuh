@@ -7,8 +7,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/cuda_check.h"
 #include "common/mma_sync.cuh"
@@ -160,16 +163,45 @@ __host__ __device__ __forceinline__ int row_bytes(int channels, size_t elem) {
 
 inline int threads_for(int items) { return 32 * (items < kMaxWarps ? items : kMaxWarps); }
 
+// What set_smem has asked of the runtime so far: each device's opt-in shared memory per block, and each kernel's
+// dynamic shared memory maximum per device, keyed by address (the instantiations of a kernel template share a type,
+// and this record is one object per process, shared by every copy of the extension loaded: the CUDA emulator's tests
+// load several).
+struct SmemAttributes {
+  std::mutex mutex;
+  std::map<int, int> limit;                          // device -> cudaDevAttrMaxSharedMemoryPerBlockOptin
+  std::map<std::pair<const void*, int>, int> raised;  // (kernel, device) -> maximum set by cudaFuncSetAttribute
+};
+
+inline SmemAttributes& smem_attributes() {
+  static SmemAttributes attributes;
+  return attributes;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device, or throws naming `what` where the
+// GPU has less per block. The device query and cudaFuncSetAttribute ran on every launch (host time, which sets the
+// eager layer time at small sizes); now a kernel's maximum is raised only when a launch needs more than any launch of
+// it before on that device (a larger maximum admits every smaller launch), and the limit is queried once per device.
 template <typename K>
 void set_smem(K kernel, size_t bytes, const char* what) {
-  int device = 0, limit = 0;
+  int device = 0;
   GM_CUDA_CHECK(cudaGetDevice(&device));
-  GM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > static_cast<size_t>(limit))
+  SmemAttributes& cache = smem_attributes();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  auto limit = cache.limit.find(device);
+  if (limit == cache.limit.end()) {
+    int value = 0;
+    GM_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    limit = cache.limit.emplace(device, value).first;
+  }
+  if (bytes > static_cast<size_t>(limit->second))
     throw std::invalid_argument(std::string("gm ") + what + " needs " + std::to_string(bytes) +
-                                " bytes of shared memory, more than this GPU's " + std::to_string(limit) +
+                                " bytes of shared memory, more than this GPU's " + std::to_string(limit->second) +
                                 " per block: use the triton backend, or a smaller hidden size or image");
+  int& raised = cache.raised[{reinterpret_cast<const void*>(kernel), device}];  // 0 when new
+  if (bytes <= static_cast<size_t>(raised)) return;
   GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  raised = static_cast<int>(bytes);
 }
 
 // dtype x precision dispatch: float16/bfloat16 run natively, float32 as tf32 or 3xTF32.

@@ -376,18 +376,13 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------------------
 // Host side: dtype/precision dispatch and launch.
 
-template <typename K>
-void set_smem(K kernel, int bytes) {
-  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
-
 template <typename T, Precision P>
 void launch_gemm(const ConvGemmArgs& args, cudaStream_t stream) {
   const std::int64_t m_tiles = (static_cast<std::int64_t>(args.n) * args.h * args.w + kBM - 1) / kBM;
   const std::int64_t blocks = m_tiles * ((args.n_out + kBN - 1) / kBN);
   if (blocks > 0x7fffffff) throw std::invalid_argument("masked_conv2d (cuda): problem too large for one launch");
   auto kernel = masked_conv_gemm_kernel<T, P>;
-  set_smem(kernel, kGemmSmem);
+  set_max_dynamic_smem(kernel, kGemmSmem);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kGemmSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
 }
@@ -396,7 +391,7 @@ template <typename T, Precision P>
 void launch_wgrad(const WgradArgs& args, int splits, cudaStream_t stream) {
   const dim3 grid(args.taps.count * ((args.c_in + kBM - 1) / kBM), (args.c_out + kBN - 1) / kBN, splits);
   auto kernel = masked_conv_wgrad_kernel<T, P>;
-  set_smem(kernel, WgradShape<T>::kSmem);
+  set_max_dynamic_smem(kernel, WgradShape<T>::kSmem);
   kernel<<<grid, kThreads, WgradShape<T>::kSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
 }

@@ -255,7 +255,7 @@ void launch_gemm(const GemmArgs& args, const typename Epi::Args& epi, cudaStream
   if (blocks == 0) return;
   if (blocks > 0x7fffffff) throw std::invalid_argument("masked GEMM (cuda): problem too large for one launch");
   auto kernel = masked_gemm_kernel<T, P, L, Epi>;
-  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  set_max_dynamic_smem(kernel, kSmem);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(args, epi);
   GM_CUDA_CHECK_LAUNCH();
 }
@@ -363,7 +363,7 @@ void launch_wgrad(const WgradArgs& args, int splits, cudaStream_t stream) {
   const int tiles = ((args.o + kBM - 1) / kBM) * ((args.k + kBN - 1) / kBN);
   if (tiles == 0 || splits == 0) return;
   auto kernel = masked_wgrad_kernel<T, P>;
-  GM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgradSmem));
+  set_max_dynamic_smem(kernel, kWgradSmem);
   kernel<<<dim3(tiles, splits), kThreads, kWgradSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
 }

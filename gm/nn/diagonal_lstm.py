@@ -62,8 +62,10 @@ def _state_weight(hidden: int) -> nn.Parameter:
 
 
 def shift_down(x: torch.Tensor) -> torch.Tensor:
-    """Row i takes row i-1, row 0 is zero: the right-to-left scan then only sees rows above."""
-    return F.pad(x, (0, 0, 1, 0))[:, :, : x.shape[2]]
+    """Row i takes row i-1, row 0 is zero: the right-to-left scan then only sees rows above. One pad that adds the
+    top row and drops the bottom one (its backward is one pad too, where pad-then-slice costs a slice's backward
+    besides: zeros and a copy); an image of no rows is returned as it is (pad cannot drop a row it lacks)."""
+    return F.pad(x, (0, 0, 1, -1)) if x.shape[2] > 0 else x
 
 
 class DiagonalLSTM(nn.Module):

@@ -12,6 +12,8 @@ Results are identical either way (tests/test_eager.py).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -53,6 +55,16 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_CALL = threading.local()
+
+
+def backward_expected() -> bool:
+    """Inside an op's implementation: whether the eager call running it records a backward (grad mode on and an
+    input that requires grad), so the implementation may skip what only the backward reads. True outside an eager
+    call (the registered custom op under torch.compile and the modes cannot tell, and assumes it)."""
+    return getattr(_CALL, "backward", True)
+
+
 class EagerOp:
     """`EagerOp(op, impl, setup_context, backward)(*inputs)`: the registered custom op `op`, or in plain eager mode
     an autograd.Function running `impl` (the op's undecorated implementation), then `setup_context(ctx, inputs,
@@ -78,7 +90,13 @@ class EagerOp:
 
     def __call__(self, *inputs):
         if eager_ok(*(t for t in inputs if t is None or isinstance(t, torch.Tensor))):
-            return self.function.apply(*inputs)
+            _CALL.backward = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in inputs
+            )
+            try:
+                return self.function.apply(*inputs)
+            finally:
+                _CALL.backward = True
         return self.op(*inputs)
 
 

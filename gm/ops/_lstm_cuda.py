@@ -7,7 +7,8 @@ A scan step is one small GEMM whose A operand is the state-to-state weight w_ss 
     backward:  (hp, taps*4hp)  row = input unit, column tap*4hp + gate*hp + output unit  (the transpose, per tap)
 with h zero-padded to hp, a multiple of 16. The kernels read A straight from global memory in mma.sync fragment order
 ([m16 tile][k-step][lane][register elements], 16 bytes per lane), so the launcher gathers w_ss into that order through
-an index built once per (h, taps, pass, dtype, device): a padded zero stands for every padded position.
+an index built once per (h, taps, dtype, device): a padded zero stands for every padded position. Both forms come
+from one gather, made by the forward and reused by its backward (pack_weights).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from gm._ext import device_guard, ext, packed, stream_of
+from gm.ops._eager import zero_scalar
 
 
 def padded_hidden(hid: int) -> int:
@@ -61,9 +65,8 @@ def _fragment_index(m: int, k: int, k_step: int) -> torch.Tensor:
     return ((tile * 16 + rows) * k + step * k_step + cols).reshape(-1)
 
 
-@functools.lru_cache(maxsize=64)
-def pack_index(hid: int, taps: int, backward: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Indices into w_ss.reshape(-1) padded with one zero (index 4h*h*taps) giving the packed A operand."""
+def _pack_index_of(hid: int, taps: int, backward: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Indices into w_ss.reshape(-1) padded with one zero (index 4h*h*taps) giving the packed A operand of one pass."""
     hp = padded_hidden(hid)
     zero = 4 * hid * hid * taps
     flat = torch.arange(zero).view(4, hid, hid, taps)  # [gate, out, in, tap]
@@ -76,14 +79,30 @@ def pack_index(hid: int, taps: int, backward: bool, dtype: torch.dtype, device: 
         a[:, :hid, :, :hid] = flat.permute(0, 1, 3, 2)
         a = a.view(4, hp // 8, 8, taps * hp).permute(1, 0, 2, 3).reshape(4 * hp, taps * hp)  # [group, gate, u][tap, in]
     k_step = 32 // dtype.itemsize  # one 32-byte MMA k-step: k16 (16-bit), k8 (tf32)
-    return a.reshape(-1)[_fragment_index(*a.shape, k_step)].to(device)
+    return a.reshape(-1)[_fragment_index(*a.shape, k_step)]
 
 
-def pack_weight(w_ss: torch.Tensor, dtype: torch.dtype, *, backward: bool) -> torch.Tensor:
-    """w_ss (4h, h, taps) as the kernels' A operand of one pass, in `dtype`: a zero appended, one gather (two
-    launches). Hold the result until the kernel is queued (the launchers pass its address)."""
-    idx = pack_index(w_ss.shape[1], w_ss.shape[2], backward, dtype, w_ss.device)
-    return torch.nn.functional.pad(w_ss.to(dtype).reshape(-1), (0, 1))[idx]
+@functools.lru_cache(maxsize=64)
+def pack_index(hid: int, taps: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Both passes' A operands as one gather: the forward's indices, then the backward's (each 4hp * taps*hp long,
+    a multiple of 16 bytes, so the backward's part starts aligned for the kernels' 16-byte fragment loads)."""
+    parts = [_pack_index_of(hid, taps, backward, dtype) for backward in (False, True)]
+    return torch.cat(parts).to(device)
+
+
+def _pack(w_ss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    hid, taps = w_ss.shape[1], w_ss.shape[2]
+    idx = pack_index(hid, taps, dtype, w_ss.device)
+    padded = torch.cat((w_ss.to(dtype).reshape(-1), zero_scalar(w_ss.device, dtype).view(1)))
+    both = torch.take(padded, idx)  # the appended zero stands for every padded position
+    return both.split(both.numel() // 2)
+
+
+def pack_weights(w_ss: torch.Tensor, dtype: torch.dtype, *, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_ss (4h, h, taps) as the kernels' A operands (forward pass, backward pass) in `dtype`: one gather for both
+    (on a GPU, three launches: zero, concatenation, gather), made by the forward (fresh=True) and reused by its
+    backward (gm._ext.packed). Hold them until the kernel is queued (the launchers pass their addresses)."""
+    return packed(w_ss, ("lstm_tc", dtype), lambda: _pack(w_ss, dtype), fresh=fresh)
 
 
 def precision(dtype: torch.dtype, op: str) -> int:
@@ -107,32 +126,31 @@ def _transposable(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.element_size() in (2, 4) and 0 < t.shape[0] <= 65535 and t.numel() > 0
 
 
-def to_nhwc(t: torch.Tensor) -> torch.Tensor:
+def _transpose(t: torch.Tensor, out: torch.Tensor, batch: int, rows: int, cols: int, stream: int | None):
+    """out[b, s, r] = t[b, r, s] by csrc/layout's tiled transpose; stream None: t's current stream, under its device
+    guard (a caller that launches more on that stream passes it, holding the guard itself)."""
+    if stream is None:
+        with device_guard(t):
+            return _transpose(t, out, batch, rows, cols, stream_of(t))
+    ext().layout_transpose_cuda(t.data_ptr(), out.data_ptr(), batch, rows, cols, t.stride(0), rows * cols,
+                                t.element_size(), stream)  # fmt: skip
+    return out
+
+
+def to_nhwc(t: torch.Tensor, stream: int | None = None) -> torch.Tensor:
     """(N, C, H, W) as a contiguous (N, H, W, C) tensor: t's storage when it is channels-last already, the tiled
     transpose when each image is an NCHW block (contiguous, or a channel slice), torch's copy otherwise."""
-    from gm._ext import device_guard, ext, stream_of  # noqa: PLC0415
-
     n, c, h, w = t.shape
     if t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1)
     if not (_transposable(t) and t.stride()[1:] == (h * w, w, 1)):
         return t.permute(0, 2, 3, 1).contiguous()
-    out = torch.empty(n, h, w, c, dtype=t.dtype, device=t.device)
-    with device_guard(t):
-        ext().layout_transpose_cuda(t.data_ptr(), out.data_ptr(), n, c, h * w, t.stride(0), h * w * c,
-                                    t.element_size(), stream_of(t))  # fmt: skip
-    return out
+    return _transpose(t, torch.empty(n, h, w, c, dtype=t.dtype, device=t.device), n, c, h * w, stream)
 
 
-def to_nchw(t: torch.Tensor) -> torch.Tensor:
+def to_nchw(t: torch.Tensor, stream: int | None = None) -> torch.Tensor:
     """A contiguous (N, H, W, C) tensor as a contiguous (N, C, H, W) one, by the tiled transpose."""
-    from gm._ext import device_guard, ext, stream_of  # noqa: PLC0415
-
     n, h, w, c = t.shape
     if not (_transposable(t) and t.is_contiguous()):
         return t.permute(0, 3, 1, 2).contiguous()
-    out = torch.empty(n, c, h, w, dtype=t.dtype, device=t.device)
-    with device_guard(t):
-        ext().layout_transpose_cuda(t.data_ptr(), out.data_ptr(), n, h * w, c, h * w * c, h * w * c,
-                                    t.element_size(), stream_of(t))  # fmt: skip
-    return out
+    return _transpose(t, torch.empty(n, c, h, w, dtype=t.dtype, device=t.device), n, h * w, c, stream)

@@ -8,14 +8,19 @@ The kernels read NHWC with the channel count padded to a multiple of 8 (16-byte 
 input whose channel count is already a multiple of 8 is used without a copy; anything else is converted once here.
 Outputs are written NCHW-contiguous by the kernels. bfloat16/float16 run on tensor cores with fp32 accumulation;
 float32 runs on tf32 tensor cores when torch.backends.cudnn.allow_tf32 is True (torch's default for convolutions),
-otherwise as three tf32 products on hi/lo splits (fp32-level error). Nothing here touches CUDA at import.
+otherwise as three tf32 products on hi/lo splits (fp32-level error). The weight reaches the GEMMs as both operands
+(Operands: forward and input-gradient layouts, padded) from one gather, made once per value of the weight and reused
+by its backward and later calls (weight_operands). Nothing here touches CUDA at import.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
-from gm._ext import device_guard, dtype_code, ext, reduction_splits, stream_of
+from gm._ext import device_guard, dtype_code, ext, packed, reduction_splits, stream_of
 
 _CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
 _TILE = 128  # block tile of the weight-gradient kernel along C_in and C_out
@@ -45,24 +50,23 @@ def _padded(c: int) -> int:
     return -(-c // _CHANNEL_ALIGN) * _CHANNEL_ALIGN
 
 
-def _nhwc(t: torch.Tensor, c_padded: int) -> torch.Tensor:
-    """(N, C, H, W) -> contiguous (N, H, W, c_padded), zero channels past C; no copy for aligned channels_last."""
-    n, c, h, w = t.shape
-    if c == c_padded and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).contiguous()
-    if t.is_contiguous() and 0 < n <= 65535 and t.numel() > 0:
-        # Tiled transpose kernel: torch's permute-copy measured ~0.2 ms for 64 MB of bf16 on an H200 (0.6 TB/s).
-        out = torch.empty(n, h, w, c_padded, dtype=t.dtype, device=t.device)
-        with device_guard(t):
-            ext().masked_conv_to_nhwc_cuda(
-                t.data_ptr(), out.data_ptr(), n, c, c_padded, h * w, t.element_size(), stream_of(t)
-            )
-        return out
-    if c == c_padded:
-        return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
-    buf = t.new_zeros(n, h, w, c_padded)
-    buf[..., :c].copy_(t.permute(0, 2, 3, 1))
-    return buf
+@functools.lru_cache(maxsize=256)
+def _tap_lists(taps: tuple, mirrored: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(dy, dx) of the taps as the kernels take them; mirrored: negated (the input gradient's)."""
+    sign = -1 if mirrored else 1
+    return tuple(sign * int(t[0]) for t in taps), tuple(sign * int(t[1]) for t in taps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The weight as the GEMMs' B operand.
+
+
+class Operands(NamedTuple):
+    """A packed weight (T, C_in, C_out) in the layouts the GEMM reads, the channels it sums over zero-padded to a
+    multiple of 8: forward (T, C_out, C_in padded), input gradient (T, C_in, C_out padded)."""
+
+    forward: torch.Tensor
+    input_grad: torch.Tensor | None
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,57 +78,118 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def _forward_operand(packed: torch.Tensor | Operands) -> torch.Tensor:
+    if isinstance(packed, Operands):
+        return packed.forward
+    return _pad_last(packed.transpose(1, 2), _padded(packed.shape[1]))
+
+
+def _input_grad_operand(packed: torch.Tensor | Operands) -> torch.Tensor:
+    if isinstance(packed, Operands):
+        return packed.input_grad
+    return _pad_last(packed, _padded(packed.shape[2]))
+
+
+def _operand_index(plan, weight_shape) -> torch.Tensor:
+    """Both operands' positions in weight.view(-1) with one zero appended (index weight.numel(), standing for the
+    padded channels and the centre tap's forbidden pairs), forward then input gradient, built once per plan."""
+    if plan.operand_index is None:
+        zero = weight_shape[0] * weight_shape[1] * weight_shape[2] * weight_shape[3]
+        idx = plan.index if plan.keep is None else torch.where(plan.keep, plan.index, zero)  # (T, C_in, C_out)
+        t, cin, cout = idx.shape
+        fwd = idx.new_full((t, cout, _padded(cin)), zero)
+        fwd[..., :cin] = idx.transpose(1, 2)
+        bwd = idx.new_full((t, cin, _padded(cout)), zero)
+        bwd[..., :cout] = idx
+        plan.operand_index = torch.cat((fwd.reshape(-1), bwd.reshape(-1)))
+    return plan.operand_index
+
+
+def weight_operands(weight: torch.Tensor, plan, *, fresh: bool, input_grad: bool = True) -> Operands:
+    """weight (C_out, C_in, kh, kw) as the GEMM operands (gm.ops.masked_conv.pack_plan's kept taps, forbidden
+    centre pairs zero): one concatenation with a zero and one gather on a GPU, made by the forward (fresh=True) and
+    reused by its backward (gm._ext.packed). input_grad=False (a forward with no backward to come, as in sampling):
+    the forward operand alone, not kept (Operands.input_grad None)."""
+
+    def pack(parts: int) -> Operands:
+        from gm.ops._eager import zero_scalar  # noqa: PLC0415
+
+        t, cin, cout = plan.index.shape
+        sizes = (t * cout * _padded(cin), t * cin * _padded(cout))
+        idx = _operand_index(plan, weight.shape)
+        flat = torch.cat((weight.reshape(-1), zero_scalar(weight.device, weight.dtype).view(1)))
+        if parts == 1:
+            return Operands(torch.take(flat, idx[: sizes[0]]).view(t, cout, _padded(cin)), None)
+        fwd, bwd = torch.take(flat, idx).split(sizes)
+        return Operands(fwd.view(t, cout, _padded(cin)), bwd.view(t, cin, _padded(cout)))
+
+    if not input_grad:
+        with torch.no_grad():
+            return pack(1)
+    # the plan's identity names mask and groups; the entry holds the plan, so its id is not reused while it lives
+    return packed(weight, ("masked_conv", id(plan)), lambda: (plan, pack(2)), fresh=fresh)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout and launches. The private functions run under the caller's device guard, on its stream.
+
+
+def _nhwc(t: torch.Tensor, c_padded: int, stream: int | None = None) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous (N, H, W, c_padded), zero channels past C; no copy for aligned channels_last.
+    stream: where the caller holds t's device guard, the stream to launch on (None: t's current one)."""
+    n, c, h, w = t.shape
+    if c == c_padded and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).contiguous()
+    if t.is_contiguous() and 0 < n <= 65535 and t.numel() > 0:
+        # Tiled transpose kernel: torch's permute-copy measured ~0.2 ms for 64 MB of bf16 on an H200 (0.6 TB/s).
+        out = torch.empty(n, h, w, c_padded, dtype=t.dtype, device=t.device)
+        if stream is None:
+            with device_guard(t):
+                return _nhwc_into(t, out, stream_of(t))
+        return _nhwc_into(t, out, stream)
+    if c == c_padded:
+        return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).contiguous()
+    buf = t.new_zeros(n, h, w, c_padded)
+    buf[..., :c].copy_(t.permute(0, 2, 3, 1))
+    return buf
+
+
+def _nhwc_into(t: torch.Tensor, out: torch.Tensor, stream: int) -> torch.Tensor:
+    n, c, h, w = t.shape
+    ext().masked_conv_to_nhwc_cuda(t.data_ptr(), out.data_ptr(), n, c, out.shape[3], h * w, t.element_size(), stream)
+    return out
+
+
 def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # No kept tap (1x1 mask A with one group): the output is the bias alone.
     y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
     return y
 
 
-def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, n_out: int, a_nhwc=None):
-    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C).
-    a_nhwc: a already in the kernel layout (_nhwc), to skip the conversion."""
+def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, mirrored: bool, precision: int,
+               stream: int, a_nhwc=None):  # fmt: skip
+    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C padded) in
+    the kernel layout (Operands); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc)."""
     n, c, h, w = a.shape
+    n_out = b.shape[1]
     out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device)
     if len(taps) == 0:
         return _fill_bias(out, bias)
     if out.numel() == 0:
         return out
-    cp = _padded(c)
-    a_nhwc = _nhwc(a, cp) if a_nhwc is None else a_nhwc
-    b_pad = _pad_last(b.to(a.dtype), cp)
+    cp = b.shape[2]
+    a_nhwc = _nhwc(a, cp, stream) if a_nhwc is None else a_nhwc
+    b = b.to(a.dtype)
     bias_c = bias.to(a.dtype).contiguous() if bias is not None else None
-    dy = [int(t[0]) for t in taps]
-    dx = [int(t[1]) for t in taps]
-    with device_guard(a):
-        ext().masked_conv_gemm_cuda(
-            a_nhwc.data_ptr(), b_pad.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
-            n, h, w, cp, n_out, dy, dx, dtype_code(a), _precision(a.dtype), stream_of(a),
-        )  # fmt: skip
+    dy, dx = _tap_lists(taps, mirrored)
+    ext().masked_conv_gemm_cuda(
+        a_nhwc.data_ptr(), b.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
+        n, h, w, cp, n_out, dy, dx, dtype_code(a), precision, stream,
+    )  # fmt: skip
     return out
 
 
-def forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, taps) -> torch.Tensor:
-    """y (N, C_out, H, W) contiguous; packed (T, C_in, C_out) from gm.ops.masked_conv.pack_weight."""
-    _check_cuda("x", x)
-    _precision(x.dtype)
-    return _conv_gemm(x, packed.transpose(1, 2), bias, taps, packed.shape[2])
-
-
-def input_grad(grad: torch.Tensor, packed: torch.Tensor, taps, *, grad_nhwc=None) -> torch.Tensor:
-    """dx (N, C_in, H, W) contiguous: the forward GEMM on grad with the taps mirrored."""
-    _check_cuda("grad", grad)
-    _precision(grad.dtype)
-    mirrored = tuple((-dy, -dx) for dy, dx in taps)
-    return _conv_gemm(grad, packed, None, mirrored, packed.shape[1], a_nhwc=grad_nhwc)
-
-
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None):
-    """The weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: packed float32 partial
-    sums per pixel split (T, C_in, C_out), then one pass that adds the splits in a fixed order, scatters them to the
-    weight layout (plan.positions: the packed tap of each kernel position or -1; plan.keep: the centre tap's allowed
-    channel pairs or None) and casts."""
-    _check_cuda("x", x)
-    precision = _precision(x.dtype)
+def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, stream: int, grad_nhwc=None):
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     t = len(taps)
@@ -136,32 +201,69 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, o
     per_split = -(-pixels // splits)
     splits = -(-pixels // per_split)  # no empty trailing split
     cin_p, cout_p = _padded(cin), _padded(cout)
-    x_nhwc = _nhwc(x, cin_p)
-    g_nhwc = _nhwc(grad.to(x.dtype), cout_p) if grad_nhwc is None else grad_nhwc
+    x_nhwc = _nhwc(x, cin_p, stream)
+    g_nhwc = _nhwc(grad.to(x.dtype), cout_p, stream) if grad_nhwc is None else grad_nhwc
     partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
-    dy = [int(o[0]) for o in taps]
-    dx = [int(o[1]) for o in taps]
-    with device_guard(x):
-        ext().masked_conv_wgrad_cuda(
-            x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
-            dy, dx, per_split, splits, dtype_code(x), precision, stream_of(x),
-        )  # fmt: skip
-        dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
-        keep = plan.keep
-        ext().masked_conv_wgrad_unpack_cuda(
-            partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
-            splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream_of(x),
-        )  # fmt: skip
+    dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
+    dy, dx = _tap_lists(taps, False)
+    ext().masked_conv_wgrad_cuda(
+        x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
+        dy, dx, per_split, splits, dtype_code(x), precision, stream,
+    )  # fmt: skip
+    keep = plan.keep
+    ext().masked_conv_wgrad_unpack_cuda(
+        partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
+        splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream,
+    )  # fmt: skip
     return dw
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, taps, plan, weight_shape, out_dtype,
-             need_x: bool, need_w: bool):
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points: each checks once and launches everything on one stream under one device guard. `packed` is the
+# weight's kept taps (T, C_in, C_out) from gm.ops.masked_conv.pack_weight (copied into the kernel layout here), or
+# both operands already in it (weight_operands).
+
+
+def forward(x: torch.Tensor, packed: torch.Tensor | Operands, bias: torch.Tensor | None, taps) -> torch.Tensor:
+    """y (N, C_out, H, W) contiguous."""
+    _check_cuda("x", x)
+    precision = _precision(x.dtype)
+    with device_guard(x):
+        return _conv_gemm(x, _forward_operand(packed), bias, taps, False, precision, stream_of(x))
+
+
+def input_grad(grad: torch.Tensor, packed: torch.Tensor | Operands, taps, *, grad_nhwc=None) -> torch.Tensor:
+    """dx (N, C_in, H, W) contiguous: the forward GEMM on grad with the taps mirrored."""
+    _check_cuda("grad", grad)
+    precision = _precision(grad.dtype)
+    with device_guard(grad):
+        return _conv_gemm(grad, _input_grad_operand(packed), None, taps, True, precision, stream_of(grad),
+                          a_nhwc=grad_nhwc)  # fmt: skip
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None):
+    """The weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: packed float32 partial
+    sums per pixel split (T, C_in, C_out), then one pass that adds the splits in a fixed order, scatters them to the
+    weight layout (plan.positions: the packed tap of each kernel position or -1; plan.keep: the centre tap's allowed
+    channel pairs or None) and casts."""
+    _check_cuda("x", x)
+    precision = _precision(x.dtype)
+    with device_guard(x):
+        return _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream_of(x), grad_nhwc)
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operands, taps, plan, weight_shape,
+             out_dtype, need_x: bool, need_w: bool):  # fmt: skip
     """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both."""
     _check_cuda("grad", grad)
-    _precision(grad.dtype)
+    _precision(grad.dtype)  # a dtype the kernels take, before the conversion
     grad = grad.to(x.dtype)
-    g_nhwc = _nhwc(grad, _padded(grad.shape[1])) if (need_x and need_w and len(taps) > 0) else None
-    dx = input_grad(grad, packed, taps, grad_nhwc=g_nhwc) if need_x else None
-    dw = weight_grad(x, grad, taps, plan, weight_shape, out_dtype, grad_nhwc=g_nhwc) if need_w else None
+    precision = _precision(x.dtype)
+    with device_guard(grad):
+        stream = stream_of(grad)
+        g_nhwc = _nhwc(grad, _padded(grad.shape[1]), stream) if (need_x and need_w and len(taps) > 0) else None
+        dx = None
+        if need_x:
+            dx = _conv_gemm(grad, _input_grad_operand(packed), None, taps, True, precision, stream, a_nhwc=g_nhwc)
+        dw = _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream, g_nhwc) if need_w else None
     return dx, dw

@@ -19,7 +19,9 @@ import torch
 
 from gm._backend import resolve
 from gm._checks import check_same, check_tensor
+from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
+from gm.ops._lstm_cuda import diagonal_fits, pack_weights, precision, to_nchw, to_nhwc
 
 _OP = "gm::diagonal_lstm"
 
@@ -76,8 +78,6 @@ def _ptr_args(*tensors):
 def _cpu_forward(gates, w_ss, reverse):
     """The C++ scan in float32/float64; 16-bit inputs are widened once and scanned in float32 (the state is float32
     anyway), their float32 h kept beside c for the backward."""
-    from gm._ext import dtype_code, ext  # noqa: PLC0415
-
     sdt = state_dtype(gates.dtype)
     g, w = gates.to(sdt).contiguous(), w_ss.to(sdt).contiguous()
     n, g4, height, width = g.shape
@@ -90,8 +90,6 @@ def _cpu_forward(gates, w_ss, reverse):
 
 
 def _cpu_backward(grad, gates, w_ss, y, c, reverse):
-    from gm._ext import dtype_code, ext  # noqa: PLC0415
-
     n, g4, height, width = gates.shape
     sdt = state_dtype(gates.dtype)
     if sdt != gates.dtype:  # widened: the state holds [c, float32 h]
@@ -119,47 +117,44 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
 
 
 def _cuda_forward(gates, w_ss, reverse):
-    from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import pack_weight, precision, to_nchw, to_nhwc  # noqa: PLC0415
-
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
-    gates_cl = to_nhwc(gates)  # no copy when the producer wrote channels-last
-    a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
-    with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
+    # held until the launch is queued; the backward's form is kept for the backward
+    a_pack, _ = pack_weights(w_ss, gates.dtype, fresh=True)
+    with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU, all on one stream
+        stream = stream_of(gates)
+        gates_cl = to_nhwc(gates, stream)  # no copy when the producer wrote channels-last
         ext().diagonal_lstm_forward_cuda(
             gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
-            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
+            n, hid, height, width, reverse, dtype_code(gates), prec, stream,
         )  # fmt: skip
-    return to_nchw(y), state.permute(0, 3, 1, 2)  # y NCHW (the op's output), by the tiled transpose
+        y = to_nchw(y, stream)  # NCHW (the op's output), by the tiled transpose
+    return y, state.permute(0, 3, 1, 2)
 
 
 def _cuda_backward(grad, gates, w_ss, y, state, reverse):
-    from gm._ext import device_guard, dtype_code, ext, stream_of  # noqa: PLC0415
-    from gm.ops._lstm_cuda import pack_weight, precision, to_nchw, to_nhwc  # noqa: PLC0415
-
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
+    code = dtype_code(gates)
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
-    dy = to_nhwc(grad.to(gates.dtype))
-    a_pack = pack_weight(w_ss, gates.dtype, backward=True)
-    with device_guard(gates):
-        ext().diagonal_lstm_backward_cuda(
-            dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
-            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
-        )  # fmt: skip
-    dgates = to_nchw(dgates)  # NCHW, as the op returns it and the weight gradient reads it
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
+    _, a_pack = pack_weights(w_ss, gates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
     y = y.contiguous()
     with device_guard(gates):
-        ext().diagonal_lstm_weight_grad_cuda(
-            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(),
-            n, hid, height, width, reverse, dtype_code(gates), prec, stream_of(gates),
+        stream = stream_of(gates)
+        dy = to_nhwc(grad.to(gates.dtype), stream)
+        ext().diagonal_lstm_backward_cuda(
+            dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
+            n, hid, height, width, reverse, code, prec, stream,
         )  # fmt: skip
+        dgates = to_nchw(dgates, stream)  # NCHW, as the op returns it and the weight gradient reads it
+        ext().diagonal_lstm_weight_grad_cuda(
+            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, hid, height, width, reverse, code, prec, stream
+        )
     return dgates, dw.to(w_ss.dtype)
 
 
@@ -274,8 +269,6 @@ def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
     stays below 2^31 elements (the kernels' 32-bit offsets)."""
     if gates.device.type != "cuda" or gates.dtype == torch.float64:
         return False
-    from gm.ops._lstm_cuda import diagonal_fits  # noqa: PLC0415
-
     height, width = int(gates.shape[2]), int(gates.shape[3])
     if 5 * int(hid) * height * width >= 2**31:  # the kernels' 32-bit per-image offsets (they refuse it)
         return False
@@ -311,5 +304,7 @@ def diagonal_lstm(
     # Auto: the cuda (tensor-core) scans where they run, the triton ones otherwise. On an H200 the DiagonalBiLSTM
     # layer (N=32, h=64, 32x32) ran 5.86 / 4.71 ms fwd+bwd on cuda against 6.97 / 7.49 on triton (fp32 / bf16,
     # bench/results/2026-11-28_run3_nvidia-h200.jsonl), the Triton launches costing that host more than the kernels.
-    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=cuda_auto_ok(gates, w_ss.shape[1]))
+    # (cuda_auto_ok reads the GPU's properties: only asked when auto chooses)
+    auto_cuda = backend is None and cuda_auto_ok(gates, w_ss.shape[1])
+    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=auto_cuda)
     return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
-from gm.ops._eager import EagerOp, backward_call, zero_scalar
+from gm.ops import _masked_conv_cuda
+from gm.ops._eager import EagerOp, backward_call, backward_expected, zero_scalar
 
 MASKS = ("A", "B")
 _OP = "gm::masked_conv2d"
@@ -72,6 +73,8 @@ class PackPlan:
     groups: tuple  # strong references to the group tensors, so their addresses in the key stay theirs
     # cpu path masks: dtype -> the crop mask (C_out, C_in, kh//2+1, kw); ("full", dtype) -> the whole mask
     crop_masks: dict = dataclasses.field(default_factory=dict)
+    # cuda path: both GEMM operands' gather indices (gm.ops._masked_conv_cuda.weight_operands), built on first use
+    operand_index: torch.Tensor | None = None
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -242,19 +245,20 @@ def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_
 
 
 def _cuda_forward(x, weight, bias, mask, in_groups, out_groups):
-    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
-
-    packed, taps = pack_weight(weight, mask, in_groups, out_groups)
-    return c.forward(x, packed, bias, taps)
+    c = _masked_conv_cuda
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    # both operands when a backward will follow (kept for it), the forward's alone otherwise (sampling)
+    operands = c.weight_operands(weight, plan, fresh=True, input_grad=backward_expected())
+    return c.forward(x, operands, bias, plan.taps)
 
 
 def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
-    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
-
-    packed, taps = pack_weight(weight, mask, in_groups, out_groups)
+    c = _masked_conv_cuda
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    # the forward's operands, unless weight changed since
+    operands = c.weight_operands(weight, plan, fresh=False) if need_x else None
     # converts grad to NHWC once for both gradients; the weight gradient comes back in weight's layout and dtype
-    return c.backward(grad, x, packed, taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w)
+    return c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

@@ -23,6 +23,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
+from gm.ops._lstm_cuda import pack_weights, precision
 
 _OP = "gm::row_lstm"
 
@@ -108,14 +109,13 @@ def _triton_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
 
 
 def _cuda_forward(gates, w_ss, h0, c0):
-    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
-
     prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
     hs = torch.empty(n, four_h // 4, height, width, dtype=torch.float32, device=gates.device)
     cs = torch.empty(n, 5 * (four_h // 4), height, width, dtype=torch.float32, device=gates.device)
     y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != torch.float32 else hs
-    a_pack = pack_weight(w_ss, gates.dtype, backward=False)  # held until the launch is queued
+    # held until the launch is queued; the backward's form is kept for the backward
+    a_pack, _ = pack_weights(w_ss, gates.dtype, fresh=True)
     with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
         _cpu_call("row_lstm_forward_cuda")(
             gates.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
@@ -125,15 +125,13 @@ def _cuda_forward(gates, w_ss, h0, c0):
 
 
 def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
-    from gm.ops._lstm_cuda import pack_weight, precision  # noqa: PLC0415
-
     prec = precision(gates.dtype, "row_lstm")
     n, four_h, height, width = gates.shape
     dgates = torch.empty_like(gates)
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device) if need_w else None
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=torch.float32) if c0 is not None else None
-    a_pack = pack_weight(w_ss, gates.dtype, backward=True)
+    _, a_pack = pack_weights(w_ss, gates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
     with device_guard(gates):
         _cpu_call("row_lstm_backward_cuda")(
             dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
