@@ -191,6 +191,30 @@ def element_size(named_args: dict) -> int:
     return next(v for v in named_args.values() if hasattr(v, "element_size")).element_size()
 
 
+# A Triton split-reduction program's fixed cost in k-steps: pipeline fill, the store of its fp32 partial tile and its
+# share of the split sum, ~2-3 us, against ~0.3-0.4 us per k-step of a 128x128x64 16-bit wgmma tile (H100/H200).
+SPLIT_FIXED_STEPS = 8
+
+
+def wave_splits(tiles: int, steps: int, element_size: int, min_steps: int) -> int:
+    """How many ways a Triton GEMM splits a reduction of `steps` k-steps over `tiles` output tiles: the count that
+    minimises gm._ext's time model, waves x (k-steps per split + SPLIT_FIXED_STEPS), with waves of two programs per
+    SM for 16-bit operands and one for wider ones (whose pipelined stages take most of an SM's shared memory), each
+    split at least `min_steps` k-steps, at most two waves' worth of splits (a single output tile spreads over the
+    whole GPU). The waves are the point: the earlier rule, "enough splits for two programs
+    per SM", launched 288 programs on 264 slots (7x7 mask-A weight gradient, C=256, bf16) or 265 (3x3 mask B,
+    C=128): a second wave of 24 or 1 programs that took as long as the first."""
+    from gm._ext import _reduction_splits  # noqa: PLC0415
+
+    slots = _sm_count(torch.cuda.current_device()) * (2 if element_size <= 2 else 1)
+    return _reduction_splits(tiles, steps, slots, 1, min_steps, SPLIT_FIXED_STEPS, cap=2 * slots)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def smem_limit() -> int:
     """Shared memory one block may use on the current GPU (opt-in maximum)."""
     return _smem_limit(torch.cuda.current_device())

@@ -36,6 +36,7 @@ from gm.kernels._common import (
     fits_smem,
     suits,
     tuned,
+    wave_splits,
 )  # fmt: skip
 from gm.kernels._layout import channels_last
 
@@ -267,14 +268,12 @@ def input_grad(grad, packed, kh, kw, taps):
     return _implicit_gemm(grad, packed.transpose(1, 2), None, kh, kw, flip=True)
 
 
-def _num_splits(tiles: int, pixels: int, block_p: int) -> int:
-    """Pixel splits of the weight gradient for `tiles` (tap, C_in block, C_out block) tiles: enough programs for
-    two per SM, each split at least 1024 pixels."""
+def _num_splits(tiles: int, pixels: int, block_p: int, element_size: int) -> int:
+    """Pixel splits of the weight gradient for `tiles` (tap, C_in block, C_out block) tiles: whole waves of programs
+    (gm.kernels._common.wave_splits), each split at least 16 k-steps of block_p pixels."""
     if INTERPRETED:
         return 2 if pixels > 2 * block_p else 1  # exercise the split path in tests
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = max(1, (2 * sms + tiles - 1) // tiles)
-    return max(1, min(want, pixels // 1024))
+    return wave_splits(tiles, triton.cdiv(pixels, block_p), element_size, min_steps=16)
 
 
 def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
@@ -299,12 +298,13 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     grad = channels_last(grad)
     # The split count follows the launched config's tiles (the autotuner calls grid() for every config it times,
     # the chosen one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
-    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"]) for c in _WGRAD_BLOCKS)
+    elem = x.element_size()
+    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"], elem) for c in _WGRAD_BLOCKS)
     partial = torch.empty(most, t, cin, cout, dtype=acc_torch, device=x.device)
     launched = {}
 
     def grid(meta):
-        splits = _num_splits(_wgrad_tiles(t, cin, cout, meta), pixels, meta["BLOCK_P"])
+        splits = _num_splits(_wgrad_tiles(t, cin, cout, meta), pixels, meta["BLOCK_P"], elem)
         launched["splits"] = splits
         return (t * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
 

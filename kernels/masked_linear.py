@@ -30,6 +30,7 @@ from gm.kernels._common import (
     dot_precision,
     suits,
     tuned,
+    wave_splits,
 )  # fmt: skip
 from gm.kernels._layout import sum_splits
 
@@ -275,12 +276,12 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
     return c
 
 
-def _num_splits(nonempty_tiles: int, rows: int) -> int:
+def _num_splits(nonempty_tiles: int, rows: int, element_size: int) -> int:
+    """Row splits of the weight gradient: whole waves of programs (gm.kernels._common.wave_splits) over the non-empty
+    tiles, k-steps of 64 rows (the configs take 32-128), each split at least 512 rows."""
     if INTERPRETED:
         return 2 if rows > 2 * _INTERP_ROWS else 1  # exercise the split path in tests
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = max(1, (2 * sms + nonempty_tiles - 1) // max(1, nonempty_tiles))
-    return max(1, min(want, rows // 512))
+    return wave_splits(max(1, nonempty_tiles), triton.cdiv(rows, 64), element_size, min_steps=8)
 
 
 def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, block_k):
@@ -288,7 +289,7 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
     _check_dtype(g)
     r, o = g.shape
     k = x.shape[1]
-    splits = _num_splits(nonempty, r)
+    splits = _num_splits(nonempty, r, g.element_size())
     out_dtype = g.dtype if splits == 1 else (torch.float64 if g.dtype == torch.float64 else torch.float32)
     dw = torch.empty(splits, o, k, dtype=out_dtype, device=g.device)
     db = torch.empty(splits, o, dtype=out_dtype, device=g.device) if need_bias else dw

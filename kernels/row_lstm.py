@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import (
-    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned,
+    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned, wave_splits,
 )  # fmt: skip
 from gm.kernels._layout import sum_splits
 
@@ -256,7 +256,7 @@ def row_lstm_bwd_kernel(
 @triton.jit
 def row_lstm_wgrad_kernel(
     dg_ptr, hs_ptr, h0_ptr, dw_ptr,
-    N, HID, H, W, SPLITS,
+    N, HID, H, W,
     K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr = 0,
 ):  # fmt: skip
@@ -265,8 +265,8 @@ def row_lstm_wgrad_kernel(
       TAPS=0 (Row LSTM): the previous row, column w + t - k//2;
       TAPS=1 / 2 (Diagonal LSTM, k=2, forward / reverse scan): t=0 the pixel above, t=1 the pixel to the left
       (to the right for the reverse scan).
-    An item is one image's block of BLOCK_P pixels; split s takes items s, s + SPLITS, ... (so the split count
-    does not depend on the config's BLOCK_P)."""
+    An item is one image's block of BLOCK_P pixels; split s of the S = grid z splits takes items s, s + S, ...
+    (the launcher picks S per config, from its tiles and items)."""
     pid_o = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -286,7 +286,7 @@ def row_lstm_wgrad_kernel(
         dx = tl.where(t == 0, 0, -1 if TAPS == 1 else 1)
     chunks = tl.cdiv(plane, BLOCK_P)
     acc = tl.zeros((BLOCK_O, BLOCK_J), dtype=ACC)
-    for item in range(split, N * chunks, SPLITS):
+    for item in range(split, N * chunks, tl.num_programs(2)):
         n = item // chunks
         p = (item % chunks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
         p_ok = p < plane
@@ -409,13 +409,16 @@ def forward(gates, w_ss, h0, c0):
     return y, hs, cs
 
 
-def _num_splits(tiles: int, items: int) -> int:
-    """Pixel splits of the weight-gradient GEMM: about two programs per SM, at least 4 items (of 64 pixels) each."""
+def _num_splits(tiles: int, items: int, element_size: int) -> int:
+    """Pixel splits of the weight-gradient GEMM: whole waves of programs (gm.kernels._common.wave_splits) over a
+    config's tiles, at least 4 items (of BLOCK_P pixels) each."""
     if INTERPRETED:
         return 2 if items > 2 else 1  # exercise the split path in tests
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = max(1, (2 * sms + tiles - 1) // tiles)
-    return max(1, min(want, items // 4))
+    return wave_splits(tiles, items, element_size, min_steps=4)
+
+
+# The block sizes any weight-gradient launch may take (sizing its split buffer).
+_WGRAD_BLOCKS = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
 
 
 def weight_grad(dgates, hs, h0, k, taps: int = 0):
@@ -424,20 +427,28 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
     n, four_h, height, width = dgates.shape
     hidden = four_h // 4
     acc, dot, precision = _types(dgates.dtype)
-    block_p = _WGRAD_INTERP["BLOCK_P"] if INTERPRETED else 64
-    tiles = triton.cdiv(four_h, 128) * triton.cdiv(hidden * k, 128)
-    splits = _num_splits(tiles, n * triton.cdiv(height * width, block_p))
-    partial = torch.empty(splits, four_h, hidden, k, dtype=_state_dtype(dgates.dtype), device=hs.device)
+    elem = dgates.element_size()
+
+    def splits_for(meta):
+        tiles = triton.cdiv(four_h, meta["BLOCK_O"]) * triton.cdiv(hidden * k, meta["BLOCK_J"])
+        return _num_splits(tiles, n * triton.cdiv(height * width, meta["BLOCK_P"]), elem)
+
+    # The split count follows the launched config (the autotuner calls grid() for every config it times, the chosen
+    # one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
+    partial = torch.empty(max(splits_for(c) for c in _WGRAD_BLOCKS), four_h, hidden, k, dtype=_state_dtype(dgates.dtype),
+                          device=hs.device)  # fmt: skip
+    launched = {}
 
     def grid(meta):
-        return (triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden * k, meta["BLOCK_J"]), splits)
+        launched["splits"] = splits_for(meta)
+        return (triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden * k, meta["BLOCK_J"]), launched["splits"])
 
     _wgrad[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
-        n, hidden, height, width, splits,
+        n, hidden, height, width,
         K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, TAPS=taps, **_WGRAD_META,
     )  # fmt: skip
-    return sum_splits(partial, partial.dtype)
+    return sum_splits(partial[: launched["splits"]], partial.dtype)
 
 
 def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):

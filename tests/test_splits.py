@@ -53,3 +53,50 @@ def test_minibatch_splits_are_what_the_kernels_launch(n, slots):
     per_part = -(-n // s)
     chunk = -(-per_part // 64) * 64  # csrc/minibatch/minibatch_cuda.cu: j_chunk
     assert 1 <= s <= 64 and -(-n // chunk) == s
+
+
+# The Triton weight gradients (masked_conv, masked_linear, row_lstm): gm.kernels._common.wave_splits, the same model in
+# k-steps with a fixed cost of SPLIT_FIXED_STEPS, on an H200's 132 SMs (two 16-bit programs per SM, one fp32).
+@pytest.fixture
+def h200(monkeypatch):
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from gm.kernels import _common  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "_sm_count", lambda index: 132)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    return _common
+
+
+def _waves(programs, slots):
+    return -(-programs // slots)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "steps", "elem", "min_steps", "old"),
+    [
+        (96, 2048, 2, 16, 3),  # 7x7 mask A, 256 -> 256 channels, N=128 32x32, bf16: 24 taps x 2 x 2, 64-pixel steps
+        (5, 2048, 2, 16, 53),  # 3x3 mask B, 128 -> 128: 5 taps x 1 x 1
+        (96, 2048, 4, 16, 3),  # the 7x7 case in fp32 (one program per SM)
+        (6, 512, 2, 4, 44),  # RowLSTM h=64 wgrad, 128x64 tiles, N=32 32x32 (row_lstm's minimum of 4 steps)
+    ],
+)
+def test_triton_splits_fill_whole_waves(h200, tiles, steps, elem, min_steps, old):
+    """The old rule (enough programs for two per SM) spilled a few programs into a second wave: 288 and 265
+    programs on 264 slots. The model's pick costs no more than the old one by its own measure, and its last wave is
+    at least three-quarters full."""
+    slots = 132 * (2 if elem <= 2 else 1)
+    s = h200.wave_splits(tiles, steps, elem, min_steps=min_steps)
+
+    def cost(k):
+        return _waves(tiles * k, slots) * (-(-steps // k) + h200.SPLIT_FIXED_STEPS)
+
+    assert cost(s) <= cost(old)
+    if tiles * old > slots:
+        assert cost(s) < cost(old)
+    assert (tiles * s) % slots == 0 or (tiles * s) % slots >= 0.75 * slots or _waves(tiles * s, slots) > 3
+
+
+def test_triton_single_tile_spreads_over_the_gpu(h200):
+    """One output tile (a 1x1 conv, 64 -> 128 channels) over 2048 k-steps: 128 splits (16 k-steps each), as many
+    as the minimum split length allows."""
+    assert h200.wave_splits(1, 2048, 2, min_steps=16) == 128

@@ -87,7 +87,7 @@ def test_triton_weight_grad_any_split_count(splits, monkeypatch):
 
     calls = []
 
-    def fake_splits(tiles, pixels, block_p):  # the buffer is sized for 2 more than the launch uses
+    def fake_splits(tiles, pixels, block_p, element_size):  # the buffer is sized for 2 more than the launch uses
         calls.append(tiles)
         return splits + 2 if len(calls) == 1 else splits
 
