@@ -13,7 +13,8 @@ fp32 partial sums; one more pass adds them and scatters them into the (C_out, C_
 weight's dtype (zeros at masked taps).
 
 The launchers hand the kernels channels_last (NHWC) inputs, converting NCHW ones (gm.kernels._layout), so the
-channel dimension is contiguous: 16-byte loads along K of the implicit GEMM. Outputs are written NCHW-contiguous.
+channel dimension is contiguous: 16-byte loads along K of the implicit GEMM. Outputs keep the input's memory format
+(gm._memory_format): channels-last in, channels-last out, so a channels-last model converts nothing.
 Offsets are computed in int64 (pixel indices in int32 in the weight-gradient loop, where N*H*W < 2**31 is checked).
 
 Measured on an H200 (bench/results/2026-11-27_h200_run1_masked_conv.log, NCHW-strided version): forward 7x7 mask A
@@ -39,6 +40,8 @@ from gm.kernels._common import (
     wave_splits,
 )  # fmt: skip
 from gm.kernels._layout import channels_last
+
+from gm._memory_format import format_of
 
 
 @triton.jit
@@ -233,11 +236,13 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 def _implicit_gemm(x, packed, bias, kh, kw, flip):
-    """y (N, C_out, H, W) contiguous = conv of x over the taps of `packed` (T, C_in, C_out)."""
+    """y (N, C_out, H, W) in x's memory format (gm._memory_format) = conv of x over the taps of `packed`
+    (T, C_in, C_out)."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     t, _, cout = packed.shape
-    y = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device)
+    # y keeps x's memory format (the kernel writes through y's strides): channels-last in, channels-last out.
+    y = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device, memory_format=format_of(x))
     if t == 0:  # a 1x1 mask-A conv with a single group connects nothing
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
         return y

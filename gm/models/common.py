@@ -44,6 +44,11 @@ class PixelModel(nn.Module):
     `self.head`."""
 
     name = "model"
+    # Run channels-last (NHWC in memory): gm's convolutions keep their input's memory format, so a model of masked
+    # convolutions and elementwise ops converts nothing between layers (each NCHW layer costs the kernels a transpose
+    # of its input, of its output gradient and of its input again in the backward). The PixelRNN scans read NCHW
+    # rows or convert themselves, so only the all-convolution PixelCNN sets it.
+    channels_last = False
 
     def __init__(self, channels: int, levels: int, backend: str | None) -> None:
         super().__init__()
@@ -70,6 +75,8 @@ class PixelModel(nn.Module):
             params = {n: p.to(dt) for n, p in self.named_parameters()}
             return torch.func.functional_call(self, params, (x,), {"_cast": False})
         h = x.to(dt or next(self.parameters()).dtype) * (2.0 / (self.levels - 1)) - 1.0
+        if self.channels_last:
+            h = h.to(memory_format=torch.channels_last)
         logits = self.head(self.features(h))
         if dt is not None:
             logits = logits.float()
@@ -85,6 +92,13 @@ class PixelModel(nn.Module):
             logits = self(x)
         if self.levels == 2:
             return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").flatten(1).sum(1)
+        if logits.stride(2) == 1:
+            # Channels-last logits (a channels_last model): (N, H, W, C, 256) is a view, one row per softmax, so the
+            # gradient flows back channels-last too (the transposed form's comes back NCHW: one more conversion of
+            # the largest activation in the model).
+            rows = logits.permute(0, 3, 4, 1, 2).reshape(-1, self.levels)
+            ce = F.cross_entropy(rows, x.long().permute(0, 2, 3, 1).reshape(-1), reduction="none")
+            return ce.view(x.shape[0], -1).sum(1)
         ce = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")  # (N, C, H, W)
         return ce.flatten(1).sum(1)
 

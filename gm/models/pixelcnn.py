@@ -42,6 +42,7 @@ class ResidualBlock(nn.Module):
 
 class PixelCNN(PixelModel):
     name = "pixelcnn"
+    channels_last = True
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
+from gm._memory_format import format_of
 from gm.ops import _masked_conv_cuda
 from gm.ops._eager import EagerOp, backward_call, backward_expected, zero_scalar
 
@@ -283,7 +284,8 @@ def _masked_conv2d_impl(
     out_groups: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    return _FORWARD[backend](x, weight, bias, mask, in_groups, out_groups).contiguous()
+    # The output keeps x's memory format (gm._memory_format): a channels-last model converts nothing between layers.
+    return _FORWARD[backend](x, weight, bias, mask, in_groups, out_groups).contiguous(memory_format=format_of(x))
 
 
 _masked_conv2d_op = torch.library.custom_op(_OP, _masked_conv2d_impl, mutates_args=())
@@ -291,7 +293,8 @@ _masked_conv2d_op = torch.library.custom_op(_OP, _masked_conv2d_impl, mutates_ar
 
 @_masked_conv2d_op.register_fake
 def _(x, weight, bias, mask, in_groups, out_groups, backend):
-    return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=format_of(x))
 
 
 def _masked_conv2d_backward_impl(
@@ -305,8 +308,9 @@ def _masked_conv2d_backward_impl(
     need_x: bool,
     need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = _BACKWARD[backend](grad.contiguous(), x, weight, mask, in_groups, out_groups, need_x, need_w)
-    dx = dx.contiguous() if dx is not None else x.new_empty(0)
+    grad = grad.contiguous(memory_format=format_of(grad))
+    dx, dw = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
+    dx = dx.contiguous(memory_format=format_of(x)) if dx is not None else x.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     return dx, dw
 
@@ -316,9 +320,8 @@ _masked_conv2d_backward_op = torch.library.custom_op(_OP + "_backward", _masked_
 
 @_masked_conv2d_backward_op.register_fake
 def _(grad, x, weight, mask, in_groups, out_groups, backend, need_x, need_w):
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0)), (
-        weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
-    )
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=format_of(x)) if need_x else x.new_empty(0)
+    return dx, (weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -399,7 +402,8 @@ def masked_conv2d(
         backend: None (auto), "reference", "cpu", "triton" or "cuda".
 
     Returns:
-        (N, C_out, H, W), same dtype as x.
+        (N, C_out, H, W), same dtype as x, channels_last in memory when x is (gm._memory_format.is_channels_last),
+        else contiguous; the input gradient likewise follows x.
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8); w = torch.randn(16, 3, 7, 7)

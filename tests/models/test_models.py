@@ -44,6 +44,32 @@ def test_backends_give_the_reference_loss_and_gradients(model_name, preset, back
                    device=torch.device("cpu"))  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["reference", *fast_backends()])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
+def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
+    """Every masked convolution of PixelCNN sees a channels-last input and gives a channels-last output, and the
+    gradients flowing back into them are channels-last too: no layer converts between NCHW and NHWC (the first
+    layer's one-channel input is made channels-last by the model; the 256-way loss reads the logits as rows)."""
+    from gm.nn import MaskedConv2d  # noqa: PLC0415
+
+    def is_channels_last(t):  # NHWC in memory (either way for one channel, as the binary logits)
+        return t.is_contiguous(memory_format=torch.channels_last)
+
+    model = M.get("pixelcnn", preset, backend=backend)
+    seen = []
+
+    def check(module, inputs, output):
+        seen.append(("in", is_channels_last(inputs[0])))
+        seen.append(("out", is_channels_last(output)))
+        output.register_hook(lambda g: seen.append(("grad", is_channels_last(g))))
+
+    convs = [m for m in model.modules() if isinstance(m, MaskedConv2d)]
+    for conv in convs:
+        conv.register_forward_hook(check)
+    model.loss(_levels(model, 2, 6, 6)).backward()
+    assert len(seen) == 3 * len(convs) and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
+
+
 GPU_BACKENDS = fast_backends(torch.device("cuda")) if torch.cuda.is_available() else ["cuda", "triton"]
 
 

@@ -103,15 +103,28 @@ def test_triton_weight_grad_any_split_count(splits, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_input(backend):
+    """A channels-last input gives a channels-last output and input gradient (a channels-last model converts
+    nothing between layers), with the values of the NCHW call."""
     x, wt, b = _inputs(2, 4, 5, 6, 6, 3, 3, torch.float32)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     y = gm.ops.masked_conv2d(x_cl, wt, b, mask="B", backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     ref = reference(x.detach().double(), wt.detach().double(), b.detach().double(), mask="B")
     assert_rel(y, ref, torch.float32, "channels_last forward")
-    (dx,) = torch.autograd.grad(y.sum(), x_cl)
+    gy = torch.randn_like(y).contiguous(memory_format=torch.channels_last)
+    dx, dw = torch.autograd.grad(y, (x_cl, wt), gy)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and not dx.is_contiguous()
     xd = x.detach().double().requires_grad_()
-    (dx_ref,) = torch.autograd.grad(reference(xd, wt.detach().double(), b.detach().double(), mask="B").sum(), xd)
+    (dx_ref,) = torch.autograd.grad(reference(xd, wt.detach().double(), b.detach().double(), mask="B"), xd,
+                                    gy.double())  # fmt: skip
     assert_rel(dx, dx_ref, torch.float32, "channels_last dx")
+    # the NCHW call: NCHW out, the same values
+    x_c = x.detach().requires_grad_()
+    y_c = gm.ops.masked_conv2d(x_c, wt, b, mask="B", backend=backend)
+    dx_c, dw_c = torch.autograd.grad(y_c, (x_c, wt), gy.contiguous())
+    assert y_c.is_contiguous() and dx_c.is_contiguous()
+    for got, want in ((y, y_c), (dx, dx_c), (dw, dw_c)):
+        assert_rel(got, want, torch.float32, "channels_last vs NCHW")
 
 
 @pytest.mark.skipif(HAS_GPU, reason="float64 gradcheck runs on the CPU backends")
@@ -186,6 +199,9 @@ def test_opcheck(backend):
     x, w, b = _inputs(1, 3, 6, 4, 4, 3, 3, torch.float32)
     gi, go = color_groups(3, 3), color_groups(6, 3)
     torch.library.opcheck(torch.ops.gm.masked_conv2d.default, (x, w, b, "A", gi, go, backend))
+    # channels-last: the fake implementation reports the real output's strides
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.gm.masked_conv2d.default, (x_cl, w, b, "A", gi, go, backend))
 
 
 @pytest.mark.skipif(HAS_GPU, reason="compiled on the CPU backend here")
