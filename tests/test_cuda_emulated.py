@@ -10,12 +10,12 @@ at the GPU float32 tolerance).
 
 Every run covers the scalar kernels (minibatch, iaf_step: float64, float32, bfloat16, odd shapes, the thread-stride
 edges), the tensor-core kernels at small and medium shapes (the row_lstm and diagonal_lstm scans, masked_linear,
-iaf_made_output, masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the
-emulator must catch a removed per-step __syncthreads in each LSTM scan's backward, and a removed cp.async wait and a
-removed barrier in the GEMM pipeline). GM_EMU_GEMM=1 adds the GEMMs' whole matrix at medium and large shapes (about
-4 minutes more). Skipped only where the emulator cannot build (not Linux, no g++, no pybind11). The file takes about
-90 s on a 2-core machine with a cold cache (most of it compiling), under 50 s warm. tools/cuda_emu/README.md says what
-this does and does not prove.
+iaf_made_output, masked_conv2d: bf16, fp16, 3xTF32, TF32; every mask and activation) and mutation checks (the emulator
+must catch a removed per-step __syncthreads in each LSTM scan's backward, a removed cp.async wait and a removed barrier
+in the GEMM pipeline, and masked_conv2d's channels-last store one channel off). GM_EMU_GEMM=1 adds the GEMMs' whole
+matrix at medium and large shapes (about 4 minutes more). Skipped only where the emulator cannot build (not Linux, no
+g++, no pybind11). The file takes about 90 s on a 2-core machine with a cold cache (most of it compiling), under 50 s
+warm. tools/cuda_emu/README.md says what this does and does not prove.
 """
 
 from __future__ import annotations
@@ -477,6 +477,79 @@ def test_masked_conv2d_weight_grad_over_splits(gemm, mask, grouped, monkeypatch)
     assert torch.equal(dw2, dw) and torch.equal(dx, c.input_grad(gy16, packed, taps))
 
 
+# masked_conv2d's output in its input's memory format (gm._memory_format): channels-last x or grad gives a channels-last
+# output, written NHWC by the kernel. (N, C_in, C_out, H, W, kh, kw, mask, colour groups, bias): odd channel counts;
+# 198 pixels (two pixel tiles, the last partial); a narrow output (5 channels: the NHWC store's flat walk puts several
+# pixels in a warp); two channel tiles (138: a full-width one, its own store loop, then one 10 wide); an aligned
+# channels-last input (16), read in place.
+CL_CASES = [
+    (2, 5, 13, 9, 11, 3, 3, "B", False, True),
+    (2, 13, 5, 9, 11, 3, 3, "A", False, False),
+    (1, 15, 21, 12, 13, 5, 5, "A", True, True),
+    (1, 16, 138, 5, 7, 1, 3, "B", False, True),
+]
+
+
+def _conv_channels_last_vs_nchw(case, dtype):
+    """[(name, channels-last result, NCHW result)] of the cuda launchers (forward, input_grad, backward's dx and weight
+    gradient) on channels-last and on NCHW copies of the same x and grad."""
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan, pack_weight  # noqa: PLC0415
+
+    n, cin, cout, height, width, kh, kw, mask, grouped, has_bias = case
+    torch.manual_seed(4)
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    x = torch.randn(n, cin, height, width).to(dtype)
+    w = (torch.randn(cout, cin, kh, kw) / (cin * kh * kw) ** 0.5).to(dtype)
+    b = torch.randn(cout).to(dtype) if has_bias else None
+    gy = torch.randn(n, cout, height, width).to(dtype)
+    x_cl, gy_cl = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
+    packed, taps = pack_weight(w, mask, gi, go)
+    plan, shape = pack_plan(w.shape, mask, gi, go, w.device), tuple(w.shape)
+    dx_cl, dw_cl = c.backward(gy_cl, x_cl, packed, taps, plan, shape, dtype, True, True)
+    dx, dw = c.backward(gy, x, packed, taps, plan, shape, dtype, True, True)
+    return [
+        ("y", c.forward(x_cl, packed, b, taps), c.forward(x, packed, b, taps)),
+        ("dx", c.input_grad(gy_cl, packed, taps), c.input_grad(gy, packed, taps)),
+        ("backward dx", dx_cl, dx),
+        ("backward dweight", dw_cl, dw),
+    ]
+
+
+@pytest.mark.parametrize(
+    "dtype, case", [pytest.param(d, c, id=f"{d}-{c}") for d in (torch.bfloat16, "3xtf32") for c in CL_CASES]
+)
+def test_masked_conv2d_channels_last_output(gemm, dtype, case, monkeypatch):
+    """forward, input_grad and backward on channels-last x and grad: channels-last outputs (written NHWC by the GEMM's
+    epilogue) holding exactly the NCHW path's values, bias or not; torch.empty is NaN-poisoned, so an element the
+    NHWC store skips fails. The NCHW values are checked against the float64 reference, and an aligned channels-last
+    input reaches the kernel without a copy."""
+    from gm._memory_format import is_channels_last  # noqa: PLC0415
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    dtype = _precision(dtype, monkeypatch)
+    results = _conv_channels_last_vs_nchw(case, dtype)
+    for name, got, want in results:
+        if name != "backward dweight":
+            assert is_channels_last(got), f"{name}: strides {got.stride()}, expected channels-last"
+            assert want.is_contiguous(), f"{name}: the NCHW path's strides {want.stride()}"
+        assert torch.isfinite(got).all(), f"{name}: elements left unwritten (NaN poison) or not finite"
+        assert torch.equal(got, want), f"{name}: channels-last result differs from the NCHW path's"
+    n, cin, cout, height, width, kh, kw, mask, grouped, has_bias = case
+    torch.manual_seed(4)  # the inputs of _conv_channels_last_vs_nchw again, in float64
+    x = torch.randn(n, cin, height, width).to(dtype).double()
+    w = (torch.randn(cout, cin, kh, kw) / (cin * kh * kw) ** 0.5).to(dtype).double()
+    b = torch.randn(cout).to(dtype).double() if has_bias else None
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    _check("y", results[0][2], conv_ref(x, w, b, mask=mask, in_groups=gi, out_groups=go), dtype)
+    if cin % 8 == 0:
+        x_cl = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        assert c._nhwc(x_cl, cin).data_ptr() == x_cl.data_ptr(), "an aligned channels-last input must not be copied"
+
+
 # ------------------------------------------------------------------------------------------------- mutation checks
 # Seeded bugs the emulator must catch, all in one mutant build: {file: [(text, replacement)]}. If a kernel is edited
 # so an anchor no longer occurs exactly once, the build says so: point the anchor at an equivalent line.
@@ -503,9 +576,24 @@ BARRIER_MUTATIONS = {
 }
 
 
+# masked_conv2d's NHWC store one channel off (a thread that starts at channel o > 0 writes each value one element
+# early: channels written twice, the tile's last one never). A build of its own: the pipeline mutations above break
+# every GEMM.
+CONV = "csrc/masked_conv/masked_conv_cuda.cu"
+NHWC_MUTATIONS = {
+    CONV: [("T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + o;",
+            "T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + (o > 0 ? o - 1 : 0);")],
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def mutant():
     return _build(mutations=MUTATIONS)
+
+
+@pytest.fixture(scope="module")
+def nhwc_mutant():
+    return _build(mutations=NHWC_MUTATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -559,6 +647,16 @@ def test_emulator_catches_gemm_pipeline_bugs(mutant, barrier_mutant, monkeypatch
     assert not _close(y, y_ref, torch.bfloat16), "the emulator missed the removed cp.async wait"
     _, _, dw, dw_ref = _masked_linear_vs_reference(barrier_mutant, monkeypatch)
     assert not _close(dw, dw_ref, torch.bfloat16), "the emulator missed the removed weight-gradient barrier"
+
+
+def test_emulator_catches_a_wrong_nhwc_channel(nhwc_mutant, monkeypatch):
+    """With the NHWC store one channel off, the channels-last forward and input gradient must differ from the NCHW
+    path (the unmutated kernel passes test_masked_conv2d_channels_last_output)."""
+    _activate(nhwc_mutant, monkeypatch)
+    for case in (CL_CASES[0], CL_CASES[3]):  # narrow channel tiles; a full-width one and a narrow one
+        results = _conv_channels_last_vs_nchw(case, torch.bfloat16)
+        wrong = [name for name, got, want in results if not torch.equal(got, want)]
+        assert wrong == ["y", "dx", "backward dx"], f"{case}: the emulator missed the wrong channel: {wrong} differ"
 
 
 def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):

@@ -1,7 +1,8 @@
 // masked_conv2d on CUDA: implicit GEMM over the kept taps only (see gm/ops/masked_conv.py for the math).
 //
 //   forward / input gradient:  out[n, o, h, w] = bias[o] + sum_t sum_c a[n, h + dy_t, w + dx_t, c] * b[t, o, c]
-//     a: (N, H, W, Kp) NHWC, Kp a multiple of 8 (zero-padded channels), b: (T, N_out, Kp), out: (N, N_out, H, W) NCHW.
+//     a: (N, H, W, Kp) NHWC, Kp a multiple of 8 (zero-padded channels), b: (T, N_out, Kp), out: (N, N_out, H, W) NCHW,
+//     or (N, H, W, N_out) NHWC (a channels-last (N, N_out, H, W) tensor) when out_nhwc.
 //     The input gradient is the same GEMM on grad with the taps negated and the packed weight (T, C_in, C_out).
 //   weight gradient:  partial[s, t, c, o] = sum_{p in split s} x[p + off_t, c] * grad[p, o]   (float32)
 //     x: (N, H, W, Cin_p), grad: (N, H, W, Cout_p) NHWC; the splits are summed afterwards in a fixed order, with the
@@ -33,9 +34,10 @@ using ::gm::Precision;
 void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_padded, int hw, int elem_bytes,
                   std::uintptr_t stream);
 
-// dtype: gm::DType code (f32, f16, bf16); precision: Precision code.
+// dtype: gm::DType code (f32, f16, bf16); precision: Precision code; out_nhwc: out is (N, H, W, n_out).
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
-                    int k_channels, int n_out, const TapTable& taps, int dtype, int precision, std::uintptr_t stream);
+                    int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
+                    std::uintptr_t stream);
 
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,

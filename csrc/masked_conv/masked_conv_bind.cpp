@@ -42,14 +42,15 @@ GM_REGISTER_BINDINGS(m) {
       "masked_conv_gemm_cuda",
       [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
          int k_channels, int n_out, const std::vector<int>& dy, const std::vector<int>& dx, int dtype, int precision,
-         std::uintptr_t stream) {
-        gm::masked_conv::cuda_conv_gemm(a, b, bias, out, n, h, w, k_channels, n_out, make_taps(dy, dx), dtype,
-                                        precision, stream);
+         std::uintptr_t stream, bool out_nhwc) {
+        gm::masked_conv::cuda_conv_gemm(a, b, bias, out, n, h, w, k_channels, n_out, out_nhwc, make_taps(dy, dx),
+                                        dtype, precision, stream);
       },
-      "masked_conv2d forward / input gradient (implicit GEMM): a (N,H,W,Kp) NHWC, b (T,n_out,Kp), out (N,n_out,H,W)",
+      "masked_conv2d forward / input gradient (implicit GEMM): a (N,H,W,Kp) NHWC, b (T,n_out,Kp), out (N,n_out,H,W) "
+      "NCHW, or (N,H,W,n_out) NHWC (channels-last) when out_nhwc",
       py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("out"), py::arg("n"), py::arg("h"), py::arg("w"),
       py::arg("k_channels"), py::arg("n_out"), py::arg("dy"), py::arg("dx"), py::arg("dtype"), py::arg("precision"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("out_nhwc") = false);
   m.def(
       "masked_conv_wgrad_cuda",
       [](std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w, int c_in_padded,

@@ -5,8 +5,9 @@
 //   hi/lo splits (kTf32x3: error at the level of fp32 rounding, used when torch disallows tf32).
 // Each pipeline stage carries 64 bytes of the reduction dim per row (32 bf16 channels / 16 fp32 channels, or
 // 32 / 16 pixels for the weight gradient), filled by 16-byte cp.async (zero-filled outside the image and past the
-// channel tail), kStages deep. Forward and input gradient write NCHW directly: the tile goes through shared
-// memory transposed so each warp stores 32 consecutive pixels of one channel.
+// channel tail), kStages deep. Forward and input gradient write NCHW or NHWC (channels-last) directly: the tile goes
+// through shared memory, channel-major for NCHW (each warp stores 32 consecutive pixels of one channel) or pixel-major
+// for NHWC (each warp stores 32 consecutive channels, of one pixel or of neighbouring ones).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -58,18 +59,127 @@ struct ConvGemmArgs {
   const char* a;     // (N, H, W, Kp) NHWC
   const char* b;     // (T, n_out, Kp)
   const void* bias;  // (n_out,) or null
-  void* out;         // (N, n_out, H, W)
+  void* out;         // (N, n_out, H, W), or (N, H, W, n_out) when out_nhwc
   int n, h, w;
   int k_bytes;  // Kp * sizeof(T), a multiple of 16
   int n_out;
+  bool out_nhwc;
   TapTable taps;
 };
 
 constexpr int kGemmRow = kKBytes + 16;
 constexpr int kGemmStage = (kBM + kBN) * kGemmRow;
 constexpr int kGemmSmem = kStages * kGemmStage;
-constexpr int kOutLd = kBM + 4;  // floats; conflict-free transposed staging
+// Epilogue staging row lengths, floats. Channel-major (NCHW): the transposed fragment stores are conflict-free.
+// Pixel-major (NHWC): kOutLdNhwc % 32 == 8 makes the float2 fragment stores conflict-free per half-warp.
+constexpr int kOutLd = kBM + 4;
+constexpr int kOutLdNhwc = kBN + 8;
 static_assert(kBN * kOutLd * 4 <= kGemmSmem, "epilogue staging must fit in the pipeline's shared memory");
+static_assert(kBM * kOutLdNhwc * 4 <= kGemmSmem, "epilogue staging must fit in the pipeline's shared memory");
+
+// The block's fp32 tile in shared memory, channel-major (s_out[o * kOutLd + m]) or pixel-major
+// (s_out[m * kOutLdNhwc + o]); a warp's accumulators are rows g and g + 8, columns 2tq and 2tq + 1 of each m16n8 tile.
+template <bool kPixelMajor>
+__device__ __forceinline__ void stage_tile(const WarpAcc& acc, float* s_out, int wm0, int wn0, int lane) {
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = wm0 + 16 * i + g, o = wn0 + 8 * j + 2 * tq;
+      if constexpr (kPixelMajor) {
+        *reinterpret_cast<float2*>(s_out + m * kOutLdNhwc + o) = make_float2(acc.v[i][j][0], acc.v[i][j][1]);
+        *reinterpret_cast<float2*>(s_out + (m + 8) * kOutLdNhwc + o) = make_float2(acc.v[i][j][2], acc.v[i][j][3]);
+      } else {
+        s_out[o * kOutLd + m] = acc.v[i][j][0];
+        s_out[(o + 1) * kOutLd + m] = acc.v[i][j][1];
+        s_out[o * kOutLd + m + 8] = acc.v[i][j][2];
+        s_out[(o + 1) * kOutLd + m + 8] = acc.v[i][j][3];
+      }
+    }
+  __syncthreads();
+}
+
+// NCHW: thread tid walks the channels of pixel m0 + tid % kBM, two channels a step over the block (a warp: 32
+// consecutive pixels of one channel).
+template <typename T>
+__device__ __forceinline__ void store_nchw(const ConvGemmArgs& args, const float* s_out, std::int64_t m0, int n0,
+                                           std::int64_t m_total, int hw_size) {
+  const int tid = threadIdx.x;
+  const int m_local = tid & (kBM - 1);
+  const std::int64_t m = m0 + m_local;
+  if (m >= m_total) return;
+  const std::int64_t img = m / hw_size;
+  const std::int64_t out_base = img * args.n_out * static_cast<std::int64_t>(hw_size) + (m - img * hw_size);
+  T* out = static_cast<T*>(args.out);
+  const T* bias = static_cast<const T*>(args.bias);
+#pragma unroll 4
+  for (int i = 0; i < kBN / (kThreads / kBM); ++i) {
+    const int o_local = i * (kThreads / kBM) + (tid / kBM);
+    const int o = n0 + o_local;
+    if (o >= args.n_out) break;
+    float v = s_out[o_local * kOutLd + m_local];
+    if (bias != nullptr) v += to_float(bias[o]);
+    out[out_base + static_cast<std::int64_t>(o) * hw_size] = from_float<T>(v);
+  }
+}
+
+// NHWC: out[m, o], rows of n_out channels; consecutive threads write consecutive channels of a pixel. A full-width
+// tile (128 channels) gives each thread one channel, two pixel rows a step (sm_90: 11 instructions an element, the
+// NCHW store 14). A narrower one (the last channel tile, or n_out under 128) is walked as one flat row-major range
+// of rows x cols, kThreads elements a step, so no thread idles past the last channel (26 instructions an element).
+// The staging reads follow the stores (row m at bank 8m): conflict-free when cols is a multiple of 32 (a warp in one
+// pixel row), at most 2-way for any cols >= 32 where a warp spans two rows, 3- to 8-way only for tiles under 24
+// channels (8-way at cols = 1), whose epilogue is short anyway. The loops have fixed trip counts with an early
+// exit: with a run-time bound instead (e < count) ptxas gave the main loop 10 more instructions a stage
+// (tools/sass_loops.py).
+template <typename T>
+__device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float* s_out, std::int64_t m0, int n0,
+                                           std::int64_t m_total) {
+  const int tid = threadIdx.x;
+  const int cols = args.n_out - n0 < kBN ? args.n_out - n0 : kBN;
+  const int rows = m_total - m0 < kBM ? static_cast<int>(m_total - m0) : kBM;
+  int m = tid / cols, o = tid - m * cols;  // this thread's first element of the tile
+  T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + o;
+  const bool has_bias = args.bias != nullptr;
+  if (cols == kBN) {  // a full-width tile: each thread keeps one channel (its bias read once), two pixel rows a step
+    constexpr int kRowsPerStep = kThreads / kBN;
+    const float b = has_bias ? to_float(static_cast<const T*>(args.bias)[n0 + o]) : 0.f;
+    const std::int64_t g_step = static_cast<std::int64_t>(kRowsPerStep) * args.n_out;
+#pragma unroll 4
+    for (int i = 0; i < kBM / kRowsPerStep; ++i) {
+      if (m + i * kRowsPerStep >= rows) break;
+      float v = s_out[(m + i * kRowsPerStep) * kOutLdNhwc + o];
+      if (has_bias) v += b;  // not v + 0 without bias: the NCHW path keeps a -0 sum's sign
+      *dst = from_float<T>(v);
+      dst += g_step;
+    }
+    return;
+  }
+  // Element (m, o) sits at s_out[s_at] and dst: both advance by the flat step, plus a row's remainder on a wrap.
+  const int count = rows * cols;
+  const int step_m = kThreads / cols, step_o = kThreads - step_m * cols;
+  int s_at = m * kOutLdNhwc + o;
+  const int s_step = step_m * kOutLdNhwc + step_o, s_wrap = kOutLdNhwc - cols;
+  const std::int64_t g_step = static_cast<std::int64_t>(step_m) * args.n_out + step_o;
+  const int g_wrap = args.n_out - cols;
+  const T* bias = static_cast<const T*>(args.bias);
+#pragma unroll 4
+  for (int i = 0; i < kBM * kBN / kThreads; ++i) {
+    if (i * kThreads + tid >= count) break;
+    float v = s_out[s_at];
+    if (has_bias) v += to_float(bias[n0 + o]);
+    *dst = from_float<T>(v);
+    s_at += s_step;
+    dst += g_step;
+    o += step_o;
+    if (o >= cols) {
+      o -= cols;
+      s_at += s_wrap;
+      dst += g_wrap;
+    }
+  }
+}
 
 template <typename T, Precision P>
 __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBlocks)
@@ -101,8 +211,10 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     m_ok[r] = m < m_total;
     const std::int64_t img = m_ok[r] ? m / hw_size : 0;
     const int hw = m_ok[r] ? static_cast<int>(m - img * hw_size) : 0;
-    ph[r] = hw / args.w;
-    pw[r] = hw - ph[r] * args.w;
+    // A row past the last pixel gets a row index no tap brings into the image: the stage's bounds test covers it
+    // (one predicate fewer live through the main loop; sm_90: 145 instructions a bf16 stage, was 159 and a spill).
+    ph[r] = m_ok[r] ? hw / args.w : -(1 << 30);
+    pw[r] = hw - (hw / args.w) * args.w;
     a_px[r] = args.a + (img * hw_size + hw) * args.k_bytes + chunk * 16;
     o_ok[r] = n0 + row0 + 64 * r < args.n_out;
     b_row[r] = args.b + static_cast<std::int64_t>(o_ok[r] ? n0 + row0 + 64 * r : 0) * args.k_bytes + chunk * 16;
@@ -127,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 64 * r;
       const int ih = ph[r] + off.x, iw = pw[r] + off.y;
-      const bool ok = c_ok && m_ok[r] && ih >= 0 && ih < args.h && iw >= 0 && iw < args.w;
+      const bool ok = c_ok && ih >= 0 && ih < args.h && iw >= 0 && iw < args.w;
       cp_async16(a_dst + row * kGemmRow + chunk * 16, ok ? a_px[r] + a_off : args.a, ok);
       const bool bok = c_ok && o_ok[r];
       cp_async16(b_dst + row * kGemmRow + chunk * 16, bok ? b_row[r] + t * b_tap_bytes + c_byte : args.b, bok);
@@ -149,35 +261,14 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
   });
   __syncthreads();
 
-  // Epilogue: stage the tile transposed (channel-major) in shared memory, then write NCHW along pixels.
+  // Epilogue: the tile through shared memory, laid out for the output's memory format (a block-uniform branch).
   float* s_out = reinterpret_cast<float*>(smem);
-  const int g = lane >> 2, tq = lane & 3;
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int m = wm0 + 16 * i + g, o = wn0 + 8 * j + 2 * tq;
-      s_out[o * kOutLd + m] = acc.v[i][j][0];
-      s_out[(o + 1) * kOutLd + m] = acc.v[i][j][1];
-      s_out[o * kOutLd + m + 8] = acc.v[i][j][2];
-      s_out[(o + 1) * kOutLd + m + 8] = acc.v[i][j][3];
-    }
-  __syncthreads();
-  const int m_local = tid & (kBM - 1);
-  const std::int64_t m = m0 + m_local;
-  if (m >= m_total) return;
-  const std::int64_t img = m / hw_size;
-  const std::int64_t out_base = img * args.n_out * static_cast<std::int64_t>(hw_size) + (m - img * hw_size);
-  T* out = static_cast<T*>(args.out);
-  const T* bias = static_cast<const T*>(args.bias);
-#pragma unroll 4
-  for (int i = 0; i < kBN / (kThreads / kBM); ++i) {
-    const int o_local = i * (kThreads / kBM) + (tid / kBM);
-    const int o = n0 + o_local;
-    if (o >= args.n_out) break;
-    float v = s_out[o_local * kOutLd + m_local];
-    if (bias != nullptr) v += to_float(bias[o]);
-    out[out_base + static_cast<std::int64_t>(o) * hw_size] = from_float<T>(v);
+  if (args.out_nhwc) {
+    stage_tile<true>(acc, s_out, wm0, wn0, lane);
+    store_nhwc<T>(args, s_out, m0, n0, m_total);
+  } else {
+    stage_tile<false>(acc, s_out, wm0, wn0, lane);
+    store_nchw<T>(args, s_out, m0, n0, m_total, hw_size);
   }
 }
 
@@ -449,7 +540,8 @@ void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_pad
 }
 
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
-                    int k_channels, int n_out, const TapTable& taps, int dtype, int precision, std::uintptr_t stream) {
+                    int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
+                    std::uintptr_t stream) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((k_channels * elem) % 16 != 0)
@@ -458,7 +550,7 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
     throw std::invalid_argument("masked_conv2d (cuda): " + std::to_string(k_channels) +
                                 " input channels exceed the kernels' limit (512 KB a pixel): use the triton backend");
   ConvGemmArgs args{ptr<const char>(a), ptr<const char>(b), ptr<const void>(bias), ptr<void>(out), n, h, w,
-                    k_channels * elem, n_out, taps};
+                    k_channels * elem, n_out, out_nhwc, taps};
   dispatch<GemmLauncher>(dtype, precision, args, to_stream(stream));
 }
 

@@ -6,11 +6,12 @@
 
 The kernels read NHWC with the channel count padded to a multiple of 8 (16-byte cp.async chunks): a channels_last
 input whose channel count is already a multiple of 8 is used without a copy; anything else is converted once here.
-Outputs are written NCHW-contiguous by the kernels. bfloat16/float16 run on tensor cores with fp32 accumulation;
-float32 runs on tf32 tensor cores when torch.backends.cudnn.allow_tf32 is True (torch's default for convolutions),
-otherwise as three tf32 products on hi/lo splits (fp32-level error). The weight reaches the GEMMs as both operands
-(Operands: forward and input-gradient layouts, padded) from one gather, made once per value of the weight and reused
-by its backward and later calls (weight_operands). Nothing here touches CUDA at import.
+The kernels write the output in the input's memory format (gm._memory_format): channels-last (NHWC in memory) when
+the input is, else NCHW-contiguous, so a channels-last model pays no conversion on the way out. bfloat16/float16 run
+on tensor cores with fp32 accumulation; float32 runs on tf32 tensor cores when torch.backends.cudnn.allow_tf32 is True
+(torch's default for convolutions), otherwise as three tf32 products on hi/lo splits (fp32-level error). The weight
+reaches the GEMMs as both operands (Operands: forward and input-gradient layouts, padded) from one gather, made by
+the forward and reused by its backward (weight_operands). Nothing here touches CUDA at import.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from gm._ext import device_guard, dtype_code, ext, packed, reduction_splits, stream_of
+from gm._memory_format import format_of
 
 _CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
 _TILE = 128  # block tile of the weight-gradient kernel along C_in and C_out
@@ -169,10 +171,12 @@ def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, mirrored: bool, precision: int,
                stream: int, a_nhwc=None):  # fmt: skip
     """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C padded) in
-    the kernel layout (Operands); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc)."""
+    the kernel layout (Operands); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc). out is
+    channels-last where a is (is_channels_last), else NCHW-contiguous: the kernel writes either directly."""
     n, c, h, w = a.shape
     n_out = b.shape[1]
-    out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device)
+    fmt = format_of(a)
+    out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device, memory_format=fmt)
     if len(taps) == 0:
         return _fill_bias(out, bias)
     if out.numel() == 0:
@@ -185,6 +189,7 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
     ext().masked_conv_gemm_cuda(
         a_nhwc.data_ptr(), b.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
         n, h, w, cp, n_out, dy, dx, dtype_code(a), precision, stream,
+        out_nhwc=fmt == torch.channels_last,
     )  # fmt: skip
     return out
 
@@ -225,7 +230,7 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor | Operands, bias: torch.Tensor | None, taps) -> torch.Tensor:
-    """y (N, C_out, H, W) contiguous."""
+    """y (N, C_out, H, W): channels-last when x is (gm._memory_format.is_channels_last), else contiguous."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
     with device_guard(x):
@@ -233,7 +238,8 @@ def forward(x: torch.Tensor, packed: torch.Tensor | Operands, bias: torch.Tensor
 
 
 def input_grad(grad: torch.Tensor, packed: torch.Tensor | Operands, taps, *, grad_nhwc=None) -> torch.Tensor:
-    """dx (N, C_in, H, W) contiguous: the forward GEMM on grad with the taps mirrored."""
+    """dx (N, C_in, H, W), channels-last when grad is, else contiguous: the forward GEMM on grad with the taps
+    mirrored. grad_nhwc: grad already in the kernels' layout (_nhwc)."""
     _check_cuda("grad", grad)
     precision = _precision(grad.dtype)
     with device_guard(grad):
@@ -254,7 +260,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, o
 
 def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operands, taps, plan, weight_shape,
              out_dtype, need_x: bool, need_w: bool):  # fmt: skip
-    """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both."""
+    """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both.
+    dx is channels-last when grad is (as input_grad), else contiguous."""
     _check_cuda("grad", grad)
     _precision(grad.dtype)  # a dtype the kernels take, before the conversion
     grad = grad.to(x.dtype)

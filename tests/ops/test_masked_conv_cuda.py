@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gm._ext import cuda_status
+from gm._memory_format import format_of, is_channels_last
 from gm.ops.masked_conv import masked_conv2d, pack_plan, pack_weight
 from gm.reference.masked_conv import masked_conv2d as reference
 from tests._util import assert_rel, poison_empty
@@ -74,8 +75,10 @@ def _check_against_reference(x, w, b, gy, dtype, mask, in_groups, out_groups):
     for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
         assert g.dtype == dtype, f"{name} dtype {g.dtype}"
         assert_rel(g, r, dtype, what=f"cuda {name}")
-    # y is the kernel's own NCHW output; x.grad may be restrided by autograd to match a channels_last x.
-    assert got[0].is_contiguous()
+    # y is the kernel's own output, in x's memory format (channels-last for a channels-last x, else NCHW), and so is
+    # the input gradient
+    assert is_channels_last(got[0]) == is_channels_last(x) and is_channels_last(got[1]) == is_channels_last(x)
+    assert got[0].is_contiguous(memory_format=format_of(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
