@@ -323,3 +323,28 @@ def test_info_names_the_tables(monkeypatch):
     assert line.startswith(f"kernels/tuned/nvidia-h200.json: {tables['nvidia-h200']} picks")
     monkeypatch.setattr(_common, "current_device_slug", lambda: "other-gpu")
     assert gm.info(print_out=False)["triton_tuned"].startswith("none for other-gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_shipped_pick_is_launched_untimed(monkeypatch):
+    """On an H200, with autotuning on (whatever GM_TRITON_AUTOTUNE says: the GPU tests run with it off): the minibatch
+    forward at a shape run 3 recorded (N=1024, B=100, C=5, fp32) launches the shipped pick without timing any config,
+    so the key Triton computes on this GPU's Triton matches the table's strings."""
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available() or _common.current_device_slug() not in _common.shipped_tables():
+        pytest.skip("needs a GPU with a shipped table (an H200)")
+    from gm.kernels import minibatch as km  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common, "TUNED", True)
+    fwd, meta = _common.tuned(km.minibatch_fwd_kernel, km._configs(False), km._KEY, km._INTERP)
+    timed = []
+    real_bench = fwd._bench
+    fwd._bench = lambda *a, **k: timed.append(1) or real_bench(*a, **k)
+    monkeypatch.setattr(km, "_fwd", fwd)
+    monkeypatch.setattr(km, "_FWD_META", meta)
+    m = torch.randn(1024, 100, 5, device="cuda")
+    out = km.forward(m, True)
+    torch.cuda.synchronize()
+    assert timed == [] and torch.isfinite(out).all()
