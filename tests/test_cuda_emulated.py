@@ -256,6 +256,18 @@ def test_pixelrnn_layer(gemm, layer):
         _check(f"d{name}", p.grad, p_ref.grad, torch.bfloat16)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, monkeypatch):
+    """DiagonalBiLSTM's one-node path (gm.nn.diagonal_lstm.FUSED_LAYER) on backend="cuda" gives the bits of the
+    composed ops: output and every gradient."""
+    from gm.nn import diagonal_lstm as dl  # noqa: PLC0415
+    from tests.nn.test_diagonal_lstm import fused_and_composed  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    layer = gm.nn.DiagonalBiLSTM(6, 9, colors=3, residual=residual, backend="cuda").to(torch.bfloat16)
+    fused_and_composed(layer, torch.randn(2, 6, 5, 7).to(torch.bfloat16), monkeypatch, dl)
+
+
 @pytest.mark.parametrize("model_name", ["pixelcnn", "rowlstm", "diagonal_bilstm"])
 def test_models(gemm, model_name):
     """Each whole model (preset tiny-rgb, 1x5x4 images) on backend="cuda" in float32 (3xTF32) against the float64

@@ -7,10 +7,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from gm._backend import resolve
 from gm._checks import check_choice
 from gm.nn.masked_conv import MaskedConv2d
-from gm.ops.diagonal_lstm import diagonal_lstm
+from gm.ops._eager import eager_ok, needs_grad
+from gm.ops.diagonal_lstm import cuda_auto_ok, diagonal_lstm
+from gm.ops.masked_conv import check_masked_conv_args
 
 
 def _check_sizes(in_ch: int, hidden: int, colors: int) -> None:
@@ -52,6 +56,106 @@ def both_directions(gates, w_ss, gates_rev, w_ss_rev, backend=None) -> tuple[tor
         t.record_stream(side)
     h_rev.record_stream(main)  # allocated on side, used on main from here on
     return h, h_rev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole DiagonalBiLSTM layer as one autograd node (plain eager mode). Composed, a forward+backward is ~8 autograd
+# nodes (input conv, chunk, two scans, shift, add, residual conv, add), each an op call with its checks, backend choice
+# and backward call: ~415 us of host time per forward+backward on the dev machine with the kernels stubbed
+# (python -m bench.host), which a GPU's host pays before the kernels run. The node below runs the same implementations
+# (the registered ops' own) in the same order with the same operands, so its results are bit-identical
+# (tests/nn/test_diagonal_lstm.py); torch.compile, fake tensors, modes and autocast take the composed path.
+
+# False: always the composed path.
+FUSED_LAYER = True
+
+
+def _conv_impl():
+    from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl  # noqa: PLC0415
+
+    return _masked_conv2d_impl, _masked_conv2d_backward_impl
+
+
+def _scan_impl():
+    from gm.ops.diagonal_lstm import _diagonal_lstm_backward_impl, _diagonal_lstm_impl  # noqa: PLC0415
+
+    return _diagonal_lstm_impl, _diagonal_lstm_backward_impl
+
+
+def _concurrent(t: torch.Tensor) -> bool:
+    return CONCURRENT_DIRECTIONS and t.is_cuda
+
+
+class _FusedBiLSTM(torch.autograd.Function):
+    """apply(spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out) -> the layer's output; spec = (groups of the two
+    convs (in_groups, out_groups, out_in_groups, out_out_groups), conv backend, scan backend)."""
+
+    @staticmethod
+    def forward(ctx, spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out):
+        (gi, go, ogi, ogo), conv_b, scan_b = spec
+        conv, _ = _conv_impl()
+        scan, _ = _scan_impl()
+        gates = conv(x, w_in, b_in, "B", gi, go, conv_b)
+        g_f, g_r = gates.chunk(2, dim=1)
+        if _concurrent(x):  # as both_directions: the reverse scan on a side stream
+            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                y_r, s_r = scan(g_r, w_ss_rev, True, scan_b)
+            y_f, s_f = scan(g_f, w_ss, False, scan_b)
+            main.wait_stream(side)
+            for t in (g_r, w_ss_rev):
+                t.record_stream(side)
+            y_r.record_stream(main)
+        else:
+            y_f, s_f = scan(g_f, w_ss, False, scan_b)
+            y_r, s_r = scan(g_r, w_ss_rev, True, scan_b)
+        h = y_f + shift_down(y_r)
+        out = h if w_out is None else x + conv(h, w_out, b_out, "B", ogi, ogo, conv_b)
+        ctx.spec = spec
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.save_for_backward(x, w_in, gates, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (gi, go, ogi, ogo), conv_b, scan_b = ctx.spec
+        _, conv_bwd = _conv_impl()
+        _, scan_bwd = _scan_impl()
+        x, w_in, gates, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out = ctx.saved_tensors
+        _, need_x, need_w_in, need_b_in, need_ss, need_ss_rev, need_w_out, need_b_out = ctx.needs_input_grad
+        need_b_in, need_b_out = need_b_in and ctx.has_bias[0], need_b_out and ctx.has_bias[1]
+        dx = dw_in = db_in = dw_ss = dw_ss_rev = dw_out = db_out = None
+        if w_out is None:
+            dh = grad
+        else:
+            dh, dw_out = conv_bwd(grad, h, w_out, "B", ogi, ogo, conv_b, True, need_w_out)
+            dw_out = dw_out if need_w_out else None
+            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+        dy_r = torch.nn.functional.pad(dh, (0, 0, -1, 1)) if dh.shape[2] > 0 else dh  # shift_down's backward
+        g_f, g_r = gates.chunk(2, dim=1)
+        if _concurrent(x):
+            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                dg_r, dw_ss_rev = scan_bwd(dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
+            dg_f, dw_ss = scan_bwd(dh, g_f, w_ss, y_f, s_f, False, scan_b)
+            main.wait_stream(side)
+            dy_r.record_stream(side)
+            for t in (dg_r, dw_ss_rev):
+                t.record_stream(main)
+        else:
+            dg_f, dw_ss = scan_bwd(dh, g_f, w_ss, y_f, s_f, False, scan_b)
+            dg_r, dw_ss_rev = scan_bwd(dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
+        dgates = torch.cat([dg_f, dg_r], dim=1)
+        if need_x or need_w_in:
+            dx_in, dw_in = conv_bwd(dgates, x, w_in, "B", gi, go, conv_b, need_x, need_w_in)
+            if need_x:
+                dx = dx_in if w_out is None else grad + dx_in
+        db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
+        return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
+                dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
 
 
 def _state_weight(hidden: int) -> nn.Parameter:
@@ -109,12 +213,38 @@ class DiagonalBiLSTM(nn.Module):
         self.output = MaskedConv2d(hidden, in_ch, 1, mask="B", colors=colors, backend=backend) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused(x)
+        if fused is not None:
+            return fused
         gates, gates_rev = self.input_to_state(x).chunk(2, dim=1)
         h, h_rev = both_directions(gates, self.w_ss, gates_rev, self.w_ss_rev, backend=self.backend)
         h = h + shift_down(h_rev)
         if self.output is None:
             return h
         return x + self.output(h)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer as one autograd node (FUSED_LAYER), or None where the composed path runs: under torch.compile,
+        fake tensors, modes and autocast (gm.ops._eager.eager_ok), and without a gradient to record."""
+        conv_in, conv_out = self.input_to_state, self.output
+        params = (conv_in.weight, conv_in.bias, self.w_ss, self.w_ss_rev)
+        if conv_out is not None:
+            params += (conv_out.weight, conv_out.bias)
+        if not (FUSED_LAYER and eager_ok(x, *params) and needs_grad(x, *params)):
+            return None
+        check_masked_conv_args(x, conv_in.weight, conv_in.bias, "B", conv_in.in_groups, conv_in.out_groups)
+        # Each op's backend as its public function resolves it (the scan's from the gates' shape, dtype and device,
+        # which x shares but for the channels).
+        conv_b = resolve(self.backend, x.device, native_cpu=False)
+        scan_b = resolve(self.backend, x.device, native_cpu=True,
+                         cuda_kernels=self.backend is None and cuda_auto_ok(x, self.hidden))  # fmt: skip
+        groups = (conv_in.in_groups, conv_in.out_groups, None, None)
+        w_out = b_out = None
+        if conv_out is not None:
+            groups = groups[:2] + (conv_out.in_groups, conv_out.out_groups)
+            w_out, b_out = conv_out.weight, conv_out.bias
+        return _FusedBiLSTM.apply((groups, conv_b, scan_b), x, conv_in.weight, conv_in.bias, self.w_ss, self.w_ss_rev,
+                                  w_out, b_out)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.hidden}, colors={self.colors}, residual={self.output is not None}"

@@ -117,3 +117,55 @@ def test_gpu_bilstm_concurrent_directions_equal_sequential(backend, monkeypatch)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert_rel(runs[0][0], _reference_layer(layer.double(), x.double()), torch.float32, "y", torch.device("cuda"))
+
+
+def fused_and_composed(layer, x, monkeypatch, module) -> None:
+    """The layer's one-node path (module.FUSED_LAYER) against its composed ops on the same input: output and every
+    gradient bit for bit, for every subset of wanted gradients tried (all; x alone; the weights alone), and the
+    one-node path is the one that ran."""
+    params = list(layer.parameters())
+    gy = None
+    for wanted in ("all", "x", "params"):
+        runs = {}
+        for fused in (True, False):
+            monkeypatch.setattr(module, "FUSED_LAYER", fused)
+            xx = x.detach().clone().requires_grad_(wanted != "params")
+            for p in params:
+                p.requires_grad_(wanted != "x")
+            y = layer(xx)
+            assert (type(y.grad_fn).__name__ == "_FusedBiLSTMBackward") == fused
+            gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y) if gy is None else gy
+            leaves = ([xx] if wanted != "params" else []) + (params if wanted != "x" else [])
+            runs[fused] = [y.detach(), *torch.autograd.grad(y, leaves, gy)]
+        for a, b in zip(runs[True], runs[False], strict=True):
+            assert torch.equal(a, b), wanted
+    for p in params:
+        p.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("colors", "residual"), [(1, True), (3, True), (3, False)])
+def test_bilstm_one_node_equals_composed(backend, colors, residual, monkeypatch):
+    import gm.nn.diagonal_lstm as mod  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    layer = DiagonalBiLSTM(6, 6, colors=colors, residual=residual, backend=backend).to(dtype)
+    fused_and_composed(layer, torch.randn(2, 6, 5, 4, dtype=dtype), monkeypatch, mod)
+
+
+def test_bilstm_one_node_only_in_plain_eager_with_grad():
+    """No gradient to record, or a mode (here a torch-function mode): the composed ops run."""
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    layer = DiagonalBiLSTM(3, 3, backend="cpu")
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with Passthrough():
+        y = layer(x)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "_FusedBiLSTMBackward"
