@@ -131,6 +131,11 @@ def packed(weight: torch.Tensor, key, pack, *, fresh: bool):
     return form
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors of the CUDA `device` (an index or torch.device): the split models' wave size."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
     """How many ways a CUDA GEMM splits its reduction (pixels or rows, `work` of them) into partial sums: the split
     count s (1 to 64, at least 256 reduction steps a block) that minimises the modelled time
@@ -139,7 +144,7 @@ def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
     to fewer splits. A handful of output tiles thus spreads its reduction over the whole GPU (the earlier score,
     which charged each split a flat penalty, left a single output tile to one block: on an H200 the weight gradient of
     the DiagonalBiLSTM layer's 64->128 1x1 convolution, 32768 pixels on one SM, took about 1 ms)."""
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm
+    slots = sm_count(device) * blocks_per_sm
     return _reduction_splits(tiles, work, slots)
 
 

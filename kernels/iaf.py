@@ -26,6 +26,8 @@ from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_acc,
 from gm.kernels._layout import sum_splits
 from gm.kernels.masked_linear import masked_w_tile, row_configs
 
+from gm._ext import sm_count
+
 MODE_CODES = {"gated": 0, "affine": 1}
 
 
@@ -268,7 +270,7 @@ def step_forward(z, m, s, mode):
         splits = 2 if f > 2 * blocks["BLOCK_F"] else 1
     else:
         blocks = dict(BLOCK_R=16, BLOCK_F=128)
-        sms = torch.cuda.get_device_properties(z.device).multi_processor_count
+        sms = sm_count(z.device)
         row_programs = triton.cdiv(r, blocks["BLOCK_R"])
         splits = max(1, min(triton.cdiv(4 * sms, row_programs), triton.cdiv(f, 4 * blocks["BLOCK_F"])))
     per_split = triton.cdiv(triton.cdiv(f, splits), blocks["BLOCK_F"]) * blocks["BLOCK_F"]

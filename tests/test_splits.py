@@ -62,7 +62,7 @@ def h200(monkeypatch):
     triton = pytest.importorskip("triton")  # noqa: F841
     from gm.kernels import _common  # noqa: PLC0415
 
-    monkeypatch.setattr(_common, "_sm_count", lambda index: 132)
+    monkeypatch.setattr("gm._ext.sm_count", lambda device: 132)
     monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
     return _common
 

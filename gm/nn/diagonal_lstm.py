@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +40,33 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[index]
 
 
+def _two_streams(device: torch.device, main_fn, side_fn, side_inputs):
+    """(main_fn(), side_fn()), side_fn on the device's side stream at the same time: the side stream first waits for
+    the main one (its inputs are ready), the main one then waits for it. `side_inputs` (allocated on main, read on the
+    side stream) and side_fn's output tensors (allocated on the side stream, used on main from here on) are recorded
+    on the stream that reads them, so the caching allocator reuses none before that stream is done with it."""
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        side_out = side_fn()
+    main_out = main_fn()
+    main.wait_stream(side)
+    for t in side_inputs:
+        t.record_stream(side)
+    for t in side_out if isinstance(side_out, tuple) else (side_out,):
+        t.record_stream(main)
+    return main_out, side_out
+
+
 def both_directions(gates, w_ss, gates_rev, w_ss_rev, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(diagonal_lstm(gates, w_ss), diagonal_lstm(gates_rev, w_ss_rev, reverse=True)), the reverse scan on a side
     stream when on a GPU outside torch.compile (CONCURRENT_DIRECTIONS)."""
+    forward = partial(diagonal_lstm, gates, w_ss, backend=backend)
+    reverse = partial(diagonal_lstm, gates_rev, w_ss_rev, reverse=True, backend=backend)
     if not (CONCURRENT_DIRECTIONS and gates.is_cuda) or torch.compiler.is_compiling():
-        return (diagonal_lstm(gates, w_ss, backend=backend),
-                diagonal_lstm(gates_rev, w_ss_rev, reverse=True, backend=backend))  # fmt: skip
-    main = torch.cuda.current_stream(gates.device)
-    side = _side_stream(gates.device)
-    side.wait_stream(main)  # gates_rev and the weights are ready
-    with torch.cuda.stream(side):
-        h_rev = diagonal_lstm(gates_rev, w_ss_rev, reverse=True, backend=backend)
-    h = diagonal_lstm(gates, w_ss, backend=backend)
-    main.wait_stream(side)
-    for t in (gates_rev, w_ss_rev):  # allocated on main, read on side: not reusable before side is done with them
-        t.record_stream(side)
-    h_rev.record_stream(main)  # allocated on side, used on main from here on
-    return h, h_rev
+        return forward(), reverse()
+    return _two_streams(gates.device, forward, reverse, (gates_rev, w_ss_rev))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,19 +108,12 @@ class _FusedBiLSTM(torch.autograd.Function):
         scan, _ = _scan_impl()
         gates = conv(x, w_in, b_in, "B", gi, go, conv_b)
         g_f, g_r = gates.chunk(2, dim=1)
+        forward = partial(scan, g_f, w_ss, False, scan_b)
+        reverse = partial(scan, g_r, w_ss_rev, True, scan_b)
         if _concurrent(x):  # as both_directions: the reverse scan on a side stream
-            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                y_r, s_r = scan(g_r, w_ss_rev, True, scan_b)
-            y_f, s_f = scan(g_f, w_ss, False, scan_b)
-            main.wait_stream(side)
-            for t in (g_r, w_ss_rev):
-                t.record_stream(side)
-            y_r.record_stream(main)
+            (y_f, s_f), (y_r, s_r) = _two_streams(x.device, forward, reverse, (g_r, w_ss_rev))
         else:
-            y_f, s_f = scan(g_f, w_ss, False, scan_b)
-            y_r, s_r = scan(g_r, w_ss_rev, True, scan_b)
+            (y_f, s_f), (y_r, s_r) = forward(), reverse()
         h = y_f + shift_down(y_r)
         out = h if w_out is None else x + conv(h, w_out, b_out, "B", ogi, ogo, conv_b)
         ctx.spec = spec
@@ -135,19 +139,12 @@ class _FusedBiLSTM(torch.autograd.Function):
             db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
         dy_r = torch.nn.functional.pad(dh, (0, 0, -1, 1)) if dh.shape[2] > 0 else dh  # shift_down's backward
         g_f, g_r = gates.chunk(2, dim=1)
-        if _concurrent(x):
-            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                dg_r, dw_ss_rev = scan_bwd(dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
-            dg_f, dw_ss = scan_bwd(dh, g_f, w_ss, y_f, s_f, False, scan_b)
-            main.wait_stream(side)
-            dy_r.record_stream(side)
-            for t in (dg_r, dw_ss_rev):
-                t.record_stream(main)
+        forward = partial(scan_bwd, dh, g_f, w_ss, y_f, s_f, False, scan_b)
+        reverse = partial(scan_bwd, dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
+        if _concurrent(x):  # the forward's y_r and s_r live on the side stream already
+            (dg_f, dw_ss), (dg_r, dw_ss_rev) = _two_streams(x.device, forward, reverse, (dy_r,))
         else:
-            dg_f, dw_ss = scan_bwd(dh, g_f, w_ss, y_f, s_f, False, scan_b)
-            dg_r, dw_ss_rev = scan_bwd(dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
+            (dg_f, dw_ss), (dg_r, dw_ss_rev) = forward(), reverse()
         dgates = torch.cat([dg_f, dg_r], dim=1)
         if need_x or need_w_in:
             dx_in, dw_in = conv_bwd(dgates, x, w_in, "B", gi, go, conv_b, need_x, need_w_in)

@@ -80,7 +80,7 @@ def cuda_splits(n: int, b: int, device) -> int:
     fill whole waves of two blocks per SM best, by the time model waves x (j per part + 128), with parts of whole
     64-j tiles, at least 128 j each, at most 64 parts. (The earlier rule, enough blocks for two per SM, could spill
     into a second, mostly empty wave: 312 blocks on 264 slots at N = 1024, B = 100.)"""
-    slots = _SATURATING_BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    slots = _SATURATING_BLOCKS_PER_SM * _ext.sm_count(device)
     return _splits_for(-(-n // 128) * -(-b // 8), n, slots)
 
 
