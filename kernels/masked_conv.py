@@ -61,18 +61,17 @@ def _tap_offset(t, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
 def masked_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
-    sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
-    KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # H and W are constexprs (one compile per image size, which the autotune key separates anyway): the pixel
-    # index divisions become multiply-shifts and Triton 3.9 no longer spills the A-tile address state at 28x28
-    # (first config 220 B -> none; Triton 3.6 compiled both spill-free).
-    # Pixel indices and in-image offsets are int32 (the launcher checks N*H*W and one image's size fit); only the
-    # per-row image base is int64. Full int64 pixel math made the A-tile addresses spill on sm_90 where H, W are
-    # not multiples of 16 (python -m bench.aot: 255 registers + 2.5 KB spills at 28x28, 136 and none at 32x32).
+    # x is dense channels-last (the launcher makes it so): pixel m = (n*H + h)*W + w sits at m*C_in, and the tap's
+    # input pixel at (m + dy*W + dx)*C_in wherever it lies inside the image, so the A tile's addresses are linear in
+    # m and only the in-image test needs (h, w), computed once (H and W constexprs: multiply-shifts). The tap and
+    # channel block advance as loop-carried counters, not a division per k-step. Offsets in int32 unless WIDE (the
+    # launcher's choice for tensors of 2**31 elements). sm_90 SASS per warp and k-step (7x7 A, C=256, bf16,
+    # 128x128x64 tiles): 211 instructions before (int64 per-row bases, strided offsets, i // n_kc), see bench/NOTES.md.
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
     pid_m = pid // num_n  # consecutive programs share the input tile
@@ -80,87 +79,83 @@ def masked_conv_fwd_kernel(
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < N * H * W
-    n = m // (H * W)
-    hw = m - n * (H * W)
-    h = hw // W
-    w = hw - h * W
+    o_ok = o < COUT
+    h = (m // W) % H
+    w = m % W
+    # Rows past the last pixel get a row index that fails every tap's in-image test (|dy| <= KH // 2), so the test
+    # is two unsigned compares a row: (h + dy) and (w + dx) below H and W.
+    h_test = tl.where(m_ok, h, H + KH)
     k = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + n.to(tl.int64) * sxn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     n_kc = tl.cdiv(CIN, BLOCK_K)
-    for i in range(0, T * n_kc):
-        t = i // n_kc
-        c = (i - t * n_kc) * BLOCK_K + k
+    t = 0
+    c0 = 0
+    for _ in range(0, T * n_kc):
         dy, dx = _tap_offset(t, KH, KW, FLIP)
-        ih = h + dy
-        iw = w + dx
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(
-            x_base[:, None] + c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None],
-            mask=row_ok[:, None] & (c[None, :] < CIN),
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + (t * CIN + c[:, None]).to(tl.int64) * COUT + o[None, :],
-            mask=(c[:, None] < CIN) & (o[None, :] < COUT),
-            other=0.0,
-        )
+        c = c0 + k
+        c_ok = c < CIN
+        row_ok = ((h_test + dy).to(tl.uint32, bitcast=True) < H) & ((w + dx).to(tl.uint32, bitcast=True) < W)
+        q = m + (dy * W + dx)
+        if WIDE:
+            q = q.to(tl.int64)
+        a = tl.load(x_ptr + q[:, None] * CIN + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + (t * CIN + c)[:, None] * COUT + o[None, :], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        wrap = c0 + BLOCK_K >= CIN
+        t = tl.where(wrap, t + 1, t)
+        c0 = tl.where(wrap, 0, c0 + BLOCK_K)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
+    n = m // (H * W)
     y_off = (n.to(tl.int64) * syn + h * syh + w * syw)[:, None] + o[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (o[None, :] < COUT))
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
 def masked_conv_wgrad_kernel(
     x_ptr, g_ptr, dw_ptr,
-    N, H, W, CIN, COUT, T,
-    sxn, sxc, sxh, sxw,
-    sgn, sgc, sgh, sgw,
-    KH: tl.constexpr, KW: tl.constexpr,
+    N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
+    KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    pid_tc = tl.program_id(0).to(tl.int64)
-    pid_o = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    # x and grad are dense channels-last (the launcher makes them so): pixel p = (n*H + h)*W + w sits at p*C, and the
+    # tap's input pixel at (p + dy*W + dx)*C_in wherever it lies inside the image. So both tiles' addresses are linear
+    # in p; only the in-image test needs (h, w), and with H and W constexprs that is multiply-shifts, not the runtime
+    # divisions of the earlier version (17 div.s32 in its sm_90 PTX, 360 SASS instructions per warp and k-step
+    # against the forward's 211). Offsets in int32 unless WIDE (the launcher's choice: a tensor of 2**31 elements).
+    pid_tc = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    split = tl.program_id(2)
     num_c = tl.cdiv(CIN, BLOCK_C)
     t = pid_tc // num_c
     c = (pid_tc % num_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    c_ok = c < CIN
+    o_ok = o < COUT
     dy, dx = _tap_offset(t, KH, KW, False)
+    shift = dy * W + dx
     total = N * H * W
     # The launcher picks the number of splits (grid z) per config: each takes an equal, BLOCK_P-aligned range.
     pixels_per_split = tl.cdiv(tl.cdiv(total, tl.num_programs(2)), BLOCK_P) * BLOCK_P
-    start = split.to(tl.int32) * pixels_per_split
+    start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, total)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
-        # Pixel indices fit int32 (checked by the launcher): int64 division is emulated and this is the hot loop.
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < end
-        n = p // (H * W)
-        hw = p - n * (H * W)
-        h = hw // W
-        w = hw - h * W
-        ih = h + dy
-        iw = w + dx
-        in_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        n = n.to(tl.int64)
-        a = tl.load(
-            x_ptr + c[:, None].to(tl.int64) * sxc + (n * sxn + ih * sxh + iw * sxw)[None, :],
-            mask=(c[:, None] < CIN) & in_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + o[None, :].to(tl.int64) * sgc,
-            mask=p_ok[:, None] & (o[None, :] < COUT),
-            other=0.0,
-        )
+        h = (p // W) % H
+        w = p % W
+        in_ok = p_ok & ((h + dy).to(tl.uint32, bitcast=True) < H) & ((w + dx).to(tl.uint32, bitcast=True) < W)
+        q = p + shift
+        if WIDE:
+            q = q.to(tl.int64)
+            p = p.to(tl.int64)
+        a = tl.load(x_ptr + q[None, :] * CIN + c[:, None], mask=c_ok[:, None] & in_ok[None, :], other=0.0)
+        b = tl.load(g_ptr + p[:, None] * COUT + o[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-    out = dw_ptr + ((split * T + t) * CIN + c[:, None]) * COUT + o[None, :]
-    tl.store(out, acc, mask=(c[:, None] < CIN) & (o[None, :] < COUT))
+    out = dw_ptr + ((split * T + t).to(tl.int64) * CIN + c[:, None]) * COUT + o[None, :]
+    tl.store(out, acc, mask=c_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -235,6 +230,15 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
+# Offsets from 2**31 elements on take int64 (the kernels' WIDE); a test lowers the limit to run that path.
+INT32_LIMIT = 2**31
+
+
+def _wide(n: int, h: int, w: int, cin: int, cout: int) -> bool:
+    """Whether a launch needs int64 offsets: a pixel shifted by a tap (at most one image away) times the channels."""
+    return (n + 1) * h * w * max(cin, cout) >= INT32_LIMIT
+
+
 def _implicit_gemm(x, packed, bias, kh, kw, flip):
     """y (N, C_out, H, W) in x's memory format (gm._memory_format) = conv of x over the taps of `packed`
     (T, C_in, C_out)."""
@@ -257,8 +261,8 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
     _fwd[grid](
         x, packed, bias if bias is not None else packed, y,
         n, h, w, cin, cout, t,
-        *x.stride(), *y.stride(),
-        KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None,
+        *y.stride(),
+        KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=_wide(n, h, w, cin, cout),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_FWD_META,
     )  # fmt: skip
@@ -316,8 +320,8 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     _wgrad[grid](
         x, grad, partial,
         n, h, w, cin, cout, t,
-        *x.stride(), *grad.stride(),
-        KH=kh, KW=kw, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
+        KH=kh, KW=kw, WIDE=_wide(n, h, w, cin, cout),
+        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_WGRAD_META,
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)

@@ -101,6 +101,25 @@ def test_triton_weight_grad_any_split_count(splits, monkeypatch):
     assert_rel(dw, ref[2], torch.float32, f"dweight, {splits} splits")
 
 
+
+@pytest.mark.parametrize(("kh", "kw", "mask"), [(5, 5, "A"), (3, 3, "B"), (1, 3, "B")])
+def test_triton_int64_offsets(kh, kw, mask, monkeypatch):
+    """The Triton kernels' offsets are int32 below 2**31 elements and int64 (WIDE) from there on; a lowered limit
+    runs the int64 path on small tensors: forward, input gradient and weight gradient against the reference."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    from gm.kernels import masked_conv as k  # noqa: PLC0415
+
+    monkeypatch.setattr(k, "INT32_LIMIT", 0)
+    x, wt, b = _inputs(2, 5, 4, 7, 6, kh, kw, torch.float32)
+    gy = torch.randn(2, 4, 7, 6, device=DEVICE)
+    ref = _ref_and_grads(x, wt, b, mask, None, None, gy)
+    poison_empty(monkeypatch)
+    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, backend="triton")
+    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
+    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref):
+        assert_rel(g, r, torch.float32, f"int64 offsets {name}")
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_input(backend):
     """A channels-last input gives a channels-last output and input gradient (a channels-last model converts
