@@ -47,6 +47,7 @@ class Variant:
     mma: str = "-"
     seconds: float = 0.0
     error: str | None = None
+    loop: str = "-"  # the hot loop's SASS instructions per iteration (hot_loop)
     first_case: str = ""  # the first benchmark case or direct call that compiled this variant
 
     def problems(self, arch: int) -> list[str]:
@@ -111,6 +112,32 @@ def _mma_kind(asm: dict) -> str:
     return "-"
 
 
+def hot_loop(cubin: bytes | None) -> str:
+    """The kernel's hot loop in SASS (tools/sass_loops.py's loops: a backward branch): the loop with the most tensor-core
+    instructions, else the longest, as "instructions per iteration (MMAs)". Instructions per warp and iteration
+    against the MMAs they feed is the issue budget of a GEMM loop: bench/NOTES.md, masked_conv's weight gradient
+    (360 -> 158)."""
+    if not cubin:
+        return "-"
+    from tools.sass_loops import cuobjdump, kernels, loops  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        res = subprocess.run([cuobjdump(), "-sass", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        return "no SASS"
+    found = [loop for insns in kernels(res.stdout).values() for loop in loops(insns)]
+    if not found:
+        return "no loop"
+
+    def mmas(mix) -> int:
+        return mix["HGMMA"] + mix["HMMA"] + mix["DMMA"]
+
+    _, length, mix = max(found, key=lambda f: (mmas(f[2]), f[1]))
+    return f"{length} ({mmas(mix)} MMA)" if mmas(mix) else str(length)
+
+
 _CONFIG_KEYS = {
     "num_warps",
     "num_stages",
@@ -163,6 +190,7 @@ class Collector:
             v.regs, v.spill_stores, v.spill_loads = _resource_usage(kernel.asm["ptx"], self.arch)
             v.smem = kernel.metadata.shared
             v.mma = _mma_kind(kernel.asm)
+            v.loop = hot_loop(kernel.asm.get("cubin"))
         except Exception as err:  # noqa: BLE001 (the report lists every failure)
             key = (jit.__name__, label, spec)
             if key in self.variants:
@@ -319,8 +347,9 @@ def _spill(v: Variant) -> str:
 
 def format_report(variants: list[Variant], arch: int) -> str:
     lines = [
-        "| kernel | variant | first case | config | regs | spill st/ld B | smem KiB | mma | compile s | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | variant | first case | config | regs | spill st/ld B | smem KiB | mma | hot loop SASS | compile s "
+        "| problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in sorted(variants, key=lambda v: (v.kernel, v.spec, v.config, v.first_case)):
         probs = "; ".join(v.problems(arch)) or ""
@@ -329,7 +358,7 @@ def format_report(variants: list[Variant], arch: int) -> str:
         smem = f"{v.smem / 1024:.1f}" if v.smem is not None else "-"
         lines.append(
             f"| {v.kernel} | {v.spec} | {v.first_case} | {v.config} | {v.regs if v.regs is not None else '-'} | "
-            f"{_spill(v)} | {smem} | {v.mma} | {v.seconds:.1f} | {probs} |"
+            f"{_spill(v)} | {smem} | {v.mma} | {v.loop} | {v.seconds:.1f} | {probs} |"
         )
     return "\n".join(lines)
 

@@ -57,6 +57,7 @@ def test_every_triton_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     (src / "gm" / "kernels").symlink_to(ROOT / "kernels")
     (src / "bench").symlink_to(ROOT / "bench")
     (src / "tests").symlink_to(ROOT / "tests")
+    (src / "tools").symlink_to(ROOT / "tools")
     report = tmp_path / "aot.md"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["PYTHONPATH"] = str(src)

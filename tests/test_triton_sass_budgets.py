@@ -1,0 +1,68 @@
+"""Static instruction budgets of Triton kernels' hot loops, checked without a GPU: the kernel is compiled for sm_90 by
+the installed Triton (bench.aot's driver stand-in, in a subprocess without the interpreter) and its main loop counted
+in SASS (bench.aot.hot_loop). A GEMM k-step of a 128x128x64 16-bit tile on 8 warps has ~512 tensor-core cycles of
+work per block; each instruction a warp issues per k-step costs 2 of the SM's 4 issue slots' cycles at two blocks per
+SM, so loops much past ~250 instructions are issue-bound (bench/NOTES.md, session 8: the masked_conv weight gradient
+ran 360 with runtime divisions in its pixel math, now ~160). Budgets are the counts with the pinned Triton plus ~10%."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("triton")
+
+_SCRIPT = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+import triton.language as tl
+from triton.runtime import driver
+from bench.aot import _FakeDriver, hot_loop
+driver.set_active(_FakeDriver(90))
+from gm.kernels import masked_conv as k
+
+N, C, HW, T = 128, 256, 32, 24  # 7x7 mask A, C=256, 32x32, bf16: the PixelCNN bench case
+x = torch.empty(N, HW, HW, C, dtype=torch.bfloat16).permute(0, 3, 1, 2)
+packed = torch.empty(T, C, C, dtype=torch.bfloat16)
+part = torch.empty(4, T, C, C)
+cfg = dict(num_warps=8, num_stages=3, grid=(1,), warmup=True)
+common = dict(KH=7, KW=7, WIDE=False, ACC=tl.float32, PRECISION="ieee")
+fwd = k.masked_conv_fwd_kernel.run(
+    x, packed, packed, x, N, HW, HW, C, C, T, *x.stride(), FLIP=False, HAS_BIAS=True,
+    BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **common, **cfg)
+wgrad = k.masked_conv_wgrad_kernel.run(
+    x, x, part, N, HW, HW, C, C, T, BLOCK_C=128, BLOCK_O=128, BLOCK_P=64, **common, **cfg)
+print(json.dumps({name: hot_loop(kern.asm["cubin"]) for name, kern in (("fwd", fwd), ("wgrad", wgrad))}))
+"""
+
+# (kernel, budget): instructions per warp and k-step of the loop with the tensor-core instructions.
+BUDGETS = {"fwd": 195, "wgrad": 180}
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    if res.returncode != 0 and "cuobjdump" in res.stderr:
+        pytest.skip("Triton ships no cuobjdump here")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel", sorted(BUDGETS))
+def test_masked_conv_hot_loop_budget(counts, kernel):
+    text = counts[kernel]  # "N (M MMA)"
+    assert "MMA" in text, f"masked_conv {kernel}: no tensor-core loop found ({text})"
+    length = int(text.split()[0])
+    assert length <= BUDGETS[kernel], f"masked_conv {kernel}: hot loop of {length} SASS instructions per k-step, " \
+        f"budget {BUDGETS[kernel]}"
