@@ -38,9 +38,18 @@ def _modules():
         "RowLSTM": (lambda: gnn.RowLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
         "DiagonalBiLSTM": (lambda: gnn.DiagonalBiLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
         "MinibatchDiscrimination": (lambda: gnn.MinibatchDiscrimination(8, kernels=4, dim=3, backend="cuda"), (6, 8)),
+        "MaskedLinear (MADE mask)": (lambda: gnn.MaskedLinear(_made_mask(16, 8), backend="cuda"), (4, 16)),
         "IAFStep": (lambda: gnn.IAFStep(8, 16, backend="cuda"), (4, 8)),
         "nn.Linear (real, tiny)": (lambda: torch.nn.Linear(8, 8), (4, 8)),
     }
+
+
+def _made_mask(width: int, features: int) -> torch.Tensor:
+    """A degree-sorted hidden-to-hidden MADE mask (the masked_linear bench case's, small)."""
+    from gm.nn.made import hidden_degrees  # noqa: PLC0415
+
+    deg = hidden_degrees(width, features)
+    return (deg[:, None] >= deg[None, :]).float()
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor):
