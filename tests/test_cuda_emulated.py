@@ -268,6 +268,20 @@ def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, monkeypatch):
     fused_and_composed(layer, torch.randn(2, 6, 5, 7).to(torch.bfloat16), monkeypatch, dl)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_row_lstm_layer_one_node_equals_composed(gemm, residual, monkeypatch):
+    """RowLSTM's one-node path (gm.nn.row_lstm.FUSED_LAYER) on backend="cuda", with a learned initial state, gives
+    the bits of the composed ops: output and every gradient, for each subset of wanted gradients."""
+    from tests.nn.test_row_lstm import one_node_equals_composed  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    layer = gm.nn.RowLSTM(6, 9, colors=3, residual=residual, learn_init=True, backend="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        layer.h0.normal_()
+        layer.c0.normal_()
+    one_node_equals_composed(layer, torch.randn(2, 6, 5, 7).to(torch.bfloat16), monkeypatch)
+
+
 @pytest.mark.parametrize("model_name", ["pixelcnn", "rowlstm", "diagonal_bilstm"])
 def test_models(gemm, model_name):
     """Each whole model (preset tiny-rgb, 1x5x4 images) on backend="cuda" in float32 (3xTF32) against the float64

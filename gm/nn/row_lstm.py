@@ -6,9 +6,108 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from gm._backend import resolve
 from gm.nn.masked_conv import MaskedConv2d
-from gm.ops.row_lstm import row_lstm
+from gm.ops._eager import eager_ok, needs_grad
+from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args
+from gm.ops.row_lstm import _row_lstm_backward_impl, _row_lstm_impl, check_row_lstm_args, row_lstm, scan_backend
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole RowLSTM layer as one autograd node in plain eager mode, as gm.nn.diagonal_lstm does for DiagonalBiLSTM.
+# Composed, a forward+backward is the input conv, the scan, the residual conv and add, and with learn_init the casts,
+# views and expands of h0 and c0: each an op call with its checks, backend choice and autograd node, ~300 us of host
+# time per forward+backward with the kernels stubbed (python -m bench.host; ~250 as one node), which a GPU's host
+# pays before the kernels run. The node runs the registered ops' own implementations in the same order on the same
+# operands, so its results are bit-identical (tests/nn/test_row_lstm.py); torch.compile, fake tensors, modes and
+# autocast take the composed path.
+
+# False: always the composed path.
+FUSED_LAYER = True
+
+
+def _scan_operands(gates, w_ss, h0, c0):
+    """(w_ss, h0, c0) as the scan takes them: w_ss in the gates' dtype, the learned initial state (hidden,) cast and
+    broadcast to (N, hidden, W). Shared by both paths, so they feed the scan the same tensors."""
+    if h0 is not None:
+        n, _, _, width = gates.shape
+        h0 = h0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
+        c0 = c0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
+    return w_ss.to(gates.dtype), h0, c0
+
+
+def _init_grad(grad: torch.Tensor, param: tuple[torch.Size, torch.dtype]) -> torch.Tensor:
+    """The scan's (N, hidden, W) initial-state gradient as the composed path's autograd hands it to the (hidden,)
+    parameter of `param` = (shape, dtype): expand's backward (sum_to_size), view's (reshape), the cast's (to)."""
+    shape, dtype = param
+    return grad.sum_to_size(1, grad.shape[1], 1).reshape(shape).to(dtype)
+
+
+def _conv_spec(conv: MaskedConv2d) -> tuple:
+    """What the conv's forward passes to masked_conv2d besides the tensors: (mask, in_groups, out_groups, backend)."""
+    return conv.mask, conv.in_groups, conv.out_groups, conv.backend
+
+
+class _FusedRowLSTM(torch.autograd.Function):
+    """apply(spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out) -> the layer's output; spec = (input conv, scan
+    backend name, output conv or None), each conv as (mask, in_groups, out_groups, backend name). Checks and
+    backend choices run here in the composed path's order, so bad arguments raise its errors."""
+
+    @staticmethod
+    def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
+        (mask, gi, go, conv_name), scan_name, out_spec = spec
+        check_masked_conv_args(x, w_in, b_in, mask, gi, go)
+        conv_b = resolve(conv_name, x.device, native_cpu=False)
+        gates = _masked_conv2d_impl(x, w_in, b_in, mask, gi, go, conv_b)
+        w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
+        check_row_lstm_args(gates, w, h0e, c0e)
+        scan_b = scan_backend(scan_name, gates.device)
+        gates, w = gates.contiguous(), w.contiguous()
+        h0e = h0e.contiguous() if h0e is not None else None
+        c0e = c0e.contiguous() if c0e is not None else None
+        y, hs, cs = _row_lstm_impl(gates, w, h0e, c0e, scan_b)
+        out, out_b = y, None
+        if out_spec is not None:
+            out_mask, ogi, ogo, out_name = out_spec
+            check_masked_conv_args(y, w_out, b_out, out_mask, ogi, ogo)
+            out_b = resolve(out_name, y.device, native_cpu=False)
+            out = x + _masked_conv2d_impl(y, w_out, b_out, out_mask, ogi, ogo, out_b)
+        ctx.spec = (spec, conv_b, scan_b, out_b)
+        ctx.ss_dtype = w_ss.dtype
+        ctx.init = ((h0.shape, h0.dtype), (c0.shape, c0.dtype)) if h0 is not None else None
+        # as the scan op saves its state: y itself when hs is empty (float32/float64)
+        ctx.save_for_backward(x, w_in, gates, w, h0e, c0e, y if hs.numel() == 0 else hs, cs, y, w_out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        ((mask, gi, go, _), _, out_spec), conv_b, scan_b, out_b = ctx.spec
+        x, w_in, gates, w, h0e, c0e, hs, cs, y, w_out = ctx.saved_tensors
+        _, need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out = ctx.needs_input_grad
+        need_h = need_x or need_w_in or need_b_in or need_ss or need_h0 or need_c0  # the scan's output requires grad
+        dx = dw_in = db_in = dw_ss = dh0 = dc0 = dw_out = db_out = None
+        dh = grad
+        if out_spec is not None:
+            out_mask, ogi, ogo, _ = out_spec
+            if need_h or need_w_out:
+                dh, dw_out = _masked_conv2d_backward_impl(grad, y, w_out, out_mask, ogi, ogo, out_b, need_h,
+                                                          need_w_out)  # fmt: skip
+                dw_out = dw_out if need_w_out else None
+            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+        if need_h:
+            dgates, dw, dh0e, dc0e = _row_lstm_backward_impl(dh, gates, w, h0e, c0e, hs, cs, scan_b, need_ss)
+            dw_ss = dw.to(ctx.ss_dtype) if need_ss else None
+            dh0 = _init_grad(dh0e, ctx.init[0]) if need_h0 else None
+            dc0 = _init_grad(dc0e, ctx.init[1]) if need_c0 else None
+            if need_x or need_w_in:
+                dx_in, dw_in = _masked_conv2d_backward_impl(dgates, x, w_in, mask, gi, go, conv_b, need_x, need_w_in)
+                dw_in = dw_in if need_w_in else None
+                if need_x:
+                    dx = dx_in if out_spec is None else grad + dx_in
+            db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
+        return None, dx, dw_in, db_in, dw_ss, dh0, dc0, dw_out, db_out
 
 
 class RowLSTM(nn.Module):
@@ -62,14 +161,24 @@ class RowLSTM(nn.Module):
                 self.input_to_state.bias[self.hidden : 2 * self.hidden].fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused(x)
+        if fused is not None:
+            return fused
         gates = self.input_to_state(x)
-        h0 = c0 = None
-        if self.h0 is not None:
-            n, _, _, width = gates.shape
-            h0 = self.h0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
-            c0 = self.c0.to(gates.dtype).view(1, -1, 1).expand(n, -1, width)
-        h = row_lstm(gates, self.w_ss.to(gates.dtype), h0=h0, c0=c0, backend=self.backend)
+        w_ss, h0, c0 = _scan_operands(gates, self.w_ss, self.h0, self.c0)
+        h = row_lstm(gates, w_ss, h0=h0, c0=c0, backend=self.backend)
         return x + self.out(h) if self.out is not None else h
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer as one autograd node (FUSED_LAYER), or None where the composed path runs: under torch.compile,
+        fake tensors, modes and autocast (gm.ops._eager.eager_ok), and without a gradient to record."""
+        conv_in, conv_out = self.input_to_state, self.out
+        w_out, b_out = (conv_out.weight, conv_out.bias) if conv_out is not None else (None, None)
+        params = (conv_in.weight, conv_in.bias, self.w_ss, self.h0, self.c0, w_out, b_out)
+        if not (FUSED_LAYER and eager_ok(x, *params) and needs_grad(x, *params)):
+            return None
+        spec = (_conv_spec(conv_in), self.backend, _conv_spec(conv_out) if conv_out is not None else None)
+        return _FusedRowLSTM.apply(spec, x, *params)
 
     def extra_repr(self) -> str:
         return (

@@ -273,6 +273,14 @@ def check_row_lstm_args(gates, w_ss, h0, c0) -> None:
         check_shape(name, t, (n, hidden, width), "(N, h, W) of gates")
 
 
+def scan_backend(backend: str | None, device: torch.device) -> str:
+    """The backend row_lstm runs on (gm.nn.RowLSTM's one-node path asks the same). Auto sends CUDA tensors to triton:
+    its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an H200
+    (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed against
+    them on a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster."""
+    return resolve(backend, device, native_cpu=True, cuda_kernels=False)
+
+
 def row_lstm(
     gates: torch.Tensor,
     w_ss: torch.Tensor,
@@ -301,10 +309,7 @@ def row_lstm(
         torch.Size([2, 8, 5, 6])
     """
     check_row_lstm_args(gates, w_ss, h0, c0)
-    # Auto sends CUDA tensors to triton: its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an
-    # H200 (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed on
-    # a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster.
-    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=False)
+    chosen = scan_backend(backend, gates.device)
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None

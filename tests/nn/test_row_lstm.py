@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -96,3 +98,173 @@ def test_learned_initial_state(backend):
     dh0_ref, dc0_ref = torch.autograd.grad(y_ref, (h0, c0), gy)
     assert_rel(dh0, dh0_ref.sum((0, 2)), torch.float64, "dh0", device=CPU)
     assert_rel(dc0, dc0_ref.sum((0, 2)), torch.float64, "dc0", device=CPU)
+
+
+# ------------------------------------------------------------------------------------------- the one-node layer path
+# gm.nn.row_lstm.FUSED_LAYER runs the layer as one autograd node (the registered ops' implementations in the composed
+# order); it must give the composed ops' bits for the output and every gradient, whichever gradients are wanted.
+
+# Which leaves require grad: all; x alone; the parameters alone; the scan's alone (no conv backward before the scan);
+# the output conv's alone (no scan backward at all).
+_WANTED = {
+    "all": lambda name: True,
+    "x": lambda name: name == "x",
+    "params": lambda name: name != "x",
+    "scan": lambda name: name in ("w_ss", "h0", "c0"),
+    "out": lambda name: name.startswith("out."),
+}
+
+
+# gm.ops re-exports its functions under their modules' names (gm.ops.row_lstm is the function): the modules by name.
+_LAYER, _CONV, _SCAN = map(importlib.import_module, ("gm.nn.row_lstm", "gm.ops.masked_conv", "gm.ops.row_lstm"))
+
+
+def _recorder(real, log, describe):
+    def call(*args, **kwargs):
+        log.append(describe(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    return call
+
+
+def _spy(monkeypatch, name: str, log: list, describe) -> None:
+    """Wrap `name` wherever the layer and the ops look it up: each call appends describe(*args, **kwargs) to log."""
+    for module in (_LAYER, _CONV, _SCAN):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _recorder(getattr(module, name), log, describe))
+
+
+def one_node_equals_composed(layer: gm.nn.RowLSTM, x: torch.Tensor, monkeypatch, wanted=tuple(_WANTED)) -> None:
+    """Output and every wanted gradient bit for bit (and dtype) between FUSED_LAYER True and False, the one-node
+    path is the one that ran, and its backward calls the same backward implementations with the same flags (so it
+    computes no gradient the composed path skips)."""
+    calls = []
+    for name in ("_masked_conv2d_backward_impl", "_row_lstm_backward_impl"):
+        # the convs told apart by their weight's shape; the need flags; whether an initial state was given
+        _spy(monkeypatch, name, calls, lambda *a, _name=name: (_name, tuple(a[2].shape), a[-2:], a[3] is None))
+    named = [("x", None), *layer.named_parameters()]
+    try:
+        for key in wanted:
+            names = [name for name, _ in named if _WANTED[key](name)]
+            if not names:  # e.g. the output conv's parameters of a layer without one
+                continue
+            runs = {}
+            for fused in (True, False):
+                monkeypatch.setattr(_LAYER, "FUSED_LAYER", fused)
+                xx = x.detach().clone().requires_grad_("x" in names)
+                for name, p in layer.named_parameters():
+                    p.requires_grad_(name in names)
+                y = layer(xx)
+                assert (type(y.grad_fn).__name__ == "_FusedRowLSTMBackward") == fused, key
+                gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+                leaves = [xx if name == "x" else p for name, p in named if name in names]
+                calls.clear()
+                runs[fused] = [y.detach(), *torch.autograd.grad(y, leaves, gy), calls.copy()]
+            assert runs[True].pop() == runs[False].pop(), key
+            for name, a, b in zip(["y", *names], runs[True], runs[False], strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{key}: {name}"
+    finally:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+
+
+def _layer(backend, colors, residual, learn_init, dtype):
+    layer = gm.nn.RowLSTM(6, 3, kernel_size=3, colors=colors, residual=residual, learn_init=learn_init,
+                          backend=backend).to(dtype)  # fmt: skip
+    with torch.no_grad():
+        for p in layer.parameters():  # non-zero initial state and biases, so each gradient is a real one
+            if p.dim() == 1:
+                p.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends(CPU)])
+@pytest.mark.parametrize("colors", [1, 3], ids=["c1", "c3"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("learn_init", [True, False], ids=["init", "zero"])
+def test_one_node_equals_composed(backend, colors, residual, learn_init, monkeypatch):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    layer = _layer(backend, colors, residual, learn_init, dtype)
+    # (interpreter time: the subsets that only skip host-side work are covered by the other backends)
+    wanted = ("all", "x", "params") if backend == "triton" else tuple(_WANTED)
+    one_node_equals_composed(layer, torch.randn(2, 6, 4, 5, dtype=dtype), monkeypatch, wanted)
+
+
+def test_one_node_parameters_in_another_dtype(monkeypatch):
+    """w_ss and h0 in float32 beside float64 gates: the scan takes them cast, and their gradients come back in
+    their own dtype and shape, as the composed path's casts give them."""
+    layer = _layer("cpu" if "cpu" in fast_backends(CPU) else "reference", 3, True, True, torch.float64)
+    layer.w_ss.data = layer.w_ss.data.float()
+    layer.h0.data = layer.h0.data.float()
+    one_node_equals_composed(layer, torch.randn(1, 6, 3, 4, dtype=torch.float64), monkeypatch, ("all", "scan"))
+
+
+def test_one_node_same_errors(monkeypatch):
+    """Bad input or parameters raise what the composed path raises."""
+
+    def wrong_w_ss(m):
+        m.w_ss = torch.nn.Parameter(torch.randn(12, 3, 2))
+
+    def wrong_h0(m):
+        m.h0 = torch.nn.Parameter(torch.randn(4))
+
+    cases = [
+        (lambda m: None, torch.randn(3, 4, 5)),  # x not 4-D
+        (lambda m: None, torch.randn(2, 4, 4, 5)),  # channels
+        (lambda m: m.double(), torch.randn(2, 3, 4, 5)),  # dtype
+        (lambda m: m.out.double(), torch.randn(2, 3, 4, 5)),  # the residual conv's dtype
+        (wrong_w_ss, torch.randn(2, 3, 4, 5)),
+        (wrong_h0, torch.randn(2, 3, 4, 5)),
+    ]
+    for change, x in cases:
+        errors = []
+        for fused in (True, False):
+            monkeypatch.setattr(_LAYER, "FUSED_LAYER", fused)
+            m = gm.nn.RowLSTM(3, 3, learn_init=True, backend="reference")
+            change(m)
+            with pytest.raises(ValueError) as info:
+                m(x.requires_grad_())
+            errors.append(str(info.value))
+        assert errors[0] == errors[1]
+
+
+def test_one_node_resolves_backends_as_the_ops(monkeypatch):
+    """The one-node path chooses each backend with the arguments the public ops use (gm.ops.row_lstm.row_lstm and
+    gm.ops.masked_conv.masked_conv2d; auto where it can run here), so a change there shows here."""
+    backend = None if "cpu" in fast_backends(CPU) else "reference"
+    calls = {}
+    for fused in (True, False):
+        monkeypatch.setattr(_LAYER, "FUSED_LAYER", fused)
+        log = calls[fused] = []
+        _spy(monkeypatch, "resolve", log, lambda backend, device, **kw: (backend, str(device), sorted(kw.items())))
+        gm.nn.RowLSTM(3, 3, learn_init=True, backend=backend)(torch.randn(1, 3, 2, 3, requires_grad=True))
+        monkeypatch.undo()
+    assert len(calls[True]) == 3 and calls[True] == calls[False]
+
+
+def test_one_node_only_in_plain_eager_with_grad():
+    """No gradient to record, a mode (here a torch-function mode) or torch.compile: the composed ops run."""
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    layer = gm.nn.RowLSTM(3, 3, learn_init=True, backend="reference")
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with Passthrough():
+        y = layer(x)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "_FusedRowLSTMBackward"
+
+    ops = []
+
+    def record(graph_module, _inputs):
+        ops.extend(str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend=record, fullgraph=True)(x.requires_grad_())
+    assert any("row_lstm" in op for op in ops) and any("masked_conv2d" in op for op in ops), ops
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
