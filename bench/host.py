@@ -20,14 +20,51 @@ import torch
 
 
 class _StubExtension(types.ModuleType):
-    """Every attribute is a kernel entry point that does nothing."""
+    """Every attribute is a kernel entry point that does nothing (and counts its calls in `calls`)."""
 
     with_cuda = True
+    calls = 0
 
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return lambda *args, **kwargs: None
+
+        def entry(*args, **kwargs):
+            type(self).calls += 1
+
+        return entry
+
+
+# aten ops that launch no kernel on a GPU: views, allocations, metadata.
+_NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
+    "aten::expand", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::permute",
+    "aten::detach", "aten::alias", "aten::split", "aten::chunk", "aten::slice", "aten::select", "aten::unsqueeze",
+    "aten::squeeze", "aten::narrow", "aten::resize_", "aten::lift_fresh", "aten::result_type", "aten::is_nonzero",
+    "aten::item", "aten::_local_scalar_dense", "aten::unbind", "aten::split_with_sizes", "aten::flatten",
+    "aten::contiguous", "aten::to", "aten::_to_copy", "aten::numpy_T", "aten::size", "aten::stride",
+}  # fmt: skip
+
+
+def launches(run) -> tuple[int, int]:
+    """(gm kernel entry calls, other aten ops that would launch a kernel) in one call of `run`: each a GPU launch
+    and its host cost on a GPU. aten ops counted at their outermost level (an op called by another is part of it);
+    .to() and .contiguous() count through the copy they make (aten::copy_) when they make one."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    before = _StubExtension.calls
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    entries = _StubExtension.calls - before
+    ops = 0
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.name in _NO_KERNEL:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not (parent.name.startswith("aten::") and parent.name not in _NO_KERNEL):
+            parent = parent.cpu_parent
+        ops += parent is None
+    return entries, ops
 
 
 def _modules():
@@ -90,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with emulated(_StubExtension("gm_stub_extension")):
         modules = _modules()
-        print("| module | host us per fwd+bwd (min of 5) |\n|---|---|")
+        print("| module | host us per fwd+bwd (min of 5) | gm kernel launches | other aten ops with a kernel |")
+        print("|---|---|---|---|")
         for name, (make, shape) in modules.items():
             run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))
-            print(f"| {name} | {time_us(run, args.calls):.1f} |", flush=True)
+            us = time_us(run, args.calls)
+            if name.startswith("nn.Linear"):  # a real CPU module: its ops are all "other"
+                print(f"| {name} | {us:.1f} | - | {launches(run)[1]} |", flush=True)
+                continue
+            entries, ops = launches(run)
+            print(f"| {name} | {us:.1f} | {entries} | {ops} |", flush=True)
         if args.profile:
             make, shape = modules[args.profile]
             run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))
