@@ -1,4 +1,4 @@
-"""python -m bench.tuned [RUN_autotune.json ...] [--out DIR] [--check]
+"""python -m bench.tuned [RUN_autotune.json ...] [--backends RUN.jsonl ...] [--out DIR] [--check]
 
 Merges the Triton autotuner's picks that a GPU run of `python -m bench` saved (bench/results/<run>_autotune.json) into
 the table shipped for that GPU, kernels/tuned/<device slug>.json, which tuned() (kernels/_common.py) launches from
@@ -7,6 +7,11 @@ provenance (a run that launched from the table re-exports its picks unmeasured; 
 A pick whose kernel is not tuned() in gm.kernels, whose config is not in the kernel's current config list, or whose key
 does not have the current key's arguments is dropped (stale), in the new run and in the table alike, and reported.
 --check: only report the stale picks of the shipped tables (exit status 1 when there are any).
+
+--backends RUN.jsonl: a run's benchmark rows decide auto's backend on that GPU model (gm._backend.measured_pick):
+per gm op and dtype, the backend (cuda or triton) whose eager forward+backward, summed over the run's cases that
+measured both, was least; recorded in the table's "backends" section with both sums, the case count and the run's
+provenance. A newer run replaces the entries it measured. Eager times, because eager is what auto serves by default.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import importlib
 import json
 import pkgutil
+import re
 import sys
 from pathlib import Path
 
@@ -59,6 +65,54 @@ def split_stale(picks: dict, lists: dict) -> tuple[dict, list[str]]:
     return kept, stale
 
 
+# Benchmark rows (op as bench/cases names it) -> the gm op whose auto choice they decide.
+BENCH_OPS = {
+    "masked_conv2d": "masked_conv2d",
+    "row_lstm scan": "row_lstm",
+    "diagonal_lstm scan": "diagonal_lstm",
+    "minibatch_discrimination": "minibatch_discrimination",
+    "masked_linear": "masked_linear",
+    "iaf_step": "made_iaf_step",  # the bench's gm row runs gm.ops.made_iaf_step
+}
+
+
+def backend_picks_of(rows: list[dict]) -> dict:
+    """{gm op: {dtype: {"backend", "ms": {backend: summed fwd+bwd ms}, "cases", provenance}}} from benchmark rows
+    (python -m bench's jsonl): per (op, dtype), the cases where both gm[cuda] and gm[triton] ran without error."""
+    measured: dict = {}
+    stamp: dict = {}
+    for r in rows:
+        op, impl = BENCH_OPS.get(r.get("op")), re.fullmatch(r"gm\[(cuda|triton)\]", r.get("impl", ""))
+        if op is None or impl is None or r.get("error") or r.get("fwdbwd_ms") is None:
+            continue
+        measured.setdefault((op, r["dtype"]), {}).setdefault(r["case"], {})[impl.group(1)] = r["fwdbwd_ms"]
+        stamp[(op, r["dtype"])] = {k: r.get(k) for k in PROVENANCE}
+    picks: dict = {}
+    for (op, dtype), cases in sorted(measured.items()):
+        both = [c for c in cases.values() if len(c) == 2]
+        if not both:
+            continue
+        ms = {b: round(sum(c[b] for c in both), 4) for b in ("cuda", "triton")}
+        picks.setdefault(op, {})[dtype] = {"backend": min(ms, key=ms.get), "ms": ms, "cases": len(both),
+                                           **stamp[(op, dtype)]}  # fmt: skip
+    return picks
+
+
+def merge_backends(table: dict, rows: list[dict]) -> dict:
+    """`table` with the backend picks of a run's rows merged in (a newer run's entries replace older ones)."""
+    merged = {op: dict(v) for op, v in table.get("backends", {}).items()}
+    for op, by_dtype in backend_picks_of(rows).items():
+        for dtype, entry in by_dtype.items():
+            old = merged.get(op, {}).get(dtype)
+            if old is None or (old.get("date") or "") <= (entry.get("date") or ""):
+                merged.setdefault(op, {})[dtype] = entry
+    out = dict(table)
+    out.setdefault("device", rows[0]["device"] if rows else None)
+    out.setdefault("picks", {})
+    out["backends"] = {op: dict(sorted(v.items())) for op, v in sorted(merged.items())}
+    return out
+
+
 def merge(table: dict, run: dict) -> dict:
     """`table` with the picks of `run` ({"env", "picks"}, as python -m bench writes it) merged in."""
     env = run["env"]
@@ -75,6 +129,7 @@ def merge(table: dict, run: dict) -> dict:
         "about": "Triton autotuner picks measured on this GPU, launched by gm.kernels._common.tuned() without "
         "autotuning (GM_TRITON_TUNED=0 ignores them); refreshed by python -m bench.tuned",
         "picks": {k: [v[key] for key in sorted(v)] for k, v in sorted(merged.items()) if v},
+        **({"backends": table["backends"]} if "backends" in table else {}),
     }
 
 
@@ -84,8 +139,12 @@ def dump(table: dict) -> str:
         f"  {json.dumps(k)}: [\n" + ",\n".join(f"   {json.dumps(p)}" for p in picks) + "\n  ]"
         for k, picks in table["picks"].items()
     )
-    head = "".join(f" {json.dumps(k)}: {json.dumps(v)},\n" for k, v in table.items() if k != "picks")
-    return "{\n" + head + ' "picks": {\n' + kernels + "\n }\n}\n"
+    head = "".join(f" {json.dumps(k)}: {json.dumps(v)},\n" for k, v in table.items() if k not in ("picks", "backends"))
+    tail = ""
+    if "backends" in table:
+        ops = ",\n".join(f"  {json.dumps(op)}: {json.dumps(v)}" for op, v in table["backends"].items())
+        tail = ',\n "backends": {\n' + ops + "\n }"
+    return "{\n" + head + ' "picks": {\n' + kernels + "\n }" + tail + "\n}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tuned", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("runs", nargs="*", type=Path, help="bench/results/<run>_autotune.json files, oldest first")
+    p.add_argument("--backends", nargs="*", type=Path, default=[],
+                   help="bench/results/<run>.jsonl files whose gm[cuda] / gm[triton] rows decide auto's backends")
     p.add_argument("--out", type=Path, default=_common.TUNED_DIR, help="tables folder (default: kernels/tuned)")
     p.add_argument("--check", action="store_true", help="only report the stale picks of the tables in --out")
     args = p.parse_args(argv)
@@ -115,6 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {count} picks of {len(table['picks'])} kernels after {run_path.name}")
         for s in stale:
             print(f"  dropped {s}")
+    for rows_path in args.backends:
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        by_device: dict[str, list[dict]] = {}
+        for r in rows:
+            by_device.setdefault(r["device"], []).append(r)
+        for device, device_rows in by_device.items():
+            out = args.out / f"{_common.device_slug(device)}.json"
+            table = merge_backends(json.loads(out.read_text()) if out.is_file() else {"device": device}, device_rows)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(dump(table))
+            picks = [f"{op} {dt}: {e['backend']}" for op, v in table["backends"].items() for dt, e in v.items()]
+            print(f"{out}: auto backends after {rows_path.name}: " + ("; ".join(picks) or "none measured"))
     return 0
 
 

@@ -36,6 +36,7 @@ def info_dict() -> dict:
 
         d["extension_cuda_archs"] = ext().cuda_archs or "-"
         d["openmp_threads"] = ext().omp_max_threads()
+    d["auto_backends"] = _auto_backends()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for b in BACKENDS:
         ok, why = availability(b, device)
@@ -61,6 +62,23 @@ def _tuned_tables() -> str:
     off = {"GM_TRITON_AUTOTUNE": _common.AUTOTUNE, "GM_TRITON_TUNED": _common.TUNED}
     unused = "".join(f" (unused: {var}=0)" for var, on in off.items() if not on)
     return f"kernels/tuned/{slug}.json: {tables[slug]} picks of {kernels} kernels{unused}"
+
+
+def _auto_backends() -> str:
+    """Which backends auto takes on this GPU model by measurement (gm._backend.measured_pick), if any recorded."""
+    import os  # noqa: PLC0415
+
+    from gm._backend import _slug_of, backend_picks  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        return "by rule (no GPU here)"
+    slug = _slug_of(torch.cuda.current_device())
+    picks = backend_picks(slug)
+    if not picks:
+        return f"by rule: no measurements recorded for {slug} (python -m bench.tuned --backends RUN.jsonl)"
+    listed = "; ".join(f"{op} {dt} {e['backend']}" for op, v in picks.items() for dt, e in v.items())
+    off = " (unused: GM_BACKEND_PICKS=0)" if os.environ.get("GM_BACKEND_PICKS", "1") == "0" else ""
+    return f"measured (kernels/tuned/{slug}.json){off}: {listed}"
 
 
 def _triton_version() -> str:

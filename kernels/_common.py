@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gm._backend import device_slug  # noqa: F401 (the bench and gm info name tables by it through this module)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 TL_DTYPES = {
@@ -87,11 +89,6 @@ def config_fields(config) -> tuple:
     equal across Triton versions whose str() differ (3.9 appends "ir_override: None", 3.6 does not)."""
     pairs = (field.partition(": ") for field in str(config).split(", "))
     return tuple(sorted((name, value) for name, _, value in pairs if value != "None"))
-
-
-def device_slug(device_name: str) -> str:
-    """The device part of bench result names and of the tuned tables' file names: "NVIDIA H200" -> "nvidia-h200"."""
-    return "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
 
 
 @functools.cache

@@ -80,3 +80,50 @@ def test_gpu_stream_of_is_the_current_stream():
     with torch.cuda.stream(side):
         assert stream_of(t) == side.cuda_stream != torch.cuda.default_stream().cuda_stream
     assert stream_of(torch.zeros(1)) == 0
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """resolve() on a CUDA device without one: cuda built and every backend available, picks recorded for
+    masked_conv2d on this 'GPU model'."""
+    monkeypatch.delenv("GM_BACKEND", raising=False)
+    monkeypatch.delenv("GM_BACKEND_PICKS", raising=False)
+    monkeypatch.setattr(_backend, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(_backend, "availability", lambda b, d: (True, ""))
+    monkeypatch.setattr(_backend, "_slug_of", lambda index: "fake-gpu")
+    table = {"masked_conv2d": {"bfloat16": {"backend": "triton"}, "float32": {"backend": "cuda"}}}
+    monkeypatch.setattr(_backend, "backend_picks", lambda slug: table if slug == "fake-gpu" else {})
+    return torch.device("cuda", 0)
+
+
+def test_auto_takes_the_measured_backend(fake_gpu, monkeypatch):
+    def auto(dtype, **kw):
+        return _backend.resolve(None, fake_gpu, native_cpu=False, op="masked_conv2d", dtype=dtype, **kw)
+
+    assert auto(torch.bfloat16) == "triton"  # measured ahead, though cuda is built
+    assert auto(torch.float32) == "cuda"
+    assert auto(torch.float32, prefer="triton") == "cuda"  # the measurement outranks an op's preference
+    assert auto(torch.float32, cuda_kernels=False) == "triton"  # but never sends a call the kernels refuse
+    assert auto(torch.float16) == "cuda" and auto(torch.float16, prefer="triton") == "triton"  # no record: the rules
+    assert _backend.resolve(None, fake_gpu, native_cpu=False, dtype=torch.bfloat16) == "cuda"  # no op named
+    assert _backend.resolve("cuda", fake_gpu, native_cpu=False, op="masked_conv2d", dtype=torch.bfloat16) == "cuda"
+    monkeypatch.setenv("GM_BACKEND", "cuda")
+    assert auto(torch.bfloat16) == "cuda"  # the environment's choice outranks the record
+    monkeypatch.delenv("GM_BACKEND")
+    monkeypatch.setenv("GM_BACKEND_PICKS", "0")
+    assert auto(torch.bfloat16) == "cuda"  # records switched off
+
+
+def test_auto_prefers_cuda_when_triton_is_missing(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_backend, "triton_status", lambda: (False, "not installed"))
+    assert _backend.resolve(None, fake_gpu, native_cpu=False, op="masked_conv2d", dtype=torch.bfloat16) == "cuda"
+    assert _backend.resolve(None, fake_gpu, native_cpu=False, prefer="triton") == "cuda"
+
+
+def test_backend_picks_read_the_shipped_tables():
+    """The tables folder is found without importing gm.kernels; a GPU without a table has no picks."""
+    folder = _backend._tuned_dir()
+    assert folder is not None and (folder / "nvidia-h200.json").is_file()
+    assert isinstance(_backend.backend_picks("nvidia-h200"), dict)
+    assert _backend.backend_picks("no-such-gpu") == {}
+    assert _backend.device_slug("NVIDIA H200") == "nvidia-h200"

@@ -705,6 +705,26 @@ def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):
                 y.sum().backward()
 
 
+@pytest.mark.parametrize(("hid", "width", "need", "fits"), [(176, 32, 231_616, True), (177, 32, 251_072, False),
+                                                             (80, 64, 208_192, True), (96, 64, 246_080, False)])
+def test_row_lstm_shared_memory_model_matches_the_kernels(emu, hid, width, need, fits):
+    """gm.ops._lstm_cuda.row_fits (what lets auto send row_lstm to the cuda scans, where a benchmark measured them
+    ahead) agrees with the kernels' own check at the boundary (float32, k=3): the backward's shared memory for
+    hidden size and width against the 227 KB opt-in; a fitting size runs forward and backward, the next refuses."""
+    from gm.ops._lstm_cuda import row_fits, row_smem_bytes  # noqa: PLC0415
+
+    assert row_smem_bytes(hid, width, 3, 4) == need and row_fits(hid, width, 3, 4, 0) == fits
+    gates = (0.1 * torch.randn(1, 4 * hid, 1, width)).requires_grad_()
+    w = (torch.randn(4 * hid, hid, 3) / hid).requires_grad_()
+    y = gm.ops.row_lstm(gates, w, backend="cuda")
+    if fits:
+        y.sum().backward()
+        assert torch.isfinite(gates.grad).all()
+    else:
+        with pytest.raises(ValueError, match="shared memory.*triton"):
+            y.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layout_transpose(emu, dtype):
     """csrc/layout's tiled transpose through gm.ops._lstm_cuda.to_nhwc / to_nchw: exact copies at sizes off the

@@ -311,6 +311,59 @@ def test_refresh_command_writes_the_table(tmp_path, capsys):
     assert bench_tuned.main(["--check", "--out", str(tmp_path / "tables")]) == 0
 
 
+def _row(op, case, dtype, impl, ms, date="2026-01-02T00:00:00Z", error=None):
+    return {"device": "Fake GPU X1", "commit": date[:10], "triton": "3.9.0", "torch": "2", "date": date, "op": op,
+            "case": case, "dtype": dtype, "impl": impl, "fwdbwd_ms": ms, "error": error}  # fmt: skip
+
+
+def test_backend_picks_from_bench_rows():
+    """Per gm op and dtype: the backend with the least forward+backward summed over the cases that measured both;
+    errors, baselines and one-sided cases left out; bench op names mapped to the gm op auto resolves."""
+    from bench import tuned as bench_tuned  # noqa: PLC0415
+
+    rows = [
+        _row("masked_conv2d", "a", "bfloat16", "gm[cuda]", 2.0), _row("masked_conv2d", "a", "bfloat16", "gm[triton]", 1.0),
+        _row("masked_conv2d", "b", "bfloat16", "gm[cuda]", 1.0), _row("masked_conv2d", "b", "bfloat16", "gm[triton]", 1.5),
+        _row("masked_conv2d", "c", "bfloat16", "gm[cuda]", 0.1),  # triton did not run it: left out
+        _row("masked_conv2d", "a", "bfloat16", "F.conv2d(masked w)", 0.5),  # a baseline
+        _row("masked_conv2d", "a", "float32", "gm[cuda]", 1.0), _row("masked_conv2d", "a", "float32", "gm[triton]", 0.5,
+                                                                     error="OutOfMemoryError"),
+        _row("iaf_step", "x", "float32", "gm[cuda]", 3.0), _row("iaf_step", "x", "float32", "gm[triton]", 2.0),
+        _row("diagonal_bilstm", "x", "float32", "gm[cuda]", 3.0),  # a layer row: not an op's choice
+    ]  # fmt: skip
+    picks = bench_tuned.backend_picks_of(rows)
+    assert set(picks) == {"masked_conv2d", "made_iaf_step"}
+    conv = picks["masked_conv2d"]["bfloat16"]
+    assert (conv["backend"], conv["ms"], conv["cases"]) == ("triton", {"cuda": 3.0, "triton": 2.5}, 2)
+    assert conv["commit"] == "2026-01-02" and "float32" not in picks["masked_conv2d"]
+    assert picks["made_iaf_step"]["float32"]["backend"] == "triton"
+
+
+def test_backend_picks_merge_and_survive_a_refresh(tmp_path):
+    """A newer run replaces the entries it measured and keeps the others; an autotune refresh keeps the section; the
+    command writes what gm._backend reads."""
+    from bench import tuned as bench_tuned  # noqa: PLC0415
+
+    old = [_row("row_lstm scan", "a", "float32", "gm[cuda]", 1.0), _row("row_lstm scan", "a", "float32", "gm[triton]", 2.0),
+           _row("minibatch_discrimination", "n", "float32", "gm[cuda]", 1.0),
+           _row("minibatch_discrimination", "n", "float32", "gm[triton]", 2.0)]  # fmt: skip
+    new = [_row(op, "a", "float32", impl, ms, date="2026-02-01T00:00:00Z")
+           for op, impl, ms in (("row_lstm scan", "gm[cuda]", 3.0), ("row_lstm scan", "gm[triton]", 2.0))]
+    table = bench_tuned.merge_backends(bench_tuned.merge_backends({}, old), new)
+    assert table["backends"]["row_lstm"]["float32"]["backend"] == "triton"  # the newer measurement
+    assert table["backends"]["minibatch_discrimination"]["float32"]["backend"] == "cuda"  # kept
+    assert bench_tuned.merge_backends(table, old) == table  # an older run changes nothing
+    env = {"device": "Fake GPU X1", "commit": "c", "triton": "3.9.0", "torch": "2", "date": "2026-03-01"}
+    refreshed = bench_tuned.merge(table, {"env": env, "picks": {}})
+    assert refreshed["backends"] == table["backends"]
+    assert json.loads(bench_tuned.dump(refreshed)) == refreshed
+    rows_file = tmp_path / "run.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in old + new))
+    assert bench_tuned.main(["--backends", str(rows_file), "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "fake-gpu-x1.json").read_text())
+    assert written["backends"] == table["backends"] and written["picks"] == {}
+
+
 def test_info_names_the_tables(monkeypatch):
     import gm  # noqa: PLC0415
 

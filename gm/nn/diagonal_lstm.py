@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gm._backend import resolve
 from gm._checks import check_choice
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops.diagonal_lstm import cuda_auto_ok, diagonal_lstm
-from gm.ops.masked_conv import check_masked_conv_args
+from gm.ops.diagonal_lstm import diagonal_lstm, scan_backend
+from gm.ops.masked_conv import check_masked_conv_args, conv_backend
 
 
 def _check_sizes(in_ch: int, hidden: int, colors: int) -> None:
@@ -232,9 +231,8 @@ class DiagonalBiLSTM(nn.Module):
         check_masked_conv_args(x, conv_in.weight, conv_in.bias, "B", conv_in.in_groups, conv_in.out_groups)
         # Each op's backend as its public function resolves it (the scan's from the gates' shape, dtype and device,
         # which x shares but for the channels).
-        conv_b = resolve(self.backend, x.device, native_cpu=False)
-        scan_b = resolve(self.backend, x.device, native_cpu=True,
-                         cuda_kernels=self.backend is None and cuda_auto_ok(x, self.hidden))  # fmt: skip
+        conv_b = conv_backend(self.backend, x)
+        scan_b = scan_backend(self.backend, x, self.hidden)
         groups = (conv_in.in_groups, conv_in.out_groups, None, None)
         w_out = b_out = None
         if conv_out is not None:

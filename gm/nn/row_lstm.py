@@ -8,10 +8,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gm._backend import resolve
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args
+from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args, conv_backend
 from gm.ops.row_lstm import _row_lstm_backward_impl, _row_lstm_impl, check_row_lstm_args, row_lstm, scan_backend
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,11 +57,11 @@ class _FusedRowLSTM(torch.autograd.Function):
     def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
         (mask, gi, go, conv_name), scan_name, out_spec = spec
         check_masked_conv_args(x, w_in, b_in, mask, gi, go)
-        conv_b = resolve(conv_name, x.device, native_cpu=False)
+        conv_b = conv_backend(conv_name, x)
         gates = _masked_conv2d_impl(x, w_in, b_in, mask, gi, go, conv_b)
         w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
         check_row_lstm_args(gates, w, h0e, c0e)
-        scan_b = scan_backend(scan_name, gates.device)
+        scan_b = scan_backend(scan_name, gates, w.shape[2])
         gates, w = gates.contiguous(), w.contiguous()
         h0e = h0e.contiguous() if h0e is not None else None
         c0e = c0e.contiguous() if c0e is not None else None
@@ -71,7 +70,7 @@ class _FusedRowLSTM(torch.autograd.Function):
         if out_spec is not None:
             out_mask, ogi, ogo, out_name = out_spec
             check_masked_conv_args(y, w_out, b_out, out_mask, ogi, ogo)
-            out_b = resolve(out_name, y.device, native_cpu=False)
+            out_b = conv_backend(out_name, y)
             out = x + _masked_conv2d_impl(y, w_out, b_out, out_mask, ogi, ogo, out_b)
         ctx.spec = (spec, conv_b, scan_b, out_b)
         ctx.ss_dtype = w_ss.dtype

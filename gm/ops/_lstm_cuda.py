@@ -37,14 +37,33 @@ def diagonal_smem_bytes(hid: int, height: int, elem: int) -> int:
     return 2 * (rows + 1) * (4 * hp * elem + 16) + rows * (hp + 1) * 4 + pairs * 2 * 256 * 4
 
 
+def row_smem_bytes(hid: int, width: int, taps: int, elem: int) -> int:
+    """Shared memory of the row scan's larger kernel, the backward (csrc/row_lstm: bwd_smem_bytes): two [column][4 hp]
+    gate-gradient buffers of 32-column chunks with taps // 2 halo columns each side, a float32 [column][hp + 1] slot
+    array, and 2 KB of exchange slots per warp pair (one pair per 16-unit x 32-column item, at most 8)."""
+    hp, cols = padded_hidden(hid), 32 * -(-width // 32)
+    pairs = min(hp // 16 * (cols // 32), 8)
+    return 2 * (cols + 2 * (taps // 2)) * (4 * hp * elem + 16) + cols * (hp + 1) * 4 + pairs * 2 * 256 * 4
+
+
+@torch.compiler.assume_constant_result
+def row_fits(hid: int, width: int, taps: int, elem: int, device_index: int) -> bool:
+    """Whether the cuda row scans fit this GPU's shared memory per block (otherwise they raise); as diagonal_fits."""
+    return row_smem_bytes(hid, width, taps, elem) <= _smem_optin(device_index)
+
+
+def _smem_optin(device_index: int) -> int:
+    """Shared memory one block may opt in to on the GPU (device_index -1: the current one)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index < 0 else device_index)
+    return getattr(props, "shared_memory_per_block_optin", None) or _DEFAULT_SMEM_OPTIN
+
+
 @torch.compiler.assume_constant_result
 def diagonal_fits(hid: int, height: int, elem: int, device_index: int) -> bool:
     """Whether the cuda diagonal scans fit this GPU's shared memory per block (otherwise they raise, and auto picks
     the triton scans, which keep their state in registers and global memory). device_index -1: the current device.
     Evaluated eagerly under torch.compile (a constant of the trace), like gm._backend.resolve."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index < 0 else device_index)
-    limit = getattr(props, "shared_memory_per_block_optin", None) or _DEFAULT_SMEM_OPTIN
-    return diagonal_smem_bytes(hid, height, elem) <= limit
+    return diagonal_smem_bytes(hid, height, elem) <= _smem_optin(device_index)
 
 
 def _fragment_index(m: int, k: int, k_step: int) -> torch.Tensor:

@@ -276,6 +276,18 @@ def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
     return diagonal_fits(int(hid), height, gates.element_size(), -1 if index is None else index)
 
 
+def scan_backend(backend: str | None, t: torch.Tensor, hid: int) -> str:
+    """The backend diagonal_lstm runs on for gates like `t` (same device, dtype and image size; gm.nn.DiagonalBiLSTM's
+    one-node path passes its input): auto takes the backend a benchmark run measured fastest for diagonal_lstm in
+    that dtype on this GPU model (gm._backend.measured_pick) where the cuda scans can run, else the cuda
+    (tensor-core) scans where they run, the triton ones otherwise. On an H200 the DiagonalBiLSTM layer (N=32, h=64,
+    32x32) ran 5.86 / 4.71 ms fwd+bwd on cuda against 6.97 / 7.49 on triton (fp32 / bf16,
+    bench/results/2026-11-28_run3_nvidia-h200.jsonl), the Triton launches costing that host more than the kernels.
+    (cuda_auto_ok reads the GPU's properties: only asked when auto chooses.)"""
+    auto_cuda = backend is None and cuda_auto_ok(t, hid)
+    return resolve(backend, t.device, native_cpu=True, cuda_kernels=auto_cuda, op="diagonal_lstm", dtype=t.dtype)
+
+
 def diagonal_lstm(
     gates: torch.Tensor, w_ss: torch.Tensor, *, reverse: bool = False, backend: str | None = None
 ) -> torch.Tensor:
@@ -301,10 +313,5 @@ def diagonal_lstm(
         torch.Size([2, 16, 8, 8])
     """
     check_diagonal_lstm_args(gates, w_ss, reverse)
-    # Auto: the cuda (tensor-core) scans where they run, the triton ones otherwise. On an H200 the DiagonalBiLSTM
-    # layer (N=32, h=64, 32x32) ran 5.86 / 4.71 ms fwd+bwd on cuda against 6.97 / 7.49 on triton (fp32 / bf16,
-    # bench/results/2026-11-28_run3_nvidia-h200.jsonl), the Triton launches costing that host more than the kernels.
-    # (cuda_auto_ok reads the GPU's properties: only asked when auto chooses)
-    auto_cuda = backend is None and cuda_auto_ok(gates, w_ss.shape[1])
-    chosen = resolve(backend, gates.device, native_cpu=True, cuda_kernels=auto_cuda)
+    chosen = scan_backend(backend, gates, w_ss.shape[1])
     return _DIAGONAL_LSTM(gates, w_ss, reverse, chosen)[0]

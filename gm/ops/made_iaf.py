@@ -213,7 +213,7 @@ def made_iaf_step(
     check_choice("mode", mode, MODES)
     check_choice("activation", activation, _HIDDEN_ACTIVATIONS)
     chosen = resolve(backend, z.device, native_cpu=False, cuda_kernels=CUDA_READY and CUDA_FUSED_READY
-                     and z.dtype != torch.float64)  # fmt: skip
+                     and z.dtype != torch.float64, op="made_iaf_step", dtype=z.dtype)  # fmt: skip
     layers = len(weights)
     if eager_ok(z, context, *weights, *masks, *biases):
         if needs_grad(z, context, *weights, *biases):

@@ -380,6 +380,13 @@ def check_masked_conv_args(x, weight, bias, mask, in_groups, out_groups) -> None
     _check_groups("out_groups", out_groups, cout, x, "output")
 
 
+def conv_backend(backend: str | None, x: torch.Tensor) -> str:
+    """The backend masked_conv2d runs x on (the PixelRNN layers' one-node paths ask the same): auto takes the
+    backend a benchmark run measured fastest for masked_conv2d in x's dtype on this GPU model
+    (gm._backend.measured_pick), else cuda where gm._C has it."""
+    return resolve(backend, x.device, native_cpu=False, op="masked_conv2d", dtype=x.dtype)
+
+
 def masked_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -411,5 +418,5 @@ def masked_conv2d(
         torch.Size([2, 16, 8, 8])
     """
     check_masked_conv_args(x, weight, bias, mask, in_groups, out_groups)
-    chosen = resolve(backend, x.device, native_cpu=False)
+    chosen = conv_backend(backend, x)
     return _MASKED_CONV2D(x, weight, bias, mask, in_groups, out_groups, chosen)

@@ -617,7 +617,8 @@ def masked_linear(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have O={weight.shape[0]} entries, got {bias.shape[0]}")
-    chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64)
+    chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64,
+                     op="masked_linear", dtype=x.dtype)  # fmt: skip
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a same-shape reshape adds an autograd node)
     if chosen == "cpu" and eager_ok(x, weight, mask, bias):
         if needs_grad(x, weight, bias):

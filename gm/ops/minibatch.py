@@ -198,5 +198,5 @@ def minibatch_discrimination(m: torch.Tensor, *, exclude_self: bool = True, back
         torch.Size([64, 100])
     """
     check_minibatch_args(m)
-    chosen = resolve(backend, m.device, native_cpu=True)
+    chosen = resolve(backend, m.device, native_cpu=True, op="minibatch_discrimination", dtype=m.dtype)
     return _MINIBATCH(m, exclude_self, chosen)

@@ -23,7 +23,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
-from gm.ops._lstm_cuda import pack_weights, precision
+from gm.ops._lstm_cuda import pack_weights, precision, row_fits
 
 _OP = "gm::row_lstm"
 
@@ -273,12 +273,28 @@ def check_row_lstm_args(gates, w_ss, h0, c0) -> None:
         check_shape(name, t, (n, hidden, width), "(N, h, W) of gates")
 
 
-def scan_backend(backend: str | None, device: torch.device) -> str:
-    """The backend row_lstm runs on (gm.nn.RowLSTM's one-node path asks the same). Auto sends CUDA tensors to triton:
+def cuda_auto_ok(gates: torch.Tensor, taps: int) -> bool:
+    """Whether auto may pick the cuda scans for these gates: a CUDA tensor of a dtype they take (not float64) whose
+    hidden size and width fit the kernels' shared memory on its GPU, and whose image's saved state (5h x H x W) stays
+    below 2^31 elements (the kernels' 32-bit offsets)."""
+    if gates.device.type != "cuda" or gates.dtype == torch.float64:
+        return False
+    hid, height, width = int(gates.shape[1]) // 4, int(gates.shape[2]), int(gates.shape[3])
+    if 5 * hid * height * width >= 2**31:
+        return False
+    index = gates.device.index
+    return row_fits(hid, width, int(taps), gates.element_size(), -1 if index is None else index)
+
+
+def scan_backend(backend: str | None, gates: torch.Tensor, taps: int) -> str:
+    """The backend row_lstm runs on (gm.nn.RowLSTM's one-node path asks the same). Auto: the backend a benchmark run
+    measured fastest for row_lstm in the gates' dtype on this GPU model (gm._backend.measured_pick), else triton:
     its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an H200
-    (bench/results/2026-11-28_nvidia-h200.jsonl). The cuda scans are tensor-core kernels now, not yet timed against
-    them on a GPU: backend="cuda" runs them, and auto changes once a benchmark shows which is faster."""
-    return resolve(backend, device, native_cpu=True, cuda_kernels=False)
+    (bench/results/2026-11-28_nvidia-h200.jsonl); the cuda scans are tensor-core kernels now, not yet timed against
+    them. backend="cuda" runs them."""
+    auto_cuda = backend is None and cuda_auto_ok(gates, taps)
+    return resolve(backend, gates.device, native_cpu=True, cuda_kernels=auto_cuda, prefer="triton", op="row_lstm",
+                   dtype=gates.dtype)  # fmt: skip
 
 
 def row_lstm(
@@ -309,7 +325,7 @@ def row_lstm(
         torch.Size([2, 8, 5, 6])
     """
     check_row_lstm_args(gates, w_ss, h0, c0)
-    chosen = scan_backend(backend, gates.device)
+    chosen = scan_backend(backend, gates, w_ss.shape[2])
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
