@@ -256,16 +256,28 @@ def test_pixelrnn_layer(gemm, layer):
         _check(f"d{name}", p.grad, p_ref.grad, torch.bfloat16)
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, monkeypatch):
+@pytest.mark.parametrize("channels_last_node", [True, False], ids=["channels-last node", "converting node"])
+@pytest.mark.parametrize(("residual", "dtype", "x_format"), [
+    (True, torch.bfloat16, torch.contiguous_format), (False, torch.bfloat16, torch.contiguous_format),
+    (True, torch.float32, torch.channels_last), (False, torch.float32, torch.channels_last),
+])  # fmt: skip
+def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_format, channels_last_node, monkeypatch):
     """DiagonalBiLSTM's one-node path (gm.nn.diagonal_lstm.FUSED_LAYER) on backend="cuda" gives the bits of the
-    composed ops: output and every gradient."""
+    composed ops, output and every gradient in the same memory format: both the channels-last node (the scans
+    reading and writing their halves of the layer's (N, H, W, 8h) gates and gate gradients in place, the weight
+    gradient reading them channels-last) and the one that converts around each scan (CHANNELS_LAST=False). The
+    input conv's bias gradient, a sum over the gate gradients in another layout (another order), to rounding."""
     from gm.nn import diagonal_lstm as dl  # noqa: PLC0415
     from tests.nn.test_diagonal_lstm import fused_and_composed  # noqa: PLC0415
 
+    monkeypatch.setattr(dl, "CHANNELS_LAST", channels_last_node)
     torch.manual_seed(0)
-    layer = gm.nn.DiagonalBiLSTM(6, 9, colors=3, residual=residual, backend="cuda").to(torch.bfloat16)
-    fused_and_composed(layer, torch.randn(2, 6, 5, 7).to(torch.bfloat16), monkeypatch, dl)
+    layer = gm.nn.DiagonalBiLSTM(6, 9, colors=3, residual=residual, backend="cuda").to(dtype)
+    x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=x_format)
+    node = "_FusedBiLSTMChannelsLast" if channels_last_node else "_FusedBiLSTM"
+    # the input conv's bias gradient sums the gate gradients, channels-last here and NCHW in the composed ops
+    summed = ("input_to_state.bias",) if channels_last_node else ()
+    fused_and_composed(layer, x, monkeypatch, dl, node, summed)
 
 
 @pytest.mark.parametrize("residual", [True, False])

@@ -234,6 +234,8 @@ struct WgradArgs {
   int64_t n;
   int hid, height, width, taps, kind, dir;  // dir: k/2 for kind 0; +1 / -1 (reverse / not) for kind 1
   int64_t per_split;
+  // Channels-last operands (launch_wgrad's nhwc): elements from one pixel's dz (resp. src) to the next's.
+  int dz_stride, src_stride;
 };
 
 __device__ __forceinline__ void wgrad_tap(const WgradArgs& a, int t, int& dr, int& dc) {
@@ -251,7 +253,11 @@ constexpr size_t wgrad_smem_bytes() {
   return 2 * 64 * (32 * sizeof(T) + 16);
 }
 
-template <typename T, typename S, Precision P, bool kInit>
+// kNhwc: dz and src channels-last, (N, H, W, *) with pixel strides a.dz_stride and a.src_stride (the Diagonal
+// BiLSTM's channels-last path: dz a direction's half of the layer's (N, H, W, 8h) gate gradients); else NCHW. Each
+// thread then gathers 16 consecutive channels of its pixel (rows 16 rg .. 16 rg + 15 of the tiles) instead of every
+// fourth: the same tiles in shared memory, so the MMAs and the sums are the NCHW variant's.
+template <typename T, typename S, Precision P, bool kInit, bool kNhwc = false>
 __global__ void __launch_bounds__(128, 3)
     lstm_wgrad_tc(const T* __restrict__ dz, const S* __restrict__ src, const T* __restrict__ init,
                   float* __restrict__ dw, WgradArgs a) {
@@ -292,6 +298,20 @@ __global__ void __launch_bounds__(128, 3)
     const int rr = r + dr, ww = w + dc;
     const bool in = ok && ww >= 0 && ww < a.width && rr < a.height;
     const bool from_src = in && rr >= 0;
+    if constexpr (kNhwc) {
+      const T* dz_p = dz + (n * hw + pix) * a.dz_stride;
+      const S* src_p = src + (n * hw + (from_src ? int64_t(rr) * a.width + ww : 0)) * a.src_stride;
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        const int o = o0 + kRowsPerThread * rg + k, i = i0 + kRowsPerThread * rg + k;
+        const bool take_a = ok && o < m_rows, take_b = from_src && i < a.hid;
+        const float x = mma::to_float(dz_p[take_a ? o : 0]);
+        const float y = float(src_p[take_b ? i : 0]);
+        va[k] = take_a ? x : 0.f;
+        vb[k] = take_b ? y : 0.f;
+      }
+      return;
+    }
     const T* dz_n = dz + n * m_rows * hw + pix;
     const S* src_n = src + n * a.hid * hw + (from_src ? int64_t(rr) * a.width + ww : 0);
 #pragma unroll
@@ -318,7 +338,7 @@ __global__ void __launch_bounds__(128, 3)
   for (int64_t p0 = start; p0 < end; p0 += kBP) {
 #pragma unroll
     for (int k = 0; k < kRowsPerThread; ++k) {
-      const int row = rg + 4 * k;
+      const int row = kNhwc ? kRowsPerThread * rg + k : rg + 4 * k;
       *reinterpret_cast<T*>(a_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(va[k]);
       *reinterpret_cast<T*>(b_s + row * kRow + c * int(sizeof(T))) = mma::from_float<T>(vb[k]);
     }
@@ -351,7 +371,8 @@ __global__ void __launch_bounds__(128, 3)
 // Launch: dw zeroed, pixel splits sized to fill 3 blocks per SM (132 SMs assumed for the split count only; the
 // kernel is bounded to 168 registers a thread for 3 resident blocks), at least 256 pixels each.
 template <typename T, typename S, Precision P>
-void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream) {
+void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream,
+                  bool nhwc = false) {
   const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
   GM_CUDA_CHECK(cudaMemsetAsync(dw, 0, sizeof(float) * m_rows * q_cols, stream));
   const int64_t pixels = a.n * a.height * a.width;
@@ -363,7 +384,10 @@ void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs
   a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
   const dim3 grid(static_cast<unsigned>(x_tiles), static_cast<unsigned>((m_rows + 63) / 64),
                   static_cast<unsigned>((pixels + a.per_split - 1) / a.per_split));
-  if (init != nullptr)
+  if (nhwc) {
+    if (init != nullptr) throw std::invalid_argument("gm lstm_wgrad_tc: channels-last operands take no initial state");
+    lstm_wgrad_tc<T, S, P, false, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
+  } else if (init != nullptr)
     lstm_wgrad_tc<T, S, P, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
   else
     lstm_wgrad_tc<T, S, P, false><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);

@@ -74,15 +74,19 @@ void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* y, const 
 // [w_up^T | w_left^T] (hp x 8hp), in m16 x k-step fragment order (gm/ops/diagonal_lstm.py packs them);
 // precision: common/precision.h (float32 only). One block per batch element.
 void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
-                  int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
-                  std::uintptr_t stream);
+                  int64_t hid, int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype,
+                  int precision, std::uintptr_t stream);
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
-                   int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
-                   std::uintptr_t stream);
-// dw_ss (4h, h, 2) float32 = sum over pixels of dgates (x) (y above, y left in scan order); dgates and y NCHW in
-// `dtype`, on tensor cores (common/lstm_scan_tc.cuh).
+                   int64_t hid, int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype,
+                   int precision, std::uintptr_t stream);
+// gate_stride: elements from one pixel's gates (forward) or gate gradients (backward) to the next's, 4h for a
+// direction's own tensor, 8h for its half of a DiagonalBiLSTM's (N, H, W, 8h) one (the pointer then at its half).
+// dw_ss (4h, h, 2) float32 = sum over pixels of dgates (x) (y above, y left in scan order) in `dtype`, on tensor
+// cores (common/lstm_scan_tc.cuh): gate_stride 0, dgates and y NCHW; else both channels-last, dgates' pixels
+// gate_stride apart.
 void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
-                      int64_t height, int64_t width, bool reverse, int dtype, int precision, std::uintptr_t stream);
+                      int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype, int precision,
+                      std::uintptr_t stream);
 #endif
 
 }  // namespace diagonal_lstm

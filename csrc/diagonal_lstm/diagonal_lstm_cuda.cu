@@ -49,6 +49,8 @@ using mma::to_float;
 struct Geometry {
   int hid, hp, height, width, chunks;  // chunks: 32-row groups of image rows
   bool reverse;
+  int gs;  // elements from one pixel's gates (forward) or gate gradients (backward) to the next: 4h, or 8h where
+           // both directions' halves share one (N, H, W, 8h) tensor (gm.nn.DiagonalBiLSTM's channels-last path)
   __device__ int rows() const { return kItemRows * chunks; }
   __device__ bool inside(int i, int t) const { return i < height && t - i >= 0 && t - i < width; }
   // Pixel of (row i, step t) inside the image, 32-bit: every per-image offset fits (checked at launch), and 64-bit
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   __syncthreads();
 
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * g.width;
-  const T* gates_n = gates + n * hw * 4 * hid;
+  const T* gates_n = gates + n * hw * g.gs;
   T* y_n = y + n * hw * hid;
   float* st_n = state + n * hw * 5 * hid;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         for (int e = 0; e < 2; ++e) {
           const int i = row0 + 8 * j + 2 * tq + e;
           const bool in = real && g.inside(i, t);
-          const T* at = gates_n + (in ? g.pix(i, t) * 4 * hid + unit : 0);
+          const T* at = gates_n + (in ? g.pix(i, t) * g.gs + unit : 0);
 #pragma unroll
           for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid)) : 0.f;  // read once
         }
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * g.width;
   const T* dy_n = dy + n * hw * hid;
   const float* st_n = state + n * hw * 5 * hid;
-  T* dg_n = dgates + n * hw * 4 * hid;
+  T* dg_n = dgates + n * hw * g.gs;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int pair = warp >> 1, kh = warp & 1;  // kh: this warp's half of the k-steps, and its rows (j = 2 kh, 2 kh + 1)
   const int gq = lane >> 2, tq = lane & 3;
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               float da[4] = {0.f, 0.f, 0.f, 0.f}, dc_pass = 0.f;
               if (unit < hid && g.inside(i, t)) {
                 dc_pass = lstm_tc::cell_backward<T>(in[half][jj][e], dh_acc[jj][2 * half + e], *dc_at, da);
-                T* dg = dg_n + g.pix(i, t) * 4 * hid + unit;
+                T* dg = dg_n + g.pix(i, t) * g.gs + unit;
 #pragma unroll
                 for (int q = 0; q < 4; ++q) dg[q * hid] = from_float<T>(da[q]);
               }
@@ -238,14 +240,19 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // ---------------------------------------------------------------------------------------------------------------
 // Launch.
 
-Geometry make_geometry(int64_t hid, int64_t height, int64_t width, bool reverse) {
+Geometry make_geometry(int64_t hid, int64_t height, int64_t width, bool reverse, int64_t gate_stride) {
   if (5 * hid * height * width >= (int64_t(1) << 31))
     throw std::invalid_argument("gm diagonal_lstm (cuda): an image's saved state (5h x H x W = " +
                                 std::to_string(5 * hid * height * width) +
                                 " elements) must stay below 2^31 for the kernels' 32-bit offsets: use the triton backend");
+  if (gate_stride < 4 * hid || gate_stride * height * width >= (int64_t(1) << 31))
+    throw std::invalid_argument("gm diagonal_lstm (cuda): gate_stride must be at least 4h = " + std::to_string(4 * hid) +
+                                " and an image's gates (gate_stride x H x W) below 2^31 elements, got " +
+                                std::to_string(gate_stride));
   const int hp = static_cast<int>((hid + 15) / 16 * 16);
   const int chunks = static_cast<int>((height + kItemRows - 1) / kItemRows);
-  return Geometry{static_cast<int>(hid), hp, static_cast<int>(height), static_cast<int>(width), chunks, reverse};
+  return Geometry{static_cast<int>(hid), hp, static_cast<int>(height), static_cast<int>(width), chunks, reverse,
+                  static_cast<int>(gate_stride)};
 }
 
 size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
@@ -273,10 +280,10 @@ struct Forward {
 
 template <typename T, Precision P>
 struct WeightGrad {
-  static void run(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, Geometry g,
+  static void run(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, Geometry g, bool nhwc,
                   cudaStream_t stream) {
-    const lstm_tc::WgradArgs wa{n, g.hid, g.height, g.width, 2, 1, g.reverse ? 1 : -1, 0};
-    lstm_tc::launch_wgrad<T, T, P>(ptr<const T>(dgates), ptr<const T>(y), nullptr, ptr<float>(dw), wa, stream);
+    const lstm_tc::WgradArgs wa{n, g.hid, g.height, g.width, 2, 1, g.reverse ? 1 : -1, 0, g.gs, g.hid};
+    lstm_tc::launch_wgrad<T, T, P>(ptr<const T>(dgates), ptr<const T>(y), nullptr, ptr<float>(dw), wa, stream, nhwc);
   }
 };
 
@@ -296,23 +303,26 @@ struct Backward {
 }  // namespace
 
 void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t y, std::uintptr_t state, int64_t n,
-                  int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
-                  std::uintptr_t stream) {
+                  int64_t hid, int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype,
+                  int precision, std::uintptr_t stream) {
   lstm_tc::dispatch<Forward>("diagonal_lstm", dtype, precision, gates, a_pack, y, state, n,
-                             make_geometry(hid, height, width, reverse), to_stream(stream));
+                             make_geometry(hid, height, width, reverse, gate_stride), to_stream(stream));
 }
 
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t state, std::uintptr_t dgates, int64_t n,
-                   int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int precision,
-                   std::uintptr_t stream) {
+                   int64_t hid, int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype,
+                   int precision, std::uintptr_t stream) {
   lstm_tc::dispatch<Backward>("diagonal_lstm", dtype, precision, dy, a_pack, state, dgates, n,
-                              make_geometry(hid, height, width, reverse), to_stream(stream));
+                              make_geometry(hid, height, width, reverse, gate_stride), to_stream(stream));
 }
 
 void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
-                      int64_t height, int64_t width, bool reverse, int dtype, int precision, std::uintptr_t stream) {
+                      int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype, int precision,
+                      std::uintptr_t stream) {
+  // gate_stride 0: dgates and y NCHW; else channels-last, dgates' pixels gate_stride apart and y's h.
   lstm_tc::dispatch<WeightGrad>("diagonal_lstm", dtype, precision, dgates, y, dw, n,
-                                make_geometry(hid, height, width, reverse), to_stream(stream));
+                                make_geometry(hid, height, width, reverse, gate_stride > 0 ? gate_stride : 4 * hid),
+                                gate_stride > 0, to_stream(stream));
 }
 
 }  // namespace diagonal_lstm

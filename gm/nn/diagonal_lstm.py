@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from gm._checks import check_choice
+from gm._memory_format import format_of
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
 from gm.ops.diagonal_lstm import diagonal_lstm, scan_backend
@@ -78,6 +79,8 @@ def both_directions(gates, w_ss, gates_rev, w_ss_rev, backend=None) -> tuple[tor
 
 # False: always the composed path.
 FUSED_LAYER = True
+# False: the one-node path on cuda converts layouts around each scan as the composed ops do (_FusedBiLSTM).
+CHANNELS_LAST = True
 
 
 def _conv_impl():
@@ -150,6 +153,95 @@ class _FusedBiLSTM(torch.autograd.Function):
             if need_x:
                 dx = dx_in if w_out is None else grad + dx_in
         db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
+        return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
+                dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
+
+
+def _channels_last_scans():
+    from gm.ops.diagonal_lstm import cuda_backward_channels_last, cuda_forward_channels_last  # noqa: PLC0415
+
+    return cuda_forward_channels_last, cuda_backward_channels_last
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) as a contiguous (N, H, W, C) tensor: t's storage when it is channels-last, else one tiled
+    transpose (gm.ops._lstm_cuda.to_nhwc)."""
+    from gm.ops._lstm_cuda import to_nhwc  # noqa: PLC0415
+
+    return to_nhwc(t)
+
+
+class _FusedBiLSTMChannelsLast(torch.autograd.Function):
+    """_FusedBiLSTM where both convs and both scans run on cuda, channels-last throughout: the input conv writes
+    (N, H, W, 8h) gates, each scan reads its half of them in place (the kernels take the pixel stride 8h) and writes
+    y as (N, H, W, h); the backward scans write their halves of one (N, H, W, 8h) gate gradient, which the weight
+    gradient reads as it is and the input conv's backward takes as a channels-last tensor. The composed path
+    converts each scan's gates, y, dy and dgates between layouts (eight transposes per layer and pass pair) and
+    concatenates the two directions' gate gradients; here x (when NCHW) and the incoming gradient are converted
+    once each. The same kernels on the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py)
+    but for the input conv's bias gradient, a sum over channels-last gate gradients (another order than NCHW's);
+    outputs and gradients in the composed ops' memory formats."""
+
+    @staticmethod
+    def forward(ctx, spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out):
+        (gi, go, ogi, ogo), _, _ = spec
+        conv, _ = _conv_impl()
+        scan, _ = _channels_last_scans()
+        xc = _nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        g8 = conv(xc, w_in, b_in, "B", gi, go, "cuda").permute(0, 2, 3, 1)  # (N, H, W, 8h)
+        g4 = g8.shape[3] // 2
+        forward = partial(scan, g8[..., :g4], w_ss, False)
+        reverse = partial(scan, g8[..., g4:], w_ss_rev, True)
+        if _concurrent(x):  # as both_directions: the reverse scan on a side stream
+            (y_f, s_f), (y_r, s_r) = _two_streams(x.device, forward, reverse, (g8, w_ss_rev))
+        else:
+            (y_f, s_f), (y_r, s_r) = forward(), reverse()
+        h = y_f + F.pad(y_r, (0, 0, 0, 0, 1, -1))  # (N, H, W, h): shift_down of the reverse output
+        hv = h.permute(0, 3, 1, 2)
+        if w_out is None:  # NCHW, as the composed ops return h (their scans' outputs are NCHW)
+            out = hv.contiguous()
+        else:
+            out = x + conv(hv, w_out, b_out, "B", ogi, ogo, "cuda")
+        ctx.spec = spec
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.x_format = format_of(x)
+        ctx.save_for_backward(xc, w_in, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (gi, go, ogi, ogo), _, _ = ctx.spec
+        _, conv_bwd = _conv_impl()
+        _, scan_bwd = _channels_last_scans()
+        xc, w_in, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out = ctx.saved_tensors
+        _, need_x, need_w_in, need_b_in, need_ss, need_ss_rev, need_w_out, need_b_out = ctx.needs_input_grad
+        need_b_in, need_b_out = need_b_in and ctx.has_bias[0], need_b_out and ctx.has_bias[1]
+        dx = dw_in = db_in = dw_out = db_out = None
+        grad_nhwc = _nhwc(grad.to(h.dtype))
+        if w_out is None:
+            dh = grad_nhwc
+        else:
+            dhv, dw_out = conv_bwd(grad_nhwc.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), w_out, "B", ogi, ogo,
+                                   "cuda", True, need_w_out)  # fmt: skip
+            dh = dhv.permute(0, 2, 3, 1)  # channels-last, as its input h
+            dw_out = dw_out if need_w_out else None
+            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+        dy_r = F.pad(dh, (0, 0, 0, 0, -1, 1))  # shift_down's backward
+        n, height, width, hid = h.shape
+        dg8 = torch.empty(n, height, width, 8 * hid, dtype=h.dtype, device=h.device)
+        forward = partial(scan_bwd, dh, dg8[..., : 4 * hid], w_ss, y_f, s_f, False)
+        reverse = partial(scan_bwd, dy_r, dg8[..., 4 * hid :], w_ss_rev, y_r, s_r, True)
+        if _concurrent(xc):  # the forward's y_r and s_r live on the side stream already
+            dw_ss, dw_ss_rev = _two_streams(xc.device, forward, reverse, (dy_r, dg8))
+        else:
+            dw_ss, dw_ss_rev = forward(), reverse()
+        dgv = dg8.permute(0, 3, 1, 2)  # (N, 8h, H, W) channels-last
+        if need_x or need_w_in:
+            dx_in, dw_in = conv_bwd(dgv, xc, w_in, "B", gi, go, "cuda", need_x, need_w_in)
+            if need_x:
+                dx = dx_in.contiguous(memory_format=ctx.x_format) if w_out is None else grad + dx_in
+        db_in = dgv.sum(dim=(0, 2, 3)) if need_b_in else None
         return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
                 dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
 
@@ -238,8 +330,11 @@ class DiagonalBiLSTM(nn.Module):
         if conv_out is not None:
             groups = groups[:2] + (conv_out.in_groups, conv_out.out_groups)
             w_out, b_out = conv_out.weight, conv_out.bias
-        return _FusedBiLSTM.apply((groups, conv_b, scan_b), x, conv_in.weight, conv_in.bias, self.w_ss, self.w_ss_rev,
-                                  w_out, b_out)  # fmt: skip
+        # Both on cuda (and an image to scan): the channels-last node, else the one that calls the ops' implementations.
+        channels_last = CHANNELS_LAST and conv_b == scan_b == "cuda" and x.numel() > 0
+        node = _FusedBiLSTMChannelsLast if channels_last else _FusedBiLSTM
+        return node.apply((groups, conv_b, scan_b), x, conv_in.weight, conv_in.bias, self.w_ss, self.w_ss_rev, w_out,
+                          b_out)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.hidden}, colors={self.colors}, residual={self.output is not None}"

@@ -116,21 +116,54 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
     return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 
-def _cuda_forward(gates, w_ss, reverse):
+def _pixel_stride(t: torch.Tensor, name: str) -> int:
+    """The pixel stride of an (N, H, W, C) tensor whose channels are contiguous and whose pixels are evenly spaced
+    (a dense tensor, or a channel slice of one): what the cuda scans take as gate_stride."""
+    n, height, width, c = t.shape
+    s = t.stride()
+    gs = s[2] if width > 1 else s[1] if height > 1 else s[0] if n > 1 else c  # a size-1 dim may have any stride
+    if (s[3] != 1 or gs < c or (width > 1 and s[2] != gs) or (height > 1 and s[1] != width * gs)
+            or (n > 1 and s[0] != height * width * gs)):  # fmt: skip
+        raise ValueError(f"{name} must be channels-last with evenly spaced pixels, got strides {s} for shape "
+                         f"{tuple(t.shape)}")  # fmt: skip
+    return gs
+
+
+def _scan_forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, stream: int):
+    """(y (N, H, W, h), state (N, H, W, 5h) float32) of the cuda scan on channels-last gates (N, H, W, 4h), whose
+    pixels may lie further apart than 4h (a direction's half of the layer's (N, H, W, 8h) conv output), under the
+    caller's device guard, on `stream`."""
     prec = precision(gates.dtype, "diagonal_lstm")
-    n, g4, height, width = gates.shape
+    n, height, width, g4 = gates.shape
     hid = g4 // 4
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=torch.float32, device=gates.device)
     # held until the launch is queued; the backward's form is kept for the backward
     a_pack, _ = pack_weights(w_ss, gates.dtype, fresh=True)
+    ext().diagonal_lstm_forward_cuda(
+        gates.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
+        n, hid, height, width, reverse, _pixel_stride(gates, "gates"), dtype_code(gates), prec, stream,
+    )  # fmt: skip
+    return y, state
+
+
+def _scan_backward(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, state, stream: int):
+    """The cuda backward scan: dgates (N, H, W, 4h), channels-last with pixels possibly further apart (as
+    _scan_forward's gates), written from dy (N, H, W, h) contiguous and the forward's state."""
+    _, a_pack = pack_weights(w_ss, dgates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
+    n, height, width, g4 = dgates.shape
+    ext().diagonal_lstm_backward_cuda(
+        dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
+        n, g4 // 4, height, width, reverse, _pixel_stride(dgates, "dgates"), dtype_code(dgates),
+        precision(dgates.dtype, "diagonal_lstm"), stream,
+    )  # fmt: skip
+
+
+def _cuda_forward(gates, w_ss, reverse):
     with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU, all on one stream
         stream = stream_of(gates)
-        gates_cl = to_nhwc(gates, stream)  # no copy when the producer wrote channels-last
-        ext().diagonal_lstm_forward_cuda(
-            gates_cl.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
-            n, hid, height, width, reverse, dtype_code(gates), prec, stream,
-        )  # fmt: skip
+        # no copy when the producer wrote channels-last
+        y, state = _scan_forward(to_nhwc(gates, stream), w_ss, reverse, stream)
         y = to_nchw(y, stream)  # NCHW (the op's output), by the tiled transpose
     return y, state.permute(0, 3, 1, 2)
 
@@ -139,23 +172,44 @@ def _cuda_backward(grad, gates, w_ss, y, state, reverse):
     prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
     hid = g4 // 4
-    code = dtype_code(gates)
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
-    _, a_pack = pack_weights(w_ss, gates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
     y = y.contiguous()
     with device_guard(gates):
         stream = stream_of(gates)
-        dy = to_nhwc(grad.to(gates.dtype), stream)
-        ext().diagonal_lstm_backward_cuda(
-            dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
-            n, hid, height, width, reverse, code, prec, stream,
-        )  # fmt: skip
+        _scan_backward(to_nhwc(grad.to(gates.dtype), stream), dgates, w_ss, reverse, state.permute(0, 2, 3, 1),
+                       stream)  # fmt: skip
         dgates = to_nchw(dgates, stream)  # NCHW, as the op returns it and the weight gradient reads it
         ext().diagonal_lstm_weight_grad_cuda(
-            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, hid, height, width, reverse, code, prec, stream
-        )
+            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, hid, height, width, reverse, 0, dtype_code(gates),
+            prec, stream,
+        )  # fmt: skip
     return dgates, dw.to(w_ss.dtype)
+
+
+def cuda_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool):
+    """The cuda scan on channels-last gates (N, H, W, 4h), their pixels possibly further apart than 4h: (y (N, H, W,
+    h), state (N, H, W, 5h) float32). gm.nn.DiagonalBiLSTM's one-node path passes each direction's half of its
+    input conv's (N, H, W, 8h) output as it is, and keeps y channels-last: no layout conversion."""
+    with device_guard(gates):
+        return _scan_forward(gates, w_ss, reverse, stream_of(gates))
+
+
+def cuda_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor,
+                                state: torch.Tensor, reverse: bool) -> torch.Tensor:  # fmt: skip
+    """The backward of cuda_forward_channels_last: writes dgates (N, H, W, 4h) (channels-last, pixels possibly
+    further apart: a direction's half of the layer's (N, H, W, 8h) gate gradients) from dy and y (N, H, W, h)
+    contiguous, and returns dw_ss in w_ss's dtype from them (the weight gradient reading channels-last operands)."""
+    n, height, width, g4 = dgates.shape
+    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=dgates.device)
+    with device_guard(dgates):
+        stream = stream_of(dgates)
+        _scan_backward(dy.contiguous(), dgates, w_ss, reverse, state, stream)
+        ext().diagonal_lstm_weight_grad_cuda(
+            dgates.data_ptr(), y.contiguous().data_ptr(), dw.data_ptr(), n, g4 // 4, height, width, reverse,
+            _pixel_stride(dgates, "dgates"), dtype_code(dgates), precision(dgates.dtype, "diagonal_lstm"), stream,
+        )  # fmt: skip
+    return dw.to(w_ss.dtype)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gm._memory_format import format_of
+
 from gm.nn import DiagonalBiLSTM, DiagonalLSTM, color_groups
 from gm.reference.diagonal_lstm import diagonal_bilstm
 from gm.reference.diagonal_lstm import diagonal_lstm as reference_scan
@@ -119,11 +121,14 @@ def test_gpu_bilstm_concurrent_directions_equal_sequential(backend, monkeypatch)
     assert_rel(runs[0][0], _reference_layer(layer.double(), x.double()), torch.float32, "y", torch.device("cuda"))
 
 
-def fused_and_composed(layer, x, monkeypatch, module) -> None:
+def fused_and_composed(layer, x, monkeypatch, module, node: str = "_FusedBiLSTM", summed=()) -> None:
     """The layer's one-node path (module.FUSED_LAYER) against its composed ops on the same input: output and every
-    gradient bit for bit, for every subset of wanted gradients tried (all; x alone; the weights alone), and the
-    one-node path is the one that ran."""
-    params = list(layer.parameters())
+    gradient bit for bit and in the same memory format, for every subset of wanted gradients tried (all; x alone;
+    the weights alone), and the one-node path (the autograd Function `node`) is the one that ran. `summed`: the
+    parameters whose gradient is a sum that the one-node path takes over another memory layout (so in another
+    order): compared to float rounding (torch.testing's tolerance for the dtype) instead of bit for bit."""
+    named = list(layer.named_parameters())
+    params = [p for _, p in named]
     gy = None
     for wanted in ("all", "x", "params"):
         runs = {}
@@ -133,12 +138,17 @@ def fused_and_composed(layer, x, monkeypatch, module) -> None:
             for p in params:
                 p.requires_grad_(wanted != "x")
             y = layer(xx)
-            assert (type(y.grad_fn).__name__ == "_FusedBiLSTMBackward") == fused
+            assert (type(y.grad_fn).__name__ == f"{node}Backward") == fused, type(y.grad_fn).__name__
             gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y) if gy is None else gy
             leaves = ([xx] if wanted != "params" else []) + (params if wanted != "x" else [])
             runs[fused] = [y.detach(), *torch.autograd.grad(y, leaves, gy)]
-        for a, b in zip(runs[True], runs[False], strict=True):
-            assert torch.equal(a, b), wanted
+        names = ["y"] + (["x"] if wanted != "params" else []) + ([n for n, _ in named] if wanted != "x" else [])
+        for name, a, b in zip(names, runs[True], runs[False], strict=True):
+            if name in summed:
+                torch.testing.assert_close(a, b, msg=f"{wanted}: {name}")
+            else:
+                assert torch.equal(a, b), f"{wanted}: {name}"
+            assert a.dim() != 4 or format_of(a) == format_of(b), (wanted, a.stride(), b.stride())
     for p in params:
         p.requires_grad_(True)
 
