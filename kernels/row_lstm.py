@@ -256,63 +256,73 @@ def row_lstm_bwd_kernel(
 @triton.jit
 def row_lstm_wgrad_kernel(
     dg_ptr, hs_ptr, h0_ptr, dw_ptr,
-    N, HID, H, W,
-    K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    N, HID, H: tl.constexpr, W: tl.constexpr,
+    K: tl.constexpr, HAS_H0: tl.constexpr, WIDE: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr = 0,
 ):  # fmt: skip
-    """partial[split] (4h, h*k) = sum over the split's pixels of dz[o, p] * B[p, j*k + t], B[p, j*k + t] = the
-    state h[j] at tap t's neighbour of pixel p = (r, w), zero outside the image (or h0 above row 0 when HAS_H0):
+    """partial[split] (4h, h, k): [o, j, t] = sum over the split's pixels of dz[o, p] * h[j] at tap t's neighbour of
+    pixel p = (r, w), zero outside the image (or h0 above row 0 when HAS_H0):
       TAPS=0 (Row LSTM): the previous row, column w + t - k//2;
       TAPS=1 / 2 (Diagonal LSTM, k=2, forward / reverse scan): t=0 the pixel above, t=1 the pixel to the left
       (to the right for the reverse scan).
-    An item is one image's block of BLOCK_P pixels; split s of the S = grid z splits takes items s, s + S, ...
-    (the launcher picks S per config, from its tiles and items)."""
-    pid_o = tl.program_id(0).to(tl.int64)
-    pid_j = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-    HK = HID * K
-    plane = H * W
-    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
-    jt = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    A program owns one tap and BLOCK_J state units (grid y = K * cdiv(h, BLOCK_J)), so the neighbour is one shift of
+    the pixel index for its whole tile: the B tile is a plain (pixel, unit) block of hs, contiguous along pixels, and
+    only the in-image test depends on the pixel (H, W constexprs: multiply-shifts). The earlier tiles mixed taps
+    along their columns, so every element had its own address and test: 563 SASS instructions per k-step of 2 MMAs
+    (sm_90, Triton 3.6, bf16, k=3). An item is one image's block of BLOCK_P pixels; split s of the S = grid z splits
+    takes items s, s + S, ... (the launcher picks S per config). Offsets within an image are int32 unless WIDE."""
+    pid_o = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    split = tl.program_id(2)
+    j_blocks = tl.cdiv(HID, BLOCK_J)
+    t = pid_j // j_blocks
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    j = (pid_j - t * j_blocks) * BLOCK_J + tl.arange(0, BLOCK_J)
     o_ok = o < 4 * HID
-    jt_ok = jt < HK
-    j = jt // K
-    t = (jt % K).to(tl.int32)
+    j_ok = j < HID
     if TAPS == 0:
-        dr = tl.full((BLOCK_J,), -1, tl.int32)
+        dr = -1
         dx = t - K // 2
     else:
         dr = tl.where(t == 0, -1, 0)
         dx = tl.where(t == 0, 0, -1 if TAPS == 1 else 1)
-    chunks = tl.cdiv(plane, BLOCK_P)
+    plane: tl.constexpr = H * W
+    chunks: tl.constexpr = (plane + BLOCK_P - 1) // BLOCK_P
+    if WIDE:
+        o_off = o.to(tl.int64) * plane
+        j_off = j.to(tl.int64) * plane
+    else:
+        o_off = o * plane
+        j_off = j * plane
     acc = tl.zeros((BLOCK_O, BLOCK_J), dtype=ACC)
     for item in range(split, N * chunks, tl.num_programs(2)):
         n = item // chunks
-        p = (item % chunks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        p = (item - n * chunks) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < plane
         dz = tl.load(
-            dg_ptr + (n * 4 * HID + o[:, None]) * plane + p[None, :],
+            dg_ptr + n.to(tl.int64) * 4 * HID * plane + (o_off[:, None] + p[None, :]),
             mask=o_ok[:, None] & p_ok[None, :],
             other=0.0,
         ).to(DOT)
-        pi = p.to(tl.int32)  # in-image pixel: int32 (H*W < 2**31)
-        r = pi // W
-        x = (pi - r * W)[:, None] + dx[None, :]  # (BLOCK_P, BLOCK_J) source column
-        ok = (p_ok[:, None] & jt_ok[None, :]) & ((x >= 0) & (x < W))
+        r = p // W
+        x = p - r * W + dx
+        ok = p_ok & (x.to(tl.uint32, bitcast=True) < W)
+        src = p + (dr * W + dx)
         hp = tl.load(
-            hs_ptr + (n * HID + j[None, :]) * plane + (pi[:, None] + (dr * W + dx)[None, :]),
-            mask=ok & ((r[:, None] + dr[None, :]) >= 0),
+            hs_ptr + n.to(tl.int64) * HID * plane + (j_off[None, :] + src[:, None]),
+            mask=(ok & (r + dr >= 0))[:, None] & j_ok[None, :],
             other=0.0,
         ).to(ACC)
-        if HAS_H0:
+        if HAS_H0:  # row -1 (TAPS=0): the initial state
             hp += tl.load(
-                h0_ptr + (n * HID + j[None, :]) * W + x,
-                mask=ok & (r == 0)[:, None],
+                h0_ptr + n.to(tl.int64) * HID * W + (j[None, :] * W + x[:, None]),
+                mask=(ok & (r == 0))[:, None] & j_ok[None, :],
                 other=0.0,
             ).to(ACC)
         acc = tl.dot(dz, hp.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    out = dw_ptr + (split * 4 * HID + o[:, None]) * HK + jt[None, :]
-    tl.store(out, acc, mask=o_ok[:, None] & jt_ok[None, :])
+    out = dw_ptr + ((split * 4 * HID + o[:, None]).to(tl.int64) * HID + j[None, :]) * K + t
+    tl.store(out, acc, mask=o_ok[:, None] & j_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,7 +440,7 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
     elem = dgates.element_size()
 
     def splits_for(meta):
-        tiles = triton.cdiv(four_h, meta["BLOCK_O"]) * triton.cdiv(hidden * k, meta["BLOCK_J"])
+        tiles = triton.cdiv(four_h, meta["BLOCK_O"]) * k * triton.cdiv(hidden, meta["BLOCK_J"])
         return _num_splits(tiles, n * triton.cdiv(height * width, meta["BLOCK_P"]), elem)
 
     # The split count follows the launched config (the autotuner calls grid() for every config it times, the chosen
@@ -441,12 +451,13 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
 
     def grid(meta):
         launched["splits"] = splits_for(meta)
-        return (triton.cdiv(four_h, meta["BLOCK_O"]), triton.cdiv(hidden * k, meta["BLOCK_J"]), launched["splits"])
+        return (triton.cdiv(four_h, meta["BLOCK_O"]), k * triton.cdiv(hidden, meta["BLOCK_J"]), launched["splits"])
 
     _wgrad[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
         n, hidden, height, width,
-        K=k, HAS_H0=h0 is not None, ACC=acc, DOT=dot, PRECISION=precision, TAPS=taps, **_WGRAD_META,
+        K=k, HAS_H0=h0 is not None, WIDE=four_h * height * width >= 2**31, ACC=acc, DOT=dot, PRECISION=precision,
+        TAPS=taps, **_WGRAD_META,
     )  # fmt: skip
     return sum_splits(partial[: launched["splits"]], partial.dtype)
 
