@@ -303,6 +303,31 @@ def test_models(gemm, model_name):
     compare_model(model_name, "tiny-rgb", "cuda", torch.float32, CPU, shape=(1, 5, 4))
 
 
+def test_diagonal_bilstm_model_channels_last_on_cuda(gemm):
+    """The Diagonal BiLSTM model on backend="cuda" runs channels-last (its channels_last property): every layer takes
+    and returns channels-last activations and gradients and runs the channels-last one-node path; on the cpu
+    backend it stays NCHW."""
+    from gm import models as M  # noqa: PLC0415
+
+    assert not M.get("diagonal_bilstm", "tiny", backend="cpu").channels_last
+    model = M.get("diagonal_bilstm", "tiny-rgb", backend="cuda")
+    assert model.channels_last
+    seen = []
+
+    def hook(module, inputs, output):
+        cl = torch.channels_last
+        seen.append((inputs[0].is_contiguous(memory_format=cl), output.is_contiguous(memory_format=cl),
+                     type(output.grad_fn).__name__))  # fmt: skip
+        output.register_hook(lambda g: seen.append(("grad", g.is_contiguous(memory_format=cl))))
+
+    for layer in model.layers:
+        layer.register_forward_hook(hook)
+    x = torch.randint(0, 256, (2, 3, 5, 4)).float()
+    model.loss(x).backward()
+    assert seen[: len(model.layers)] == [(True, True, "_FusedBiLSTMChannelsLastBackward")] * len(model.layers)
+    assert seen[len(model.layers) :] == [("grad", True)] * len(model.layers)
+
+
 # -------------------------------------------------------------------------------------------------------- minibatch
 # (N, B, C): C in the specialised set (1, 3, 5, 8) and the generic kernel (11); N across the 32/64-row tiles.
 MB_CASES = [(300, 20, 5), (129, 9, 3), (1, 3, 5), (70, 5, 1), (40, 3, 11), (65, 9, 8)]

@@ -70,3 +70,11 @@ class DiagonalBiLSTMModel(PixelRNN):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("diagonal", **kwargs)
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last where the layers run on the cuda backend: their one-node path keeps gates, states and
+        gradients channels-last (gm.nn.diagonal_lstm._FusedBiLSTMChannelsLast), so an NCHW activation between layers
+        costs a conversion of each layer's input and of its output gradient. The CPU and triton scans read NCHW or
+        convert, so elsewhere the model stays NCHW."""
+        return self.backend == "cuda" or (self.backend is None and next(self.parameters()).is_cuda)
