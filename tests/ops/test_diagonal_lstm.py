@@ -240,7 +240,8 @@ def test_cuda_gate_pixel_stride():
         assert _pixel_stride(both[..., :20], "gates") == 40 and _pixel_stride(both[..., 20:], "gates") == 40
         assert _pixel_stride(torch.empty(n, h, w, 20), "gates") == 20
     assert _pixel_stride(torch.empty(1, 40, 1, 1).permute(0, 2, 3, 1)[..., 20:], "gates") >= 20  # one pixel: any
+    assert _pixel_stride(torch.empty(2, 3, 8, 20)[:, :, ::2], "gates") == 40  # every other pixel: evenly spaced
     with pytest.raises(ValueError, match="dgates must be channels-last"):
         _pixel_stride(torch.empty(2, 20, 3, 4).permute(0, 2, 3, 1), "dgates")  # NCHW storage
     with pytest.raises(ValueError, match="gates must be channels-last"):
-        _pixel_stride(torch.empty(2, 3, 8, 20)[:, :, ::2], "gates")  # every other pixel of a row
+        _pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart
