@@ -15,7 +15,10 @@ weight's dtype (zeros at masked taps).
 The launchers hand the kernels channels_last (NHWC) inputs, converting NCHW ones (gm.kernels._layout), so the
 channel dimension is contiguous: 16-byte loads along K of the implicit GEMM. Outputs keep the input's memory format
 (gm._memory_format): channels-last in, channels-last out, so a channels-last model converts nothing.
-Offsets are computed in int64 (pixel indices in int32 in the weight-gradient loop, where N*H*W < 2**31 is checked).
+Both GEMMs address the dense channels-last operands linearly in the pixel index (the tap's input pixel of p sits at
+(p + dy*W + dx)*C), with H and W constexprs, so only the in-image test needs (h, w); offsets are int32 unless a
+tensor reaches 2**31 elements (WIDE, int64). sm_90 SASS per warp and k-step (7x7 A, C=256, bf16, 128x128x64, Triton
+3.6): weight gradient 360 -> 158, forward 211 -> 167 (session 8; tests/test_triton_sass_budgets.py).
 
 Measured on an H200 (bench/results/2026-11-27_h200_run1_masked_conv.log, NCHW-strided version): forward 7x7 mask A
 N=128 C=256 bf16 1.755 ms vs cuDNN on the masked weight 1.836 ms; the weight gradient with int64 index math in its
