@@ -67,6 +67,8 @@ class Row:
     # time, as a training loop under CUDA graphs sees it), or why the capture failed
     graph_fwdbwd_ms: float | None = None
     graph_error: str | None = None
+    # the baseline's graph time over this row's, where both were captured: the kernels' speedup without the host
+    speedup_graph: float | None = None
     profile: dict | None = None  # --profile: profile_fwd_bwd()'s summary (not saved in the JSON lines)
     seconds: float = 0.0  # wall time this row took to measure (compiles, autotuning, timing, profile)
 
@@ -302,6 +304,8 @@ def run_case(case: Case, device: torch.device, warmup_ms: float, rep_ms: float) 
                 r.speedup_fwd = base.fwd_ms / r.fwd_ms if r.fwd_ms else None
                 if r.fwdbwd_ms and base.fwdbwd_ms:
                     r.speedup_fwdbwd = base.fwdbwd_ms / r.fwdbwd_ms
+                if r.graph_fwdbwd_ms and base.graph_fwdbwd_ms:
+                    r.speedup_graph = base.graph_fwdbwd_ms / r.graph_fwdbwd_ms
     return rows
 
 
@@ -339,17 +343,17 @@ def _fmt(v, spec: str) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = ("| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | TFLOP/s fwd | GB/s fwd | "
-            "peak MiB | fwd+bwd CUDA graph ms |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+            "peak MiB | fwd+bwd CUDA graph ms | speedup CUDA graph |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |  |")
+            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |  |  |")
             continue
         graph = "capture failed" if r.graph_error else _fmt(r.graph_fwdbwd_ms, ".3f")
         lines.append(
             f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
             f"{_fmt(r.speedup_fwd, '.2f')} | {_fmt(r.speedup_fwdbwd, '.2f')} | {_fmt(r.tflops_fwd, '.1f')} | "
-            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {graph} |"
+            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {graph} | {_fmt(r.speedup_graph, '.2f')} |"
         )
     failed = [r for r in rows if r.graph_error]
     lines += [f"  graph capture failed, {r.impl}: {r.graph_error}" for r in failed]

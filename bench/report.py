@@ -67,6 +67,8 @@ def render(rows: list[dict]) -> str:
         if any(r.get("graph_fwdbwd_ms") is not None or r.get("graph_error") for r in dev_rows):
             extras.append(("fwd+bwd CUDA graph ms",
                            lambda r: "capture failed" if r.get("graph_error") else _ms(r.get("graph_fwdbwd_ms"))))  # fmt: skip
+        if any(r.get("speedup_graph") is not None for r in dev_rows):  # the kernels' speedup, no host cost
+            extras.append(("speedup, CUDA graphs", lambda r: _x(r.get("speedup_graph"))))
         if several:
             extras.append(("run", lambda r: str(number[run_of(r)])))
         extra_head = "".join(f" {name} |" for name, _ in extras)

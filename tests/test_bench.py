@@ -77,6 +77,10 @@ def test_report_shows_cuda_graph_times_and_failed_captures():
     assert "fwd+bwd CUDA graph ms" in lines[0] and "| 0.500 |" in lines[2] and "| capture failed |" in lines[3]
     assert len({line.count("|") for line in lines}) == 1
     assert "CUDA graph" not in report.render([{**base, "impl": "x"}])
+    both = [{**base, "impl": "gm[cuda]", "graph_fwdbwd_ms": 0.5, "speedup_graph": 4.0},
+            {**base, "impl": "reference", "graph_fwdbwd_ms": 2.0, "speedup_graph": 1.0}]  # fmt: skip
+    lines = [line for line in report.render(both).splitlines() if line.startswith("|")]
+    assert "speedup, CUDA graphs" in lines[0] and "| 4.00x |" in lines[2] and len({x.count("|") for x in lines}) == 1
 
 
 def test_host_cost_tool_runs_every_module(capsys):
