@@ -257,11 +257,15 @@ def test_pixelrnn_layer(gemm, layer):
 
 
 @pytest.mark.parametrize("channels_last_node", [True, False], ids=["channels-last node", "converting node"])
-@pytest.mark.parametrize(("residual", "dtype", "x_format"), [
-    (True, torch.bfloat16, torch.contiguous_format), (False, torch.bfloat16, torch.contiguous_format),
-    (True, torch.float32, torch.channels_last), (False, torch.float32, torch.channels_last),
+@pytest.mark.parametrize(("residual", "dtype", "x_format", "shape"), [
+    (True, torch.bfloat16, torch.contiguous_format, (2, 6, 5, 7)), (False, torch.bfloat16, torch.contiguous_format,
+                                                                    (2, 6, 5, 7)),
+    (True, torch.float32, torch.channels_last, (2, 6, 5, 7)), (False, torch.float32, torch.channels_last, (2, 6, 5, 7)),
+    (True, torch.float32, torch.contiguous_format, (1, 6, 1, 5)), (True, torch.bfloat16, torch.channels_last,
+                                                                   (2, 6, 4, 1)),
 ])  # fmt: skip
-def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_format, channels_last_node, monkeypatch):
+def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_format, shape, channels_last_node,
+                                                  monkeypatch):  # fmt: skip
     """DiagonalBiLSTM's one-node path (gm.nn.diagonal_lstm.FUSED_LAYER) on backend="cuda" gives the bits of the
     composed ops, output and every gradient in the same memory format: both the channels-last node (the scans
     reading and writing their halves of the layer's (N, H, W, 8h) gates and gate gradients in place, the weight
@@ -273,7 +277,7 @@ def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_forma
     monkeypatch.setattr(dl, "CHANNELS_LAST", channels_last_node)
     torch.manual_seed(0)
     layer = gm.nn.DiagonalBiLSTM(6, 9, colors=3, residual=residual, backend="cuda").to(dtype)
-    x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=x_format)
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=x_format)
     node = "_FusedBiLSTMChannelsLast" if channels_last_node else "_FusedBiLSTM"
     # the input conv's bias gradient sums the gate gradients, channels-last here and NCHW in the composed ops
     summed = ("input_to_state.bias",) if channels_last_node else ()
