@@ -72,14 +72,14 @@ def _gemm_over_tiles(
     acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, t_start, t_stop, rr, rj, R, I, J,
     sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j,
     PRO_ACT: tl.constexpr, USE_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
     """acc += A'[rr, tiles] Wm[tiles, rj] over the listed inner tiles t_start..t_stop: a branch-free loop, so
     Triton can software-pipeline it (full tiles and partly-zero tiles are listed apart and run in two loops)."""
     r_ok = rr < R
     for t in range(t_start, t_stop):
-        it = tl.load(tile_idx_ptr + t).to(tl.int64)
-        ri = it * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        it = tl.load(tile_idx_ptr + t).to(IDX)
+        ri = it * BLOCK_I + tl.arange(0, BLOCK_I).to(IDX)
         a_ok = r_ok[:, None] & (ri[None, :] < I)
         a = tl.load(a_ptr + rr[:, None] * sa_r + ri[None, :] * sa_i, mask=a_ok, other=0.0)
         if PRO_ACT != 0:
@@ -99,26 +99,28 @@ def masked_gemm_kernel(
     sw_i, sw_j, sm_i, sm_j,
     sc_r, sc_j,
     PRO_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PREMASKED: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, IDX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
+    # IDX: the index type of every offset, int32 where each operand's elements are addressable in it (the launcher's
+    # choice), else int64.
+    pid = tl.program_id(0).to(IDX)
     num_j = tl.cdiv(J, BLOCK_J)
     pid_r = pid // num_j  # consecutive programs share the same rows of A
     pid_j = pid % num_j
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(IDX)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(IDX)
     start = tl.load(tile_off_ptr + pid_j)
     mid = tl.load(tile_mid_ptr + pid_j)  # tiles start..mid are all ones, mid..end partly zero
     end = tl.load(tile_off_ptr + pid_j + 1)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=ACC)
     acc = _gemm_over_tiles(
         acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, start, mid, rr, rj, R, I, J,
-        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, False, ACC, PRECISION, BLOCK_I,
+        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, False, ACC, PRECISION, BLOCK_I, IDX,
     )  # fmt: skip
     acc = _gemm_over_tiles(
         acc, a_ptr, y_ptr, w_ptr, m_ptr, tile_idx_ptr, mid, end, rr, rj, R, I, J,
-        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, not PREMASKED, ACC, PRECISION, BLOCK_I,
+        sa_r, sa_i, sy_r, sy_i, sw_i, sw_j, sm_i, sm_j, PRO_ACT, not PREMASKED, ACC, PRECISION, BLOCK_I, IDX,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + rj, mask=rj < J, other=0.0).to(ACC)[None, :]
@@ -139,22 +141,45 @@ def _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, r_ok, sg_r, sg_o, sy_r, sy_o, PRO_A
 
 
 @triton.jit
+def _wgrad_rows(
+    acc, g_ptr, y_ptr, x_ptr, ro, rk, o_ok, k_ok, start, stop, sg_r, sg_o, sy_r, sy_o, sx_r, sx_k,
+    PRO_ACT: tl.constexpr, BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, IDX: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """(acc + gp^T x over rows start..stop, and with BIAS the elementwise sum of the gp^T tiles, (BLOCK_O, BLOCK_R),
+    for the bias gradient's one reduction after the loop)."""
+    gsum = tl.zeros((BLOCK_O, BLOCK_R), dtype=ACC)
+    for r0 in range(start, stop, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R).to(IDX)
+        r_ok = rr < stop
+        g = _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, r_ok, sg_r, sg_o, sy_r, sy_o, PRO_ACT, ACC)
+        if BIAS:
+            gsum += g.to(ACC)
+        xv = tl.load(x_ptr + rr[:, None] * sx_r + rk[None, :] * sx_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(g, xv, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc, gsum
+
+
+@triton.jit
 def masked_wgrad_kernel(
     g_ptr, y_ptr, x_ptr, m_ptr, flags_ptr, dw_ptr, db_ptr,
     R, O, K, rows_per_split,
     sg_r, sg_o, sy_r, sy_o, sx_r, sx_k, sm_o, sm_k,
     PRO_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, IDX: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    # IDX as masked_gemm_kernel's. The bias gradient is owed by the first column of tiles only (kt == 0): those
+    # programs add gp elementwise in the row loop and reduce once after it (a reduction across threads per k-step
+    # was ~20 shuffles of the loop's 826 SASS instructions, and every program paid it; sm_90, bf16, PRO_ACT).
+    pid_t = tl.program_id(0).to(IDX)
+    split = tl.program_id(1).to(IDX)
     num_k = tl.cdiv(K, BLOCK_K)
     ot = pid_t // num_k
     kt = pid_t % num_k
     flag = tl.load(flags_ptr + pid_t)  # 0 empty, 1 partly zero, 2 full
-    ro = ot * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
-    rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    ro = ot * BLOCK_O + tl.arange(0, BLOCK_O).to(IDX)
+    rk = kt * BLOCK_K + tl.arange(0, BLOCK_K).to(IDX)
     o_ok = ro < O
     k_ok = rk < K
     start = split * rows_per_split
@@ -163,18 +188,21 @@ def masked_wgrad_kernel(
     bacc = tl.zeros((BLOCK_O,), dtype=ACC)
     # Branches outside the loops only, so each loop stays pipelinable.
     if flag > 0:
-        for r0 in range(start, stop, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-            r_ok = rr < stop
-            g = _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, r_ok, sg_r, sg_o, sy_r, sy_o, PRO_ACT, ACC)
-            if HAS_BIAS:
-                bacc += tl.sum(g.to(ACC), axis=1)
-            xv = tl.load(x_ptr + rr[:, None] * sx_r + rk[None, :] * sx_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(g, xv, acc, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS and kt == 0:
+            acc, gsum = _wgrad_rows(
+                acc, g_ptr, y_ptr, x_ptr, ro, rk, o_ok, k_ok, start, stop, sg_r, sg_o, sy_r, sy_o, sx_r, sx_k,
+                PRO_ACT, True, ACC, PRECISION, IDX, BLOCK_O, BLOCK_R,
+            )  # fmt: skip
+            bacc = tl.sum(gsum, axis=1)
+        else:
+            acc, gsum = _wgrad_rows(
+                acc, g_ptr, y_ptr, x_ptr, ro, rk, o_ok, k_ok, start, stop, sg_r, sg_o, sy_r, sy_o, sx_r, sx_k,
+                PRO_ACT, False, ACC, PRECISION, IDX, BLOCK_O, BLOCK_R,
+            )  # fmt: skip
     elif HAS_BIAS:
         if kt == 0:  # an empty tile in the first column still owes the bias gradient
             for r0 in range(start, stop, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+                rr = r0 + tl.arange(0, BLOCK_R).to(IDX)
                 g = _load_grad_t(g_ptr, y_ptr, ro, rr, o_ok, rr < stop, sg_r, sg_o, sy_r, sy_o, PRO_ACT, ACC)
                 bacc += tl.sum(g.to(ACC), axis=1)
     ok = o_ok[:, None] & k_ok[None, :]
@@ -236,6 +264,14 @@ _wgrad, _WGRAD_META = tuned(
 )  # fmt: skip
 
 
+def _index_type(*tensors: torch.Tensor):
+    """tl.int32 where every element of `tensors` (and a block's overhang past the last row) is addressable in it,
+    else tl.int64: int64 offsets cost the k-loops' address arithmetic about twice the instructions."""
+    span = max((t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1)
+               for t in tensors if t.numel() > 0)  # fmt: skip
+    return tl.int32 if span < 2**30 else tl.int64
+
+
 def _check_dtype(t: torch.Tensor) -> None:
     if t.dtype not in TL_DTYPES:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
@@ -271,6 +307,7 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
         *c.stride(),
         PRO_ACT=ACT_CODES[pro_act], EPI_ACT=ACT_CODES[epi_act], HAS_BIAS=bias is not None, PREMASKED=premasked,
         ACC=acc_dtype(a.dtype), PRECISION=dot_precision(a.dtype, conv=False),
+        IDX=_index_type(a, yy, weight, mask_u8, c),
         BLOCK_J=block_j, BLOCK_I=block_i, **_GEMM_META,
     )  # fmt: skip
     return c
@@ -301,7 +338,7 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
         r, o, k, per_split,
         *g.stride(), *yy.stride(), *x.stride(), *mask_u8.stride(),
         PRO_ACT=ACT_CODES[act], HAS_BIAS=need_bias,
-        ACC=acc_dtype(g.dtype), PRECISION=dot_precision(g.dtype, conv=False),
+        ACC=acc_dtype(g.dtype), PRECISION=dot_precision(g.dtype, conv=False), IDX=_index_type(g, yy, x, mask_u8, dw),
         BLOCK_O=block_o, BLOCK_K=block_k, **_WGRAD_META,
     )  # fmt: skip
     return sum_splits(dw, g.dtype), (sum_splits(db, g.dtype) if need_bias else None)
