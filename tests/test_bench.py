@@ -100,3 +100,32 @@ def test_bench_backends_option_restricts_the_gm_rows(tmp_path):
     (rows_file,) = tmp_path.glob("*.jsonl")
     impls = {json.loads(line)["impl"] for line in rows_file.read_text().splitlines()}
     assert not any(i.startswith("gm[") for i in impls) and "naive (N×N×B×C)" in impls
+
+
+def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, capsys):
+    """python -m bench.targets: per case the best gm backend against the issue's comparator, met or not, a missing
+    comparator said as such, graph ratios where both rows have graph times, later files replacing earlier rows."""
+    from bench import targets  # noqa: PLC0415
+
+    def row(impl, ms, case="7x7 A N=128 C=256 32x32", dtype="bfloat16", op="masked_conv2d", **extra):
+        return {"device": "NVIDIA H200", "op": op, "case": case, "dtype": dtype, "impl": impl, "fwdbwd_ms": ms,
+                "fwd_ms": ms / 3 if ms else None, **extra}  # fmt: skip
+
+    old = [row("gm[cuda]", 4.0), row("gm[triton]", 9.0), row("F.conv2d(masked w)", 4.5)]
+    new = [row("gm[triton]", 2.9, graph_fwdbwd_ms=2.5), row("F.conv2d(masked w)", 4.5, graph_fwdbwd_ms=4.4),
+           row("gm[cuda]", 1.0, case="3x3 B N=128 C=128 32x32", dtype="float32"),
+           row("gm[cuda]", 1.4, op="minibatch_discrimination", case="N=4096 B=100 C=5", dtype="float32"),
+           row("naive (N×N×B×C)", None, op="minibatch_discrimination", case="N=4096 B=100 C=5", dtype="float32",
+               error="OutOfMemoryError")]  # fmt: skip
+    files = []
+    for i, rows in enumerate((old, new)):
+        files.append(tmp_path / f"{i}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert targets.main([str(f) for f in files]) == 0
+    out = capsys.readouterr().out
+    conv = next(line for line in out.splitlines() if "bf16 fwd+bwd vs cuDNN" in line)
+    assert "| gm[triton] | 2.900 | 4.500 | 1.55x | 1.5x | yes | 1.76x |" in conv  # the newer triton row, best
+    assert "F.conv2d(masked w): not measured" in out  # the float32 case has no cuDNN row
+    assert "naive (N×N×B×C): OutOfMemoryError" in out
+    assert "| N=4096 B=100 C=5 | NVIDIA H200 | gm[cuda] | 0.467 | 0.503 | 0.93x |" in out  # fwd vs the fp32 floor
+    assert "issue 2: 1 of 1 measured target rows met (1 without a comparator row)" in out
