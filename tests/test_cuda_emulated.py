@@ -480,6 +480,41 @@ def test_made_iaf_step_gemm(gemm, dtype, monkeypatch):
     test_made_iaf._compare("cuda", (9, 5, 21, 2, 3, True), _precision(dtype, monkeypatch), "gated")
 
 
+@pytest.mark.parametrize("activation", ["elu", "relu"])
+def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, activation, monkeypatch):
+    """On cuda the one-node step chains the layers' backward: each input gradient into a hidden layer's output comes
+    back as that layer's pre-activation gradient from the GEMM's epilogue (no separate activation-gradient pass).
+    Bit for bit what the per-layer ops give (their separate pass reads the rounded input gradient, as the epilogue
+    rounds it first), for every subset of wanted gradients; bf16, three hidden layers, with context."""
+    from gm.ops import _eager  # noqa: PLC0415
+    from tests.ops import test_made_iaf  # noqa: PLC0415
+
+    torch.manual_seed(3)
+    z, ctx, weights, masks, biases = test_made_iaf._inputs(7, 5, 24, 3, 2, True, torch.bfloat16)
+    leaves = test_made_iaf._leaves(z, ctx, weights, biases)
+    calls = []
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+    act_grad = kc.act_grad
+    monkeypatch.setattr(kc, "act_grad", lambda *a, **k: calls.append(1) or act_grad(*a, **k))
+    for wanted in (set(range(len(leaves))), {0}, {2}, {len(leaves) - 1}):
+        runs = {}
+        for fast in (True, False):
+            monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+            calls.clear()
+            fresh = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves)]
+            it = iter(fresh)
+            zz, cc = next(it), next(it)
+            ww = [next(it) for _ in weights]
+            bb = [next(it) for _ in biases]
+            z_new, ld = gm.ops.made_iaf_step(zz, ww, masks, bb, context=cc, activation=activation, backend="cuda")
+            grads = torch.autograd.grad(test_made_iaf._loss(z_new, ld), [fresh[i] for i in sorted(wanted)])
+            runs[fast] = ([z_new, ld, *grads], len(calls))
+        for a, b in zip(runs[True][0], runs[False][0], strict=True):
+            assert torch.equal(a, b), wanted
+        assert runs[True][1] == 0, "the one-node step ran a separate activation-gradient pass"
+
+
 # (N, C_in, C_out, H, W, kh, kw, mask, colour groups)
 CONV_SHAPES = [
     (1, 4, 5, 3, 7, 1, 5, "B", False),

@@ -19,9 +19,12 @@ namespace masked_linear {
 void forward_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t mask, std::uintptr_t bias, std::uintptr_t y,
                   std::uintptr_t offsets, std::uintptr_t idx, std::uintptr_t mids, int rows, int o, int k_padded,
                   int mask_ld, int act, int dtype, int precision, std::uintptr_t stream);
+// y_below (rows, k) or 0: the input is the output of an activation act_below (ELU or ReLU) of the layer below, and
+// dx comes back as that layer's pre-activation gradient dx * act'(y_below) (dx rounded to the dtype first).
 void input_grad_cuda(std::uintptr_t gp, std::uintptr_t w, std::uintptr_t mask, std::uintptr_t dx,
                      std::uintptr_t offsets, std::uintptr_t idx, std::uintptr_t mids, int rows, int o, int o_padded,
-                     int k, int k_padded, int mask_ld, int dtype, int precision, std::uintptr_t stream);
+                     int k, int k_padded, int mask_ld, std::uintptr_t y_below, int act_below, int dtype,
+                     int precision, std::uintptr_t stream);
 void weight_grad_cuda(std::uintptr_t gp, std::uintptr_t x, std::uintptr_t mask, std::uintptr_t flags,
                       std::uintptr_t partial, int rows, int o, int o_padded, int k, int k_padded,
                       std::int64_t rows_per_split, int splits, int dtype, int precision, std::uintptr_t stream);

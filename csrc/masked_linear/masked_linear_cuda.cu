@@ -27,11 +27,21 @@ __device__ __forceinline__ float apply_act(float v, int act) {
   return v;
 }
 
+// g * act'(x) written through the output y = act(x): ELU' = 1 or y + 1, ReLU' = [y > 0].
+__device__ __forceinline__ float act_grad_of(float g, float y, int act) {
+  return act == kElu ? (y > 0.f ? g : g * (y + 1.f)) : (y > 0.f ? g : 0.f);
+}
+
 struct LinearEpiArgs {
   void* out;         // (rows, cols) row-major
   const void* bias;  // (cols,) or null
   int cols;
   int act;
+  // The input gradient of a layer whose input is the output y (rows, cols) of an activation `y_act`: the epilogue
+  // writes that layer's pre-activation gradient g * act'(y) (the value rounded to T first, as the separate pass
+  // reads it), so the activation-gradient pass and its round trip through memory are skipped. Null: plain.
+  const void* y;
+  int y_act;
 };
 
 // out[r, c] = act(tile + bias[c]): warp w stores rows 16 w .. 16 w + 15, lanes along the columns.
@@ -53,6 +63,10 @@ struct LinearEpi {
         if (col >= e.cols) continue;
         float v = s_out[ml * kOutLd + n];
         if (bias != nullptr) v += gemm::to_float(bias[col]);
+        if (e.y != nullptr) {
+          const float g = gemm::to_float(gemm::from_float<T>(v));
+          v = act_grad_of(g, gemm::to_float(static_cast<const T*>(e.y)[m * e.cols + col]), e.y_act);
+        }
         out[m * e.cols + col] = gemm::from_float<T>(apply_act(v, e.act));
       }
     }
@@ -83,9 +97,7 @@ __global__ void act_grad_kernel(const T* __restrict__ g, const T* __restrict__ y
                                 std::int64_t total, int act) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const float gv = gemm::to_float(g[i]), yv = gemm::to_float(y[i]);
-    const float d = act == kElu ? (yv > 0.f ? gv : gv * (yv + 1.f)) : (yv > 0.f ? gv : 0.f);
-    out[i] = gemm::from_float<T>(d);
+    out[i] = gemm::from_float<T>(act_grad_of(gemm::to_float(g[i]), gemm::to_float(y[i]), act));
   }
 }
 
@@ -113,7 +125,10 @@ void forward_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t mask, std::
 
 void input_grad_cuda(std::uintptr_t gp, std::uintptr_t w, std::uintptr_t mask, std::uintptr_t dx,
                      std::uintptr_t offsets, std::uintptr_t idx, std::uintptr_t mids, int rows, int o, int o_padded,
-                     int k, int k_padded, int mask_ld, int dtype, int precision, std::uintptr_t stream) {
+                     int k, int k_padded, int mask_ld, std::uintptr_t y_below, int act_below, int dtype,
+                     int precision, std::uintptr_t stream) {
+  if (y_below != 0 && act_below != kElu && act_below != kRelu)
+    throw std::invalid_argument("masked_linear (cuda): the input gradient's activation gradient takes ELU or ReLU");
   const int elem = elem_bytes(dtype);
   check_row_bytes("grad", o_padded * elem);
   check_row_bytes("weight", k_padded * elem);
@@ -121,7 +136,7 @@ void input_grad_cuda(std::uintptr_t gp, std::uintptr_t w, std::uintptr_t mask, s
   const GemmArgs args{ptr<const char>(gp), ptr<const char>(w), ptr<const unsigned char>(mask),
                       {ptr<const int>(offsets), ptr<const int>(idx), ptr<const int>(mids)},
                       rows, o_padded * elem, o, k_padded * elem, mask_ld, (k + kBN - 1) / kBN, 0};
-  const LinearEpiArgs epi{ptr<void>(dx), nullptr, k, kNone};
+  const LinearEpiArgs epi{ptr<void>(dx), nullptr, k, kNone, ptr<const void>(y_below), act_below};
   gemm::dispatch<InputGradLauncher>(dtype, precision, "masked_linear", args, epi, to_stream(stream));
 }
 

@@ -134,7 +134,10 @@ def act_grad(grad: torch.Tensor, y: torch.Tensor, activation) -> torch.Tensor:
     return out
 
 
-def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
+def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry, below=None) -> torch.Tensor:
+    """dx (R, K) = gp (W ⊙ M). below = (y, activation): x is the output y (R, K) of `activation` in the layer below,
+    and dx comes back as that layer's pre-activation gradient act_grad(dx, y, activation), in the GEMM's epilogue
+    (bit for bit what the separate pass gives: dx is rounded to its dtype first)."""
     prec = precision(gp.dtype)
     rows, o = gp.shape
     k = weight.shape[1]
@@ -146,10 +149,11 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry) -> torch.Tensor:
     op, kp = _padded(o, gp.dtype), _padded(k, gp.dtype)
     gpp, wp = _pad_cols(gp, op), _pad_cols(weight, kp)
     mask, mask_row, offsets, idx, mids = _map_args(entry, "cols", gp.dtype)
+    y_below = below[0].contiguous() if below is not None and below[1] is not None else None
     with device_guard(gp):
         ext().masked_linear_input_grad_cuda(
             gpp.data_ptr(), wp.data_ptr(), mask, dx.data_ptr(), offsets, idx, mids, rows, o, op, k, kp, mask_row,
-            dtype_code(gp), prec, stream_of(gp),
+            _ptr(y_below), ACT_CODES[below[1]] if y_below is not None else 0, dtype_code(gp), prec, stream_of(gp),
         )  # fmt: skip
     return dx
 

@@ -357,12 +357,14 @@ def _cuda_made_output(hidden, weight, mask, bias, z, mode, entry=None):
 
 
 def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need_h, need_w, need_b, saved=None,
-                               entry=None):
+                               entry=None, below=None):  # fmt: skip
+    """below = (hidden, the hidden layers' activation): dh comes back as the last hidden layer's pre-activation
+    gradient (gm.ops._masked_linear_cuda.input_grad), as gm.ops.made_iaf_step chains the layers."""
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
     entry = entry or mask_entry(mask)
     dz, dout = kc.made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode)
-    dh = kc.input_grad(dout, weight, entry) if need_h else None
+    dh = kc.input_grad(dout, weight, entry, below) if need_h else None
     dw = kc.weight_grad(dout, hidden, entry) if need_w else None
     db = kc.bias_grad(dout) if need_b else None
     return dh, dw, db, dz

@@ -96,10 +96,18 @@ class _MadeIafStep(torch.autograd.Function):
         for i in range(layers - 1):
             below.append(below[-1] or need_w[i] or need_b[i])
         dws, dbs = [None] * layers, [None] * layers
+        # cuda: each input gradient into a hidden layer's output comes back as that layer's pre-activation gradient
+        # (the activation gradient in the GEMM's epilogue, bit for bit the separate pass): one launch and one round
+        # trip through memory less per hidden layer.
+        chain = backend == "cuda" and act is not None
+
+        def onto(i):  # the cuda input gradient's `below` for layer i's input
+            return {"below": (xs[i], act) if i > 0 else None} if chain else {}
+
         # The output layer, then the hidden layers from the last down: each passes its input's gradient on.
         dh, dws[-1], dbs[-1], dz = _FUSED_BWD[backend](
             xs[-1], weights[-1], masks[-1], out_bias, z, gz.contiguous(), gl.contiguous(), mode, below[-1],
-            need_w[-1], need_b[-1], out_saved[0] if out_saved else None, entry=ctx.entries[-1],
+            need_w[-1], need_b[-1], out_saved[0] if out_saved else None, entry=ctx.entries[-1], **onto(layers - 1),
         )  # fmt: skip
         for i in range(layers - 2, -1, -1):
             if not below[i + 1]:
@@ -107,7 +115,7 @@ class _MadeIafStep(torch.autograd.Function):
             need_x = below[i]
             dh, dws[i], dbs[i] = _BACKWARD[backend](
                 dh.contiguous(), xs[i + 1], xs[i], weights[i], masks[i], act, need_x, need_w[i], need_b[i],
-                entry=ctx.entries[i],
+                entry=ctx.entries[i], **({"grad_is_gp": True, **onto(i)} if chain else {}),
             )  # fmt: skip
         d = z.shape[1]
         if need_z:

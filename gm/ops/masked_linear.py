@@ -439,12 +439,16 @@ def _cuda_forward(x, weight, mask, bias, activation, entry=None):
     return kc.forward(x, weight, entry or mask_entry(mask), bias, activation)
 
 
-def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, entry=None):
+def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b, entry=None, grad_is_gp=False,
+                   below=None):  # fmt: skip
+    """grad_is_gp: grad is already the pre-activation gradient (the layer above's input gradient applied act'; see
+    below). below = (x, its activation): dx comes back as the layer below's pre-activation gradient (its
+    activation gradient applied in the GEMM's epilogue). gm.ops.made_iaf_step chains the layers this way."""
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
 
     entry = entry or mask_entry(mask)
-    gp = kc.act_grad(grad, y, activation)  # shared by both gradients
-    dx = kc.input_grad(gp, weight, entry) if need_x else None
+    gp = grad if grad_is_gp else kc.act_grad(grad, y, activation)  # shared by both gradients
+    dx = kc.input_grad(gp, weight, entry, below) if need_x else None
     dw = kc.weight_grad(gp, x, entry) if need_w else None
     db = kc.bias_grad(gp) if need_b else None
     return dx, dw, db
