@@ -30,6 +30,10 @@ void weight_grad_cuda(std::uintptr_t gp, std::uintptr_t x, std::uintptr_t mask, 
                       std::int64_t rows_per_split, int splits, int dtype, int precision, std::uintptr_t stream);
 void act_grad_cuda(std::uintptr_t g, std::uintptr_t y, std::uintptr_t out, std::int64_t total, int act, int dtype,
                    std::uintptr_t stream);
+// dw (o, k) = the sum of partial's `splits` (o, k) float32 planes (0: none), db (o,) = column sums of gp (rows, o;
+// row stride gp_ld elements; 0: none), both cast to dtype: one launch.
+void grad_finish_cuda(std::uintptr_t partial, int splits, int o, int k, std::uintptr_t dw, std::uintptr_t gp,
+                      int rows, int gp_ld, std::uintptr_t db, int dtype, std::uintptr_t stream);
 #endif
 
 }  // namespace masked_linear

@@ -2,6 +2,7 @@
 // bias + activation epilogue, the weight gradient, and the activation-gradient pass shared by both gradients.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -101,6 +102,38 @@ __global__ void act_grad_kernel(const T* __restrict__ g, const T* __restrict__ y
   }
 }
 
+// The weight and bias gradients finished in one launch: blocks [0, w_blocks) add the weight gradient's row-split
+// partial sums (split order, float32) and cast them; the others each sum 32 columns of gp over all rows for the bias
+// gradient (warp w takes rows w, w + 8, ...; the eight warp sums added in order: deterministic) and cast them.
+template <typename T>
+__global__ void grad_finish_kernel(const float* __restrict__ partial, int splits, std::int64_t ok,
+                                   T* __restrict__ dw, const T* __restrict__ gp, int rows, int o, int gp_ld,
+                                   T* __restrict__ db, int w_blocks) {
+  if (static_cast<int>(blockIdx.x) < w_blocks) {
+    const std::int64_t stride = static_cast<std::int64_t>(w_blocks) * blockDim.x;
+    for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < ok; i += stride) {
+      float s = 0.f;
+      for (int sp = 0; sp < splits; ++sp) s += partial[sp * ok + i];
+      dw[i] = gemm::from_float<T>(s);
+    }
+    return;
+  }
+  __shared__ float warp_sums[8][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int col = (static_cast<int>(blockIdx.x) - w_blocks) * 32 + lane;
+  float s = 0.f;
+  if (col < o)
+    for (int r = warp; r < rows; r += 8) s += gemm::to_float(gp[static_cast<std::int64_t>(r) * gp_ld + col]);
+  warp_sums[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && col < o) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) t += warp_sums[w][lane];
+    db[col] = gemm::from_float<T>(t);
+  }
+}
+
 int elem_bytes(int dtype) { return to_dtype(dtype) == DType::f32 ? 4 : 2; }
 
 void check_row_bytes(const char* what, int bytes) {
@@ -151,6 +184,37 @@ void weight_grad_cuda(std::uintptr_t gp, std::uintptr_t x, std::uintptr_t mask, 
                              ptr<const int>(flags), ptr<float>(partial), rows, o, k, o_padded * elem, k_padded * elem,
                              rows_per_split};
   gemm::dispatch<WgradLauncher>(dtype, precision, "masked_linear", args, splits, to_stream(stream));
+}
+
+void grad_finish_cuda(std::uintptr_t partial, int splits, int o, int k, std::uintptr_t dw, std::uintptr_t gp,
+                      int rows, int gp_ld, std::uintptr_t db, int dtype, std::uintptr_t stream) {
+  const int threads = 256;  // eight warps: the bias blocks' layout
+  const std::int64_t ok = static_cast<std::int64_t>(o) * k;
+  const int w_blocks = dw == 0 || ok == 0 ? 0 : static_cast<int>(std::min<std::int64_t>((ok + threads - 1) / threads, 1024));
+  const int b_blocks = db == 0 ? 0 : (o + 31) / 32;
+  if (w_blocks + b_blocks == 0) return;
+  const cudaStream_t st = to_stream(stream);
+  const dim3 grid(static_cast<unsigned>(w_blocks + b_blocks));
+  switch (to_dtype(dtype)) {
+    case DType::f32:
+      grad_finish_kernel<float><<<grid, threads, 0, st>>>(ptr<const float>(partial), splits, ok, ptr<float>(dw),
+                                                           ptr<const float>(gp), rows, o, gp_ld, ptr<float>(db),
+                                                           w_blocks);
+      break;
+    case DType::f16:
+      grad_finish_kernel<__half><<<grid, threads, 0, st>>>(ptr<const float>(partial), splits, ok, ptr<__half>(dw),
+                                                            ptr<const __half>(gp), rows, o, gp_ld, ptr<__half>(db),
+                                                            w_blocks);
+      break;
+    case DType::bf16:
+      grad_finish_kernel<__nv_bfloat16><<<grid, threads, 0, st>>>(
+          ptr<const float>(partial), splits, ok, ptr<__nv_bfloat16>(dw), ptr<const __nv_bfloat16>(gp), rows, o, gp_ld,
+          ptr<__nv_bfloat16>(db), w_blocks);
+      break;
+    default:
+      throw std::invalid_argument("masked_linear (cuda): takes float16, bfloat16 or float32");
+  }
+  GM_CUDA_CHECK_LAUNCH();
 }
 
 void act_grad_cuda(std::uintptr_t g, std::uintptr_t y, std::uintptr_t out, std::int64_t total, int act, int dtype,

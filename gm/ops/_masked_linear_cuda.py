@@ -158,13 +158,31 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry, below=None) -> tor
     return dx
 
 
-def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
-    """dW (O, K) in x's dtype, exactly zero where the mask is 0."""
+def weight_and_bias_grad(gp: torch.Tensor, x: torch.Tensor, entry, need_w: bool, need_b: bool):
+    """(dW (O, K) in x's dtype, exactly zero where the mask is 0, or None; db (O,) in gp's dtype, or None): the weight
+    gradient's GEMM into float32 row-split partial sums, then one launch that adds the splits, sums gp's columns for
+    the bias and casts both (the split sum, the bias sum and two casts were four launches)."""
+    rows, o = gp.shape
+    k = x.shape[1]
+    dw = torch.empty(o, k, dtype=x.dtype, device=x.device) if need_w else None
+    db = torch.empty(o, dtype=gp.dtype, device=gp.device) if need_b else None
+    if rows == 0:
+        return (dw.zero_() if need_w else None), (db.zero_() if need_b else None)
+    partial, splits = _weight_partials(gp, x, entry) if need_w and o * k > 0 else (None, 0)
+    gp_c = gp.contiguous() if need_b else None
+    with device_guard(gp):
+        ext().masked_linear_grad_finish_cuda(
+            _ptr(partial), splits, o, k, _ptr(dw) if partial is not None else 0, _ptr(gp_c), rows, o, _ptr(db),
+            dtype_code(gp), stream_of(gp),
+        )  # fmt: skip
+    return dw, db
+
+
+def _weight_partials(gp: torch.Tensor, x: torch.Tensor, entry) -> tuple[torch.Tensor, int]:
+    """(partial (splits, O, K) float32, splits): M * (gp^T x) over each row split."""
     prec = precision(x.dtype)
     rows, o = gp.shape
     k = x.shape[1]
-    if rows == 0 or o == 0 or k == 0:
-        return torch.zeros(o, k, dtype=x.dtype, device=x.device)
     u8, flags, nonempty = _map_args(entry, "flags", x.dtype)
     splits = reduction_splits(max(nonempty, 1), rows, x.device, _BLOCKS_PER_SM)
     per_split = -(-rows // splits)
@@ -177,11 +195,7 @@ def weight_grad(gp: torch.Tensor, x: torch.Tensor, entry) -> torch.Tensor:
             gpp.data_ptr(), xp.data_ptr(), u8, flags, partial.data_ptr(),
             rows, o, op, k, kp, per_split, splits, dtype_code(x), prec, stream_of(x),
         )  # fmt: skip
-    return (partial.sum(0) if splits > 1 else partial[0]).to(x.dtype)
-
-
-def bias_grad(gp: torch.Tensor) -> torch.Tensor:
-    return gp.sum(0, dtype=torch.float32).to(gp.dtype)
+    return partial, splits
 
 
 def _fused_launch(name, hidden, weight, entry, bias, z, tensors, mode):

@@ -365,8 +365,7 @@ def _cuda_made_output_backward(hidden, weight, mask, bias, z, gz, gl, mode, need
     entry = entry or mask_entry(mask)
     dz, dout = kc.made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode)
     dh = kc.input_grad(dout, weight, entry, below) if need_h else None
-    dw = kc.weight_grad(dout, hidden, entry) if need_w else None
-    db = kc.bias_grad(dout) if need_b else None
+    dw, db = kc.weight_and_bias_grad(dout, hidden, entry, need_w, need_b) if need_w or need_b else (None, None)
     return dh, dw, db, dz
 
 

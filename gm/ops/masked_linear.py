@@ -449,8 +449,7 @@ def _cuda_backward(grad, y, x, weight, mask, activation, need_x, need_w, need_b,
     entry = entry or mask_entry(mask)
     gp = grad if grad_is_gp else kc.act_grad(grad, y, activation)  # shared by both gradients
     dx = kc.input_grad(gp, weight, entry, below) if need_x else None
-    dw = kc.weight_grad(gp, x, entry) if need_w else None
-    db = kc.bias_grad(gp) if need_b else None
+    dw, db = kc.weight_and_bias_grad(gp, x, entry, need_w, need_b) if need_w or need_b else (None, None)
     return dx, dw, db
 
 
