@@ -183,6 +183,20 @@ class _FirstSuitable:
         return launch
 
 
+# The Triton kernels address operands with int32 offsets (their WIDE / IDX constexprs: about half the address
+# arithmetic of a k-loop) while every operand spans fewer elements than this, int64 from there on. Half of 2**31, so
+# a block's overhang past a tensor's end and a tap's shift stay representable. Tests lower it to run the int64 paths.
+INT32_LIMIT = 2**30
+
+
+def int32_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether every element of `tensors` (from storage offset to the farthest one its strides reach) lies below
+    INT32_LIMIT."""
+    spans = [t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+             for t in tensors if t.numel() > 0]  # fmt: skip
+    return max(spans, default=0) < INT32_LIMIT
+
+
 def element_size(named_args: dict) -> int:
     """Bytes per element of the first tensor argument of a launch (for config pruning)."""
     return next(v for v in named_args.values() if hasattr(v, "element_size")).element_size()

@@ -38,6 +38,7 @@ from gm.kernels._common import (
     by_element_size,
     dot_precision,
     fits_smem,
+    int32_offsets,
     suits,
     tuned,
     wave_splits,
@@ -235,15 +236,6 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
-# Offsets from 2**31 elements on take int64 (the kernels' WIDE); a test lowers the limit to run that path.
-INT32_LIMIT = 2**31
-
-
-def _wide(n: int, h: int, w: int, cin: int, cout: int) -> bool:
-    """Whether a launch needs int64 offsets: a pixel shifted by a tap (at most one image away) times the channels."""
-    return (n + 1) * h * w * max(cin, cout) >= INT32_LIMIT
-
-
 def _implicit_gemm(x, packed, bias, kh, kw, flip):
     """y (N, C_out, H, W) in x's memory format (gm._memory_format) = conv of x over the taps of `packed`
     (T, C_in, C_out)."""
@@ -267,7 +259,7 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
         x, packed, bias if bias is not None else packed, y,
         n, h, w, cin, cout, t,
         *y.stride(),
-        KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=_wide(n, h, w, cin, cout),
+        KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=not int32_offsets(x, y),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_FWD_META,
     )  # fmt: skip
@@ -325,7 +317,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     _wgrad[grid](
         x, grad, partial,
         n, h, w, cin, cout, t,
-        KH=kh, KW=kw, WIDE=_wide(n, h, w, cin, cout),
+        KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         **_WGRAD_META,
     )  # fmt: skip

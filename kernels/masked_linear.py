@@ -28,6 +28,7 @@ from gm.kernels._common import (
     by_element_size,
     dot_acc,
     dot_precision,
+    int32_offsets,
     suits,
     tuned,
     wave_splits,
@@ -265,11 +266,7 @@ _wgrad, _WGRAD_META = tuned(
 
 
 def _index_type(*tensors: torch.Tensor):
-    """tl.int32 where every element of `tensors` (and a block's overhang past the last row) is addressable in it,
-    else tl.int64: int64 offsets cost the k-loops' address arithmetic about twice the instructions."""
-    span = max((t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1)
-               for t in tensors if t.numel() > 0)  # fmt: skip
-    return tl.int32 if span < 2**30 else tl.int64
+    return tl.int32 if int32_offsets(*tensors) else tl.int64
 
 
 def _check_dtype(t: torch.Tensor) -> None:

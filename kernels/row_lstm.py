@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import (
-    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned, wave_splits,
+    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, int32_offsets, sigmoid, suits, tanh, tuned,
+    wave_splits,
 )  # fmt: skip
 from gm.kernels._layout import sum_splits
 
@@ -456,7 +457,7 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
     _wgrad[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
         n, hidden, height, width,
-        K=k, HAS_H0=h0 is not None, WIDE=four_h * height * width >= 2**31, ACC=acc, DOT=dot, PRECISION=precision,
+        K=k, HAS_H0=h0 is not None, WIDE=not int32_offsets(dgates, hs), ACC=acc, DOT=dot, PRECISION=precision,
         TAPS=taps, **_WGRAD_META,
     )  # fmt: skip
     return sum_splits(partial[: launched["splits"]], partial.dtype)

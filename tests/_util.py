@@ -81,3 +81,19 @@ def assert_auto_picks_triton(op_module: str, call, monkeypatch) -> None:
     monkeypatch.setitem(mod._FORWARD, "cuda", refuse)
     monkeypatch.delenv("GM_BACKEND", raising=False)
     call(mod)
+
+
+def composed_without_grad_or_mode(layer, x: torch.Tensor, node: str) -> None:
+    """A layer with a one-node eager path (autograd Function `node`): with no gradient to record there is no graph,
+    and under a mode (here a pass-through torch-function mode) the composed ops run, not the node."""
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with Passthrough():
+        y = layer(x)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ != f"{node}Backward"

@@ -770,15 +770,21 @@ def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):
     assert diagonal_smem_bytes(176, 32, 4) == 225_952 and diagonal_fits(176, 32, 4, 0)
     assert diagonal_smem_bytes(177, 32, 4) == 244_896 and not diagonal_fits(177, 32, 4, 0)
     for hid, fits in ((176, True), (177, False)):
-        gates = (0.1 * torch.randn(1, 4 * hid, 32, 1)).requires_grad_()
-        w = (torch.randn(4 * hid, hid, 2) / hid).requires_grad_()
-        y = gm.ops.diagonal_lstm(gates, w, backend="cuda")
-        if fits:
+        _scan_runs_or_refuses(gm.ops.diagonal_lstm, (1, 4 * hid, 32, 1), (4 * hid, hid, 2), fits)
+
+
+def _scan_runs_or_refuses(scan, gates_shape, w_shape, fits: bool) -> None:
+    """The cuda scan forward, then its backward: finite gate gradients where the size fits the shared memory, else
+    the backward's refusal naming the triton backend."""
+    gates = (0.1 * torch.randn(*gates_shape)).requires_grad_()
+    w = (torch.randn(*w_shape) / w_shape[1]).requires_grad_()
+    y = scan(gates, w, backend="cuda")
+    if fits:
+        y.sum().backward()
+        assert torch.isfinite(gates.grad).all()
+    else:
+        with pytest.raises(ValueError, match="shared memory.*triton"):
             y.sum().backward()
-            assert torch.isfinite(gates.grad).all()
-        else:
-            with pytest.raises(ValueError, match="shared memory.*triton"):
-                y.sum().backward()
 
 
 @pytest.mark.parametrize(("hid", "width", "need", "fits"), [(176, 32, 231_616, True), (177, 32, 251_072, False),
@@ -790,15 +796,7 @@ def test_row_lstm_shared_memory_model_matches_the_kernels(emu, hid, width, need,
     from gm.ops._lstm_cuda import row_fits, row_smem_bytes  # noqa: PLC0415
 
     assert row_smem_bytes(hid, width, 3, 4) == need and row_fits(hid, width, 3, 4, 0) == fits
-    gates = (0.1 * torch.randn(1, 4 * hid, 1, width)).requires_grad_()
-    w = (torch.randn(4 * hid, hid, 3) / hid).requires_grad_()
-    y = gm.ops.row_lstm(gates, w, backend="cuda")
-    if fits:
-        y.sum().backward()
-        assert torch.isfinite(gates.grad).all()
-    else:
-        with pytest.raises(ValueError, match="shared memory.*triton"):
-            y.sum().backward()
+    _scan_runs_or_refuses(gm.ops.row_lstm, (1, 4 * hid, 1, width), (4 * hid, hid, 3), fits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -14,7 +14,8 @@ from gm._checks import check_choice
 from gm._memory_format import format_of
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops.diagonal_lstm import diagonal_lstm, scan_backend
+from gm.ops._lstm_cuda import to_nhwc
+from gm.ops.diagonal_lstm import cuda_backward_channels_last, cuda_forward_channels_last, diagonal_lstm, scan_backend
 from gm.ops.masked_conv import check_masked_conv_args, conv_backend
 
 
@@ -95,8 +96,13 @@ def _scan_impl():
     return _diagonal_lstm_impl, _diagonal_lstm_backward_impl
 
 
-def _concurrent(t: torch.Tensor) -> bool:
-    return CONCURRENT_DIRECTIONS and t.is_cuda
+def _directions(t: torch.Tensor, forward, reverse, side_inputs):
+    """(forward(), reverse()) of the one-node paths: the reverse on the side stream where `t` is on a GPU, as
+    both_directions runs it (so the backward's reverse scan finds the forward's y_r and state on its own stream),
+    else one after the other."""
+    if CONCURRENT_DIRECTIONS and t.is_cuda:
+        return _two_streams(t.device, forward, reverse, side_inputs)
+    return forward(), reverse()
 
 
 class _FusedBiLSTM(torch.autograd.Function):
@@ -112,10 +118,7 @@ class _FusedBiLSTM(torch.autograd.Function):
         g_f, g_r = gates.chunk(2, dim=1)
         forward = partial(scan, g_f, w_ss, False, scan_b)
         reverse = partial(scan, g_r, w_ss_rev, True, scan_b)
-        if _concurrent(x):  # as both_directions: the reverse scan on a side stream
-            (y_f, s_f), (y_r, s_r) = _two_streams(x.device, forward, reverse, (g_r, w_ss_rev))
-        else:
-            (y_f, s_f), (y_r, s_r) = forward(), reverse()
+        (y_f, s_f), (y_r, s_r) = _directions(x, forward, reverse, (g_r, w_ss_rev))
         h = y_f + shift_down(y_r)
         out = h if w_out is None else x + conv(h, w_out, b_out, "B", ogi, ogo, conv_b)
         ctx.spec = spec
@@ -143,10 +146,7 @@ class _FusedBiLSTM(torch.autograd.Function):
         g_f, g_r = gates.chunk(2, dim=1)
         forward = partial(scan_bwd, dh, g_f, w_ss, y_f, s_f, False, scan_b)
         reverse = partial(scan_bwd, dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
-        if _concurrent(x):  # the forward's y_r and s_r live on the side stream already
-            (dg_f, dw_ss), (dg_r, dw_ss_rev) = _two_streams(x.device, forward, reverse, (dy_r,))
-        else:
-            (dg_f, dw_ss), (dg_r, dw_ss_rev) = forward(), reverse()
+        (dg_f, dw_ss), (dg_r, dw_ss_rev) = _directions(x, forward, reverse, (dy_r,))
         dgates = torch.cat([dg_f, dg_r], dim=1)
         if need_x or need_w_in:
             dx_in, dw_in = conv_bwd(dgates, x, w_in, "B", gi, go, conv_b, need_x, need_w_in)
@@ -155,20 +155,6 @@ class _FusedBiLSTM(torch.autograd.Function):
         db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
         return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
                 dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
-
-
-def _channels_last_scans():
-    from gm.ops.diagonal_lstm import cuda_backward_channels_last, cuda_forward_channels_last  # noqa: PLC0415
-
-    return cuda_forward_channels_last, cuda_backward_channels_last
-
-
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) as a contiguous (N, H, W, C) tensor: t's storage when it is channels-last, else one tiled
-    transpose (gm.ops._lstm_cuda.to_nhwc)."""
-    from gm.ops._lstm_cuda import to_nhwc  # noqa: PLC0415
-
-    return to_nhwc(t)
 
 
 class _FusedBiLSTMChannelsLast(torch.autograd.Function):
@@ -186,16 +172,13 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
     def forward(ctx, spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out):
         (gi, go, ogi, ogo), _, _ = spec
         conv, _ = _conv_impl()
-        scan, _ = _channels_last_scans()
-        xc = _nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        scan = cuda_forward_channels_last
+        xc = to_nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
         g8 = conv(xc, w_in, b_in, "B", gi, go, "cuda").permute(0, 2, 3, 1)  # (N, H, W, 8h)
         g4 = g8.shape[3] // 2
         forward = partial(scan, g8[..., :g4], w_ss, False)
         reverse = partial(scan, g8[..., g4:], w_ss_rev, True)
-        if _concurrent(x):  # as both_directions: the reverse scan on a side stream
-            (y_f, s_f), (y_r, s_r) = _two_streams(x.device, forward, reverse, (g8, w_ss_rev))
-        else:
-            (y_f, s_f), (y_r, s_r) = forward(), reverse()
+        (y_f, s_f), (y_r, s_r) = _directions(x, forward, reverse, (g8, w_ss_rev))
         h = y_f + F.pad(y_r, (0, 0, 0, 0, 1, -1))  # (N, H, W, h): shift_down of the reverse output
         hv = h.permute(0, 3, 1, 2)
         if w_out is None:  # NCHW, as the composed ops return h (their scans' outputs are NCHW)
@@ -213,12 +196,12 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
     def backward(ctx, grad):
         (gi, go, ogi, ogo), _, _ = ctx.spec
         _, conv_bwd = _conv_impl()
-        _, scan_bwd = _channels_last_scans()
+        scan_bwd = cuda_backward_channels_last
         xc, w_in, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out = ctx.saved_tensors
         _, need_x, need_w_in, need_b_in, need_ss, need_ss_rev, need_w_out, need_b_out = ctx.needs_input_grad
         need_b_in, need_b_out = need_b_in and ctx.has_bias[0], need_b_out and ctx.has_bias[1]
         dx = dw_in = db_in = dw_out = db_out = None
-        grad_nhwc = _nhwc(grad.to(h.dtype))
+        grad_nhwc = to_nhwc(grad.to(h.dtype))
         if w_out is None:
             dh = grad_nhwc
         else:
@@ -232,10 +215,7 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
         dg8 = torch.empty(n, height, width, 8 * hid, dtype=h.dtype, device=h.device)
         forward = partial(scan_bwd, dh, dg8[..., : 4 * hid], w_ss, y_f, s_f, False)
         reverse = partial(scan_bwd, dy_r, dg8[..., 4 * hid :], w_ss_rev, y_r, s_r, True)
-        if _concurrent(xc):  # the forward's y_r and s_r live on the side stream already
-            dw_ss, dw_ss_rev = _two_streams(xc.device, forward, reverse, (dy_r, dg8))
-        else:
-            dw_ss, dw_ss_rev = forward(), reverse()
+        dw_ss, dw_ss_rev = _directions(xc, forward, reverse, (dy_r, dg8))
         dgv = dg8.permute(0, 3, 1, 2)  # (N, 8h, H, W) channels-last
         if need_x or need_w_in:
             dx_in, dw_in = conv_bwd(dgv, xc, w_in, "B", gi, go, "cuda", need_x, need_w_in)

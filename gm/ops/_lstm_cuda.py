@@ -52,6 +52,18 @@ def row_fits(hid: int, width: int, taps: int, elem: int, device_index: int) -> b
     return row_smem_bytes(hid, width, taps, elem) <= _smem_optin(device_index)
 
 
+def cuda_scan_ok(t: torch.Tensor, hid: int, fits) -> bool:
+    """auto's test for the cuda scans on gates like `t` (N, 4h, H, W): a CUDA tensor of a dtype they take (not
+    float64), an image whose saved state (5h x H x W) stays below 2^31 elements (the kernels' 32-bit offsets: they
+    refuse it), and fits(device index) for the kernels' shared memory (diagonal_fits, row_fits)."""
+    if t.device.type != "cuda" or t.dtype == torch.float64:
+        return False
+    if 5 * int(hid) * int(t.shape[2]) * int(t.shape[3]) >= 2**31:
+        return False
+    index = t.device.index
+    return fits(-1 if index is None else index)
+
+
 def _smem_optin(device_index: int) -> int:
     """Shared memory one block may opt in to on the GPU (device_index -1: the current one)."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index < 0 else device_index)

@@ -21,7 +21,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
-from gm.ops._lstm_cuda import diagonal_fits, pack_weights, precision, to_nchw, to_nhwc
+from gm.ops._lstm_cuda import cuda_scan_ok, diagonal_fits, pack_weights, precision, to_nchw, to_nhwc
 
 _OP = "gm::diagonal_lstm"
 
@@ -159,6 +159,18 @@ def _scan_backward(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, r
     )  # fmt: skip
 
 
+def _scan_weight_grad(dgates, y, w_ss, reverse: bool, n: int, height: int, width: int, gate_stride: int,
+                      stream: int) -> torch.Tensor:  # fmt: skip
+    """dw_ss in w_ss's dtype from the cuda backward's dgates and the forward's y: gate_stride 0, both NCHW; else
+    both channels-last (N, H, W, *), dgates' pixels gate_stride apart."""
+    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=dgates.device)
+    ext().diagonal_lstm_weight_grad_cuda(
+        dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, w_ss.shape[1], height, width, reverse, gate_stride,
+        dtype_code(dgates), precision(dgates.dtype, "diagonal_lstm"), stream,
+    )  # fmt: skip
+    return dw.to(w_ss.dtype)
+
+
 def _cuda_forward(gates, w_ss, reverse):
     with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU, all on one stream
         stream = stream_of(gates)
@@ -169,22 +181,15 @@ def _cuda_forward(gates, w_ss, reverse):
 
 
 def _cuda_backward(grad, gates, w_ss, y, state, reverse):
-    prec = precision(gates.dtype, "diagonal_lstm")
     n, g4, height, width = gates.shape
-    hid = g4 // 4
     dgates = torch.empty(n, height, width, g4, dtype=gates.dtype, device=gates.device)
-    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device)
-    y = y.contiguous()
     with device_guard(gates):
         stream = stream_of(gates)
         _scan_backward(to_nhwc(grad.to(gates.dtype), stream), dgates, w_ss, reverse, state.permute(0, 2, 3, 1),
                        stream)  # fmt: skip
         dgates = to_nchw(dgates, stream)  # NCHW, as the op returns it and the weight gradient reads it
-        ext().diagonal_lstm_weight_grad_cuda(
-            dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, hid, height, width, reverse, 0, dtype_code(gates),
-            prec, stream,
-        )  # fmt: skip
-    return dgates, dw.to(w_ss.dtype)
+        dw = _scan_weight_grad(dgates, y.contiguous(), w_ss, reverse, n, height, width, 0, stream)
+    return dgates, dw
 
 
 def cuda_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool):
@@ -200,16 +205,12 @@ def cuda_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: to
     """The backward of cuda_forward_channels_last: writes dgates (N, H, W, 4h) (channels-last, pixels possibly
     further apart: a direction's half of the layer's (N, H, W, 8h) gate gradients) from dy and y (N, H, W, h)
     contiguous, and returns dw_ss in w_ss's dtype from them (the weight gradient reading channels-last operands)."""
-    n, height, width, g4 = dgates.shape
-    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=dgates.device)
+    n, height, width, _ = dgates.shape
     with device_guard(dgates):
         stream = stream_of(dgates)
         _scan_backward(dy.contiguous(), dgates, w_ss, reverse, state, stream)
-        ext().diagonal_lstm_weight_grad_cuda(
-            dgates.data_ptr(), y.contiguous().data_ptr(), dw.data_ptr(), n, g4 // 4, height, width, reverse,
-            _pixel_stride(dgates, "dgates"), dtype_code(dgates), precision(dgates.dtype, "diagonal_lstm"), stream,
-        )  # fmt: skip
-    return dw.to(w_ss.dtype)
+        return _scan_weight_grad(dgates, y.contiguous(), w_ss, reverse, n, height, width,
+                                 _pixel_stride(dgates, "dgates"), stream)  # fmt: skip
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -318,16 +319,10 @@ def check_diagonal_lstm_args(gates, w_ss, reverse) -> None:
 
 
 def cuda_auto_ok(gates: torch.Tensor, hid: int) -> bool:
-    """Whether auto may pick the cuda scans for these gates: a CUDA tensor of a dtype they take (not float64) whose
-    hidden size and height fit the kernels' shared memory on its GPU, and whose image's saved state (5h x H x W)
-    stays below 2^31 elements (the kernels' 32-bit offsets)."""
-    if gates.device.type != "cuda" or gates.dtype == torch.float64:
-        return False
-    height, width = int(gates.shape[2]), int(gates.shape[3])
-    if 5 * int(hid) * height * width >= 2**31:  # the kernels' 32-bit per-image offsets (they refuse it)
-        return False
-    index = gates.device.index
-    return diagonal_fits(int(hid), height, gates.element_size(), -1 if index is None else index)
+    """Whether auto may pick the cuda scans for these gates (gm.ops._lstm_cuda.cuda_scan_ok): hidden size and height
+    within the kernels' shared memory on the gates' GPU."""
+    height, elem = int(gates.shape[2]), gates.element_size()
+    return cuda_scan_ok(gates, hid, lambda index: diagonal_fits(int(hid), height, elem, index))
 
 
 def scan_backend(backend: str | None, t: torch.Tensor, hid: int) -> str:

@@ -23,7 +23,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
-from gm.ops._lstm_cuda import pack_weights, precision, row_fits
+from gm.ops._lstm_cuda import cuda_scan_ok, pack_weights, precision, row_fits
 
 _OP = "gm::row_lstm"
 
@@ -274,16 +274,10 @@ def check_row_lstm_args(gates, w_ss, h0, c0) -> None:
 
 
 def cuda_auto_ok(gates: torch.Tensor, taps: int) -> bool:
-    """Whether auto may pick the cuda scans for these gates: a CUDA tensor of a dtype they take (not float64) whose
-    hidden size and width fit the kernels' shared memory on its GPU, and whose image's saved state (5h x H x W) stays
-    below 2^31 elements (the kernels' 32-bit offsets)."""
-    if gates.device.type != "cuda" or gates.dtype == torch.float64:
-        return False
-    hid, height, width = int(gates.shape[1]) // 4, int(gates.shape[2]), int(gates.shape[3])
-    if 5 * hid * height * width >= 2**31:
-        return False
-    index = gates.device.index
-    return row_fits(hid, width, int(taps), gates.element_size(), -1 if index is None else index)
+    """Whether auto may pick the cuda scans for these gates (gm.ops._lstm_cuda.cuda_scan_ok): hidden size and width
+    within the kernels' shared memory on the gates' GPU."""
+    hid, width, elem = int(gates.shape[1]) // 4, int(gates.shape[3]), gates.element_size()
+    return cuda_scan_ok(gates, hid, lambda index: row_fits(hid, width, int(taps), elem, index))
 
 
 def scan_backend(backend: str | None, gates: torch.Tensor, taps: int) -> str:

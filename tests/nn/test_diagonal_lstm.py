@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from gm._memory_format import format_of
-
 from gm.nn import DiagonalBiLSTM, DiagonalLSTM, color_groups
 from gm.reference.diagonal_lstm import diagonal_bilstm
 from gm.reference.diagonal_lstm import diagonal_lstm as reference_scan
 from gm.reference.masked_conv import masked_conv2d as reference_conv
-from tests._util import assert_rel, fast_backends
+from tests._util import assert_rel, composed_without_grad_or_mode, fast_backends
 
 CPU = torch.device("cpu")
 BACKENDS = ["reference", *fast_backends(CPU)]
@@ -166,16 +165,4 @@ def test_bilstm_one_node_equals_composed(backend, colors, residual, monkeypatch)
 
 def test_bilstm_one_node_only_in_plain_eager_with_grad():
     """No gradient to record, or a mode (here a torch-function mode): the composed ops run."""
-    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
-
-    class Passthrough(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    layer = DiagonalBiLSTM(3, 3, backend="cpu")
-    x = torch.randn(1, 3, 4, 4)
-    with torch.no_grad():
-        assert layer(x).grad_fn is None
-    with Passthrough():
-        y = layer(x)
-    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "_FusedBiLSTMBackward"
+    composed_without_grad_or_mode(DiagonalBiLSTM(3, 3, backend="cpu"), torch.randn(1, 3, 4, 4), "_FusedBiLSTM")

@@ -10,7 +10,7 @@ import torch
 import gm
 from gm.reference.masked_conv import masked_conv2d as ref_masked_conv2d
 from gm.reference.row_lstm import row_lstm as ref_row_lstm
-from tests._util import assert_rel, fast_backends
+from tests._util import assert_rel, composed_without_grad_or_mode, fast_backends
 
 CPU = torch.device("cpu")
 
@@ -244,19 +244,9 @@ def test_one_node_resolves_backends_as_the_ops(monkeypatch):
 
 def test_one_node_only_in_plain_eager_with_grad():
     """No gradient to record, a mode (here a torch-function mode) or torch.compile: the composed ops run."""
-    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
-
-    class Passthrough(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     layer = gm.nn.RowLSTM(3, 3, learn_init=True, backend="reference")
     x = torch.randn(1, 3, 4, 4)
-    with torch.no_grad():
-        assert layer(x).grad_fn is None
-    with Passthrough():
-        y = layer(x)
-    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "_FusedRowLSTMBackward"
+    composed_without_grad_or_mode(layer, x, "_FusedRowLSTM")
 
     ops = []
 

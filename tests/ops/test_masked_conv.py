@@ -108,9 +108,9 @@ def test_triton_int64_offsets(kh, kw, mask, monkeypatch):
     runs the int64 path on small tensors: forward, input gradient and weight gradient against the reference."""
     if "triton" not in BACKENDS:
         pytest.skip("no triton backend here")
-    from gm.kernels import masked_conv as k  # noqa: PLC0415
+    from gm.kernels import _common  # noqa: PLC0415
 
-    monkeypatch.setattr(k, "INT32_LIMIT", 0)
+    monkeypatch.setattr(_common, "INT32_LIMIT", 0)
     x, wt, b = _inputs(2, 5, 4, 7, 6, kh, kw, torch.float32)
     gy = torch.randn(2, 4, 7, 6, device=DEVICE)
     ref = _ref_and_grads(x, wt, b, mask, None, None, gy)
