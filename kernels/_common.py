@@ -24,6 +24,18 @@ TL_DTYPES = {
 }
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in host code. triton.cdiv (and triton.next_power_of_2) are constexpr functions since Triton 3.x:
+    ~1.5 us a call from the host (3.6 and 3.9), and a masked_conv forward+backward asked ~35 of them (bench/NOTES.md,
+    session 9)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1), in host code; see cdiv."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def dot_precision(dtype: torch.dtype, *, conv: bool) -> str:
     """Triton's input_precision for a float32 dot: tf32 only where torch itself would use it (cudnn.allow_tf32 for
     the convolution-like ops, cuda.matmul.allow_tf32 for the GEMMs), else tf32x3: three tf32 tensor-core products
@@ -172,11 +184,13 @@ class _FirstSuitable:
     def __init__(self, kernel, configs, prune):
         self.kernel, self.configs, self.prune = kernel, configs, prune
         self.arg_names = kernel.arg_names
+        self.last_meta = None  # the meta of the latest launch (gm.kernels._launch reads it)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}
             meta = _launch_meta((self.prune(self.configs, named) or self.configs)[0])
+            self.last_meta = meta
             g = grid({**named, **meta}) if callable(grid) else grid
             return self.kernel[g](*args, **kwargs, **meta)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED
+from gm.kernels._common import INTERPRETED, cdiv
+from gm.kernels._launch import fast
 
 
 @triton.jit
@@ -34,8 +35,8 @@ _MAX_GRID_Z = 65535
 
 
 def _transpose_into(x: torch.Tensor, out: torch.Tensor, b: int, r: int, s: int) -> torch.Tensor:
-    grid = (triton.cdiv(s, _BLOCK), triton.cdiv(r, _BLOCK), b)
-    transpose_kernel[grid](x, out, r, s, x.stride(0), BLOCK_R=_BLOCK, BLOCK_S=_BLOCK, num_warps=4)
+    grid = (cdiv(s, _BLOCK), cdiv(r, _BLOCK), b)
+    fast(transpose_kernel)[grid](x, out, r, s, x.stride(0), BLOCK_R=_BLOCK, BLOCK_S=_BLOCK, num_warps=4)
     return out
 
 
@@ -99,5 +100,6 @@ def sum_splits(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         return out
     if m >= 2**31:
         return partial.sum(0).to(out_dtype)
-    split_sum_kernel[(triton.cdiv(m, _SUM_BLOCK),)](partial, out, partial.shape[0], m, BLOCK=_SUM_BLOCK, num_warps=4)
+    grid = (cdiv(m, _SUM_BLOCK),)
+    fast(split_sum_kernel)[grid](partial, out, partial.shape[0], m, BLOCK=_SUM_BLOCK, num_warps=4)
     return out

@@ -37,7 +37,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import TL_DTYPES, acc_dtype, by_element_size, dot_precision, sigmoid, suits, tanh, tuned
+from gm.kernels._common import (
+    TL_DTYPES,
+    acc_dtype,
+    by_element_size,
+    dot_precision,
+    next_power_of_2,
+    sigmoid,
+    suits,
+    tanh,
+    tuned,
+)
+from gm.kernels._launch import fast
 from gm.kernels._layout import channels_last, nchw
 
 
@@ -251,7 +262,7 @@ _bwd, _BWD_META = tuned(diagonal_lstm_bwd_kernel, _configs(_BWD_CONFIGS), _KEY, 
 
 def _block_h(height: int) -> int:
     # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(height))
+    return max(16, next_power_of_2(height))
 
 
 def pack_weight(w_ss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +303,7 @@ def forward(
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
-    kernel[(n,)](
+    fast(kernel)[(n,)](
         _nhwc(gates), pack_weight(w_ss, gates.dtype), y, state,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
@@ -314,7 +325,7 @@ def backward(
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
     scratch = torch.empty(n, 2, hid, block_h, dtype=state.dtype, device=state.device)
     kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
-    kernel[(n,)](
+    fast(kernel)[(n,)](
         _nhwc(grad.to(w_ss.dtype)), w.transpose(2, 3).contiguous(), _nhwc(state), dgates, scratch,
         hid, height, width,
         REVERSE=reverse, ACC=acc_dtype(w_ss.dtype), PRECISION=dot_precision(w_ss.dtype, conv=True),

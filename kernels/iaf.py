@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, dot_acc, dot_precision, sigmoid, tuned
+from gm.kernels._common import INTERPRETED, acc_dtype, by_element_size, cdiv, dot_acc, dot_precision, sigmoid, tuned
+from gm.kernels._launch import fast
 from gm.kernels._layout import sum_splits
 from gm.kernels.masked_linear import masked_w_tile, row_configs
 
@@ -271,13 +272,13 @@ def step_forward(z, m, s, mode):
     else:
         blocks = dict(BLOCK_R=16, BLOCK_F=128)
         sms = sm_count(z.device)
-        row_programs = triton.cdiv(r, blocks["BLOCK_R"])
-        splits = max(1, min(triton.cdiv(4 * sms, row_programs), triton.cdiv(f, 4 * blocks["BLOCK_F"])))
-    per_split = triton.cdiv(triton.cdiv(f, splits), blocks["BLOCK_F"]) * blocks["BLOCK_F"]
-    splits = triton.cdiv(f, per_split) if f > 0 else 1
+        row_programs = cdiv(r, blocks["BLOCK_R"])
+        splits = max(1, min(cdiv(4 * sms, row_programs), cdiv(f, 4 * blocks["BLOCK_F"])))
+    per_split = cdiv(cdiv(f, splits), blocks["BLOCK_F"]) * blocks["BLOCK_F"]
+    splits = cdiv(f, per_split) if f > 0 else 1
     ld = torch.empty(splits, r, dtype=_sum_dtype(z.dtype), device=z.device)
-    grid = (triton.cdiv(r, blocks["BLOCK_R"]), splits)
-    iaf_step_fwd_kernel[grid](
+    grid = (cdiv(r, blocks["BLOCK_R"]), splits)
+    fast(iaf_step_fwd_kernel)[grid](
         z, m, s, z_new, ld, r, f, per_split, MODE=MODE_CODES[mode], ACC=acc_dtype(z.dtype), **blocks,
     )  # fmt: skip
     return z_new, sum_splits(ld, z.dtype)
@@ -288,7 +289,7 @@ def step_backward(z, m, s, gz, gl, mode):
     dz, dm, ds = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
     total = r * f
     block = 256 if INTERPRETED else 1024
-    iaf_step_bwd_kernel[(triton.cdiv(total, block),)](
+    fast(iaf_step_bwd_kernel)[(cdiv(total, block),)](
         z, m, s, gz, gl, dz, dm, ds, total, f, MODE=MODE_CODES[mode], ACC=acc_dtype(z.dtype), BLOCK=block,
         num_warps=4,
     )  # fmt: skip
@@ -299,9 +300,9 @@ def _fused_launch(kernel, meta, hidden, weight, mask_u8, bias, rows_map, block_d
     r, h = hidden.shape
     d = weight.shape[0] // 2
     def grid(meta):
-        return (triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(d, block_d),)
+        return (cdiv(r, meta["BLOCK_R"]) * cdiv(d, block_d),)
 
-    kernel[grid](
+    fast(kernel)[grid](
         hidden, weight, mask_u8, bias if bias is not None else weight, *tensors,
         *rows_map,
         r, d, h, *hidden.stride(), *weight.stride(), *mask_u8.stride(),
@@ -315,7 +316,7 @@ def made_output_forward(hidden, weight, mask_u8, bias, z, rows_map, block_d, blo
     """(z' (R, D), logdet (R,)) with [m, s] computed in registers."""
     r, d = z.shape
     z_new = torch.empty_like(z)
-    n_d = triton.cdiv(d, block_d)
+    n_d = cdiv(d, block_d)
     ld = torch.empty(n_d, r, dtype=_sum_dtype(z.dtype), device=z.device)
     _fused_launch(_fused_fwd, _FUSED_FWD_META, hidden, weight, mask_u8, bias, rows_map,
                   block_d, block_k, (z, z_new, ld), mode)  # fmt: skip

@@ -36,6 +36,7 @@ from gm.kernels._common import (
     acc_dtype,
     all_of,
     by_element_size,
+    cdiv,
     dot_precision,
     fits_smem,
     int32_offsets,
@@ -43,6 +44,7 @@ from gm.kernels._common import (
     tuned,
     wave_splits,
 )  # fmt: skip
+from gm.kernels._launch import fast
 from gm.kernels._layout import channels_last
 
 from gm._memory_format import format_of
@@ -253,9 +255,9 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip):
     x = channels_last(x)
 
     def grid(meta):
-        return (triton.cdiv(n * h * w, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+        return (cdiv(n * h * w, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"]),)
 
-    _fwd[grid](
+    fast(_fwd)[grid](
         x, packed, bias if bias is not None else packed, y,
         n, h, w, cin, cout, t,
         *y.stride(),
@@ -279,11 +281,11 @@ def _num_splits(tiles: int, pixels: int, block_p: int, element_size: int) -> int
     (gm.kernels._common.wave_splits), each split at least 16 k-steps of block_p pixels."""
     if INTERPRETED:
         return 2 if pixels > 2 * block_p else 1  # exercise the split path in tests
-    return wave_splits(tiles, triton.cdiv(pixels, block_p), element_size, min_steps=16)
+    return wave_splits(tiles, cdiv(pixels, block_p), element_size, min_steps=16)
 
 
 def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
-    return t * triton.cdiv(cin, meta["BLOCK_C"]) * triton.cdiv(cout, meta["BLOCK_O"])
+    return t * cdiv(cin, meta["BLOCK_C"]) * cdiv(cout, meta["BLOCK_O"])
 
 
 def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
@@ -312,9 +314,9 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     def grid(meta):
         splits = _num_splits(_wgrad_tiles(t, cin, cout, meta), pixels, meta["BLOCK_P"], elem)
         launched["splits"] = splits
-        return (t * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
+        return (t * cdiv(cin, meta["BLOCK_C"]), cdiv(cout, meta["BLOCK_O"]), splits)
 
-    _wgrad[grid](
+    fast(_wgrad)[grid](
         x, grad, partial,
         n, h, w, cin, cout, t,
         KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
@@ -323,7 +325,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
     bc, bo = _UNPACK_BLOCK
-    masked_conv_wgrad_unpack_kernel[(kh * kw, triton.cdiv(cin, bc), triton.cdiv(cout, bo))](
+    fast(masked_conv_wgrad_unpack_kernel)[(kh * kw, cdiv(cin, bc), cdiv(cout, bo))](
         partial, positions, keep if keep is not None else positions, dw,
         launched["splits"], t, cin, cout, kh * kw,
         HAS_KEEP=keep is not None, BLOCK_C=bc, BLOCK_O=bo, num_warps=4,

@@ -26,6 +26,7 @@ from gm.kernels._common import (
     TL_DTYPES,
     acc_dtype,
     by_element_size,
+    cdiv,
     dot_acc,
     dot_precision,
     int32_offsets,
@@ -33,6 +34,7 @@ from gm.kernels._common import (
     tuned,
     wave_splits,
 )  # fmt: skip
+from gm.kernels._launch import fast
 from gm.kernels._layout import sum_splits
 
 ACT_CODES = {None: 0, "elu": 1, "relu": 2}
@@ -293,9 +295,9 @@ def masked_gemm(a, y, weight, mask_u8, bias, tiles, *, transpose, pro_act, epi_a
     yy = y if y is not None else a
 
     def grid(meta):
-        return (triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(j_dim, block_j),)
+        return (cdiv(r, meta["BLOCK_R"]) * cdiv(j_dim, block_j),)
 
-    _gemm[grid](
+    fast(_gemm)[grid](
         a, yy, weight, mask_u8, bias if bias is not None else weight, c,
         offsets, idx, mids,
         r, i_dim, j_dim,
@@ -315,7 +317,7 @@ def _num_splits(nonempty_tiles: int, rows: int, element_size: int) -> int:
     tiles, k-steps of 64 rows (the configs take 32-128), each split at least 512 rows."""
     if INTERPRETED:
         return 2 if rows > 2 * _INTERP_ROWS else 1  # exercise the split path in tests
-    return wave_splits(max(1, nonempty_tiles), triton.cdiv(rows, 64), element_size, min_steps=8)
+    return wave_splits(max(1, nonempty_tiles), cdiv(rows, 64), element_size, min_steps=8)
 
 
 def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, block_k):
@@ -327,10 +329,10 @@ def masked_wgrad(g, y, x, mask_u8, flags, nonempty, *, act, need_bias, block_o, 
     out_dtype = g.dtype if splits == 1 else (torch.float64 if g.dtype == torch.float64 else torch.float32)
     dw = torch.empty(splits, o, k, dtype=out_dtype, device=g.device)
     db = torch.empty(splits, o, dtype=out_dtype, device=g.device) if need_bias else dw
-    per_split = triton.cdiv(r, splits)
+    per_split = cdiv(r, splits)
     yy = y if y is not None else g
-    grid = (triton.cdiv(o, block_o) * triton.cdiv(k, block_k), splits)
-    _wgrad[grid](
+    grid = (cdiv(o, block_o) * cdiv(k, block_k), splits)
+    fast(_wgrad)[grid](
         g, yy, x, mask_u8, flags, dw, db,
         r, o, k, per_split,
         *g.stride(), *yy.stride(), *x.stride(), *mask_u8.stride(),

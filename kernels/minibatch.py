@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gm.kernels._common import TL_DTYPES, acc_dtype, tuned
+from gm.kernels._common import TL_DTYPES, acc_dtype, cdiv, next_power_of_2, tuned
+from gm.kernels._launch import fast
 
 
 @triton.jit
@@ -130,9 +131,9 @@ def forward(m: torch.Tensor, exclude_self: bool) -> torch.Tensor:
     o = torch.empty(n, b, dtype=m.dtype, device=m.device)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(b, meta["BLOCK_B"]))
+        return (cdiv(n, meta["BLOCK_I"]), cdiv(b, meta["BLOCK_B"]))
 
-    _fwd[grid](
+    fast(_fwd)[grid](
         m, o, n, b, *m.stride(),
         C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), **_FWD_META,
     )  # fmt: skip
@@ -148,10 +149,10 @@ def backward(grad: torch.Tensor, m: torch.Tensor, exclude_self: bool) -> torch.T
     dm = torch.empty(n, b, c, dtype=m.dtype, device=m.device)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(b, meta["BLOCK_B"]))
+        return (cdiv(n, meta["BLOCK_I"]), cdiv(b, meta["BLOCK_B"]))
 
-    _bwd[grid](
+    fast(_bwd)[grid](
         grad, m, dm, n, b, *m.stride(),
-        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), BLOCK_C=triton.next_power_of_2(c), **_BWD_META,
+        C=c, EXCLUDE_SELF=exclude_self, ACC=acc_dtype(m.dtype), BLOCK_C=next_power_of_2(c), **_BWD_META,
     )  # fmt: skip
     return dm

@@ -38,9 +38,21 @@ import torch
 import triton
 import triton.language as tl
 from gm.kernels._common import (
-    INTERPRETED, TL_DTYPES, acc_dtype, by_element_size, dot_precision, int32_offsets, sigmoid, suits, tanh, tuned,
+    INTERPRETED,
+    TL_DTYPES,
+    acc_dtype,
+    by_element_size,
+    cdiv,
+    dot_precision,
+    int32_offsets,
+    next_power_of_2,
+    sigmoid,
+    suits,
+    tanh,
+    tuned,
     wave_splits,
 )  # fmt: skip
+from gm.kernels._launch import fast
 from gm.kernels._layout import sum_splits
 
 
@@ -380,7 +392,7 @@ def _block_w(width: int) -> int:
     """Columns per block: the whole row up to 64 (4 under the interpreter, to exercise the column loop)."""
     if INTERPRETED:
         return 4
-    return max(16, min(64, triton.next_power_of_2(width)))
+    return max(16, min(64, next_power_of_2(width)))
 
 
 def pack_weight(w_ss: torch.Tensor) -> torch.Tensor:
@@ -410,7 +422,7 @@ def forward(gates, w_ss, h0, c0):
     cs = torch.empty(n, 5 * hidden, height, width, dtype=sdt, device=gates.device)
     write_y = gates.dtype != sdt
     y = torch.empty(n, hidden, height, width, dtype=gates.dtype, device=gates.device) if write_y else hs
-    _fwd[(n,)](
+    fast(_fwd)[(n,)](
         gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
         hidden, height, width,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, WRITE_Y=write_y,
@@ -441,8 +453,8 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
     elem = dgates.element_size()
 
     def splits_for(meta):
-        tiles = triton.cdiv(four_h, meta["BLOCK_O"]) * k * triton.cdiv(hidden, meta["BLOCK_J"])
-        return _num_splits(tiles, n * triton.cdiv(height * width, meta["BLOCK_P"]), elem)
+        tiles = cdiv(four_h, meta["BLOCK_O"]) * k * cdiv(hidden, meta["BLOCK_J"])
+        return _num_splits(tiles, n * cdiv(height * width, meta["BLOCK_P"]), elem)
 
     # The split count follows the launched config (the autotuner calls grid() for every config it times, the chosen
     # one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
@@ -452,9 +464,9 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
 
     def grid(meta):
         launched["splits"] = splits_for(meta)
-        return (triton.cdiv(four_h, meta["BLOCK_O"]), k * triton.cdiv(hidden, meta["BLOCK_J"]), launched["splits"])
+        return (cdiv(four_h, meta["BLOCK_O"]), k * cdiv(hidden, meta["BLOCK_J"]), launched["splits"])
 
-    _wgrad[grid](
+    fast(_wgrad)[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
         n, hidden, height, width,
         K=k, HAS_H0=h0 is not None, WIDE=not int32_offsets(dgates, hs), ACC=acc, DOT=dot, PRECISION=precision,
@@ -473,7 +485,7 @@ def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     dcs = torch.empty(n, 2, hidden, width, dtype=hs.dtype, device=hs.device)
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
-    _bwd[(n,)](
+    fast(_bwd)[(n,)](
         dy, pack_weight(w_ss), c0 if c0 is not None else hs, cs,
         dgates, dcs, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
         hidden, height, width,
