@@ -53,7 +53,15 @@ def _spec(a):
 
 
 def _key(device: int, args: tuple, kwargs: dict) -> tuple:
-    return (device, *[a if type(a) in _PLAIN else _spec(a) for a in args], *kwargs.items())
+    tensor = torch.Tensor
+    return (
+        device,
+        *[
+            a if type(a) in _PLAIN else (a.dtype, a.data_ptr() & 15 == 0) if type(a) is tensor else _spec(a)
+            for a in args
+        ],
+        *kwargs.items(),
+    )
 
 
 def _jit_of(kernel):
