@@ -333,6 +333,8 @@ def environment(device: torch.device) -> dict:
         "commit": commit,
         # False: each Triton kernel ran its first config (GM_TRITON_AUTOTUNE=0), not the autotuner's pick.
         "triton_autotune": os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0",
+        # False: Triton's own launch path on every call (GM_TRITON_FAST_LAUNCH=0), not gm.kernels._launch.fast.
+        "triton_fast_launch": os.environ.get("GM_TRITON_FAST_LAUNCH", "1") != "0",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -39,7 +39,7 @@ def render(rows: list[dict]) -> str:
 
         # The table may draw on several runs (each (op, case, dtype) from its newest): name each run and its ops.
         def run_of(r):
-            return (r["date"], r["torch"], r["triton"], r["commit"], r.get("triton_autotune"))
+            return (r["date"], r["torch"], r["triton"], r["commit"], r.get("triton_autotune"), r.get("triton_fast_launch"))
 
         runs: dict[tuple, list[str]] = {}
         for r in sorted(dev_rows, key=lambda r: r["date"]):
@@ -49,8 +49,9 @@ def render(rows: list[dict]) -> str:
         number = {key: i + 1 for i, key in enumerate(runs)}
         lines = {}
         for key in runs:
-            date, torch_v, triton_v, commit, autotune = key
+            date, torch_v, triton_v, commit, autotune, fast_launch = key
             tuned = {False: ", Triton kernels on their first config (autotune off)"}.get(autotune, "")
+            tuned += {False: ", Triton's own launch path (fast launch off)"}.get(fast_launch, "")
             lines[key] = f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}{tuned}"
         several = len(runs) > 1
         if several:

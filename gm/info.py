@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -27,7 +28,7 @@ def info_dict() -> dict:
         "extension": "built" if ext_ok else f"missing: {ext_why}",
         "extension_cuda": "yes" if cuda_ok else f"no: {cuda_why}",
         "triton": "missing: " + triton_why if not triton_ok else _triton_version(),
-        "triton_mode": "interpreted (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled",
+        "triton_mode": "interpreted (TRITON_INTERPRET=1)" if triton_interpreted() else _triton_launch(),
     }
     if triton_ok:
         d["triton_tuned"] = _tuned_tables()
@@ -44,6 +45,13 @@ def info_dict() -> dict:
             ok, why = ext_ok, ext_why
         d[f"backend.{b}"] = "available" if ok else f"unavailable: {why}"
     return d
+
+
+def _triton_launch() -> str:
+    """Compiled mode and the launch path (gm.kernels._launch)."""
+    if os.environ.get("GM_TRITON_FAST_LAUNCH", "1") == "0":
+        return "compiled, Triton's own launch path (GM_TRITON_FAST_LAUNCH=0)"
+    return "compiled, gm's fast launch path after each launch signature's first call"
 
 
 def _tuned_tables() -> str:
