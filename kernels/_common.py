@@ -53,6 +53,21 @@ def acc_dtype(dtype: torch.dtype):
 
 # GM_TRITON_AUTOTUNE=0 launches the first config instead of autotuning (the GPU tests use it: one compile per variant).
 AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
+# Each config's timing when autotuning: warmup and repetition milliseconds for triton.testing.do_bench (Triton's
+# default, 25 and 100, spends ~0.15 s a config: ~3-5 s per kernel and launch shape over the config lists here, and
+# minutes for a benchmark run's new shapes, most of a 15-minute GPU session). GM_TRITON_AUTOTUNE_MS="25,100" restores
+# it.
+AUTOTUNE_MS = tuple(float(v) for v in os.environ.get("GM_TRITON_AUTOTUNE_MS", "10,40").split(","))
+
+
+def autotune_bench(kernel_call, quantiles):
+    """The autotuner's timing of one config (Autotuner's do_bench): triton.testing.do_bench with AUTOTUNE_MS."""
+    import triton.testing  # noqa: PLC0415
+
+    warmup, rep = AUTOTUNE_MS
+    return triton.testing.do_bench(kernel_call, warmup=warmup, rep=rep, quantiles=quantiles)
+
+
 # GM_TRITON_TUNED=0 ignores the shipped tables of autotuner picks (TUNED_DIR/<device slug>.json): every launch shape
 # is autotuned again (how a GPU run measures fresh picks for `python -m bench.tuned`).
 TUNED = os.environ.get("GM_TRITON_TUNED", "1") != "0"
@@ -84,8 +99,9 @@ def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=N
 
         by = {"early_config_prune": early_prune}
     if not TUNED:
-        return triton.autotune(configs, key=key, prune_configs_by=by)(kernel), {}
-    return _table_autotuner()(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=by), {}
+        return triton.autotune(configs, key=key, prune_configs_by=by, do_bench=autotune_bench)(kernel), {}
+    return _table_autotuner()(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=by,
+                              do_bench=autotune_bench), {}  # fmt: skip
 
 
 def kernel_name(kernel) -> str:

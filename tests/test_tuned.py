@@ -401,3 +401,17 @@ def test_gpu_shipped_pick_is_launched_untimed(monkeypatch):
     out = km.forward(m, True)
     torch.cuda.synchronize()
     assert timed == [] and torch.isfinite(out).all()
+
+
+def test_autotuner_times_configs_with_gms_do_bench(gpu_table, monkeypatch):
+    """Autotuning times each config with triton.testing.do_bench at AUTOTUNE_MS (10 ms warm-up, 40 ms of repetitions
+    unless GM_TRITON_AUTOTUNE_MS says otherwise), not Triton's 25 and 100."""
+    import triton.testing  # noqa: PLC0415
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(kw) or [1.0, 1.0, 1.0])
+    launchable = gpu_table.make()
+    assert launchable.do_bench is _common.autotune_bench
+    launchable.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
+    assert calls == [dict(warmup=_common.AUTOTUNE_MS[0], rep=_common.AUTOTUNE_MS[1], quantiles=(0.5, 0.2, 0.8))]
+    assert _common.AUTOTUNE_MS == (10.0, 40.0) or "GM_TRITON_AUTOTUNE_MS" in __import__("os").environ
