@@ -251,18 +251,9 @@ def wave_splits(tiles: int, steps: int, element_size: int, min_steps: int) -> in
     whole GPU). The waves are the point: the earlier rule, "enough splits for two programs
     per SM", launched 288 programs on 264 slots (7x7 mask-A weight gradient, C=256, bf16) or 265 (3x3 mask B,
     C=128): a second wave of 24 or 1 programs that took as long as the first."""
-    from gm._ext import sm_count  # noqa: PLC0415
+    from gm._ext import _reduction_splits, sm_count  # noqa: PLC0415  (_reduction_splits is cached)
 
     slots = sm_count(torch.cuda.current_device()) * (2 if element_size <= 2 else 1)
-    return _splits_for_slots(tiles, steps, slots, min_steps)
-
-
-@functools.lru_cache(maxsize=4096)
-def _splits_for_slots(tiles: int, steps: int, slots: int, min_steps: int) -> int:
-    # Cached: launchers ask for every config of a launch (the grid functions and the partial-sum buffers' size), a
-    # few dozen times per forward+backward of a layer.
-    from gm._ext import _reduction_splits  # noqa: PLC0415
-
     return _reduction_splits(tiles, steps, slots, 1, min_steps, SPLIT_FIXED_STEPS, cap=2 * slots)
 
 
