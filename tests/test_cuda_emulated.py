@@ -284,18 +284,96 @@ def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_forma
     fused_and_composed(layer, x, monkeypatch, dl, node, summed)
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_row_lstm_layer_one_node_equals_composed(gemm, residual, monkeypatch):
-    """RowLSTM's one-node path (gm.nn.row_lstm.FUSED_LAYER) on backend="cuda", with a learned initial state, gives
-    the bits of the composed ops: output and every gradient, for each subset of wanted gradients."""
+# (residual, learn_init, dtype, x's memory format, x's shape (N, 6, H, W), hidden): odd sizes among them (N = 1,
+# H = 1, W = 1, h = 3: one m16 tile of 16 padded units).
+ROW_LAYER_CASES = [
+    (True, True, torch.bfloat16, torch.contiguous_format, (2, 6, 5, 7), 9),
+    (False, True, torch.bfloat16, torch.contiguous_format, (2, 6, 5, 7), 9),
+    (True, False, torch.float32, torch.channels_last, (2, 6, 5, 7), 9),
+    (False, False, torch.float32, torch.channels_last, (2, 6, 5, 7), 9),
+    (True, True, torch.float32, torch.contiguous_format, (1, 6, 1, 5), 3),
+    (True, False, torch.bfloat16, torch.channels_last, (2, 6, 4, 1), 3),
+    (False, True, torch.bfloat16, torch.channels_last, (1, 6, 3, 1), 9),
+]
+
+
+@pytest.mark.parametrize("channels_last_node", [True, False], ids=["channels-last node", "converting node"])
+@pytest.mark.parametrize(("residual", "learn_init", "dtype", "x_format", "shape", "hidden"), ROW_LAYER_CASES)
+def test_row_lstm_layer_one_node_equals_composed(gemm, residual, learn_init, dtype, x_format, shape, hidden,
+                                                 channels_last_node, monkeypatch):  # fmt: skip
+    """RowLSTM's one-node path (gm.nn.row_lstm.FUSED_LAYER) on backend="cuda" gives the bits of the composed ops,
+    output and every gradient in the same memory format, for each subset of wanted gradients: both the channels-last
+    node (the scan reading the input conv's (N, H, W, 4h) output in place and writing y, its state and the gate
+    gradient channels-last, the weight gradient reading them so) and the one that calls the ops' implementations
+    (CHANNELS_LAST=False). The input conv's bias gradient, a sum over the gate gradients in another layout (another
+    order), to rounding."""
+    from gm.nn import row_lstm as rl  # noqa: PLC0415
     from tests.nn.test_row_lstm import one_node_equals_composed  # noqa: PLC0415
 
+    monkeypatch.setattr(rl, "CHANNELS_LAST", channels_last_node)
     torch.manual_seed(0)
-    layer = gm.nn.RowLSTM(6, 9, colors=3, residual=residual, learn_init=True, backend="cuda").to(torch.bfloat16)
+    layer = gm.nn.RowLSTM(6, hidden, colors=3, residual=residual, learn_init=learn_init, backend="cuda").to(dtype)
     with torch.no_grad():
-        layer.h0.normal_()
-        layer.c0.normal_()
-    one_node_equals_composed(layer, torch.randn(2, 6, 5, 7).to(torch.bfloat16), monkeypatch)
+        for p in layer.parameters():  # non-zero initial state and biases, so each gradient is a real one
+            if p.dim() == 1:
+                p.normal_()
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=x_format)
+    node = "_FusedRowLSTMChannelsLast" if channels_last_node else "_FusedRowLSTM"
+    # the input conv's bias gradient sums the gate gradients, channels-last here and NCHW in the composed ops
+    summed = ("input_to_state.bias",) if channels_last_node else ()
+    one_node_equals_composed(layer, x, monkeypatch, node=node, summed=summed)
+
+
+# (N, h, H, W, k, initial state, dtype): a two-chunk width with several m16 tiles; H = 1 with k = 5; W = 1 with
+# k = 1 (the weight gradient's taps then all but one off the image); 3xTF32 and TF32.
+ROW_CL_CASES = [
+    ((2, 9, 4, 6, 3, True), torch.bfloat16),
+    ((1, 33, 2, 37, 3, True), torch.bfloat16),
+    ((1, 3, 1, 5, 5, False), "3xtf32"),
+    ((2, 8, 3, 1, 1, True), "tf32"),
+]
+
+
+@pytest.mark.parametrize(("case", "dtype"), ROW_CL_CASES, ids=[f"{d}-{c}" for c, d in ROW_CL_CASES])
+def test_row_lstm_channels_last_scan_equals_the_op(gemm, case, dtype, monkeypatch):
+    """gm.ops.row_lstm.cuda_forward_channels_last / cuda_backward_channels_last (the scans in their channels-last
+    layout, as gm.nn.RowLSTM's one-node path calls them) against the op's cuda scans on the same values in NCHW: y,
+    the saved state, dgates, dw, dh0, dc0 bit for bit, from gates that are a channel slice of a wider tensor (pixels
+    4h + 8 apart) and into a gate gradient that is one (the kernels' gate_stride), writing nothing outside it (NaN
+    poison); a gate stride under 4h is refused by the kernels' launcher."""
+    from gm.ops.row_lstm import (  # noqa: PLC0415
+        _row_lstm_backward_impl,
+        _row_lstm_impl,
+        cuda_backward_channels_last,
+        cuda_forward_channels_last,
+    )
+
+    dtype = _precision(dtype, monkeypatch)
+    n, hid, height, width, k, init = case
+    torch.manual_seed(3)
+    wide = torch.randn(n, height, width, 4 * hid + 8).to(dtype)
+    gates_cl = wide[..., 5 : 5 + 4 * hid]  # (N, H, W, 4h), pixels 4h + 8 apart
+    w = (torch.randn(4 * hid, hid, k) / (hid * k) ** 0.5).to(dtype)
+    h0, c0 = (torch.randn(n, hid, width).to(dtype) if init else None for _ in range(2))
+    dy = torch.randn(n, hid, height, width).to(dtype)
+    gates = gates_cl.permute(0, 3, 1, 2).contiguous()
+    y, hs, cs = _row_lstm_impl(gates, w, h0, c0, "cuda")
+    hs = y if hs.numel() == 0 else hs  # the op's float32 state is y itself
+    y_cl, hs_cl, cs_cl = cuda_forward_channels_last(gates_cl, w, h0, c0)
+    for name, got, want in (("y", y_cl, y), ("hs", hs_cl, hs), ("cs", cs_cl, cs)):
+        assert got.is_contiguous() and torch.equal(got.permute(0, 3, 1, 2), want), name
+    dgates, dw, dh0, dc0 = _row_lstm_backward_impl(dy, gates, w, h0, c0, hs, cs, "cuda", True)
+    dwide = torch.full_like(wide, float("nan"))
+    dg_cl = dwide[..., 3 : 3 + 4 * hid]
+    grads = cuda_backward_channels_last(dy.permute(0, 2, 3, 1), dg_cl, w, h0, c0, hs_cl, cs_cl, True)
+    assert torch.equal(dg_cl.permute(0, 3, 1, 2), dgates), "dgates"
+    assert dwide[..., :3].isnan().all() and dwide[..., 3 + 4 * hid :].isnan().all(), "written outside its slice"
+    for name, got, want in zip(("dw", "dh0", "dc0"), grads, (dw, dh0, dc0), strict=True):
+        assert (got is None) == (want.numel() == 0), name
+        assert got is None or (got.dtype == want.dtype and torch.equal(got, want)), name
+    with pytest.raises(ValueError, match="gate_stride must be at least 4h"):
+        gemm.row_lstm_forward_cuda(gates_cl.data_ptr(), 0, 0, 0, 0, 0, 0, n, hid, height, width, k, 4 * hid - 1,
+                                   gm._ext.dtype_code(gates_cl), 0, 0)  # fmt: skip
 
 
 @pytest.mark.parametrize("model_name", ["pixelcnn", "rowlstm", "diagonal_bilstm"])
@@ -307,14 +385,17 @@ def test_models(gemm, model_name):
     compare_model(model_name, "tiny-rgb", "cuda", torch.float32, CPU, shape=(1, 5, 4))
 
 
-def test_diagonal_bilstm_model_channels_last_on_cuda(gemm):
-    """The Diagonal BiLSTM model on backend="cuda" runs channels-last (its channels_last property): every layer takes
-    and returns channels-last activations and gradients and runs the channels-last one-node path; on the cpu
-    backend it stays NCHW."""
+@pytest.mark.parametrize(("model_name", "node"), [("diagonal_bilstm", "_FusedBiLSTMChannelsLast"),
+                                                  ("rowlstm", "_FusedRowLSTMChannelsLast")])  # fmt: skip
+def test_pixelrnn_model_channels_last_on_cuda(gemm, model_name, node):
+    """The PixelRNN models on backend="cuda" run channels-last (their channels_last property): every layer takes
+    and returns channels-last activations and gradients and runs the channels-last one-node path; on the cpu and
+    triton backends they stay NCHW."""
     from gm import models as M  # noqa: PLC0415
 
-    assert not M.get("diagonal_bilstm", "tiny", backend="cpu").channels_last
-    model = M.get("diagonal_bilstm", "tiny-rgb", backend="cuda")
+    for backend in set(util.fast_backends(CPU)) - {"cuda"}:  # cpu, triton (interpreted) where they run here
+        assert not M.get(model_name, "tiny", backend=backend).channels_last
+    model = M.get(model_name, "tiny-rgb", backend="cuda")
     assert model.channels_last
     seen = []
 
@@ -328,7 +409,7 @@ def test_diagonal_bilstm_model_channels_last_on_cuda(gemm):
         layer.register_forward_hook(hook)
     x = torch.randint(0, 256, (2, 3, 5, 4)).float()
     model.loss(x).backward()
-    assert seen[: len(model.layers)] == [(True, True, "_FusedBiLSTMChannelsLastBackward")] * len(model.layers)
+    assert seen[: len(model.layers)] == [(True, True, f"{node}Backward")] * len(model.layers)
     assert seen[len(model.layers) :] == [("grad", True)] * len(model.layers)
 
 

@@ -223,7 +223,8 @@ void dispatch(const char* op, int dtype, int precision, Args... args) {
 //   dw[o, i, t] = sum over pixels p = (n, r, w) of dz[n, o, r, w] * src[n, i, r + dr(t), w + dc(t)]
 // with src zero outside the image, except that row -1 reads init[n, i, w + dc(t)] when init is given (row_lstm's h0).
 // Taps: row_lstm (kind 0): dr = -1, dc = t - k/2 for t < k; diagonal_lstm (kind 1): t = 0 the pixel above (-1, 0),
-// t = 1 the left one in scan order (0, -1), or (0, +1) when reversed. dz, src, init NCHW; dw (4h, h, taps) float32,
+// t = 1 the left one in scan order (0, -1), or (0, +1) when reversed. dz, src NCHW (or channels-last: kNhwc below),
+// init (N, h, W) in either; dw (4h, h, taps) float32,
 // zeroed here and accumulated with atomics over pixel splits (blockIdx.z). A block computes a 64 (o) x 64 (i) tile of
 // ONE tap t over chunks of 32 pixels, gathered (with the tap's shift and the conversion to T) into shared memory by
 // plain loads; 4 warps of 32 x 32. One tap per block makes the shift, the bounds and the source offset a per-pixel
@@ -253,10 +254,12 @@ constexpr size_t wgrad_smem_bytes() {
   return 2 * 64 * (32 * sizeof(T) + 16);
 }
 
-// kNhwc: dz and src channels-last, (N, H, W, *) with pixel strides a.dz_stride and a.src_stride (the Diagonal
-// BiLSTM's channels-last path: dz a direction's half of the layer's (N, H, W, 8h) gate gradients); else NCHW. Each
-// thread then gathers 16 consecutive channels of its pixel (rows 16 rg .. 16 rg + 15 of the tiles) instead of every
-// fourth: the same tiles in shared memory, so the MMAs and the sums are the NCHW variant's.
+// kNhwc: dz and src channels-last, (N, H, W, *) with pixel strides a.dz_stride and a.src_stride (the PixelRNN layers'
+// channels-last paths: dz the Row LSTM's (N, H, W, 4h) gate gradients and src its float32 hs, or dz a direction's
+// half of the Diagonal BiLSTM's (N, H, W, 8h) ones and src its y); else NCHW. Each thread then gathers 16
+// consecutive channels of its pixel (rows 16 rg .. 16 rg + 15 of the tiles) instead of every fourth: the same tiles
+// in shared memory, so the MMAs and the sums are the NCHW variant's. The row -1 of kInit (the Row LSTM's h0) reads
+// init (N, h, W) as the NCHW variant does, each thread its 16 channels (init is not in the hot path: one row of H).
 template <typename T, typename S, Precision P, bool kInit, bool kNhwc = false>
 __global__ void __launch_bounds__(128, 3)
     lstm_wgrad_tc(const T* __restrict__ dz, const S* __restrict__ src, const T* __restrict__ init,
@@ -287,6 +290,16 @@ __global__ void __launch_bounds__(128, 3)
   // one pixel decomposition and one tap shift per chunk, 32 independent loads in flight, coalesced along pixels.
   const int c = lane, rg = warp;
   float va[kRowsPerThread], vb[kRowsPerThread];
+  // kInit: row -1 reads the initial state (row_lstm's h0, (N, h, W) in both variants), one image row in H: a rare
+  // branch. The k-th value of this thread is tile row row0 + step * k (rg + 4 k NCHW, 16 rg + k channels-last).
+  auto from_init = [&](int64_t n, int ww, int row0, int step) {
+    const T* init_n = init + n * a.hid * a.width + ww;
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int i = i0 + row0 + step * k;
+      vb[k] = i < a.hid ? mma::to_float(init_n[int64_t(i) * a.width]) : 0.f;
+    }
+  };
   // Loads are unconditional from a valid address (the image's first element where the value is a zero) and
   // selected after, so the gather compiles to straight-line code: no branch per element.
   auto gather = [&](int64_t p0) {
@@ -310,6 +323,9 @@ __global__ void __launch_bounds__(128, 3)
         va[k] = take_a ? x : 0.f;
         vb[k] = take_b ? y : 0.f;
       }
+      if constexpr (kInit) {
+        if (in && rr < 0) from_init(n, ww, kRowsPerThread * rg, 1);
+      }
       return;
     }
     const T* dz_n = dz + n * m_rows * hw + pix;
@@ -323,15 +339,8 @@ __global__ void __launch_bounds__(128, 3)
       va[k] = take_a ? x : 0.f;
       vb[k] = take_b ? y : 0.f;
     }
-    if constexpr (kInit) {  // row -1 reads the initial state (row_lstm's h0): one image row in H, a rare branch
-      if (in && rr < 0) {
-        const T* init_n = init + n * a.hid * a.width + ww;
-#pragma unroll
-        for (int k = 0; k < kRowsPerThread; ++k) {
-          const int i = i0 + rg + 4 * k;
-          vb[k] = i < a.hid ? mma::to_float(init_n[int64_t(i) * a.width]) : 0.f;
-        }
-      }
+    if constexpr (kInit) {
+      if (in && rr < 0) from_init(n, ww, rg, 4);
     }
   };
   if (start < end) gather(start);
@@ -369,7 +378,8 @@ __global__ void __launch_bounds__(128, 3)
 }
 
 // Launch: dw zeroed, pixel splits sized to fill 3 blocks per SM (132 SMs assumed for the split count only; the
-// kernel is bounded to 168 registers a thread for 3 resident blocks), at least 256 pixels each.
+// kernel is bounded to 168 registers a thread for 3 resident blocks), at least 256 pixels each. nhwc: the kNhwc
+// variant (a.dz_stride and a.src_stride set), with or without init as the NCHW one.
 template <typename T, typename S, Precision P>
 void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream,
                   bool nhwc = false) {
@@ -384,10 +394,11 @@ void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs
   a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
   const dim3 grid(static_cast<unsigned>(x_tiles), static_cast<unsigned>((m_rows + 63) / 64),
                   static_cast<unsigned>((pixels + a.per_split - 1) / a.per_split));
-  if (nhwc) {
-    if (init != nullptr) throw std::invalid_argument("gm lstm_wgrad_tc: channels-last operands take no initial state");
+  if (nhwc && init != nullptr)
+    lstm_wgrad_tc<T, S, P, true, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
+  else if (nhwc)
     lstm_wgrad_tc<T, S, P, false, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
-  } else if (init != nullptr)
+  else if (init != nullptr)
     lstm_wgrad_tc<T, S, P, true><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);
   else
     lstm_wgrad_tc<T, S, P, false><<<grid, 128, wgrad_smem_bytes<T>(), stream>>>(dz, src, init, dw, a);

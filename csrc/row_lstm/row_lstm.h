@@ -74,14 +74,17 @@ void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* h0, const
 namespace gm {
 namespace row_lstm {
 // CUDA backend (row_lstm_cuda.cu), tensor cores: gates, h0, c0, dy, y, dgates in the input dtype (f32, f16, bf16:
-// the dtype code of gm/_ext.py); hs (N, h, H, W), cs (N, 5h, H, W) = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
-// dw, dh0, dc0 in float32; y may equal hs (float32). a_pack: w_ss packed by gm/ops/_lstm_cuda.py (the forward's or
-// the backward's form); precision: common/precision.h.
+// the dtype code of gm/_ext.py); hs, cs = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)], dw, dh0, dc0 in float32;
+// y may equal hs (float32). a_pack: w_ss packed by gm/ops/_lstm_cuda.py (the forward's or the backward's form);
+// precision: common/precision.h. gate_stride 0: gates, dgates (N, 4h, H, W), y, dy, hs (N, h, H, W), cs (N, 5h, H,
+// W); else channels-last: gates (forward) or dgates (backward) (N, H, W, 4h) with pixels gate_stride >= 4h elements
+// apart, y, dy, hs (N, H, W, h), cs (N, H, W, 5h) (gm.nn.RowLSTM's channels-last path). h0, c0, dh0, dc0 (N, h, W).
 void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, int precision, std::uintptr_t stream);
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int64_t gate_stride, int dtype, int precision,
+                  std::uintptr_t stream);
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                    std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                   Shape s, int dtype, int precision, std::uintptr_t stream);
+                   Shape s, int64_t gate_stride, int dtype, int precision, std::uintptr_t stream);
 }  // namespace row_lstm
 }  // namespace gm
 #endif

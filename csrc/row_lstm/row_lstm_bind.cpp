@@ -51,15 +51,18 @@ void backward_cpu_entry(U dy, U g, U w, U h0, U c0, U hs, U cs, U dg, U dw, U dh
 }
 
 #ifdef GM_WITH_CUDA
+// gate_stride 0: the NCHW layouts; else channels-last, the gates' (backward: dgates') pixels that far apart.
 void forward_cuda_entry(U g, U a_pack, U h0, U c0, U y, U hs, U cs, int64_t n, int64_t hidden, int64_t height,
-                        int64_t width, int64_t k, int dtype, int precision, U stream) {
-  forward_cuda(g, a_pack, h0, c0, y, hs, cs, make_shape(n, hidden, height, width, k), dtype, precision, stream);
+                        int64_t width, int64_t k, int64_t gate_stride, int dtype, int precision, U stream) {
+  forward_cuda(g, a_pack, h0, c0, y, hs, cs, make_shape(n, hidden, height, width, k), gate_stride, dtype, precision,
+               stream);
 }
 
 void backward_cuda_entry(U dy, U a_pack, U h0, U c0, U hs, U cs, U dg, U dw, U dh0, U dc0, int64_t n, int64_t hidden,
-                         int64_t height, int64_t width, int64_t k, int dtype, int precision, U stream) {
-  backward_cuda(dy, a_pack, h0, c0, hs, cs, dg, dw, dh0, dc0, make_shape(n, hidden, height, width, k), dtype,
-                precision, stream);
+                         int64_t height, int64_t width, int64_t k, int64_t gate_stride, int dtype, int precision,
+                         U stream) {
+  backward_cuda(dy, a_pack, h0, c0, hs, cs, dg, dw, dh0, dc0, make_shape(n, hidden, height, width, k), gate_stride,
+                dtype, precision, stream);
 }
 #endif
 

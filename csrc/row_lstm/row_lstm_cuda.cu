@@ -14,13 +14,21 @@
 //             recomputed; dc passes up a column through a per-cell shared slot; a warp pair splits each item's GEMM
 //             by K (row_lstm_bwd_tc). After row 0, dh0 is one more product over dz_0, dc0 the slots.
 // A is packed by gm/ops/_lstm_cuda.py in fragment order and read from global memory (L1-resident at h <= 64).
-// Layouts (NCHW): gates, dgates (N, 4h, H, W), y, dy (N, h, H, W) in the input dtype; hs (N, h, H, W) float32 (h
-// before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)],
-// the triton backend's layout. bfloat16/float16 on m16n8k16 (activations by tanh.approx), float32 on tf32 m16n8k8
-// when torch allows tf32 for convolutions, else 3xTF32.
+// Layouts, one of two per call (kNhwc, a template argument of both scans):
+//   NCHW (the op gm.ops.row_lstm): gates, dgates (N, 4h, H, W), y, dy (N, h, H, W) in the input dtype; hs (N, h, H,
+//     W) float32 (h before rounding; y is hs for float32); cs (N, 5h, H, W) float32 = [c, sig(z_i), sig(z_f),
+//     sig(z_o), tanh(z_g)], the triton backend's layout.
+//   channels-last (gm.nn.RowLSTM's one-node path on cuda, which keeps its convolutions' operands NHWC): gates and
+//     dgates (N, H, W, 4h) with pixels g.gs >= 4h elements apart (the layer's own conv output: 4h), y, dy, hs
+//     (N, H, W, h), cs (N, H, W, 5h) (the diagonal scans' state layout). A thread's cells are one unit at 8 columns,
+//     and the 8 lanes of a quad column hold 8 consecutive units: per-pixel contiguous units make each of a warp's
+//     state and gate accesses 4 pixel segments of 8 units instead of 8 unit rows of 4 columns.
+//   h0, c0 (N, h, W) and dh0, dc0 (N, h, W) float32 in both (read or written once per image).
+// bfloat16/float16 on m16n8k16 (activations by tanh.approx), float32 on tf32 m16n8k8 when torch allows tf32 for
+// convolutions, else 3xTF32.
 // dw_ss[o, i, t] = sum over pixels of dz[o, p] h_{r-1}[i, w + t - k/2]: a (4h x P) @ (P x h*k) GEMM on tensor cores
-// (lstm_tc::lstm_wgrad_tc: h_{r-1} gathered with the tap shifts from hs and h0, pixels split over gridDim.z with
-// atomicAdd into a zeroed float buffer).
+// (lstm_tc::lstm_wgrad_tc, kind 0: h_{r-1} gathered with the tap shifts from hs and h0, in the scans' layout (its
+// kNhwc variant channels-last), pixels split over gridDim.z with atomicAdd into a zeroed float buffer).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -44,8 +52,22 @@ using mma::to_float;
 
 struct Geometry {
   int hid, hp, height, width, k, chunks;  // chunks: 32-column groups
+  int gs;  // elements from one pixel's gates (forward) or gate gradients (backward) to the next's, channels-last;
+           // 4h in the NCHW layout (where an image's gates are then hw * gs elements, as channels-last)
   __device__ int cols() const { return kItemRows * chunks; }
   __device__ int pad() const { return k / 2; }
+};
+
+// Element offsets inside one image in either layout, 32-bit (make_geometry bounds every image's tensors below 2^31
+// elements): channel c of pixel p at c * hw + p NCHW, at p * pixel_stride + c channels-last (pixel_stride: the
+// tensor's channels per pixel, or gs for the gates).
+template <bool kNhwc>
+struct ImageOffsets {
+  int hw;
+  __device__ int at(int channel, int pix, int pixel_stride) const {
+    return kNhwc ? pix * pixel_stride + channel : channel * hw + pix;
+  }
+  __device__ int channel_step() const { return kNhwc ? 1 : hw; }  // from one channel of a pixel to the next
 };
 
 template <typename T>
@@ -53,7 +75,7 @@ __device__ __forceinline__ float to_state(const T* p, int64_t i) {
   return p != nullptr ? to_float(p[i]) : 0.f;
 }
 
-template <typename T, Precision P>
+template <typename T, Precision P, bool kNhwc>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     row_lstm_fwd_tc(const T* __restrict__ gates, const uint4* __restrict__ a_pack, const T* __restrict__ h0,
                     const T* __restrict__ c0, T* __restrict__ y, float* __restrict__ hs, float* __restrict__ cs,
@@ -67,7 +89,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   zero_shared(smem_raw, 2 * buf_bytes + cols * c_stride * 4);
   __syncthreads();
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
-  const int hw_i = static_cast<int>(hw);
+  const ImageOffsets<kNhwc> im{static_cast<int>(hw)};
+  const int block = hid * im.channel_step();  // from gate block q (or cs value q) to q + 1
   // h_{-1} = h0 (rounded to the dot dtype) and c_{-1} = c0, or zero.
   T* s0 = reinterpret_cast<T*>(smem_raw);
   for (int e = threadIdx.x; e < hid * W; e += blockDim.x) {
@@ -77,7 +100,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
   __syncthreads();
 
-  const T* gates_n = gates + n * 4 * hid * hw;
+  const T* gates_n = gates + n * hw * g.gs;
   float* hs_n = hs + n * hid * hw;
   float* cs_n = cs + n * 5 * hid * hw;
   T* y_n = y != nullptr ? y + n * hid * hw : nullptr;
@@ -101,9 +124,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         for (int e = 0; e < 2; ++e) {
           const int col = col0 + 8 * j + 2 * tq + e;
           const bool in = real && col < W;
-          const T* at = gates_n + (in ? unit * hw_i + plane + col : 0);
+          const T* at = gates_n + (in ? im.at(unit, plane + col, g.gs) : 0);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * hid * hw_i)) : 0.f;  // read once
+          for (int q = 0; q < 4; ++q) gv[q][j][e] = in ? to_float(__ldcs(at + q * block)) : 0.f;  // read once
         }
       float acc[2][4][4];
       // Tap t reads column col + t - k/2, at buffer row col + t.
@@ -124,15 +147,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
             const float c = s_f * *c_at + s_i * t_g;
             h = s_o * act_tanh<T>(c);
             *c_at = c;
-            const int at = unit * hw_i + plane + col;
+            const int at = im.at(unit, plane + col, hid);
             hs_n[at] = h;
             if (y_n != nullptr) y_n[at] = from_float<T>(h);
-            float* st = cs_n + at;
+            float* st = cs_n + im.at(unit, plane + col, 5 * hid);
             st[0] = c;
-            st[hid * hw_i] = s_i;
-            st[2 * hid * hw_i] = s_f;
-            st[3 * hid * hw_i] = s_o;
-            st[4 * hid * hw_i] = t_g;
+            st[block] = s_i;
+            st[2 * block] = s_f;
+            st[3 * block] = s_o;
+            st[4 * block] = t_g;
           }
           wr[(pad + col) * row_elems + unit] = from_float<T>(h);
         }
@@ -144,7 +167,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // Backward items (16 units x 32 columns) run on warp pairs splitting the row's GEMM by K (half of every tap's
 // k-steps each, lstm_tc::half_k_gemm): the two exchange the partial dh of the columns the other finishes through
 // shared memory, and each finishes 16 of the item's 32 columns, its cells' saved state loaded before the GEMM.
-template <typename T, Precision P>
+template <typename T, Precision P, bool kNhwc>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     row_lstm_bwd_tc(const T* __restrict__ dy, const uint4* __restrict__ a_pack, const T* __restrict__ c0,
                     const float* __restrict__ cs, T* __restrict__ dgates, float* __restrict__ dh0,
@@ -160,10 +183,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   __syncthreads();
 
   const int64_t n = blockIdx.x, hw = int64_t(g.height) * W;
-  const int hw_i = static_cast<int>(hw);
+  const ImageOffsets<kNhwc> im{static_cast<int>(hw)};
+  const int row_above = kNhwc ? W * 5 * hid : W;  // from a pixel's cs to that of the pixel above
+  // (The gate-block stride hid * im.channel_step() is written out where used: hoisted as the forward's `block`, it
+  // cost the NCHW backward 26 SASS instructions a row, sm_90 bf16.)
   const T* dy_n = dy + n * hid * hw;
   const float* cs_n = cs + n * 5 * hid * hw;
-  T* dg_n = dgates + n * 4 * hid * hw;
+  // (NCHW: n 4h hw in the order the kernel had before its channels-last variant, whose SASS is then as it was)
+  T* dg_n = dgates + (kNhwc ? n * hw * g.gs : n * 4 * hid * hw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int gq = lane >> 2, tq = lane & 3;
   const int tiles = hp / 16, items = tiles * g.chunks, pairs = lstm_tc::bwd_pairs(items);
@@ -192,12 +219,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           for (int e = 0; e < 2; ++e) {
             const int unit = tile * 16 + gq + 8 * half, col = col0 + 8 * (2 * kh + jj) + 2 * tq + e;
             const bool ok = active && unit < hid && col < W;
-            const int at = ok ? unit * hw_i + plane + col : 0;
-            const float* st = cs_n + at;
+            const float* st = cs_n + (ok ? im.at(unit, plane + col, 5 * hid) : 0);
+            const int at_dy = ok ? im.at(unit, plane + col, hid) : 0;
 #pragma unroll
-            for (int q = 0; q < 5; ++q) in[half][jj][e][q] = ok ? st[q * hid * hw_i] : 0.f;
-            in[half][jj][e][5] = !ok ? 0.f : r > 0 ? st[-W] : to_state(c0, (n * hid + unit) * W + col);
-            in[half][jj][e][6] = ok ? to_float(dy_n[at]) : 0.f;
+            for (int q = 0; q < 5; ++q) in[half][jj][e][q] = ok ? st[q * hid * im.channel_step()] : 0.f;
+            in[half][jj][e][5] = !ok ? 0.f : r > 0 ? st[-row_above] : to_state(c0, (n * hid + unit) * W + col);
+            in[half][jj][e][6] = ok ? to_float(dy_n[at_dy]) : 0.f;
           }
       float acc[1][4][4];
       if (active) {
@@ -219,9 +246,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
               float dz[4] = {0.f, 0.f, 0.f, 0.f};
               if (unit < hid && col < W) {
                 *dc_at = lstm_tc::cell_backward<T>(in[half][jj][e], dh_acc[jj][2 * half + e], *dc_at, dz);
-                const int at = unit * hw_i + plane + col;
+                const int at = im.at(unit, plane + col, g.gs);
 #pragma unroll
-                for (int q = 0; q < 4; ++q) dg_n[at + q * hid * hw_i] = from_float<T>(dz[q]);
+                for (int q = 0; q < 4; ++q) dg_n[at + q * hid * im.channel_step()] = from_float<T>(dz[q]);
               }
               T* row = wr + (pad + col) * row_elems + unit;
 #pragma unroll
@@ -256,14 +283,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // ---------------------------------------------------------------------------------------------------------------
 // Launch.
 
-Geometry make_geometry(const Shape& s) {
-  if (5 * s.hidden * s.height * s.width >= (int64_t(1) << 31))
+// gate_stride 0: the NCHW layout; else channels-last with that pixel stride (see forward_cuda).
+Geometry make_geometry(const Shape& s, int64_t gate_stride) {
+  const int64_t pixels = s.height * s.width;
+  if (5 * s.hidden * pixels >= (int64_t(1) << 31))
     throw std::invalid_argument("gm row_lstm (cuda): an image's saved state (5h x H x W = " +
-                                std::to_string(5 * s.hidden * s.height * s.width) +
+                                std::to_string(5 * s.hidden * pixels) +
                                 " elements) must stay below 2^31 for the kernels' 32-bit offsets: use the triton backend");
+  const int64_t gs = gate_stride > 0 ? gate_stride : 4 * s.hidden;
+  if (gs < 4 * s.hidden || gs * pixels >= (int64_t(1) << 31))
+    throw std::invalid_argument("gm row_lstm (cuda): gate_stride must be at least 4h = " +
+                                std::to_string(4 * s.hidden) +
+                                " and an image's gates (gate_stride x H x W) below 2^31 elements, got " +
+                                std::to_string(gate_stride));
   return Geometry{static_cast<int>(s.hidden), static_cast<int>((s.hidden + 15) / 16 * 16), static_cast<int>(s.height),
                   static_cast<int>(s.width), static_cast<int>(s.k),
-                  static_cast<int>((s.width + kItemRows - 1) / kItemRows)};
+                  static_cast<int>((s.width + kItemRows - 1) / kItemRows), static_cast<int>(gs)};
 }
 
 size_t smem_bytes(const Geometry& g, int gates_per_row, size_t elem) {
@@ -281,10 +316,10 @@ size_t bwd_smem_bytes(const Geometry& g, size_t elem) {
 template <typename T, Precision P>
 struct Forward {
   static void run(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                  std::uintptr_t hs, std::uintptr_t cs, Shape s, cudaStream_t stream) {
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int64_t gate_stride, cudaStream_t stream) {
     if (s.n == 0 || s.height == 0 || s.width == 0) return;
-    const Geometry g = make_geometry(s);
-    auto kernel = row_lstm_fwd_tc<T, P>;
+    const Geometry g = make_geometry(s, gate_stride);
+    auto kernel = gate_stride > 0 ? row_lstm_fwd_tc<T, P, true> : row_lstm_fwd_tc<T, P, false>;
     const size_t smem = smem_bytes(g, 1, sizeof(T));
     lstm_tc::set_smem(kernel, smem, "row_lstm (cuda): the forward scan");
     kernel<<<static_cast<unsigned>(s.n), lstm_tc::threads_for(g.hp / 8 * g.chunks), smem, stream>>>(
@@ -298,7 +333,7 @@ template <typename T, Precision P>
 struct Backward {
   static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                   std::uintptr_t cs, std::uintptr_t dg, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                  Shape s, cudaStream_t stream) {
+                  Shape s, int64_t gate_stride, cudaStream_t stream) {
     if (s.n == 0 || s.height == 0 || s.width == 0) {
       const size_t states = sizeof(float) * s.n * s.hidden * s.width;
       if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dw), 0, sizeof(float) * 4 * s.hidden * s.hidden * s.k, stream));
@@ -306,8 +341,9 @@ struct Backward {
       if (dc0 != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dc0), 0, states, stream));
       return;
     }
-    const Geometry g = make_geometry(s);
-    auto kernel = row_lstm_bwd_tc<T, P>;
+    const Geometry g = make_geometry(s, gate_stride);
+    const bool nhwc = gate_stride > 0;
+    auto kernel = nhwc ? row_lstm_bwd_tc<T, P, true> : row_lstm_bwd_tc<T, P, false>;
     const size_t smem = bwd_smem_bytes(g, sizeof(T));
     lstm_tc::set_smem(kernel, smem, "row_lstm (cuda): the backward scan");
     kernel<<<static_cast<unsigned>(s.n), 64 * lstm_tc::bwd_pairs(g.hp / 16 * g.chunks), smem, stream>>>(
@@ -315,24 +351,27 @@ struct Backward {
         ptr<float>(dh0), ptr<float>(dc0), g);
     GM_CUDA_CHECK_LAUNCH();
     if (dw == 0) return;
-    const lstm_tc::WgradArgs wa{s.n, g.hid, g.height, g.width, g.k, 0, g.k / 2, 0};
+    // Channels-last: dgates' pixels gs apart, hs's h (kind 0: taps along the width of the row above, h0 at row -1).
+    const lstm_tc::WgradArgs wa{s.n, g.hid, g.height, g.width, g.k, 0, g.k / 2, 0, g.gs, g.hid};
     lstm_tc::launch_wgrad<T, float, P>(ptr<const T>(dg), ptr<const float>(hs), ptr<const T>(h0), ptr<float>(dw), wa,
-                                       stream);
+                                       stream, nhwc);
   }
 };
 
 }  // namespace
 
 void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t y,
-                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int dtype, int precision, std::uintptr_t stream) {
-  lstm_tc::dispatch<Forward>("row_lstm", dtype, precision, gates, a_pack, h0, c0, y, hs, cs, s, to_stream(stream));
+                  std::uintptr_t hs, std::uintptr_t cs, Shape s, int64_t gate_stride, int dtype, int precision,
+                  std::uintptr_t stream) {
+  lstm_tc::dispatch<Forward>("row_lstm", dtype, precision, gates, a_pack, h0, c0, y, hs, cs, s, gate_stride,
+                             to_stream(stream));
 }
 
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                    std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                   Shape s, int dtype, int precision, std::uintptr_t stream) {
+                   Shape s, int64_t gate_stride, int dtype, int precision, std::uintptr_t stream) {
   lstm_tc::dispatch<Backward>("row_lstm", dtype, precision, dy, a_pack, h0, c0, hs, cs, dgates, dw, dh0, dc0, s,
-                              to_stream(stream));
+                              gate_stride, to_stream(stream));
 }
 
 }  // namespace row_lstm

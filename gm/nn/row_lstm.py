@@ -8,10 +8,20 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from gm._memory_format import format_of
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
+from gm.ops._lstm_cuda import to_nhwc
 from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args, conv_backend
-from gm.ops.row_lstm import _row_lstm_backward_impl, _row_lstm_impl, check_row_lstm_args, row_lstm, scan_backend
+from gm.ops.row_lstm import (
+    _row_lstm_backward_impl,
+    _row_lstm_impl,
+    check_row_lstm_args,
+    cuda_backward_channels_last,
+    cuda_forward_channels_last,
+    row_lstm,
+    scan_backend,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The whole RowLSTM layer as one autograd node in plain eager mode, as gm.nn.diagonal_lstm does for DiagonalBiLSTM.
@@ -24,6 +34,9 @@ from gm.ops.row_lstm import _row_lstm_backward_impl, _row_lstm_impl, check_row_l
 
 # False: always the composed path.
 FUSED_LAYER = True
+# False: the one-node path on cuda runs the ops' implementations as _FusedRowLSTM does, converting layouts around the
+# scan as the composed ops do, instead of _FusedRowLSTMChannelsLast.
+CHANNELS_LAST = True
 
 
 def _scan_operands(gates, w_ss, h0, c0):
@@ -43,38 +56,54 @@ def _init_grad(grad: torch.Tensor, param: tuple[torch.Size, torch.dtype]) -> tor
     return grad.sum_to_size(1, grad.shape[1], 1).reshape(shape).to(dtype)
 
 
-def _conv_spec(conv: MaskedConv2d) -> tuple:
-    """What the conv's forward passes to masked_conv2d besides the tensors: (mask, in_groups, out_groups, backend)."""
-    return conv.mask, conv.in_groups, conv.out_groups, conv.backend
+def _channels_last(backends: tuple[str, str, str | None]) -> bool:
+    """Whether RowLSTM's one-node path runs channels-last for (input conv, scan, output conv) backends: all cuda."""
+    conv_b, scan_b, out_b = backends
+    return CHANNELS_LAST and conv_b == scan_b == "cuda" and out_b in (None, "cuda")
+
+
+def _conv_spec(conv: MaskedConv2d, backend: str) -> tuple:
+    """What the conv's forward passes to masked_conv2d besides the tensors: (mask, in_groups, out_groups, backend),
+    the backend as resolved."""
+    return conv.mask, conv.in_groups, conv.out_groups, backend
+
+
+def _needs(ctx) -> tuple[bool, ...]:
+    """The nodes' needs_input_grad past spec (x, w_in, b_in, w_ss, h0, c0, w_out, b_out), then need_h: whether the
+    scan's output requires grad (anything before the output conv does)."""
+    _, need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out = ctx.needs_input_grad
+    need_h = need_x or need_w_in or need_b_in or need_ss or need_h0 or need_c0
+    return need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out, need_h
+
+
+def _save_scan_context(ctx, spec, w_ss, h0, c0) -> None:
+    ctx.spec = spec
+    ctx.ss_dtype = w_ss.dtype
+    ctx.init = ((h0.shape, h0.dtype), (c0.shape, c0.dtype)) if h0 is not None else None
 
 
 class _FusedRowLSTM(torch.autograd.Function):
     """apply(spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out) -> the layer's output; spec = (input conv, scan
-    backend name, output conv or None), each conv as (mask, in_groups, out_groups, backend name). Checks and
-    backend choices run here in the composed path's order, so bad arguments raise its errors."""
+    backend, output conv or None), each conv as (mask, in_groups, out_groups, backend), the backends resolved by
+    RowLSTM._fused (which also checks the input conv's arguments first). The other checks run here in the composed
+    path's order, so bad arguments raise its errors."""
 
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
-        (mask, gi, go, conv_name), scan_name, out_spec = spec
-        check_masked_conv_args(x, w_in, b_in, mask, gi, go)
-        conv_b = conv_backend(conv_name, x)
+        (mask, gi, go, conv_b), scan_b, out_spec = spec
         gates = _masked_conv2d_impl(x, w_in, b_in, mask, gi, go, conv_b)
         w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
         check_row_lstm_args(gates, w, h0e, c0e)
-        scan_b = scan_backend(scan_name, gates, w.shape[2])
         gates, w = gates.contiguous(), w.contiguous()
         h0e = h0e.contiguous() if h0e is not None else None
         c0e = c0e.contiguous() if c0e is not None else None
         y, hs, cs = _row_lstm_impl(gates, w, h0e, c0e, scan_b)
-        out, out_b = y, None
+        out = y
         if out_spec is not None:
-            out_mask, ogi, ogo, out_name = out_spec
+            out_mask, ogi, ogo, out_b = out_spec
             check_masked_conv_args(y, w_out, b_out, out_mask, ogi, ogo)
-            out_b = conv_backend(out_name, y)
             out = x + _masked_conv2d_impl(y, w_out, b_out, out_mask, ogi, ogo, out_b)
-        ctx.spec = (spec, conv_b, scan_b, out_b)
-        ctx.ss_dtype = w_ss.dtype
-        ctx.init = ((h0.shape, h0.dtype), (c0.shape, c0.dtype)) if h0 is not None else None
+        _save_scan_context(ctx, spec, w_ss, h0, c0)
         # as the scan op saves its state: y itself when hs is empty (float32/float64)
         ctx.save_for_backward(x, w_in, gates, w, h0e, c0e, y if hs.numel() == 0 else hs, cs, y, w_out)
         return out
@@ -82,14 +111,13 @@ class _FusedRowLSTM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        ((mask, gi, go, _), _, out_spec), conv_b, scan_b, out_b = ctx.spec
+        (mask, gi, go, conv_b), scan_b, out_spec = ctx.spec
         x, w_in, gates, w, h0e, c0e, hs, cs, y, w_out = ctx.saved_tensors
-        _, need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out = ctx.needs_input_grad
-        need_h = need_x or need_w_in or need_b_in or need_ss or need_h0 or need_c0  # the scan's output requires grad
+        need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out, need_h = _needs(ctx)
         dx = dw_in = db_in = dw_ss = dh0 = dc0 = dw_out = db_out = None
         dh = grad
         if out_spec is not None:
-            out_mask, ogi, ogo, _ = out_spec
+            out_mask, ogi, ogo, out_b = out_spec
             if need_h or need_w_out:
                 dh, dw_out = _masked_conv2d_backward_impl(grad, y, w_out, out_mask, ogi, ogo, out_b, need_h,
                                                           need_w_out)  # fmt: skip
@@ -106,6 +134,73 @@ class _FusedRowLSTM(torch.autograd.Function):
                 if need_x:
                     dx = dx_in if out_spec is None else grad + dx_in
             db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
+        return None, dx, dw_in, db_in, dw_ss, dh0, dc0, dw_out, db_out
+
+
+class _FusedRowLSTMChannelsLast(torch.autograd.Function):
+    """_FusedRowLSTM where both convs and the scan run on cuda, channels-last throughout: the input conv writes
+    (N, H, W, 4h) gates, which the scan reads in place (gm.ops.row_lstm.cuda_forward_channels_last), writing y and
+    its saved state channels-last (y, hs (N, H, W, h), cs (N, H, W, 5h)); y goes to the residual conv as it is. The
+    backward scan reads the residual conv's input gradient (N, H, W, h) as it is and writes one (N, H, W, 4h) gate
+    gradient, which its weight gradient and the input conv's backward read channels-last. The composed path
+    converts the gates, y, dy and dgates between layouts (the row_lstm op is NCHW; the cuda convs read NHWC): here x
+    (when NCHW) and the incoming gradient are converted once each. The same kernels on the same values: bit-identical
+    to the composed ops (tests/test_cuda_emulated.py) but for the input conv's bias gradient, a sum over channels-last
+    gate gradients (another order than NCHW's); outputs and gradients in the composed ops' memory formats."""
+
+    @staticmethod
+    def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
+        (mask, gi, go, _), _, out_spec = spec
+        xc = to_nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        gates = _masked_conv2d_impl(xc, w_in, b_in, mask, gi, go, "cuda")  # channels-last (N, 4h, H, W)
+        w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
+        check_row_lstm_args(gates, w, h0e, c0e)
+        w = w.contiguous()
+        h0e = h0e.contiguous() if h0e is not None else None
+        c0e = c0e.contiguous() if c0e is not None else None
+        y, hs, cs = cuda_forward_channels_last(gates.permute(0, 2, 3, 1), w, h0e, c0e)
+        yv = y.permute(0, 3, 1, 2)  # (N, h, H, W) channels-last
+        if out_spec is None:  # NCHW, as the composed ops return y (the scan op's output is NCHW)
+            out = yv.contiguous()
+        else:
+            out_mask, ogi, ogo, _ = out_spec
+            check_masked_conv_args(yv, w_out, b_out, out_mask, ogi, ogo)
+            out = x + _masked_conv2d_impl(yv, w_out, b_out, out_mask, ogi, ogo, "cuda")
+        _save_scan_context(ctx, spec, w_ss, h0, c0)
+        ctx.x_format = format_of(x)
+        ctx.save_for_backward(xc, w_in, w, h0e, c0e, hs, cs, y, w_out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (mask, gi, go, _), _, out_spec = ctx.spec
+        xc, w_in, w, h0e, c0e, hs, cs, y, w_out = ctx.saved_tensors
+        need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out, need_h = _needs(ctx)
+        dx = dw_in = db_in = dw_ss = dh0 = dc0 = dw_out = db_out = None
+        dh = to_nhwc(grad.to(y.dtype))  # (N, H, W, C)
+        if out_spec is not None:
+            out_mask, ogi, ogo, _ = out_spec
+            if need_h or need_w_out:
+                dhv, dw_out = _masked_conv2d_backward_impl(dh.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), w_out,
+                                                           out_mask, ogi, ogo, "cuda", need_h, need_w_out)  # fmt: skip
+                dh = dhv.permute(0, 2, 3, 1) if need_h else None  # channels-last, as its input y
+                dw_out = dw_out if need_w_out else None
+            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+        if need_h:
+            n, height, width, hid = y.shape
+            dgates = torch.empty(n, height, width, 4 * hid, dtype=y.dtype, device=y.device)
+            dw, dh0e, dc0e = cuda_backward_channels_last(dh, dgates, w, h0e, c0e, hs, cs, need_ss)
+            dw_ss = dw.to(ctx.ss_dtype) if need_ss else None
+            dh0 = _init_grad(dh0e, ctx.init[0]) if need_h0 else None
+            dc0 = _init_grad(dc0e, ctx.init[1]) if need_c0 else None
+            dgv = dgates.permute(0, 3, 1, 2)  # (N, 4h, H, W) channels-last
+            if need_x or need_w_in:
+                dx_in, dw_in = _masked_conv2d_backward_impl(dgv, xc, w_in, mask, gi, go, "cuda", need_x, need_w_in)
+                dw_in = dw_in if need_w_in else None
+                if need_x:
+                    dx = dx_in.contiguous(memory_format=ctx.x_format) if out_spec is None else grad + dx_in
+            db_in = dgv.sum(dim=(0, 2, 3)) if need_b_in else None
         return None, dx, dw_in, db_in, dw_ss, dh0, dc0, dw_out, db_out
 
 
@@ -170,14 +265,35 @@ class RowLSTM(nn.Module):
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer as one autograd node (FUSED_LAYER), or None where the composed path runs: under torch.compile,
-        fake tensors, modes and autocast (gm.ops._eager.eager_ok), and without a gradient to record."""
+        fake tensors, modes and autocast (gm.ops._eager.eager_ok), and without a gradient to record. Where the
+        convs and the scan all run on cuda (and there is an image to scan), the channels-last node
+        (CHANNELS_LAST), else the one that calls the ops' implementations."""
         conv_in, conv_out = self.input_to_state, self.out
         w_out, b_out = (conv_out.weight, conv_out.bias) if conv_out is not None else (None, None)
         params = (conv_in.weight, conv_in.bias, self.w_ss, self.h0, self.c0, w_out, b_out)
         if not (FUSED_LAYER and eager_ok(x, *params) and needs_grad(x, *params)):
             return None
-        spec = (_conv_spec(conv_in), self.backend, _conv_spec(conv_out) if conv_out is not None else None)
-        return _FusedRowLSTM.apply(spec, x, *params)
+        # the composed path's first check, before any backend choice
+        check_masked_conv_args(x, conv_in.weight, conv_in.bias, conv_in.mask, conv_in.in_groups, conv_in.out_groups)
+        conv_b, scan_b, out_b = backends = self.backends(x)
+        spec = (_conv_spec(conv_in, conv_b), scan_b, _conv_spec(conv_out, out_b) if conv_out is not None else None)
+        node = _FusedRowLSTMChannelsLast if _channels_last(backends) and x.numel() > 0 else _FusedRowLSTM
+        return node.apply(spec, x, *params)
+
+    def backends(self, x: torch.Tensor) -> tuple[str, str, str | None]:
+        """(input conv, scan, output conv or None): each op's backend as its public function resolves it for input
+        x, in the composed order; the scan's from the gates' shape, dtype and device, the output conv's from y's,
+        which x shares but for the channels."""
+        conv_in, conv_out = self.input_to_state, self.out
+        conv_b = conv_backend(conv_in.backend, x)
+        scan_b = scan_backend(self.backend, x, conv_in.weight.shape[0] // 4, self.w_ss.shape[-1])
+        return conv_b, scan_b, conv_backend(conv_out.backend, x) if conv_out is not None else None
+
+    def runs_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether the one-node path takes its channels-last node for input like x (device, dtype, image size; a
+        (0, 0, 0, 0) stand-in asks without an image): then a channels-last x and output gradient cost it no layout
+        conversion, where an NCHW one costs a transpose each (gm.models.RowLSTMModel.channels_last asks this)."""
+        return _channels_last(self.backends(x))
 
     def extra_repr(self) -> str:
         return (

@@ -64,6 +64,20 @@ def cuda_scan_ok(t: torch.Tensor, hid: int, fits) -> bool:
     return fits(-1 if index is None else index)
 
 
+def pixel_stride(t: torch.Tensor, name: str) -> int:
+    """The pixel stride of an (N, H, W, C) tensor whose channels are contiguous and whose pixels are evenly spaced
+    (a dense tensor, or a channel slice of one): what the cuda scans take as gate_stride (the diagonal's always, the
+    row's in its channels-last layout). `name` is the argument named when t is refused."""
+    n, height, width, c = t.shape
+    s = t.stride()
+    gs = s[2] if width > 1 else s[1] if height > 1 else s[0] if n > 1 else c  # a size-1 dim may have any stride
+    if (s[3] != 1 or gs < c or (width > 1 and s[2] != gs) or (height > 1 and s[1] != width * gs)
+            or (n > 1 and s[0] != height * width * gs)):  # fmt: skip
+        raise ValueError(f"{name} must be channels-last with evenly spaced pixels, got strides {s} for shape "
+                         f"{tuple(t.shape)}")  # fmt: skip
+    return gs
+
+
 def _smem_optin(device_index: int) -> int:
     """Shared memory one block may opt in to on the GPU (device_index -1: the current one)."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index < 0 else device_index)

@@ -21,7 +21,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
-from gm.ops._lstm_cuda import cuda_scan_ok, diagonal_fits, pack_weights, precision, to_nchw, to_nhwc
+from gm.ops._lstm_cuda import cuda_scan_ok, diagonal_fits, pack_weights, pixel_stride, precision, to_nchw, to_nhwc
 
 _OP = "gm::diagonal_lstm"
 
@@ -116,19 +116,6 @@ def _triton_backward(grad, gates, w_ss, y, c, reverse):
     return dgates, weight_grad(dgates, y, reverse).to(w_ss.dtype)
 
 
-def _pixel_stride(t: torch.Tensor, name: str) -> int:
-    """The pixel stride of an (N, H, W, C) tensor whose channels are contiguous and whose pixels are evenly spaced
-    (a dense tensor, or a channel slice of one): what the cuda scans take as gate_stride."""
-    n, height, width, c = t.shape
-    s = t.stride()
-    gs = s[2] if width > 1 else s[1] if height > 1 else s[0] if n > 1 else c  # a size-1 dim may have any stride
-    if (s[3] != 1 or gs < c or (width > 1 and s[2] != gs) or (height > 1 and s[1] != width * gs)
-            or (n > 1 and s[0] != height * width * gs)):  # fmt: skip
-        raise ValueError(f"{name} must be channels-last with evenly spaced pixels, got strides {s} for shape "
-                         f"{tuple(t.shape)}")  # fmt: skip
-    return gs
-
-
 def _scan_forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, stream: int):
     """(y (N, H, W, h), state (N, H, W, 5h) float32) of the cuda scan on channels-last gates (N, H, W, 4h), whose
     pixels may lie further apart than 4h (a direction's half of the layer's (N, H, W, 8h) conv output), under the
@@ -142,7 +129,7 @@ def _scan_forward(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, stream
     a_pack, _ = pack_weights(w_ss, gates.dtype, fresh=True)
     ext().diagonal_lstm_forward_cuda(
         gates.data_ptr(), a_pack.data_ptr(), y.data_ptr(), state.data_ptr(),
-        n, hid, height, width, reverse, _pixel_stride(gates, "gates"), dtype_code(gates), prec, stream,
+        n, hid, height, width, reverse, pixel_stride(gates, "gates"), dtype_code(gates), prec, stream,
     )  # fmt: skip
     return y, state
 
@@ -154,7 +141,7 @@ def _scan_backward(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, r
     n, height, width, g4 = dgates.shape
     ext().diagonal_lstm_backward_cuda(
         dy.data_ptr(), a_pack.data_ptr(), state.data_ptr(), dgates.data_ptr(),
-        n, g4 // 4, height, width, reverse, _pixel_stride(dgates, "dgates"), dtype_code(dgates),
+        n, g4 // 4, height, width, reverse, pixel_stride(dgates, "dgates"), dtype_code(dgates),
         precision(dgates.dtype, "diagonal_lstm"), stream,
     )  # fmt: skip
 
@@ -210,7 +197,7 @@ def cuda_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: to
         stream = stream_of(dgates)
         _scan_backward(dy.contiguous(), dgates, w_ss, reverse, state, stream)
         return _scan_weight_grad(dgates, y.contiguous(), w_ss, reverse, n, height, width,
-                                 _pixel_stride(dgates, "dgates"), stream)  # fmt: skip
+                                 pixel_stride(dgates, "dgates"), stream)  # fmt: skip
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

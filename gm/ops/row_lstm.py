@@ -13,6 +13,11 @@ keeps c (N, h, H, W) and its backward recomputes each row's gate pre-activations
 (4h x hk) @ (hk x W) product per row); the triton and cuda backends keep cs (N, 5h, H, W) = [c and the four gate
 activations], so their backwards recompute nothing (half the per-row dots and weight stream, for 4h more values per
 pixel of memory).
+
+The cuda scans also run channels-last, outside the op: cuda_forward_channels_last / cuda_backward_channels_last take
+gates and gate gradients (N, H, W, 4h) (pixels possibly further apart, a channel slice of a wider tensor) and keep y,
+dy, hs (N, H, W, h) and cs (N, H, W, 5h) so, for gm.nn.RowLSTM's one-node path, whose cuda convolutions read and
+write NHWC: the layer then converts no layout between its convolutions and its scan.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from gm._backend import resolve
 from gm._checks import check_same, check_shape, check_tensor
 from gm._ext import device_guard, dtype_code, ext, stream_of
 from gm.ops._eager import EagerOp, backward_call
-from gm.ops._lstm_cuda import cuda_scan_ok, pack_weights, precision, row_fits
+from gm.ops._lstm_cuda import cuda_scan_ok, pack_weights, pixel_stride, precision, row_fits
 
 _OP = "gm::row_lstm"
 
@@ -108,37 +113,85 @@ def _triton_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     return k.backward(dy, gates, w_ss, h0, c0, hs, cs, need_w)
 
 
-def _cuda_forward(gates, w_ss, h0, c0):
-    prec = precision(gates.dtype, "row_lstm")
-    n, four_h, height, width = gates.shape
-    hs = torch.empty(n, four_h // 4, height, width, dtype=torch.float32, device=gates.device)
-    cs = torch.empty(n, 5 * (four_h // 4), height, width, dtype=torch.float32, device=gates.device)
+def _dims(gates: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int]:
+    """(N, h, H, W) of gates (or dgates): (N, 4h, H, W) NCHW, or (N, H, W, 4h) channels-last."""
+    n, height, width, four_h = gates.shape if channels_last else (gates.shape[0], *gates.shape[2:], gates.shape[1])
+    return n, four_h // 4, height, width
+
+
+def _scan_forward(gates, w_ss, h0, c0, gate_stride: int):
+    """(y, hs, cs) of the cuda forward scan (y is hs for float32). gate_stride 0: gates (N, 4h, H, W) contiguous, the
+    outputs NCHW, as the op returns them; else gates (N, H, W, 4h) channels-last with pixels gate_stride apart, y and
+    hs (N, H, W, h), cs (N, H, W, 5h). h0, c0 (N, h, W) contiguous in gates' dtype, or None."""
+    prec = precision(gates.dtype, "row_lstm")  # refuses float64 first
+    n, hid, height, width = _dims(gates, gate_stride > 0)
+
+    def state(channels: int) -> torch.Tensor:
+        shape = (n, height, width, channels) if gate_stride else (n, channels, height, width)
+        return torch.empty(shape, dtype=torch.float32, device=gates.device)
+
+    hs, cs = state(hid), state(5 * hid)
     y = torch.empty_like(hs, dtype=gates.dtype) if gates.dtype != torch.float32 else hs
     # held until the launch is queued; the backward's form is kept for the backward
     a_pack, _ = pack_weights(w_ss, gates.dtype, fresh=True)
     with device_guard(gates):  # launch (and set kernel attributes) on the tensors' GPU
         _cpu_call("row_lstm_forward_cuda")(
             gates.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), y.data_ptr(), hs.data_ptr(), cs.data_ptr(),
-            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), prec, stream_of(gates),
+            n, hid, height, width, w_ss.shape[2], gate_stride, dtype_code(gates), prec, stream_of(gates),
         )  # fmt: skip
     return y, hs, cs
 
 
-def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
-    prec = precision(gates.dtype, "row_lstm")
-    n, four_h, height, width = gates.shape
-    dgates = torch.empty_like(gates)
-    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=gates.device) if need_w else None
+def _scan_backward(dy, dgates, w_ss, h0, c0, hs, cs, need_w: bool, gate_stride: int):
+    """Writes dgates from dy and the forward's saved state, and returns (dw_ss float32 or None, dh0 or None, dc0 or
+    None), dh0 and dc0 (N, h, W) float32. gate_stride 0: dgates (N, 4h, H, W), dy, hs, cs NCHW (contiguous); else
+    dgates (N, H, W, 4h) channels-last with pixels gate_stride apart, dy (N, H, W, h) contiguous and hs, cs as
+    _scan_forward gave them; the weight gradient then reads dgates and hs channels-last."""
+    prec = precision(dgates.dtype, "row_lstm")
+    n, hid, height, width = _dims(dgates, gate_stride > 0)
+    dw = torch.empty(w_ss.shape, dtype=torch.float32, device=dgates.device) if need_w else None
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=torch.float32) if c0 is not None else None
-    _, a_pack = pack_weights(w_ss, gates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
-    with device_guard(gates):
+    _, a_pack = pack_weights(w_ss, dgates.dtype, fresh=False)  # the forward's pack, unless w_ss changed since
+    with device_guard(dgates):
         _cpu_call("row_lstm_backward_cuda")(
             dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
             dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
-            n, four_h // 4, height, width, w_ss.shape[2], dtype_code(gates), prec, stream_of(gates),
+            n, hid, height, width, w_ss.shape[2], gate_stride, dtype_code(dgates), prec, stream_of(dgates),
         )  # fmt: skip
-    return dgates, dw, dh0, dc0
+    return dw, dh0, dc0
+
+
+def _cuda_forward(gates, w_ss, h0, c0):
+    return _scan_forward(gates, w_ss, h0, c0, 0)
+
+
+def _cuda_backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
+    dgates = torch.empty_like(gates)
+    return dgates, *_scan_backward(dy, dgates, w_ss, h0, c0, hs, cs, need_w, 0)
+
+
+def cuda_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, h0=None, c0=None):
+    """The cuda scan on channels-last gates (N, H, W, 4h), their pixels possibly further apart than 4h (a channel
+    slice of a wider tensor): (y, hs, cs) with y, hs (N, H, W, h) (y in gates' dtype; y is hs for float32) and cs
+    (N, H, W, 5h) float32, per pixel [c, sig(z_i), sig(z_f), sig(z_o), tanh(z_g)] of h units each. w_ss in gates'
+    dtype; h0, c0 (N, h, W) contiguous in gates' dtype or None. No argument checks beyond the layout (the caller
+    makes them: gm.nn.RowLSTM's one-node path, which passes its input conv's (N, H, W, 4h) output as it is and feeds
+    y to its residual conv channels-last: no layout conversion)."""
+    return _scan_forward(gates, w_ss, h0, c0, pixel_stride(gates, "gates"))
+
+
+def cuda_backward_channels_last(
+    dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, h0, c0, hs, cs, need_w: bool
+):
+    """The backward of cuda_forward_channels_last: writes dgates (N, H, W, 4h) (channels-last, pixels possibly
+    further apart) from dy (N, H, W, h) and the forward's hs and cs, and returns (dw_ss, dh0, dc0) in the dtypes of
+    w_ss, h0 and c0 (None where not asked: need_w, or no initial state), as the op's backward returns them. The
+    weight gradient reads dgates and hs channels-last (lstm_tc::lstm_wgrad_tc's kNhwc variant)."""
+    dw, dh0, dc0 = _scan_backward(dy.contiguous(), dgates, w_ss, h0, c0, hs, cs, need_w,
+                                  pixel_stride(dgates, "dgates"))  # fmt: skip
+    return (dw.to(w_ss.dtype) if dw is not None else None, dh0.to(h0.dtype) if dh0 is not None else None,
+            dc0.to(c0.dtype) if dc0 is not None else None)  # fmt: skip
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -273,22 +326,23 @@ def check_row_lstm_args(gates, w_ss, h0, c0) -> None:
         check_shape(name, t, (n, hidden, width), "(N, h, W) of gates")
 
 
-def cuda_auto_ok(gates: torch.Tensor, taps: int) -> bool:
-    """Whether auto may pick the cuda scans for these gates (gm.ops._lstm_cuda.cuda_scan_ok): hidden size and width
-    within the kernels' shared memory on the gates' GPU."""
-    hid, width, elem = int(gates.shape[1]) // 4, int(gates.shape[3]), gates.element_size()
-    return cuda_scan_ok(gates, hid, lambda index: row_fits(hid, width, int(taps), elem, index))
+def cuda_auto_ok(t: torch.Tensor, hid: int, taps: int) -> bool:
+    """Whether auto may pick the cuda scans for gates like `t` (N, *, H, W) with `hid` units
+    (gm.ops._lstm_cuda.cuda_scan_ok): hidden size and width within the kernels' shared memory on t's GPU."""
+    width, elem = int(t.shape[3]), t.element_size()
+    return cuda_scan_ok(t, hid, lambda index: row_fits(int(hid), width, int(taps), elem, index))
 
 
-def scan_backend(backend: str | None, gates: torch.Tensor, taps: int) -> str:
-    """The backend row_lstm runs on (gm.nn.RowLSTM's one-node path asks the same). Auto: the backend a benchmark run
-    measured fastest for row_lstm in the gates' dtype on this GPU model (gm._backend.measured_pick), else triton:
-    its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an H200
+def scan_backend(backend: str | None, t: torch.Tensor, hid: int, taps: int) -> str:
+    """The backend row_lstm runs on for gates like `t` (same device, dtype and image size; gm.nn.RowLSTM's one-node
+    path passes its input, before the gates exist) with `hid` units and `taps` state-to-state taps. Auto: the backend
+    a benchmark run measured fastest for row_lstm in that dtype on this GPU model (gm._backend.measured_pick), else
+    triton: its scans measured 3-12x faster than the first cuda kernels (CUDA cores) on an H200
     (bench/results/2026-11-28_nvidia-h200.jsonl); the cuda scans are tensor-core kernels now, not yet timed against
     them. backend="cuda" runs them."""
-    auto_cuda = backend is None and cuda_auto_ok(gates, taps)
-    return resolve(backend, gates.device, native_cpu=True, cuda_kernels=auto_cuda, prefer="triton", op="row_lstm",
-                   dtype=gates.dtype)  # fmt: skip
+    auto_cuda = backend is None and cuda_auto_ok(t, hid, taps)
+    return resolve(backend, t.device, native_cpu=True, cuda_kernels=auto_cuda, prefer="triton", op="row_lstm",
+                   dtype=t.dtype)  # fmt: skip
 
 
 def row_lstm(
@@ -319,7 +373,7 @@ def row_lstm(
         torch.Size([2, 8, 5, 6])
     """
     check_row_lstm_args(gates, w_ss, h0, c0)
-    chosen = scan_backend(backend, gates, w_ss.shape[2])
+    chosen = scan_backend(backend, gates, w_ss.shape[1], w_ss.shape[2])
     gates, w_ss = gates.contiguous(), w_ss.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None

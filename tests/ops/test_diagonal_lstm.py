@@ -230,18 +230,18 @@ def test_auto_picks_cuda_scans_only_where_they_run():
 
 
 def test_cuda_gate_pixel_stride():
-    """gm.ops.diagonal_lstm._pixel_stride, the gate_stride the cuda scans take: 4h for a direction's own
+    """gm.ops._lstm_cuda.pixel_stride, the gate_stride the cuda scans take: 4h for a direction's own
     channels-last gates, 8h for its half of a DiagonalBiLSTM's (N, H, W, 8h) tensor, whatever strides torch gives
     size-1 dimensions; layouts whose pixels are not evenly spaced are refused by name."""
-    from gm.ops.diagonal_lstm import _pixel_stride  # noqa: PLC0415
+    from gm.ops._lstm_cuda import pixel_stride  # noqa: PLC0415
 
     for n, h, w in ((2, 3, 4), (1, 3, 4), (2, 1, 4), (2, 3, 1)):
         both = torch.empty(n, 8 * 5, h, w).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        assert _pixel_stride(both[..., :20], "gates") == 40 and _pixel_stride(both[..., 20:], "gates") == 40
-        assert _pixel_stride(torch.empty(n, h, w, 20), "gates") == 20
-    assert _pixel_stride(torch.empty(1, 40, 1, 1).permute(0, 2, 3, 1)[..., 20:], "gates") >= 20  # one pixel: any
-    assert _pixel_stride(torch.empty(2, 3, 8, 20)[:, :, ::2], "gates") == 40  # every other pixel: evenly spaced
+        assert pixel_stride(both[..., :20], "gates") == 40 and pixel_stride(both[..., 20:], "gates") == 40
+        assert pixel_stride(torch.empty(n, h, w, 20), "gates") == 20
+    assert pixel_stride(torch.empty(1, 40, 1, 1).permute(0, 2, 3, 1)[..., 20:], "gates") >= 20  # one pixel: any
+    assert pixel_stride(torch.empty(2, 3, 8, 20)[:, :, ::2], "gates") == 40  # every other pixel: evenly spaced
     with pytest.raises(ValueError, match="dgates must be channels-last"):
-        _pixel_stride(torch.empty(2, 20, 3, 4).permute(0, 2, 3, 1), "dgates")  # NCHW storage
+        pixel_stride(torch.empty(2, 20, 3, 4).permute(0, 2, 3, 1), "dgates")  # NCHW storage
     with pytest.raises(ValueError, match="gates must be channels-last"):
-        _pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart
+        pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart

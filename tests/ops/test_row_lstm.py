@@ -212,3 +212,19 @@ def test_gpu_auto_picks_triton(monkeypatch):
         assert mod.row_lstm(gates, w_ss).shape == (2, 4, 5, 6)
 
     assert_auto_picks_triton("gm.ops.row_lstm", call, monkeypatch)
+
+
+def test_cuda_channels_last_scans_refuse_other_layouts():
+    """gm.ops.row_lstm's channels-last helpers (gm.nn.RowLSTM's one-node path on cuda) take gates and gate gradients
+    (N, H, W, 4h) with contiguous channels and evenly spaced pixels (gm.ops._lstm_cuda.pixel_stride: the kernels'
+    gate_stride), and refuse any other layout by the argument's name before they reach the extension."""
+    from gm.ops.row_lstm import cuda_backward_channels_last, cuda_forward_channels_last  # noqa: PLC0415
+
+    w = torch.randn(8, 2, 3)
+    with pytest.raises(ValueError, match="gates must be channels-last"):
+        cuda_forward_channels_last(torch.randn(1, 8, 3, 4).permute(0, 2, 3, 1), w)  # NCHW storage
+    with pytest.raises(ValueError, match="gates must be channels-last"):
+        cuda_forward_channels_last(torch.randn(1, 3, 5, 8)[:, :, :4], w)  # rows of 4 pixels 5 apart
+    dy, state = torch.randn(1, 3, 4, 2), torch.empty(0)
+    with pytest.raises(ValueError, match="dgates must be channels-last"):
+        cuda_backward_channels_last(dy, torch.empty(1, 8, 3, 4).permute(0, 2, 3, 1), w, None, None, state, state, True)
