@@ -30,6 +30,12 @@ dh0 is the transposed conv of dgates row 0 and dc0 is the scratch's parity-0 buf
 dw_ss is a separate GEMM over all N*H*W pixels (row_lstm_wgrad_kernel): dw viewed as a (4h) x (h*k) matrix
 (its memory layout) is dgates (4h x pixels) @ B (pixels x h*k), B[p, j*k + t] = h_{r-1}[j, w + t - k//2]
 gathered on the fly; pixels are walked per image so both operands are contiguous along the pixel axis.
+
+Channels-last (the CL constexpr; gm.nn.RowLSTM's one-node path on triton, whose convolutions read and write NHWC):
+gates and dgates (N, H, W, 4h) with pixels GS apart (a channel slice of a wider tensor when GS > 4h), y, dy and hs
+(N, H, W, h), cs (N, H, W, 5h); h0/c0 and the dc scratch keep their (N, h, W) layout. The same blocks and the same
+arithmetic, only the addressing differs (_row_base, _tile), so both layouts give the same bits. The weight gradient's
+CL variant reads dgates and hs as (pixel, channel) tiles contiguous along the channels.
 """
 
 from __future__ import annotations
@@ -58,12 +64,13 @@ from gm.kernels._layout import sum_splits
 
 @triton.jit
 def _conv_prev(
-    zi, zf, zo, zg, w_ptr, src, ch_stride, o, col, HID, W,
+    zi, zf, zo, zg, w_ptr, src, ch_stride, px_stride, o, col, HID, W,
     K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr,
     IDX: tl.constexpr,
 ):  # fmt: skip
     """Add the state-to-state conv of the previous row to the gate accumulators (each (BO, BW)):
-    z_g[o, w] += sum_t sum_j wp[t, g*h + o, j] * prev[j, w + t - k//2], prev[j, x] at src + j*ch_stride + x."""
+    z_g[o, w] += sum_t sum_j wp[t, g*h + o, j] * prev[j, w + t - k//2], prev[j, x] at src + j*ch_stride +
+    x*px_stride."""
     o_ok = o < HID
     gate = HID * HID
     nkb = tl.cdiv(HID, BK)
@@ -73,7 +80,7 @@ def _conv_prev(
         j_ok = j < HID
         x = col + (t - K // 2)
         hp = tl.load(
-            src + j[:, None] * ch_stride + x[None, :],
+            src + j[:, None] * ch_stride + x[None, :] * px_stride,
             mask=j_ok[:, None] & ((x >= 0) & (x < W))[None, :],
             other=0.0,
         ).to(DOT)
@@ -91,41 +98,74 @@ def _conv_prev(
 
 
 @triton.jit
+def _row_base(n, r, C, H, W, PIX, CL: tl.constexpr):
+    """Offset of [n, 0, r, 0] (int64: n is) in a tensor of C channels: (N, C, H, W) contiguous, or CL (N, H, W, C)
+    channels-last with pixels PIX apart (PIX >= C: a channel slice of a wider tensor)."""
+    if CL:
+        base = (n * H + r) * W * PIX
+    else:
+        base = (n * C * H + r) * W
+    return base
+
+
+@triton.jit
+def _tile(o, col, plane, PIX, CL: tl.constexpr):
+    """Offsets (BO, BW) of channels o, columns col from a row base (_row_base); plane = H*W in IDX."""
+    if CL:
+        tile = o[:, None] + col[None, :] * PIX
+    else:
+        tile = o[:, None] * plane + col[None, :]
+    return tile
+
+
+@triton.jit
 def _gate_preacts(
-    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, tile, m2, HID, H, W,
-    K: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BK: tl.constexpr, IDX: tl.constexpr,
+    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, m2, HID, H, W, GS,
+    K: tl.constexpr, HAS_H0: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BK: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """z_i, z_f, z_o, z_g (each (BO, BW), ACC) of units o, columns col, row r: gates plus the conv of h_{r-1}.
-    tile = o * H*W + col (offsets of the block in a channel-major plane), m2 its mask."""
+    """z_i, z_f, z_o, z_g (each (BO, BW), ACC) of units o, columns col, row r: gates plus the conv of h_{r-1}; m2 the
+    block's mask. Gates' pixels are GS apart when CL."""
     plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
-    row = g_ptr + (n * 4 * HID * H + r) * W + tile  # gates[n, o, r, col]
+    if CL:
+        chan = 1
+        px = HID  # hs (N, H, W, h)
+    else:
+        chan = plane
+        px = 1
+    row = g_ptr + _row_base(n, r, 4 * HID, H, W, GS, CL) + _tile(o, col, plane, GS, CL)  # gates[n, o, r, col]
     zi = tl.load(row, mask=m2, other=0.0).to(ACC)
-    zf = tl.load(row + HID * plane, mask=m2, other=0.0).to(ACC)
-    zo = tl.load(row + 2 * HID * plane, mask=m2, other=0.0).to(ACC)
-    zg = tl.load(row + 3 * HID * plane, mask=m2, other=0.0).to(ACC)
+    zf = tl.load(row + HID * chan, mask=m2, other=0.0).to(ACC)
+    zo = tl.load(row + 2 * HID * chan, mask=m2, other=0.0).to(ACC)
+    zg = tl.load(row + 3 * HID * chan, mask=m2, other=0.0).to(ACC)
     if r > 0:
-        src = hs_ptr + (n * HID * H + r - 1) * W  # hs[n, 0, r-1, 0]
-        zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src, plane, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX)
+        src = hs_ptr + _row_base(n, r - 1, HID, H, W, HID, CL)  # hs[n, 0, r-1, 0]
+        zi, zf, zo, zg = _conv_prev(
+            zi, zf, zo, zg, w_ptr, src, chan, px, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX
+        )  # fmt: skip
     else:
         if HAS_H0:
             src0 = h0_ptr + n * HID * W  # h0[n, 0, 0]
-            zi, zf, zo, zg = _conv_prev(zi, zf, zo, zg, w_ptr, src0, W, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX)
+            zi, zf, zo, zg = _conv_prev(
+                zi, zf, zo, zg, w_ptr, src0, W, 1, o, col, HID, W, K, ACC, DOT, PRECISION, BK, IDX
+            )  # fmt: skip
     return zi, zf, zo, zg
 
 
 @triton.jit
 def _conv_transpose_next(
-    acc, dg_ptr, w_ptr, n, r, o, col, HID, H, W,
-    K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr, IDX: tl.constexpr,
+    acc, dg_ptr, w_ptr, n, r, o, col, HID, H, W, GS,
+    K: tl.constexpr, CL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr,
+    IDX: tl.constexpr,
 ):  # fmt: skip
     """acc (BO, BW) += the gradient that dgates row r sends to the state of the row above it:
     dh[o, w] += sum_t sum_c wp[t, c, o] * dz[c, w - (t - k//2)] over all 4h gate channels c (the four gates are
     one reduction: dgates and wp both keep them contiguous), in chunks of 4*BK channels (the operand tiles of an
-    iteration are then about the size of _conv_prev's: one (BO, 4BK) weight tile instead of four (BO, BK))."""
+    iteration are then about the size of _conv_prev's: one (BO, 4BK) weight tile instead of four (BO, BK)).
+    dgates' pixels are GS apart when CL."""
     o_ok = o < HID
     plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
-    row = dg_ptr + (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
+    row = dg_ptr + _row_base(n, r, 4 * HID, H, W, GS, CL)  # dgates[n, 0, r, 0]
     ncb = tl.cdiv(4 * HID, 4 * BK)
     for it in range(0, K * ncb):  # one flat loop over (tap, channel chunk), as in _conv_prev
         t = it // ncb
@@ -133,7 +173,7 @@ def _conv_transpose_next(
         c_ok = c < 4 * HID
         x = col - (t - K // 2)
         dz = tl.load(
-            row + c[:, None] * plane + x[None, :],
+            row + _tile(c, x, plane, GS, CL),
             mask=c_ok[:, None] & ((x >= 0) & (x < W))[None, :],
             other=0.0,
         ).to(DOT)
@@ -148,29 +188,36 @@ def _conv_transpose_next(
 @triton.jit
 def row_lstm_fwd_kernel(
     g_ptr, w_ptr, h0_ptr, c0_ptr, y_ptr, hs_ptr, cs_ptr,
-    HID, H, W,
-    K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, WRITE_Y: tl.constexpr,
+    HID, H, W, GS,
+    K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, WRITE_Y: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """Scalar image/row bases in int64; offsets inside an image in IDX (int32 unless an image is too large)."""
+    """Scalar image/row bases in int64; offsets inside an image in IDX (int32 unless an image is too large). CL:
+    gates (N, H, W, 4h) with pixels GS apart, y and hs (N, H, W, h), cs (N, H, W, 5h); else all NCHW."""
     n = tl.program_id(0).to(tl.int64)
     plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
+    if CL:
+        chan = 1
+    else:
+        chan = plane
     for r in range(H):
-        row = (n * HID * H + r) * W  # hs/y[n, 0, r, 0]
-        crow = (n * 5 * HID * H + r) * W  # cs[n, 0, r, 0]
+        row = _row_base(n, r, HID, H, W, HID, CL)  # hs/y[n, 0, r, 0]
+        crow = _row_base(n, r, 5 * HID, H, W, 5 * HID, CL)  # cs[n, 0, r, 0]
+        crow_prev = _row_base(n, r - 1, 5 * HID, H, W, 5 * HID, CL)  # cs[n, 0, r-1, 0]
         for ob in range(0, HID, BO):
             o = ob + tl.arange(0, BO).to(IDX)
             for wb in range(0, W, BW):
                 col = wb + tl.arange(0, BW).to(IDX)
                 m2 = (o < HID)[:, None] & (col < W)[None, :]
-                tile = o[:, None] * plane + col[None, :]
+                tile = _tile(o, col, plane, HID, CL)
+                ctile = _tile(o, col, plane, 5 * HID, CL)
                 zi, zf, zo, zg = _gate_preacts(
-                    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, tile, m2, HID, H, W,
-                    K, HAS_H0, ACC, DOT, PRECISION, BK, IDX,
+                    g_ptr, w_ptr, hs_ptr, h0_ptr, n, r, o, col, m2, HID, H, W, GS,
+                    K, HAS_H0, CL, ACC, DOT, PRECISION, BK, IDX,
                 )  # fmt: skip
                 if r > 0:
-                    c = tl.load(cs_ptr + (crow - W) + tile, mask=m2, other=0.0).to(ACC)
+                    c = tl.load(cs_ptr + crow_prev + ctile, mask=m2, other=0.0).to(ACC)
                 else:
                     if HAS_C0:
                         c = tl.load(c0_ptr + n * HID * W + o[:, None] * W + col[None, :], mask=m2, other=0.0).to(ACC)
@@ -179,12 +226,12 @@ def row_lstm_fwd_kernel(
                 si, sf, so, tg = sigmoid(zi), sigmoid(zf), sigmoid(zo), tanh(zg)
                 c = sf * c + si * tg
                 h = so * tanh(c)
-                cs_tile = cs_ptr + crow + tile
+                cs_tile = cs_ptr + crow + ctile
                 tl.store(cs_tile, c, mask=m2)
-                tl.store(cs_tile + HID * plane, si, mask=m2)
-                tl.store(cs_tile + 2 * HID * plane, sf, mask=m2)
-                tl.store(cs_tile + 3 * HID * plane, so, mask=m2)
-                tl.store(cs_tile + 4 * HID * plane, tg, mask=m2)
+                tl.store(cs_tile + HID * chan, si, mask=m2)
+                tl.store(cs_tile + 2 * HID * chan, sf, mask=m2)
+                tl.store(cs_tile + 3 * HID * chan, so, mask=m2)
+                tl.store(cs_tile + 4 * HID * chan, tg, mask=m2)
                 tl.store(hs_ptr + row + tile, h, mask=m2)
                 if WRITE_Y:
                     tl.store(y_ptr + row + tile, h.to(y_ptr.dtype.element_ty), mask=m2)
@@ -194,19 +241,26 @@ def row_lstm_fwd_kernel(
 @triton.jit
 def row_lstm_bwd_kernel(
     dy_ptr, w_ptr, c0_ptr, cs_ptr, dg_ptr, dcs_ptr, dh0_ptr, dc0_ptr,
-    HID, H, W,
-    K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
+    HID, H, W, GS,
+    K: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, CL: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
+    """CL: dgates (N, H, W, 4h) with pixels GS apart, dy (N, H, W, h), cs (N, H, W, 5h); else all NCHW. The dc
+    scratch dcs (N, 2, h, W) and the initial states (N, h, W) in either."""
     n = tl.program_id(0).to(tl.int64)
     plane = (H * W).to(IDX)  # the gate-block offsets (g * HID * plane) need IDX's width
+    if CL:
+        chan = 1
+    else:
+        chan = plane
     state0 = n * HID * W  # an (N, h, W) state's [n, 0, 0]
     for rr in range(H):
         r = H - 1 - rr
-        row = (n * HID * H + r) * W  # dy[n, 0, r, 0]
-        crow = (n * 5 * HID * H + r) * W  # cs[n, 0, r, 0]
-        grow = (n * 4 * HID * H + r) * W  # dgates[n, 0, r, 0]
+        row = _row_base(n, r, HID, H, W, HID, CL)  # dy[n, 0, r, 0]
+        crow = _row_base(n, r, 5 * HID, H, W, 5 * HID, CL)  # cs[n, 0, r, 0]
+        crow_prev = _row_base(n, r - 1, 5 * HID, H, W, 5 * HID, CL)  # cs[n, 0, r-1, 0]
+        grow = _row_base(n, r, 4 * HID, H, W, GS, CL)  # dgates[n, 0, r, 0]
         scratch = (n * 2 + r % 2) * HID * W  # dcs[n, r % 2, 0, 0]: written in row r
         scratch_next = (n * 2 + (r + 1) % 2) * HID * W  # dcs[n, (r+1) % 2]: row r+1's dc_{r}
         for ob in range(0, HID, BO):
@@ -214,24 +268,25 @@ def row_lstm_bwd_kernel(
             for wb in range(0, W, BW):
                 col = wb + tl.arange(0, BW).to(IDX)
                 m2 = (o < HID)[:, None] & (col < W)[None, :]
-                tile = o[:, None] * plane + col[None, :]
+                tile = _tile(o, col, plane, HID, CL)
+                ctile = _tile(o, col, plane, 5 * HID, CL)
                 stile = o[:, None] * W + col[None, :]
                 dh = tl.load(dy_ptr + row + tile, mask=m2, other=0.0).to(ACC)
                 if r + 1 < H:
                     dh = _conv_transpose_next(
-                        dh, dg_ptr, w_ptr, n, r + 1, o, col, HID, H, W, K, DOT, PRECISION, BK, IDX
+                        dh, dg_ptr, w_ptr, n, r + 1, o, col, HID, H, W, GS, K, CL, DOT, PRECISION, BK, IDX
                     )
                     dc = tl.load(dcs_ptr + scratch_next + stile, mask=m2, other=0.0)
                 else:
                     dc = tl.zeros((BO, BW), dtype=ACC)
-                cs_tile = cs_ptr + crow + tile
+                cs_tile = cs_ptr + crow + ctile
                 c = tl.load(cs_tile, mask=m2, other=0.0).to(ACC)
-                si = tl.load(cs_tile + HID * plane, mask=m2, other=0.0).to(ACC)
-                sf = tl.load(cs_tile + 2 * HID * plane, mask=m2, other=0.0).to(ACC)
-                so = tl.load(cs_tile + 3 * HID * plane, mask=m2, other=0.0).to(ACC)
-                tg = tl.load(cs_tile + 4 * HID * plane, mask=m2, other=0.0).to(ACC)
+                si = tl.load(cs_tile + HID * chan, mask=m2, other=0.0).to(ACC)
+                sf = tl.load(cs_tile + 2 * HID * chan, mask=m2, other=0.0).to(ACC)
+                so = tl.load(cs_tile + 3 * HID * chan, mask=m2, other=0.0).to(ACC)
+                tg = tl.load(cs_tile + 4 * HID * chan, mask=m2, other=0.0).to(ACC)
                 if r > 0:
-                    c_prev = tl.load(cs_ptr + (crow - W) + tile, mask=m2, other=0.0).to(ACC)
+                    c_prev = tl.load(cs_ptr + crow_prev + ctile, mask=m2, other=0.0).to(ACC)
                 else:
                     if HAS_C0:
                         c_prev = tl.load(c0_ptr + state0 + stile, mask=m2, other=0.0).to(ACC)
@@ -244,11 +299,11 @@ def row_lstm_bwd_kernel(
                 dzo = dh * tc * so * (1.0 - so)
                 dzg = dc * si * (1.0 - tg * tg)
                 tl.store(dcs_ptr + scratch + stile, dc * sf, mask=m2)
-                dg_row = dg_ptr + grow + tile
+                dg_row = dg_ptr + grow + _tile(o, col, plane, GS, CL)
                 tl.store(dg_row, dzi.to(dg_ptr.dtype.element_ty), mask=m2)
-                tl.store(dg_row + HID * plane, dzf.to(dg_ptr.dtype.element_ty), mask=m2)
-                tl.store(dg_row + 2 * HID * plane, dzo.to(dg_ptr.dtype.element_ty), mask=m2)
-                tl.store(dg_row + 3 * HID * plane, dzg.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + HID * chan, dzf.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + 2 * HID * chan, dzo.to(dg_ptr.dtype.element_ty), mask=m2)
+                tl.store(dg_row + 3 * HID * chan, dzg.to(dg_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()  # dgates row r and dcs[r % 2] are read (shifted, by other threads) in row r-1
     if HAS_H0 or HAS_C0:
         for ob in range(0, HID, BO):
@@ -259,7 +314,9 @@ def row_lstm_bwd_kernel(
                 stile = o[:, None] * W + col[None, :]
                 if HAS_H0:
                     dh0 = tl.zeros((BO, BW), dtype=ACC)
-                    dh0 = _conv_transpose_next(dh0, dg_ptr, w_ptr, n, 0, o, col, HID, H, W, K, DOT, PRECISION, BK, IDX)
+                    dh0 = _conv_transpose_next(
+                        dh0, dg_ptr, w_ptr, n, 0, o, col, HID, H, W, GS, K, CL, DOT, PRECISION, BK, IDX
+                    )  # fmt: skip
                     tl.store(dh0_ptr + state0 + stile, dh0, mask=m2)
                 if HAS_C0:
                     dc0 = tl.load(dcs_ptr + n * 2 * HID * W + stile, mask=m2, other=0.0)  # dcs[n, 0]: row 0's
@@ -273,6 +330,7 @@ def row_lstm_wgrad_kernel(
     K: tl.constexpr, HAS_H0: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr = 0,
+    CL: tl.constexpr = False, GS=1,
 ):  # fmt: skip
     """partial[split] (4h, h, k): [o, j, t] = sum over the split's pixels of dz[o, p] * h[j] at tap t's neighbour of
     pixel p = (r, w), zero outside the image (or h0 above row 0 when HAS_H0):
@@ -284,7 +342,9 @@ def row_lstm_wgrad_kernel(
     only the in-image test depends on the pixel (H, W constexprs: multiply-shifts). The earlier tiles mixed taps
     along their columns, so every element had its own address and test: 563 SASS instructions per k-step of 2 MMAs
     (sm_90, Triton 3.6, bf16, k=3). An item is one image's block of BLOCK_P pixels; split s of the S = grid z splits
-    takes items s, s + S, ... (the launcher picks S per config). Offsets within an image are int32 unless WIDE."""
+    takes items s, s + S, ... (the launcher picks S per config). Offsets within an image are int32 unless WIDE.
+    CL: dgates (N, H, W, 4h) with pixels GS apart and hs (N, H, W, h), the Row LSTM's channels-last scans' (the tiles
+    are then contiguous along their channels: o of dz, j of hs); else both NCHW."""
     pid_o = tl.program_id(0)
     pid_j = tl.program_id(1)
     split = tl.program_id(2)
@@ -313,20 +373,22 @@ def row_lstm_wgrad_kernel(
         n = item // chunks
         p = (item - n * chunks) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < plane
-        dz = tl.load(
-            dg_ptr + n.to(tl.int64) * 4 * HID * plane + (o_off[:, None] + p[None, :]),
-            mask=o_ok[:, None] & p_ok[None, :],
-            other=0.0,
-        ).to(DOT)
+        if CL:
+            p_at = p.to(tl.int64) if WIDE else p
+            dz_at = dg_ptr + n.to(tl.int64) * GS * plane + (o[:, None] + p_at[None, :] * GS)
+        else:
+            dz_at = dg_ptr + n.to(tl.int64) * 4 * HID * plane + (o_off[:, None] + p[None, :])
+        dz = tl.load(dz_at, mask=o_ok[:, None] & p_ok[None, :], other=0.0).to(DOT)
         r = p // W
         x = p - r * W + dx
         ok = p_ok & (x.to(tl.uint32, bitcast=True) < W)
         src = p + (dr * W + dx)
-        hp = tl.load(
-            hs_ptr + n.to(tl.int64) * HID * plane + (j_off[None, :] + src[:, None]),
-            mask=(ok & (r + dr >= 0))[:, None] & j_ok[None, :],
-            other=0.0,
-        ).to(ACC)
+        if CL:
+            src_at = src.to(tl.int64) if WIDE else src
+            hp_at = hs_ptr + n.to(tl.int64) * HID * plane + (j[None, :] + src_at[:, None] * HID)
+        else:
+            hp_at = hs_ptr + n.to(tl.int64) * HID * plane + (j_off[None, :] + src[:, None])
+        hp = tl.load(hp_at, mask=(ok & (r + dr >= 0))[:, None] & j_ok[None, :], other=0.0).to(ACC)
         if HAS_H0:  # row -1 (TAPS=0): the initial state
             hp += tl.load(
                 h0_ptr + n.to(tl.int64) * HID * W + (j[None, :] * W + x[:, None]),
@@ -400,33 +462,47 @@ def pack_weight(w_ss: torch.Tensor) -> torch.Tensor:
     return w_ss.permute(2, 0, 1).contiguous()
 
 
-def _index_dtype(four_h: int, height: int, width: int, k: int):
-    """Offsets inside one image (of cs, the largest: 5h channels) and into the packed weight as int32 when they
-    fit, else int64."""
+def _index_dtype(four_h: int, height: int, width: int, k: int, gate_stride: int = 0):
+    """Offsets inside one image (of cs, the largest: 5h channels, or of channels-last gates whose pixels are
+    gate_stride apart) and into the packed weight as int32 when they fit, else int64."""
     hidden = four_h // 4
-    return tl.int32 if max(5 * hidden * height * width, k * four_h * hidden) < 2**31 else tl.int64
+    image = max(5 * hidden, gate_stride) * height * width
+    return tl.int32 if max(image, k * four_h * hidden) < 2**31 else tl.int64
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(gates, w_ss, h0, c0):
+def _scan_dims(t: torch.Tensor, gate_stride: int) -> tuple[int, int, int, int]:
+    """(N, h, H, W) of gates or dgates: (N, 4h, H, W) for gate_stride 0, else channels-last (N, H, W, 4h)."""
+    n, height, width, four_h = t.shape if gate_stride else (t.shape[0], *t.shape[2:], t.shape[1])
+    return n, four_h // 4, height, width
+
+
+def _state(n: int, channels: int, height: int, width: int, dtype, device, channels_last: bool) -> torch.Tensor:
+    shape = (n, height, width, channels) if channels_last else (n, channels, height, width)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def forward(gates, w_ss, h0, c0, gate_stride: int = 0):
     """(y, hs, cs): y in gates' dtype; hs (N, h, H, W) and cs (N, 5h, H, W: c and the gate activations) in the
-    state dtype; y is hs for float32/64."""
-    n, four_h, height, width = gates.shape
-    hidden, k = four_h // 4, w_ss.shape[2]
+    state dtype; y is hs for float32/64. gate_stride > 0: gates (N, H, W, 4h) channels-last with pixels gate_stride
+    apart, and y, hs (N, H, W, h), cs (N, H, W, 5h)."""
+    n, hidden, height, width = _scan_dims(gates, gate_stride)
+    k, cl = w_ss.shape[2], gate_stride > 0
     acc, dot, precision = _types(gates.dtype)
     sdt = _state_dtype(gates.dtype)
-    hs = torch.empty(n, hidden, height, width, dtype=sdt, device=gates.device)
-    cs = torch.empty(n, 5 * hidden, height, width, dtype=sdt, device=gates.device)
+    hs = _state(n, hidden, height, width, sdt, gates.device, cl)
+    cs = _state(n, 5 * hidden, height, width, sdt, gates.device, cl)
     write_y = gates.dtype != sdt
-    y = torch.empty(n, hidden, height, width, dtype=gates.dtype, device=gates.device) if write_y else hs
+    y = torch.empty_like(hs, dtype=gates.dtype) if write_y else hs
     fast(_fwd)[(n,)](
         gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
-        hidden, height, width,
-        K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, WRITE_Y=write_y,
-        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), IDX=_index_dtype(four_h, height, width, k),
+        hidden, height, width, gate_stride or 4 * hidden,
+        K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, WRITE_Y=write_y, CL=cl,
+        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), IDX=_index_dtype(4 * hidden, height, width, k,
+                                                                                    gate_stride),
         **_FWD_META,
     )  # fmt: skip
     return y, hs, cs
@@ -444,11 +520,12 @@ def _num_splits(tiles: int, items: int, element_size: int) -> int:
 _WGRAD_BLOCKS = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
 
 
-def weight_grad(dgates, hs, h0, k, taps: int = 0):
+def weight_grad(dgates, hs, h0, k, taps: int = 0, gate_stride: int = 0):
     """dw_ss (4h, h, k) in the state dtype of dgates' dtype; taps as in
-    row_lstm_wgrad_kernel (0: the Row LSTM's; 1, 2: the Diagonal LSTM's up/left taps, forward/reverse scan, k=2)."""
-    n, four_h, height, width = dgates.shape
-    hidden = four_h // 4
+    row_lstm_wgrad_kernel (0: the Row LSTM's; 1, 2: the Diagonal LSTM's up/left taps, forward/reverse scan, k=2).
+    gate_stride > 0 (taps 0): dgates (N, H, W, 4h) channels-last with pixels gate_stride apart, hs (N, H, W, h)."""
+    n, hidden, height, width = _scan_dims(dgates, gate_stride)
+    four_h = 4 * hidden
     acc, dot, precision = _types(dgates.dtype)
     elem = dgates.element_size()
 
@@ -466,11 +543,12 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
         launched["splits"] = splits_for(meta)
         return (cdiv(four_h, meta["BLOCK_O"]), k * cdiv(hidden, meta["BLOCK_J"]), launched["splits"])
 
+    layout = dict(CL=True, GS=gate_stride) if gate_stride else {}  # the NCHW launch keeps the kernel's defaults
     fast(_wgrad)[grid](
         dgates, hs, h0 if h0 is not None else hs, partial,
         n, hidden, height, width,
         K=k, HAS_H0=h0 is not None, WIDE=not int32_offsets(dgates, hs), ACC=acc, DOT=dot, PRECISION=precision,
-        TAPS=taps, **_WGRAD_META,
+        TAPS=taps, **layout, **_WGRAD_META,
     )  # fmt: skip
     return sum_splits(partial[: launched["splits"]], partial.dtype)
 
@@ -478,20 +556,28 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0):
 def backward(dy, gates, w_ss, h0, c0, hs, cs, need_w):
     """(dgates in gates' dtype, dw_ss or None, dh0 or None, dc0 or None); dh0/dc0 in the state dtype; hs and cs as
     forward() returned them."""
-    n, four_h, height, width = gates.shape
-    hidden, k = four_h // 4, w_ss.shape[2]
-    acc, dot, precision = _types(gates.dtype)
     dgates = torch.empty_like(gates)
+    return dgates, *backward_into(dy, dgates, w_ss, h0, c0, hs, cs, need_w)
+
+
+def backward_into(dy, dgates, w_ss, h0, c0, hs, cs, need_w, gate_stride: int = 0):
+    """Writes dgates (in the forward's gates' dtype and layout) and returns (dw_ss or None, dh0 or None, dc0 or
+    None), dh0/dc0 in the state dtype; hs and cs as forward() returned them. gate_stride 0: dgates (N, 4h, H, W) and
+    dy (N, h, H, W) contiguous; else dgates (N, H, W, 4h) channels-last with pixels gate_stride apart and dy
+    (N, H, W, h) contiguous; the weight gradient then reads dgates and hs channels-last."""
+    n, hidden, height, width = _scan_dims(dgates, gate_stride)
+    k = w_ss.shape[2]
+    acc, dot, precision = _types(dgates.dtype)
     dcs = torch.empty(n, 2, hidden, width, dtype=hs.dtype, device=hs.device)
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
     fast(_bwd)[(n,)](
         dy, pack_weight(w_ss), c0 if c0 is not None else hs, cs,
         dgates, dcs, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
-        hidden, height, width,
-        K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
-        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), IDX=_index_dtype(four_h, height, width, k),
-        **_BWD_META,
+        hidden, height, width, gate_stride or 4 * hidden,
+        K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, CL=gate_stride > 0,
+        ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width),
+        IDX=_index_dtype(4 * hidden, height, width, k, gate_stride), **_BWD_META,
     )  # fmt: skip
-    dw = weight_grad(dgates, hs, h0, k) if need_w else None
-    return dgates, dw, dh0, dc0
+    dw = weight_grad(dgates, hs, h0, k, gate_stride=gate_stride) if need_w else None
+    return dw, dh0, dc0

@@ -66,13 +66,14 @@ class RowLSTMModel(PixelRNN):
 
     @property
     def channels_last(self) -> bool:
-        """Channels-last where the layers' convolutions and scan run on the cuda backend: their one-node path then
-        keeps gates, states and gradients channels-last (gm.nn.row_lstm._FusedRowLSTMChannelsLast), so an NCHW
-        activation between layers costs a conversion of each layer's input and of its output gradient. The
-        backends as the layers resolve them for the compute dtype on the parameters' device (gm.nn.RowLSTM.
-        runs_channels_last): backend="cuda", or auto where a benchmark run measured the cuda row scans ahead (auto
-        picks the triton ones otherwise: gm.ops.row_lstm.scan_backend). The CPU and triton scans read NCHW, and the
-        input conv's channels-last output would cost them a conversion, so elsewhere the model stays NCHW."""
+        """Channels-last where the layers' convolutions and scan all run on the cuda backend or all on the triton
+        one: their one-node path then keeps gates, states and gradients channels-last (gm.nn.row_lstm.
+        _FusedRowLSTMChannelsLast), so an NCHW activation between layers costs a conversion of each layer's input
+        and of its output gradient. The backends as the layers resolve them for the compute dtype on the
+        parameters' device (gm.nn.RowLSTM.runs_channels_last): backend="cuda" or "triton", or auto where the convs and
+        the scan resolve to the same one (auto picks the triton scans unless a benchmark run measured the cuda ones
+        ahead: gm.ops.row_lstm.scan_backend). The CPU scans read NCHW, and the input conv's channels-last output
+        would cost them a conversion, so elsewhere the model stays NCHW."""
         if len(self.layers) == 0:
             return False
         p = next(self.parameters())

@@ -14,11 +14,11 @@ from gm.ops._eager import eager_ok, needs_grad
 from gm.ops._lstm_cuda import to_nhwc
 from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args, conv_backend
 from gm.ops.row_lstm import (
+    BACKWARD_CHANNELS_LAST,
+    FORWARD_CHANNELS_LAST,
     _row_lstm_backward_impl,
     _row_lstm_impl,
     check_row_lstm_args,
-    cuda_backward_channels_last,
-    cuda_forward_channels_last,
     row_lstm,
     scan_backend,
 )
@@ -34,8 +34,8 @@ from gm.ops.row_lstm import (
 
 # False: always the composed path.
 FUSED_LAYER = True
-# False: the one-node path on cuda runs the ops' implementations as _FusedRowLSTM does, converting layouts around the
-# scan as the composed ops do, instead of _FusedRowLSTMChannelsLast.
+# False: the one-node path on cuda or triton runs the ops' implementations as _FusedRowLSTM does, converting layouts
+# around the scan as the composed ops do, instead of _FusedRowLSTMChannelsLast.
 CHANNELS_LAST = True
 
 
@@ -57,9 +57,20 @@ def _init_grad(grad: torch.Tensor, param: tuple[torch.Size, torch.dtype]) -> tor
 
 
 def _channels_last(backends: tuple[str, str, str | None]) -> bool:
-    """Whether RowLSTM's one-node path runs channels-last for (input conv, scan, output conv) backends: all cuda."""
+    """Whether RowLSTM's one-node path runs channels-last for (input conv, scan, output conv) backends: all cuda or
+    all triton (channels-last scans, and convolutions that take channels-last operands as they are)."""
     conv_b, scan_b, out_b = backends
-    return CHANNELS_LAST and conv_b == scan_b == "cuda" and out_b in (None, "cuda")
+    return CHANNELS_LAST and conv_b == scan_b and scan_b in FORWARD_CHANNELS_LAST and out_b in (None, conv_b)
+
+
+def _nhwc(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """t (N, C, H, W) as a contiguous (N, H, W, C) tensor (t's storage when it is channels-last already), by the
+    backend's tiled transpose."""
+    if backend == "cuda":
+        return to_nhwc(t)
+    from gm.kernels._layout import channels_last  # noqa: PLC0415
+
+    return channels_last(t).permute(0, 2, 3, 1)
 
 
 def _conv_spec(conv: MaskedConv2d, backend: str) -> tuple:
@@ -138,34 +149,35 @@ class _FusedRowLSTM(torch.autograd.Function):
 
 
 class _FusedRowLSTMChannelsLast(torch.autograd.Function):
-    """_FusedRowLSTM where both convs and the scan run on cuda, channels-last throughout: the input conv writes
-    (N, H, W, 4h) gates, which the scan reads in place (gm.ops.row_lstm.cuda_forward_channels_last), writing y and
-    its saved state channels-last (y, hs (N, H, W, h), cs (N, H, W, 5h)); y goes to the residual conv as it is. The
-    backward scan reads the residual conv's input gradient (N, H, W, h) as it is and writes one (N, H, W, 4h) gate
-    gradient, which its weight gradient and the input conv's backward read channels-last. The composed path
-    converts the gates, y, dy and dgates between layouts (the row_lstm op is NCHW; the cuda convs read NHWC): here x
-    (when NCHW) and the incoming gradient are converted once each. The same kernels on the same values: bit-identical
-    to the composed ops (tests/test_cuda_emulated.py) but for the input conv's bias gradient, a sum over channels-last
-    gate gradients (another order than NCHW's); outputs and gradients in the composed ops' memory formats."""
+    """_FusedRowLSTM where both convs and the scan run on cuda, or all on triton, channels-last throughout: the input
+    conv writes (N, H, W, 4h) gates, which the scan reads in place (gm.ops.row_lstm.FORWARD_CHANNELS_LAST), writing
+    y and its saved state channels-last (y, hs (N, H, W, h), cs (N, H, W, 5h)); y goes to the residual conv as it
+    is. The backward scan reads the residual conv's input gradient (N, H, W, h) as it is and writes one
+    (N, H, W, 4h) gate gradient, which its weight gradient and the input conv's backward read channels-last. The
+    composed path converts the gates, y, dy and dgates between layouts (the row_lstm op is NCHW; the cuda and triton
+    convs work on NHWC): here x (when NCHW) and the incoming gradient are converted once each. The same kernels on
+    the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py on cuda, tests/nn/test_row_lstm.py
+    on triton) but for the input conv's bias gradient, a sum over channels-last gate gradients (another order than
+    NCHW's); outputs and gradients in the composed ops' memory formats."""
 
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
-        (mask, gi, go, _), _, out_spec = spec
-        xc = to_nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
-        gates = _masked_conv2d_impl(xc, w_in, b_in, mask, gi, go, "cuda")  # channels-last (N, 4h, H, W)
+        (mask, gi, go, backend), _, out_spec = spec
+        xc = _nhwc(x, backend).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        gates = _masked_conv2d_impl(xc, w_in, b_in, mask, gi, go, backend)  # channels-last (N, 4h, H, W)
         w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
         check_row_lstm_args(gates, w, h0e, c0e)
         w = w.contiguous()
         h0e = h0e.contiguous() if h0e is not None else None
         c0e = c0e.contiguous() if c0e is not None else None
-        y, hs, cs = cuda_forward_channels_last(gates.permute(0, 2, 3, 1), w, h0e, c0e)
+        y, hs, cs = FORWARD_CHANNELS_LAST[backend](gates.permute(0, 2, 3, 1), w, h0e, c0e)
         yv = y.permute(0, 3, 1, 2)  # (N, h, H, W) channels-last
         if out_spec is None:  # NCHW, as the composed ops return y (the scan op's output is NCHW)
             out = yv.contiguous()
         else:
             out_mask, ogi, ogo, _ = out_spec
             check_masked_conv_args(yv, w_out, b_out, out_mask, ogi, ogo)
-            out = x + _masked_conv2d_impl(yv, w_out, b_out, out_mask, ogi, ogo, "cuda")
+            out = x + _masked_conv2d_impl(yv, w_out, b_out, out_mask, ogi, ogo, backend)
         _save_scan_context(ctx, spec, w_ss, h0, c0)
         ctx.x_format = format_of(x)
         ctx.save_for_backward(xc, w_in, w, h0e, c0e, hs, cs, y, w_out)
@@ -174,29 +186,29 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (mask, gi, go, _), _, out_spec = ctx.spec
+        (mask, gi, go, backend), _, out_spec = ctx.spec
         xc, w_in, w, h0e, c0e, hs, cs, y, w_out = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out, need_h = _needs(ctx)
         dx = dw_in = db_in = dw_ss = dh0 = dc0 = dw_out = db_out = None
-        dh = to_nhwc(grad.to(y.dtype))  # (N, H, W, C)
+        dh = _nhwc(grad.to(y.dtype), backend)  # (N, H, W, C)
         if out_spec is not None:
             out_mask, ogi, ogo, _ = out_spec
             if need_h or need_w_out:
                 dhv, dw_out = _masked_conv2d_backward_impl(dh.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), w_out,
-                                                           out_mask, ogi, ogo, "cuda", need_h, need_w_out)  # fmt: skip
+                                                           out_mask, ogi, ogo, backend, need_h, need_w_out)  # fmt: skip
                 dh = dhv.permute(0, 2, 3, 1) if need_h else None  # channels-last, as its input y
                 dw_out = dw_out if need_w_out else None
             db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
         if need_h:
             n, height, width, hid = y.shape
             dgates = torch.empty(n, height, width, 4 * hid, dtype=y.dtype, device=y.device)
-            dw, dh0e, dc0e = cuda_backward_channels_last(dh, dgates, w, h0e, c0e, hs, cs, need_ss)
+            dw, dh0e, dc0e = BACKWARD_CHANNELS_LAST[backend](dh, dgates, w, h0e, c0e, hs, cs, need_ss)
             dw_ss = dw.to(ctx.ss_dtype) if need_ss else None
             dh0 = _init_grad(dh0e, ctx.init[0]) if need_h0 else None
             dc0 = _init_grad(dc0e, ctx.init[1]) if need_c0 else None
             dgv = dgates.permute(0, 3, 1, 2)  # (N, 4h, H, W) channels-last
             if need_x or need_w_in:
-                dx_in, dw_in = _masked_conv2d_backward_impl(dgv, xc, w_in, mask, gi, go, "cuda", need_x, need_w_in)
+                dx_in, dw_in = _masked_conv2d_backward_impl(dgv, xc, w_in, mask, gi, go, backend, need_x, need_w_in)
                 dw_in = dw_in if need_w_in else None
                 if need_x:
                     dx = dx_in.contiguous(memory_format=ctx.x_format) if out_spec is None else grad + dx_in
@@ -266,7 +278,7 @@ class RowLSTM(nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer as one autograd node (FUSED_LAYER), or None where the composed path runs: under torch.compile,
         fake tensors, modes and autocast (gm.ops._eager.eager_ok), and without a gradient to record. Where the
-        convs and the scan all run on cuda (and there is an image to scan), the channels-last node
+        convs and the scan all run on cuda or all on triton (and there is an image to scan), the channels-last node
         (CHANNELS_LAST), else the one that calls the ops' implementations."""
         conv_in, conv_out = self.input_to_state, self.out
         w_out, b_out = (conv_out.weight, conv_out.bias) if conv_out is not None else (None, None)

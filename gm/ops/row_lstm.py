@@ -17,7 +17,9 @@ pixel of memory).
 The cuda scans also run channels-last, outside the op: cuda_forward_channels_last / cuda_backward_channels_last take
 gates and gate gradients (N, H, W, 4h) (pixels possibly further apart, a channel slice of a wider tensor) and keep y,
 dy, hs (N, H, W, h) and cs (N, H, W, 5h) so, for gm.nn.RowLSTM's one-node path, whose cuda convolutions read and
-write NHWC: the layer then converts no layout between its convolutions and its scan.
+write NHWC: the layer then converts no layout between its convolutions and its scan. The triton scans likewise
+(triton_forward_channels_last / triton_backward_channels_last), for the triton convolutions, which take
+channels-last operands as they are.
 """
 
 from __future__ import annotations
@@ -190,8 +192,38 @@ def cuda_backward_channels_last(
     weight gradient reads dgates and hs channels-last (lstm_tc::lstm_wgrad_tc's kNhwc variant)."""
     dw, dh0, dc0 = _scan_backward(dy.contiguous(), dgates, w_ss, h0, c0, hs, cs, need_w,
                                   pixel_stride(dgates, "dgates"))  # fmt: skip
-    return (dw.to(w_ss.dtype) if dw is not None else None, dh0.to(h0.dtype) if dh0 is not None else None,
-            dc0.to(c0.dtype) if dc0 is not None else None)  # fmt: skip
+    return _in_dtypes((dw, dh0, dc0), (w_ss, h0, c0))
+
+
+def _in_dtypes(grads: tuple, like: tuple) -> tuple:
+    """Each gradient (or None) in the dtype of its tensor in `like`."""
+    return tuple(g.to(t.dtype) if g is not None else None for g, t in zip(grads, like, strict=True))
+
+
+def triton_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, h0=None, c0=None):
+    """cuda_forward_channels_last on the triton scans (row_lstm_fwd_kernel's CL variant), the same layouts: gates
+    (N, H, W, 4h), pixels possibly further apart than 4h; y, hs (N, H, W, h) and cs (N, H, W, 5h) in the state dtype
+    (float32, float64 for float64 gates; y is hs then)."""
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    return k.forward(gates, w_ss, h0, c0, gate_stride=pixel_stride(gates, "gates"))
+
+
+def triton_backward_channels_last(
+    dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, h0, c0, hs, cs, need_w: bool
+):
+    """cuda_backward_channels_last on the triton scans: writes dgates (N, H, W, 4h) from dy (N, H, W, h) and the
+    forward's hs and cs, and returns (dw_ss, dh0, dc0) in the dtypes of w_ss, h0 and c0 (None where not asked). The
+    weight gradient reads dgates and hs channels-last (row_lstm_wgrad_kernel's CL variant)."""
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    grads = k.backward_into(dy.contiguous(), dgates, w_ss, h0, c0, hs, cs, need_w, pixel_stride(dgates, "dgates"))
+    return _in_dtypes(grads, (w_ss, h0, c0))
+
+
+# The channels-last scans by backend, for gm.nn.RowLSTM's one-node path.
+FORWARD_CHANNELS_LAST = {"cuda": cuda_forward_channels_last, "triton": triton_forward_channels_last}
+BACKWARD_CHANNELS_LAST = {"cuda": cuda_backward_channels_last, "triton": triton_backward_channels_last}
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

@@ -70,6 +70,32 @@ def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
     assert len(seen) == 3 * len(convs) and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
 
 
+@pytest.mark.skipif("triton" not in fast_backends(), reason="triton is not available")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
+def test_rowlstm_runs_channels_last_on_triton(preset):
+    """backend="triton": the Row LSTM model runs channels-last (RowLSTMModel.channels_last, from its layers'
+    runs_channels_last): every layer takes the channels-last one-node path (gm.nn.row_lstm._FusedRowLSTMChannelsLast)
+    on a channels-last input, gives a channels-last output and gets a channels-last output gradient. (Its loss and
+    gradients against the reference: test_backends_give_the_reference_loss_and_gradients.)"""
+    from gm.nn import RowLSTM  # noqa: PLC0415
+
+    model = M.get("rowlstm", preset, backend="triton")
+    assert model.channels_last
+    seen = []
+
+    def check(module, inputs, output):
+        seen.append(("in", inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        seen.append(("out", output.is_contiguous(memory_format=torch.channels_last)))
+        seen.append(("node", type(output.grad_fn).__name__ == "_FusedRowLSTMChannelsLastBackward"))
+        output.register_hook(lambda g: seen.append(("grad", g.is_contiguous(memory_format=torch.channels_last))))
+
+    layers = [m for m in model.modules() if isinstance(m, RowLSTM)]
+    for layer in layers:
+        layer.register_forward_hook(check)
+    model.loss(_levels(model, 2, 5, 4)).backward()
+    assert len(seen) == 4 * len(layers) > 0 and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
+
+
 GPU_BACKENDS = fast_backends(torch.device("cuda")) if torch.cuda.is_available() else ["cuda", "triton"]
 
 

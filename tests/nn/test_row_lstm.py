@@ -147,8 +147,9 @@ def one_node_equals_composed(layer: gm.nn.RowLSTM, x: torch.Tensor, monkeypatch,
         # the convs told apart by their weight's shape; the need flags; whether an initial state was given
         _spy(monkeypatch, name, calls, lambda *a, _name=name: (_name, tuple(a[2].shape), a[-2:], a[3] is None))
     # the channels-last node's scan backward (dy, dgates, w_ss, h0, c0, hs, cs, need_w), recorded as the op's call
-    _spy(monkeypatch, "cuda_backward_channels_last", calls,
-         lambda *a: ("_row_lstm_backward_impl", tuple(a[2].shape), ("cuda", a[-1]), a[3] is None))  # fmt: skip
+    for backend, scan in _SCAN.BACKWARD_CHANNELS_LAST.items():
+        describe = lambda *a, _b=backend: ("_row_lstm_backward_impl", tuple(a[2].shape), (_b, a[-1]), a[3] is None)  # noqa: E731
+        monkeypatch.setitem(_SCAN.BACKWARD_CHANNELS_LAST, backend, _recorder(scan, calls, describe))
     named = [("x", None), *layer.named_parameters()]
     try:
         for key in wanted:
@@ -199,7 +200,69 @@ def test_one_node_equals_composed(backend, colors, residual, learn_init, monkeyp
     layer = _layer(backend, colors, residual, learn_init, dtype)
     # (interpreter time: the subsets that only skip host-side work are covered by the other backends)
     wanted = ("all", "x", "params") if backend == "triton" else tuple(_WANTED)
-    one_node_equals_composed(layer, torch.randn(2, 6, 4, 5, dtype=dtype), monkeypatch, wanted)
+    x = torch.randn(2, 6, 4, 5, dtype=dtype)
+    if backend == "triton":  # the channels-last node (test_triton_one_node_channels_last_equals_composed)
+        one_node_equals_composed(layer, x, monkeypatch, wanted, "_FusedRowLSTMChannelsLast", ("input_to_state.bias",))
+    else:
+        one_node_equals_composed(layer, x, monkeypatch, wanted)
+
+
+def _triton_ok() -> bool:
+    return "triton" in fast_backends(CPU)
+
+
+# (N, H, W, hidden, colors): odd sizes (one column, one row, one image, h=3) beside a plain one.
+_CL_SHAPES = {"N2-H4-W5-h6": (2, 4, 5, 6, 3), "N1-H3-W1-h3": (1, 3, 1, 3, 3), "N2-H1-W4-h3": (2, 1, 4, 3, 1),
+              "N1-H2-W3-h3": (1, 2, 3, 3, 3)}  # fmt: skip
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.parametrize("shape", list(_CL_SHAPES.values()), ids=list(_CL_SHAPES))
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("learn_init", [True, False], ids=["init", "zero"])
+def test_triton_one_node_channels_last_equals_composed(shape, x_format, residual, learn_init, monkeypatch):
+    """backend="triton": the channels-last node (gm.nn.row_lstm._FusedRowLSTMChannelsLast: the scans read and write
+    (N, H, W, 4h) gates in place, the weight gradient reads them and the states channels-last) gives the composed
+    ops' bits for the output and every gradient, NCHW or channels-last input; the input conv's bias gradient, a sum
+    over channels-last gate gradients (another order than the composed path's NCHW ones), to rounding."""
+    n, height, width, hid, colors = shape
+    torch.manual_seed(0)
+    layer = gm.nn.RowLSTM(3, hid, kernel_size=3, colors=colors, residual=residual, learn_init=learn_init,
+                          backend="triton")  # fmt: skip
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    x = torch.randn(n, 3, height, width).contiguous(memory_format=x_format)
+    assert layer.runs_channels_last(x)
+    one_node_equals_composed(layer, x, monkeypatch, ("all",), node="_FusedRowLSTMChannelsLast",
+                             summed=("input_to_state.bias",))  # fmt: skip
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
+    """The same in bfloat16 (float32 states, bfloat16 gates, y and gate gradients), and the parameter subsets."""
+    torch.manual_seed(0)
+    layer = _layer("triton", 3, True, True, torch.bfloat16)
+    x = torch.randn(2, 6, 3, 5).to(torch.bfloat16).contiguous(memory_format=x_format)
+    one_node_equals_composed(layer, x, monkeypatch, ("all", "scan", "out"), node="_FusedRowLSTMChannelsLast",
+                             summed=("input_to_state.bias",))  # fmt: skip
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+def test_triton_channels_last_switch(monkeypatch):
+    """CHANNELS_LAST False, or a residual conv on another backend: the node that calls the ops' implementations."""
+    layer = _layer("triton", 1, True, False, torch.float32)
+    x = torch.randn(1, 6, 2, 3)
+    monkeypatch.setattr(_LAYER, "CHANNELS_LAST", False)
+    assert not layer.runs_channels_last(x)
+    one_node_equals_composed(layer, x, monkeypatch, ("all",))
+    monkeypatch.setattr(_LAYER, "CHANNELS_LAST", True)
+    layer.out.backend = "reference"
+    assert not layer.runs_channels_last(x)
+    one_node_equals_composed(layer, x, monkeypatch, ("all",))
 
 
 @pytest.mark.gpu

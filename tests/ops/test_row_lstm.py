@@ -214,17 +214,83 @@ def test_gpu_auto_picks_triton(monkeypatch):
     assert_auto_picks_triton("gm.ops.row_lstm", call, monkeypatch)
 
 
-def test_cuda_channels_last_scans_refuse_other_layouts():
-    """gm.ops.row_lstm's channels-last helpers (gm.nn.RowLSTM's one-node path on cuda) take gates and gate gradients
-    (N, H, W, 4h) with contiguous channels and evenly spaced pixels (gm.ops._lstm_cuda.pixel_stride: the kernels'
-    gate_stride), and refuse any other layout by the argument's name before they reach the extension."""
-    from gm.ops.row_lstm import cuda_backward_channels_last, cuda_forward_channels_last  # noqa: PLC0415
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_channels_last_scans_refuse_other_layouts(backend):
+    """gm.ops.row_lstm's channels-last helpers (gm.nn.RowLSTM's one-node path on cuda and triton) take gates and gate
+    gradients (N, H, W, 4h) with contiguous channels and evenly spaced pixels (gm.ops._lstm_cuda.pixel_stride: the
+    kernels' gate stride), and refuse any other layout by the argument's name before they reach a kernel."""
+    from gm.ops.row_lstm import BACKWARD_CHANNELS_LAST, FORWARD_CHANNELS_LAST  # noqa: PLC0415
 
+    if backend == "triton" and "triton" not in BACKENDS_HERE:
+        pytest.skip("triton backend not available here")
+    forward, backward = FORWARD_CHANNELS_LAST[backend], BACKWARD_CHANNELS_LAST[backend]
     w = torch.randn(8, 2, 3)
     with pytest.raises(ValueError, match="gates must be channels-last"):
-        cuda_forward_channels_last(torch.randn(1, 8, 3, 4).permute(0, 2, 3, 1), w)  # NCHW storage
+        forward(torch.randn(1, 8, 3, 4).permute(0, 2, 3, 1), w)  # NCHW storage
     with pytest.raises(ValueError, match="gates must be channels-last"):
-        cuda_forward_channels_last(torch.randn(1, 3, 5, 8)[:, :, :4], w)  # rows of 4 pixels 5 apart
+        forward(torch.randn(1, 3, 5, 8)[:, :, :4], w)  # rows of 4 pixels 5 apart
     dy, state = torch.randn(1, 3, 4, 2), torch.empty(0)
     with pytest.raises(ValueError, match="dgates must be channels-last"):
-        cuda_backward_channels_last(dy, torch.empty(1, 8, 3, 4).permute(0, 2, 3, 1), w, None, None, state, state, True)
+        backward(dy, torch.empty(1, 8, 3, 4).permute(0, 2, 3, 1), w, None, None, state, state, True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("gate_pad", [0, 5], ids=["dense", "slice"])
+def test_triton_channels_last_scans_equal_the_op(case, dtype, gate_pad):
+    """gm.ops.row_lstm.triton_forward_channels_last / triton_backward_channels_last (gm.nn.RowLSTM's channels-last
+    node on triton) give the triton op's bits: y, the gate gradients (written in place into a channel slice of a
+    wider (N, H, W, 4h + gate_pad) tensor, whose other channels stay NaN), dw_ss, dh0 and dc0."""
+    from gm.ops.row_lstm import triton_backward_channels_last, triton_forward_channels_last  # noqa: PLC0415
+
+    _check_channels_last_scans(triton_forward_channels_last, triton_backward_channels_last, case, dtype, gate_pad)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
+@pytest.mark.parametrize("i", range(7), ids=lambda i: f"config{i}")
+def test_triton_channels_last_every_config(i, monkeypatch):
+    """The channels-last scans and weight gradient in the GPU configs' block shapes, as test_triton_every_config."""
+    from gm.ops.row_lstm import triton_backward_channels_last, triton_forward_channels_last  # noqa: PLC0415
+
+    _force_config(monkeypatch, i)
+    _check_channels_last_scans(triton_forward_channels_last, triton_backward_channels_last, (1, 5, 3, 7, 3, True),
+                               torch.float32, 3)  # fmt: skip
+
+
+@pytest.mark.skipif("triton" not in BACKENDS_HERE, reason="triton backend not available here")
+def test_triton_channels_last_int64_offsets(monkeypatch):
+    """The channels-last scans and weight gradient with 64-bit offsets (WIDE and IDX int64, forced at a small size)."""
+    import triton.language as tl  # noqa: PLC0415
+    from gm.kernels import row_lstm as k  # noqa: PLC0415
+
+    from gm.ops.row_lstm import triton_backward_channels_last, triton_forward_channels_last  # noqa: PLC0415
+
+    case = (1, 5, 3, 7, 3, True)
+    monkeypatch.setattr(k, "_index_dtype", lambda *args: tl.int64)
+    monkeypatch.setattr(k, "int32_offsets", lambda *tensors: False)
+    _check_channels_last_scans(triton_forward_channels_last, triton_backward_channels_last, case,
+                               torch.float32, 3)  # fmt: skip
+
+
+def _check_channels_last_scans(forward, backward, case, dtype, gate_pad):
+    """The channels-last helpers against the row_lstm op on the same backend, bit for bit."""
+    n, hid, height, width = case[:4]
+    gates, w_ss, h0, c0 = _inputs(*case, dtype)
+    dy = torch.randn(n, hid, height, width, dtype=dtype)
+    expected = _run(row_lstm, gates, w_ss, h0, c0, dy, backend="triton")
+    wide = torch.full((n, height, width, 4 * hid + gate_pad), float("nan"), dtype=dtype)
+    gates_cl = wide[..., : 4 * hid]
+    gates_cl.copy_(gates.detach().permute(0, 2, 3, 1))
+    w, h0, c0 = (t.detach() if t is not None else None for t in (w_ss, h0, c0))
+    y, hs, cs = forward(gates_cl, w, h0, c0)
+    assert y.shape == (n, height, width, hid) and cs.shape == (n, height, width, 5 * hid) and y.is_contiguous()
+    dwide = torch.full_like(wide, float("nan"))
+    dgates = dwide[..., : 4 * hid]
+    grads = backward(dy.permute(0, 2, 3, 1), dgates, w, h0, c0, hs, cs, True)
+    got = [y.permute(0, 3, 1, 2), dgates.permute(0, 3, 1, 2), *(g for g in grads if g is not None)]
+    names = ["y", "dgates", "dw_ss"] + (["dh0", "dc0"] if h0 is not None else [])
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), f"{name}: max difference {(a.double() - b.double()).abs().max()}"
+    assert dwide[..., 4 * hid :].isnan().all(), "a write outside the gate gradients' channel slice"
