@@ -22,3 +22,16 @@ def is_channels_last(t: torch.Tensor) -> bool:
 def format_of(t: torch.Tensor) -> torch.memory_format:
     """torch.channels_last where is_channels_last(t), else torch.contiguous_format."""
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def nhwc(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """t (N, C, H, W) as a contiguous (N, H, W, C) tensor (t's storage when it is channels-last already), by the
+    backend's tiled transpose (cuda: gm.ops._lstm_cuda.to_nhwc; triton: gm.kernels._layout.channels_last). The
+    PixelRNN layers' channels-last one-node paths convert their input and incoming gradient with it."""
+    if backend == "cuda":
+        from gm.ops._lstm_cuda import to_nhwc  # noqa: PLC0415
+
+        return to_nhwc(t)
+    from gm.kernels._layout import channels_last  # noqa: PLC0415
+
+    return channels_last(t).permute(0, 2, 3, 1)

@@ -5,12 +5,15 @@ For skewed column t and image row i (pixel (i, j = t - i), column j counted righ
     c = sigmoid(a_f) * c_left + sigmoid(a_i) * tanh(a_g);   h = sigmoid(o) * tanh(c)
 with gate order i, f, o, g; state zero outside the image (see gm.reference.diagonal_lstm).
 
-Shapes: gates (N, 4h, H, W) channels-last (memory (N, H, W, 4h)); packed weight (2, 4, h, h) = [tap (up, left),
-gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype; the saved state (N, 5h, H, W) float32 (float64
-for float64): per pixel [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o), tanh(a_g)], each h channels; all three
-channels-last. Channels-last because the scan's tiles are (channels x image rows) at one skewed
-column: in NCHW every element of such a tile lies in its own 128-byte line (rows W elements apart), in NHWC each
-row's channels are one contiguous run. The launchers convert with tiled transposes (gm.kernels._layout).
+Shapes: gates (N, 4h, H, W) channels-last (memory (N, H, W, 4h), pixels GS >= 4h elements apart: GS = 8h for a
+direction's half of gm.nn.DiagonalBiLSTM's (N, H, W, 8h) input conv output, read in place); packed weight
+(2, 4, h, h) = [tap (up, left), gate, out, in] in the input dtype; y (N, h, H, W) in the input dtype; the saved state
+(N, 5h, H, W) float32 (float64 for float64): per pixel [c, sigmoid(a_i), sigmoid(a_f), sigmoid(a_o), tanh(a_g)],
+each h channels; all three channels-last. The gate gradients have the gates' layout (pixels GS apart). Channels-last
+because the scan's tiles are (channels x image rows) at one skewed column: in NCHW every element of such a tile lies
+in its own 128-byte line (rows W elements apart), in NHWC each row's channels are one contiguous run. forward() /
+backward() take and return NCHW tensors, converting with tiled transposes (gm.kernels._layout);
+forward_channels_last() / backward_into() take channels-last ones as they are.
 
 One program per batch element loops over the W+H-1 skewed columns (the whole diagonal is coupled, so no grid
 sync: one barrier per step). The skew is addressing: gates and outputs are read and written at (i, t - i) directly.
@@ -29,7 +32,7 @@ units: dh = dy + sum_g w[up, g]^T @ da_g(pixel below) + sum_g w[left, g]^T @ da_
 t+1, read back from dgates (written by this program in the previous step; a transposed copy of the weight makes those
 tiles contiguous); dc(i, j+1) * sigmoid(f(i, j+1)) comes through a small per-program float32 scratch (hidden x rows,
 double-buffered by step parity). dw_ss = sum over pixels of da (x) (y above, y left) is one GEMM over dgates and y
-after the kernel, on their NCHW layouts (gm.kernels.row_lstm.weight_grad with the diagonal taps).
+after the kernel, on their NCHW or channels-last layouts (gm.kernels.row_lstm.weight_grad with the diagonal taps).
 """
 
 from __future__ import annotations
@@ -70,14 +73,14 @@ def _cell_geometry(t, rr, H, W, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_left, HID,
+def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_left, HID, GS,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """The four gate pre-activations of output units o, a (BO, BLOCK_H) tile each in ACC:
     gates[g, o] + w[up, g][o, :] @ y(pixel above) + w[left, g][o, :] @ y(pixel left), the state read back from y.
 
     One loop over both taps' input channels in BK chunks (each tap padded to a multiple of BK): an iteration holds
     four (BO, BK) weight tiles and one (BK, BLOCK_H) state tile."""
-    g_at = g_base + pix * (4 * HID) + o  # channels-last: a pixel's 4h gate values are contiguous
+    g_at = g_base + pix * GS + o  # channels-last: a pixel's 4h gate values are contiguous
     a_i = tl.load(g_at, mask=m, other=0.0).to(ACC)
     a_f = tl.load(g_at + HID, mask=m, other=0.0).to(ACC)
     a_o = tl.load(g_at + 2 * HID, mask=m, other=0.0).to(ACC)
@@ -107,7 +110,7 @@ def _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, up, left, has_up, has_
 @triton.jit
 def diagonal_lstm_fwd_kernel(
     g_ptr, w_ptr, y_ptr, s_ptr,
-    HID, H, W,
+    HID, H, W, GS,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -115,7 +118,7 @@ def diagonal_lstm_fwd_kernel(
     HW = H * W
     oo = tl.arange(0, BO)[:, None]
     rr = tl.arange(0, BLOCK_H)[None, :]
-    g_base = g_ptr + n * 4 * HID * HW
+    g_base = g_ptr + n * GS * HW
     y_base = y_ptr + n * HID * HW
     s_base = s_ptr + n * 5 * HID * HW  # per pixel [c, s_i, s_f, s_o, t_g]
     for t in range(0, W + H - 1):
@@ -128,7 +131,7 @@ def diagonal_lstm_fwd_kernel(
             o_ok = o < HID
             m = o_ok & inside
             a_i, a_f, a_o, a_g = _gate_preacts(g_base, w_ptr, y_base, o, o_ok, m, pix, pix - W, left, has_up,
-                                               has_left, HID, ACC, PRECISION, BK)  # fmt: skip
+                                               has_left, HID, GS, ACC, PRECISION, BK)  # fmt: skip
             c_left = tl.load(s_base + left * (5 * HID) + o, mask=o_ok & has_left, other=0.0).to(ACC)
             s_i = sigmoid(a_i)
             s_f = sigmoid(a_f)
@@ -147,7 +150,7 @@ def diagonal_lstm_fwd_kernel(
 
 
 @triton.jit
-def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down, has_right, HID,
+def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down, has_right, HID, GS,
                 ACC: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """dL/dh for units o, a (BO, BLOCK_H) tile in ACC: dy + sum_g w[up, g]^T @ da_g(pixel below)
     + sum_g w[left, g]^T @ da_g(pixel right), the da read back from dgates (written in the previous backward step).
@@ -163,7 +166,7 @@ def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down
         k = k0 + kr
         src = tl.where(tap == 0, down, right)
         ok = (k < HID) & tl.where(tap == 0, has_down, has_right)
-        da = dg_base + src * (4 * HID) + k
+        da = dg_base + src * GS + k
         w_tap = wt_ptr + tap * 4 * gs + o * HID + (k0 + kc)
         w_mask = o_ok & ((k0 + kc) < HID)
         dh = tl.dot(tl.load(w_tap, mask=w_mask, other=0.0), tl.load(da, mask=ok, other=0.0), dh,
@@ -180,7 +183,7 @@ def _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, down, right, has_down
 @triton.jit
 def diagonal_lstm_bwd_kernel(
     dy_ptr, wt_ptr, s_ptr, dg_ptr, scratch_ptr,
-    HID, H, W,
+    HID, H, W, GS,
     REVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -188,7 +191,7 @@ def diagonal_lstm_bwd_kernel(
     HW = H * W
     oo = tl.arange(0, BO)[:, None]
     rr = tl.arange(0, BLOCK_H)[None, :]
-    dg_base = dg_ptr + n * 4 * HID * HW
+    dg_base = dg_ptr + n * GS * HW
     s_base = s_ptr + n * 5 * HID * HW
     dy_base = dy_ptr + n * HID * HW
     # dc(i, j+1) * sigmoid(f(i, j+1)) per (unit, row), double-buffered by step parity.
@@ -209,7 +212,7 @@ def diagonal_lstm_bwd_kernel(
             o_ok = o < HID
             m = o_ok & inside
             dh = _state_grad(dy_base, dg_base, wt_ptr, o, o_ok, m, pix, pix + W, right, has_down, has_right, HID,
-                             ACC, PRECISION, BK)  # fmt: skip
+                             GS, ACC, PRECISION, BK)  # fmt: skip
             st = s_base + pix * (5 * HID) + o
             c = tl.load(st, mask=m, other=0.0).to(ACC)
             s_i = tl.load(st + HID, mask=m, other=0.0).to(ACC)
@@ -221,7 +224,7 @@ def diagonal_lstm_bwd_kernel(
             dc_right = tl.load(dc_in + tile, mask=o_ok & has_right, other=0.0)
             t_c = tanh(c)
             dc = dc_right + dh * s_o * (1.0 - t_c * t_c)
-            dg_off = pix * (4 * HID) + o
+            dg_off = pix * GS + o
             tl.store(dg_base + dg_off, (dc * t_g * s_i * (1.0 - s_i)).to(dt), mask=m)
             tl.store(dg_base + HID + dg_off, (dc * c_left * s_f * (1.0 - s_f)).to(dt), mask=m)
             tl.store(dg_base + 2 * HID + dg_off, (dh * t_c * s_o * (1.0 - s_o)).to(dt), mask=m)
@@ -288,28 +291,44 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return channels_last(t).permute(0, 2, 3, 1)
 
 
+def _check_dtype(gates: torch.Tensor) -> None:
+    if gates.dtype not in TL_DTYPES:
+        raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
+
+
 def forward(
     gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, config: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (N, h, H, W) NCHW-contiguous, state (N, 5h, H, W) channels-last: [c, sigmoid(i), sigmoid(f), sigmoid(o),
     tanh(g)] for backward()) for gates (N, 4h, H, W) and w_ss (4h, h, 2); config: one of _FWD_CONFIGS (None:
     tuned). The kernel writes channels-last; y's layout copy is a tiled transpose."""
-    if gates.dtype not in TL_DTYPES:
-        raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {gates.dtype}")
-    n, g4, height, width = gates.shape
+    _check_dtype(gates)  # before the layout copy
+    y, state = forward_channels_last(_nhwc(gates), w_ss, reverse, gates.shape[1], config)
+    return nchw(y.permute(0, 3, 1, 2)), state.permute(0, 3, 1, 2)
+
+
+def forward_channels_last(
+    gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool, gate_stride: int, config: tuple | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (N, H, W, h) in gates' dtype, state (N, H, W, 5h) in the state dtype) for channels-last gates (N, H, W, 4h)
+    whose pixels lie gate_stride elements apart (images gate_stride * H * W apart: a channel slice of a wider
+    channels-last tensor too), read as they are; w_ss and config as forward()'s."""
+    _check_dtype(gates)
+    n, height, width, g4 = gates.shape
     hid = g4 // 4
-    if 5 * hid * height * width >= 2**31:  # in-image offsets are int32 (the saved state has 5h channels)
-        raise ValueError(f"the triton backend takes 5h*H*W < 2**31 per image, got gates of shape {tuple(gates.shape)}")
+    if max(5 * hid, gate_stride) * height * width >= 2**31:  # in-image offsets are int32 (state: 5h channels)
+        raise ValueError(f"the triton backend takes max(5h, gate pixel stride {gate_stride})*H*W < 2**31 per image, "
+                         f"got channels-last gates of shape {tuple(gates.shape)}")  # fmt: skip
     y = torch.empty(n, height, width, hid, dtype=gates.dtype, device=gates.device)
     state = torch.empty(n, height, width, 5 * hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
     fast(kernel)[(n,)](
-        _nhwc(gates), pack_weight(w_ss, gates.dtype), y, state,
-        hid, height, width,
+        gates, pack_weight(w_ss, gates.dtype), y, state,
+        hid, height, width, gate_stride,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=_block_h(height), **meta,
     )  # fmt: skip
-    return nchw(y.permute(0, 3, 1, 2)), state.permute(0, 3, 1, 2)
+    return y, state
 
 
 def backward(
@@ -318,17 +337,28 @@ def backward(
     """dgates (N, 4h, H, W) in w_ss' dtype, NCHW-contiguous, from grad (N, h, H, W) in any layout and forward()'s
     state; config: one of _BWD_CONFIGS (None: tuned)."""
     n, h5, height, width = state.shape
-    hid = h5 // 5
+    dgates = torch.empty(n, height, width, 4 * (h5 // 5), dtype=w_ss.dtype, device=w_ss.device)
+    backward_into(_nhwc(grad.to(w_ss.dtype)), dgates, w_ss, _nhwc(state), reverse, dgates.shape[3], config)
+    return nchw(dgates.permute(0, 3, 1, 2))
+
+
+def backward_into(
+    dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, state: torch.Tensor, reverse: bool, gate_stride: int,
+    config: tuple | None = None,
+) -> None:  # fmt: skip
+    """Writes dgates (N, H, W, 4h) in w_ss' dtype, channels-last with pixels gate_stride elements apart (as
+    forward_channels_last's gates), from dy (N, H, W, h) contiguous in w_ss' dtype and forward_channels_last's state
+    (N, H, W, 5h); config as backward()'s."""
+    n, height, width, g4 = dgates.shape
+    hid = g4 // 4
     block_h = _block_h(height)
     w = pack_weight(w_ss, w_ss.dtype)
-    dgates = torch.empty(n, height, width, 4 * hid, dtype=w_ss.dtype, device=w_ss.device)
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
     scratch = torch.empty(n, 2, hid, block_h, dtype=state.dtype, device=state.device)
     kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
     fast(kernel)[(n,)](
-        _nhwc(grad.to(w_ss.dtype)), w.transpose(2, 3).contiguous(), _nhwc(state), dgates, scratch,
-        hid, height, width,
+        dy, w.transpose(2, 3).contiguous(), state, dgates, scratch,
+        hid, height, width, gate_stride,
         REVERSE=reverse, ACC=acc_dtype(w_ss.dtype), PRECISION=dot_precision(w_ss.dtype, conv=True),
         BLOCK_H=block_h, **meta,
     )  # fmt: skip
-    return nchw(dgates.permute(0, 3, 1, 2))

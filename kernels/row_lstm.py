@@ -343,8 +343,9 @@ def row_lstm_wgrad_kernel(
     along their columns, so every element had its own address and test: 563 SASS instructions per k-step of 2 MMAs
     (sm_90, Triton 3.6, bf16, k=3). An item is one image's block of BLOCK_P pixels; split s of the S = grid z splits
     takes items s, s + S, ... (the launcher picks S per config). Offsets within an image are int32 unless WIDE.
-    CL: dgates (N, H, W, 4h) with pixels GS apart and hs (N, H, W, h), the Row LSTM's channels-last scans' (the tiles
-    are then contiguous along their channels: o of dz, j of hs); else both NCHW."""
+    CL: dgates (N, H, W, 4h) with pixels GS apart and hs (N, H, W, h), the channels-last scans' (the Row LSTM's, and
+    the Diagonal LSTM's: each direction's half of the layer's (N, H, W, 8h) gate gradients, GS = 8h, and its y as hs;
+    the tiles are then contiguous along their channels: o of dz, j of hs); else both NCHW."""
     pid_o = tl.program_id(0)
     pid_j = tl.program_id(1)
     split = tl.program_id(2)
@@ -523,7 +524,7 @@ _WGRAD_BLOCKS = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_co
 def weight_grad(dgates, hs, h0, k, taps: int = 0, gate_stride: int = 0):
     """dw_ss (4h, h, k) in the state dtype of dgates' dtype; taps as in
     row_lstm_wgrad_kernel (0: the Row LSTM's; 1, 2: the Diagonal LSTM's up/left taps, forward/reverse scan, k=2).
-    gate_stride > 0 (taps 0): dgates (N, H, W, 4h) channels-last with pixels gate_stride apart, hs (N, H, W, h)."""
+    gate_stride > 0 (any taps): dgates (N, H, W, 4h) channels-last with pixels gate_stride apart, hs (N, H, W, h)."""
     n, hidden, height, width = _scan_dims(dgates, gate_stride)
     four_h = 4 * hidden
     acc, dot, precision = _types(dgates.dtype)

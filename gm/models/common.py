@@ -47,8 +47,8 @@ class PixelModel(nn.Module):
     # Run channels-last (NHWC in memory): gm's convolutions keep their input's memory format, so a model of masked
     # convolutions and elementwise ops converts nothing between layers (each NCHW layer costs the kernels a transpose
     # of its input, of its output gradient and of its input again in the backward). The all-convolution PixelCNN
-    # sets it; the PixelRNN models where their layers' one-node paths run channels-last (the cuda scans, and the Row
-    # LSTM's triton ones), as their channels_last properties say: the CPU scans read NCHW rows.
+    # sets it; the PixelRNN models where their layers' one-node paths run channels-last (the cuda and the triton
+    # scans), as their channels_last properties say: the CPU scans read NCHW rows.
     channels_last = False
 
     def __init__(self, channels: int, levels: int, backend: str | None) -> None:

@@ -88,8 +88,13 @@ class DiagonalBiLSTMModel(PixelRNN):
 
     @property
     def channels_last(self) -> bool:
-        """Channels-last where the layers run on the cuda backend: their one-node path keeps gates, states and
-        gradients channels-last (gm.nn.diagonal_lstm._FusedBiLSTMChannelsLast), so an NCHW activation between layers
-        costs a conversion of each layer's input and of its output gradient. The CPU and triton scans read NCHW or
-        convert, so elsewhere the model stays NCHW."""
-        return self.backend == "cuda" or (self.backend is None and next(self.parameters()).is_cuda)
+        """Channels-last where the layers' convolutions and scans all run on the cuda backend or all on the triton
+        one: their one-node path then keeps gates, states and gradients channels-last (gm.nn.diagonal_lstm.
+        _FusedBiLSTMChannelsLast), so an NCHW activation between layers costs a conversion of each layer's input and
+        of its output gradient. The backends as the layers resolve them for the compute dtype on the parameters'
+        device (gm.nn.DiagonalBiLSTM.runs_channels_last): backend="cuda" or "triton", or auto where the convs and
+        the scans resolve to the same one. The CPU scans read NCHW, so elsewhere the model stays NCHW."""
+        if len(self.layers) == 0:
+            return False
+        p = next(self.parameters())
+        return self.layers[0].runs_channels_last(p.new_empty(0, 0, 0, 0, dtype=self.compute_dtype or p.dtype))

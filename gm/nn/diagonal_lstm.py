@@ -11,11 +11,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from gm._checks import check_choice
-from gm._memory_format import format_of
+from gm._memory_format import format_of, nhwc
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops._lstm_cuda import to_nhwc
-from gm.ops.diagonal_lstm import cuda_backward_channels_last, cuda_forward_channels_last, diagonal_lstm, scan_backend
+from gm.ops.diagonal_lstm import BACKWARD_CHANNELS_LAST, FORWARD_CHANNELS_LAST, diagonal_lstm, scan_backend
 from gm.ops.masked_conv import check_masked_conv_args, conv_backend
 
 
@@ -80,7 +79,7 @@ def both_directions(gates, w_ss, gates_rev, w_ss_rev, backend=None) -> tuple[tor
 
 # False: always the composed path.
 FUSED_LAYER = True
-# False: the one-node path on cuda converts layouts around each scan as the composed ops do (_FusedBiLSTM).
+# False: the one-node path on cuda or triton converts layouts around each scan as the composed ops do (_FusedBiLSTM).
 CHANNELS_LAST = True
 
 
@@ -103,6 +102,12 @@ def _directions(t: torch.Tensor, forward, reverse, side_inputs):
     if CONCURRENT_DIRECTIONS and t.is_cuda:
         return _two_streams(t.device, forward, reverse, side_inputs)
     return forward(), reverse()
+
+
+def _channels_last(conv_b: str, scan_b: str) -> bool:
+    """Whether DiagonalBiLSTM's one-node path runs channels-last for these (convs, scans) backends: both cuda or both
+    triton (channels-last scans, and convolutions that take channels-last operands as they are)."""
+    return CHANNELS_LAST and conv_b == scan_b and scan_b in FORWARD_CHANNELS_LAST
 
 
 class _FusedBiLSTM(torch.autograd.Function):
@@ -158,23 +163,24 @@ class _FusedBiLSTM(torch.autograd.Function):
 
 
 class _FusedBiLSTMChannelsLast(torch.autograd.Function):
-    """_FusedBiLSTM where both convs and both scans run on cuda, channels-last throughout: the input conv writes
+    """_FusedBiLSTM where both convs and both scans run on cuda, or all on triton, channels-last throughout (the scans
+    gm.ops.diagonal_lstm.FORWARD_CHANNELS_LAST / BACKWARD_CHANNELS_LAST of the backend): the input conv writes
     (N, H, W, 8h) gates, each scan reads its half of them in place (the kernels take the pixel stride 8h) and writes
     y as (N, H, W, h); the backward scans write their halves of one (N, H, W, 8h) gate gradient, which the weight
     gradient reads as it is and the input conv's backward takes as a channels-last tensor. The composed path
     converts each scan's gates, y, dy and dgates between layouts (eight transposes per layer and pass pair) and
     concatenates the two directions' gate gradients; here x (when NCHW) and the incoming gradient are converted
-    once each. The same kernels on the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py)
-    but for the input conv's bias gradient, a sum over channels-last gate gradients (another order than NCHW's);
-    outputs and gradients in the composed ops' memory formats."""
+    once each. The same kernels on the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py on
+    cuda, tests/nn/test_diagonal_lstm.py on triton) but for the input conv's bias gradient, a sum over channels-last
+    gate gradients (another order than NCHW's); outputs and gradients in the composed ops' memory formats."""
 
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out):
-        (gi, go, ogi, ogo), _, _ = spec
+        (gi, go, ogi, ogo), conv_b, scan_b = spec
         conv, _ = _conv_impl()
-        scan = cuda_forward_channels_last
-        xc = to_nhwc(x).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
-        g8 = conv(xc, w_in, b_in, "B", gi, go, "cuda").permute(0, 2, 3, 1)  # (N, H, W, 8h)
+        scan = FORWARD_CHANNELS_LAST[scan_b]
+        xc = nhwc(x, conv_b).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        g8 = conv(xc, w_in, b_in, "B", gi, go, conv_b).permute(0, 2, 3, 1)  # (N, H, W, 8h)
         g4 = g8.shape[3] // 2
         forward = partial(scan, g8[..., :g4], w_ss, False)
         reverse = partial(scan, g8[..., g4:], w_ss_rev, True)
@@ -184,7 +190,7 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
         if w_out is None:  # NCHW, as the composed ops return h (their scans' outputs are NCHW)
             out = hv.contiguous()
         else:
-            out = x + conv(hv, w_out, b_out, "B", ogi, ogo, "cuda")
+            out = x + conv(hv, w_out, b_out, "B", ogi, ogo, conv_b)
         ctx.spec = spec
         ctx.has_bias = (b_in is not None, b_out is not None)
         ctx.x_format = format_of(x)
@@ -194,19 +200,19 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (gi, go, ogi, ogo), _, _ = ctx.spec
+        (gi, go, ogi, ogo), conv_b, scan_b = ctx.spec
         _, conv_bwd = _conv_impl()
-        scan_bwd = cuda_backward_channels_last
+        scan_bwd = BACKWARD_CHANNELS_LAST[scan_b]
         xc, w_in, w_ss, w_ss_rev, y_f, s_f, y_r, s_r, h, w_out = ctx.saved_tensors
         _, need_x, need_w_in, need_b_in, need_ss, need_ss_rev, need_w_out, need_b_out = ctx.needs_input_grad
         need_b_in, need_b_out = need_b_in and ctx.has_bias[0], need_b_out and ctx.has_bias[1]
         dx = dw_in = db_in = dw_out = db_out = None
-        grad_nhwc = to_nhwc(grad.to(h.dtype))
+        grad_nhwc = nhwc(grad.to(h.dtype), conv_b)
         if w_out is None:
             dh = grad_nhwc
         else:
             dhv, dw_out = conv_bwd(grad_nhwc.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), w_out, "B", ogi, ogo,
-                                   "cuda", True, need_w_out)  # fmt: skip
+                                   conv_b, True, need_w_out)  # fmt: skip
             dh = dhv.permute(0, 2, 3, 1)  # channels-last, as its input h
             dw_out = dw_out if need_w_out else None
             db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
@@ -218,7 +224,7 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
         dw_ss, dw_ss_rev = _directions(xc, forward, reverse, (dy_r, dg8))
         dgv = dg8.permute(0, 3, 1, 2)  # (N, 8h, H, W) channels-last
         if need_x or need_w_in:
-            dx_in, dw_in = conv_bwd(dgv, xc, w_in, "B", gi, go, "cuda", need_x, need_w_in)
+            dx_in, dw_in = conv_bwd(dgv, xc, w_in, "B", gi, go, conv_b, need_x, need_w_in)
             if need_x:
                 dx = dx_in.contiguous(memory_format=ctx.x_format) if w_out is None else grad + dx_in
         db_in = dgv.sum(dim=(0, 2, 3)) if need_b_in else None
@@ -301,20 +307,30 @@ class DiagonalBiLSTM(nn.Module):
         if not (FUSED_LAYER and eager_ok(x, *params) and needs_grad(x, *params)):
             return None
         check_masked_conv_args(x, conv_in.weight, conv_in.bias, "B", conv_in.in_groups, conv_in.out_groups)
-        # Each op's backend as its public function resolves it (the scan's from the gates' shape, dtype and device,
-        # which x shares but for the channels).
-        conv_b = conv_backend(self.backend, x)
-        scan_b = scan_backend(self.backend, x, self.hidden)
+        conv_b, scan_b = self.backends(x)
         groups = (conv_in.in_groups, conv_in.out_groups, None, None)
         w_out = b_out = None
         if conv_out is not None:
             groups = groups[:2] + (conv_out.in_groups, conv_out.out_groups)
             w_out, b_out = conv_out.weight, conv_out.bias
-        # Both on cuda (and an image to scan): the channels-last node, else the one that calls the ops' implementations.
-        channels_last = CHANNELS_LAST and conv_b == scan_b == "cuda" and x.numel() > 0
+        # An image to scan: the channels-last node where runs_channels_last, else the one that calls the ops'
+        # implementations.
+        channels_last = _channels_last(conv_b, scan_b) and x.numel() > 0
         node = _FusedBiLSTMChannelsLast if channels_last else _FusedBiLSTM
         return node.apply((groups, conv_b, scan_b), x, conv_in.weight, conv_in.bias, self.w_ss, self.w_ss_rev, w_out,
                           b_out)  # fmt: skip
+
+    def backends(self, x: torch.Tensor) -> tuple[str, str]:
+        """(conv backend, scan backend) for input like x, each as its op's public function resolves it (the scan's
+        from the gates' shape, dtype and device, which x shares but for the channels)."""
+        return conv_backend(self.backend, x), scan_backend(self.backend, x, self.hidden)
+
+    def runs_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether the one-node path takes its channels-last node for input like x (device, dtype, image size; a
+        (0, 0, 0, 0) stand-in asks without an image): then a channels-last x and output gradient cost it no layout
+        conversion, where an NCHW one costs a transpose each (gm.models.DiagonalBiLSTMModel.channels_last asks
+        this)."""
+        return _channels_last(*self.backends(x))
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.hidden}, colors={self.colors}, residual={self.output is not None}"

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gm._memory_format import format_of
+from gm._memory_format import format_of, nhwc
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops._lstm_cuda import to_nhwc
 from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args, conv_backend
 from gm.ops.row_lstm import (
     BACKWARD_CHANNELS_LAST,
@@ -61,16 +60,6 @@ def _channels_last(backends: tuple[str, str, str | None]) -> bool:
     all triton (channels-last scans, and convolutions that take channels-last operands as they are)."""
     conv_b, scan_b, out_b = backends
     return CHANNELS_LAST and conv_b == scan_b and scan_b in FORWARD_CHANNELS_LAST and out_b in (None, conv_b)
-
-
-def _nhwc(t: torch.Tensor, backend: str) -> torch.Tensor:
-    """t (N, C, H, W) as a contiguous (N, H, W, C) tensor (t's storage when it is channels-last already), by the
-    backend's tiled transpose."""
-    if backend == "cuda":
-        return to_nhwc(t)
-    from gm.kernels._layout import channels_last  # noqa: PLC0415
-
-    return channels_last(t).permute(0, 2, 3, 1)
 
 
 def _conv_spec(conv: MaskedConv2d, backend: str) -> tuple:
@@ -163,7 +152,7 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
         (mask, gi, go, backend), _, out_spec = spec
-        xc = _nhwc(x, backend).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
+        xc = nhwc(x, backend).permute(0, 3, 1, 2)  # x as a channels-last (N, C, H, W) tensor
         gates = _masked_conv2d_impl(xc, w_in, b_in, mask, gi, go, backend)  # channels-last (N, 4h, H, W)
         w, h0e, c0e = _scan_operands(gates, w_ss, h0, c0)
         check_row_lstm_args(gates, w, h0e, c0e)
@@ -190,7 +179,7 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
         xc, w_in, w, h0e, c0e, hs, cs, y, w_out = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_ss, need_h0, need_c0, need_w_out, need_b_out, need_h = _needs(ctx)
         dx = dw_in = db_in = dw_ss = dh0 = dc0 = dw_out = db_out = None
-        dh = _nhwc(grad.to(y.dtype), backend)  # (N, H, W, C)
+        dh = nhwc(grad.to(y.dtype), backend)  # (N, H, W, C)
         if out_spec is not None:
             out_mask, ogi, ogo, _ = out_spec
             if need_h or need_w_out:

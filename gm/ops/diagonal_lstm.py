@@ -11,6 +11,11 @@ gates, cells left of a row's start stay exactly (0, 0) (a fixed point of the cel
 end never reach a pixel of the image, so every backend zeroes (or skips) them and agrees with the literal
 recurrence on every output and gradient (tests/ops/test_diagonal_lstm.py checks this bit for bit).
 reverse=True scans right to left: diagonal_lstm(gates.flip(-1), w_ss).flip(-1), by addressing (no copy).
+
+The cuda and triton scans also run channels-last, outside the op (FORWARD_CHANNELS_LAST / BACKWARD_CHANNELS_LAST):
+gates and gate gradients (N, H, W, 4h) with pixels possibly further apart (a direction's half of gm.nn.DiagonalBiLSTM's
+(N, H, W, 8h) input conv output), y and dy (N, H, W, h), for the layer's one-node path, whose convolutions take
+channels-last operands as they are.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool) -> torch.Tensor:
+def weight_grad(dgates: torch.Tensor, y: torch.Tensor, reverse: bool, gate_stride: int = 0) -> torch.Tensor:
     """The triton backend's dw_ss (4h, h, 2), float32 (float64 for float64) = sum over pixels of dgates (x) (h above,
-    h left): the row scan's weight-gradient GEMM kernel with the diagonal's up/left taps, on NCHW operands."""
+    h left): the row scan's weight-gradient GEMM kernel with the diagonal's up/left taps, on NCHW operands
+    (gate_stride 0), else on channels-last ones (its CL variant): dgates (N, H, W, 4h) with pixels gate_stride apart
+    and y (N, H, W, h)."""
     from gm.kernels import row_lstm as kr  # noqa: PLC0415
 
-    return kr.weight_grad(dgates, y.contiguous(), None, 2, taps=2 if reverse else 1)
+    return kr.weight_grad(dgates, y.contiguous(), None, 2, taps=2 if reverse else 1, gate_stride=gate_stride)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,6 +205,32 @@ def cuda_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: to
         _scan_backward(dy.contiguous(), dgates, w_ss, reverse, state, stream)
         return _scan_weight_grad(dgates, y.contiguous(), w_ss, reverse, n, height, width,
                                  pixel_stride(dgates, "dgates"), stream)  # fmt: skip
+
+
+def triton_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool):
+    """cuda_forward_channels_last on the triton scan (diagonal_lstm_fwd_kernel with the gates' pixel stride), the same
+    layouts: gates (N, H, W, 4h), pixels possibly further apart than 4h, read in place; (y (N, H, W, h) in gates'
+    dtype, state (N, H, W, 5h) in the state dtype)."""
+    from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
+
+    return k.forward_channels_last(gates, w_ss, reverse, pixel_stride(gates, "gates"))
+
+
+def triton_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor,
+                                  state: torch.Tensor, reverse: bool) -> torch.Tensor:  # fmt: skip
+    """cuda_backward_channels_last on the triton scan: writes dgates (N, H, W, 4h) (pixels possibly further apart)
+    from dy and y (N, H, W, h) and the forward's state, and returns dw_ss in w_ss's dtype (the weight gradient's
+    channels-last variant, row_lstm_wgrad_kernel with CL and the diagonal taps)."""
+    from gm.kernels import diagonal_lstm as k  # noqa: PLC0415
+
+    gate_stride = pixel_stride(dgates, "dgates")
+    k.backward_into(dy.contiguous(), dgates, w_ss, state, reverse, gate_stride)
+    return weight_grad(dgates, y, reverse, gate_stride).to(w_ss.dtype)
+
+
+# The channels-last scans by backend, for gm.nn.DiagonalBiLSTM's one-node path.
+FORWARD_CHANNELS_LAST = {"cuda": cuda_forward_channels_last, "triton": triton_forward_channels_last}
+BACKWARD_CHANNELS_LAST = {"cuda": cuda_backward_channels_last, "triton": triton_backward_channels_last}
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

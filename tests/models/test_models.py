@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gm.models as M
+import gm.nn
 from tests._util import assert_rel, fast_backends
 
 MODELS = ["pixelcnn", "rowlstm", "diagonal_bilstm"]
@@ -72,24 +73,28 @@ def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
 
 @pytest.mark.skipif("triton" not in fast_backends(), reason="triton is not available")
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
-def test_rowlstm_runs_channels_last_on_triton(preset):
-    """backend="triton": the Row LSTM model runs channels-last (RowLSTMModel.channels_last, from its layers'
-    runs_channels_last): every layer takes the channels-last one-node path (gm.nn.row_lstm._FusedRowLSTMChannelsLast)
-    on a channels-last input, gives a channels-last output and gets a channels-last output gradient. (Its loss and
-    gradients against the reference: test_backends_give_the_reference_loss_and_gradients.)"""
-    from gm.nn import RowLSTM  # noqa: PLC0415
-
-    model = M.get("rowlstm", preset, backend="triton")
+@pytest.mark.parametrize(("name", "layer_name", "node"),
+                         [("rowlstm", "RowLSTM", "_FusedRowLSTMChannelsLast"),
+                          ("diagonal_bilstm", "DiagonalBiLSTM", "_FusedBiLSTMChannelsLast")],
+                         ids=["row", "diagonal"])  # fmt: skip
+def test_pixelrnn_runs_channels_last_on_triton(preset, name, layer_name, node):
+    """backend="triton": the PixelRNN models run channels-last (their channels_last properties, from their layers'
+    runs_channels_last): every layer takes its channels-last one-node path (gm.nn.row_lstm._FusedRowLSTMChannelsLast,
+    gm.nn.diagonal_lstm._FusedBiLSTMChannelsLast) on a channels-last input, gives a channels-last output and gets a
+    channels-last output gradient. (Their loss and gradients against the reference:
+    test_backends_give_the_reference_loss_and_gradients.)"""
+    layer_cls = getattr(gm.nn, layer_name)
+    model = M.get(name, preset, backend="triton")
     assert model.channels_last
     seen = []
 
     def check(module, inputs, output):
         seen.append(("in", inputs[0].is_contiguous(memory_format=torch.channels_last)))
         seen.append(("out", output.is_contiguous(memory_format=torch.channels_last)))
-        seen.append(("node", type(output.grad_fn).__name__ == "_FusedRowLSTMChannelsLastBackward"))
+        seen.append(("node", type(output.grad_fn).__name__ == f"{node}Backward"))
         output.register_hook(lambda g: seen.append(("grad", g.is_contiguous(memory_format=torch.channels_last))))
 
-    layers = [m for m in model.modules() if isinstance(m, RowLSTM)]
+    layers = [m for m in model.modules() if isinstance(m, layer_cls)]
     for layer in layers:
         layer.register_forward_hook(check)
     model.loss(_levels(model, 2, 5, 4)).backward()

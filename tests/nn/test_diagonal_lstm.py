@@ -160,7 +160,78 @@ def test_bilstm_one_node_equals_composed(backend, colors, residual, monkeypatch)
     torch.manual_seed(0)
     dtype = torch.float32 if backend == "triton" else torch.float64
     layer = DiagonalBiLSTM(6, 6, colors=colors, residual=residual, backend=backend).to(dtype)
-    fused_and_composed(layer, torch.randn(2, 6, 5, 4, dtype=dtype), monkeypatch, mod)
+    x = torch.randn(2, 6, 5, 4, dtype=dtype)
+    if backend == "triton":  # the channels-last node (test_triton_one_node_channels_last_equals_composed)
+        fused_and_composed(layer, x, monkeypatch, mod, "_FusedBiLSTMChannelsLast", ("input_to_state.bias",))
+    else:
+        fused_and_composed(layer, x, monkeypatch, mod)
+
+
+def _triton_ok() -> bool:
+    return "triton" in fast_backends(CPU)
+
+
+# (N, H, W, hidden, colors): odd sizes (one column, one row, one image, h=3) beside a plain one.
+_CL_SHAPES = {"N2-H4-W5-h6": (2, 4, 5, 6, 3), "N1-H3-W1-h3": (1, 3, 1, 3, 3), "N2-H1-W4-h3": (2, 1, 4, 3, 1),
+              "N1-H2-W3-h3": (1, 2, 3, 3, 3)}  # fmt: skip
+
+
+def _triton_layer(hidden: int, colors: int, residual: bool, dtype: torch.dtype) -> DiagonalBiLSTM:
+    """A triton layer with random biases (the default init zeroes them, which would hide a bias read wrongly)."""
+    layer = DiagonalBiLSTM(3, hidden, colors=colors, residual=residual, backend="triton").to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    return layer
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.parametrize("shape", list(_CL_SHAPES.values()), ids=list(_CL_SHAPES))
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_triton_one_node_channels_last_equals_composed(shape, x_format, residual, monkeypatch):
+    """backend="triton": the channels-last node (gm.nn.diagonal_lstm._FusedBiLSTMChannelsLast: each scan reads and
+    writes its half of the (N, H, W, 8h) gates and gate gradients in place, the weight gradient reads them and y
+    channels-last) gives the composed ops' bits for the output and every gradient, NCHW or channels-last input, for
+    every subset of wanted gradients; the input conv's bias gradient, a sum over channels-last gate gradients
+    (another order than the composed path's NCHW ones), to rounding."""
+    import gm.nn.diagonal_lstm as mod  # noqa: PLC0415
+
+    n, height, width, hid, colors = shape
+    torch.manual_seed(0)
+    layer = _triton_layer(hid, colors, residual, torch.float32)
+    x = torch.randn(n, 3, height, width).contiguous(memory_format=x_format)
+    assert layer.runs_channels_last(x)
+    fused_and_composed(layer, x, monkeypatch, mod, "_FusedBiLSTMChannelsLast", ("input_to_state.bias",))
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
+    """The same in bfloat16 (float32 states, bfloat16 gates, y and gate gradients)."""
+    import gm.nn.diagonal_lstm as mod  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    layer = _triton_layer(6, 3, True, torch.bfloat16)
+    x = torch.randn(2, 3, 3, 5).to(torch.bfloat16).contiguous(memory_format=x_format)
+    fused_and_composed(layer, x, monkeypatch, mod, "_FusedBiLSTMChannelsLast", ("input_to_state.bias",))
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+def test_triton_channels_last_switch(monkeypatch):
+    """CHANNELS_LAST False: the node that calls the ops' implementations; so too for convs and scans on different
+    backends, or on ones without channels-last scans."""
+    import gm.nn.diagonal_lstm as mod  # noqa: PLC0415
+
+    layer = _triton_layer(3, 1, True, torch.float32)
+    x = torch.randn(1, 3, 2, 3)
+    monkeypatch.setattr(mod, "CHANNELS_LAST", False)
+    assert not layer.runs_channels_last(x)
+    fused_and_composed(layer, x, monkeypatch, mod)
+    monkeypatch.setattr(mod, "CHANNELS_LAST", True)
+    assert mod._channels_last("triton", "triton") and mod._channels_last("cuda", "cuda")
+    assert not any(mod._channels_last(c, s) for c, s in [("cuda", "triton"), ("triton", "cuda"), ("cpu", "cpu")])
 
 
 def test_bilstm_one_node_only_in_plain_eager_with_grad():

@@ -245,3 +245,32 @@ def test_cuda_gate_pixel_stride():
         pixel_stride(torch.empty(2, 20, 3, 4).permute(0, 2, 3, 1), "dgates")  # NCHW storage
     with pytest.raises(ValueError, match="gates must be channels-last"):
         pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "hid", "h", "w"), [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3)])
+def test_triton_channels_last_halves_equal_op(dtype, n, hid, h, w):
+    """triton_forward_channels_last / triton_backward_channels_last on each direction's half of one (N, H, W, 8h)
+    tensor (pixel stride 8h: gm.nn.DiagonalBiLSTM's one-node path) give the op's triton backend's bits: y, state,
+    dgates (written into their half only, the other half untouched) and dw_ss."""
+    from gm.ops.diagonal_lstm import _triton_backward, _triton_forward  # noqa: PLC0415
+    from gm.ops.diagonal_lstm import triton_backward_channels_last as backward_cl  # noqa: PLC0415
+    from gm.ops.diagonal_lstm import triton_forward_channels_last as forward_cl  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    g8 = torch.randn(n, h, w, 8 * hid).to(dtype)
+    dg8 = torch.full((n, h, w, 8 * hid), float("nan"), dtype=dtype)
+    for half, reverse in ((0, False), (1, True)):
+        part = slice(4 * hid * half, 4 * hid * (half + 1))
+        w_ss = (0.5 * torch.randn(4 * hid, hid, 2)).to(dtype)
+        dy = torch.randn(n, h, w, hid).to(dtype)
+        y, state = forward_cl(g8[..., part], w_ss, reverse)
+        y_ref, state_ref = _triton_forward(g8[..., part].permute(0, 3, 1, 2), w_ss, reverse)
+        assert torch.equal(y.permute(0, 3, 1, 2), y_ref) and torch.equal(state.permute(0, 3, 1, 2), state_ref)
+        dw = backward_cl(dy, dg8[..., part], w_ss, y, state, reverse)
+        dg_ref, dw_ref = _triton_backward(dy.permute(0, 3, 1, 2), None, w_ss, y_ref, state_ref, reverse)
+        assert torch.equal(dg8[..., part].permute(0, 3, 1, 2), dg_ref) and torch.equal(dw, dw_ref)
+        assert dw.dtype == dtype
+        if half == 0:
+            assert dg8[..., 4 * hid :].isnan().all()
