@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gm._backend import availability
@@ -50,6 +52,42 @@ def fast_backends(device: torch.device = DEVICE) -> list[str]:
         if ok:
             out.append(b)
     return out
+
+
+def triton_here() -> bool:
+    """Whether the triton backend runs CPU tensors here (under the interpreter)."""
+    return "triton" in fast_backends(torch.device("cpu"))
+
+
+# (N, H, W, hidden, colors) of the PixelRNN layers' channels-last one-node tests: odd sizes (one column, one row, one
+# image, h=3) beside a plain one.
+ONE_NODE_SHAPES = {"N2-H4-W5-h6": (2, 4, 5, 6, 3), "N1-H3-W1-h3": (1, 3, 1, 3, 3), "N2-H1-W4-h3": (2, 1, 4, 3, 1),
+                   "N1-H2-W3-h3": (1, 2, 3, 3, 3)}  # fmt: skip
+
+
+def random_biases(layer: torch.nn.Module) -> torch.nn.Module:
+    """layer with every 1-D parameter (biases, learned initial states) drawn from N(0, 1): the default init zeroes
+    them, which would hide one read or differentiated wrongly."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    return layer
+
+
+def linked_source_tree(tmp_path: Path) -> Path:
+    """tmp_path/src laid out as the installed package maps the checkout (kernels/ is gm.kernels), through links, with
+    bench, tests and tools beside it: what another Python (the GPU machine's Triton in .venv-triton36) imports gm
+    from with PYTHONPATH=src."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    (src / "gm").mkdir(parents=True)
+    for entry in (root / "gm").iterdir():
+        (src / "gm" / entry.name).symlink_to(entry)
+    (src / "gm" / "kernels").symlink_to(root / "kernels")
+    for name in ("bench", "tests", "tools"):
+        (src / name).symlink_to(root / name)
+    return src
 
 
 def poison_empty(monkeypatch) -> None:

@@ -1,5 +1,6 @@
 """gm.kernels._launch against Triton's own launch path, without a GPU: run by tests/test_fast_launch.py in a process
-without the interpreter (python tests/fast_launch_check.py [--timing] [--layers]; prints a JSON report).
+without the interpreter (PYTHONPATH=. python tests/fast_launch_check.py [--timing] [--layers]; prints a JSON
+report).
 
 Triton's driver is replaced by a stand-in whose "C launcher" records what it is called with and whose binary loader
 hands out a distinct function handle per compiled kernel; kernels really compile (for sm_90). Every gm Triton op then
@@ -20,8 +21,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported (gm.kernels wo
 os.environ["GM_TRITON_AUTOTUNE"] = "0"  # no GPU to time configs on: the first suitable config (as the GPU tests)
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+
+from bench.aot import _FakeDriver  # noqa: E402
 
 CALLS: list[tuple] = []
 
@@ -46,23 +48,14 @@ class _Utils:
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
 
 
-class _Driver:
+class _Driver(_FakeDriver):
+    """bench.aot's driver stand-in (target, device, stream) that also loads binaries and builds launchers: the
+    recording _Launcher, a function handle of its own per compiled kernel."""
+
     def __init__(self):
-        self.target = GPUTarget("cuda", 90, 32)
+        super().__init__(90)
         self.utils = _Utils()
         self.launcher_cls = _Launcher
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 7
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 def _install():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._util import linked_source_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,15 +51,7 @@ def test_every_triton_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     python = os.environ.get("GM_AOT_PYTHON")
     if not python:
         pytest.skip("GM_AOT_PYTHON is not set (make aot-venv; .ci/run sets it)")
-    # The package as an editable install maps it (kernels/ is gm.kernels), through links into the checkout.
-    src = tmp_path / "src"
-    (src / "gm").mkdir(parents=True)
-    for entry in (ROOT / "gm").iterdir():
-        (src / "gm" / entry.name).symlink_to(entry)
-    (src / "gm" / "kernels").symlink_to(ROOT / "kernels")
-    (src / "bench").symlink_to(ROOT / "bench")
-    (src / "tests").symlink_to(ROOT / "tests")
-    (src / "tools").symlink_to(ROOT / "tools")
+    src = linked_source_tree(tmp_path)
     report = tmp_path / "aot.md"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["PYTHONPATH"] = str(src)

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._util import linked_source_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("triton")
 
 
-def _check(python: str, cwd: Path, pythonpath: str | None) -> dict:
+def _check(python: str, cwd: Path) -> dict:
+    """The check's report, run by `python` in `cwd` (the checkout or a linked_source_tree), which it imports from."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env["PYTHONPATH"] = str(cwd)
     res = subprocess.run([python, "tests/fast_launch_check.py", "--timing"], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=900)  # fmt: skip
     assert res.returncode == 0, f"fast_launch_check failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
@@ -50,7 +52,7 @@ def _assert_report(report: dict) -> None:
 
 
 def test_fast_launch_matches_triton():
-    _assert_report(_check(sys.executable, ROOT, None))
+    _assert_report(_check(sys.executable, ROOT))
 
 
 def test_fast_launch_matches_triton_of_the_gpu_machine(tmp_path):
@@ -58,14 +60,8 @@ def test_fast_launch_matches_triton_of_the_gpu_machine(tmp_path):
     python = os.environ.get("GM_AOT_PYTHON")
     if not python:
         pytest.skip("GM_AOT_PYTHON is not set (make aot-venv; .ci/run sets it)")
-    src = tmp_path / "src"
-    (src / "gm").mkdir(parents=True)
-    for entry in (ROOT / "gm").iterdir():
-        (src / "gm" / entry.name).symlink_to(entry)
-    (src / "gm" / "kernels").symlink_to(ROOT / "kernels")
-    for name in ("bench", "tests", "tools"):
-        (src / name).symlink_to(ROOT / name)
-    report = _check(python, src, str(src))
+    src = linked_source_tree(tmp_path)
+    report = _check(python, src)
     assert report["triton"].startswith(os.environ.get("GM_AOT_TRITON", "3.6")), report["triton"]
     _assert_report(report)
 

@@ -10,7 +10,14 @@ from gm.nn import DiagonalBiLSTM, DiagonalLSTM, color_groups
 from gm.reference.diagonal_lstm import diagonal_bilstm
 from gm.reference.diagonal_lstm import diagonal_lstm as reference_scan
 from gm.reference.masked_conv import masked_conv2d as reference_conv
-from tests._util import assert_rel, composed_without_grad_or_mode, fast_backends
+from tests._util import (
+    ONE_NODE_SHAPES,
+    assert_rel,
+    composed_without_grad_or_mode,
+    fast_backends,
+    random_biases,
+    triton_here,
+)
 
 CPU = torch.device("cpu")
 BACKENDS = ["reference", *fast_backends(CPU)]
@@ -167,27 +174,13 @@ def test_bilstm_one_node_equals_composed(backend, colors, residual, monkeypatch)
         fused_and_composed(layer, x, monkeypatch, mod)
 
 
-def _triton_ok() -> bool:
-    return "triton" in fast_backends(CPU)
-
-
-# (N, H, W, hidden, colors): odd sizes (one column, one row, one image, h=3) beside a plain one.
-_CL_SHAPES = {"N2-H4-W5-h6": (2, 4, 5, 6, 3), "N1-H3-W1-h3": (1, 3, 1, 3, 3), "N2-H1-W4-h3": (2, 1, 4, 3, 1),
-              "N1-H2-W3-h3": (1, 2, 3, 3, 3)}  # fmt: skip
-
-
 def _triton_layer(hidden: int, colors: int, residual: bool, dtype: torch.dtype) -> DiagonalBiLSTM:
     """A triton layer with random biases (the default init zeroes them, which would hide a bias read wrongly)."""
-    layer = DiagonalBiLSTM(3, hidden, colors=colors, residual=residual, backend="triton").to(dtype)
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.dim() == 1:
-                p.normal_()
-    return layer
+    return random_biases(DiagonalBiLSTM(3, hidden, colors=colors, residual=residual, backend="triton").to(dtype))
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
-@pytest.mark.parametrize("shape", list(_CL_SHAPES.values()), ids=list(_CL_SHAPES))
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
+@pytest.mark.parametrize("shape", list(ONE_NODE_SHAPES.values()), ids=list(ONE_NODE_SHAPES))
 @pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
 def test_triton_one_node_channels_last_equals_composed(shape, x_format, residual, monkeypatch):
@@ -206,7 +199,7 @@ def test_triton_one_node_channels_last_equals_composed(shape, x_format, residual
     fused_and_composed(layer, x, monkeypatch, mod, "_FusedBiLSTMChannelsLast", ("input_to_state.bias",))
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
 @pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
     """The same in bfloat16 (float32 states, bfloat16 gates, y and gate gradients)."""
@@ -218,7 +211,7 @@ def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
     fused_and_composed(layer, x, monkeypatch, mod, "_FusedBiLSTMChannelsLast", ("input_to_state.bias",))
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
 def test_triton_channels_last_switch(monkeypatch):
     """CHANNELS_LAST False: the node that calls the ops' implementations; so too for convs and scans on different
     backends, or on ones without channels-last scans."""

@@ -11,7 +11,14 @@ import gm
 from gm._memory_format import format_of
 from gm.reference.masked_conv import masked_conv2d as ref_masked_conv2d
 from gm.reference.row_lstm import row_lstm as ref_row_lstm
-from tests._util import assert_rel, composed_without_grad_or_mode, fast_backends
+from tests._util import (
+    ONE_NODE_SHAPES,
+    assert_rel,
+    composed_without_grad_or_mode,
+    fast_backends,
+    random_biases,
+    triton_here,
+)
 
 CPU = torch.device("cpu")
 
@@ -184,11 +191,7 @@ def one_node_equals_composed(layer: gm.nn.RowLSTM, x: torch.Tensor, monkeypatch,
 def _layer(backend, colors, residual, learn_init, dtype):
     layer = gm.nn.RowLSTM(6, 3, kernel_size=3, colors=colors, residual=residual, learn_init=learn_init,
                           backend=backend).to(dtype)  # fmt: skip
-    with torch.no_grad():
-        for p in layer.parameters():  # non-zero initial state and biases, so each gradient is a real one
-            if p.dim() == 1:
-                p.normal_()
-    return layer
+    return random_biases(layer)  # non-zero initial state and biases, so each gradient is a real one
 
 
 @pytest.mark.parametrize("backend", ["reference", *fast_backends(CPU)])
@@ -207,17 +210,8 @@ def test_one_node_equals_composed(backend, colors, residual, learn_init, monkeyp
         one_node_equals_composed(layer, x, monkeypatch, wanted)
 
 
-def _triton_ok() -> bool:
-    return "triton" in fast_backends(CPU)
-
-
-# (N, H, W, hidden, colors): odd sizes (one column, one row, one image, h=3) beside a plain one.
-_CL_SHAPES = {"N2-H4-W5-h6": (2, 4, 5, 6, 3), "N1-H3-W1-h3": (1, 3, 1, 3, 3), "N2-H1-W4-h3": (2, 1, 4, 3, 1),
-              "N1-H2-W3-h3": (1, 2, 3, 3, 3)}  # fmt: skip
-
-
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
-@pytest.mark.parametrize("shape", list(_CL_SHAPES.values()), ids=list(_CL_SHAPES))
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
+@pytest.mark.parametrize("shape", list(ONE_NODE_SHAPES.values()), ids=list(ONE_NODE_SHAPES))
 @pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("learn_init", [True, False], ids=["init", "zero"])
@@ -228,19 +222,15 @@ def test_triton_one_node_channels_last_equals_composed(shape, x_format, residual
     over channels-last gate gradients (another order than the composed path's NCHW ones), to rounding."""
     n, height, width, hid, colors = shape
     torch.manual_seed(0)
-    layer = gm.nn.RowLSTM(3, hid, kernel_size=3, colors=colors, residual=residual, learn_init=learn_init,
-                          backend="triton")  # fmt: skip
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.dim() == 1:
-                p.normal_()
+    layer = random_biases(gm.nn.RowLSTM(3, hid, kernel_size=3, colors=colors, residual=residual,
+                                        learn_init=learn_init, backend="triton"))  # fmt: skip
     x = torch.randn(n, 3, height, width).contiguous(memory_format=x_format)
     assert layer.runs_channels_last(x)
     one_node_equals_composed(layer, x, monkeypatch, ("all",), node="_FusedRowLSTMChannelsLast",
                              summed=("input_to_state.bias",))  # fmt: skip
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
 @pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
     """The same in bfloat16 (float32 states, bfloat16 gates, y and gate gradients), and the parameter subsets."""
@@ -251,7 +241,7 @@ def test_triton_one_node_channels_last_bf16(x_format, monkeypatch):
                              summed=("input_to_state.bias",))  # fmt: skip
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="triton is not available")
+@pytest.mark.skipif(not triton_here(), reason="triton is not available")
 def test_triton_channels_last_switch(monkeypatch):
     """CHANNELS_LAST False, or a residual conv on another backend: the node that calls the ops' implementations."""
     layer = _layer("triton", 1, True, False, torch.float32)
