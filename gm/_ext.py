@@ -131,6 +131,18 @@ def packed(weight: torch.Tensor, key, pack, *, fresh: bool):
     return form
 
 
+def gather(src: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One launch of csrc/layout's gather: out[i] = src.view(-1)[index[i]] as `dtype` (default src's), 0 where
+    index[i] >= src.numel(), for an int32 `index` on src's device (built once per layout and cached by the caller).
+    It packs a weight for a GEMM, where torch needs a concatenation with a zero, a take and a cast."""
+    src = src.contiguous()
+    out = torch.empty(index.shape, dtype=src.dtype if dtype is None else dtype, device=src.device)
+    with device_guard(src):
+        ext().layout_gather_cuda(src.data_ptr(), index.data_ptr(), out.data_ptr(), out.numel(), src.numel(),
+                                 DTYPE_CODES[src.dtype], DTYPE_CODES[out.dtype], stream_of(src))  # fmt: skip
+    return out
+
+
 def sm_count(device) -> int:
     """Streaming multiprocessors of the CUDA `device` (an index or torch.device): the split models' wave size."""
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -898,6 +898,24 @@ def test_layout_transpose(emu, dtype):
     assert to_nhwc(cl).data_ptr() == cl.data_ptr()  # already channels-last: no copy
 
 
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_layout_gather(emu, src_dtype, dst_dtype):
+    """csrc/layout's packing gather (gm._ext.gather): out[i] = src.view(-1)[idx[i]] cast as torch casts, exactly 0
+    at the sentinel index src.numel(); repeated and unordered indices, a length off the 256-thread block, a
+    non-contiguous source (packed from its contiguous copy) and an empty index."""
+    from gm._ext import gather  # noqa: PLC0415
+
+    src = (torch.randn(7, 11) * 3).to(src_dtype).t()  # non-contiguous
+    flat = src.contiguous().reshape(-1)
+    idx = torch.randint(0, src.numel() + 1, (1000,), dtype=torch.int32)
+    idx[:5] = src.numel()
+    got = gather(src, idx, dst_dtype)
+    want = torch.cat((flat, flat.new_zeros(1)))[idx.long()].to(dst_dtype)
+    assert got.dtype == dst_dtype and torch.equal(got, want)
+    assert gather(src, idx[:0], dst_dtype).numel() == 0
+
+
 def test_masked_conv2d_refuses_more_channels_than_its_division_covers(emu):
     """The GEMM finds (tap, channel chunk) by a multiply-high that is exact below 8192 chunks of 64 bytes: more input
     channels (512 KB a pixel) get a clear error pointing to triton, not a wrong result."""

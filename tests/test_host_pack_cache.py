@@ -94,24 +94,28 @@ def test_pack_cache_switch_and_uncacheable_weights(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hid, taps", [(3, 2), (17, 3)])
-def test_lstm_pack_is_the_gather_of_each_pass(dtype, hid, taps):
-    """pack_weights' one gather gives each pass's fragment-order operand, the padded positions zero."""
-    w = torch.randn(4 * hid, hid, taps).to(dtype)
+@pytest.mark.parametrize("weight_dtype", ["same", torch.float32], ids=["same", "from_float32"])
+def test_lstm_pack_is_the_gather_of_each_pass(emu, dtype, hid, taps, weight_dtype):
+    """pack_weights' one gather gives each pass's fragment-order operand, the padded positions zero, cast to the
+    scan's dtype (an fp32 parameter under bf16 gates) as torch rounds it."""
+    w = torch.randn(4 * hid, hid, taps).to(dtype if weight_dtype == "same" else weight_dtype)
     fwd, bwd = L.pack_weights(w, dtype, fresh=True)
-    padded = torch.nn.functional.pad(w.reshape(-1), (0, 1))
+    assert fwd.dtype == bwd.dtype == dtype
+    padded = torch.nn.functional.pad(w.to(dtype).reshape(-1), (0, 1))
     assert torch.equal(fwd, padded[L._pack_index_of(hid, taps, False, dtype)])
     assert torch.equal(bwd, padded[L._pack_index_of(hid, taps, True, dtype)])
     assert bwd.data_ptr() % 16 == 0  # the kernels' 16-byte fragment loads
     with torch.no_grad():
         w.add_(1)
     fwd2, _ = L.pack_weights(w, dtype, fresh=False)
-    assert torch.equal(fwd2, torch.nn.functional.pad(w.reshape(-1), (0, 1))[L._pack_index_of(hid, taps, False, dtype)])
+    want = torch.nn.functional.pad(w.to(dtype).reshape(-1), (0, 1))[L._pack_index_of(hid, taps, False, dtype)]
+    assert torch.equal(fwd2, want)
 
 
 @pytest.mark.parametrize(
     "shape, mask, grouped", [((6, 3, 3, 3), "A", True), ((16, 8, 1, 1), "B", False), ((9, 12, 5, 5), "B", True)]
 )
-def test_conv_operands_are_the_padded_packed_weight(shape, mask, grouped):
+def test_conv_operands_are_the_padded_packed_weight(emu, shape, mask, grouped):
     """weight_operands' one gather equals pack_weight (kept taps, forbidden centre pairs zero) laid out and padded as
     the GEMMs read it, and follows an in-place update of the weight."""
     from gm.nn import color_groups  # noqa: PLC0415

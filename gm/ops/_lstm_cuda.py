@@ -17,8 +17,7 @@ import functools
 
 import torch
 
-from gm._ext import device_guard, ext, packed, stream_of
-from gm.ops._eager import zero_scalar
+from gm._ext import device_guard, ext, gather, packed, stream_of
 
 
 def padded_hidden(hid: int) -> int:
@@ -111,7 +110,7 @@ def _fragment_index(m: int, k: int, k_step: int) -> torch.Tensor:
 
 
 def _pack_index_of(hid: int, taps: int, backward: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Indices into w_ss.reshape(-1) padded with one zero (index 4h*h*taps) giving the packed A operand of one pass."""
+    """Indices into w_ss.reshape(-1) (index 4h*h*taps, one past it, stands for a zero) giving one pass's packed A operand."""
     hp = padded_hidden(hid)
     zero = 4 * hid * hid * taps
     flat = torch.arange(zero).view(4, hid, hid, taps)  # [gate, out, in, tap]
@@ -132,20 +131,18 @@ def pack_index(hid: int, taps: int, dtype: torch.dtype, device: torch.device) ->
     """Both passes' A operands as one gather: the forward's indices, then the backward's (each 4hp * taps*hp long,
     a multiple of 16 bytes, so the backward's part starts aligned for the kernels' 16-byte fragment loads)."""
     parts = [_pack_index_of(hid, taps, backward, dtype) for backward in (False, True)]
-    return torch.cat(parts).to(device)
+    return torch.cat(parts).to(device=device, dtype=torch.int32)
 
 
 def _pack(w_ss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     hid, taps = w_ss.shape[1], w_ss.shape[2]
-    idx = pack_index(hid, taps, dtype, w_ss.device)
-    padded = torch.cat((w_ss.to(dtype).reshape(-1), zero_scalar(w_ss.device, dtype).view(1)))
-    both = torch.take(padded, idx)  # the appended zero stands for every padded position
+    both = gather(w_ss, pack_index(hid, taps, dtype, w_ss.device), dtype)  # index 4h*h*taps: a padded zero
     return both.split(both.numel() // 2)
 
 
 def pack_weights(w_ss: torch.Tensor, dtype: torch.dtype, *, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w_ss (4h, h, taps) as the kernels' A operands (forward pass, backward pass) in `dtype`: one gather for both
-    (on a GPU, three launches: zero, concatenation, gather), made by the forward (fresh=True) and reused by its
+    """w_ss (4h, h, taps) as the kernels' A operands (forward pass, backward pass) in `dtype`: one gather launch for
+    both (gm._ext.gather, the cast included), made by the forward (fresh=True) and reused by its
     backward (gm._ext.packed). Hold them until the kernel is queued (the launchers pass their addresses)."""
     return packed(w_ss, ("lstm_tc", dtype), lambda: _pack(w_ss, dtype), fresh=fresh)
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from gm._ext import device_guard, dtype_code, ext, packed, reduction_splits, stream_of
+from gm._ext import device_guard, dtype_code, ext, gather, packed, reduction_splits, stream_of
 from gm._memory_format import format_of
 
 _CHANNEL_ALIGN = 8  # elements: 16 bytes of bf16/fp16, 32 bytes of fp32
@@ -93,8 +93,9 @@ def _input_grad_operand(packed: torch.Tensor | Operands) -> torch.Tensor:
 
 
 def _operand_index(plan, weight_shape) -> torch.Tensor:
-    """Both operands' positions in weight.view(-1) with one zero appended (index weight.numel(), standing for the
-    padded channels and the centre tap's forbidden pairs), forward then input gradient, built once per plan."""
+    """Both operands' positions in weight.view(-1) (int32), forward then input gradient, built once per plan; the
+    index weight.numel(), one past the weight, stands for a zero (the padded channels and the centre tap's forbidden
+    pairs)."""
     if plan.operand_index is None:
         zero = weight_shape[0] * weight_shape[1] * weight_shape[2] * weight_shape[3]
         idx = plan.index if plan.keep is None else torch.where(plan.keep, plan.index, zero)  # (T, C_in, C_out)
@@ -103,26 +104,23 @@ def _operand_index(plan, weight_shape) -> torch.Tensor:
         fwd[..., :cin] = idx.transpose(1, 2)
         bwd = idx.new_full((t, cin, _padded(cout)), zero)
         bwd[..., :cout] = idx
-        plan.operand_index = torch.cat((fwd.reshape(-1), bwd.reshape(-1)))
+        plan.operand_index = torch.cat((fwd.reshape(-1), bwd.reshape(-1))).to(torch.int32)
     return plan.operand_index
 
 
 def weight_operands(weight: torch.Tensor, plan, *, fresh: bool, input_grad: bool = True) -> Operands:
     """weight (C_out, C_in, kh, kw) as the GEMM operands (gm.ops.masked_conv.pack_plan's kept taps, forbidden
-    centre pairs zero): one concatenation with a zero and one gather on a GPU, made by the forward (fresh=True) and
-    reused by its backward (gm._ext.packed). input_grad=False (a forward with no backward to come, as in sampling):
-    the forward operand alone, not kept (Operands.input_grad None)."""
+    centre pairs zero): one gather launch (gm._ext.gather), made by the forward (fresh=True) and reused by its
+    backward (gm._ext.packed). input_grad=False (a forward with no backward to come, as in sampling): the forward
+    operand alone, not kept (Operands.input_grad None)."""
 
     def pack(parts: int) -> Operands:
-        from gm.ops._eager import zero_scalar  # noqa: PLC0415
-
         t, cin, cout = plan.index.shape
         sizes = (t * cout * _padded(cin), t * cin * _padded(cout))
         idx = _operand_index(plan, weight.shape)
-        flat = torch.cat((weight.reshape(-1), zero_scalar(weight.device, weight.dtype).view(1)))
         if parts == 1:
-            return Operands(torch.take(flat, idx[: sizes[0]]).view(t, cout, _padded(cin)), None)
-        fwd, bwd = torch.take(flat, idx).split(sizes)
+            return Operands(gather(weight, idx[: sizes[0]]).view(t, cout, _padded(cin)), None)
+        fwd, bwd = gather(weight, idx).split(sizes)
         return Operands(fwd.view(t, cout, _padded(cin)), bwd.view(t, cin, _padded(cout)))
 
     if not input_grad:
