@@ -1,5 +1,6 @@
 """Data-movement passes shared by the Triton launchers: memory-format conversions (NCHW-contiguous <->
-channels_last, NHWC in memory) and the sum of split-K partial results (sum_splits, at the end of this file).
+channels_last, NHWC in memory), the gather that packs a weight for a kernel (gather) and the sum of split-K partial
+results (sum_splits, at the end of this file).
 
 The implicit-GEMM and diagonal-scan kernels read channels-last operands (16-byte loads along the channel dim), and
 the diagonal scans write channels-last outputs. torch's `t.contiguous(memory_format=...)` between the two layouts
@@ -70,6 +71,35 @@ def nchw(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous()
     n, c, h, w = t.shape
     return _transpose_into(t, torch.empty(t.shape, dtype=t.dtype, device=t.device), n, h * w, c)
+
+
+@triton.jit
+def gather_kernel(src_ptr, idx_ptr, out_ptr, N, SRC_NUMEL, BLOCK: tl.constexpr):
+    """out[i] = src[idx[i]], 0 where idx[i] >= SRC_NUMEL, for i < N (int32 indices >= 0)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    j = tl.load(idx_ptr + i, mask=ok, other=0)
+    tl.store(out_ptr + i, tl.load(src_ptr + j, mask=ok & (j < SRC_NUMEL), other=0.0), mask=ok)
+
+
+_GATHER_BLOCK = 128 if INTERPRETED else 1024
+
+
+def gather(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[i] = src.view(-1)[index[i]], 0 where index[i] >= src.numel(), in one launch, for an int32 `index` (built
+    once per layout and cached by the caller): a weight packed in the layout a kernel reads, its masked or padded
+    positions zero, where torch takes an index, a select and a transposed copy per form. The Triton twin of
+    gm._ext.gather (csrc/layout), without its cast (the interpreter rounds float32 -> bfloat16 toward zero, so a
+    cast here could not be checked against torch's on the CPU)."""
+    src = src.contiguous()
+    out = src.new_empty(index.shape)
+    n = out.numel()
+    if n == 0:
+        return out
+    if n >= 2**31 or src.numel() >= 2**31:
+        raise ValueError(f"gather takes fewer than 2**31 elements, got an index of {n} into {src.numel()}")
+    fast(gather_kernel)[(cdiv(n, _GATHER_BLOCK),)](src, index, out, n, src.numel(), BLOCK=_GATHER_BLOCK, num_warps=4)
+    return out
 
 
 @triton.jit

@@ -37,9 +37,12 @@ after the kernel, on their NCHW or channels-last layouts (gm.kernels.row_lstm.we
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from gm._ext import packed
 from gm.kernels._common import (
     TL_DTYPES,
     acc_dtype,
@@ -52,7 +55,7 @@ from gm.kernels._common import (
     tuned,
 )
 from gm.kernels._launch import fast
-from gm.kernels._layout import channels_last, nchw
+from gm.kernels._layout import channels_last, gather, nchw
 
 
 @triton.jit
@@ -274,6 +277,33 @@ def pack_weight(w_ss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w_ss.to(dtype).permute(2, 0, 1).reshape(2, 4, hid, hid).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _pack_index(hid: int, device: torch.device) -> torch.Tensor:
+    """int32 positions in w_ss.view(-1) of both passes' operands: the forward's pack_weight layout [tap, gate, out,
+    in], then the backward's [tap, gate, in, out]."""
+    flat = torch.arange(4 * hid * hid * 2, dtype=torch.int32).view(4, hid, hid, 2)  # [gate, out, in, tap]
+    fwd, bwd = flat.permute(3, 0, 1, 2), flat.permute(3, 0, 2, 1)
+    return torch.cat((fwd.reshape(-1), bwd.reshape(-1))).to(device)
+
+
+def packed_weights(w_ss: torch.Tensor, dtype: torch.dtype, *, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward operand in `dtype`, backward operand in w_ss' dtype), each (2, 4, h, h), the backward's with its
+    last two dims swapped: one gather launch for both where the dtypes agree (gm.kernels._layout.gather), made by
+    the forward (fresh=True) and reused by its backward (gm._ext.packed: unless w_ss changed since)."""
+
+    def pack():
+        hid = w_ss.shape[1]
+        idx = _pack_index(hid, w_ss.device)
+        if dtype == w_ss.dtype:
+            both = gather(w_ss, idx).view(2, 2, 4, hid, hid)
+            return both[0], both[1]
+        half = idx.numel() // 2
+        return (gather(w_ss.to(dtype), idx[:half]).view(2, 4, hid, hid),
+                gather(w_ss, idx[half:]).view(2, 4, hid, hid))  # fmt: skip
+
+    return packed(w_ss, ("diagonal_lstm_triton", dtype), pack, fresh=fresh)
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -323,7 +353,7 @@ def forward_channels_last(
     state = torch.empty(n, height, width, 5 * hid, dtype=_state_dtype(gates.dtype), device=gates.device)
     kernel, meta = _launcher(_fwd, diagonal_lstm_fwd_kernel, _FWD_META, config)
     fast(kernel)[(n,)](
-        gates, pack_weight(w_ss, gates.dtype), y, state,
+        gates, packed_weights(w_ss, gates.dtype, fresh=True)[0], y, state,
         hid, height, width, gate_stride,
         REVERSE=reverse, ACC=acc_dtype(gates.dtype), PRECISION=dot_precision(gates.dtype, conv=True),
         BLOCK_H=_block_h(height), **meta,
@@ -352,12 +382,12 @@ def backward_into(
     n, height, width, g4 = dgates.shape
     hid = g4 // 4
     block_h = _block_h(height)
-    w = pack_weight(w_ss, w_ss.dtype)
+    w = packed_weights(w_ss, w_ss.dtype, fresh=False)[1]  # the forward's, unless w_ss changed since
     # Per program: dc * sigmoid(f) of the last diagonal, (hidden, image row), two buffers (step parity).
     scratch = torch.empty(n, 2, hid, block_h, dtype=state.dtype, device=state.device)
     kernel, meta = _launcher(_bwd, diagonal_lstm_bwd_kernel, _BWD_META, config)
     fast(kernel)[(n,)](
-        dy, w.transpose(2, 3).contiguous(), state, dgates, scratch,
+        dy, w, state, dgates, scratch,
         hid, height, width, gate_stride,
         REVERSE=reverse, ACC=acc_dtype(w_ss.dtype), PRECISION=dot_precision(w_ss.dtype, conv=True),
         BLOCK_H=block_h, **meta,

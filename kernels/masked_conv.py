@@ -238,14 +238,14 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
-def _implicit_gemm(x, packed, bias, kh, kw, flip):
-    """y (N, C_out, H, W) in x's memory format (gm._memory_format) = conv of x over the taps of `packed`
-    (T, C_in, C_out)."""
+def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None):
+    """y (N, C_out, H, W) = conv of x over the taps of `packed` (T, C_in, C_out), in `memory_format` (default x's,
+    gm._memory_format): the kernel writes through y's strides."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     t, _, cout = packed.shape
-    # y keeps x's memory format (the kernel writes through y's strides): channels-last in, channels-last out.
-    y = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device, memory_format=format_of(x))
+    memory_format = format_of(x) if memory_format is None else memory_format
+    y = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format)
     if t == 0:  # a 1x1 mask-A conv with a single group connects nothing
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
         return y
@@ -272,8 +272,10 @@ def forward(x, packed, bias, kh, kw, taps):
     return _implicit_gemm(x, packed, bias, kh, kw, flip=False)
 
 
-def input_grad(grad, packed, kh, kw, taps):
-    return _implicit_gemm(grad, packed.transpose(1, 2), None, kh, kw, flip=True)
+def input_grad(grad, operand, kh, kw, taps, memory_format=None):
+    """dx (N, C_in, H, W) in `memory_format` (default grad's) for the input-gradient operand (T, C_out, C_in): the
+    packed weight with its channel dims swapped (gm.ops.masked_conv._triton_operands), contiguous."""
+    return _implicit_gemm(grad, operand, None, kh, kw, flip=True, memory_format=memory_format)
 
 
 def _num_splits(tiles: int, pixels: int, block_p: int, element_size: int) -> int:

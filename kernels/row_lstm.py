@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gm._ext import packed
 from gm.kernels._common import (
     INTERPRETED,
     TL_DTYPES,
@@ -463,6 +464,12 @@ def pack_weight(w_ss: torch.Tensor) -> torch.Tensor:
     return w_ss.permute(2, 0, 1).contiguous()
 
 
+def packed_weight(w_ss: torch.Tensor, *, fresh: bool) -> torch.Tensor:
+    """pack_weight(w_ss), made by the forward (fresh=True) and reused by its backward (gm._ext.packed: unless w_ss
+    changed since)."""
+    return packed(w_ss, "row_lstm_triton", lambda: pack_weight(w_ss), fresh=fresh)
+
+
 def _index_dtype(four_h: int, height: int, width: int, k: int, gate_stride: int = 0):
     """Offsets inside one image (of cs, the largest: 5h channels, or of channels-last gates whose pixels are
     gate_stride apart) and into the packed weight as int32 when they fit, else int64."""
@@ -499,7 +506,7 @@ def forward(gates, w_ss, h0, c0, gate_stride: int = 0):
     write_y = gates.dtype != sdt
     y = torch.empty_like(hs, dtype=gates.dtype) if write_y else hs
     fast(_fwd)[(n,)](
-        gates, pack_weight(w_ss), h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
+        gates, packed_weight(w_ss, fresh=True), h0 if h0 is not None else hs, c0 if c0 is not None else hs, y, hs, cs,
         hidden, height, width, gate_stride or 4 * hidden,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, WRITE_Y=write_y, CL=cl,
         ACC=acc, DOT=dot, PRECISION=precision, BW=_block_w(width), IDX=_index_dtype(4 * hidden, height, width, k,
@@ -573,7 +580,7 @@ def backward_into(dy, dgates, w_ss, h0, c0, hs, cs, need_w, gate_stride: int = 0
     dh0 = torch.empty_like(h0, dtype=hs.dtype) if h0 is not None else None
     dc0 = torch.empty_like(c0, dtype=hs.dtype) if c0 is not None else None
     fast(_bwd)[(n,)](
-        dy, pack_weight(w_ss), c0 if c0 is not None else hs, cs,
+        dy, packed_weight(w_ss, fresh=False), c0 if c0 is not None else hs, cs,
         dgates, dcs, dh0 if dh0 is not None else hs, dc0 if dc0 is not None else hs,
         hidden, height, width, gate_stride or 4 * hidden,
         K=k, HAS_H0=h0 is not None, HAS_C0=c0 is not None, CL=gate_stride > 0,

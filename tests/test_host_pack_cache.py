@@ -21,7 +21,7 @@ from gm import _ext
 from gm.ops import _lstm_cuda as L
 from gm.ops import _masked_conv_cuda as C
 from gm.ops.masked_conv import pack_plan, pack_weight
-from tests._util import poison_empty
+from tests._util import poison_empty, triton_here
 from tools.cuda_emu import build, load, patches, unavailable_reason
 
 
@@ -168,11 +168,9 @@ _OPS = {
 }
 
 
-@pytest.mark.parametrize("name", list(_OPS))
-def test_op_sees_the_weight_after_an_in_place_update(emu, name):
+def _sees_in_place_updates(op, x_shape, w_shape):
     """Forward and backward after an optimizer-style update, or a write through .data, equal those of a fresh copy of
     the weight."""
-    op, x_shape, w_shape = _OPS[name]
     x = torch.randn(x_shape)
     w = torch.nn.Parameter(torch.randn(w_shape) / 3)
     before = _fwd_bwd(op, x, w)
@@ -189,6 +187,34 @@ def test_op_sees_the_weight_after_an_in_place_update(emu, name):
     want = _fwd_bwd(op, x, torch.nn.Parameter(w.detach().clone()))
     for g, r in zip(got, want, strict=True):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("name", list(_OPS))
+def test_op_sees_the_weight_after_an_in_place_update(emu, name):
+    _sees_in_place_updates(*_OPS[name])
+
+
+_TRITON_OPS = {
+    "row_lstm": (lambda g, w: gm.ops.row_lstm(g, w, backend="triton"), (2, 12, 3, 5), (12, 3, 3)),
+    "diagonal_lstm": (lambda g, w: gm.ops.diagonal_lstm(g, w, reverse=True, backend="triton"), (2, 8, 3, 4),
+                      (8, 2, 2)),  # fmt: skip
+    "masked_conv2d A grouped": (
+        lambda x, w: gm.ops.masked_conv2d(x, w, mask="A", in_groups=_GROUPS[0], out_groups=_GROUPS[1],
+                                          backend="triton"), (2, 3, 4, 5), (6, 3, 3, 3)),  # fmt: skip
+    "masked_conv2d B NHWC": (
+        lambda x, w: gm.ops.masked_conv2d(x.to(memory_format=torch.channels_last), w, mask="B", backend="triton"),
+        (2, 4, 3, 5), (5, 4, 1, 3)),  # fmt: skip
+}
+_GROUPS = (torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+@pytest.mark.parametrize("name", list(_TRITON_OPS))
+def test_triton_op_sees_the_weight_after_an_in_place_update(name):
+    """As the cuda ops: the Triton launchers keep their packs (masked_conv2d's operands, the scans' w_ss) from a
+    forward for its backward."""
+    if not triton_here():
+        pytest.skip("no triton backend here")
+    _sees_in_place_updates(*_TRITON_OPS[name])
 
 
 def test_conv_forward_without_backward_packs_the_forward_operand_alone(emu, monkeypatch):
@@ -210,6 +236,92 @@ def test_conv_forward_without_backward_packs_the_forward_operand_alone(emu, monk
     y1 = gm.ops.masked_conv2d(x, w, mask="A", backend="cuda")
     y1.sum().backward()
     assert seen == [False, True] and torch.equal(y0, y1.detach())  # (x needs no gradient: no input-grad GEMM)
+
+
+@pytest.mark.parametrize("name", ["row_lstm", "diagonal_lstm"])
+def test_triton_scan_packs_once_per_step(name, monkeypatch):
+    """The Triton scans pack w_ss once per forward+backward (the forward's pack serves the backward), and again
+    after an in-place update."""
+    if not triton_here():
+        pytest.skip("no triton backend here")
+    from gm.kernels import diagonal_lstm as kd  # noqa: PLC0415
+    from gm.kernels import row_lstm as kr  # noqa: PLC0415
+
+    calls = []
+    if name == "row_lstm":
+        real = kr.pack_weight
+        monkeypatch.setattr(kr, "pack_weight", lambda w: calls.append(1) or real(w))
+    else:
+        real = kd.gather
+        monkeypatch.setattr(kd, "gather", lambda *a: calls.append(1) or real(*a))
+    op, g_shape, w_shape = _TRITON_OPS[name]
+    w = torch.nn.Parameter(torch.randn(w_shape) / 3)
+    _fwd_bwd(op, torch.randn(g_shape), w)
+    assert len(calls) == 1
+    with torch.no_grad():
+        w.mul_(0.5)
+    _fwd_bwd(op, torch.randn(g_shape), w)
+    assert len(calls) == 2
+
+
+def test_triton_conv_packs_once_per_step_and_writes_dx_in_x_layout(monkeypatch):
+    """The triton masked_conv2d: a forward under no_grad gathers only its own operand; with a backward to come, the
+    forward gathers both operands in one launch and the backward reuses them (one gather per step); the input
+    gradient of an NCHW x comes out NCHW from the kernel (no layout copy after it). Values as the composed ops'."""
+    if not triton_here():
+        pytest.skip("no triton backend here")
+    from gm.kernels import _layout  # noqa: PLC0415
+    from gm.kernels import masked_conv as k  # noqa: PLC0415
+
+    gathers, dx_formats = [], []
+    real, real_dx = _layout.gather, k.input_grad
+    monkeypatch.setattr(_layout, "gather", lambda *a, **kw: gathers.append(a[1].numel()) or real(*a, **kw))
+
+    def input_grad(*args):
+        dx = real_dx(*args)
+        dx_formats.append(dx.is_contiguous())
+        return dx
+
+    monkeypatch.setattr(k, "input_grad", input_grad)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(5, 3, 3, 3) / 3)
+    with torch.no_grad():
+        y0 = gm.ops.masked_conv2d(x, w, mask="A", backend="triton")
+    assert len(gathers) == 1
+    y1 = gm.ops.masked_conv2d(x, w, mask="A", backend="triton")
+    y1.backward(torch.ones_like(y1))
+    assert gathers[1:] == [2 * gathers[0]] and torch.equal(y0, y1.detach())
+    assert dx_formats == [True] and x.grad.is_contiguous()
+    from gm.reference.masked_conv import masked_conv2d as reference  # noqa: PLC0415
+
+    rx = x.detach().double().requires_grad_()
+    ref = reference(rx, w.detach().double(), mask="A")
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(x.grad, rx.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, mask, grouped", [((6, 3, 3, 3), "A", True), ((16, 8, 1, 1), "B", False), ((9, 12, 5, 5), "B", True)]
+)
+def test_triton_conv_operands_are_the_packed_weight(shape, mask, grouped):
+    """_triton_operands' one gather equals pack_weight (kept taps, forbidden centre pairs zero) and its channel
+    transpose, and follows an in-place update of the weight."""
+    if not triton_here():
+        pytest.skip("no triton backend here")
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops.masked_conv import _triton_operands  # noqa: PLC0415
+
+    cout, cin = shape[:2]
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    w = torch.randn(shape)
+    plan = pack_plan(w.shape, mask, gi, go, w.device)
+    for _ in range(2):
+        fwd, bwd = _triton_operands(w, plan, fresh=False)
+        packed, _ = pack_weight(w, mask, gi, go)
+        assert torch.equal(fwd, packed) and torch.equal(bwd, packed.transpose(1, 2))
+        assert bwd.is_contiguous()
+        with torch.no_grad():
+            w.mul_(-3)
 
 
 def test_lstm_smem_attribute_is_raised_for_a_larger_launch(emu):

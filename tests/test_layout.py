@@ -73,3 +73,17 @@ def test_sum_splits(splits, shape, out_dtype):
     got = _layout.sum_splits(partial, out_dtype)
     assert got.dtype == out_dtype and got.shape == shape
     torch.testing.assert_close(got, partial.sum(0).to(out_dtype))  # bf16: a rounding step apart at most
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_gather(dtype):
+    """gather(src, idx): src.view(-1)[idx], exactly 0 at the sentinel index src.numel(); repeated and unordered
+    indices, a length off the block, a non-contiguous source, an empty index."""
+    src = torch.randn(9, 13, device=DEVICE).to(dtype).t()
+    flat = src.contiguous().reshape(-1)
+    idx = torch.randint(0, src.numel() + 1, (301,), dtype=torch.int32, device=DEVICE)
+    idx[:3] = src.numel()
+    got = _layout.gather(src, idx)
+    want = torch.cat((flat, flat.new_zeros(1)))[idx.long()]
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert _layout.gather(src, idx[:0]).numel() == 0

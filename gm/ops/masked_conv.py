@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
+from gm import _ext
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
 from gm._memory_format import format_of
@@ -76,6 +78,8 @@ class PackPlan:
     crop_masks: dict = dataclasses.field(default_factory=dict)
     # cuda path: both GEMM operands' gather indices (gm.ops._masked_conv_cuda.weight_operands), built on first use
     operand_index: torch.Tensor | None = None
+    # triton path: the same for the Triton kernels' unpadded operands (_triton_operands)
+    triton_index: torch.Tensor | None = None
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -221,27 +225,56 @@ def _reference_backward(grad, x, weight, mask, in_groups, out_groups, need_x, ne
     return gx, (gw * m if need_w else None)
 
 
+def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input_grad: bool = True):
+    """(forward operand (T, C_in, C_out), input-gradient operand (T, C_out, C_in) or None): the kept taps of weight,
+    the centre tap's forbidden channel pairs zero, both from one gather launch (gm.kernels._layout.gather), made by
+    the forward (fresh=True) and reused by its backward (gm._ext.packed), as the cuda path's weight_operands.
+    input_grad=False (no backward to come, as in sampling): the forward operand alone, not kept."""
+    t, cin, cout = plan.index.shape
+
+    def pack(parts: int):
+        from gm.kernels._layout import gather  # noqa: PLC0415
+
+        if plan.triton_index is None:
+            zero = math.prod(weight.shape)  # one past the weight: a zero
+            idx = plan.index if plan.keep is None else torch.where(plan.keep, plan.index, zero)
+            plan.triton_index = torch.cat((idx.reshape(-1), idx.transpose(1, 2).reshape(-1))).to(torch.int32)
+        if parts == 1:
+            return gather(weight, plan.triton_index[: t * cin * cout]).view(t, cin, cout), None
+        both = gather(weight, plan.triton_index)
+        return both[: t * cin * cout].view(t, cin, cout), both[t * cin * cout :].view(t, cout, cin)
+
+    if not input_grad:
+        with torch.no_grad():
+            return pack(1)
+    # the plan's identity names mask and groups; the entry holds the plan, so its id is not reused while it lives
+    return _ext.packed(weight, ("masked_conv_triton", id(plan)), lambda: (plan, pack(2)), fresh=fresh)[1]
+
+
 def _triton_forward(x, weight, bias, mask, in_groups, out_groups):
     from gm.kernels import masked_conv as k  # noqa: PLC0415
 
-    packed, taps = pack_weight(weight, mask, in_groups, out_groups)
-    return k.forward(x, packed, bias, weight.shape[2], weight.shape[3], taps)
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
+    operand, _ = _triton_operands(weight, plan, fresh=True, input_grad=backward_expected())
+    return k.forward(x, operand, bias, weight.shape[2], weight.shape[3], plan.taps)
 
 
 def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
     from gm.kernels import masked_conv as k  # noqa: PLC0415
     from gm.kernels._layout import channels_last  # noqa: PLC0415
 
-    packed, taps = pack_weight(weight, mask, in_groups, out_groups)
+    plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
     # The kernels read channels-last operands: convert grad once for both gradients (each conversion is a full
-    # read and write of grad).
+    # read and write of grad). The input gradient is written in x's memory format, as the forward writes y.
     grad = channels_last(grad)
-    dx = k.input_grad(grad, packed, weight.shape[2], weight.shape[3], taps) if need_x else None
+    dx = None
+    if need_x:
+        _, operand = _triton_operands(weight, plan, fresh=False)  # the forward's, unless weight changed since
+        dx = k.input_grad(grad, operand, weight.shape[2], weight.shape[3], plan.taps, format_of(x))
     dw = None
     if need_w:
-        plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
-        dw = k.weight_grad(x, grad, len(taps), weight.shape[2], weight.shape[3], taps, plan.positions, plan.keep,
-                           weight.dtype)  # fmt: skip
+        dw = k.weight_grad(x, grad, len(plan.taps), weight.shape[2], weight.shape[3], plan.taps, plan.positions,
+                           plan.keep, weight.dtype)  # fmt: skip
     return dx, dw
 
 
