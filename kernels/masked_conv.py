@@ -65,13 +65,18 @@ def _tap_offset(t, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
 
 @triton.jit
 def masked_conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, gate_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
     syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RELU_IN: tl.constexpr = False, GATE: tl.constexpr = False, RES: tl.constexpr = False,
 ):  # fmt: skip
+    # Fusions for a residual block of ReLU -> conv layers (constexprs, off by default): RELU_IN applies ReLU to x as
+    # the A tile is loaded (conv(relu(x))); GATE zeroes the output where gate (at the output's offsets) is not
+    # positive (the input gradient of relu(h) -> conv: ReLU's derivative in the epilogue); RES adds r (at the
+    # output's offsets) before the store (the residual: x + conv(...), or the residual's gradient in dx).
     # x is dense channels-last (the launcher makes it so): pixel m = (n*H + h)*W + w sits at m*C_in, and the tap's
     # input pixel at (m + dy*W + dx)*C_in wherever it lies inside the image, so the A tile's addresses are linear in
     # m and only the in-image test needs (h, w), computed once (H and W constexprs: multiply-shifts). The tap and
@@ -105,6 +110,8 @@ def masked_conv_fwd_kernel(
         if WIDE:
             q = q.to(tl.int64)
         a = tl.load(x_ptr + q[:, None] * CIN + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if RELU_IN:
+            a = tl.where(a < 0, 0.0, a).to(a.dtype)  # NaN stays NaN, as torch's relu
         b = tl.load(w_ptr + (t * CIN + c)[:, None] * COUT + o[None, :], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         wrap = c0 + BLOCK_K >= CIN
@@ -114,7 +121,12 @@ def masked_conv_fwd_kernel(
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
     n = m // (H * W)
     y_off = (n.to(tl.int64) * syn + h * syh + w * syw)[:, None] + o[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+    y_ok = m_ok[:, None] & o_ok[None, :]
+    if GATE:
+        acc = tl.where(tl.load(gate_ptr + y_off, mask=y_ok, other=0.0) > 0, acc, 0.0)
+    if RES:
+        acc += tl.load(r_ptr + y_off, mask=y_ok, other=0.0).to(ACC)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
@@ -124,7 +136,9 @@ def masked_conv_wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+    RELU_IN: tl.constexpr = False,
 ):  # fmt: skip
+    # RELU_IN: the gradient of conv(relu(x)), ReLU applied to x as its tile is loaded (off by default).
     # x and grad are dense channels-last (the launcher makes them so): pixel p = (n*H + h)*W + w sits at p*C, and the
     # tap's input pixel at (p + dy*W + dx)*C_in wherever it lies inside the image. So both tiles' addresses are linear
     # in p; only the in-image test needs (h, w), and with H and W constexprs that is multiply-shifts, not the runtime
@@ -158,6 +172,8 @@ def masked_conv_wgrad_kernel(
             q = q.to(tl.int64)
             p = p.to(tl.int64)
         a = tl.load(x_ptr + q[None, :] * CIN + c[:, None], mask=c_ok[:, None] & in_ok[None, :], other=0.0)
+        if RELU_IN:
+            a = tl.where(a < 0, 0.0, a).to(a.dtype)
         b = tl.load(g_ptr + p[:, None] * COUT + o[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     out = dw_ptr + ((split * T + t).to(tl.int64) * CIN + c[:, None]) * COUT + o[None, :]
@@ -238,9 +254,10 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
-def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None):
+def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=False, gate=None, residual=None):
     """y (N, C_out, H, W) = conv of x over the taps of `packed` (T, C_in, C_out), in `memory_format` (default x's,
-    gm._memory_format): the kernel writes through y's strides."""
+    gm._memory_format): the kernel writes through y's strides. The residual block's fusions: relu_in convolves
+    relu(x); gate (y's shape) zeroes y where gate is not positive, then residual (y's shape) is added."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     t, _, cout = packed.shape
@@ -248,34 +265,47 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None):
     y = torch.empty(n, cout, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format)
     if t == 0:  # a 1x1 mask-A conv with a single group connects nothing
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
-        return y
+        if gate is not None:
+            y = torch.where(gate > 0, y, 0.0)
+        if residual is not None:
+            y = y + residual
+        return y.contiguous(memory_format=memory_format)
     if n * h * w >= 2**31 or h * w * max(cin, cout) >= 2**31:
         raise ValueError(f"the triton backend takes N*H*W and H*W*C below 2**31, got x of shape {tuple(x.shape)}")
     packed = packed.to(x.dtype).contiguous()
     x = channels_last(x)
+    # the epilogue reads gate and residual at y's offsets
+    gate = gate.contiguous(memory_format=memory_format) if gate is not None else None
+    residual = residual.contiguous(memory_format=memory_format) if residual is not None else None
 
     def grid(meta):
         return (cdiv(n * h * w, meta["BLOCK_M"]) * cdiv(cout, meta["BLOCK_N"]),)
 
     fast(_fwd)[grid](
         x, packed, bias if bias is not None else packed, y,
+        residual if residual is not None else y, gate if gate is not None else y,
         n, h, w, cin, cout, t,
         *y.stride(),
         KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=not int32_offsets(x, y),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
+        RELU_IN=relu_in, GATE=gate is not None, RES=residual is not None,
         **_FWD_META,
     )  # fmt: skip
     return y
 
 
-def forward(x, packed, bias, kh, kw, taps):
-    return _implicit_gemm(x, packed, bias, kh, kw, flip=False)
+def forward(x, packed, bias, kh, kw, taps, relu_in=False, residual=None):
+    """y = conv(relu(x) if relu_in else x) + bias (+ residual), in x's memory format."""
+    return _implicit_gemm(x, packed, bias, kh, kw, flip=False, relu_in=relu_in, residual=residual)
 
 
-def input_grad(grad, operand, kh, kw, taps, memory_format=None):
+def input_grad(grad, operand, kh, kw, taps, memory_format=None, gate=None, residual=None):
     """dx (N, C_in, H, W) in `memory_format` (default grad's) for the input-gradient operand (T, C_out, C_in): the
-    packed weight with its channel dims swapped (gm.ops.masked_conv._triton_operands), contiguous."""
-    return _implicit_gemm(grad, operand, None, kh, kw, flip=True, memory_format=memory_format)
+    packed weight with its channel dims swapped (gm.ops.masked_conv._triton_operands), contiguous. gate: the
+    convolution's input before its ReLU (forward(relu_in=True)): dx is zero where gate is not positive; residual:
+    added to dx (the gradient of a residual connection to the same input)."""
+    return _implicit_gemm(grad, operand, None, kh, kw, flip=True, memory_format=memory_format, gate=gate,
+                          residual=residual)  # fmt: skip
 
 
 def _num_splits(tiles: int, pixels: int, block_p: int, element_size: int) -> int:
@@ -290,11 +320,12 @@ def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
     return t * cdiv(cin, meta["BLOCK_C"]) * cdiv(cout, meta["BLOCK_O"])
 
 
-def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
+def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False):
     """Weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: the packed (T, C_in, C_out)
     GEMM over pixels in float32 (float64 for float64) partial sums, then one unpack pass (the split sum, the scatter
     and the cast). positions: (kh*kw,) int32, the packed tap of each kernel position or -1; keep: None or
-    (T, C_in, C_out) bool, False at the centre tap's forbidden channel pairs."""
+    (T, C_in, C_out) bool, False at the centre tap's forbidden channel pairs. relu_in: the weight gradient of
+    conv(relu(x))."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     cout = grad.shape[1]
@@ -322,7 +353,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype):
         x, grad, partial,
         n, h, w, cin, cout, t,
         KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
-        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
+        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True), RELU_IN=relu_in,
         **_WGRAD_META,
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)

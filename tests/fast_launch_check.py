@@ -93,6 +93,7 @@ def _normalized(calls):
 def _ops():
     """(label, thunk): each gm Triton op forward and backward at small shapes."""
     import gm.ops as ops  # noqa: PLC0415
+    from gm.models.pixelcnn import ResidualBlock  # noqa: PLC0415
     from gm.nn.made import made_masks  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -113,6 +114,7 @@ def _ops():
     b = torch.randn(8, dtype=torch.bfloat16)
     gates = torch.randn(2, 16, 5, 6)
     mask = made_masks(6, 16, 2)[1]
+    block = ResidualBlock(4, 1, t)  # gm.nn.relu_conv's fused node: ReLU on load, its derivative and the residual
     return [
         ("masked_conv2d", fb(lambda x, w, b: ops.masked_conv2d(x, w, b, mask="B", backend=t), x, w, b)),
         ("masked_conv2d channels_last", fb(lambda x, w: ops.masked_conv2d(x, w, mask="A", backend=t),
@@ -123,6 +125,7 @@ def _ops():
         ("masked_linear", fb(lambda x, w: ops.masked_linear(x, w, mask, activation="elu", backend=t),
                              torch.randn(5, 16), torch.randn(16, 16))),
         ("iaf_step", fb(lambda z, m, s: ops.iaf_step(z, m, s, backend=t), *torch.randn(3, 4, 6))),
+        ("relu_conv residual block", fb(block, torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last))),
     ]  # fmt: skip
 
 
@@ -231,7 +234,7 @@ def _timing(launch) -> dict:
 
     x = torch.empty(2, 8, 6, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     packed = torch.empty(5, 8, 8, dtype=torch.bfloat16)
-    args = (x, packed, packed, x, 2, 6, 5, 8, 8, 5, *x.stride())
+    args = (x, packed, packed, x, x, x, 2, 6, 5, 8, 8, 5, *x.stride())
     kw = dict(KH=3, KW=3, FLIP=False, HAS_BIAS=True, WIDE=False, ACC=tl.float32, PRECISION="ieee",
               BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)  # fmt: skip
     out = {}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gm.nn import MaskedConv2d
+from gm.nn.relu_conv import relu_conv_chain
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,9 +35,7 @@ class OutputHead(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
-            h = conv(F.relu(h))
-        return h
+        return relu_conv_chain(h, self.convs)  # one fused node where the convs run on triton
 
 
 class PixelModel(nn.Module):

@@ -48,10 +48,10 @@ def test_backends_give_the_reference_loss_and_gradients(model_name, preset, back
 @pytest.mark.parametrize("backend", ["reference", *fast_backends()])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
 def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
-    """Every masked convolution of PixelCNN sees a channels-last input and gives a channels-last output, and the
+    """Every layer of PixelCNN (the stem convolution, each residual block, the head: on triton the blocks and the head
+    are single fused nodes, gm.nn.relu_conv) sees a channels-last input and gives a channels-last output, and the
     gradients flowing back into them are channels-last too: no layer converts between NCHW and NHWC (the first
     layer's one-channel input is made channels-last by the model; the 256-way loss reads the logits as rows)."""
-    from gm.nn import MaskedConv2d  # noqa: PLC0415
 
     def is_channels_last(t):  # NHWC in memory (either way for one channel, as the binary logits)
         return t.is_contiguous(memory_format=torch.channels_last)
@@ -64,11 +64,11 @@ def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
         seen.append(("out", is_channels_last(output)))
         output.register_hook(lambda g: seen.append(("grad", is_channels_last(g))))
 
-    convs = [m for m in model.modules() if isinstance(m, MaskedConv2d)]
-    for conv in convs:
-        conv.register_forward_hook(check)
+    layers = [model.stem, *model.blocks, model.head]
+    for layer in layers:
+        layer.register_forward_hook(check)
     model.loss(_levels(model, 2, 6, 6)).backward()
-    assert len(seen) == 3 * len(convs) and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
+    assert len(seen) == 3 * len(layers) and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
 
 
 @pytest.mark.skipif("triton" not in fast_backends(), reason="triton is not available")
@@ -158,14 +158,16 @@ def test_gpu_model_matches_reference(model_name, preset, backend, dtype):
     compare_model(model_name, preset, backend, dtype, torch.device("cuda"))
 
 
+@pytest.mark.parametrize("backend", ["reference", *(["triton"] if "triton" in fast_backends() else [])])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_whole_model_is_causal(model_name, preset):
+def test_whole_model_is_causal(model_name, preset, backend):
     """d logits(pixel p, colour k) / d input is exactly zero at every later pixel and, at p, for colours >= k;
-    and it is not zero everywhere before (the model does look at the past)."""
+    and it is not zero everywhere before (the model does look at the past). On triton too: its fused nodes (the
+    PixelCNN blocks and every model's head as gm.nn.relu_conv chains, the PixelRNN layers' one-node paths)."""
     torch.manual_seed(0)
-    model = M.get(model_name, preset, backend="reference").double()
-    c, h, w = model.channels, 5, 4
+    model = M.get(model_name, preset, backend=backend).double()
+    c, h, w = (model.channels, 5, 4) if backend == "reference" else (model.channels, 3, 3)  # interpreted: smaller
     targets = list(itertools.product(range(h * w), range(c)))  # (raster position, colour), one per batch element
     x = _levels(model, 1, h, w).repeat(len(targets), 1, 1, 1).requires_grad_()
     logits = model(x)

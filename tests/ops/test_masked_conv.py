@@ -233,3 +233,45 @@ def test_torch_compile_fullgraph():
     (gx,) = torch.autograd.grad(y.sum(), x)
     (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
     torch.testing.assert_close(gx, gx_ref)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("n", "cin", "cout", "h", "w", "kh", "kw", "mask", "groups"), [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5]]
+)
+def test_triton_residual_block_fusions(n, cin, cout, h, w, kh, kw, mask, groups, dtype, channels_last, monkeypatch):
+    """The Triton launchers' fusions for ReLU -> conv residual blocks (gm.models.pixelcnn's fused block) against the
+    float64 reference of the composed ops: forward(relu_in, residual) = conv(relu(x)) + b + r; input_grad(gate=x,
+    residual=r2) = relu'(x) * (conv's input gradient) + r2; weight_grad(relu_in) = the weight gradient of conv(relu(x)).
+    Both layouts (outputs in x's), NaN-poisoned outputs, x with exact zeros (relu'(0) = 0, as torch's)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    from gm.kernels import masked_conv as k  # noqa: PLC0415
+    from gm.ops.masked_conv import _triton_operands, pack_plan  # noqa: PLC0415
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gi, go = _groups(groups, cin, cout)
+    x, wt, b = _inputs(n, cin, cout, h, w, kh, kw, dtype)
+    with torch.no_grad():
+        x.view(-1)[::5] = 0.0
+    x = x.detach().contiguous(memory_format=fmt)
+    r = torch.randn(n, cout, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+    gy = torch.randn(n, cout, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+    r2 = torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)  # NCHW: the launcher converts it to dx's layout
+    relu_x = x.double().relu().requires_grad_()
+    wd, bd = wt.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = reference(relu_x, wd, bd, mask=mask, in_groups=gi, out_groups=go)
+    dxr, dwr = torch.autograd.grad(ref, (relu_x, wd), gy.double())
+    poison_empty(monkeypatch)
+    plan = pack_plan(wt.shape, mask, gi, go, wt.device)
+    fwd_op, bwd_op = _triton_operands(wt.detach(), plan, fresh=True)
+    y = k.forward(x, fwd_op, b.detach(), kh, kw, plan.taps, relu_in=True, residual=r)
+    assert y.is_contiguous(memory_format=fmt)
+    assert_rel(y, ref + r.double(), dtype, "y")
+    dx = k.input_grad(gy, bwd_op, kh, kw, plan.taps, fmt, gate=x, residual=r2)
+    assert dx.is_contiguous(memory_format=fmt)
+    assert_rel(dx, torch.where(x > 0, dxr, 0.0) + r2.double(), dtype, "dx")
+    assert (dx[x == 0] == r2[x == 0]).all()  # relu'(0) = 0: exactly the residual there
+    dw = k.weight_grad(x, gy, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, dtype, relu_in=True)
+    assert_rel(dw, dwr, dtype, "dweight")
