@@ -923,3 +923,81 @@ def test_masked_conv2d_refuses_more_channels_than_its_division_covers(emu):
     with pytest.raises(ValueError, match="512 KB.*triton"):
         gm.ops.masked_conv2d(x, torch.randn(1, 131072, 1, 1), mask="B", backend="cuda")
     gm.ops.masked_conv2d(torch.randn(1, 8, 3, 3), torch.randn(4, 8, 3, 3), mask="B", backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused (ReLU, conv) layers (gm.nn.relu_conv) on cuda: the GEMM's ReLU on its A fragments (max.NaN), its gate and
+# residual epilogue, the weight gradient's ReLU on x's fragments.
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, "tf32", "3xtf32"], ids=str)
+@pytest.mark.parametrize("case", [CL_CASES[0], CL_CASES[2], CL_CASES[3]], ids=["3x3B", "5x5A-rgb", "1x3B-138"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_masked_conv2d_relu_fusions(gemm, case, channels_last, precision, monkeypatch):
+    """forward(relu_in, residual) = conv(relu(x)) + b + r; input_grad(gate=x, residual=r2) = relu'(x) * conv^T(g) +
+    r2, exactly r2 where x <= 0; weight_grad(relu_in) = the weight gradient of conv(relu(x)); against the float64
+    reference, in x's layout; a NaN in x stays NaN through the ReLU (max.NaN), as torch's relu keeps it."""
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan, pack_weight  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    dtype = _precision(precision, monkeypatch)
+    n, cin, cout, height, width, kh, kw, mask, grouped, has_bias = case
+    torch.manual_seed(5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gi, go = (color_groups(cin, 3), color_groups(cout, 3)) if grouped else (None, None)
+    x = torch.randn(n, cin, height, width).to(dtype)
+    x.view(-1)[::7] = 0.0
+    x = x.contiguous(memory_format=fmt)
+    w = (torch.randn(cout, cin, kh, kw) / (cin * kh * kw) ** 0.5).to(dtype)
+    b = torch.randn(cout).to(dtype) if has_bias else None
+    r = torch.randn(n, cout, height, width).to(dtype)
+    gy = torch.randn(n, cout, height, width).to(dtype).contiguous(memory_format=fmt)
+    r2 = torch.randn(n, cin, height, width).to(dtype)
+    xr = x.double().relu().requires_grad_()
+    wr = w.double().requires_grad_()
+    y_ref = conv_ref(xr, wr, b.double() if b is not None else None, mask=mask, in_groups=gi, out_groups=go)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (xr, wr), gy.double())
+    packed, taps = pack_weight(w, mask, gi, go)
+    plan = pack_plan(w.shape, mask, gi, go, w.device)
+    y = c.forward(x, packed, b, taps, relu_in=True, residual=r)
+    assert y.is_contiguous(memory_format=fmt)
+    _check("y", y, y_ref + r.double(), dtype)
+    dx = c.input_grad(gy, packed, taps, gate=x, residual=r2)
+    assert dx.is_contiguous(memory_format=fmt)
+    _check("dx", dx, torch.where(x > 0, dx_ref, 0.0) + r2.double(), dtype)
+    assert torch.equal(dx[x <= 0], r2[x <= 0])
+    dw = c.weight_grad(x, gy, taps, plan, tuple(w.shape), dtype, relu_in=True)
+    _check("dweight", dw, dw_ref, dtype)
+    x_nan = x.clone()
+    x_nan[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(c.forward(x_nan, packed, b, taps, relu_in=True)).any()
+
+
+@pytest.mark.parametrize("kind", ["block", "head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_conv_chain_on_cuda(emu, kind, dtype, monkeypatch):
+    """gm.nn.relu_conv's one node on cuda (the PixelCNN residual block, the output head; channels-last, colour
+    groups) against the composed modules on cuda: output and every gradient."""
+    from gm.models.common import OutputHead  # noqa: PLC0415
+    from gm.models.pixelcnn import ResidualBlock  # noqa: PLC0415
+    from gm.nn import relu_conv  # noqa: PLC0415
+
+    torch.manual_seed(6)
+    m = ResidualBlock(6, 3, "cuda") if kind == "block" else OutputHead(12, 9, 6, 3, "cuda")
+    for p in m.parameters():
+        torch.nn.init.uniform_(p, -0.6, 0.6)
+    m = m.to(dtype)
+    x = torch.randn(2, 12, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(2, 12 if kind == "block" else 6, 5, 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(relu_conv, "FUSED", fused)
+        xl = x.detach().requires_grad_()
+        y = m(xl)
+        assert (type(y.grad_fn).__name__ == "_ReluConvChainBackward") == fused
+        got[fused] = (y, *torch.autograd.grad(y, (xl, *m.parameters()), gy))
+    names = ["y", "dx"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, got[True], got[False], strict=True):
+        _check(f"fused {name} vs composed", a, b.double(), dtype)

@@ -37,8 +37,15 @@ def _loops(source: str, kernel: str) -> list[tuple[int, int, dict]]:
 # (source, mangled-name fragment, which loop, budget): "mma32" the loop with 32 HMMA (a GEMM stage), "longest" the
 # outermost loop (a scan step, items included), "mufu" the shortest loop with MUFU (the minibatch pair loop).
 BUDGETS = [
-    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16", "mma32", 175),
-    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_wgrad_kernelI13__nv_bfloat16", "mma32", 295),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0E", "mma32",
+     175),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_wgrad_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0E", "mma32",
+     295),
+    # the fused (ReLU, conv) variants (gm.nn.relu_conv): 16 HMNMX2 a k-step on the A fragments, 193 / 298 at first
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1E", "mma32",
+     215),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_wgrad_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1E", "mma32",
+     325),
     ("csrc/diagonal_lstm/diagonal_lstm_cuda.cu", "diagonal_lstm_fwd_tcI13__nv_bfloat16", "longest", 2600),
     ("csrc/diagonal_lstm/diagonal_lstm_cuda.cu", "diagonal_lstm_bwd_tcI13__nv_bfloat16", "longest", 2460),
     (

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/precision.h"
 
@@ -284,6 +285,31 @@ __device__ __forceinline__ void trans_fragments_b(std::uint32_t (&bf)[4][2], std
 
 // ---------------------------------------------------------------------------------------------------------------
 // Storage <-> float.
+
+// ReLU of a fragment register as the layer's input is read (the residual blocks' fused (ReLU, conv) layers,
+// gm.nn.relu_conv): two 16-bit values or one float32 (the tf32 paths' raw bits), NaN kept as torch's relu keeps it.
+template <typename T>
+__device__ __forceinline__ std::uint32_t relu_bits(std::uint32_t r) {
+  std::uint32_t d;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("max.NaN.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(r), "r"(0u));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm("max.NaN.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(r), "r"(0u));
+  } else {
+    float f;
+    asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(f) : "f"(__uint_as_float(r)), "f"(0.f));
+    d = __float_as_uint(f);
+  }
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ void relu_fragments(std::uint32_t (&af)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) af[i][j] = relu_bits<T>(af[i][j]);
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {

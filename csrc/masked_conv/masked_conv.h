@@ -35,13 +35,16 @@ void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_pad
                   std::uintptr_t stream);
 
 // dtype: gm::DType code (f32, f16, bf16); precision: Precision code; out_nhwc: out is (N, H, W, n_out).
+// The fused (ReLU, conv) layers (gm.nn.relu_conv): relu_a convolves relu(a); gate (out's layout and dtype, or 0)
+// zeroes out where gate <= 0, then residual (the same, or 0) is added.
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
                     int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
-                    std::uintptr_t stream);
+                    std::uintptr_t stream, bool relu_a = false, std::uintptr_t gate = 0, std::uintptr_t residual = 0);
 
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
-                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream);
+                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
+                      bool relu_x = false);  // relu_x: the weight gradient of conv(relu(x))
 
 // dw (C_out, C_in, kk) in dtype = sum over splits of partial (splits, taps, C_in, C_out) float32 at tap_at[pos]
 // (int32, -1: masked position: zero), times keep (uint8 (taps, C_in, C_out), 0 = forbidden) unless keep is 0.

@@ -65,7 +65,23 @@ struct ConvGemmArgs {
   int n_out;
   bool out_nhwc;
   TapTable taps;
+  // The fused (ReLU, conv) layers' options (the kFused kernel variant; gm.nn.relu_conv): relu_a convolves relu(a);
+  // gate (out's layout and dtype, or null) zeroes the output where gate <= 0 (ReLU's derivative in an input
+  // gradient), then residual (the same, or null) is added.
+  bool relu_a;
+  const void* gate;
+  const void* residual;
 };
+
+// The fused layers' epilogue on one output element at offset `at` of out (bias already added).
+template <typename T, bool kFused>
+__device__ __forceinline__ float fuse_epilogue(const ConvGemmArgs& args, float v, std::int64_t at) {
+  if constexpr (kFused) {
+    if (args.gate != nullptr && !(to_float(static_cast<const T*>(args.gate)[at]) > 0.f)) v = 0.f;
+    if (args.residual != nullptr) v += to_float(static_cast<const T*>(args.residual)[at]);
+  }
+  return v;
+}
 
 constexpr int kGemmRow = kKBytes + 16;
 constexpr int kGemmStage = (kBM + kBN) * kGemmRow;
@@ -102,7 +118,7 @@ __device__ __forceinline__ void stage_tile(const WarpAcc& acc, float* s_out, int
 
 // NCHW: thread tid walks the channels of pixel m0 + tid % kBM, two channels a step over the block (a warp: 32
 // consecutive pixels of one channel).
-template <typename T>
+template <typename T, bool kFused>
 __device__ __forceinline__ void store_nchw(const ConvGemmArgs& args, const float* s_out, std::int64_t m0, int n0,
                                            std::int64_t m_total, int hw_size) {
   const int tid = threadIdx.x;
@@ -120,7 +136,8 @@ __device__ __forceinline__ void store_nchw(const ConvGemmArgs& args, const float
     if (o >= args.n_out) break;
     float v = s_out[o_local * kOutLd + m_local];
     if (bias != nullptr) v += to_float(bias[o]);
-    out[out_base + static_cast<std::int64_t>(o) * hw_size] = from_float<T>(v);
+    const std::int64_t at = out_base + static_cast<std::int64_t>(o) * hw_size;
+    out[at] = from_float<T>(fuse_epilogue<T, kFused>(args, v, at));
   }
 }
 
@@ -133,7 +150,7 @@ __device__ __forceinline__ void store_nchw(const ConvGemmArgs& args, const float
 // channels (8-way at cols = 1), whose epilogue is short anyway. The loops have fixed trip counts with an early
 // exit: with a run-time bound instead (e < count) ptxas gave the main loop 10 more instructions a stage
 // (tools/sass_loops.py).
-template <typename T>
+template <typename T, bool kFused>
 __device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float* s_out, std::int64_t m0, int n0,
                                            std::int64_t m_total) {
   const int tid = threadIdx.x;
@@ -151,6 +168,7 @@ __device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float
       if (m + i * kRowsPerStep >= rows) break;
       float v = s_out[(m + i * kRowsPerStep) * kOutLdNhwc + o];
       if (has_bias) v += b;  // not v + 0 without bias: the NCHW path keeps a -0 sum's sign
+      if constexpr (kFused) v = fuse_epilogue<T, true>(args, v, dst - static_cast<T*>(args.out));
       *dst = from_float<T>(v);
       dst += g_step;
     }
@@ -169,6 +187,7 @@ __device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float
     if (i * kThreads + tid >= count) break;
     float v = s_out[s_at];
     if (has_bias) v += to_float(bias[n0 + o]);
+    if constexpr (kFused) v = fuse_epilogue<T, true>(args, v, dst - static_cast<T*>(args.out));
     *dst = from_float<T>(v);
     s_at += s_step;
     dst += g_step;
@@ -181,7 +200,7 @@ __device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float
   }
 }
 
-template <typename T, Precision P>
+template <typename T, Precision P, bool kFused>
 __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBlocks)
     masked_conv_gemm_kernel(const ConvGemmArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -255,6 +274,9 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
       std::uint32_t af[4][4], bf[4][2];
       row_fragments_a(af, a_base, kGemmRow, wm0, ks, lane);
+      if constexpr (kFused) {
+        if (args.relu_a) relu_fragments<T>(af);
+      }
       row_fragments_b(bf, b_base, kGemmRow, wn0, ks, lane);
       mma_step<T, P>(acc, af, bf);
     }
@@ -265,10 +287,10 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
   float* s_out = reinterpret_cast<float*>(smem);
   if (args.out_nhwc) {
     stage_tile<true>(acc, s_out, wm0, wn0, lane);
-    store_nhwc<T>(args, s_out, m0, n0, m_total);
+    store_nhwc<T, kFused>(args, s_out, m0, n0, m_total);
   } else {
     stage_tile<false>(acc, s_out, wm0, wn0, lane);
-    store_nchw<T>(args, s_out, m0, n0, m_total, hw_size);
+    store_nchw<T, kFused>(args, s_out, m0, n0, m_total, hw_size);
   }
 }
 
@@ -310,7 +332,8 @@ __device__ __forceinline__ void wgrad_fragments(std::uint32_t a_base, std::uint3
   trans_fragments_b<T, WgradShape<T>::kRow>(bf, b_base, smem, ks, lane, wn0);
 }
 
-template <typename T, Precision P>
+// kRelu: the weight gradient of conv(relu(x)) (gm.nn.relu_conv), ReLU applied to x's fragments.
+template <typename T, Precision P, bool kRelu>
 __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBlocks)
     masked_conv_wgrad_kernel(const WgradArgs args) {
   using S = WgradShape<T>;
@@ -393,6 +416,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
       std::uint32_t af[4][4], bf[4][2];
       wgrad_fragments<T>(a_base, b_base, smem, ks, lane, wm0, wn0, af, bf);
+      if constexpr (kRelu) relu_fragments<T>(af);
       mma_step<T, P>(acc, af, bf);
     }
   });
@@ -467,21 +491,21 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------------------
 // Host side: dtype/precision dispatch and launch.
 
-template <typename T, Precision P>
+template <typename T, Precision P, bool kFused>
 void launch_gemm(const ConvGemmArgs& args, cudaStream_t stream) {
   const std::int64_t m_tiles = (static_cast<std::int64_t>(args.n) * args.h * args.w + kBM - 1) / kBM;
   const std::int64_t blocks = m_tiles * ((args.n_out + kBN - 1) / kBN);
   if (blocks > 0x7fffffff) throw std::invalid_argument("masked_conv2d (cuda): problem too large for one launch");
-  auto kernel = masked_conv_gemm_kernel<T, P>;
+  auto kernel = masked_conv_gemm_kernel<T, P, kFused>;
   set_max_dynamic_smem(kernel, kGemmSmem);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kGemmSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, Precision P>
+template <typename T, Precision P, bool kRelu>
 void launch_wgrad(const WgradArgs& args, int splits, cudaStream_t stream) {
   const dim3 grid(args.taps.count * ((args.c_in + kBM - 1) / kBM), (args.c_out + kBN - 1) / kBN, splits);
-  auto kernel = masked_conv_wgrad_kernel<T, P>;
+  auto kernel = masked_conv_wgrad_kernel<T, P, kRelu>;
   set_max_dynamic_smem(kernel, WgradShape<T>::kSmem);
   kernel<<<grid, kThreads, WgradShape<T>::kSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
@@ -509,11 +533,21 @@ void dispatch(int dtype, int precision, Args&&... args) {
 
 template <typename T, Precision P>
 struct GemmLauncher {
-  static void run(const ConvGemmArgs& args, cudaStream_t stream) { launch_gemm<T, P>(args, stream); }
+  static void run(const ConvGemmArgs& args, cudaStream_t stream) {
+    if (args.relu_a || args.gate != nullptr || args.residual != nullptr)
+      launch_gemm<T, P, true>(args, stream);
+    else
+      launch_gemm<T, P, false>(args, stream);
+  }
 };
 template <typename T, Precision P>
 struct WgradLauncher {
-  static void run(const WgradArgs& args, int splits, cudaStream_t stream) { launch_wgrad<T, P>(args, splits, stream); }
+  static void run(const WgradArgs& args, bool relu_x, int splits, cudaStream_t stream) {
+    if (relu_x)
+      launch_wgrad<T, P, true>(args, splits, stream);
+    else
+      launch_wgrad<T, P, false>(args, splits, stream);
+  }
 };
 
 void check_taps(const TapTable& taps) {
@@ -541,7 +575,7 @@ void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_pad
 
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
                     int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
-                    std::uintptr_t stream) {
+                    std::uintptr_t stream, bool relu_a, std::uintptr_t gate, std::uintptr_t residual) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((k_channels * elem) % 16 != 0)
@@ -550,20 +584,22 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
     throw std::invalid_argument("masked_conv2d (cuda): " + std::to_string(k_channels) +
                                 " input channels exceed the kernels' limit (512 KB a pixel): use the triton backend");
   ConvGemmArgs args{ptr<const char>(a), ptr<const char>(b), ptr<const void>(bias), ptr<void>(out), n, h, w,
-                    k_channels * elem, n_out, out_nhwc, taps};
+                    k_channels * elem, n_out, out_nhwc, taps, relu_a, ptr<const void>(gate),
+                    ptr<const void>(residual)};
   dispatch<GemmLauncher>(dtype, precision, args, to_stream(stream));
 }
 
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
-                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream) {
+                      std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
+                      bool relu_x) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((c_in_padded * elem) % 16 != 0 || (c_out_padded * elem) % 16 != 0)
     throw std::invalid_argument("masked_conv2d (cuda): padded channel counts must fill 16-byte chunks");
   WgradArgs args{ptr<const char>(x), ptr<const char>(grad), ptr<float>(partial), n, h, w, c_in_padded * elem,
                  c_out_padded * elem, c_in, c_out, pixels_per_split, taps};
-  dispatch<WgradLauncher>(dtype, precision, args, splits, to_stream(stream));
+  dispatch<WgradLauncher>(dtype, precision, args, relu_x, splits, to_stream(stream));
 }
 
 void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintptr_t keep, std::uintptr_t dw,

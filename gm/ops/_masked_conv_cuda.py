@@ -167,18 +167,26 @@ def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, mirrored: bool, precision: int,
-               stream: int, a_nhwc=None):  # fmt: skip
+               stream: int, a_nhwc=None, relu_a: bool = False, gate=None, residual=None):  # fmt: skip
     """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C padded) in
     the kernel layout (Operands); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc). out is
-    channels-last where a is (is_channels_last), else NCHW-contiguous: the kernel writes either directly."""
+    channels-last where a is (is_channels_last), else NCHW-contiguous: the kernel writes either directly. The fused
+    (ReLU, conv) layers (gm.nn.relu_conv): relu_a convolves relu(a); gate (out's shape) zeroes out where gate <= 0,
+    then residual (out's shape) is added."""
     n, c, h, w = a.shape
     n_out = b.shape[1]
     fmt = format_of(a)
     out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device, memory_format=fmt)
     if len(taps) == 0:
-        return _fill_bias(out, bias)
+        out = _fill_bias(out, bias)
+        if gate is not None:
+            out = torch.where(gate > 0, out, 0.0)
+        return (out if residual is None else out + residual).contiguous(memory_format=fmt)
     if out.numel() == 0:
         return out
+    # the epilogue reads gate and residual at out's offsets, in out's dtype
+    gate = gate.to(a.dtype).contiguous(memory_format=fmt) if gate is not None else None
+    residual = residual.to(a.dtype).contiguous(memory_format=fmt) if residual is not None else None
     cp = b.shape[2]
     a_nhwc = _nhwc(a, cp, stream) if a_nhwc is None else a_nhwc
     b = b.to(a.dtype)
@@ -187,12 +195,14 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
     ext().masked_conv_gemm_cuda(
         a_nhwc.data_ptr(), b.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
         n, h, w, cp, n_out, dy, dx, dtype_code(a), precision, stream,
-        out_nhwc=fmt == torch.channels_last,
+        out_nhwc=fmt == torch.channels_last, relu_a=relu_a, gate=gate.data_ptr() if gate is not None else 0,
+        residual=residual.data_ptr() if residual is not None else 0,
     )  # fmt: skip
     return out
 
 
-def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, stream: int, grad_nhwc=None):
+def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, stream: int, grad_nhwc=None,
+                 relu_x: bool = False):  # fmt: skip
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     t = len(taps)
@@ -211,7 +221,7 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     dy, dx = _tap_lists(taps, False)
     ext().masked_conv_wgrad_cuda(
         x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
-        dy, dx, per_split, splits, dtype_code(x), precision, stream,
+        dy, dx, per_split, splits, dtype_code(x), precision, stream, relu_x=relu_x,
     )  # fmt: skip
     keep = plan.keep
     ext().masked_conv_wgrad_unpack_cuda(
@@ -227,33 +237,48 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
 # both operands already in it (weight_operands).
 
 
-def forward(x: torch.Tensor, packed: torch.Tensor | Operands, bias: torch.Tensor | None, taps) -> torch.Tensor:
-    """y (N, C_out, H, W): channels-last when x is (gm._memory_format.is_channels_last), else contiguous."""
+def forward(x: torch.Tensor, packed: torch.Tensor | Operands, bias: torch.Tensor | None, taps, *,
+            relu_in: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """y (N, C_out, H, W): channels-last when x is (gm._memory_format.is_channels_last), else contiguous.
+    relu_in: y = conv(relu(x)); residual (y's shape): added to y."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
     with device_guard(x):
-        return _conv_gemm(x, _forward_operand(packed), bias, taps, False, precision, stream_of(x))
+        return _conv_gemm(x, _forward_operand(packed), bias, taps, False, precision, stream_of(x), relu_a=relu_in,
+                          residual=residual)  # fmt: skip
 
 
-def input_grad(grad: torch.Tensor, packed: torch.Tensor | Operands, taps, *, grad_nhwc=None) -> torch.Tensor:
+def input_grad(grad: torch.Tensor, packed: torch.Tensor | Operands, taps, *, grad_nhwc=None,
+               gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """dx (N, C_in, H, W), channels-last when grad is, else contiguous: the forward GEMM on grad with the taps
-    mirrored. grad_nhwc: grad already in the kernels' layout (_nhwc)."""
+    mirrored. grad_nhwc: grad already in the kernels' layout (_nhwc). gate: the convolution's input before its ReLU
+    (forward(relu_in=True)): dx is zero where gate <= 0; residual (dx's shape): added to dx."""
     _check_cuda("grad", grad)
     precision = _precision(grad.dtype)
     with device_guard(grad):
         return _conv_gemm(grad, _input_grad_operand(packed), None, taps, True, precision, stream_of(grad),
-                          a_nhwc=grad_nhwc)  # fmt: skip
+                          a_nhwc=grad_nhwc, gate=gate, residual=residual)  # fmt: skip
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None):
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None,
+                relu_in: bool = False):  # fmt: skip
     """The weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: packed float32 partial
     sums per pixel split (T, C_in, C_out), then one pass that adds the splits in a fixed order, scatters them to the
     weight layout (plan.positions: the packed tap of each kernel position or -1; plan.keep: the centre tap's allowed
-    channel pairs or None) and casts."""
+    channel pairs or None) and casts. relu_in: the weight gradient of conv(relu(x))."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
     with device_guard(x):
-        return _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream_of(x), grad_nhwc)
+        return _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream_of(x), grad_nhwc,
+                            relu_in)  # fmt: skip
+
+
+def grad_nhwc(grad: torch.Tensor, taps) -> torch.Tensor | None:
+    """grad in the kernels' layout, for an input gradient and a weight gradient to share (None: no kept tap)."""
+    if len(taps) == 0:
+        return None
+    with device_guard(grad):
+        return _nhwc(grad, _padded(grad.shape[1]), stream_of(grad))
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operands, taps, plan, weight_shape,

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "gm_emu/runtime.h"
@@ -89,6 +90,44 @@ inline void cvt_rna_tf32_f32(std::uint32_t& d, float a) {
   if (((u >> 23) & 0xffu) != 0xffu) u = (u + 0x1000u) & 0xffffe000u;  // inf/nan unchanged
   d = u;
 }
+
+// ---- max.NaN.{bf16x2,f16x2,f32}: the larger operand, NaN if either is NaN (the canonical NaN; +0 over -0).
+inline float max_nan_float(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
+  if (a == b) return std::signbit(a) ? b : a;
+  return a > b ? a : b;
+}
+inline std::uint16_t max_nan_bf16(std::uint16_t a, std::uint16_t b) {
+  auto f = [](std::uint16_t h) {
+    std::uint32_t u = std::uint32_t(h) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+  };
+  const float r = max_nan_float(f(a), f(b));
+  if (std::isnan(r)) return 0x7fffu;  // the canonical bf16 NaN
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return static_cast<std::uint16_t>(u >> 16);  // exact: r is one of the operands
+}
+inline std::uint16_t max_nan_f16(std::uint16_t a, std::uint16_t b) {
+  _Float16 x, y;
+  std::memcpy(&x, &a, 2);
+  std::memcpy(&y, &b, 2);
+  const float r = max_nan_float(static_cast<float>(x), static_cast<float>(y));
+  if (std::isnan(r)) return 0x7fffu;  // the canonical f16 NaN
+  const _Float16 h = static_cast<_Float16>(r);
+  std::uint16_t out;
+  std::memcpy(&out, &h, 2);
+  return out;
+}
+inline void max_NaN_bf16x2(std::uint32_t& d, std::uint32_t a, std::uint32_t b) {
+  d = std::uint32_t(max_nan_bf16(a & 0xffffu, b & 0xffffu)) | (std::uint32_t(max_nan_bf16(a >> 16, b >> 16)) << 16);
+}
+inline void max_NaN_f16x2(std::uint32_t& d, std::uint32_t a, std::uint32_t b) {
+  d = std::uint32_t(max_nan_f16(a & 0xffffu, b & 0xffffu)) | (std::uint32_t(max_nan_f16(a >> 16, b >> 16)) << 16);
+}
+inline void max_NaN_f32(float& d, float a, float b) { d = max_nan_float(a, b); }
 
 // ---- ex2.approx.ftz.f32: 2^a, subnormal inputs and results flushed to zero (the GPU's is within 2 ulp).
 inline void ex2_approx_ftz_f32(float& d, float a) {
