@@ -100,3 +100,33 @@ def test_other_backends_run_composed():
     m = _module("block", 1, "reference", torch.float64)
     x = torch.randn(1, 12, 2, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
     assert type(m(x).grad_fn).__name__ != "_ReluConvChainBackward"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["block", "head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fused_chain_matches_composed(backend, kind, dtype, monkeypatch):
+    """On the GPU: the fused node on each backend (the Triton kernels' RELU_IN / GATE / RES, the CUDA GEMM's kFused
+    and the weight gradient's kRelu variants) against the composed modules on that backend and the reference, at a
+    size with full tiles (h=48, 24x20 images), channels-last as the models run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend not in fast_backends(torch.device("cuda")):
+        pytest.skip(f"no {backend} backend here")
+    torch.manual_seed(0)
+    m = (ResidualBlock(48, 3, backend) if kind == "block" else OutputHead(96, 96, 48, 3, backend)).cuda().to(dtype)
+    ref = (ResidualBlock(48, 3, "reference") if kind == "block" else OutputHead(96, 96, 48, 3, "reference")).cuda()
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    ref.double()
+    x = torch.randn(4, 96, 24, 20, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    out_ch = 96 if kind == "block" else 48
+    gy = torch.randn(4, out_ch, 24, 20, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    y, grads = _run(m, x, gy, True, monkeypatch)
+    assert type(y.grad_fn).__name__ == "_ReluConvChainBackward"
+    y_c, grads_c = _run(m, x, gy, False, monkeypatch)
+    y_r, grads_r = _run(ref, x.double(), gy.double(), False, monkeypatch)
+    names = ["y", "dx"] + [n for n, _ in m.named_parameters()]
+    for name, a, b, r in zip(names, (y, *grads), (y_c, *grads_c), (y_r, *grads_r), strict=True):
+        assert_rel(a, r, dtype, f"{backend} fused {name} vs reference")
+        assert_rel(a, b, dtype, f"{backend} fused {name} vs composed")
