@@ -54,7 +54,8 @@ def _fused(x: torch.Tensor, convs, residual: bool) -> torch.Tensor | None:
     if len(backends) != 1 or not backends <= {"triton", "cuda"}:
         return None
     backend = backends.pop()
-    if any(p is not None and p.dtype != x.dtype for p in params) or (backend == "cuda" and x.dtype not in _CUDA_DTYPES):
+    mixed = any(p is not None and (p.dtype != x.dtype or p.device != x.device) for p in params)
+    if mixed or (backend == "cuda" and x.dtype not in _CUDA_DTYPES):
         return None  # the composed path names the mismatch
     first = convs[0]
     check_masked_conv_args(x, first.weight, first.bias, first.mask, first.in_groups, first.out_groups)

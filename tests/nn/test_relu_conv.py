@@ -130,3 +130,12 @@ def test_gpu_fused_chain_matches_composed(backend, kind, dtype, monkeypatch):
     for name, a, b, r in zip(names, (y, *grads), (y_c, *grads_c), (y_r, *grads_r), strict=True):
         assert_rel(a, r, dtype, f"{backend} fused {name} vs reference")
         assert_rel(a, b, dtype, f"{backend} fused {name} vs composed")
+
+
+def test_bad_input_gets_the_composed_paths_errors():
+    """A dtype mix or a wrong channel count: the same clear error as the composed modules give."""
+    m = _module("block", 1, "triton", torch.float64)
+    with pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(1, 12, 3, 3, device=DEVICE, dtype=torch.float32, requires_grad=True))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(1, 10, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True))
