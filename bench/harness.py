@@ -331,8 +331,9 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "commit": commit,
-        # False: each Triton kernel ran its first config (GM_TRITON_AUTOTUNE=0), not the autotuner's pick.
-        "triton_autotune": os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0",
+        # False: each Triton kernel ran its first config (GM_TRITON_AUTOTUNE=0), not the autotuner's pick; "picks":
+        # the shipped picks where recorded, else the first suitable config (GM_TRITON_AUTOTUNE=picks).
+        "triton_autotune": {"0": False, "picks": "picks"}.get(os.environ.get("GM_TRITON_AUTOTUNE", "1"), True),
         # False: Triton's own launch path on every call (GM_TRITON_FAST_LAUNCH=0), not gm.kernels._launch.fast.
         "triton_fast_launch": os.environ.get("GM_TRITON_FAST_LAUNCH", "1") != "0",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -386,8 +387,11 @@ def autotune_picks() -> dict:
 
     try:
         import gm.kernels as pkg  # noqa: PLC0415
+        from gm.kernels import _common  # noqa: PLC0415
         from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
     except ImportError:
+        return {}
+    if _common.PICKS_ONLY:  # GM_TRITON_AUTOTUNE=picks timed nothing: its first configs are no picks to ship
         return {}
     picks: dict[str, list] = {}
     for info in pkgutil.iter_modules(pkg.__path__):

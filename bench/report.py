@@ -50,7 +50,9 @@ def render(rows: list[dict]) -> str:
         lines = {}
         for key in runs:
             date, torch_v, triton_v, commit, autotune, fast_launch = key
-            tuned = {False: ", Triton kernels on their first config (autotune off)"}.get(autotune, "")
+            tuned = {False: ", Triton kernels on their first config (autotune off)",
+                     "picks": ", Triton kernels on the shipped picks, else their first config (no autotuning)"}.get(
+                autotune, "")  # fmt: skip
             tuned += {False: ", Triton's own launch path (fast launch off)"}.get(fast_launch, "")
             lines[key] = f"torch {torch_v}, triton {triton_v}, commit {commit}, {date}{tuned}"
         several = len(runs) > 1

@@ -69,6 +69,8 @@ def _tuned_tables() -> str:
     kernels = len(_common.tuned_table(slug).get("picks", {}))
     off = {"GM_TRITON_AUTOTUNE": _common.AUTOTUNE, "GM_TRITON_TUNED": _common.TUNED}
     unused = "".join(f" (unused: {var}=0)" for var, on in off.items() if not on)
+    if _common.PICKS_ONLY:
+        unused += " (GM_TRITON_AUTOTUNE=picks: elsewhere each kernel's first suitable config, nothing timed)"
     return f"kernels/tuned/{slug}.json: {tables[slug]} picks of {kernels} kernels{unused}"
 
 

@@ -51,8 +51,13 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# GM_TRITON_AUTOTUNE=0 launches the first config instead of autotuning (the GPU tests use it: one compile per variant).
-AUTOTUNE = not INTERPRETED and os.environ.get("GM_TRITON_AUTOTUNE", "1") != "0"
+# GM_TRITON_AUTOTUNE=0 launches the first config instead of autotuning (the GPU tests use it: one compile per variant);
+# GM_TRITON_AUTOTUNE=picks launches the shipped pick of the GPU (tuned_table) where one is recorded for the launch's
+# key and the first suitable config elsewhere, timing nothing: a time-boxed GPU run over shapes with no pick (the
+# models bench's dozens of convolution shapes) compiles one config per kernel variant instead of every config.
+AUTOTUNE_MODE = os.environ.get("GM_TRITON_AUTOTUNE", "1")
+AUTOTUNE = not INTERPRETED and AUTOTUNE_MODE != "0"
+PICKS_ONLY = AUTOTUNE and AUTOTUNE_MODE == "picks"
 # Each config's timing when autotuning: warmup and repetition milliseconds for triton.testing.do_bench (Triton's
 # default, 25 and 100, spends ~0.15 s a config: ~3-5 s per kernel and launch shape over the config lists here, and
 # minutes for a benchmark run's new shapes, most of a 15-minute GPU session). GM_TRITON_AUTOTUNE_MS="25,100" restores
@@ -98,7 +103,7 @@ def tuned(kernel, configs: list, key: list[str], interpreted_meta: dict, prune=N
             return prune(configs, named_args) or configs[:1]
 
         by = {"early_config_prune": early_prune}
-    if not TUNED:
+    if not TUNED and not PICKS_ONLY:
         return triton.autotune(configs, key=key, prune_configs_by=by, do_bench=autotune_bench)(kernel), {}
     return _table_autotuner()(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=by,
                               do_bench=autotune_bench), {}  # fmt: skip
@@ -163,13 +168,20 @@ def _table_autotuner():
             self.cache = _PickCache(self)
 
         def enter_pick(self, key: tuple) -> bool:
-            """Whether the recorded pick for `key` (Triton's own key of the launch in progress) was entered."""
+            """Whether the recorded pick for `key` (Triton's own key of the launch in progress) was entered; with
+            PICKS_ONLY, else the first config the call's prune keeps (nothing is timed)."""
             if self.picks is None:
-                self.picks = table_picks(self.base_fn.__name__, self.configs, current_device_slug())
+                slug = current_device_slug() if TUNED else None
+                self.picks = table_picks(self.base_fn.__name__, self.configs, slug)
             config = self.picks.get(tuple(str(k) for k in key))
             # run() has set nargs (the positional arguments, which Triton passes to early_config_prune) by now.
-            if config is None or getattr(self, "nargs", None) is None or config not in self.prune_configs({}):
+            if getattr(self, "nargs", None) is None:
                 return False
+            suitable = self.prune_configs({})
+            if config is None or config not in suitable:
+                if not PICKS_ONLY:
+                    return False
+                config = suitable[0]
             self.cache[key] = config
             return True
 

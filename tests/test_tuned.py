@@ -223,6 +223,22 @@ def test_no_table_for_this_gpu_and_switched_off(gpu_table, monkeypatch):
     assert type(gpu_table.make()) is Autotuner  # GM_TRITON_TUNED=0: triton.autotune as it is
 
 
+@pytest.mark.parametrize("tuned", [True, False], ids=["tables", "GM_TRITON_TUNED=0"])
+def test_picks_only_mode_times_nothing(gpu_table, monkeypatch, tuned):
+    """GM_TRITON_AUTOTUNE=picks: a recorded key launches its pick (with the tables on), any other launch the first
+    config its prune keeps; nothing is timed, and each key's choice enters Triton's cache as a pick does."""
+    monkeypatch.setattr(_common, "PICKS_ONLY", True)
+    monkeypatch.setattr(_common, "TUNED", tuned)
+    gpu_table.write([_pick(5, "torch.float16", "BLOCK: 64, num_warps: 4, num_ctas: 1, num_stages: 1, maxnreg: None")])
+    launchable = gpu_table.make()
+    launchable[(1,)](_tensor(2), 5)  # recorded
+    launchable[(1,)](_tensor(2), 6)  # not recorded: the first config suiting 2-byte inputs
+    launchable[(1,)](_tensor(8), 6)  # float64: the first (only) config suiting 8-byte inputs
+    assert gpu_table.timed == []
+    assert [kw["BLOCK"] for _, kw in gpu_table.kernel.launches] == [64 if tuned else 128, 128, 16]
+    assert len(launchable.cache) == 3
+
+
 def test_key_is_tritons_own(gpu_table):
     """The pick is looked up under the key the installed Triton computes (key arguments passed by keyword too, then
     the dtypes), as the bench exports it: str of each element."""
@@ -415,3 +431,12 @@ def test_autotuner_times_configs_with_gms_do_bench(gpu_table, monkeypatch):
     launchable.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
     assert calls == [dict(warmup=_common.AUTOTUNE_MS[0], rep=_common.AUTOTUNE_MS[1], quantiles=(0.5, 0.2, 0.8))]
     assert _common.AUTOTUNE_MS == (10.0, 40.0) or "GM_TRITON_AUTOTUNE_MS" in __import__("os").environ
+
+
+def test_picks_only_run_exports_no_picks(monkeypatch):
+    """A bench run under GM_TRITON_AUTOTUNE=picks timed nothing: it saves no autotuner picks (its first configs would
+    otherwise enter the shipped tables as if measured)."""
+    from bench import harness  # noqa: PLC0415
+
+    monkeypatch.setattr(_common, "PICKS_ONLY", True)
+    assert harness.autotune_picks() == {}
