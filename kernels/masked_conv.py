@@ -131,14 +131,16 @@ def masked_conv_fwd_kernel(
 
 @triton.jit
 def masked_conv_wgrad_kernel(
-    x_ptr, g_ptr, dw_ptr,
+    x_ptr, g_ptr, dw_ptr, db_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-    RELU_IN: tl.constexpr = False,
+    RELU_IN: tl.constexpr = False, HAS_DB: tl.constexpr = False,
 ):  # fmt: skip
-    # RELU_IN: the gradient of conv(relu(x)), ReLU applied to x as its tile is loaded (off by default).
+    # RELU_IN: the gradient of conv(relu(x)), ReLU applied to x as its tile is loaded (off by default). HAS_DB: the
+    # programs of the first tap and channel block also sum the grad tiles they load over the pixels, the bias
+    # gradient's partial sum of their split (db_ptr: (splits, C_out)), so no separate reduction reads grad again.
     # x and grad are dense channels-last (the launcher makes them so): pixel p = (n*H + h)*W + w sits at p*C, and the
     # tap's input pixel at (p + dy*W + dx)*C_in wherever it lies inside the image. So both tiles' addresses are linear
     # in p; only the in-image test needs (h, w), and with H and W constexprs that is multiply-shifts, not the runtime
@@ -161,6 +163,7 @@ def masked_conv_wgrad_kernel(
     start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, total)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
+    db = tl.zeros((BLOCK_O,), dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < end
@@ -176,15 +179,21 @@ def masked_conv_wgrad_kernel(
             a = tl.where(a < 0, 0.0, a).to(a.dtype)
         b = tl.load(g_ptr + p[:, None] * COUT + o[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_DB:
+            if pid_tc == 0:
+                db += tl.sum(b.to(ACC), axis=0)
+    if HAS_DB:
+        if pid_tc == 0:
+            tl.store(db_ptr + split * COUT + o, db, mask=o_ok)
     out = dw_ptr + ((split * T + t).to(tl.int64) * CIN + c[:, None]) * COUT + o[None, :]
     tl.store(out, acc, mask=c_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
 def masked_conv_wgrad_unpack_kernel(
-    part_ptr, tap_ptr, keep_ptr, dw_ptr,
+    part_ptr, tap_ptr, keep_ptr, dw_ptr, dbp_ptr, db_ptr,
     S, T, CIN, COUT, KK,
-    HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, HAS_DB: tl.constexpr = False,
 ):  # fmt: skip
     """dw[o, c, pos] (C_out, C_in, kh*kw) in the weight's dtype = sum over the S splits of partial[s, t, c, o] for
     the kept tap t = tap[pos] (times keep[t, c, o] at the centre tap's forbidden channel pairs), exactly zero at
@@ -203,6 +212,13 @@ def masked_conv_wgrad_unpack_kernel(
             acc = tl.where(tl.load(keep_ptr + off, mask=ok, other=0) != 0, acc, 0.0)
     dst = dw_ptr + (o[None, :].to(tl.int64) * CIN + c[:, None]) * KK + pos
     tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    if HAS_DB:  # the bias gradient: the weight-gradient programs' split partial sums (HAS_DB there), added here
+        if (pos == 0) & (tl.program_id(1) == 0):
+            o_ok = o < COUT
+            db = tl.zeros((BLOCK_O,), dtype=dbp_ptr.dtype.element_ty)
+            for s in range(0, S):
+                db += tl.load(dbp_ptr + s * COUT + o, mask=o_ok, other=0.0)
+            tl.store(db_ptr + o, db.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 # Launch configurations. Interpreted: small blocks (each program is a numpy loop). On a GPU: chosen by
@@ -320,18 +336,20 @@ def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
     return t * cdiv(cin, meta["BLOCK_C"]) * cdiv(cout, meta["BLOCK_O"])
 
 
-def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False):
+def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False, bias_grad=False):
     """Weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: the packed (T, C_in, C_out)
     GEMM over pixels in float32 (float64 for float64) partial sums, then one unpack pass (the split sum, the scatter
     and the cast). positions: (kh*kw,) int32, the packed tap of each kernel position or -1; keep: None or
     (T, C_in, C_out) bool, False at the centre tap's forbidden channel pairs. relu_in: the weight gradient of
-    conv(relu(x))."""
+    conv(relu(x)). bias_grad: returns (dw, db), the bias gradient (C_out,) in out_dtype summed by the same kernels
+    (the pixel sum of grad)."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     if t == 0:
-        return torch.zeros(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
+        dw = torch.zeros(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
+        return (dw, grad.sum(dim=(0, 2, 3)).to(out_dtype)) if bias_grad else dw
     pixels = n * h * w
     if pixels >= 2**31:
         raise ValueError(f"the triton backend takes N*H*W < 2**31 pixels, got {pixels}")
@@ -342,6 +360,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=Fa
     elem = x.element_size()
     most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"], elem) for c in _WGRAD_BLOCKS)
     partial = torch.empty(most, t, cin, cout, dtype=acc_torch, device=x.device)
+    db_partial = torch.empty(most, cout, dtype=acc_torch, device=x.device) if bias_grad else partial
     launched = {}
 
     def grid(meta):
@@ -350,17 +369,18 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=Fa
         return (t * cdiv(cin, meta["BLOCK_C"]), cdiv(cout, meta["BLOCK_O"]), splits)
 
     fast(_wgrad)[grid](
-        x, grad, partial,
+        x, grad, partial, db_partial,
         n, h, w, cin, cout, t,
         KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
-        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True), RELU_IN=relu_in,
+        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True), RELU_IN=relu_in, HAS_DB=bias_grad,
         **_WGRAD_META,
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)
+    db = torch.empty(cout, dtype=out_dtype, device=x.device) if bias_grad else dw
     bc, bo = _UNPACK_BLOCK
     fast(masked_conv_wgrad_unpack_kernel)[(kh * kw, cdiv(cin, bc), cdiv(cout, bo))](
-        partial, positions, keep if keep is not None else positions, dw,
+        partial, positions, keep if keep is not None else positions, dw, db_partial, db,
         launched["splits"], t, cin, cout, kh * kw,
-        HAS_KEEP=keep is not None, BLOCK_C=bc, BLOCK_O=bo, num_warps=4,
+        HAS_KEEP=keep is not None, BLOCK_C=bc, BLOCK_O=bo, HAS_DB=bias_grad, num_warps=4,
     )  # fmt: skip
-    return dw
+    return (dw, db) if bias_grad else dw

@@ -1001,3 +1001,25 @@ def test_relu_conv_chain_on_cuda(emu, kind, dtype, monkeypatch):
     names = ["y", "dx"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, got[True], got[False], strict=True):
         _check(f"fused {name} vs composed", a, b.double(), dtype)
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, "3xtf32"], ids=str)
+@pytest.mark.parametrize("case", [CL_CASES[0], CL_CASES[3]], ids=["3x3B", "1x3B-138"])
+def test_masked_conv2d_weight_grad_sums_the_bias_gradient(gemm, case, precision, monkeypatch):
+    """weight_grad(bias_grad=True): the weight gradient bit-identical to weight_grad's, and the bias gradient (the
+    grad tiles summed by the first tap's first channel tile, per pixel split, the splits added by the unpack pass)
+    against the float64 sum; three pixel splits, two output channel tiles (138)."""
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan  # noqa: PLC0415
+
+    dtype = _precision(precision, monkeypatch)
+    monkeypatch.setattr(c, "reduction_splits", lambda *args, **kwargs: 3)
+    n, cin, cout, height, width, kh, kw, mask, _, _ = case
+    torch.manual_seed(7)
+    x = torch.randn(n, cin, height, width).to(dtype)
+    gy = torch.randn(n, cout, height, width).to(dtype).contiguous(memory_format=torch.channels_last)
+    plan = pack_plan((cout, cin, kh, kw), mask, None, None, x.device)
+    args = (x, gy, plan.taps, plan, (cout, cin, kh, kw), dtype)
+    dw, db = c.weight_grad(*args, bias_grad=True)
+    assert torch.equal(dw, c.weight_grad(*args))
+    _check("dbias", db, gy.double().sum(dim=(0, 2, 3)), dtype)

@@ -39,7 +39,7 @@ fwd = k.masked_conv_fwd_kernel.run(
     x, packed, packed, x, x, x, N, HW, HW, C, C, T, *x.stride(), FLIP=False, HAS_BIAS=True,
     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **common, **cfg)
 wgrad = k.masked_conv_wgrad_kernel.run(
-    x, x, part, N, HW, HW, C, C, T, BLOCK_C=128, BLOCK_O=128, BLOCK_P=64, **common, **cfg)
+    x, x, part, part, N, HW, HW, C, C, T, BLOCK_C=128, BLOCK_O=128, BLOCK_P=64, **common, **cfg)
 from gm.kernels import row_lstm as r
 
 # The PixelRNN scans' weight gradient (N=32, h=64, 32x32, bf16): the Row LSTM's 3 taps from float32 states, the

@@ -44,12 +44,16 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
                       std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
-                      bool relu_x = false);  // relu_x: the weight gradient of conv(relu(x))
+                      bool relu_x = false, std::uintptr_t db_partial = 0);
+// relu_x: the weight gradient of conv(relu(x)); db_partial ((splits, c_out) float32, or 0): the bias gradient's
+// partial sums of each split (the pixel sums of grad), for cuda_wgrad_unpack.
 
 // dw (C_out, C_in, kk) in dtype = sum over splits of partial (splits, taps, C_in, C_out) float32 at tap_at[pos]
 // (int32, -1: masked position: zero), times keep (uint8 (taps, C_in, C_out), 0 = forbidden) unless keep is 0.
+// db_partial, db (both or neither): the bias gradient (c_out,) in dtype from cuda_weight_grad's partial sums.
 void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintptr_t keep, std::uintptr_t dw,
-                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream);
+                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream,
+                       std::uintptr_t db_partial = 0, std::uintptr_t db = 0);
 #endif
 
 }  // namespace masked_conv

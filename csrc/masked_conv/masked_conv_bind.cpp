@@ -56,21 +56,23 @@ GM_REGISTER_BINDINGS(m) {
       "masked_conv_wgrad_cuda",
       [](std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w, int c_in_padded,
          int c_out_padded, int c_in, int c_out, const std::vector<int>& dy, const std::vector<int>& dx,
-         std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream, bool relu_x) {
+         std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream, bool relu_x,
+         std::uintptr_t db_partial) {
         gm::masked_conv::cuda_weight_grad(x, grad, partial, n, h, w, c_in_padded, c_out_padded, c_in, c_out,
                                           make_taps(dy, dx), pixels_per_split, splits, dtype, precision, stream,
-                                          relu_x);
+                                          relu_x, db_partial);
       },
       "masked_conv2d packed weight gradient partial sums (splits, T, C_in, C_out) float32",
       py::arg("x"), py::arg("grad"), py::arg("partial"), py::arg("n"), py::arg("h"), py::arg("w"),
       py::arg("c_in_padded"), py::arg("c_out_padded"), py::arg("c_in"), py::arg("c_out"), py::arg("dy"), py::arg("dx"),
       py::arg("pixels_per_split"), py::arg("splits"), py::arg("dtype"), py::arg("precision"), py::arg("stream"),
-      py::arg("relu_x") = false);
+      py::arg("relu_x") = false, py::arg("db_partial") = 0);
   m.def("masked_conv_wgrad_unpack_cuda", &gm::masked_conv::cuda_wgrad_unpack,
         "masked_conv2d weight gradient (C_out, C_in, kh*kw) from the split partial sums: sum, scatter, zero masked taps, "
         "cast",
         py::arg("partial"), py::arg("tap_at"), py::arg("keep"), py::arg("dw"), py::arg("splits"), py::arg("taps"),
-        py::arg("c_in"), py::arg("c_out"), py::arg("kk"), py::arg("dtype"), py::arg("stream"));
+        py::arg("c_in"), py::arg("c_out"), py::arg("kk"), py::arg("dtype"), py::arg("stream"), py::arg("db_partial") = 0,
+        py::arg("db") = 0);
 #else
   (void)m;
 #endif

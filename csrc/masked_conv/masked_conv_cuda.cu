@@ -307,6 +307,11 @@ struct WgradArgs {
   int c_in, c_out;
   std::int64_t pixels_per_split;
   TapTable taps;
+  // The kFused variant's options (gm.nn.relu_conv): relu_x, the weight gradient of conv(relu(x)); db_partial
+  // ((splits, c_out) float32, or null): the block of the first tap and channel tile also sums the grad tiles it loads
+  // over its split's pixels (the bias gradient's partial sums; cuda_wgrad_unpack adds the splits).
+  bool relu_x;
+  float* db_partial;
 };
 
 template <typename T>
@@ -332,8 +337,8 @@ __device__ __forceinline__ void wgrad_fragments(std::uint32_t a_base, std::uint3
   trans_fragments_b<T, WgradShape<T>::kRow>(bf, b_base, smem, ks, lane, wn0);
 }
 
-// kRelu: the weight gradient of conv(relu(x)) (gm.nn.relu_conv), ReLU applied to x's fragments.
-template <typename T, Precision P, bool kRelu>
+// kFused: the options of WgradArgs (relu_x: ReLU applied to x's fragments; db_partial), off in the default variant.
+template <typename T, Precision P, bool kFused>
 __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBlocks)
     masked_conv_wgrad_kernel(const WgradArgs args) {
   using S = WgradShape<T>;
@@ -407,20 +412,42 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     }
   };
 
+  // The bias gradient's partial sum (db_partial set, first tap and channel tile only): thread tid sums column
+  // tid % kBN of the grad tile over half its pixel rows, each stage.
+  const bool sum_db = kFused && args.db_partial != nullptr && blockIdx.x == 0;
+  const int db_col = tid & (kBN - 1), db_half = tid / kBN;
+  float db = 0.f;
+
   WarpAcc acc;
   acc.zero();
   cp_async_mainloop<kStages>(k_iters, load_stage, [&](int slot) {
     const std::uint32_t a_base = smem_base + slot * S::kStage;
     const std::uint32_t b_base = a_base + S::kTile;
+    if (kFused && sum_db) {
+      const unsigned char* g_tile = smem + slot * S::kStage + S::kTile + db_col * S::kElem;
+#pragma unroll 4
+      for (int r = db_half * (S::kRows / 2); r < (db_half + 1) * (S::kRows / 2); ++r)
+        db += to_float(*reinterpret_cast<const T*>(g_tile + r * S::kRow));
+    }
 #pragma unroll
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
       std::uint32_t af[4][4], bf[4][2];
       wgrad_fragments<T>(a_base, b_base, smem, ks, lane, wm0, wn0, af, bf);
-      if constexpr (kRelu) relu_fragments<T>(af);
+      if constexpr (kFused) {
+        if (args.relu_x) relu_fragments<T>(af);
+      }
       mma_step<T, P>(acc, af, bf);
     }
   });
 
+  if (kFused && sum_db) {  // the two halves of each column through shared memory (the pipeline's stages are drained)
+    __syncthreads();
+    float* s_db = reinterpret_cast<float*>(smem);
+    if (db_half == 1) s_db[db_col] = db;
+    __syncthreads();
+    if (db_half == 0 && o0 + db_col < args.c_out)
+      args.db_partial[static_cast<std::int64_t>(blockIdx.z) * args.c_out + o0 + db_col] = db + s_db[db_col];
+  }
   const int g = lane >> 2, tq = lane & 3;
   float* out = args.partial + (static_cast<std::int64_t>(blockIdx.z) * args.taps.count + t) * args.c_in *
                                   static_cast<std::int64_t>(args.c_out);
@@ -470,7 +497,7 @@ __global__ void __launch_bounds__(256) nchw_to_nhwc_kernel(const E* in, E* out, 
 template <typename E>
 __global__ void __launch_bounds__(256)
     wgrad_unpack_kernel(const float* partial, const int* tap_at, const std::uint8_t* keep, E* dw, int splits,
-                        int taps, int c_in, int c_out, int kk) {
+                        int taps, int c_in, int c_out, int kk, const float* db_partial, E* db) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::int64_t total = static_cast<std::int64_t>(c_out) * c_in * kk;
   if (i >= total) return;
@@ -486,6 +513,11 @@ __global__ void __launch_bounds__(256)
     if (keep != nullptr && keep[off] == 0) acc = 0.f;
   }
   dw[(static_cast<std::int64_t>(o) * c_in + c) * kk + pos] = from_float<E>(acc);
+  if (db_partial != nullptr && c == 0 && pos == 0) {  // the bias gradient: its splits' partial sums, in order
+    float b = 0.f;
+    for (int s = 0; s < splits; ++s) b += db_partial[static_cast<std::int64_t>(s) * c_out + o];
+    db[o] = from_float<E>(b);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -502,10 +534,10 @@ void launch_gemm(const ConvGemmArgs& args, cudaStream_t stream) {
   GM_CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, Precision P, bool kRelu>
+template <typename T, Precision P, bool kFused>
 void launch_wgrad(const WgradArgs& args, int splits, cudaStream_t stream) {
   const dim3 grid(args.taps.count * ((args.c_in + kBM - 1) / kBM), (args.c_out + kBN - 1) / kBN, splits);
-  auto kernel = masked_conv_wgrad_kernel<T, P, kRelu>;
+  auto kernel = masked_conv_wgrad_kernel<T, P, kFused>;
   set_max_dynamic_smem(kernel, WgradShape<T>::kSmem);
   kernel<<<grid, kThreads, WgradShape<T>::kSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
@@ -542,8 +574,8 @@ struct GemmLauncher {
 };
 template <typename T, Precision P>
 struct WgradLauncher {
-  static void run(const WgradArgs& args, bool relu_x, int splits, cudaStream_t stream) {
-    if (relu_x)
+  static void run(const WgradArgs& args, int splits, cudaStream_t stream) {
+    if (args.relu_x || args.db_partial != nullptr)
       launch_wgrad<T, P, true>(args, splits, stream);
     else
       launch_wgrad<T, P, false>(args, splits, stream);
@@ -592,18 +624,19 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
                       std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
-                      bool relu_x) {
+                      bool relu_x, std::uintptr_t db_partial) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((c_in_padded * elem) % 16 != 0 || (c_out_padded * elem) % 16 != 0)
     throw std::invalid_argument("masked_conv2d (cuda): padded channel counts must fill 16-byte chunks");
   WgradArgs args{ptr<const char>(x), ptr<const char>(grad), ptr<float>(partial), n, h, w, c_in_padded * elem,
-                 c_out_padded * elem, c_in, c_out, pixels_per_split, taps};
-  dispatch<WgradLauncher>(dtype, precision, args, relu_x, splits, to_stream(stream));
+                 c_out_padded * elem, c_in, c_out, pixels_per_split, taps, relu_x, ptr<float>(db_partial)};
+  dispatch<WgradLauncher>(dtype, precision, args, splits, to_stream(stream));
 }
 
 void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintptr_t keep, std::uintptr_t dw,
-                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream) {
+                       int splits, int taps, int c_in, int c_out, int kk, int dtype, std::uintptr_t stream,
+                       std::uintptr_t db_partial, std::uintptr_t db) {
   const std::int64_t total = static_cast<std::int64_t>(c_out) * c_in * kk;
   if (total == 0) return;
   const std::int64_t blocks = (total + 255) / 256;
@@ -611,19 +644,20 @@ void cuda_wgrad_unpack(std::uintptr_t partial, std::uintptr_t tap_at, std::uintp
   const auto* p = ptr<const float>(partial);
   const auto* t = ptr<const int>(tap_at);
   const auto* k = ptr<const std::uint8_t>(keep);
+  const auto* dbp = ptr<const float>(db_partial);
   const auto g = static_cast<unsigned>(blocks);
   switch (to_dtype(dtype)) {
     case DType::bf16:
-      wgrad_unpack_kernel<__nv_bfloat16><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<__nv_bfloat16>(dw), splits,
-                                                                          taps, c_in, c_out, kk);
+      wgrad_unpack_kernel<__nv_bfloat16><<<g, 256, 0, to_stream(stream)>>>(
+          p, t, k, ptr<__nv_bfloat16>(dw), splits, taps, c_in, c_out, kk, dbp, ptr<__nv_bfloat16>(db));
       break;
     case DType::f16:
       wgrad_unpack_kernel<__half><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<__half>(dw), splits, taps, c_in,
-                                                                   c_out, kk);
+                                                                   c_out, kk, dbp, ptr<__half>(db));
       break;
     case DType::f32:
       wgrad_unpack_kernel<float><<<g, 256, 0, to_stream(stream)>>>(p, t, k, ptr<float>(dw), splits, taps, c_in, c_out,
-                                                                  kk);
+                                                                  kk, dbp, ptr<float>(db));
       break;
     default:
       throw std::invalid_argument("masked_conv2d (cuda): takes float16, bfloat16 or float32");

@@ -86,30 +86,41 @@ def _layer_forward(backend: str, h, w, b, plan, residual, backward: bool):
     return k.forward(h, operand, b, w.shape[2], w.shape[3], plan.taps, relu_in=True, residual=residual)
 
 
-def _layer_backward(backend: str, g, h, w, plan, need_w: bool, need_h: bool, residual, fmt):
-    """(dw or None, dh or None) of conv(relu(h)) for its output gradient g (on triton channels-last already): dh
-    = relu'(h) * conv^T g (+ residual) in `fmt`, the weight gradient reading relu(h); the forward's packed weight."""
+def _layer_backward(backend: str, g, h, w, plan, need_w: bool, need_b: bool, need_h: bool, residual, fmt):
+    """(dw, db, dh), each None where not needed, of conv(relu(h)) + b for its output gradient g (on triton
+    channels-last already): dh = relu'(h) * conv^T g (+ residual) in `fmt`, the weight gradient reading relu(h)
+    with the bias gradient from the same kernels; the forward's packed weight."""
     kh, kw = w.shape[2], w.shape[3]
     if backend == "cuda":
         from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
 
         g_nhwc = c.grad_nhwc(g, plan.taps) if need_w and need_h else None
-        dw = (c.weight_grad(h, g, plan.taps, plan, tuple(w.shape), w.dtype, grad_nhwc=g_nhwc, relu_in=True)
-              if need_w else None)  # fmt: skip
+        dw = db = None
+        if need_w:
+            grads = c.weight_grad(h, g, plan.taps, plan, tuple(w.shape), w.dtype, grad_nhwc=g_nhwc, relu_in=True,
+                                  bias_grad=need_b)  # fmt: skip
+            dw, db = grads if need_b else (grads, None)
+        elif need_b:
+            db = g.sum(dim=(0, 2, 3))
         if not need_h:
-            return dw, None
+            return dw, db, None
         operands = c.weight_operands(w, plan, fresh=False)  # the forward's, unless w changed since
         dh = c.input_grad(g, operands, plan.taps, grad_nhwc=g_nhwc, gate=h, residual=residual)
-        return dw, dh.contiguous(memory_format=fmt)
+        return dw, db, dh.contiguous(memory_format=fmt)
     from gm.kernels import masked_conv as k  # noqa: PLC0415
     from gm.ops.masked_conv import _triton_operands  # noqa: PLC0415
 
-    dw = (k.weight_grad(h, g, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, w.dtype, relu_in=True)
-          if need_w else None)  # fmt: skip
+    dw = db = None
+    if need_w:
+        grads = k.weight_grad(h, g, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, w.dtype,
+                              relu_in=True, bias_grad=need_b)  # fmt: skip
+        dw, db = grads if need_b else (grads, None)
+    elif need_b:
+        db = g.sum(dim=(0, 2, 3))
     if not need_h:
-        return dw, None
+        return dw, db, None
     _, operand = _triton_operands(w, plan, fresh=False)  # the forward's, unless w changed since
-    return dw, k.input_grad(g, operand, kh, kw, plan.taps, fmt, gate=h, residual=residual)
+    return dw, db, k.input_grad(g, operand, kh, kw, plan.taps, fmt, gate=h, residual=residual)
 
 
 def _chain_forward(spec, x, params, *, backward: bool):
@@ -158,13 +169,11 @@ class _ReluConvChain(torch.autograd.Function):
         grads = [None] * (2 * n)
         dx = None
         for i in reversed(range(n)):
-            if need[3 + 2 * i] and ctx.has_bias[i]:
-                grads[2 * i + 1] = g.sum(dim=(0, 2, 3))
             need_h = i > 0 or need[1]
             # hidden gradients channels-last (what the kernels read); dx in x's layout
-            grads[2 * i], dh = _layer_backward(backend, g, inputs[i], weights[i], plans[i], need[2 + 2 * i], need_h,
-                                               g_out if i == 0 and spec[1] else None,
-                                               fmt if i == 0 else torch.channels_last)  # fmt: skip
+            grads[2 * i], grads[2 * i + 1], dh = _layer_backward(
+                backend, g, inputs[i], weights[i], plans[i], need[2 + 2 * i], need[3 + 2 * i] and ctx.has_bias[i],
+                need_h, g_out if i == 0 and spec[1] else None, fmt if i == 0 else torch.channels_last)  # fmt: skip
             if i == 0:
                 dx = dh
             g = dh

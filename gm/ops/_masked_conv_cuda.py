@@ -202,12 +202,14 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
 
 
 def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, stream: int, grad_nhwc=None,
-                 relu_x: bool = False):  # fmt: skip
+                 relu_x: bool = False, bias_grad: bool = False):  # fmt: skip
+    """dw, or (dw, db) with bias_grad: the bias gradient summed by the same kernels."""
     n, cin, h, w = x.shape
     cout = grad.shape[1]
     t = len(taps)
     if t == 0 or n * h * w == 0:
-        return torch.zeros(weight_shape, dtype=out_dtype, device=x.device)
+        dw = torch.zeros(weight_shape, dtype=out_dtype, device=x.device)
+        return (dw, grad.sum(dim=(0, 2, 3)).to(out_dtype)) if bias_grad else dw
     pixels = n * h * w
     tiles = t * (-(-cin // _TILE)) * (-(-cout // _TILE))
     splits = reduction_splits(tiles, pixels, x.device, _BLOCKS_PER_SM)
@@ -218,17 +220,21 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     g_nhwc = _nhwc(grad.to(x.dtype), cout_p, stream) if grad_nhwc is None else grad_nhwc
     partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
     dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
+    db_partial = torch.empty(splits, cout, dtype=torch.float32, device=x.device) if bias_grad else None
+    db = torch.empty(cout, dtype=out_dtype, device=x.device) if bias_grad else None
     dy, dx = _tap_lists(taps, False)
     ext().masked_conv_wgrad_cuda(
         x_nhwc.data_ptr(), g_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
         dy, dx, per_split, splits, dtype_code(x), precision, stream, relu_x=relu_x,
+        db_partial=db_partial.data_ptr() if bias_grad else 0,
     )  # fmt: skip
     keep = plan.keep
     ext().masked_conv_wgrad_unpack_cuda(
         partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
         splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream,
+        db_partial=db_partial.data_ptr() if bias_grad else 0, db=db.data_ptr() if bias_grad else 0,
     )  # fmt: skip
-    return dw
+    return (dw, db) if bias_grad else dw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,16 +267,17 @@ def input_grad(grad: torch.Tensor, packed: torch.Tensor | Operands, taps, *, gra
 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, out_dtype, *, grad_nhwc=None,
-                relu_in: bool = False):  # fmt: skip
+                relu_in: bool = False, bias_grad: bool = False):  # fmt: skip
     """The weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: packed float32 partial
     sums per pixel split (T, C_in, C_out), then one pass that adds the splits in a fixed order, scatters them to the
     weight layout (plan.positions: the packed tap of each kernel position or -1; plan.keep: the centre tap's allowed
-    channel pairs or None) and casts. relu_in: the weight gradient of conv(relu(x))."""
+    channel pairs or None) and casts. relu_in: the weight gradient of conv(relu(x)). bias_grad: returns (dw, db),
+    the bias gradient (the pixel sum of grad) from the same kernels."""
     _check_cuda("x", x)
     precision = _precision(x.dtype)
     with device_guard(x):
         return _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream_of(x), grad_nhwc,
-                            relu_in)  # fmt: skip
+                            relu_in, bias_grad)  # fmt: skip
 
 
 def grad_nhwc(grad: torch.Tensor, taps) -> torch.Tensor | None:

@@ -275,3 +275,26 @@ def test_triton_residual_block_fusions(n, cin, cout, h, w, kh, kw, mask, groups,
     assert (dx[x == 0] == r2[x == 0]).all()  # relu'(0) = 0: exactly the residual there
     dw = k.weight_grad(x, gy, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, dtype, relu_in=True)
     assert_rel(dw, dwr, dtype, "dweight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "cin", "cout", "h", "w", "kh", "kw", "mask", "groups"), [SHAPES[0], SHAPES[6]])
+def test_triton_weight_grad_sums_the_bias_gradient(n, cin, cout, h, w, kh, kw, mask, groups, dtype, monkeypatch):
+    """weight_grad(bias_grad=True): the weight gradient as without it, and the bias gradient (the pixel sum of grad)
+    from the same kernels (split partial sums, added in the unpack pass), against the float64 sum; with several
+    pixel splits under the interpreter."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    from gm.kernels import masked_conv as k  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan  # noqa: PLC0415
+
+    gi, go = _groups(groups, cin, cout)
+    x = torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)
+    gy = torch.randn(n, cout, h, w, device=DEVICE, dtype=dtype)
+    plan = pack_plan((cout, cin, kh, kw), mask, gi, go, DEVICE)
+    args = (x, gy, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, dtype)
+    poison_empty(monkeypatch)
+    dw, db = k.weight_grad(*args, bias_grad=True)
+    assert torch.equal(dw, k.weight_grad(*args))
+    assert db.dtype == dtype and db.shape == (cout,)
+    assert_rel(db, gy.double().sum(dim=(0, 2, 3)), dtype, "dbias")
