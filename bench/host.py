@@ -5,7 +5,9 @@ to a stub extension whose kernel entry points return at once, so what is timed i
 that a GPU step pays before its kernels run: argument checks, backend choice, autograd, layout helpers, weight
 packing, allocations and launch arguments. On the H200 machine's host that cost was what set the eager time of
 the small benchmark cases (bench/NOTES.md), so it is tracked here, where it can be measured. A tiny real
-nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module.
+nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module. --models adds
+each model's training step (its mnist preset on a 1x1x6x6 image, loss and backward), PixelCNN with its fused
+(ReLU, conv) chains (gm.nn.relu_conv) on and off.
 """
 
 from __future__ import annotations
@@ -103,6 +105,22 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor):
     return run
 
 
+def model_step(name: str):
+    """A training step's run (loss and backward) of model `name` at its mnist preset on a 1x1x6x6 binary image."""
+    import gm.models as models  # noqa: PLC0415
+
+    model = models.get(name, "mnist", backend="cuda")
+    x = (torch.rand(1, 1, 6, 6) > 0.5).float()
+    params = list(model.parameters())
+
+    def run():
+        model.loss(x).mean().backward()
+        for p in params:
+            p.grad = None
+
+    return run
+
+
 def time_us(run, calls: int, repeats: int = 5) -> float:
     for _ in range(20):
         run()
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--profile", default=None, help="a module name from the table: cProfile its fwd+bwd")
     p.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime, ...)")
+    p.add_argument("--models", action="store_true", help="also each model's training step (mnist preset, 6x6)")
     args = p.parse_args(argv)
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
@@ -137,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             entries, ops = launches(run)
             print(f"| {name} | {us:.1f} | {entries} | {ops} |", flush=True)
+        if args.models:
+            from gm.nn import relu_conv  # noqa: PLC0415
+
+            for name in ("pixelcnn", "pixelcnn unfused", "rowlstm", "diagonal_bilstm"):
+                relu_conv.FUSED = not name.endswith("unfused")
+                run = model_step(name.split()[0])
+                us = time_us(run, max(args.calls // 30, 5))
+                entries, ops = launches(run)
+                print(f"| model {name} (training step) | {us:.1f} | {entries} | {ops} |", flush=True)
+            relu_conv.FUSED = True
         if args.profile:
             make, shape = modules[args.profile]
             run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))

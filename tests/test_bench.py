@@ -87,9 +87,10 @@ def test_host_cost_tool_runs_every_module(capsys):
     """python -m bench.host: gm's per-call host cost with the CUDA kernels stubbed, one row per module."""
     from bench import host  # noqa: PLC0415
 
-    assert host.main(["--calls", "3"]) == 0
+    assert host.main(["--calls", "3", "--models"]) == 0
     out = capsys.readouterr().out
-    for name in ("MaskedConv2d", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "IAFStep", "nn.Linear"):
+    for name in ("MaskedConv2d", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "IAFStep", "nn.Linear",
+                 "model pixelcnn (", "model pixelcnn unfused", "model rowlstm", "model diagonal_bilstm"):
         assert f"| {name}" in out
 
 
