@@ -277,8 +277,8 @@ def test_triton_conv_packs_once_per_step_and_writes_dx_in_x_layout(monkeypatch):
     real, real_dx = _layout.gather, k.input_grad
     monkeypatch.setattr(_layout, "gather", lambda *a, **kw: gathers.append(a[1].numel()) or real(*a, **kw))
 
-    def input_grad(*args):
-        dx = real_dx(*args)
+    def input_grad(*args, **kwargs):
+        dx = real_dx(*args, **kwargs)
         dx_formats.append(dx.is_contiguous())
         return dx
 

@@ -66,73 +66,19 @@ def _fused(x: torch.Tensor, convs, residual: bool) -> torch.Tensor | None:
         return _chain_forward(spec, x, params, backward=False)[0]
 
 
-def _plans(spec, params):
-    from gm.ops.masked_conv import pack_plan  # noqa: PLC0415
-
-    return [pack_plan(params[2 * i].shape, *conv, params[2 * i].device) for i, conv in enumerate(spec[0])]
-
-
-def _layer_forward(backend: str, h, w, b, plan, residual, backward: bool):
-    """conv(relu(h)) + b (+ residual) on `backend`, its weight packed for the backward too where one follows."""
-    if backend == "cuda":
-        from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
-
-        operands = c.weight_operands(w, plan, fresh=True, input_grad=backward)
-        return c.forward(h, operands, b, plan.taps, relu_in=True, residual=residual)
-    from gm.kernels import masked_conv as k  # noqa: PLC0415
-    from gm.ops.masked_conv import _triton_operands  # noqa: PLC0415
-
-    operand, _ = _triton_operands(w, plan, fresh=True, input_grad=backward)
-    return k.forward(h, operand, b, w.shape[2], w.shape[3], plan.taps, relu_in=True, residual=residual)
-
-
-def _layer_backward(backend: str, g, h, w, plan, need_w: bool, need_b: bool, need_h: bool, residual, fmt):
-    """(dw, db, dh), each None where not needed, of conv(relu(h)) + b for its output gradient g (on triton
-    channels-last already): dh = relu'(h) * conv^T g (+ residual) in `fmt`, the weight gradient reading relu(h)
-    with the bias gradient from the same kernels; the forward's packed weight."""
-    kh, kw = w.shape[2], w.shape[3]
-    if backend == "cuda":
-        from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
-
-        g_nhwc = c.grad_nhwc(g, plan.taps) if need_w and need_h else None
-        dw = db = None
-        if need_w:
-            grads = c.weight_grad(h, g, plan.taps, plan, tuple(w.shape), w.dtype, grad_nhwc=g_nhwc, relu_in=True,
-                                  bias_grad=need_b)  # fmt: skip
-            dw, db = grads if need_b else (grads, None)
-        elif need_b:
-            db = g.sum(dim=(0, 2, 3))
-        if not need_h:
-            return dw, db, None
-        operands = c.weight_operands(w, plan, fresh=False)  # the forward's, unless w changed since
-        dh = c.input_grad(g, operands, plan.taps, grad_nhwc=g_nhwc, gate=h, residual=residual)
-        return dw, db, dh.contiguous(memory_format=fmt)
-    from gm.kernels import masked_conv as k  # noqa: PLC0415
-    from gm.ops.masked_conv import _triton_operands  # noqa: PLC0415
-
-    dw = db = None
-    if need_w:
-        grads = k.weight_grad(h, g, len(plan.taps), kh, kw, plan.taps, plan.positions, plan.keep, w.dtype,
-                              relu_in=True, bias_grad=need_b)  # fmt: skip
-        dw, db = grads if need_b else (grads, None)
-    elif need_b:
-        db = g.sum(dim=(0, 2, 3))
-    if not need_h:
-        return dw, db, None
-    _, operand = _triton_operands(w, plan, fresh=False)  # the forward's, unless w changed since
-    return dw, db, k.input_grad(g, operand, kh, kw, plan.taps, fmt, gate=h, residual=residual)
-
-
 def _chain_forward(spec, x, params, *, backward: bool):
     """(output, the convolutions' inputs): the forward kernels with ReLU on load and the residual in the last
-    epilogue; backward: whether a backward will follow (the weights' input-gradient operands are packed too)."""
-    plans = _plans(spec, params)
+    epilogue (gm.ops.masked_conv's triton and cuda implementations); backward: whether a backward will follow (the
+    weights' input-gradient operands are packed too)."""
+    from gm.ops.masked_conv import _FORWARD  # noqa: PLC0415
+
+    convs, residual, backend = spec
     inputs, h = [], x
-    last = len(plans) - 1
-    for i, plan in enumerate(plans):
+    for i, conv in enumerate(convs):
         inputs.append(h)
-        h = _layer_forward(spec[2], h, params[2 * i], params[2 * i + 1], plan, x if spec[1] and i == last else None,
-                           backward)  # fmt: skip
+        last = residual and i == len(convs) - 1
+        h = _FORWARD[backend](h, params[2 * i], params[2 * i + 1], *conv, relu_in=True, residual=x if last else None,
+                              backward=backward)  # fmt: skip
     return h, inputs
 
 
@@ -151,30 +97,25 @@ class _ReluConvChain(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        spec = ctx.spec
-        backend = spec[2]
-        n = len(spec[0])
+        from gm.ops.masked_conv import _BACKWARD  # noqa: PLC0415
+
+        convs, residual, backend = ctx.spec
+        n = len(convs)
         saved = ctx.saved_tensors
         inputs, weights = saved[:n], saved[n:]
-        plans = _plans(spec, [p for w in weights for p in (w, None)])
         need = ctx.needs_input_grad
         x = inputs[0]
-        fmt = format_of(x)
         g_out = grad.to(x.dtype)
-        if backend == "triton":  # the Triton kernels read channels-last: convert once, for both of a layer's grads
-            from gm.kernels._layout import channels_last  # noqa: PLC0415
-
-            g_out = channels_last(g_out)
         g = g_out
         grads = [None] * (2 * n)
-        dx = None
         for i in reversed(range(n)):
-            need_h = i > 0 or need[1]
-            # hidden gradients channels-last (what the kernels read); dx in x's layout
-            grads[2 * i], grads[2 * i + 1], dh = _layer_backward(
-                backend, g, inputs[i], weights[i], plans[i], need[2 + 2 * i], need[3 + 2 * i] and ctx.has_bias[i],
-                need_h, g_out if i == 0 and spec[1] else None, fmt if i == 0 else torch.channels_last)  # fmt: skip
-            if i == 0:
-                dx = dh
-            g = dh
-        return None, dx, *grads
+            # each layer: dh = relu'(h) * conv^T g (+ the residual's gradient at the first), the weight gradient of
+            # conv(relu(h)) and the bias gradient from the same kernels, the forward's packed weight
+            need_b = need[3 + 2 * i] and ctx.has_bias[i]
+            out = _BACKWARD[backend](g, inputs[i], weights[i], *convs[i], i > 0 or need[1], need[2 + 2 * i],
+                                     relu_in=True, residual=g_out if i == 0 and residual else None, bias_grad=need_b)
+            g, grads[2 * i] = out[:2]
+            grads[2 * i + 1] = out[2] if need_b else None
+            if g is not None:  # in its input's layout (cuda writes the grad's: the logits' may be ambiguous)
+                g = g.contiguous(memory_format=format_of(inputs[i]))
+        return None, g, *grads

@@ -280,18 +280,14 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, o
                             relu_in, bias_grad)  # fmt: skip
 
 
-def grad_nhwc(grad: torch.Tensor, taps) -> torch.Tensor | None:
-    """grad in the kernels' layout, for an input gradient and a weight gradient to share (None: no kept tap)."""
-    if len(taps) == 0:
-        return None
-    with device_guard(grad):
-        return _nhwc(grad, _padded(grad.shape[1]), stream_of(grad))
-
 
 def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operands, taps, plan, weight_shape,
-             out_dtype, need_x: bool, need_w: bool):  # fmt: skip
+             out_dtype, need_x: bool, need_w: bool, *, relu_in: bool = False, residual: torch.Tensor | None = None,
+             bias_grad: bool = False):  # fmt: skip
     """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both.
-    dx is channels-last when grad is (as input_grad), else contiguous."""
+    dx is channels-last when grad is (as input_grad), else contiguous. The fused (ReLU, conv) layers
+    (gm.nn.relu_conv): relu_in, the gradients of conv(relu(x)) (dx zero where x <= 0); residual, added to dx;
+    bias_grad, (dx, dw, db) with the bias gradient from the weight-gradient kernels (a sum without need_w)."""
     _check_cuda("grad", grad)
     _precision(grad.dtype)  # a dtype the kernels take, before the conversion
     grad = grad.to(x.dtype)
@@ -299,8 +295,14 @@ def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operand
     with device_guard(grad):
         stream = stream_of(grad)
         g_nhwc = _nhwc(grad, _padded(grad.shape[1]), stream) if (need_x and need_w and len(taps) > 0) else None
-        dx = None
+        dx = dw = db = None
         if need_x:
-            dx = _conv_gemm(grad, _input_grad_operand(packed), None, taps, True, precision, stream, a_nhwc=g_nhwc)
-        dw = _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream, g_nhwc) if need_w else None
-    return dx, dw
+            dx = _conv_gemm(grad, _input_grad_operand(packed), None, taps, True, precision, stream, a_nhwc=g_nhwc,
+                            gate=x if relu_in else None, residual=residual)  # fmt: skip
+        if need_w:
+            dw = _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision, stream, g_nhwc, relu_in,
+                              bias_grad)  # fmt: skip
+            dw, db = dw if bias_grad else (dw, None)
+        elif bias_grad:
+            db = grad.sum(dim=(0, 2, 3))
+    return (dx, dw, db) if bias_grad else (dx, dw)

@@ -251,15 +251,23 @@ def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input
     return _ext.packed(weight, ("masked_conv_triton", id(plan)), lambda: (plan, pack(2)), fresh=fresh)[1]
 
 
-def _triton_forward(x, weight, bias, mask, in_groups, out_groups):
+# The triton and cuda implementations also take the fused (ReLU, conv) layers' options (gm.nn.relu_conv): forward
+# relu_in (conv(relu(x))) and residual (added to y), backward relu_in (the gradients of conv(relu(x))), residual
+# (added to dx) and bias_grad ((dx, dw, db), the bias gradient from the weight-gradient kernels); backward (forward):
+# whether a backward follows, so the weight's input-gradient operand is packed too (default: backward_expected()).
+
+
+def _triton_forward(x, weight, bias, mask, in_groups, out_groups, *, relu_in=False, residual=None, backward=None):
     from gm.kernels import masked_conv as k  # noqa: PLC0415
 
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
-    operand, _ = _triton_operands(weight, plan, fresh=True, input_grad=backward_expected())
-    return k.forward(x, operand, bias, weight.shape[2], weight.shape[3], plan.taps)
+    backward = backward_expected() if backward is None else backward
+    operand, _ = _triton_operands(weight, plan, fresh=True, input_grad=backward)
+    return k.forward(x, operand, bias, weight.shape[2], weight.shape[3], plan.taps, relu_in=relu_in, residual=residual)
 
 
-def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
+def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w, *, relu_in=False, residual=None,
+                     bias_grad=False):  # fmt: skip
     from gm.kernels import masked_conv as k  # noqa: PLC0415
     from gm.kernels._layout import channels_last  # noqa: PLC0415
 
@@ -267,32 +275,38 @@ def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_
     # The kernels read channels-last operands: convert grad once for both gradients (each conversion is a full
     # read and write of grad). The input gradient is written in x's memory format, as the forward writes y.
     grad = channels_last(grad)
-    dx = None
+    dx = dw = db = None
     if need_x:
         _, operand = _triton_operands(weight, plan, fresh=False)  # the forward's, unless weight changed since
-        dx = k.input_grad(grad, operand, weight.shape[2], weight.shape[3], plan.taps, format_of(x))
-    dw = None
+        dx = k.input_grad(grad, operand, weight.shape[2], weight.shape[3], plan.taps, format_of(x),
+                          gate=x if relu_in else None, residual=residual)  # fmt: skip
     if need_w:
         dw = k.weight_grad(x, grad, len(plan.taps), weight.shape[2], weight.shape[3], plan.taps, plan.positions,
-                           plan.keep, weight.dtype)  # fmt: skip
-    return dx, dw
+                           plan.keep, weight.dtype, relu_in=relu_in, bias_grad=bias_grad)  # fmt: skip
+        dw, db = dw if bias_grad else (dw, None)
+    elif bias_grad:
+        db = grad.sum(dim=(0, 2, 3))
+    return (dx, dw, db) if bias_grad else (dx, dw)
 
 
-def _cuda_forward(x, weight, bias, mask, in_groups, out_groups):
+def _cuda_forward(x, weight, bias, mask, in_groups, out_groups, *, relu_in=False, residual=None, backward=None):
     c = _masked_conv_cuda
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
     # both operands when a backward will follow (kept for it), the forward's alone otherwise (sampling)
-    operands = c.weight_operands(weight, plan, fresh=True, input_grad=backward_expected())
-    return c.forward(x, operands, bias, plan.taps)
+    backward = backward_expected() if backward is None else backward
+    operands = c.weight_operands(weight, plan, fresh=True, input_grad=backward)
+    return c.forward(x, operands, bias, plan.taps, relu_in=relu_in, residual=residual)
 
 
-def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
+def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w, *, relu_in=False, residual=None,
+                   bias_grad=False):  # fmt: skip
     c = _masked_conv_cuda
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
     # the forward's operands, unless weight changed since
     operands = c.weight_operands(weight, plan, fresh=False) if need_x else None
     # converts grad to NHWC once for both gradients; the weight gradient comes back in weight's layout and dtype
-    return c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w)
+    return c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w,
+                      relu_in=relu_in, residual=residual, bias_grad=bias_grad)  # fmt: skip
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
