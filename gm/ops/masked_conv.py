@@ -118,7 +118,9 @@ def pack_plan(weight_shape, mask: str, in_groups, out_groups, device) -> PackPla
 
 
 def pack_weight(weight: torch.Tensor, mask: str, in_groups, out_groups) -> tuple[torch.Tensor, tuple]:
-    """Kept taps of weight as (T, C_in, C_out), the centre tap's forbidden channel pairs zeroed."""
+    """Kept taps of weight as (T, C_in, C_out), the centre tap's forbidden channel pairs zeroed: the plain torch form
+    of the packed layout. The launchers gather theirs in one launch (_triton_operands, _masked_conv_cuda.
+    weight_operands); tests check those against this."""
     plan = pack_plan(weight.shape, mask, in_groups, out_groups, weight.device)
     packed = weight.reshape(-1)[plan.index]
     if plan.keep is not None:
