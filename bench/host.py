@@ -72,15 +72,35 @@ def launches(run) -> tuple[int, int]:
 def _modules():
     from gm import nn as gnn  # noqa: PLC0415
 
-    return {
-        "MaskedConv2d 3x3 B": (lambda: gnn.MaskedConv2d(8, 8, 3, mask="B", backend="cuda"), (2, 8, 5, 5)),
-        "RowLSTM": (lambda: gnn.RowLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
-        "DiagonalBiLSTM": (lambda: gnn.DiagonalBiLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
-        "MinibatchDiscrimination": (lambda: gnn.MinibatchDiscrimination(8, kernels=4, dim=3, backend="cuda"), (6, 8)),
-        "MaskedLinear (MADE mask)": (lambda: gnn.MaskedLinear(_made_mask(16, 8), backend="cuda"), (4, 16)),
-        "IAFStep": (lambda: gnn.IAFStep(8, 16, backend="cuda"), (4, 8)),
-        "nn.Linear (real, tiny)": (lambda: torch.nn.Linear(8, 8), (4, 8)),
-    }
+    made = (
+        (lambda: gnn.MaskedConv2d(8, 8, 3, mask="B", backend="cuda"), (2, 8, 5, 5)),
+        (lambda: gnn.RowLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
+        (lambda: gnn.DiagonalBiLSTM(8, 8, backend="cuda"), (2, 8, 5, 5)),
+        (lambda: gnn.MinibatchDiscrimination(8, kernels=4, dim=3, backend="cuda"), (6, 8)),
+        (lambda: gnn.MaskedLinear(_made_mask(16, 8), backend="cuda"), (4, 16)),
+        (lambda: gnn.IAFStep(8, 16, backend="cuda"), (4, 8)),
+        (lambda: torch.nn.Linear(8, 8), (4, 8)),
+    )
+    return dict(zip(_MODULE_NAMES, made, strict=True))
+
+
+_MODULE_NAMES = (
+    "MaskedConv2d 3x3 B", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "MaskedLinear (MADE mask)", "IAFStep",
+    "nn.Linear (real, tiny)",
+)  # fmt: skip
+
+
+def _profile_name(asked: str, names: list[str]) -> str:
+    """The table's module that --profile ASKED names: the exact name, or the one name it starts (case-insensitive)."""
+    if asked in names:
+        return asked
+    hits = [n for n in names if n.lower().startswith(asked.lower())]
+    if len(hits) != 1:
+        raise SystemExit(
+            f"--profile: got {asked!r}, expected one module of the table (or a prefix naming exactly one): "
+            + ", ".join(repr(n) for n in names)
+        )
+    return hits[0]
 
 
 def _made_mask(width: int, features: int) -> torch.Tensor:
@@ -142,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
+    profile_name = _profile_name(args.profile, list(_MODULE_NAMES)) if args.profile else None
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with emulated(_StubExtension("gm_stub_extension")):
@@ -166,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 entries, ops = launches(run)
                 print(f"| model {name} (training step) | {us:.1f} | {entries} | {ops} |", flush=True)
             relu_conv.FUSED = True
-        if args.profile:
-            make, shape = modules[args.profile]
+        if profile_name:
+            make, shape = modules[profile_name]
             run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))
             prof = cProfile.Profile()
             prof.enable()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import harness, report
 from bench.__main__ import main
 
@@ -92,6 +94,16 @@ def test_host_cost_tool_runs_every_module(capsys):
     for name in ("MaskedConv2d", "RowLSTM", "DiagonalBiLSTM", "MinibatchDiscrimination", "IAFStep", "nn.Linear",
                  "model pixelcnn (", "model pixelcnn unfused", "model rowlstm", "model diagonal_bilstm"):
         assert f"| {name}" in out
+
+
+def test_host_cost_profile_takes_a_prefix_and_names_the_choices(capsys):
+    """--profile takes a module's name or a prefix naming one; anything else stops before timing, listing the names."""
+    from bench import host  # noqa: PLC0415
+
+    assert host._profile_name("maskedconv", list(host._MODULE_NAMES)) == "MaskedConv2d 3x3 B"
+    with pytest.raises(SystemExit, match=r"--profile: got 'Masked'.*'MaskedLinear \(MADE mask\)'"):
+        host.main(["--calls", "1", "--profile", "Masked"])
+    assert "| module |" not in capsys.readouterr().out
 
 
 def test_bench_backends_option_restricts_the_gm_rows(tmp_path):

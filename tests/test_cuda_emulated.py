@@ -269,8 +269,8 @@ def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_forma
     """DiagonalBiLSTM's one-node path (gm.nn.diagonal_lstm.FUSED_LAYER) on backend="cuda" gives the bits of the
     composed ops, output and every gradient in the same memory format: both the channels-last node (the scans
     reading and writing their halves of the layer's (N, H, W, 8h) gates and gate gradients in place, the weight
-    gradient reading them channels-last) and the one that converts around each scan (CHANNELS_LAST=False). The
-    input conv's bias gradient, a sum over the gate gradients in another layout (another order), to rounding."""
+    gradient reading them channels-last) and the one that converts around each scan (CHANNELS_LAST=False), the bias
+    gradients included (both paths sum them in the convs' weight-gradient kernels)."""
     from gm.nn import diagonal_lstm as dl  # noqa: PLC0415
     from tests.nn.test_diagonal_lstm import fused_and_composed  # noqa: PLC0415
 
@@ -279,9 +279,7 @@ def test_diagonal_bilstm_one_node_equals_composed(gemm, residual, dtype, x_forma
     layer = gm.nn.DiagonalBiLSTM(6, 9, colors=3, residual=residual, backend="cuda").to(dtype)
     x = torch.randn(*shape).to(dtype).contiguous(memory_format=x_format)
     node = "_FusedBiLSTMChannelsLast" if channels_last_node else "_FusedBiLSTM"
-    # the input conv's bias gradient sums the gate gradients, channels-last here and NCHW in the composed ops
-    summed = ("input_to_state.bias",) if channels_last_node else ()
-    fused_and_composed(layer, x, monkeypatch, dl, node, summed)
+    fused_and_composed(layer, x, monkeypatch, dl, node)
 
 
 # (residual, learn_init, dtype, x's memory format, x's shape (N, 6, H, W), hidden): odd sizes among them (N = 1,
@@ -305,8 +303,7 @@ def test_row_lstm_layer_one_node_equals_composed(gemm, residual, learn_init, dty
     output and every gradient in the same memory format, for each subset of wanted gradients: both the channels-last
     node (the scan reading the input conv's (N, H, W, 4h) output in place and writing y, its state and the gate
     gradient channels-last, the weight gradient reading them so) and the one that calls the ops' implementations
-    (CHANNELS_LAST=False). The input conv's bias gradient, a sum over the gate gradients in another layout (another
-    order), to rounding."""
+    (CHANNELS_LAST=False), the bias gradients included (both paths sum them in the convs' weight-gradient kernels)."""
     from gm.nn import row_lstm as rl  # noqa: PLC0415
     from tests.nn.test_row_lstm import one_node_equals_composed  # noqa: PLC0415
 
@@ -319,9 +316,7 @@ def test_row_lstm_layer_one_node_equals_composed(gemm, residual, learn_init, dty
                 p.normal_()
     x = torch.randn(*shape).to(dtype).contiguous(memory_format=x_format)
     node = "_FusedRowLSTMChannelsLast" if channels_last_node else "_FusedRowLSTM"
-    # the input conv's bias gradient sums the gate gradients, channels-last here and NCHW in the composed ops
-    summed = ("input_to_state.bias",) if channels_last_node else ()
-    one_node_equals_composed(layer, x, monkeypatch, node=node, summed=summed)
+    one_node_equals_composed(layer, x, monkeypatch, node=node)
 
 
 # (N, h, H, W, k, initial state, dtype): a two-chunk width with several m16 tiles; H = 1 with k = 5; W = 1 with

@@ -84,9 +84,9 @@ CHANNELS_LAST = True
 
 
 def _conv_impl():
-    from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl  # noqa: PLC0415
+    from gm.ops.masked_conv import _masked_conv2d_impl, conv_grads  # noqa: PLC0415
 
-    return _masked_conv2d_impl, _masked_conv2d_backward_impl
+    return _masked_conv2d_impl, conv_grads
 
 
 def _scan_impl():
@@ -144,21 +144,17 @@ class _FusedBiLSTM(torch.autograd.Function):
         if w_out is None:
             dh = grad
         else:
-            dh, dw_out = conv_bwd(grad, h, w_out, "B", ogi, ogo, conv_b, True, need_w_out)
-            dw_out = dw_out if need_w_out else None
-            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+            dh, dw_out, db_out = conv_bwd(grad, h, w_out, "B", ogi, ogo, conv_b, True, need_w_out, need_b_out)
         dy_r = torch.nn.functional.pad(dh, (0, 0, -1, 1)) if dh.shape[2] > 0 else dh  # shift_down's backward
         g_f, g_r = gates.chunk(2, dim=1)
         forward = partial(scan_bwd, dh, g_f, w_ss, y_f, s_f, False, scan_b)
         reverse = partial(scan_bwd, dy_r, g_r, w_ss_rev, y_r, s_r, True, scan_b)
         (dg_f, dw_ss), (dg_r, dw_ss_rev) = _directions(x, forward, reverse, (dy_r,))
         dgates = torch.cat([dg_f, dg_r], dim=1)
-        if need_x or need_w_in:
-            dx_in, dw_in = conv_bwd(dgates, x, w_in, "B", gi, go, conv_b, need_x, need_w_in)
-            if need_x:
-                dx = dx_in if w_out is None else grad + dx_in
-        db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
-        return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
+        dx_in, dw_in, db_in = conv_bwd(dgates, x, w_in, "B", gi, go, conv_b, need_x, need_w_in, need_b_in)
+        if need_x:
+            dx = dx_in if w_out is None else grad + dx_in
+        return (None, dx, dw_in, db_in, dw_ss if need_ss else None,
                 dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
 
 
@@ -171,8 +167,8 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
     converts each scan's gates, y, dy and dgates between layouts (eight transposes per layer and pass pair) and
     concatenates the two directions' gate gradients; here x (when NCHW) and the incoming gradient are converted
     once each. The same kernels on the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py on
-    cuda, tests/nn/test_diagonal_lstm.py on triton) but for the input conv's bias gradient, a sum over channels-last
-    gate gradients (another order than NCHW's); outputs and gradients in the composed ops' memory formats."""
+    cuda, tests/nn/test_diagonal_lstm.py on triton), the bias gradients included (the convs' weight-gradient kernels
+    sum them on both paths); outputs and gradients in the composed ops' memory formats."""
 
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, w_ss_rev, w_out, b_out):
@@ -211,11 +207,9 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
         if w_out is None:
             dh = grad_nhwc
         else:
-            dhv, dw_out = conv_bwd(grad_nhwc.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), w_out, "B", ogi, ogo,
-                                   conv_b, True, need_w_out)  # fmt: skip
+            dhv, dw_out, db_out = conv_bwd(grad_nhwc.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), w_out, "B", ogi, ogo,
+                                           conv_b, True, need_w_out, need_b_out)  # fmt: skip
             dh = dhv.permute(0, 2, 3, 1)  # channels-last, as its input h
-            dw_out = dw_out if need_w_out else None
-            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
         dy_r = F.pad(dh, (0, 0, 0, 0, -1, 1))  # shift_down's backward
         n, height, width, hid = h.shape
         dg8 = torch.empty(n, height, width, 8 * hid, dtype=h.dtype, device=h.device)
@@ -223,12 +217,10 @@ class _FusedBiLSTMChannelsLast(torch.autograd.Function):
         reverse = partial(scan_bwd, dy_r, dg8[..., 4 * hid :], w_ss_rev, y_r, s_r, True)
         dw_ss, dw_ss_rev = _directions(xc, forward, reverse, (dy_r, dg8))
         dgv = dg8.permute(0, 3, 1, 2)  # (N, 8h, H, W) channels-last
-        if need_x or need_w_in:
-            dx_in, dw_in = conv_bwd(dgv, xc, w_in, "B", gi, go, conv_b, need_x, need_w_in)
-            if need_x:
-                dx = dx_in.contiguous(memory_format=ctx.x_format) if w_out is None else grad + dx_in
-        db_in = dgv.sum(dim=(0, 2, 3)) if need_b_in else None
-        return (None, dx, dw_in if need_w_in else None, db_in, dw_ss if need_ss else None,
+        dx_in, dw_in, db_in = conv_bwd(dgv, xc, w_in, "B", gi, go, conv_b, need_x, need_w_in, need_b_in)
+        if need_x:
+            dx = dx_in.contiguous(memory_format=ctx.x_format) if w_out is None else grad + dx_in
+        return (None, dx, dw_in, db_in, dw_ss if need_ss else None,
                 dw_ss_rev if need_ss_rev else None, dw_out, db_out)  # fmt: skip
 
 

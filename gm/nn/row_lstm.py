@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from gm._memory_format import format_of, nhwc
 from gm.nn.masked_conv import MaskedConv2d
 from gm.ops._eager import eager_ok, needs_grad
-from gm.ops.masked_conv import _masked_conv2d_backward_impl, _masked_conv2d_impl, check_masked_conv_args, conv_backend
+from gm.ops.masked_conv import _masked_conv2d_impl, check_masked_conv_args, conv_backend, conv_grads
 from gm.ops.row_lstm import (
     BACKWARD_CHANNELS_LAST,
     FORWARD_CHANNELS_LAST,
@@ -118,22 +118,15 @@ class _FusedRowLSTM(torch.autograd.Function):
         dh = grad
         if out_spec is not None:
             out_mask, ogi, ogo, out_b = out_spec
-            if need_h or need_w_out:
-                dh, dw_out = _masked_conv2d_backward_impl(grad, y, w_out, out_mask, ogi, ogo, out_b, need_h,
-                                                          need_w_out)  # fmt: skip
-                dw_out = dw_out if need_w_out else None
-            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+            dh, dw_out, db_out = conv_grads(grad, y, w_out, out_mask, ogi, ogo, out_b, need_h, need_w_out, need_b_out)
         if need_h:
             dgates, dw, dh0e, dc0e = _row_lstm_backward_impl(dh, gates, w, h0e, c0e, hs, cs, scan_b, need_ss)
             dw_ss = dw.to(ctx.ss_dtype) if need_ss else None
             dh0 = _init_grad(dh0e, ctx.init[0]) if need_h0 else None
             dc0 = _init_grad(dc0e, ctx.init[1]) if need_c0 else None
-            if need_x or need_w_in:
-                dx_in, dw_in = _masked_conv2d_backward_impl(dgates, x, w_in, mask, gi, go, conv_b, need_x, need_w_in)
-                dw_in = dw_in if need_w_in else None
-                if need_x:
-                    dx = dx_in if out_spec is None else grad + dx_in
-            db_in = dgates.sum(dim=(0, 2, 3)) if need_b_in else None
+            dx_in, dw_in, db_in = conv_grads(dgates, x, w_in, mask, gi, go, conv_b, need_x, need_w_in, need_b_in)
+            if need_x:
+                dx = dx_in if out_spec is None else grad + dx_in
         return None, dx, dw_in, db_in, dw_ss, dh0, dc0, dw_out, db_out
 
 
@@ -146,8 +139,8 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
     composed path converts the gates, y, dy and dgates between layouts (the row_lstm op is NCHW; the cuda and triton
     convs work on NHWC): here x (when NCHW) and the incoming gradient are converted once each. The same kernels on
     the same values: bit-identical to the composed ops (tests/test_cuda_emulated.py on cuda, tests/nn/test_row_lstm.py
-    on triton) but for the input conv's bias gradient, a sum over channels-last gate gradients (another order than
-    NCHW's); outputs and gradients in the composed ops' memory formats."""
+    on triton), the bias gradients included (the convs' weight-gradient kernels sum them on both paths); outputs and
+    gradients in the composed ops' memory formats."""
 
     @staticmethod
     def forward(ctx, spec, x, w_in, b_in, w_ss, h0, c0, w_out, b_out):
@@ -182,12 +175,9 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
         dh = nhwc(grad.to(y.dtype), backend)  # (N, H, W, C)
         if out_spec is not None:
             out_mask, ogi, ogo, _ = out_spec
-            if need_h or need_w_out:
-                dhv, dw_out = _masked_conv2d_backward_impl(dh.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), w_out,
-                                                           out_mask, ogi, ogo, backend, need_h, need_w_out)  # fmt: skip
-                dh = dhv.permute(0, 2, 3, 1) if need_h else None  # channels-last, as its input y
-                dw_out = dw_out if need_w_out else None
-            db_out = grad.sum(dim=(0, 2, 3)) if need_b_out else None
+            dhv, dw_out, db_out = conv_grads(dh.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), w_out, out_mask, ogi, ogo,
+                                             backend, need_h, need_w_out, need_b_out)  # fmt: skip
+            dh = dhv.permute(0, 2, 3, 1) if need_h else None  # channels-last, as its input y
         if need_h:
             n, height, width, hid = y.shape
             dgates = torch.empty(n, height, width, 4 * hid, dtype=y.dtype, device=y.device)
@@ -196,12 +186,9 @@ class _FusedRowLSTMChannelsLast(torch.autograd.Function):
             dh0 = _init_grad(dh0e, ctx.init[0]) if need_h0 else None
             dc0 = _init_grad(dc0e, ctx.init[1]) if need_c0 else None
             dgv = dgates.permute(0, 3, 1, 2)  # (N, 4h, H, W) channels-last
-            if need_x or need_w_in:
-                dx_in, dw_in = _masked_conv2d_backward_impl(dgv, xc, w_in, mask, gi, go, backend, need_x, need_w_in)
-                dw_in = dw_in if need_w_in else None
-                if need_x:
-                    dx = dx_in.contiguous(memory_format=ctx.x_format) if out_spec is None else grad + dx_in
-            db_in = dgv.sum(dim=(0, 2, 3)) if need_b_in else None
+            dx_in, dw_in, db_in = conv_grads(dgv, xc, w_in, mask, gi, go, backend, need_x, need_w_in, need_b_in)
+            if need_x:
+                dx = dx_in.contiguous(memory_format=ctx.x_format) if out_spec is None else grad + dx_in
         return None, dx, dw_in, db_in, dw_ss, dh0, dc0, dw_out, db_out
 
 

@@ -356,21 +356,30 @@ def _masked_conv2d_backward_impl(
     backend: str,
     need_x: bool,
     need_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous(memory_format=format_of(grad))
-    dx, dw = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
+    if backend in _BIAS_GRAD_IN_KERNELS:  # the bias gradient summed by the weight-gradient kernels, no extra pass
+        grads = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w, bias_grad=need_b)
+        dx, dw, db = grads if need_b else (*grads, None)
+    else:
+        dx, dw = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
+        db = grad.sum(dim=(0, 2, 3)) if need_b else None
     dx = dx.contiguous(memory_format=format_of(x)) if dx is not None else x.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
-    return dx, dw
+    return dx, dw, (db if db is not None else weight.new_empty(0))
 
 
+# Backends whose backward takes bias_grad=True (the fused layers' option above) and returns (dx, dw, db).
+_BIAS_GRAD_IN_KERNELS = frozenset({"triton", "cuda"})
 _masked_conv2d_backward_op = torch.library.custom_op(_OP + "_backward", _masked_conv2d_backward_impl, mutates_args=())
 
 
 @_masked_conv2d_backward_op.register_fake
-def _(grad, x, weight, mask, in_groups, out_groups, backend, need_x, need_w):
+def _(grad, x, weight, mask, in_groups, out_groups, backend, need_x, need_w, need_b):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=format_of(x)) if need_x else x.new_empty(0)
-    return dx, (weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
+    dw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
+    return dx, dw, weight.new_empty(weight.shape[0] if need_b else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -379,17 +388,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mask, ctx.backend, ctx.has_bias = mask, backend, bias is not None
 
 
+def conv_grads(grad, x, weight, mask, in_groups, out_groups, backend, need_x, need_w, need_b, *, call=None):
+    """(dx, dw, db) of masked_conv2d(x, weight, bias, ...) for the output gradient grad, each None where not needed:
+    the backward implementation (or `call`, with the same arguments: the registered backward op) where dx or dw is
+    needed, the bias gradient with them (on triton and cuda summed by the weight-gradient kernels as they read grad,
+    no pass of its own); a plain sum where only the bias gradient is. The one-node layers' backward calls it too."""
+    if not (need_x or need_w):
+        return None, None, (grad.sum(dim=(0, 2, 3)) if need_b else None)
+    dx, dw, db = (call or _masked_conv2d_backward_impl)(grad, x, weight, mask, in_groups, out_groups, backend,
+                                                        need_x, need_w, need_b)  # fmt: skip
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+
+
 def _backward(ctx, grad):
     x, weight, in_groups, out_groups = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx = dw = db = None
-    if need_x or need_w:
-        gx, gw = backward_call(ctx, _masked_conv2d_backward_op, _masked_conv2d_backward_impl, grad, x, weight, ctx.mask,
-                               in_groups, out_groups, ctx.backend, need_x, need_w)  # fmt: skip
-        dx = gx if need_x else None
-        dw = gw if need_w else None
-    if ctx.has_bias and need_b:
-        db = grad.sum(dim=(0, 2, 3))
+    call = functools.partial(backward_call, ctx, _masked_conv2d_backward_op, _masked_conv2d_backward_impl)
+    dx, dw, db = conv_grads(grad, x, weight, ctx.mask, in_groups, out_groups, ctx.backend, need_x, need_w,
+                            need_b and ctx.has_bias, call=call)  # fmt: skip
     return dx, dw, db, None, None, None, None
 
 

@@ -76,6 +76,34 @@ def test_masked_taps_get_exactly_zero_weight_grad(backend):
     assert (dw[m == 1] != 0).any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", ["xwb", "xb", "wb", "b", "xw"])
+def test_each_subset_of_gradients(backend, wanted, monkeypatch):
+    """Any subset of (x, weight, bias) requiring grad gets those gradients, each against the reference. On triton
+    and cuda the bias gradient comes from the weight-gradient kernels (the backward asked for bias_grad=True) when
+    another gradient is computed, and is not asked for when the bias needs none."""
+    from gm.ops import masked_conv as mc  # noqa: PLC0415
+
+    asked = []
+    real = mc._BACKWARD[backend]
+    monkeypatch.setitem(mc._BACKWARD, backend, lambda *a, **kw: asked.append(kw.get("bias_grad")) or real(*a, **kw))
+    gi, go = _groups("rgb", 6, 9)
+    x, wt, b = _inputs(2, 6, 9, 5, 6, 3, 3, torch.float32)
+    gy = torch.randn(2, 9, 5, 6, device=DEVICE)
+    ref = dict(zip("xwb", _ref_and_grads(x, wt, b, "B", gi, go, gy)[1:], strict=True))
+    leaves = dict(zip("xwb", (x, wt, b), strict=True))
+    for name, t in leaves.items():
+        t.requires_grad_(name in wanted)
+    y = gm.ops.masked_conv2d(x, wt, b, mask="B", in_groups=gi, out_groups=go, backend=backend)
+    got = torch.autograd.grad(y, [leaves[n] for n in wanted], gy)
+    for name, g in zip(wanted, got, strict=True):
+        assert_rel(g, ref[name], torch.float32, f"{backend} d{name}")
+    if wanted == "b":
+        assert asked == []  # a plain sum: no convolution gradient to share a pass with
+    elif backend in mc._BIAS_GRAD_IN_KERNELS:
+        assert asked == ["b" in wanted]
+
+
 @pytest.mark.parametrize("splits", [1, 3, 5])
 def test_triton_weight_grad_any_split_count(splits, monkeypatch):
     """The weight gradient's pixel splits are sized in the kernel from the grid: 3 splits of 70 pixels leave the
