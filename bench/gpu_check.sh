@@ -76,12 +76,15 @@ ops_arg=(--ops "$BENCH_OPS")
 # graph (the kernels' time without the host's launch cost, which dominated the small cases on that machine); the profile (torch.profiler: wall vs device-kernel time, top
 # kernels of each gm row and baseline) lands beside the rows as <results>_profile.md.
 # DEADLINE (seconds after the start) bounds the bench by what is left of the call instead of BENCH_TIMEOUT;
-# BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config).
+# BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config);
+# BENCH_AUTOTUNE=picks the shipped picks, else the first suitable config, timing nothing. Without BENCH_AUTOTUNE the
+# caller's GM_TRITON_AUTOTUNE is kept (default 1: autotune).
 if want bench; then
 bt="${BENCH_TIMEOUT:-300}"
 if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
-stage "bench (${bt}s, autotune ${BENCH_AUTOTUNE:-1}): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile --graphs}"
-GM_TRITON_AUTOTUNE="${BENCH_AUTOTUNE:-1}" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile --graphs} >"$OUT/bench.log" 2>&1
+autotune="${BENCH_AUTOTUNE:-${GM_TRITON_AUTOTUNE:-1}}"
+stage "bench (${bt}s, autotune $autotune): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile --graphs}"
+GM_TRITON_AUTOTUNE="$autotune" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile --graphs} >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"
 fi
 stage "done"

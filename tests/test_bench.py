@@ -142,3 +142,26 @@ def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, cap
     assert "naive (N×N×B×C): OutOfMemoryError" in out
     assert "| N=4096 B=100 C=5 | NVIDIA H200 | gm[cuda] | 0.467 | 0.503 | 0.93x |" in out  # fwd vs the fp32 floor
     assert "issue 2: 1 of 1 measured target rows met (1 without a comparator row)" in out
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "1"), ({"GM_TRITON_AUTOTUNE": "picks"}, "picks"),
+                                               ({"GM_TRITON_AUTOTUNE": "picks", "BENCH_AUTOTUNE": "0"}, "0")])  # fmt: skip
+def test_gpu_check_bench_stage_keeps_the_callers_autotune_mode(tmp_path, env, expected):
+    """bench/gpu_check.sh's bench stage runs `python -m bench` with BENCH_AUTOTUNE, else the caller's
+    GM_TRITON_AUTOTUNE, else 1 (a GPU session's second call sets GM_TRITON_AUTOTUNE=picks: bench/NOTES.md)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    seen = tmp_path / "seen.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\n[ "$2" = bench ] && echo "$GM_TRITON_AUTOTUNE $*" >> {seen}\nexit 0\n')
+    stub.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("GM_TRITON_AUTOTUNE", "BENCH_AUTOTUNE")}
+    run = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
+                         env={**base, **env, "STAGES": "bench", "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+                              "BENCH_OPS": "minibatch"}, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = seen.read_text().splitlines()
+    assert line.split()[0] == expected and "--ops minibatch" in line
