@@ -1,4 +1,5 @@
 """python -m bench [--quick] [--ops masked_conv,minibatch,...] [--device cpu|cuda] [--out DIR] [--no-save]
+[--no-compile [--compile-ops iaf,...]]
 
 Times every case in bench/cases/*.py on the present device and prints one table (see bench/harness.py)."""
 
@@ -14,10 +15,14 @@ from pathlib import Path
 import torch
 
 
-def _case_modules(selected: list[str] | None):
+def _case_names() -> list[str]:
     import bench.cases as pkg  # noqa: PLC0415
 
-    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def _case_modules(selected: list[str] | None):
+    names = _case_names()
     if selected:
         unknown = sorted(set(selected) - set(names))
         if unknown:
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--compile-ops", default="",
+                   help="with --no-compile: the case modules whose torch.compile baselines still run (e.g. iaf: a "
+                        "time-boxed GPU run compiles only the baselines an issue target names)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--backends", default=None,
@@ -58,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(device)
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
+    compile_ops = {s for s in args.compile_ops.split(",") if s}
+    unknown = sorted(compile_ops - set(_case_names()))
+    if unknown:
+        p.error(f"--compile-ops: unknown {unknown}; known: {_case_names()}")
     for name, mod in _case_modules([s for s in args.ops.split(",") if s]):
+        harness.WITH_COMPILE = not args.no_compile or name in compile_ops
         try:
             cases = mod.cases(device, args.quick)
         except Exception as err:  # a case module that cannot build its cases is reported, the rest still run

@@ -165,3 +165,18 @@ def test_gpu_check_bench_stage_keeps_the_callers_autotune_mode(tmp_path, env, ex
     assert run.returncode == 0, run.stderr
     (line,) = seen.read_text().splitlines()
     assert line.split()[0] == expected and "--ops minibatch" in line
+
+
+def test_compile_ops_keeps_the_compile_baselines_of_the_named_modules_only(monkeypatch):
+    """--no-compile --compile-ops iaf: the torch.compile baselines run for iaf's cases and no other's; an unknown
+    name stops before anything runs, naming the known ones."""
+    seen = []
+    monkeypatch.setattr(harness, "run_case", lambda case, *a: seen.append((case.op, harness.WITH_COMPILE)) or [])
+    assert main(["--quick", "--ops", "minibatch,iaf", "--no-compile", "--compile-ops", "iaf", "--no-save"]) == 0
+    # bench/cases/iaf.py holds the iaf_step and masked_linear cases, minibatch.py the minibatch_discrimination ones
+    assert {op for op, with_compile in seen if with_compile} == {"iaf_step", "masked_linear"}
+    assert {op for op, with_compile in seen if not with_compile} == {"minibatch_discrimination"}
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "iaf", "--no-compile", "--compile-ops", "iafs", "--no-save"])
+    assert seen == []
