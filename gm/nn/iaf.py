@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm._checks import check_choice, check_count, check_tensor
 from gm.nn.made import MADE
 from gm.nn.masked_conv import MaskedConv2d
-from gm.ops.iaf import iaf_step
+from gm.ops.iaf import MODES, iaf_step
 from gm.ops.made_iaf import made_iaf_step
 
 # Initial bias of s in gated mode: σ ≈ sigmoid(1) ≈ 0.73, so a fresh step stays close to the identity
@@ -44,6 +45,7 @@ class IAFStep(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_choice("mode", mode, MODES)
         self.mode, self.backend = mode, backend
         self.made = MADE(features, hidden, n_hidden, context, order, heads=2, backend=backend)
         if mode == "gated":
@@ -52,6 +54,9 @@ class IAFStep(nn.Module):
 
     def forward(self, z: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         made = self.made
+        check_tensor("z", z, ndim=2)
+        if z.shape[1] != made.features:
+            raise ValueError(f"z must have features={made.features} columns, got shape {tuple(z.shape)}")
         if (h is None) != (made.context == 0):
             raise ValueError(f"h must be given exactly when context > 0 (context={made.context}), got "
                              f"{'None' if h is None else tuple(h.shape)}")  # fmt: skip
@@ -91,6 +96,7 @@ class IAFFlow(_StepChain):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_count(steps=steps)
         orders = ["natural" if i % 2 == 0 else "reversed" for i in range(steps)]
         self.steps = nn.ModuleList(
             IAFStep(features, hidden, n_hidden, context, mode, order, backend) for order in orders
@@ -118,6 +124,7 @@ class ARConv2d(MaskedConv2d):
         reverse: bool = False,
         backend: str | None = None,
     ) -> None:
+        check_count(order_size=order_size, out_blocks=out_blocks)
         super().__init__(in_channels, out_channels, kernel_size, mask="A" if strict else "B", backend=backend)
         if out_channels % out_blocks:
             raise ValueError(f"out_channels must be a multiple of out_blocks={out_blocks}, got {out_channels}")
@@ -146,8 +153,8 @@ class ARMultiConv2d(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if n_hidden < 1:
-            raise ValueError(f"n_hidden must be >= 1, got {n_hidden}")
+        check_count(channels=channels, hidden=hidden, n_hidden=n_hidden, heads=heads)
+        check_count(0, context=context)
         self.channels, self.heads, self.context = channels, heads, context
         kw = dict(order_size=channels, kernel_size=kernel_size, reverse=reverse, backend=backend)
         self.hidden = nn.ModuleList(
@@ -186,6 +193,7 @@ class IAFConvStep(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_choice("mode", mode, MODES)
         self.mode, self.reverse, self.backend = mode, reverse, backend
         self.net = ARMultiConv2d(channels, hidden, n_hidden, context, kernel_size, 2, reverse, backend)
         if mode == "gated" and self.net.output.bias is not None:
@@ -221,6 +229,7 @@ class IAFConvFlow(_StepChain):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_count(steps=steps)
         self.steps = nn.ModuleList(
             IAFConvStep(channels, hidden, n_hidden, context, kernel_size, mode, i % 2 == 1, backend)
             for i in range(steps)

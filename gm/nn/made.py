@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from gm._checks import check_count
 from gm.ops.masked_linear import masked_linear
 
 
@@ -110,8 +111,8 @@ class MADE(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if n_hidden < 1:
-            raise ValueError(f"n_hidden must be >= 1, got {n_hidden}")
+        check_count(features=features, hidden=hidden, n_hidden=n_hidden, heads=heads)
+        check_count(0, context=context)
         self.features, self.hidden, self.context, self.heads = features, hidden, context, heads
         masks = made_masks(features, hidden, n_hidden, order, heads, context)
         self.register_buffer("degrees", input_degrees(features, order), persistent=False)

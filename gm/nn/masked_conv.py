@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from gm._checks import check_choice
+from gm._checks import check_choice, check_count
 from gm.ops.masked_conv import masked_conv2d
 
 
@@ -47,10 +47,16 @@ class MaskedConv2d(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_count(in_channels=in_channels, out_channels=out_channels, colors=colors, blocks=blocks,
+                    in_blocks=in_blocks)  # fmt: skip
         check_choice("mask", mask, ("A", "B"))
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got ({kh}, {kw})")
+        if not all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in (kh, kw)):
+            raise ValueError(f"kernel_size must be odd and >= 1, got ({kh}, {kw})")
+        for name, channels, per, per_name in (("in_channels", in_channels, in_blocks, "in_blocks"),
+                                              ("out_channels", out_channels, blocks, "blocks")):  # fmt: skip
+            if colors > 1 and channels % (colors * per):
+                raise ValueError(f"{name} must be a multiple of colors*{per_name}={colors * per}, got {channels}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.mask, self.colors, self.backend = mask, colors, backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
