@@ -70,7 +70,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = training.TrainConfig(
         model=args.model, preset=args.preset, data=args.data or defaults.data,
         binarize=args.binarize or defaults.binarize, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
+        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
+        lr=args.lr if args.lr is not None else defaults.lr,
         precision=args.precision or defaults.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
         backend=args.backend,
         device=args.device, out=args.out or f"runs/{args.model}-{args.preset}",
@@ -135,8 +136,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
     except training.TrainError as err:
         return _fail(str(err))
-    if args.n < 1:
-        return _fail(f"--n must be at least 1, got {args.n}")
     size = args.size or (28 if model.channels == 1 else 32)
     shape = (model.channels, size, size)
     png = training.sample_png(model, args.n, shape, args.seed, dev)
@@ -156,6 +155,33 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(least: int):
+    """argparse type: an integer >= least (a bad value is argparse's usage error, exit status 2, nothing run)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _add_train_parser(sub) -> None:
     from gm.models import MODELS  # noqa: PLC0415
 
@@ -167,11 +193,11 @@ def _add_train_parser(sub) -> None:
                    help="digits (embedded, default), DIR, mnist:DIR, cifar10:DIR, synthetic[:N[:SIZE]]")
     p.add_argument("--binarize", choices=("threshold", "dynamic"), default=None, help="binary models: fixed threshold "
                    "0.5 (default) or dynamic Bernoulli sampling of each batch")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total (default 1000)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training set, instead of --steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes); 32")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3)")
+    p.add_argument("--steps", type=_count(1), default=None, help="optimizer steps in total (default 1000)")
+    p.add_argument("--epochs", type=_positive, default=None, help="passes over the training set, instead of --steps")
+    p.add_argument("--max-minutes", type=_positive, default=None, help="stop after this much wall time")
+    p.add_argument("--batch-size", type=_count(1), default=None, help="global batch (split over torchrun processes); 32")
+    p.add_argument("--lr", type=_positive, default=None, help="Adam learning rate (1e-3)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -183,11 +209,14 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from OUT/checkpoint.pt (or the CHECKPOINT given)")
     p.add_argument("--seed", type=int, default=None, help="initialisation and data order (0)")
-    p.add_argument("--eval-every", type=int, default=500, help="test NLL every this many steps (0: only at the end)")
-    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps (and at the end)")
-    p.add_argument("--sample-every", type=int, default=2000, help="sample grid every this many steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="progress and metrics line every this many steps")
-    p.add_argument("--n-samples", type=int, default=36, help="images in each sample grid (0: none)")
+    p.add_argument("--eval-every", type=_count(0), default=500,
+                   help="test NLL every this many steps (0: only at the end)")
+    p.add_argument("--ckpt-every", type=_count(0), default=500,
+                   help="checkpoint every this many steps (and at the end; 0: only at the end)")
+    p.add_argument("--sample-every", type=_count(0), default=2000,
+                   help="sample grid every this many steps (and at the end; 0: only at the end)")
+    p.add_argument("--log-every", type=_count(1), default=10, help="progress and metrics line every this many steps")
+    p.add_argument("--n-samples", type=_count(0), default=36, help="images in each sample grid (0: none)")
     p.set_defaults(func=_cmd_train)  # fmt: skip
 
 
@@ -195,15 +224,15 @@ def _add_use_parsers(sub) -> None:
     pe = sub.add_parser("eval", help="test NLL of a checkpoint")
     pe.add_argument("checkpoint")
     pe.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
-    pe.add_argument("--batch-size", type=int, default=250)
+    pe.add_argument("--batch-size", type=_count(1), default=250)
     pe.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None)
     pe.add_argument("--device", default="auto")
     pe.set_defaults(func=_cmd_eval)
     ps = sub.add_parser("sample", help="a PNG grid of samples from a checkpoint")
     ps.add_argument("checkpoint")
-    ps.add_argument("--n", type=int, default=16, help="number of samples")
+    ps.add_argument("--n", type=_count(1), default=16, help="number of samples")
     ps.add_argument("--out", default="samples.png", help="PNG to write")
-    ps.add_argument("--size", type=int, default=None, help="image side (default 28 grey, 32 colour)")
+    ps.add_argument("--size", type=_count(1), default=None, help="image side (default 28 grey, 32 colour)")
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None)
     ps.add_argument("--device", default="auto")
@@ -212,7 +241,7 @@ def _add_use_parsers(sub) -> None:
     pd.add_argument("dataset", choices=("mnist", "cifar10"))
     pd.add_argument("dir")
     pd.add_argument("--base-url", default=None, help="a mirror to fetch from instead of the default")
-    pd.add_argument("--timeout", type=float, default=60.0, help="seconds per connection")
+    pd.add_argument("--timeout", type=_positive, default=60.0, help="seconds per connection")
     pd.set_defaults(func=_cmd_download)
 
 

@@ -66,6 +66,22 @@ class TrainConfig:
     max_minutes: float | None = None
     eval_batch_size: int = 250
 
+    def __post_init__(self) -> None:
+        """Sizes, counts and rates that cannot run stop here, naming the setting (`gm train` checks its flags the
+        same way when it parses them)."""
+        ints = {"batch_size": 1, "log_every": 1, "eval_batch_size": 1, "eval_every": 0, "sample_every": 0,
+                "ckpt_every": 0, "n_samples": 0}  # fmt: skip
+        if self.steps is not None:
+            ints["steps"] = 1
+        for name, least in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise TrainError(f"{name} must be an integer >= {least}, got {v!r}")
+        for name in ("lr", "epochs", "max_minutes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf):
+                raise TrainError(f"{name} must be a number > 0, got {v!r}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files.

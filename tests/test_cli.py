@@ -161,6 +161,40 @@ def test_bad_input_exits_with_a_message_and_overwrites_nothing(finished_run, tmp
          "Are you offline")  # fmt: skip
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "pixelcnn", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["train", "pixelcnn", "--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
+    (["train", "pixelcnn", "--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    (["train", "pixelcnn", "--steps", "-3"], "argument --steps: expected an integer >= 1, got '-3'"),
+    (["train", "pixelcnn", "--epochs", "inf"], "argument --epochs: expected a number > 0, got 'inf'"),
+    (["train", "pixelcnn", "--log-every", "0"], "argument --log-every: expected an integer >= 1, got '0'"),
+    (["train", "pixelcnn", "--eval-every", "-1"], "argument --eval-every: expected an integer >= 0, got '-1'"),
+    (["train", "pixelcnn", "--n-samples", "two"], "argument --n-samples: expected an integer >= 0, got 'two'"),
+    (["eval", "x.pt", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["sample", "x.pt", "--n", "0"], "argument --n: expected an integer >= 1, got '0'"),
+    (["download", "mnist", "d", "--timeout", "-5"], "argument --timeout: expected a number > 0, got '-5'"),
+])  # fmt: skip
+def test_bad_numbers_are_usage_errors(argv, message, tmp_path, capsys):
+    """Sizes, counts and rates that cannot run are refused while the command line is parsed (exit status 2, nothing
+    written): --batch-size 0 and --lr 0 used to fall back to the defaults silently, --log-every 0 to divide by 0."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "x")] if argv[0] == "train" else argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_config_refuses_what_cannot_run():
+    """The same checks for callers of gm.training.train: TrainConfig names the setting (TrainError)."""
+    from gm import training  # noqa: PLC0415
+
+    for kwargs, message in (({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+                            ({"lr": -1e-3}, "lr must be a number > 0, got -0.001"),
+                            ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+                            ({"ckpt_every": 2.5}, "ckpt_every must be an integer >= 0, got 2.5")):  # fmt: skip
+        with pytest.raises(training.TrainError, match=message):
+            training.TrainConfig(**kwargs)
+
+
 def test_cuda_graphs_refuses_what_it_cannot_capture(tmp_path, capsys):
     """--cuda-graphs needs a CUDA device and a capturable step: a clear message and exit 2 otherwise, nothing
     written."""

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from gm._checks import check_count
-from gm.ops.masked_linear import masked_linear
+from gm._checks import check_choice, check_count, check_tensor
+from gm.ops.masked_linear import ACTIVATIONS, check_binary, masked_linear
 
 
 def input_degrees(features: int, order: str | torch.Tensor = "natural") -> torch.Tensor:
@@ -62,6 +62,11 @@ class MaskedLinear(nn.Module):
 
     def __init__(self, mask: torch.Tensor, bias: bool = True, activation: str | None = None, backend=None) -> None:
         super().__init__()
+        check_tensor("mask", mask, ndim=2, dtypes=None)
+        check_choice("activation", activation, ACTIVATIONS)
+        if mask.numel() == 0:
+            raise ValueError(f"mask must have at least one row and column, got shape {tuple(mask.shape)}")
+        check_binary("mask", mask)
         out_features, in_features = mask.shape
         self.in_features, self.out_features = in_features, out_features
         self.activation, self.backend = activation, backend

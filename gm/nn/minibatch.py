@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gm._checks import check_same, check_tensor
+from gm._checks import check_count, check_same, check_tensor
 from gm.ops.minibatch import minibatch_discrimination
 
 
@@ -53,8 +53,7 @@ class MinibatchDiscrimination(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if in_features < 1 or kernels < 1 or dim < 1:
-            raise ValueError(f"in_features, kernels and dim must be >= 1, got {in_features}, {kernels}, {dim}")
+        check_count(in_features=in_features, kernels=kernels, dim=dim)
         self.in_features, self.kernels, self.dim = in_features, kernels, dim
         self.exclude_self, self.backend = exclude_self, backend
         self.T = nn.Parameter(torch.empty(in_features, kernels * dim))

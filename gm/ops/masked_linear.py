@@ -79,6 +79,13 @@ def _mask_key(mask: torch.Tensor) -> tuple:
     return (mask.data_ptr(), version, mask.shape, mask.stride(), mask.dtype, mask.device)
 
 
+def check_binary(name: str, mask: torch.Tensor) -> None:
+    """ValueError unless every entry of `mask` is 0 or 1 (one device sync for a GPU tensor)."""
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be binary (only 0 and 1), got a value {bad}")
+
+
 def mask_entry(mask: torch.Tensor, name: str = "mask") -> MaskEntry:
     """The cached entry of `mask`, created (and the mask checked binary: one device sync) on first use."""
     key = _mask_key(mask)
@@ -87,9 +94,7 @@ def mask_entry(mask: torch.Tensor, name: str = "mask") -> MaskEntry:
         if entry is not None:
             _CACHE.move_to_end(key)
             return entry
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
-        raise ValueError(f"{name} must be binary (only 0 and 1), got a value {bad}")
+    check_binary(name, mask)
     entry = MaskEntry(mask=mask, u8=(mask != 0).to(torch.uint8).contiguous())
     with _LOCK:
         _CACHE[key] = entry
