@@ -1,4 +1,4 @@
-"""python -m bench.aot [--arch 90] [--ops row_lstm,...] [--quick] [--first-config] [--out FILE]
+"""python -m bench.aot [--arch 90] [--ops row_lstm,...] [--quick] [--first-config | --picks SLUG] [--out FILE]
 
 Compiles every Triton kernel that the benchmark cases launch, at the cases' GPU shapes and in every autotune config,
 for a GPU target (default sm_90), on a machine WITHOUT a GPU. Nothing runs: the op launchers are driven with CPU tensors
@@ -166,10 +166,25 @@ def _spec(jit, args, kwargs) -> str:
     return " ".join(([_short(first)] if first is not None else []) + consts)
 
 
+def picks_choice(autotuner, configs: list, kwargs: dict, slug: str) -> list:
+    """The config that GM_TRITON_AUTOTUNE=picks launches for this call on the GPU `slug` (gm.kernels._common's
+    TableAutotuner.enter_pick), as a one-element list: the table's pick for Triton's key of the launch (computed as
+    Autotuner.run does in Triton 3.6 and 3.9: the key arguments' values, then every tensor's dtype) when `configs`
+    (the call's pruned list) holds it, else the first of `configs`."""
+    from gm.kernels._common import table_picks  # noqa: PLC0415
+
+    named = {k: v for k, v in {**autotuner.nargs, **kwargs}.items() if k in autotuner.arg_names}
+    key = [named[k] for k in autotuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    config = table_picks(autotuner.base_fn.__name__, autotuner.configs, slug).get(tuple(str(k) for k in key))
+    return [config] if config is not None and config in configs else configs[:1]
+
+
 class Collector:
-    def __init__(self, arch: int, first_config: bool, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, arch: int, first_config: bool, shard: tuple[int, int] = (0, 1), picks: str | None = None):
         self.arch = arch
         self.first_config = first_config
+        self.picks = picks  # a GPU's slug: compile what GM_TRITON_AUTOTUNE=picks launches there (picks_choice)
         self.variants: dict[tuple, Variant] = {}
         self.case = ""
         self.shard, self.calls = shard, 0
@@ -232,7 +247,9 @@ class Collector:
             # Pruned as on a GPU; --first-config keeps the first that suits the call (what GM_TRITON_AUTOTUNE=0 runs).
             self.nargs = dict(zip(self.arg_names, args, strict=False))
             configs = self.prune_configs(kwargs)
-            if collector.first_config:
+            if collector.picks:
+                configs = picks_choice(self, configs, kwargs, collector.picks)
+            elif collector.first_config:
                 configs = configs[:1]
             for cfg in configs:
                 merged = {**kwargs, **cfg.all_kwargs()}
@@ -370,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="", help="comma-separated bench case modules (default: all but models)")
     p.add_argument("--quick", action="store_true", help="the benchmark's quick shapes instead of its GPU shapes")
     p.add_argument("--first-config", action="store_true", help="only the first autotune config of each kernel")
+    p.add_argument("--picks", default=None, metavar="SLUG",
+                   help="only the config GM_TRITON_AUTOTUNE=picks launches on that GPU (e.g. nvidia-h200): the shipped "
+                        "pick for the launch's key, else the first suitable (a picks-only bench run's warm stage)")
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     p.add_argument("--shard", default="0/1", help="K/N: compile only every N-th variant from the K-th (0-based), so N "
                    "processes side by side fill Triton's cache in parallel (bench/gpu_check.sh's warm stage)")
@@ -378,11 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= k < n:
         p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard}")
 
+    if args.picks:
+        from gm.kernels._common import TUNED_DIR, tuned_table  # noqa: PLC0415
+
+        if not tuned_table(args.picks):
+            p.error(f"--picks: no table of picks for {args.picks!r} (expected {TUNED_DIR / (args.picks + '.json')})")
     from bench.__main__ import _case_modules  # noqa: PLC0415
 
     selected = [s for s in args.ops.split(",") if s] or None
     modules = [(n, m) for n, m in _case_modules(selected) if selected or n != "models"]
-    collector = Collector(args.arch, args.first_config, (k, n))
+    collector = Collector(args.arch, args.first_config, (k, n), args.picks)
     collector.install()
     failures = []
     for name, case in _gpu_cases(modules, args.quick):

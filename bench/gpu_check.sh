@@ -34,15 +34,29 @@ fi
 fi
 "$PY" -m gm info | tee "$OUT/info.txt"
 
-# Warm: every autotune config of every Triton kernel that the benchmark launches, compiled into Triton's cache by
-# WARM_JOBS parallel `python -m bench.aot --shard K/N` processes (CPU only: a stand-in driver, the GPU's target), so
-# the autotuner in the bench stage finds them compiled instead of compiling one config after another.
+# Warm: the Triton kernels that the benchmark launches, compiled into Triton's cache by WARM_JOBS parallel
+# `python -m bench.aot --shard K/N` processes (CPU only: a stand-in driver, the GPU's target), so the bench stage finds
+# them compiled instead of compiling one after another.
+# The bench stage's autotune mode (BENCH_AUTOTUNE, else the caller's GM_TRITON_AUTOTUNE, else 1) decides what to warm:
+# autotuning (1) times every config, so every config is compiled (the models cases left out: thousands of variants);
+# 0 runs each kernel's first suitable config and picks (GM_TRITON_AUTOTUNE=picks) the shipped pick of the GPU or the
+# first suitable, so only those are compiled (bench.aot --first-config / --picks SLUG), the models cases included.
+autotune="${BENCH_AUTOTUNE:-${GM_TRITON_AUTOTUNE:-1}}"
 if want warm; then
 W="${WARM_JOBS:-14}"
-AOT_OPS="$(echo "${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv}" | tr ',' '\n' | grep -v '^models$' | paste -sd,)"
-stage "warm: $AOT_OPS in $W processes"
+AOT_OPS="${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv}"
+AOT_MODE=()
+if [ "$autotune" = "picks" ]; then
+  SLUG="$("$PY" -c 'import torch; from gm._backend import device_slug; print(device_slug(torch.cuda.get_device_name()))' 2>/dev/null)"
+  if [ -n "$SLUG" ] && [ -f "kernels/tuned/$SLUG.json" ]; then AOT_MODE=(--picks "$SLUG"); else AOT_MODE=(--first-config); fi
+elif [ "$autotune" = "0" ]; then
+  AOT_MODE=(--first-config)
+else
+  AOT_OPS="$(echo "$AOT_OPS" | tr ',' '\n' | grep -v '^models$' | paste -sd,)"
+fi
+stage "warm: $AOT_OPS ${AOT_MODE[*]} in $W processes"
 for k in $(seq 0 $((W - 1))); do
-  timeout "${WARM_TIMEOUT:-180}" "$PY" -m bench.aot --ops "$AOT_OPS" --shard "$k/$W" >"/tmp/gm_warm_$k.md" 2>&1 &
+  timeout "${WARM_TIMEOUT:-180}" "$PY" -m bench.aot --ops "$AOT_OPS" "${AOT_MODE[@]}" --shard "$k/$W" >"/tmp/gm_warm_$k.md" 2>&1 &
 done
 wait
 cat /tmp/gm_warm_*.md | grep -c "_kernel |" | sed 's/^/compiled variants: /'
@@ -82,7 +96,6 @@ ops_arg=(--ops "$BENCH_OPS")
 if want bench; then
 bt="${BENCH_TIMEOUT:-300}"
 if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
-autotune="${BENCH_AUTOTUNE:-${GM_TRITON_AUTOTUNE:-1}}"
 stage "bench (${bt}s, autotune $autotune): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile --graphs}"
 GM_TRITON_AUTOTUNE="$autotune" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile --graphs} >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"

@@ -64,3 +64,28 @@ def test_every_triton_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     assert text.startswith(f"Triton {os.environ.get('GM_AOT_TRITON', '3.6')}"), text.splitlines()[0]
     compiled = set(re.findall(r"^\| (\w+_kernel) \|", text, flags=re.M))
     assert not _kernel_names() - compiled
+
+
+def test_picks_choice_is_what_the_picks_mode_launches(monkeypatch):
+    """bench.aot --picks SLUG compiles, per autotuned launch, the table's pick for Triton's key of the launch (the key
+    arguments' values, then the tensors' dtypes, as str) when the call's pruned configs hold it, else the first of
+    them: what GM_TRITON_AUTOTUNE=picks launches on that GPU."""
+    import types  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    from bench.aot import picks_choice  # noqa: PLC0415
+    from gm.kernels import _common  # noqa: PLC0415
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64, 128)]
+    table = {"picks": {"k": [{"key": ["1024", "torch.float32"], "config": str(configs[2])}]}}
+    monkeypatch.setattr(_common, "tuned_table", lambda slug: table if slug == "gpu" else {})
+    x = torch.empty(3)
+    tuner = types.SimpleNamespace(nargs={"x": x, "N": 1024}, arg_names=["x", "N"], keys=["N"],
+                                  base_fn=types.SimpleNamespace(__name__="k"), configs=configs)  # fmt: skip
+    assert picks_choice(tuner, configs, {}, "gpu") == [configs[2]]
+    assert picks_choice(tuner, configs[:2], {}, "gpu") == [configs[0]]  # the pick pruned away: the first kept
+    assert picks_choice(tuner, configs, {}, "other") == [configs[0]]  # no table: the first
+    tuner.nargs["N"] = 2048
+    assert picks_choice(tuner, configs, {}, "gpu") == [configs[0]]  # another key: the first

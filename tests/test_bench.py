@@ -144,27 +144,49 @@ def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, cap
     assert "issue 2: 1 of 1 measured target rows met (1 without a comparator row)" in out
 
 
-@pytest.mark.parametrize(("env", "expected"), [({}, "1"), ({"GM_TRITON_AUTOTUNE": "picks"}, "picks"),
-                                               ({"GM_TRITON_AUTOTUNE": "picks", "BENCH_AUTOTUNE": "0"}, "0")])  # fmt: skip
-def test_gpu_check_bench_stage_keeps_the_callers_autotune_mode(tmp_path, env, expected):
-    """bench/gpu_check.sh's bench stage runs `python -m bench` with BENCH_AUTOTUNE, else the caller's
-    GM_TRITON_AUTOTUNE, else 1 (a GPU session's second call sets GM_TRITON_AUTOTUNE=picks: bench/NOTES.md)."""
+def _gpu_check(tmp_path, env: dict) -> list[str]:
+    """bench/gpu_check.sh run with a stub python that records each `-m bench...` call (the autotune mode it got and
+    its arguments) and answers the device-name query with an H200's slug; the recorded lines."""
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     seen = tmp_path / "seen.txt"
     stub = tmp_path / "python"
-    stub.write_text(f'#!/bin/sh\n[ "$2" = bench ] && echo "$GM_TRITON_AUTOTUNE $*" >> {seen}\nexit 0\n')
+    stub.write_text("#!/bin/sh\n"
+                    f'case "$2" in bench*) echo "$GM_TRITON_AUTOTUNE $*" >> {seen};; esac\n'
+                    '[ "$1" = -c ] && echo nvidia-h200\n'
+                    "exit 0\n")  # fmt: skip
     stub.chmod(0o755)
     root = Path(__file__).resolve().parents[1]
     base = {k: v for k, v in os.environ.items() if k not in ("GM_TRITON_AUTOTUNE", "BENCH_AUTOTUNE")}
     run = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
-                         env={**base, **env, "STAGES": "bench", "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
-                              "BENCH_OPS": "minibatch"}, timeout=60)  # fmt: skip
+                         env={**base, **env, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WARM_JOBS": "2"},
+                         timeout=60)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    (line,) = seen.read_text().splitlines()
+    return sorted(seen.read_text().splitlines())
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "1"), ({"GM_TRITON_AUTOTUNE": "picks"}, "picks"),
+                                               ({"GM_TRITON_AUTOTUNE": "picks", "BENCH_AUTOTUNE": "0"}, "0")])  # fmt: skip
+def test_gpu_check_bench_stage_keeps_the_callers_autotune_mode(tmp_path, env, expected):
+    """bench/gpu_check.sh's bench stage runs `python -m bench` with BENCH_AUTOTUNE, else the caller's
+    GM_TRITON_AUTOTUNE, else 1 (a GPU session's second call sets GM_TRITON_AUTOTUNE=picks: bench/NOTES.md)."""
+    (line,) = _gpu_check(tmp_path, {**env, "STAGES": "bench", "BENCH_OPS": "minibatch"})
     assert line.split()[0] == expected and "--ops minibatch" in line
+
+
+@pytest.mark.parametrize(("mode", "aot_args", "models"), [("1", "", False), ("0", "--first-config", True),
+                                                          ("picks", "--picks nvidia-h200", True)])  # fmt: skip
+def test_gpu_check_warms_what_the_bench_will_launch(tmp_path, mode, aot_args, models):
+    """The warm stage compiles what the bench stage's mode launches: every config when autotuning (not the models
+    cases: thousands of variants), the first suitable config with autotuning off, the shipped pick of the GPU (or
+    the first suitable) with picks; one bench.aot process per shard."""
+    lines = _gpu_check(tmp_path, {"STAGES": "warm,bench", "BENCH_AUTOTUNE": mode, "BENCH_OPS": "row_lstm,models"})
+    warm = [line for line in lines if "bench.aot" in line]
+    assert len(warm) == 2 and all(f"--shard {k}/2" in line for k, line in enumerate(warm))
+    ops = "row_lstm,models" if models else "row_lstm"
+    assert all(f"--ops {ops} {aot_args}".replace("  ", " ") in line for line in warm), warm
 
 
 def test_compile_ops_keeps_the_compile_baselines_of_the_named_modules_only(monkeypatch):
