@@ -166,20 +166,6 @@ def _spec(jit, args, kwargs) -> str:
     return " ".join(([_short(first)] if first is not None else []) + consts)
 
 
-def picks_choice(autotuner, configs: list, kwargs: dict, slug: str) -> list:
-    """The config that GM_TRITON_AUTOTUNE=picks launches for this call on the GPU `slug` (gm.kernels._common's
-    TableAutotuner.enter_pick), as a one-element list: the table's pick for Triton's key of the launch (computed as
-    Autotuner.run does in Triton 3.6 and 3.9: the key arguments' values, then every tensor's dtype) when `configs`
-    (the call's pruned list) holds it, else the first of `configs`."""
-    from gm.kernels._common import table_picks  # noqa: PLC0415
-
-    named = {k: v for k, v in {**autotuner.nargs, **kwargs}.items() if k in autotuner.arg_names}
-    key = [named[k] for k in autotuner.keys if k in named]
-    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    config = table_picks(autotuner.base_fn.__name__, autotuner.configs, slug).get(tuple(str(k) for k in key))
-    return [config] if config is not None and config in configs else configs[:1]
-
-
 class Collector:
     def __init__(self, arch: int, first_config: bool, shard: tuple[int, int] = (0, 1), picks: str | None = None):
         self.arch = arch
@@ -248,6 +234,8 @@ class Collector:
             self.nargs = dict(zip(self.arg_names, args, strict=False))
             configs = self.prune_configs(kwargs)
             if collector.picks:
+                from gm.kernels._common import picks_choice  # noqa: PLC0415
+
                 configs = picks_choice(self, configs, kwargs, collector.picks)
             elif collector.first_config:
                 configs = configs[:1]

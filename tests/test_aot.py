@@ -75,8 +75,8 @@ def test_picks_choice_is_what_the_picks_mode_launches(monkeypatch):
     import torch  # noqa: PLC0415
     import triton  # noqa: PLC0415
 
-    from bench.aot import picks_choice  # noqa: PLC0415
     from gm.kernels import _common  # noqa: PLC0415
+    from gm.kernels._common import picks_choice  # noqa: PLC0415
 
     configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64, 128)]
     table = {"picks": {"k": [{"key": ["1024", "torch.float32"], "config": str(configs[2])}]}}
