@@ -171,7 +171,7 @@ def _gpu_check(tmp_path, env: dict) -> list[str]:
                                                ({"GM_TRITON_AUTOTUNE": "picks", "BENCH_AUTOTUNE": "0"}, "0")])  # fmt: skip
 def test_gpu_check_bench_stage_keeps_the_callers_autotune_mode(tmp_path, env, expected):
     """bench/gpu_check.sh's bench stage runs `python -m bench` with BENCH_AUTOTUNE, else the caller's
-    GM_TRITON_AUTOTUNE, else 1 (a GPU session's second call sets GM_TRITON_AUTOTUNE=picks: bench/NOTES.md)."""
+    GM_TRITON_AUTOTUNE, else 1 (session 10 planned GM_TRITON_AUTOTUNE=picks for a call: bench/NOTES.md)."""
     (line,) = _gpu_check(tmp_path, {**env, "STAGES": "bench", "BENCH_OPS": "minibatch"})
     assert line.split()[0] == expected and "--ops minibatch" in line
 
