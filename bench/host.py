@@ -5,9 +5,10 @@ to a stub extension whose kernel entry points return at once, so what is timed i
 that a GPU step pays before its kernels run: argument checks, backend choice, autograd, layout helpers, weight
 packing, allocations and launch arguments. On the H200 machine's host that cost was what set the eager time of
 the small benchmark cases (bench/NOTES.md), so it is tracked here, where it can be measured. A tiny real
-nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module. --models adds
-each model's training step (its mnist preset on a 1x1x6x6 image, loss and backward), PixelCNN with its fused
-(ReLU, conv) chains (gm.nn.relu_conv) on and off.
+nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module; --breakdown
+times MaskedConv2d's cuda path piece by piece beside the floor of an autograd.Function making the same 8 launches.
+--models adds each model's training step (its mnist preset on a 1x1x6x6 image, loss and backward), PixelCNN with
+its fused (ReLU, conv) chains (gm.nn.relu_conv) on and off.
 """
 
 from __future__ import annotations
@@ -141,6 +142,67 @@ def model_step(name: str):
     return run
 
 
+def _launch_stub(*args) -> None:
+    """A launch with nothing behind it (what the stub extension's entry points are, without the counting)."""
+
+
+class _Floor(torch.autograd.Function):
+    """The least an op's eager fwd+bwd can cost in Python: an autograd.Function making 8 stub launches (3 forward, 5
+    backward) and 5 allocations, as MaskedConv2d's cuda path does."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        y = torch.empty(x.shape)
+        for _ in range(3):
+            _launch_stub(x.data_ptr(), w.data_ptr(), y.data_ptr(), 2, 8, 5, 5, 8, 8, 0, 0, 1)
+        ctx.save_for_backward(x, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx, dw, db = torch.empty(x.shape), torch.empty(w.shape), torch.empty(w.shape[0])
+        for _ in range(5):
+            _launch_stub(g.data_ptr(), x.data_ptr(), dx.data_ptr(), 2, 8, 5, 5, 8, 8, 0, 0, 1)
+        return dx, dw, db
+
+
+def breakdown(calls: int) -> list[tuple[str, float]]:
+    """(piece, host us) of MaskedConv2d's cuda path, each piece timed on its own (launches stubbed), and the floor."""
+    from gm.nn import MaskedConv2d  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops import masked_conv as mc  # noqa: PLC0415
+
+    m = MaskedConv2d(8, 8, 3, mask="B", backend="cuda")
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    xd, w, b, g = x.detach(), m.weight.detach(), m.bias.detach(), torch.randn(2, 8, 5, 5)
+    plan = mc.pack_plan(w.shape, "B", None, None, w.device)
+    ops = c.weight_operands(w, plan, fresh=True)
+    floor_x, floor_w, floor_b = (t.clone().requires_grad_() for t in (x.detach(), w, b))
+    pieces = {
+        "module fwd+bwd": fwd_bwd(m, x),
+        "module fwd": lambda: m(x),
+        "  op implementation (fwd)": lambda: mc._masked_conv2d_impl(xd, w, b, "B", None, None, "cuda"),
+        "    weight pack (gather)": lambda: c.weight_operands(w, plan, fresh=True),
+        "    forward launcher": lambda: c.forward(xd, ops, b, plan.taps),
+        "  backward implementation": lambda: mc._masked_conv2d_backward_impl(g, xd, w, "B", None, None, "cuda", True,
+                                                                             True, True),  # fmt: skip
+        "    backward launcher": lambda: c.backward(g, xd, ops, plan.taps, plan, tuple(w.shape), w.dtype, True, True,
+                                                    bias_grad=True),  # fmt: skip
+        "floor: autograd.Function, 8 launches": fwd_bwd_floor(floor_x, floor_w, floor_b),
+    }
+    return [(name, time_us(run, calls)) for name, run in pieces.items()]
+
+
+def fwd_bwd_floor(x, w, b):
+    def run():
+        y = _Floor.apply(x, w, b)
+        torch.autograd.backward([y], [torch.ones_like(y)])
+        x.grad = w.grad = b.grad = None
+
+    return run
+
+
 def time_us(run, calls: int, repeats: int = 5) -> float:
     for _ in range(20):
         run()
@@ -159,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="a module name from the table: cProfile its fwd+bwd")
     p.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime, ...)")
     p.add_argument("--models", action="store_true", help="also each model's training step (mnist preset, 6x6)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also MaskedConv2d's host time piece by piece, beside an 8-launch autograd.Function's floor")
     args = p.parse_args(argv)
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
@@ -188,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 entries, ops = launches(run)
                 print(f"| model {name} (training step) | {us:.1f} | {entries} | {ops} |", flush=True)
             relu_conv.FUSED = True
+        if args.breakdown:
+            print("\n| MaskedConv2d (cuda) piece | host us (min of 5) |\n|---|---|")
+            for name, us in breakdown(args.calls):
+                print(f"| {name} | {us:.1f} |", flush=True)
         if profile_name:
             make, shape = modules[profile_name]
             run = fwd_bwd(make(), torch.randn(*shape, requires_grad=True))

@@ -96,6 +96,16 @@ def test_host_cost_tool_runs_every_module(capsys):
         assert f"| {name}" in out
 
 
+def test_host_cost_breakdown_lists_the_pieces_and_the_floor(capsys):
+    """--breakdown: MaskedConv2d's cuda path piece by piece, and the floor (an autograd.Function, 8 stub launches)."""
+    from bench import host  # noqa: PLC0415
+
+    assert host.main(["--calls", "2", "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    for piece in ("| module fwd+bwd |", "weight pack (gather)", "backward launcher", "| floor: autograd.Function"):
+        assert piece in out
+
+
 def test_host_cost_profile_takes_a_prefix_and_names_the_choices(capsys):
     """--profile takes a module's name or a prefix naming one; anything else stops before timing, listing the names."""
     from bench import host  # noqa: PLC0415
