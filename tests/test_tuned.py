@@ -440,3 +440,52 @@ def test_picks_only_run_exports_no_picks(monkeypatch):
 
     monkeypatch.setattr(_common, "PICKS_ONLY", True)
     assert harness.autotune_picks() == {}
+
+
+_KEY_ARITY = r"""
+import collections, json, sys
+import bench.aot as aot
+from gm.kernels import _common
+aot.Collector.compile = lambda self, *a, **k: None  # nothing compiled: only the launches' keys are wanted
+seen = collections.defaultdict(set)
+real = _common.picks_choice
+
+def spy(autotuner, configs, kwargs, slug):
+    named = {k: v for k, v in {**autotuner.nargs, **kwargs}.items() if k in autotuner.arg_names}
+    key = [named[k] for k in autotuner.keys if k in named] + [v for v in named.values() if hasattr(v, "dtype")]
+    seen[autotuner.base_fn.__name__].add(len(key))
+    return real(autotuner, configs, kwargs, slug)
+
+_common.picks_choice = spy
+aot.main(["--quick", "--ops", sys.argv[1], "--picks", sys.argv[2]])
+print("ARITY " + json.dumps({k: sorted(v) for k, v in seen.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_shipped_picks_have_the_arity_of_todays_launch_keys(tmp_path):
+    """Each shipped pick's key has as many entries as the key Triton computes for that kernel's launches now (its
+    key arguments, then one dtype per tensor argument), found by driving the benchmark's quick cases through
+    bench.aot --picks with compiles skipped. A kernel that gains a tensor argument changes that count and silently
+    kills every shipped pick of it: session 10's residual, gate and bias-sum arguments did so to masked_conv's
+    forward and weight-gradient picks, which session 11 rewrote (the new arguments' dtypes appended)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    for path in sorted(_common.TUNED_DIR.glob("*.json")):
+        picks = json.loads(path.read_text())["picks"]
+        ops = "masked_conv,row_lstm,diagonal_lstm,minibatch,iaf"
+        run = subprocess.run([sys.executable, "-c", _KEY_ARITY, ops, path.stem], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+        line = next((x for x in run.stdout.splitlines() if x.startswith("ARITY ")), None)
+        assert line is not None, run.stderr[-3000:]
+        arity = json.loads(line[len("ARITY "):])
+        for kernel, entries in picks.items():
+            assert kernel in arity, f"{path.name}: {kernel} was not launched by the quick cases"
+            lengths = {len(p["key"]) for p in entries}
+            assert lengths <= set(arity[kernel]), f"{path.name}: {kernel} keys of {lengths}, launches {arity[kernel]}"
