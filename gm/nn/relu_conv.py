@@ -112,10 +112,10 @@ class _ReluConvChain(torch.autograd.Function):
             # each layer: dh = relu'(h) * conv^T g (+ the residual's gradient at the first), the weight gradient of
             # conv(relu(h)) and the bias gradient from the same kernels, the forward's packed weight
             need_b = need[3 + 2 * i] and ctx.has_bias[i]
-            out = _BACKWARD[backend](g, inputs[i], weights[i], *convs[i], i > 0 or need[1], need[2 + 2 * i],
-                                     relu_in=True, residual=g_out if i == 0 and residual else None, bias_grad=need_b)
-            g, grads[2 * i] = out[:2]
-            grads[2 * i + 1] = out[2] if need_b else None
+            g, grads[2 * i], grads[2 * i + 1] = _BACKWARD[backend](
+                g, inputs[i], weights[i], *convs[i], i > 0 or need[1], need[2 + 2 * i], relu_in=True,
+                residual=g_out if i == 0 and residual else None, bias_grad=need_b,
+            )  # fmt: skip
             if g is not None:  # in its input's layout (cuda writes the grad's: the logits' may be ambiguous)
                 g = g.contiguous(memory_format=format_of(inputs[i]))
         return None, g, *grads

@@ -187,27 +187,27 @@ def _full_mask(weight: torch.Tensor, mask: str, in_groups, out_groups) -> torch.
 _CROP_BACKWARD_MIN_TAPS = 25
 
 
-def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
+def _cpu_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w, *, bias_grad=False):
     kh, kw = weight.shape[2:]
     if kh > 1 and kh * kw < _CROP_BACKWARD_MIN_TAPS:
         m = _full_mask(weight, mask, in_groups, out_groups)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad]
         )
-        return (gx if need_x else None), (gw * m if need_w else None)
+        return (gx if need_x else None), (gw * m if need_w else None), (gb if bias_grad else None)
     cy, cx, kw_used = _cpu_geometry(weight)
     crop_mask = _crop_mask(weight, mask, in_groups, out_groups)[..., :kw_used]
     w = weight[:, :, : cy + 1, :kw_used] * crop_mask
     xp = _pad_for_crop(x, cy, cx, kw_used)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad]
     )
     dx = gx[:, :, cy:, cx : cx + x.shape[3]] if need_x else None
     dw = None
     if need_w:
         dw = torch.zeros_like(weight)
         dw[:, :, : cy + 1, :kw_used] = gw * crop_mask
-    return dx, dw
+    return dx, dw, (gb if bias_grad else None)
 
 
 def _reference_forward(x, weight, bias, mask, in_groups, out_groups):
@@ -216,15 +216,15 @@ def _reference_forward(x, weight, bias, mask, in_groups, out_groups):
     return ref(x, weight, bias, mask=mask, in_groups=in_groups, out_groups=out_groups)
 
 
-def _reference_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w):
+def _reference_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w, *, bias_grad=False):
     from gm.reference.masked_conv import conv_mask  # noqa: PLC0415
 
     kh, kw = weight.shape[-2:]
     m = conv_mask(tuple(weight.shape), mask, in_groups, out_groups, weight.device).to(weight.dtype)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight * m, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, bias_grad]
     )
-    return gx, (gw * m if need_w else None)
+    return gx, (gw * m if need_w else None), (gb if bias_grad else None)
 
 
 def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input_grad: bool = True):
@@ -253,10 +253,12 @@ def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input
     return _ext.packed(weight, ("masked_conv_triton", id(plan)), lambda: (plan, pack(2)), fresh=fresh)[1]
 
 
-# The triton and cuda implementations also take the fused (ReLU, conv) layers' options (gm.nn.relu_conv): forward
-# relu_in (conv(relu(x))) and residual (added to y), backward relu_in (the gradients of conv(relu(x))), residual
-# (added to dx) and bias_grad ((dx, dw, db), the bias gradient from the weight-gradient kernels); backward (forward):
-# whether a backward follows, so the weight's input-gradient operand is packed too (default: backward_expected()).
+# Every backend's backward returns (dx, dw, db), each None where not asked for; bias_grad asks for db (on triton
+# and cuda summed by the weight-gradient kernels as they read grad, no pass of its own). The triton and cuda
+# implementations also take the fused (ReLU, conv) layers' options (gm.nn.relu_conv): forward relu_in
+# (conv(relu(x))) and residual (added to y), backward relu_in (the gradients of conv(relu(x))) and residual (added
+# to dx); backward (forward): whether a backward follows, so the weight's input-gradient operand is packed too
+# (default: backward_expected()).
 
 
 def _triton_forward(x, weight, bias, mask, in_groups, out_groups, *, relu_in=False, residual=None, backward=None):
@@ -288,7 +290,7 @@ def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_
         dw, db = dw if bias_grad else (dw, None)
     elif bias_grad:
         db = grad.sum(dim=(0, 2, 3))
-    return (dx, dw, db) if bias_grad else (dx, dw)
+    return dx, dw, db
 
 
 def _cuda_forward(x, weight, bias, mask, in_groups, out_groups, *, relu_in=False, residual=None, backward=None):
@@ -307,8 +309,9 @@ def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w,
     # the forward's operands, unless weight changed since
     operands = c.weight_operands(weight, plan, fresh=False) if need_x else None
     # converts grad to NHWC once for both gradients; the weight gradient comes back in weight's layout and dtype
-    return c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w,
-                      relu_in=relu_in, residual=residual, bias_grad=bias_grad)  # fmt: skip
+    grads = c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w,
+                       relu_in=relu_in, residual=residual, bias_grad=bias_grad)  # fmt: skip
+    return grads if bias_grad else (*grads, None)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -359,19 +362,12 @@ def _masked_conv2d_backward_impl(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous(memory_format=format_of(grad))
-    if backend in _BIAS_GRAD_IN_KERNELS:  # the bias gradient summed by the weight-gradient kernels, no extra pass
-        grads = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w, bias_grad=need_b)
-        dx, dw, db = grads if need_b else (*grads, None)
-    else:
-        dx, dw = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w)
-        db = grad.sum(dim=(0, 2, 3)) if need_b else None
+    dx, dw, db = _BACKWARD[backend](grad, x, weight, mask, in_groups, out_groups, need_x, need_w, bias_grad=need_b)
     dx = dx.contiguous(memory_format=format_of(x)) if dx is not None else x.new_empty(0)
     dw = dw.contiguous() if dw is not None else weight.new_empty(0)
     return dx, dw, (db if db is not None else weight.new_empty(0))
 
 
-# Backends whose backward takes bias_grad=True (the fused layers' option above) and returns (dx, dw, db).
-_BIAS_GRAD_IN_KERNELS = frozenset({"triton", "cuda"})
 _masked_conv2d_backward_op = torch.library.custom_op(_OP + "_backward", _masked_conv2d_backward_impl, mutates_args=())
 
 
