@@ -42,11 +42,11 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
-def check_count(least: int = 1, **values: object) -> None:
-    """Each keyword argument is an int (not a bool) >= `least`: a layer's sizes and counts."""
+def check_count(least: int = 1, error: type[Exception] = ValueError, **values: object) -> None:
+    """Each keyword argument is an int (not a bool) >= `least`: a layer's sizes and counts (else `error`)."""
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+            raise error(f"{name} must be an integer >= {least}, got {v!r}")
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:

@@ -28,6 +28,7 @@ import torch
 
 import gm.data as gmdata
 import gm.models as gmmodels
+from gm._checks import check_count
 
 CHECKPOINT_FORMAT = "gm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -69,14 +70,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Sizes, counts and rates that cannot run stop here, naming the setting (`gm train` checks its flags the
         same way when it parses them)."""
-        ints = {"batch_size": 1, "log_every": 1, "eval_batch_size": 1, "eval_every": 0, "sample_every": 0,
-                "ckpt_every": 0, "n_samples": 0}  # fmt: skip
-        if self.steps is not None:
-            ints["steps"] = 1
-        for name, least in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                raise TrainError(f"{name} must be an integer >= {least}, got {v!r}")
+        steps = {"steps": self.steps} if self.steps is not None else {}
+        check_count(1, TrainError, batch_size=self.batch_size, log_every=self.log_every,
+                    eval_batch_size=self.eval_batch_size, **steps)  # fmt: skip
+        check_count(0, TrainError, eval_every=self.eval_every, sample_every=self.sample_every,
+                    ckpt_every=self.ckpt_every, n_samples=self.n_samples)  # fmt: skip
         for name in ("lr", "epochs", "max_minutes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf):

@@ -153,15 +153,20 @@ def table_picks(name: str, configs: list, slug: str | None) -> dict:
     return {tuple(p["key"]): by_fields[f] for p in picks if (f := config_fields(p["config"])) in by_fields}
 
 
-def picks_choice(autotuner, configs: list, kwargs: dict, slug: str) -> list:
-    """The config that GM_TRITON_AUTOTUNE=picks launches for this call on the GPU `slug` (TableAutotuner.enter_pick),
-    as a one-element list (what bench.aot --picks compiles): the table's pick for Triton's key of the launch (computed as
-    Autotuner.run does in Triton 3.6 and 3.9: the key arguments' values, then every tensor's dtype) when `configs`
-    (the call's pruned list) holds it, else the first of `configs`."""
+def launch_key(autotuner, kwargs: dict) -> tuple:
+    """Triton's autotune key of the launch in progress (autotuner.nargs set), as str: the key arguments' values, then
+    every tensor argument's dtype, as Autotuner.run computes it in Triton 3.6 and 3.9 (and the tables record it)."""
     named = {k: v for k, v in {**autotuner.nargs, **kwargs}.items() if k in autotuner.arg_names}
     key = [named[k] for k in autotuner.keys if k in named]
     key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    config = table_picks(autotuner.base_fn.__name__, autotuner.configs, slug).get(tuple(str(k) for k in key))
+    return tuple(str(k) for k in key)
+
+
+def picks_choice(autotuner, configs: list, kwargs: dict, slug: str) -> list:
+    """The config that GM_TRITON_AUTOTUNE=picks launches for this call on the GPU `slug` (TableAutotuner.enter_pick),
+    as a one-element list (what bench.aot --picks compiles): the table's pick for the launch's key (launch_key) when
+    `configs` (the call's pruned list) holds it, else the first of `configs`."""
+    config = table_picks(autotuner.base_fn.__name__, autotuner.configs, slug).get(launch_key(autotuner, kwargs))
     return [config] if config is not None and config in configs else configs[:1]
 
 

@@ -448,15 +448,14 @@ import bench.aot as aot
 from gm.kernels import _common
 aot.Collector.compile = lambda self, *a, **k: None  # nothing compiled: only the launches' keys are wanted
 seen = collections.defaultdict(set)
-real = _common.picks_choice
+real = _common.launch_key
 
-def spy(autotuner, configs, kwargs, slug):
-    named = {k: v for k, v in {**autotuner.nargs, **kwargs}.items() if k in autotuner.arg_names}
-    key = [named[k] for k in autotuner.keys if k in named] + [v for v in named.values() if hasattr(v, "dtype")]
+def spy(autotuner, kwargs):
+    key = real(autotuner, kwargs)
     seen[autotuner.base_fn.__name__].add(len(key))
-    return real(autotuner, configs, kwargs, slug)
+    return key
 
-_common.picks_choice = spy
+_common.launch_key = spy
 aot.main(["--quick", "--ops", sys.argv[1], "--picks", sys.argv[2]])
 print("ARITY " + json.dumps({k: sorted(v) for k, v in seen.items()}))
 """
