@@ -557,39 +557,75 @@ def test_made_iaf_step_gemm(gemm, dtype, monkeypatch):
     test_made_iaf._compare("cuda", (9, 5, 21, 2, 3, True), _precision(dtype, monkeypatch), "gated")
 
 
-@pytest.mark.parametrize("activation", ["elu", "relu"])
-def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, activation, monkeypatch):
+# (N, D, hidden, n_hidden, context, dtype, mode): widths that are not whole 16-byte rows (the per-layer launchers,
+# which pad), then whole ones (gm.ops._made_iaf_cuda's planned launches), in both dtypes and modes, one wide D.
+MADE_IAF_NODE_CASES = [
+    (7, 5, 24, 3, 2, torch.bfloat16, "gated"),
+    (7, 8, 24, 3, 8, torch.bfloat16, "gated"),
+    (9, 4, 12, 2, 0, "3xtf32", "affine"),
+    (5, 72, 80, 2, 0, torch.float16, "gated"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, activation",
+    # without an activation the per-layer launchers run act_grad (an identity): only the planned cases take None
+    [(c, a) for c in MADE_IAF_NODE_CASES for a in ("elu", "relu", None) if a or c is not MADE_IAF_NODE_CASES[0]],
+    ids=str,
+)
+def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation, monkeypatch):
     """On cuda the one-node step chains the layers' backward: each input gradient into a hidden layer's output comes
     back as that layer's pre-activation gradient from the GEMM's epilogue (no separate activation-gradient pass).
     Bit for bit what the per-layer ops give (their separate pass reads the rounded input gradient, as the epilogue
-    rounds it first), for every subset of wanted gradients; bf16, three hidden layers, with context."""
+    rounds it first), for every subset of wanted gradients; three hidden layers with context, two without. Steps
+    whose widths are whole 16-byte rows take the planned launches (gm.ops._made_iaf_cuda), the others the per-layer
+    launchers: each case checks which ran."""
     from gm.ops import _eager  # noqa: PLC0415
+    from gm.ops import _made_iaf_cuda as planned  # noqa: PLC0415
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
     from tests.ops import test_made_iaf  # noqa: PLC0415
 
+    n, d, hidden, n_hidden, context, dtype, mode = case
+    dtype = _precision(dtype, monkeypatch)
+    width_bytes = [(w * dtype.itemsize) % 16 for w in (d + context, hidden)]
+    plan_expected = not any(width_bytes)
     torch.manual_seed(3)
-    z, ctx, weights, masks, biases = test_made_iaf._inputs(7, 5, 24, 3, 2, True, torch.bfloat16)
+    z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, True, dtype, mode)
     leaves = test_made_iaf._leaves(z, ctx, weights, biases)
-    calls = []
-    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
-
-    act_grad = kc.act_grad
+    calls, plans = [], []
+    act_grad, plan_forward = kc.act_grad, planned.forward
     monkeypatch.setattr(kc, "act_grad", lambda *a, **k: calls.append(1) or act_grad(*a, **k))
+    monkeypatch.setattr(planned, "forward", lambda *a, **k: plans.append(1) or plan_forward(*a, **k))
     for wanted in (set(range(len(leaves))), {0}, {2}, {len(leaves) - 1}):
         runs = {}
         for fast in (True, False):
             monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
             calls.clear()
+            plans.clear()
             fresh = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves)]
             it = iter(fresh)
-            zz, cc = next(it), next(it)
+            zz, cc = next(it), (next(it) if context else None)
             ww = [next(it) for _ in weights]
             bb = [next(it) for _ in biases]
-            z_new, ld = gm.ops.made_iaf_step(zz, ww, masks, bb, context=cc, activation=activation, backend="cuda")
+            z_new, ld = gm.ops.made_iaf_step(zz, ww, masks, bb, context=cc, mode=mode, activation=activation,
+                                             backend="cuda")  # fmt: skip
             grads = torch.autograd.grad(test_made_iaf._loss(z_new, ld), [fresh[i] for i in sorted(wanted)])
-            runs[fast] = ([z_new, ld, *grads], len(calls))
+            runs[fast] = ([z_new, ld, *grads], len(calls), len(plans))
         for a, b in zip(runs[True][0], runs[False][0], strict=True):
             assert torch.equal(a, b), wanted
         assert runs[True][1] == 0, "the one-node step ran a separate activation-gradient pass"
+        assert runs[True][2] == int(plan_expected), "planned launches ran where they should not, or did not run"
+        assert runs[False][2] == 0, "the registered per-layer ops ran the planned launches"
+    outs = {}
+    for fast in (True, False):  # a forward without autograd (sampling) takes the planned launches too
+        monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+        plans.clear()
+        with torch.no_grad():
+            outs[fast] = gm.ops.made_iaf_step(z, weights, masks, biases, context=ctx, mode=mode, activation=activation,
+                                              backend="cuda")  # fmt: skip
+        assert len(plans) == int(fast and plan_expected)
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert torch.equal(a, b)
 
 
 # (N, C_in, C_out, H, W, kh, kw, mask, colour groups)

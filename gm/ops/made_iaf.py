@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from gm._backend import resolve
 from gm._checks import check_choice, check_same, check_tensor
+from gm.ops import _made_iaf_cuda as _cuda_plan
 from gm.ops._eager import eager_ok, needs_grad
 from gm.ops.iaf import _FUSED_BWD, _FUSED_FWD, CUDA_FUSED_READY, MODES, _grad_or_zeros, iaf_made_output
 from gm.ops.masked_linear import (
@@ -50,13 +51,22 @@ def _entries(masks) -> list:
     return [mask_entry(m, f"masks[{i}]") for i, m in enumerate(masks)]
 
 
-def _run_forward(z, context, weights, masks, biases, mode, act, backend, entries):
-    """The layers' forward kernels: (z', logdet, inputs of every layer, what the output layer saved)."""
+def _run_forward(z, context, weights, masks, biases, mode, act, backend):
+    """The layers' forward kernels: (z', logdet, inputs of every layer, what the output layer saved, the masks'
+    cache entries, the cuda backend's StepPlan or None). z contiguous. On cuda, steps whose widths are whole 16-byte
+    rows run their planned launches (gm.ops._made_iaf_cuda): the same kernels and arguments as the per-layer
+    launchers, less host work."""
+    plan = _cuda_plan.plan_for(z, context, weights, masks, act, mode) if backend == "cuda" else None
+    if plan is not None:
+        z_new, ld, xs = _cuda_plan.forward(plan, _first_input(z, context), z, weights, biases)
+        return z_new, ld, xs, [], plan.entries, plan
+    # The masks' cache entries (strong references; the cpu backend also keeps its GEMM plans in them).
+    entries = _entries(masks)
     xs = [_first_input(z, context)]
     for w, m, b, e in zip(weights[:-1], masks[:-1], biases[:-1], entries[:-1], strict=True):
         xs.append(_FORWARD[backend](xs[-1], w, m, b, act, entry=e).contiguous())
     z_new, ld, *saved = _FUSED_FWD[backend](xs[-1], weights[-1], masks[-1], biases[-1], z, mode, entry=entries[-1])
-    return z_new.contiguous(), ld.contiguous(), xs, saved
+    return z_new.contiguous(), ld.contiguous(), xs, saved, entries, None
 
 
 class _MadeIafStep(torch.autograd.Function):
@@ -66,14 +76,13 @@ class _MadeIafStep(torch.autograd.Function):
     def forward(ctx, spec, z, context, *tensors):
         layers, mode, act, backend = spec
         weights, masks, biases = tensors[:layers], tensors[layers : 2 * layers], tensors[2 * layers :]
-        # The masks' cache entries (strong references; the cpu backend also keeps its GEMM plans in them).
-        entries = _entries(masks)
-        z_new, ld, xs, saved = _run_forward(z.contiguous(), context, weights, masks, biases, mode, act, backend,
-                                            entries)  # fmt: skip
-        ctx.spec, ctx.entries = spec, entries
+        z_new, ld, xs, saved, entries, plan = _run_forward(z.contiguous(), context, weights, masks, biases, mode,
+                                                           act, backend)  # fmt: skip
+        ctx.spec, ctx.entries, ctx.plan = spec, entries, plan
         ctx.has_bias = [b is not None for b in biases]
-        # The output layer's backward recomputes [m, s] (its bias too); the hidden layers' read their outputs.
-        ctx.save_for_backward(z, *xs, *weights, *masks, biases[-1], *(saved[:1]))
+        # The output layer's backward recomputes [m, s] (its bias too); the hidden layers' read their outputs. The
+        # planned cuda path reads the masks through the plan's entries.
+        ctx.save_for_backward(z, *xs, *weights, biases[-1], *(masks if plan is None else ()), *(saved[:1]))
         return z_new, ld
 
     @staticmethod
@@ -81,9 +90,9 @@ class _MadeIafStep(torch.autograd.Function):
     def backward(ctx, gz, gl):
         layers, mode, act, backend = ctx.spec
         saved = ctx.saved_tensors
-        z, xs = saved[0], saved[1 : layers + 1]
-        weights, masks = saved[layers + 1 : 2 * layers + 1], saved[2 * layers + 1 : 3 * layers + 1]
-        out_bias, out_saved = saved[3 * layers + 1], saved[3 * layers + 2 :]
+        z, xs, weights = saved[0], saved[1 : layers + 1], saved[layers + 1 : 2 * layers + 1]
+        out_bias, rest = saved[2 * layers + 1], saved[2 * layers + 2 :]
+        masks, out_saved = (rest[:layers], rest[layers:]) if ctx.plan is None else (None, ())
         need = ctx.needs_input_grad  # (spec, z, context, *weights, *masks, *biases)
         need_z, need_ctx = need[1], need[2]
         need_w = need[3 : 3 + layers]
@@ -95,33 +104,45 @@ class _MadeIafStep(torch.autograd.Function):
         below = [need_z or need_ctx]
         for i in range(layers - 1):
             below.append(below[-1] or need_w[i] or need_b[i])
-        dws, dbs = [None] * layers, [None] * layers
-        # cuda: each input gradient into a hidden layer's output comes back as that layer's pre-activation gradient
-        # (the activation gradient in the GEMM's epilogue, bit for bit the separate pass): one launch and one round
-        # trip through memory less per hidden layer.
-        chain = backend == "cuda" and act is not None
-
-        def onto(i):  # the cuda input gradient's `below` for layer i's input
-            return {"below": (xs[i], act) if i > 0 else None} if chain else {}
-
-        # The output layer, then the hidden layers from the last down: each passes its input's gradient on.
-        dh, dws[-1], dbs[-1], dz = _FUSED_BWD[backend](
-            xs[-1], weights[-1], masks[-1], out_bias, z, gz.contiguous(), gl.contiguous(), mode, below[-1],
-            need_w[-1], need_b[-1], out_saved[0] if out_saved else None, entry=ctx.entries[-1], **onto(layers - 1),
-        )  # fmt: skip
-        for i in range(layers - 2, -1, -1):
-            if not below[i + 1]:
-                continue  # nothing at or below layer i wants a gradient
-            need_x = below[i]
-            dh, dws[i], dbs[i] = _BACKWARD[backend](
-                dh.contiguous(), xs[i + 1], xs[i], weights[i], masks[i], act, need_x, need_w[i], need_b[i],
-                entry=ctx.entries[i], **({"grad_is_gp": True, **onto(i)} if chain else {}),
-            )  # fmt: skip
+        if ctx.plan is not None:
+            dz, dh, dws, dbs = _cuda_plan.backward(ctx.plan, xs, z, weights, out_bias, gz, gl, below, need_w, need_b)
+        else:
+            dz, dh, dws, dbs = _layers_backward(ctx, xs, z, weights, masks, out_bias, out_saved, gz, gl, below,
+                                                need_w, need_b)  # fmt: skip
         d = z.shape[1]
         if need_z:
             dz = dz + dh[:, :d]
         dctx = dh[:, d:] if need_ctx else None
         return None, (dz if need_z else None), dctx, *dws, *([None] * layers), *dbs
+
+
+def _layers_backward(ctx, xs, z, weights, masks, out_bias, out_saved, gz, gl, below, need_w, need_b):
+    """The per-layer launchers' backward of the step: (dz from the output layer, d[z, context] or None, weight and
+    bias gradients)."""
+    layers, mode, act, backend = ctx.spec
+    dws, dbs = [None] * layers, [None] * layers
+    # cuda: each input gradient into a hidden layer's output comes back as that layer's pre-activation gradient
+    # (the activation gradient in the GEMM's epilogue, bit for bit the separate pass): one launch and one round
+    # trip through memory less per hidden layer.
+    chain = backend == "cuda" and act is not None
+
+    def onto(i):  # the cuda input gradient's `below` for layer i's input
+        return {"below": (xs[i], act) if i > 0 else None} if chain else {}
+
+    # The output layer, then the hidden layers from the last down: each passes its input's gradient on.
+    dh, dws[-1], dbs[-1], dz = _FUSED_BWD[backend](
+        xs[-1], weights[-1], masks[-1], out_bias, z, gz.contiguous(), gl.contiguous(), mode, below[-1],
+        need_w[-1], need_b[-1], out_saved[0] if out_saved else None, entry=ctx.entries[-1], **onto(layers - 1),
+    )  # fmt: skip
+    for i in range(layers - 2, -1, -1):
+        if not below[i + 1]:
+            continue  # nothing at or below layer i wants a gradient
+        need_x = below[i]
+        dh, dws[i], dbs[i] = _BACKWARD[backend](
+            dh.contiguous(), xs[i + 1], xs[i], weights[i], masks[i], act, need_x, need_w[i], need_b[i],
+            entry=ctx.entries[i], **({"grad_is_gp": True, **onto(i)} if chain else {}),
+        )  # fmt: skip
+    return dz, (dh if below[0] else None), dws, dbs
 
 
 def _check_layers(z, context, weights, masks, biases) -> None:
@@ -228,8 +249,7 @@ def made_iaf_step(
             spec = (layers, mode, activation, chosen)
             return _MadeIafStep.apply(spec, z, context, *weights, *masks, *biases)
         with torch.no_grad():
-            entries = _entries(masks)
-            return _run_forward(z.contiguous(), context, weights, masks, biases, mode, activation, chosen, entries)[:2]
+            return _run_forward(z.contiguous(), context, weights, masks, biases, mode, activation, chosen)[:2]
     # Traced or under a mode: the registered per-layer ops.
     x = _first_input(z, context)
     for w, m, b in zip(weights[:-1], masks[:-1], biases[:-1], strict=True):
