@@ -99,7 +99,7 @@ class _MadeIafStep(torch.autograd.Function):
         need_b = [n and has for n, has in zip(need[3 + 2 * layers :], ctx.has_bias, strict=True)]
         z = z.contiguous()
         gz = _grad_or_zeros(gz, z)
-        gl = _grad_or_zeros(gl, z[:, 0])
+        gl = gl.contiguous() if gl is not None else torch.zeros_like(z[:, 0])
         # below[i]: whether anything before layer i wants a gradient, i.e. whether layer i passes one on.
         below = [need_z or need_ctx]
         for i in range(layers - 1):
