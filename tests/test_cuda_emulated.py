@@ -579,7 +579,7 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
     Bit for bit what the per-layer ops give (their separate pass reads the rounded input gradient, as the epilogue
     rounds it first), for every subset of wanted gradients; three hidden layers with context, two without. Steps
     whose widths are whole 16-byte rows take the planned launches (gm.ops._made_iaf_cuda), the others the per-layer
-    launchers: each case checks which ran."""
+    launchers: each case checks which ran. Outputs and scratch start as NaN, so an element left unwritten fails."""
     from gm.ops import _eager  # noqa: PLC0415
     from gm.ops import _made_iaf_cuda as planned  # noqa: PLC0415
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
@@ -592,6 +592,8 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
     torch.manual_seed(3)
     z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, True, dtype, mode)
     leaves = test_made_iaf._leaves(z, ctx, weights, biases)
+    # (the fixture NaN-fills torch.empty's floating tensors; the planned backward's byte scratch likewise)
+    monkeypatch.setattr(planned, "_workspace", lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8))
     calls, plans = [], []
     act_grad, plan_forward = kc.act_grad, planned.forward
     monkeypatch.setattr(kc, "act_grad", lambda *a, **k: calls.append(1) or act_grad(*a, **k))

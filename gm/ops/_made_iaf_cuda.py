@@ -120,6 +120,11 @@ def plan_for(z, context, weights, masks, act, mode) -> StepPlan | None:
     return plan
 
 
+def _workspace(nbytes: int, device) -> torch.Tensor:
+    """The backward's scratch bytes (every byte written before it is read)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _bias_ptr(b: torch.Tensor | None) -> int:
     return 0 if b is None else b.contiguous().data_ptr()
 
@@ -167,7 +172,7 @@ def backward(plan: StepPlan, xs, z, weights, out_bias, gz, gl, below, need_w, ne
     rows, d, layers = plan.rows, plan.d, plan.layers
     device = z.device
     stream = stream_of(z)
-    ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=device)
+    ws = _workspace(plan.workspace_bytes, device)
     base = ws.data_ptr()
     dz = torch.empty_like(z)
     dws, dbs = [None] * layers, [None] * layers

@@ -189,3 +189,23 @@ def test_gpu_matches_reference(backend, dtype):
     assert_rel(ld, ld_ref, dtype, "logdet", cuda)
     for i, (got, want) in enumerate(zip(grads, grads_ref, strict=True)):
         assert_rel(got, want, dtype, f"gradient of leaf {i}", cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_planned_step_equals_the_per_layer_ops(dtype, monkeypatch):
+    """On the GPU, the cuda backend's planned launches (gm.ops._made_iaf_cuda: the step's widths are whole 16-byte
+    rows) give bit for bit what the registered per-layer ops give: same kernels, same arguments, and no buffer freed
+    and reused while a kernel still reads it (the emulator runs the launches in order and cannot see that)."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    inputs = _inputs(1000, 64, 1024, 2, 8, True, dtype, device=cuda)
+    n = len(_leaves(inputs[0], inputs[1], inputs[2], inputs[4]))
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+        runs[fast] = [_run("cuda", inputs, "gated", set(range(n))) for _ in range(2)]  # twice: a warm plan too
+    for first, again in zip(runs[True], runs[False], strict=True):
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
