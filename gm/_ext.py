@@ -152,9 +152,19 @@ def gather(src: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = N
     return out
 
 
+_SM_COUNTS: dict = {}
+
+
 def sm_count(device) -> int:
-    """Streaming multiprocessors of the CUDA `device` (an index or torch.device): the split models' wave size."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Streaming multiprocessors of the CUDA `device` (an index or torch.device): the split models' wave size.
+    Asked once per device (a weight-gradient launcher asks on every call; torch's query is a few microseconds of
+    host time), keyed with the query function too, so a stand-in for it (the CUDA emulator's) gets its own answer."""
+    query = torch.cuda.get_device_properties
+    key = (device, query)
+    count = _SM_COUNTS.get(key)
+    if count is None:
+        count = _SM_COUNTS[key] = query(device).multi_processor_count
+    return count
 
 
 def reduction_splits(tiles: int, work: int, device, blocks_per_sm: int) -> int:
