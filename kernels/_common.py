@@ -286,6 +286,16 @@ def wave_splits(tiles: int, steps: int, element_size: int, min_steps: int) -> in
     return _reduction_splits(tiles, steps, slots, 1, min_steps, SPLIT_FIXED_STEPS, cap=2 * slots)
 
 
+def sm_slots() -> int:
+    """The current GPU's SM count (what wave_splits sizes its waves by; 0 under the interpreter): a cache key for
+    split counts computed from it."""
+    if INTERPRETED:
+        return 0
+    from gm._ext import sm_count  # noqa: PLC0415
+
+    return sm_count(torch.cuda.current_device())
+
+
 def smem_limit() -> int:
     """Shared memory one block may use on the current GPU (opt-in maximum)."""
     return _smem_limit(torch.cuda.current_device())

@@ -27,6 +27,8 @@ pixel loop made forward+backward 37 ms (cuDNN 4.5 ms), hence the int32 pixel mat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,7 @@ from gm.kernels._common import (
     dot_precision,
     fits_smem,
     int32_offsets,
+    sm_slots,
     suits,
     tuned,
     wave_splits,
@@ -336,6 +339,13 @@ def _wgrad_tiles(t: int, cin: int, cout: int, meta: dict) -> int:
     return t * cdiv(cin, meta["BLOCK_C"]) * cdiv(cout, meta["BLOCK_O"])
 
 
+@functools.lru_cache(maxsize=1024)
+def _most_splits(t: int, cin: int, cout: int, pixels: int, elem: int, slots: int) -> int:
+    """The most pixel splits any weight-gradient config asks for at this shape (slots: the SM count the splits
+    follow, part of the key only). Cached: ~14 configs' split models per call cost more host time than a launch."""
+    return max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"], elem) for c in _WGRAD_BLOCKS)
+
+
 def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False, bias_grad=False):
     """Weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: the packed (T, C_in, C_out)
     GEMM over pixels in float32 (float64 for float64) partial sums, then one unpack pass (the split sum, the scatter
@@ -358,7 +368,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=Fa
     # The split count follows the launched config's tiles (the autotuner calls grid() for every config it times,
     # the chosen one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
     elem = x.element_size()
-    most = max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"], elem) for c in _WGRAD_BLOCKS)
+    most = _most_splits(t, cin, cout, pixels, elem, sm_slots())
     partial = torch.empty(most, t, cin, cout, dtype=acc_torch, device=x.device)
     db_partial = torch.empty(most, cout, dtype=acc_torch, device=x.device) if bias_grad else partial
     launched = {}

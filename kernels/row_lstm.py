@@ -40,6 +40,8 @@ CL variant reads dgates and hs as (pixel, channel) tiles contiguous along the ch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,7 @@ from gm.kernels._common import (
     int32_offsets,
     next_power_of_2,
     sigmoid,
+    sm_slots,
     suits,
     tanh,
     tuned,
@@ -528,6 +531,18 @@ def _num_splits(tiles: int, items: int, element_size: int) -> int:
 _WGRAD_BLOCKS = [_WGRAD_INTERP] if INTERPRETED else [c.kwargs for c in _wgrad_configs()]
 
 
+def _splits(four_h: int, hidden: int, k: int, n: int, pixels: int, elem: int, meta: dict) -> int:
+    tiles = cdiv(four_h, meta["BLOCK_O"]) * k * cdiv(hidden, meta["BLOCK_J"])
+    return _num_splits(tiles, n * cdiv(pixels, meta["BLOCK_P"]), elem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _most_splits(four_h: int, hidden: int, k: int, n: int, pixels: int, elem: int, slots: int) -> int:
+    """The most pixel splits any weight-gradient config asks for at this shape (slots: the SM count the splits
+    follow, part of the key only), cached: the configs' split models per call cost more host time than a launch."""
+    return max(_splits(four_h, hidden, k, n, pixels, elem, c) for c in _WGRAD_BLOCKS)
+
+
 def weight_grad(dgates, hs, h0, k, taps: int = 0, gate_stride: int = 0):
     """dw_ss (4h, h, k) in the state dtype of dgates' dtype; taps as in
     row_lstm_wgrad_kernel (0: the Row LSTM's; 1, 2: the Diagonal LSTM's up/left taps, forward/reverse scan, k=2).
@@ -538,13 +553,12 @@ def weight_grad(dgates, hs, h0, k, taps: int = 0, gate_stride: int = 0):
     elem = dgates.element_size()
 
     def splits_for(meta):
-        tiles = cdiv(four_h, meta["BLOCK_O"]) * k * cdiv(hidden, meta["BLOCK_J"])
-        return _num_splits(tiles, n * cdiv(height * width, meta["BLOCK_P"]), elem)
+        return _splits(four_h, hidden, k, n, height * width, elem, meta)
 
     # The split count follows the launched config (the autotuner calls grid() for every config it times, the chosen
     # one last): the buffer holds the most splits any config asks for, the sum reads the launched ones.
-    partial = torch.empty(max(splits_for(c) for c in _WGRAD_BLOCKS), four_h, hidden, k, dtype=_state_dtype(dgates.dtype),
-                          device=hs.device)  # fmt: skip
+    partial = torch.empty(_most_splits(four_h, hidden, k, n, height * width, elem, sm_slots()), four_h, hidden, k,
+                          dtype=_state_dtype(dgates.dtype), device=hs.device)  # fmt: skip
     launched = {}
 
     def grid(meta):
