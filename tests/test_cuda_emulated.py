@@ -558,19 +558,28 @@ def test_made_iaf_step_gemm(gemm, dtype, monkeypatch):
 
 
 # (N, D, hidden, n_hidden, context, dtype, mode): widths that are not whole 16-byte rows (the per-layer launchers,
-# which pad), then whole ones (gm.ops._made_iaf_cuda's planned launches), in both dtypes and modes, one wide D.
+# which pad: the input and hidden widths, then only the output layer's 2D), then whole ones (gm.ops._made_iaf_cuda's
+# planned launches), in both dtypes and modes, one wide D.
 MADE_IAF_NODE_CASES = [
     (7, 5, 24, 3, 2, torch.bfloat16, "gated"),
+    (6, 1, 8, 2, 3, "3xtf32", "gated"),
     (7, 8, 24, 3, 8, torch.bfloat16, "gated"),
     (9, 4, 12, 2, 0, "3xtf32", "affine"),
     (5, 72, 80, 2, 0, torch.float16, "gated"),
 ]
 
 
+def _planned(case) -> bool:
+    """Whether the step takes the planned launches: the input, hidden and [m, s] widths whole 16-byte rows."""
+    n, d, hidden, n_hidden, context, dtype, mode = case
+    size = 4 if dtype == "3xtf32" else dtype.itemsize
+    return all((w * size) % 16 == 0 for w in (d + context, 2 * d, hidden))
+
+
 @pytest.mark.parametrize(
     "case, activation",
     # without an activation the per-layer launchers run act_grad (an identity): only the planned cases take None
-    [(c, a) for c in MADE_IAF_NODE_CASES for a in ("elu", "relu", None) if a or c is not MADE_IAF_NODE_CASES[0]],
+    [(c, a) for c in MADE_IAF_NODE_CASES for a in ("elu", "relu", None) if a or _planned(c)],
     ids=str,
 )
 def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation, monkeypatch):
@@ -585,10 +594,9 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
     from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
     from tests.ops import test_made_iaf  # noqa: PLC0415
 
+    plan_expected = _planned(case)
     n, d, hidden, n_hidden, context, dtype, mode = case
     dtype = _precision(dtype, monkeypatch)
-    width_bytes = [(w * dtype.itemsize) % 16 for w in (d + context, hidden)]
-    plan_expected = not any(width_bytes)
     torch.manual_seed(3)
     z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, True, dtype, mode)
     leaves = test_made_iaf._leaves(z, ctx, weights, biases)

@@ -34,12 +34,14 @@ def _aligned_width(n: int, dtype: torch.dtype) -> bool:
 
 
 def _applies(z: torch.Tensor, context: torch.Tensor | None, weights) -> bool:
-    """Whether the planned path runs this step: every width a whole number of 16-byte rows, a dtype the kernels
+    """Whether the planned path runs this step: every GEMM operand's rows a whole number of 16 bytes (the input
+    [z, context], each hidden layer's output and the output layer's [m, s] gradient, 2D wide), a dtype the kernels
     take, no empty dimension."""
     dtype = z.dtype
     if dtype not in kc.DTYPES or z.shape[0] == 0 or z.shape[1] == 0:
         return False
-    widths = [z.shape[1] + (0 if context is None else context.shape[1])] + [w.shape[0] for w in weights[:-1]]
+    widths = [z.shape[1] + (0 if context is None else context.shape[1]), 2 * z.shape[1]]
+    widths += [w.shape[0] for w in weights[:-1]]
     return all(w > 0 and (w * dtype.itemsize) % 16 == 0 for w in widths)
 
 
