@@ -10,8 +10,8 @@ A call then allocates its outputs and makes the launches from those tuples: one 
 for the forward, one each for the backward, and the backward's intermediates (the output layer's [m, s] gradient,
 the hidden layers' pre-activation gradients and every float32 split partial) in one workspace.
 
-The path takes steps whose widths are whole 16-byte rows in the step's dtype (D, the context and every hidden width),
-as MADEs of the paper's sizes are; other steps keep the per-layer launchers, which pad. Results are bit for bit the
+The path takes steps whose widths are whole 16-byte rows in the step's dtype (D + context, 2D and every hidden
+width), as MADEs of the paper's sizes are; other steps keep the per-layer launchers, which pad. Results are bit for bit the
 per-layer launchers' (tests/test_cuda_emulated.py).
 """
 
