@@ -638,6 +638,23 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
         assert torch.equal(a, b)
 
 
+
+def test_made_iaf_step_planned_under_inference_mode(gemm, monkeypatch):
+    """Masks made under torch.inference_mode track no version: the plan's key takes them (as the mask cache does),
+    and the planned forward equals the registered per-layer ops'."""
+    from gm.ops import _eager  # noqa: PLC0415
+    from tests.ops import test_made_iaf  # noqa: PLC0415
+
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        z, ctx, weights, masks, biases = test_made_iaf._inputs(5, 8, 16, 2, 0, True, torch.bfloat16)
+        outs = {}
+        for fast in (True, False):
+            monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+            outs[fast] = gm.ops.made_iaf_step(z, weights, masks, biases, backend="cuda")
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert torch.equal(a, b)
+
 # (N, C_in, C_out, H, W, kh, kw, mask, colour groups)
 CONV_SHAPES = [
     (1, 4, 5, 3, 7, 1, 5, "B", False),

@@ -17,6 +17,7 @@ per-layer launchers' (tests/test_cuda_emulated.py).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -25,6 +26,7 @@ from gm._ext import DTYPE_CODES, device_guard, ext, reduction_splits, stream_of
 from gm.ops import _masked_linear_cuda as kc
 
 _PLANS: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()  # the cache's order is mutated on every hit
 _PLAN_CACHE_SIZE = 64
 _ALIGN = 256  # workspace segments start on 256-byte boundaries (16 are needed: cp.async)
 
@@ -98,6 +100,12 @@ class StepPlan:
         self.workspace_bytes = offset
 
 
+def _identity(mask: torch.Tensor) -> tuple:
+    try:
+        return id(mask), mask._version, mask.data_ptr()
+    except RuntimeError:  # an inference tensor tracks no version (as gm.ops.masked_linear keys it)
+        return id(mask), None, mask.data_ptr()
+
 
 def plan_for(z, context, weights, masks, act, mode) -> StepPlan | None:
     """The step's plan (made on first use, with the masks' cache entries: each mask checked binary then), or None
@@ -105,20 +113,23 @@ def plan_for(z, context, weights, masks, act, mode) -> StepPlan | None:
     gm.ops.masked_linear.mask_entry keys them: the plan's strong references keep those identities theirs."""
     prec = kc.precision(z.dtype)
     key = (z.shape, z.dtype, z.device, None if context is None else context.shape[1], act, mode, prec,
-           *(w.shape[0] for w in weights), *((id(m), m._version, m.data_ptr()) for m in masks))  # fmt: skip
-    plan = _PLANS.get(key)
-    if plan is not None:
-        _PLANS.move_to_end(key)
-        return plan
+           *(w.shape[0] for w in weights), *(_identity(m) for m in masks))  # fmt: skip
+    with _LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+            return plan
     if not _applies(z, context, weights):
         return None
     from gm.ops.masked_linear import mask_entry  # noqa: PLC0415
 
     entries = [mask_entry(m, f"masks[{i}]") for i, m in enumerate(masks)]
     widths = [z.shape[1] + (0 if context is None else context.shape[1])] + [w.shape[0] for w in weights[:-1]]
-    plan = _PLANS[key] = StepPlan(z.shape[0], z.shape[1], widths, z.dtype, z.device, entries, act, mode, prec)
-    while len(_PLANS) > _PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
+    plan = StepPlan(z.shape[0], z.shape[1], widths, z.dtype, z.device, entries, act, mode, prec)
+    with _LOCK:
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
     return plan
 
 
