@@ -529,6 +529,51 @@ def test_masked_linear_gemm(gemm, dtype, mask, activation, shape, monkeypatch):
     test_masked_linear._compare("cuda", shape, _precision(dtype, monkeypatch), activation, CPU, mask)
 
 
+# (rows, K, O, dtype): widths off 16-byte rows (the launchers, which pad), then whole ones (the planned launches),
+# one with leading dims, a split-K weight gradient.
+LINEAR_NODE_CASES = [
+    ((9, 29), 37, torch.bfloat16),
+    ((9, 32), 24, torch.bfloat16),
+    ((2, 5, 12), 8, "3xtf32"),
+    ((300, 64), 256, torch.float16),
+]
+
+
+@pytest.mark.parametrize(("x_shape", "o", "dtype"), LINEAR_NODE_CASES, ids=str)
+@pytest.mark.parametrize("activation", [None, "elu", "relu"])
+def test_masked_linear_planned_equals_the_registered_op(gemm, x_shape, o, dtype, activation, monkeypatch):
+    """masked_linear's eager cuda path on a plan (gm.ops._masked_linear_cuda.LayerPlan, widths whole 16-byte rows)
+    gives bit for bit what the registered op gives, for every subset of wanted gradients and without autograd;
+    widths off 16-byte rows take the launchers, and each case checks which path ran. Outputs and scratch start
+    as NaN (the fixture poisons torch.empty; the plan's byte scratch likewise)."""
+    from gm.ops import _eager  # noqa: PLC0415
+    from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+    from gm.ops.masked_linear import masked_linear  # noqa: PLC0415
+    from tests.ops.test_masked_linear import MASKS  # noqa: PLC0415
+
+    dtype = _precision(dtype, monkeypatch)
+    k = x_shape[-1]
+    planned = (k * dtype.itemsize) % 16 == 0 and (o * dtype.itemsize) % 16 == 0
+    monkeypatch.setattr(kc, "scratch", lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8))
+    runs = []
+    forward = kc.linear_forward
+    monkeypatch.setattr(kc, "linear_forward", lambda *a: runs.append(1) or forward(*a))
+    torch.manual_seed(5)
+    leaves = [torch.randn(*x_shape, dtype=dtype), torch.randn(o, k, dtype=dtype) / k**0.5, torch.randn(o, dtype=dtype)]
+    mask = MASKS["mixed"](o, k)
+    for wanted in ({0, 1, 2}, {0}, {1}, {2}, set()):
+        outs = {}
+        for fast in (True, False):
+            monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+            runs.clear()
+            x, w, b = (t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves))
+            y = masked_linear(x, w, mask, b, activation=activation, backend="cuda")
+            grads = torch.autograd.grad(y, [(x, w, b)[i] for i in sorted(wanted)], torch.ones_like(y)) if wanted else ()
+            outs[fast] = [y, *grads]
+            assert len(runs) == int(fast and planned), (fast, planned)
+        for a, b_ in zip(outs[True], outs[False], strict=True):
+            assert torch.equal(a, b_), wanted
+
 # (N, H, D): a tiny head, partial column blocks without bias, then several row and column blocks.
 MADE_SHAPES = [(5, 7, 3), (33, 48, 16), (77, 130, 70), (70, 100, 130), (300, 256, 64)]
 
@@ -601,7 +646,7 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
     z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, True, dtype, mode)
     leaves = test_made_iaf._leaves(z, ctx, weights, biases)
     # (the fixture NaN-fills torch.empty's floating tensors; the planned backward's byte scratch likewise)
-    monkeypatch.setattr(planned, "_workspace", lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8))
+    monkeypatch.setattr(kc, "scratch", lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8))
     calls, plans = [], []
     act_grad, plan_forward = kc.act_grad, planned.forward
     monkeypatch.setattr(kc, "act_grad", lambda *a, **k: calls.append(1) or act_grad(*a, **k))

@@ -18,9 +18,12 @@ Nothing here touches CUDA at import.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import torch
 
-from gm._ext import device_guard, dtype_code, ext, reduction_splits, stream_of
+from gm._ext import DTYPE_CODES, device_guard, dtype_code, ext, reduction_splits, stream_of
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _STAGE_BYTES = 64  # reduction bytes per pipeline stage = the tile map's reduction granularity
@@ -238,3 +241,168 @@ def made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode):
     _fused_launch("iaf_made_output_backward_cuda", hidden, weight, entry, bias, z,
                   (gz.contiguous(), gl.contiguous(), dz, dout), mode)  # fmt: skip
     return dz, dout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planned launches (the eager paths of masked_linear and gm.ops.made_iaf_step): every launch argument that does not
+# change between calls of one shape, computed once. At the IAF benchmark's sizes a layer's kernels take microseconds
+# on an H200 while the argument preparation above (precision flags, padding checks, tile-map lookups, split counts,
+# device and stream queries) took longer, per launch. Plans cover layers whose widths are whole 16-byte rows (no
+# padding copies); they make the same launches with the same arguments as the launchers above, bit for bit.
+
+_ALIGN = 256  # scratch segments start on 256-byte boundaries (cp.async needs 16)
+_PLAN_CACHE_SIZE = 256
+_PLANS: OrderedDict = OrderedDict()
+_PLANS_LOCK = threading.Lock()  # the cache's order is mutated on every hit
+
+
+def whole_rows(widths, dtype: torch.dtype) -> bool:
+    """Whether a plan takes these row widths: each a positive whole number of 16-byte rows, in a dtype the kernels
+    take."""
+    return dtype in DTYPES and all(w > 0 and (w * dtype.itemsize) % 16 == 0 for w in widths)
+
+
+def round_up(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def mask_identity(mask: torch.Tensor) -> tuple:
+    """A mask's part of a plan key, as gm.ops.masked_linear.mask_entry keys its cache (identity, version, address):
+    a plan holds the mask's entry, so the identity stays the mask's while the plan is cached."""
+    try:
+        return id(mask), mask._version, mask.data_ptr()
+    except RuntimeError:  # an inference tensor tracks no version
+        return id(mask), None, mask.data_ptr()
+
+
+_MISSING = object()
+
+
+def cached_plan(key: tuple, build):
+    """The plan cached under `key`, else build() cached (None too: a shape no plan takes asks once)."""
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key, _MISSING)
+        if plan is not _MISSING:
+            _PLANS.move_to_end(key)
+            return plan
+    plan = build()
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def scratch(nbytes: int, device) -> torch.Tensor:
+    """A planned backward's scratch bytes (every byte written before it is read)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous and 16-byte aligned (a copy only where it is not, as _pad_cols makes)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+class LayerPlan:
+    """One masked linear layer's launch arguments at (rows, O, K, dtype, precision), widths whole 16-byte rows: the
+    bound entry points, the tile maps' addresses (held by `entry`, which the plan keeps), the weight gradient's row
+    splits. Its launch methods take addresses; the caller keeps each tensor alive until its launch is queued (the
+    caching allocator reuses freed memory only for work queued after it on the stream)."""
+
+    def __init__(self, lib, entry, rows: int, o: int, k: int, dtype: torch.dtype, device, prec: int,
+                 forward: bool = True) -> None:  # fmt: skip
+        self.entry = entry
+        # the entry points, bound once (a module attribute per launch is host time too)
+        self.launch_forward = lib.masked_linear_forward_cuda
+        self.launch_input_grad = lib.masked_linear_input_grad_cuda
+        self.launch_weight_grad = lib.masked_linear_weight_grad_cuda
+        self.launch_finish = lib.masked_linear_grad_finish_cuda
+        self.launch_act_grad = lib.masked_linear_act_grad_cuda
+        self.rows, self.o, self.k = rows, o, k
+        self.dcode, self.prec = DTYPE_CODES[dtype], prec
+        self.rows_map = _map_args(entry, "rows", dtype) if forward else None
+        self.cols_map = _map_args(entry, "cols", dtype)
+        self.flag_map = _map_args(entry, "flags", dtype)
+        splits = reduction_splits(max(self.flag_map[2], 1), rows, device, _BLOCKS_PER_SM)  # as _weight_partials
+        self.per_split = -(-rows // splits)
+        self.splits = -(-rows // self.per_split)
+        self.partial_bytes = round_up(self.splits * o * k * 4)
+
+    def forward(self, x: int, w: int, bias: int, y: int, act_code: int, stream: int) -> None:
+        mask, mask_row, offsets, idx, mids = self.rows_map
+        self.launch_forward(x, w, mask, bias, y, offsets, idx, mids, self.rows, self.o, self.k,
+                                            mask_row, act_code, self.dcode, self.prec, stream)  # fmt: skip
+
+    def input_grad(self, gp: int, w: int, dx: int, y_below: int, act_below: int, stream: int) -> None:
+        mask, mask_row, offsets, idx, mids = self.cols_map
+        self.launch_input_grad(gp, w, mask, dx, offsets, idx, mids, self.rows, self.o, self.o, self.k,
+                                               self.k, mask_row, y_below, act_below, self.dcode, self.prec,
+                                               stream)  # fmt: skip
+
+    def weight_and_bias_grad(self, gp: int, x: int, partial: int, dw: int, db: int, stream: int) -> None:
+        """dW into dw (0: not wanted) through the split partials at `partial`, db into db (0: not wanted), as
+        weight_and_bias_grad launches them."""
+        splits = 0
+        if dw:
+            u8, flags, _ = self.flag_map
+            self.launch_weight_grad(gp, x, u8, flags, partial, self.rows, self.o, self.o, self.k,
+                                                    self.k, self.per_split, self.splits, self.dcode, self.prec,
+                                                    stream)  # fmt: skip
+            splits = self.splits
+        self.launch_finish(partial if dw else 0, splits, self.o, self.k, dw, gp if db else 0,
+                                                self.rows, self.o, db, self.dcode, stream)  # fmt: skip
+
+
+def linear_plan(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> LayerPlan | None:
+    """masked_linear's plan for x (R, K) and weight (O, K), or None where none applies (widths off 16-byte rows, an
+    empty dimension, a dtype the kernels do not take)."""
+    rows, k = x.shape
+    o = weight.shape[0]
+    prec, lib = precision(x.dtype), ext()
+    key = ("linear", lib, rows, o, k, x.dtype, x.device, prec, mask_identity(mask))
+
+    def build():
+        if rows == 0 or not whole_rows((o, k), x.dtype):
+            return None
+        from gm.ops.masked_linear import mask_entry  # noqa: PLC0415
+
+        return LayerPlan(lib, mask_entry(mask), rows, o, k, x.dtype, x.device, prec)
+
+    return cached_plan(key, build)
+
+
+def linear_forward(plan: LayerPlan, x: torch.Tensor, weight: torch.Tensor, bias, activation) -> tuple:
+    """(y, x as the kernel read it: contiguous, 16-byte aligned) for masked_linear's planned path."""
+    x, w = aligned(x), aligned(weight)
+    bias_c = bias.contiguous() if bias is not None else None
+    y = torch.empty(plan.rows, plan.o, dtype=x.dtype, device=x.device)
+    with device_guard(x):
+        plan.forward(x.data_ptr(), w.data_ptr(), _ptr(bias_c), y.data_ptr(), ACT_CODES[activation], stream_of(x))
+    return y, x
+
+
+def linear_backward(plan: LayerPlan, grad, y, x, weight, activation, need_x: bool, need_w: bool, need_b: bool):
+    """(dx, dW, db), each None where not wanted, for grad (R, O) contiguous and the forward's y and aligned x: the
+    activation's gradient pass, the input gradient, the weight gradient's split GEMM and the finish launch that adds
+    the splits and sums the bias gradient, as the per-layer launchers make them (scratch: gp and the partials)."""
+    act = ACT_CODES[activation]
+    device, dtype = grad.device, grad.dtype
+    gp_bytes = round_up(grad.numel() * dtype.itemsize) if act else 0
+    work = scratch(gp_bytes + (plan.partial_bytes if need_w else 0), device)
+    base = work.data_ptr()
+    w = aligned(weight)
+    dx = torch.empty(plan.rows, plan.k, dtype=dtype, device=device) if need_x else None
+    dw = torch.empty(plan.o, plan.k, dtype=dtype, device=device) if need_w else None
+    db = torch.empty(plan.o, dtype=dtype, device=device) if need_b else None
+    stream = stream_of(grad)
+    with device_guard(grad):
+        gp = grad.data_ptr()
+        if act:
+            plan.launch_act_grad(gp, y.data_ptr(), base, grad.numel(), act, plan.dcode, stream)
+            gp = base
+        if need_x:
+            plan.input_grad(gp, w.data_ptr(), dx.data_ptr(), 0, 0, stream)
+        if need_w or need_b:
+            plan.weight_and_bias_grad(gp, x.data_ptr(), base + gp_bytes, _ptr(dw), _ptr(db), stream)
+    return dx, dw, db

@@ -572,6 +572,35 @@ class _CpuMaskedLinear(torch.autograd.Function):
         return dx, dw, None, db, None
 
 
+class _CudaMaskedLinear(torch.autograd.Function):
+    """Eager cuda calls with gradients whose widths are whole 16-byte rows: the per-layer launchers' launches from
+    a plan made once per shape (gm.ops._masked_linear_cuda.LayerPlan), bit for bit the registered op's results."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias, activation, plan):
+        from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+        y, x_read = kc.linear_forward(plan, x, weight, bias, activation)
+        ctx.plan, ctx.activation, ctx.has_bias = plan, activation, bias is not None
+        # x as the kernel read it (contiguous, aligned: the weight gradient reads it so); mask: version-checked
+        ctx.save_for_backward(x_read, weight, mask, y if activation is not None else None)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+        x, weight, _, y = ctx.saved_tensors
+        need_x, need_w, _, need_b, _, _ = ctx.needs_input_grad
+        need_b = need_b and ctx.has_bias
+        if not (need_x or need_w or need_b):
+            return None, None, None, None, None, None
+        dx, dw, db = kc.linear_backward(ctx.plan, grad.contiguous(), y, x, weight, ctx.activation, need_x, need_w,
+                                        need_b)  # fmt: skip
+        return dx, dw, None, db, None, None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public function.
 
@@ -628,7 +657,17 @@ def masked_linear(
     chosen = resolve(backend, x.device, native_cpu=False, cuda_kernels=CUDA_READY and x.dtype != torch.float64,
                      op="masked_linear", dtype=x.dtype)  # fmt: skip
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a same-shape reshape adds an autograd node)
-    if chosen == "cpu" and eager_ok(x, weight, mask, bias):
+    plan = None
+    if chosen == "cuda" and eager_ok(x, weight, mask, bias):
+        from gm.ops import _masked_linear_cuda as kc  # noqa: PLC0415
+
+        plan = kc.linear_plan(x2, weight, mask)  # None: widths off 16-byte rows (the launchers pad)
+    if plan is not None:
+        if needs_grad(x, weight, bias):
+            y = _CudaMaskedLinear.apply(x2, weight, mask, bias, activation, plan)
+        else:
+            y = kc.linear_forward(plan, x2, weight, bias, activation)[0]
+    elif chosen == "cpu" and eager_ok(x, weight, mask, bias):
         if needs_grad(x, weight, bias):
             y = _CpuMaskedLinear.apply(x2, weight, mask, bias, activation)
         else:
