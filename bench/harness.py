@@ -63,6 +63,9 @@ class Row:
     # --profile on a GPU: the device kernels' summed time per fwd+bwd (what the step costs the GPU, apart from the
     # host time that fwdbwd_ms also holds; a row whose fwdbwd_ms is far above it is host-bound)
     kernels_fwdbwd_ms: float | None = None
+    # on a GPU: the host's time to issue one fwd+bwd (median, each call started with the device idle and not waited
+    # for): near fwdbwd_ms, the row is host-bound and its kernels are not what it measures
+    host_fwdbwd_ms: float | None = None
     # --graphs on a GPU: fwd+bwd captured once into a CUDA graph and replayed (no host work per step: the GPU's own
     # time, as a training loop under CUDA graphs sees it), or why the capture failed
     graph_fwdbwd_ms: float | None = None
@@ -140,6 +143,20 @@ def _fwd_bwd_fn(fn: Callable, inputs: dict) -> Callable[[], None]:
     return run
 
 
+def _host_ms(run: Callable[[], None], device: torch.device, calls: int = 15) -> float:
+    """Milliseconds of host time to issue one call of `run` on a GPU: the median over `calls` calls, each started
+    after a synchronize and timed without one, so no launch waits for the device (the queue holds ~1000 launches)
+    unless the call itself synchronizes, which then shows as host time."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def _peak_mib(run: Callable[[], None], device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -188,6 +205,8 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
             run = _fwd_bwd_fn(fn, inputs)
             row.fwdbwd_ms = _time_ms(run, device, warmup_ms, rep_ms)
             row.peak_mib = _peak_mib(run, device)
+            if device.type == "cuda" and row.fwdbwd_ms < SLOW_MS:
+                row.host_fwdbwd_ms = _host_ms(run, device)
             if GRAPHS and device.type == "cuda" and row.fwdbwd_ms < SLOW_MS:  # (not the slow eager references)
                 try:
                     row.graph_fwdbwd_ms = _graph_ms(run, device, warmup_ms, rep_ms)
@@ -345,18 +364,19 @@ def _fmt(v, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("| op | case | dtype | impl | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | TFLOP/s fwd | GB/s fwd | "
-            "peak MiB | fwd+bwd CUDA graph ms | speedup CUDA graph |")  # fmt: skip
-    lines = [head, "|" + "---|" * 13]
+    head = ("| op | case | dtype | impl | fwd ms | fwd+bwd ms | fwd+bwd host ms | speedup fwd | speedup fwd+bwd | "
+            "TFLOP/s fwd | GB/s fwd | peak MiB | fwd+bwd CUDA graph ms | speedup CUDA graph |")  # fmt: skip
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {r.error} |  |  |  |  |  |  |  |  |  |")
             continue
         graph = "capture failed" if r.graph_error else _fmt(r.graph_fwdbwd_ms, ".3f")
         lines.append(
             f"| {r.op} | {r.case} | {r.dtype} | {r.impl} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
-            f"{_fmt(r.speedup_fwd, '.2f')} | {_fmt(r.speedup_fwdbwd, '.2f')} | {_fmt(r.tflops_fwd, '.1f')} | "
-            f"{_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {graph} | {_fmt(r.speedup_graph, '.2f')} |"
+            f"{_fmt(r.host_fwdbwd_ms, '.3f')} | {_fmt(r.speedup_fwd, '.2f')} | {_fmt(r.speedup_fwdbwd, '.2f')} | "
+            f"{_fmt(r.tflops_fwd, '.1f')} | {_fmt(r.gbps_fwd, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {graph} | "
+            f"{_fmt(r.speedup_graph, '.2f')} |"
         )
     failed = [r for r in rows if r.graph_error]
     lines += [f"  graph capture failed, {r.impl}: {r.graph_error}" for r in failed]

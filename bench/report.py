@@ -61,10 +61,13 @@ def render(rows: list[dict]) -> str:
             out += [f"{number[key]}. {line}: {', '.join(runs[key])}" for key, line in lines.items()] + [""]
         else:
             out.append(f"**{device}** ({next(iter(lines.values()))})\n")
-        # Optional columns, each shown where some row has it: the device kernels' time per fwd+bwd (runs with
+        # Optional columns, each shown where some row has it: the host's time to issue a fwd+bwd (GPU runs: a row
+        # whose fwd+bwd ms is near it is host-bound), the device kernels' time per fwd+bwd (runs with
         # --profile on a GPU: a host-bound row's wall time is far above it), the fwd+bwd replayed from a CUDA graph
         # (--graphs: no host cost per launch), and the run a row comes from when the table draws on several.
         extras = []
+        if any(r.get("host_fwdbwd_ms") is not None for r in dev_rows):  # GPU runs: the host's issue time
+            extras.append(("fwd+bwd host ms", lambda r: _ms(r.get("host_fwdbwd_ms"))))
         if any(r.get("kernels_fwdbwd_ms") is not None for r in dev_rows):
             extras.append(("fwd+bwd device kernels ms", lambda r: _ms(r.get("kernels_fwdbwd_ms"))))
         if any(r.get("graph_fwdbwd_ms") is not None or r.get("graph_error") for r in dev_rows):

@@ -92,13 +92,14 @@ def check(target: Target, rows: list[dict]) -> list[dict]:
         ours = [r for r in group if r["impl"].startswith("gm[") and not r.get("error") and r.get("fwdbwd_ms")]
         base = next((r for r in group if r["impl"] == target.comparator), None)
         res = {"device": device, "case": case, "dtype": dtype, "best": None, "ms": None, "base_ms": None,
-               "ratio": None, "graph_ratio": None, "note": ""}  # fmt: skip
+               "ratio": None, "graph_ratio": None, "host": None, "note": ""}  # fmt: skip
         if not ours:
             res["note"] = "no gm row ran"
             out.append(res)
             continue
         best = min(ours, key=lambda r: r["fwdbwd_ms"])
-        res.update(best=best["impl"], ms=best["fwdbwd_ms"])
+        res.update(best=best["impl"], ms=best["fwdbwd_ms"], host=(best.get("host_fwdbwd_ms"), (base or {}).get(
+            "host_fwdbwd_ms")))  # fmt: skip
         if base is None or base.get("error") or not base.get("fwdbwd_ms"):
             res["note"] = f"{target.comparator}: " + ((base or {}).get("error") or "not measured")
         else:
@@ -136,7 +137,7 @@ def report(rows: list[dict], device_filter: str | None = None) -> str:
     if device_filter:
         rows = [r for r in rows if device_filter.lower() in r["device"].lower()]
     lines = ["| issue | target | device | case | dtype | gm best | ms | comparator ms | ratio | required | met | "
-             "ratio, CUDA graphs |", "|" + "---|" * 12]  # fmt: skip
+             "ratio, CUDA graphs | host ms (gm / comparator) |", "|" + "---|" * 13]  # fmt: skip
     summary: dict[int, list[bool | None]] = {}
     for t in TARGETS:
         for res in check(t, rows):
@@ -144,10 +145,12 @@ def report(rows: list[dict], device_filter: str | None = None) -> str:
             summary.setdefault(t.issue, []).append(met)
             ratio = f"{res['ratio']:.2f}x" if res["ratio"] is not None else res["note"]
             graph = f"{res['graph_ratio']:.2f}x" if res["graph_ratio"] is not None else "-"
+            # the host's issue time of each (GPU runs from session 12 on): near its ms, a row is host-bound
+            host = "-" if not res["host"] or res["host"] == (None, None) else " / ".join(_fmt(v) for v in res["host"])
             lines.append(
                 f"| {t.issue} | {t.what} | {res['device']} | {res['case']} | {res['dtype']} | {res['best'] or '-'} | "
                 f"{_fmt(res['ms'])} | {_fmt(res['base_ms'])} | {ratio} | {t.required:g}x | "
-                f"{'-' if met is None else 'yes' if met else 'NO'} | {graph} |"
+                f"{'-' if met is None else 'yes' if met else 'NO'} | {graph} | {host} |"
             )
     floors = floor_check(rows)
     if floors:

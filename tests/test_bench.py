@@ -70,6 +70,25 @@ def test_report_names_each_run_a_table_draws_on():
     assert "| run |" not in single and "commit new, d2)" in single
 
 
+def test_report_shows_the_host_issue_time_where_measured():
+    """GPU runs time the host's issue of each fwd+bwd (harness._host_ms); the report gives it a column where some
+    row has it, and none otherwise."""
+    base = {"device": "gpu", "torch": "t", "triton": "3", "commit": "c", "date": "d", "op": "op", "case": "k",
+            "dtype": "float32", "fwd_ms": 1.0, "fwdbwd_ms": 3.0, "speedup_fwdbwd": 1.0, "tflops_fwd": None}  # fmt: skip
+    rows = [{**base, "impl": "gm[cuda]", "host_fwdbwd_ms": 2.5}, {**base, "impl": "reference", "error": "OOM"}]
+    lines = [line for line in report.render(rows).splitlines() if line.startswith("|")]
+    assert "fwd+bwd host ms" in lines[0] and "| 2.500 |" in lines[2] and len({x.count("|") for x in lines}) == 1
+    assert "host ms" not in report.render([{**base, "impl": "x"}])
+
+
+def test_host_issue_time_waits_for_nothing_but_the_call(monkeypatch):
+    """harness._host_ms: each call starts after a synchronize and is timed without one; the median is taken."""
+    calls = []
+    monkeypatch.setattr(harness.torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    ms = harness._host_ms(lambda: calls.append("run"), "cuda", calls=3)
+    assert calls == ["sync", "run"] * 3 + ["sync"] and 0 <= ms < 50
+
+
 def test_report_shows_cuda_graph_times_and_failed_captures():
     base = {"device": "gpu", "torch": "t", "triton": "3", "commit": "c", "date": "d", "op": "op", "case": "k",
             "dtype": "float32", "fwd_ms": 1.0, "fwdbwd_ms": 3.0, "speedup_fwdbwd": 1.0, "tflops_fwd": None}  # fmt: skip
@@ -135,7 +154,8 @@ def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, cap
                 "fwd_ms": ms / 3 if ms else None, **extra}  # fmt: skip
 
     old = [row("gm[cuda]", 4.0), row("gm[triton]", 9.0), row("F.conv2d(masked w)", 4.5)]
-    new = [row("gm[triton]", 2.9, graph_fwdbwd_ms=2.5), row("F.conv2d(masked w)", 4.5, graph_fwdbwd_ms=4.4),
+    new = [row("gm[triton]", 2.9, graph_fwdbwd_ms=2.5, host_fwdbwd_ms=0.4),
+           row("F.conv2d(masked w)", 4.5, graph_fwdbwd_ms=4.4, host_fwdbwd_ms=0.3),
            row("gm[cuda]", 1.0, case="3x3 B N=128 C=128 32x32", dtype="float32"),
            row("gm[cuda]", 1.4, op="minibatch_discrimination", case="N=4096 B=100 C=5", dtype="float32"),
            row("naive (N×N×B×C)", None, op="minibatch_discrimination", case="N=4096 B=100 C=5", dtype="float32",
@@ -147,7 +167,7 @@ def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, cap
     assert targets.main([str(f) for f in files]) == 0
     out = capsys.readouterr().out
     conv = next(line for line in out.splitlines() if "bf16 fwd+bwd vs cuDNN" in line)
-    assert "| gm[triton] | 2.900 | 4.500 | 1.55x | 1.5x | yes | 1.76x |" in conv  # the newer triton row, best
+    assert "| gm[triton] | 2.900 | 4.500 | 1.55x | 1.5x | yes | 1.76x | 0.400 / 0.300 |" in conv  # newer triton row
     assert "F.conv2d(masked w): not measured" in out  # the float32 case has no cuDNN row
     assert "naive (N×N×B×C): OutOfMemoryError" in out
     assert "| N=4096 B=100 C=5 | NVIDIA H200 | gm[cuda] | 0.467 | 0.503 | 0.93x |" in out  # fwd vs the fp32 floor
