@@ -35,6 +35,9 @@ class _StubExtension(types.ModuleType):
         def entry(*args, **kwargs):
             type(self).calls += 1
 
+        # kept: later lookups find it as a module attribute, ~0.02 us as on the real gm._C (a fresh closure per
+        # lookup cost ~1.2 us, which the table then charged to every launch)
+        setattr(self, name, entry)
         return entry
 
 
