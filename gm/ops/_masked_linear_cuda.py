@@ -331,14 +331,13 @@ class LayerPlan:
 
     def forward(self, x: int, w: int, bias: int, y: int, act_code: int, stream: int) -> None:
         mask, mask_row, offsets, idx, mids = self.rows_map
-        self.launch_forward(x, w, mask, bias, y, offsets, idx, mids, self.rows, self.o, self.k,
-                                            mask_row, act_code, self.dcode, self.prec, stream)  # fmt: skip
+        self.launch_forward(x, w, mask, bias, y, offsets, idx, mids, self.rows, self.o, self.k, mask_row, act_code,
+                            self.dcode, self.prec, stream)  # fmt: skip
 
     def input_grad(self, gp: int, w: int, dx: int, y_below: int, act_below: int, stream: int) -> None:
         mask, mask_row, offsets, idx, mids = self.cols_map
-        self.launch_input_grad(gp, w, mask, dx, offsets, idx, mids, self.rows, self.o, self.o, self.k,
-                                               self.k, mask_row, y_below, act_below, self.dcode, self.prec,
-                                               stream)  # fmt: skip
+        self.launch_input_grad(gp, w, mask, dx, offsets, idx, mids, self.rows, self.o, self.o, self.k, self.k,
+                               mask_row, y_below, act_below, self.dcode, self.prec, stream)  # fmt: skip
 
     def weight_and_bias_grad(self, gp: int, x: int, partial: int, dw: int, db: int, stream: int) -> None:
         """dW into dw (0: not wanted) through the split partials at `partial`, db into db (0: not wanted), as
@@ -346,12 +345,11 @@ class LayerPlan:
         splits = 0
         if dw:
             u8, flags, _ = self.flag_map
-            self.launch_weight_grad(gp, x, u8, flags, partial, self.rows, self.o, self.o, self.k,
-                                                    self.k, self.per_split, self.splits, self.dcode, self.prec,
-                                                    stream)  # fmt: skip
+            self.launch_weight_grad(gp, x, u8, flags, partial, self.rows, self.o, self.o, self.k, self.k,
+                                    self.per_split, self.splits, self.dcode, self.prec, stream)  # fmt: skip
             splits = self.splits
-        self.launch_finish(partial if dw else 0, splits, self.o, self.k, dw, gp if db else 0,
-                                                self.rows, self.o, db, self.dcode, stream)  # fmt: skip
+        self.launch_finish(partial if dw else 0, splits, self.o, self.k, dw, gp if db else 0, self.rows, self.o, db,
+                           self.dcode, stream)  # fmt: skip
 
 
 def linear_plan(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> LayerPlan | None:
