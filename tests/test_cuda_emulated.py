@@ -530,7 +530,7 @@ def test_masked_linear_gemm(gemm, dtype, mask, activation, shape, monkeypatch):
 
 
 # (rows, K, O, dtype): widths off 16-byte rows (the launchers, which pad), then whole ones (the planned launches),
-# one with leading dims, a split-K weight gradient.
+# one with leading dims and no bias, a split-K weight gradient.
 LINEAR_NODE_CASES = [
     ((9, 29), 37, torch.bfloat16),
     ((9, 32), 24, torch.bfloat16),
@@ -559,16 +559,20 @@ def test_masked_linear_planned_equals_the_registered_op(gemm, x_shape, o, dtype,
     forward = kc.linear_forward
     monkeypatch.setattr(kc, "linear_forward", lambda *a: runs.append(1) or forward(*a))
     torch.manual_seed(5)
-    leaves = [torch.randn(*x_shape, dtype=dtype), torch.randn(o, k, dtype=dtype) / k**0.5, torch.randn(o, dtype=dtype)]
+    leaves = [torch.randn(*x_shape, dtype=dtype), torch.randn(o, k, dtype=dtype) / k**0.5]
+    with_bias = len(x_shape) == 2  # the case with leading dims runs without a bias
+    leaves += [torch.randn(o, dtype=dtype)] if with_bias else []
     mask = MASKS["mixed"](o, k)
     for wanted in ({0, 1, 2}, {0}, {1}, {2}, set()):
+        wanted = {i for i in wanted if i < len(leaves)}
         outs = {}
         for fast in (True, False):
             monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
             runs.clear()
-            x, w, b = (t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves))
-            y = masked_linear(x, w, mask, b, activation=activation, backend="cuda")
-            grads = torch.autograd.grad(y, [(x, w, b)[i] for i in sorted(wanted)], torch.ones_like(y)) if wanted else ()
+            x, w, *b = (t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves))
+            y = masked_linear(x, w, mask, b[0] if b else None, activation=activation, backend="cuda")
+            leaf = (x, w, *b)
+            grads = torch.autograd.grad(y, [leaf[i] for i in sorted(wanted)], torch.ones_like(y)) if wanted else ()
             outs[fast] = [y, *grads]
             assert len(runs) == int(fast and planned), (fast, planned)
         for a, b_ in zip(outs[True], outs[False], strict=True):
@@ -606,17 +610,17 @@ def test_made_iaf_step_gemm(gemm, dtype, monkeypatch):
 # which pad: the input and hidden widths, then only the output layer's 2D), then whole ones (gm.ops._made_iaf_cuda's
 # planned launches), in both dtypes and modes, one wide D.
 MADE_IAF_NODE_CASES = [
-    (7, 5, 24, 3, 2, torch.bfloat16, "gated"),
-    (6, 1, 8, 2, 3, "3xtf32", "gated"),
-    (7, 8, 24, 3, 8, torch.bfloat16, "gated"),
-    (9, 4, 12, 2, 0, "3xtf32", "affine"),
-    (5, 72, 80, 2, 0, torch.float16, "gated"),
-]
+    (7, 5, 24, 3, 2, torch.bfloat16, "gated", True),
+    (6, 1, 8, 2, 3, "3xtf32", "gated", True),
+    (7, 8, 24, 3, 8, torch.bfloat16, "gated", True),
+    (9, 4, 12, 2, 0, "3xtf32", "affine", False),
+    (5, 72, 80, 2, 0, torch.float16, "gated", True),
+]  # (..., bias)
 
 
 def _planned(case) -> bool:
     """Whether the step takes the planned launches: the input, hidden and [m, s] widths whole 16-byte rows."""
-    n, d, hidden, n_hidden, context, dtype, mode = case
+    n, d, hidden, n_hidden, context, dtype, mode, _ = case
     size = 4 if dtype == "3xtf32" else dtype.itemsize
     return all((w * size) % 16 == 0 for w in (d + context, 2 * d, hidden))
 
@@ -640,10 +644,10 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
     from tests.ops import test_made_iaf  # noqa: PLC0415
 
     plan_expected = _planned(case)
-    n, d, hidden, n_hidden, context, dtype, mode = case
+    n, d, hidden, n_hidden, context, dtype, mode, bias = case
     dtype = _precision(dtype, monkeypatch)
     torch.manual_seed(3)
-    z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, True, dtype, mode)
+    z, ctx, weights, masks, biases = test_made_iaf._inputs(n, d, hidden, n_hidden, context, bias, dtype, mode)
     leaves = test_made_iaf._leaves(z, ctx, weights, biases)
     # (the fixture NaN-fills torch.empty's floating tensors; the planned backward's byte scratch likewise)
     monkeypatch.setattr(kc, "scratch", lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8))
@@ -661,7 +665,7 @@ def test_made_iaf_step_one_node_equals_the_per_layer_ops(gemm, case, activation,
             it = iter(fresh)
             zz, cc = next(it), (next(it) if context else None)
             ww = [next(it) for _ in weights]
-            bb = [next(it) for _ in biases]
+            bb = [next(it) if b is not None else None for b in biases]
             z_new, ld = gm.ops.made_iaf_step(zz, ww, masks, bb, context=cc, mode=mode, activation=activation,
                                              backend="cuda")  # fmt: skip
             grads = torch.autograd.grad(test_made_iaf._loss(z_new, ld), [fresh[i] for i in sorted(wanted)])
