@@ -95,6 +95,9 @@ def _as_list(out) -> list[torch.Tensor]:
 
 
 SLOW_MS = 50.0  # calls slower than this are timed three times (one warm-up, no L2 flush needed) instead of by do_bench
+# GPU rows faster than this also get their host issue time (_host_ms: ten more calls each, ~20-50 ms of device time
+# a row at the small cases); slower rows are their kernels' time whatever the host does.
+HOST_TIMED_MS = 20.0
 
 
 def _event_ms(fn: Callable[[], None]) -> float:
@@ -143,7 +146,7 @@ def _fwd_bwd_fn(fn: Callable, inputs: dict) -> Callable[[], None]:
     return run
 
 
-def _host_ms(run: Callable[[], None], device: torch.device, calls: int = 15) -> float:
+def _host_ms(run: Callable[[], None], device: torch.device, calls: int = 10) -> float:
     """Milliseconds of host time to issue one call of `run` on a GPU: the median over `calls` calls, each started
     after a synchronize and timed without one, so no launch waits for the device (the queue holds ~1000 launches)
     unless the call itself synchronizes, which then shows as host time."""
@@ -205,7 +208,7 @@ def run_impl(case: Case, label: str, fn: Callable, device: torch.device, warmup_
             run = _fwd_bwd_fn(fn, inputs)
             row.fwdbwd_ms = _time_ms(run, device, warmup_ms, rep_ms)
             row.peak_mib = _peak_mib(run, device)
-            if device.type == "cuda" and row.fwdbwd_ms < SLOW_MS:
+            if device.type == "cuda" and row.fwdbwd_ms < HOST_TIMED_MS:
                 row.host_fwdbwd_ms = _host_ms(run, device)
             if GRAPHS and device.type == "cuda" and row.fwdbwd_ms < SLOW_MS:  # (not the slow eager references)
                 try:
