@@ -578,6 +578,24 @@ def test_masked_linear_planned_equals_the_registered_op(gemm, x_shape, o, dtype,
         for a, b_ in zip(outs[True], outs[False], strict=True):
             assert torch.equal(a, b_), wanted
 
+
+def test_masked_linear_plan_follows_a_mask_written_in_place(gemm, monkeypatch):
+    """A plan holds its mask's tile maps: a mask written in place (its version moves) gets a new plan, whose result
+    is the registered op's on the new mask, not the old plan's."""
+    from gm.ops import _eager  # noqa: PLC0415
+    from gm.ops.masked_linear import masked_linear  # noqa: PLC0415
+
+    torch.manual_seed(6)
+    x, w, b = torch.randn(9, 32, dtype=torch.bfloat16), torch.randn(24, 32, dtype=torch.bfloat16), None
+    mask = torch.ones(24, 32)
+    first = masked_linear(x, w, mask, b, backend="cuda")
+    mask[:, 16:] = 0  # in place: the tile maps change
+    outs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(_eager, "EAGER_FAST_PATH", fast)
+        outs[fast] = masked_linear(x, w, mask, b, backend="cuda")
+    assert torch.equal(outs[True], outs[False]) and not torch.equal(outs[True], first)
+
 # (N, H, D): a tiny head, partial column blocks without bias, then several row and column blocks.
 MADE_SHAPES = [(5, 7, 3), (33, 48, 16), (77, 130, 70), (70, 100, 130), (300, 256, 64)]
 
