@@ -8,7 +8,8 @@ the small benchmark cases (bench/NOTES.md), so it is tracked here, where it can 
 nn.Linear fwd+bwd is printed as the yardstick. --profile NAME adds a cProfile listing for one module; --breakdown
 times MaskedConv2d's cuda path piece by piece beside the floor of an autograd.Function making the same 8 launches.
 --models adds each model's training step (its mnist preset on a 1x1x6x6 image, loss and backward), PixelCNN with
-its fused (ReLU, conv) chains (gm.nn.relu_conv) on and off.
+its fused (ReLU, conv) chains (gm.nn.relu_conv) on and off. --proxies times the IAF step's and masked_linear's eager
+baselines (real PyTorch ops on tiny CPU tensors) beside gm's ops: the host side of those host-bound eager ratios.
 """
 
 from __future__ import annotations
@@ -205,6 +206,55 @@ def breakdown(calls: int) -> list[tuple[str, float]]:
     return [(name, time_us(run, calls)) for name, run in pieces.items()]
 
 
+def proxies() -> list[tuple[str, object, object]]:
+    """(case, the benchmark's eager baseline, gm's op) as fwd+bwd runs on tiny CPU tensors: the baseline's real
+    PyTorch ops (their compute is negligible at these sizes, so this is their host cost here), gm's cuda path with
+    its launches stubbed. Where the GPU rows are host-bound (issue 5's IAF step and masked_linear; the host issue
+    time of each GPU row says which), the ratio of the two is the part of the eager ratio gm's host code controls."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from gm.nn.made import made_masks  # noqa: PLC0415
+    from gm.ops import made_iaf_step, masked_linear  # noqa: PLC0415
+    from gm.reference.iaf import iaf_step as ref_step  # noqa: PLC0415
+
+    n, d, hidden = 4, 8, 16  # the bench's IAF case (2 hidden layers, ELU, gated) at a tiny size
+    masks = made_masks(d, hidden, 2, "natural", heads=2)
+    z = torch.randn(n, d, requires_grad=True)
+    ws = [(torch.randn(m.shape) / 4).requires_grad_() for m in masks]
+    bs = [torch.zeros(m.shape[0], requires_grad=True) for m in masks]
+    gz, gl = torch.randn(n, d), torch.randn(n)
+    leaves = [z, *ws, *bs]
+
+    def iaf_reference():
+        h = F.elu(F.linear(z, ws[0] * masks[0], bs[0]))
+        h = F.elu(F.linear(h, ws[1] * masks[1], bs[1]))
+        out = F.linear(h, ws[2] * masks[2], bs[2])
+        return ref_step(z, out[:, :d], out[:, d:], mode="gated")
+
+    def iaf_gm():
+        return made_iaf_step(z, ws, masks, bs, mode="gated", backend="cuda")
+
+    mask = _made_mask(16, 8)
+    x, w = torch.randn(4, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+    b = torch.zeros(16, requires_grad=True)
+    g = torch.randn(4, 16)
+
+    def run(fn, outs_grads, params):
+        def step():
+            outs = fn()
+            torch.autograd.backward(list(outs) if isinstance(outs, tuple) else [outs], outs_grads)
+            for p in params:
+                p.grad = None
+
+        return step
+
+    return [
+        ("IAF step (MADE, gated)", run(iaf_reference, [gz, gl], leaves), run(iaf_gm, [gz, gl], leaves)),
+        ("masked_linear (MADE mask)", run(lambda: F.linear(x, w * mask, b), [g], [x, w, b]),
+         run(lambda: masked_linear(x, w, mask, b, backend="cuda"), [g], [x, w, b])),
+    ]  # fmt: skip
+
+
 def time_us(run, calls: int, repeats: int = 5) -> float:
     for _ in range(20):
         run()
@@ -225,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", action="store_true", help="also each model's training step (mnist preset, 6x6)")
     p.add_argument("--breakdown", action="store_true",
                    help="also MaskedConv2d's host time piece by piece, beside an 8-launch autograd.Function's floor")
+    p.add_argument("--proxies", action="store_true",
+                   help="also the IAF step's and masked_linear's eager baseline (real PyTorch on tiny CPU tensors) "
+                        "against gm's op: the host side of their eager ratios")  # fmt: skip
     args = p.parse_args(argv)
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
@@ -254,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                 entries, ops = launches(run)
                 print(f"| model {name} (training step) | {us:.1f} | {entries} | {ops} |", flush=True)
             relu_conv.FUSED = True
+        if args.proxies:
+            print("\n| case | eager baseline, host us | gm (cuda, stubbed), host us | ratio |\n|---|---|---|---|")
+            for name, base, ours in proxies():
+                b_us, g_us = time_us(base, args.calls), time_us(ours, args.calls)
+                print(f"| {name} | {b_us:.1f} | {g_us:.1f} | {b_us / g_us:.2f}x |", flush=True)
         if args.breakdown:
             print("\n| MaskedConv2d (cuda) piece | host us (min of 5) |\n|---|---|")
             for name, us in breakdown(args.calls):

@@ -115,6 +115,15 @@ def test_host_cost_tool_runs_every_module(capsys):
         assert f"| {name}" in out
 
 
+def test_host_cost_proxies_time_the_baselines_beside_gm(capsys):
+    """--proxies: the IAF step's and masked_linear's eager baselines against gm's ops, with their ratio."""
+    from bench import host  # noqa: PLC0415
+
+    assert host.main(["--calls", "3", "--proxies"]) == 0
+    out = capsys.readouterr().out
+    assert "| IAF step (MADE, gated) |" in out and "| masked_linear (MADE mask) |" in out and "x |" in out
+
+
 def test_host_cost_breakdown_lists_the_pieces_and_the_floor(capsys):
     """--breakdown: MaskedConv2d's cuda path piece by piece, and the floor (an autograd.Function, 8 stub launches)."""
     from bench import host  # noqa: PLC0415
