@@ -251,7 +251,10 @@ def made_output_backward(hidden, weight, entry, bias, z, gz, gl, mode):
 # padding copies); they make the same launches with the same arguments as the launchers above, bit for bit.
 
 _ALIGN = 256  # scratch segments start on 256-byte boundaries (cp.async needs 16)
-_PLAN_CACHE_SIZE = 256
+# Plans hold their masks' cache entries (the mask, its uint8 copy, its tile maps): at most as many as the mask cache
+# keeps (gm.ops.masked_linear.MASK_CACHE_SIZE), so masks made anew every step (order-agnostic training) retain no
+# more memory than before plans. A model with more (mask, shape) pairs rebuilds plans (correct, slower).
+_PLAN_CACHE_SIZE = 64
 _PLANS: OrderedDict = OrderedDict()
 _PLANS_LOCK = threading.Lock()  # the cache's order is mutated on every hit
 
