@@ -596,6 +596,24 @@ def test_masked_linear_plan_follows_a_mask_written_in_place(gemm, monkeypatch):
         outs[fast] = masked_linear(x, w, mask, b, backend="cuda")
     assert torch.equal(outs[True], outs[False]) and not torch.equal(outs[True], first)
 
+
+def test_planned_paths_refuse_a_mask_written_between_forward_and_backward(gemm):
+    """As the registered ops do (they save the masks): a mask written in place after the planned forward makes the
+    backward an error, not a gradient of a different function."""
+    from gm.ops.masked_linear import masked_linear  # noqa: PLC0415
+    from tests.ops import test_made_iaf  # noqa: PLC0415
+
+    z, ctx, weights, masks, biases = test_made_iaf._inputs(5, 8, 16, 2, 0, True, torch.bfloat16)
+    z_new, ld = gm.ops.made_iaf_step(z, weights, masks, biases, backend="cuda")
+    masks[1].mul_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(test_made_iaf._loss(z_new, ld), z)
+    x, w, mask = torch.randn(9, 32, requires_grad=True), torch.randn(24, 32), torch.ones(24, 32)
+    y = masked_linear(x.bfloat16(), w.bfloat16(), mask, backend="cuda")
+    mask.mul_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
 # (N, H, D): a tiny head, partial column blocks without bias, then several row and column blocks.
 MADE_SHAPES = [(5, 7, 3), (33, 48, 16), (77, 130, 70), (70, 100, 130), (300, 256, 64)]
 

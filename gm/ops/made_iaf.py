@@ -81,8 +81,9 @@ class _MadeIafStep(torch.autograd.Function):
         ctx.spec, ctx.entries, ctx.plan = spec, entries, plan
         ctx.has_bias = [b is not None for b in biases]
         # The output layer's backward recomputes [m, s] (its bias too); the hidden layers' read their outputs. The
-        # planned cuda path reads the masks through the plan's entries.
-        ctx.save_for_backward(z, *xs, *weights, biases[-1], *(masks if plan is None else ()), *(saved[:1]))
+        # masks are saved on both paths (the planned one reads them through its entries): a mask written in place
+        # before the backward is an error, as for the registered ops.
+        ctx.save_for_backward(z, *xs, *weights, biases[-1], *masks, *(saved[:1]))
         return z_new, ld
 
     @staticmethod
@@ -92,7 +93,7 @@ class _MadeIafStep(torch.autograd.Function):
         saved = ctx.saved_tensors
         z, xs, weights = saved[0], saved[1 : layers + 1], saved[layers + 1 : 2 * layers + 1]
         out_bias, rest = saved[2 * layers + 1], saved[2 * layers + 2 :]
-        masks, out_saved = (rest[:layers], rest[layers:]) if ctx.plan is None else (None, ())
+        masks, out_saved = rest[:layers], rest[layers:]
         need = ctx.needs_input_grad  # (spec, z, context, *weights, *masks, *biases)
         need_z, need_ctx = need[1], need[2]
         need_w = need[3 : 3 + layers]
