@@ -41,9 +41,9 @@ class StepPlan:
         self.mode_code = _MODE_CODES[mode]
         self.n_d = -(-d // kc._HEAD_COLS)
         shapes = [(widths[i + 1], widths[i]) for i in range(self.n - 1)] + [(2 * d, widths[-1])]
-        # the output layer's forward is the fused launch (fused_map), not the plain GEMM
-        self.layers = [kc.LayerPlan(lib, e, rows, o, k, dtype, device, prec, forward=i < self.n - 1)
-                       for i, (e, (o, k)) in enumerate(zip(entries, shapes, strict=True))]  # fmt: skip
+        # the per-layer launchers' plans (the output layer's forward is the fused launch: fused_map)
+        self.layers = [kc.layer_plan(e, rows, o, k, dtype, device, prec)
+                       for e, (o, k) in zip(entries, shapes, strict=True)]  # fmt: skip
         self.fused_map = kc._map_args(entries[-1], "fused", dtype)
         self.dcode, self.prec = self.layers[-1].dcode, prec
         # The backward's scratch: the [m, s] gradient, the hidden layers' pre-activation gradients (every input
@@ -160,7 +160,7 @@ def backward(plan: StepPlan, xs, z, weights, out_bias, gz, gl, below, need_w, ne
                 dws[i] = torch.empty(layer.o, layer.k, dtype=dtype, device=device) if need_w[i] else None
                 dbs[i] = torch.empty(layer.o, dtype=dtype, device=device) if need_b[i] else None
                 layer.weight_and_bias_grad(gp, xs[i].data_ptr(), base + plan.partial_offsets[i], kc._ptr(dws[i]),
-                                           kc._ptr(dbs[i]), stream)  # fmt: skip
+                                           gp, kc._ptr(dbs[i]), stream)  # fmt: skip
             if not below[i]:
                 break  # nothing at or below layer i wants a gradient
             gp = dx

@@ -18,6 +18,7 @@ Nothing here touches CUDA at import.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 
@@ -108,21 +109,16 @@ def _map_args(entry, kind: str, dtype: torch.dtype) -> tuple:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, entry, bias: torch.Tensor | None, activation) -> torch.Tensor:
-    prec = precision(x.dtype)
     rows, k = x.shape
     o = weight.shape[0]
+    plan = layer_plan(entry, rows, o, k, x.dtype, x.device, precision(x.dtype))
     y = torch.empty(rows, o, dtype=x.dtype, device=x.device)
     if rows == 0 or o == 0:
         return y
-    kp = _padded(k, x.dtype)
-    xp, wp = _pad_cols(x, kp), _pad_cols(weight, kp)
-    mask, mask_row, offsets, idx, mids = _map_args(entry, "rows", x.dtype)
+    xp, wp = _pad_cols(x, plan.kp), _pad_cols(weight, plan.kp)
     bias_c = bias.contiguous() if bias is not None else None
     with device_guard(x):
-        ext().masked_linear_forward_cuda(
-            xp.data_ptr(), wp.data_ptr(), mask, _ptr(bias_c), y.data_ptr(), offsets, idx, mids, rows, o, kp, mask_row,
-            ACT_CODES[activation], dtype_code(x), prec, stream_of(x),
-        )  # fmt: skip
+        plan.forward(xp.data_ptr(), wp.data_ptr(), _ptr(bias_c), y.data_ptr(), ACT_CODES[activation], stream_of(x))
     return y
 
 
@@ -141,23 +137,19 @@ def input_grad(gp: torch.Tensor, weight: torch.Tensor, entry, below=None) -> tor
     """dx (R, K) = gp (W ⊙ M). below = (y, activation): x is the output y (R, K) of `activation` in the layer below,
     and dx comes back as that layer's pre-activation gradient act_grad(dx, y, activation), in the GEMM's epilogue
     (bit for bit what the separate pass gives: dx is rounded to its dtype first)."""
-    prec = precision(gp.dtype)
     rows, o = gp.shape
     k = weight.shape[1]
+    plan = layer_plan(entry, rows, o, k, gp.dtype, gp.device, precision(gp.dtype))
     dx = torch.empty(rows, k, dtype=gp.dtype, device=gp.device)
     if rows == 0 or k == 0:
         return dx
     if o == 0:
         return dx.zero_()
-    op, kp = _padded(o, gp.dtype), _padded(k, gp.dtype)
-    gpp, wp = _pad_cols(gp, op), _pad_cols(weight, kp)
-    mask, mask_row, offsets, idx, mids = _map_args(entry, "cols", gp.dtype)
+    gpp, wp = _pad_cols(gp, plan.op), _pad_cols(weight, plan.kp)
     y_below = below[0].contiguous() if below is not None and below[1] is not None else None
+    act_below = ACT_CODES[below[1]] if y_below is not None else 0
     with device_guard(gp):
-        ext().masked_linear_input_grad_cuda(
-            gpp.data_ptr(), wp.data_ptr(), mask, dx.data_ptr(), offsets, idx, mids, rows, o, op, k, kp, mask_row,
-            _ptr(y_below), ACT_CODES[below[1]] if y_below is not None else 0, dtype_code(gp), prec, stream_of(gp),
-        )  # fmt: skip
+        plan.input_grad(gpp.data_ptr(), wp.data_ptr(), dx.data_ptr(), _ptr(y_below), act_below, stream_of(gp))
     return dx
 
 
@@ -171,34 +163,15 @@ def weight_and_bias_grad(gp: torch.Tensor, x: torch.Tensor, entry, need_w: bool,
     db = torch.empty(o, dtype=gp.dtype, device=gp.device) if need_b else None
     if rows == 0:
         return (dw.zero_() if need_w else None), (db.zero_() if need_b else None)
-    partial, splits = _weight_partials(gp, x, entry) if need_w and o * k > 0 else (None, 0)
+    plan = layer_plan(entry, rows, o, k, x.dtype, x.device, precision(x.dtype))
+    gemm = need_w and o * k > 0
+    partial = torch.empty(plan.splits, o, k, dtype=torch.float32, device=x.device) if gemm else None
+    gpp, xp = (_pad_cols(gp, plan.op), _pad_cols(x, plan.kp)) if gemm else (None, None)
     gp_c = gp.contiguous() if need_b else None
     with device_guard(gp):
-        ext().masked_linear_grad_finish_cuda(
-            _ptr(partial), splits, o, k, _ptr(dw) if partial is not None else 0, _ptr(gp_c), rows, o, _ptr(db),
-            dtype_code(gp), stream_of(gp),
-        )  # fmt: skip
+        plan.weight_and_bias_grad(_ptr(gpp), _ptr(xp), _ptr(partial), _ptr(dw) if gemm else 0, _ptr(gp_c), _ptr(db),
+                                  stream_of(gp))  # fmt: skip
     return dw, db
-
-
-def _weight_partials(gp: torch.Tensor, x: torch.Tensor, entry) -> tuple[torch.Tensor, int]:
-    """(partial (splits, O, K) float32, splits): M * (gp^T x) over each row split."""
-    prec = precision(x.dtype)
-    rows, o = gp.shape
-    k = x.shape[1]
-    u8, flags, nonempty = _map_args(entry, "flags", x.dtype)
-    splits = reduction_splits(max(nonempty, 1), rows, x.device, _BLOCKS_PER_SM)
-    per_split = -(-rows // splits)
-    splits = -(-rows // per_split)
-    op, kp = _padded(o, x.dtype), _padded(k, x.dtype)
-    gpp, xp = _pad_cols(gp, op), _pad_cols(x, kp)
-    partial = torch.empty(splits, o, k, dtype=torch.float32, device=x.device)
-    with device_guard(x):
-        ext().masked_linear_weight_grad_cuda(
-            gpp.data_ptr(), xp.data_ptr(), u8, flags, partial.data_ptr(),
-            rows, o, op, k, kp, per_split, splits, dtype_code(x), prec, stream_of(x),
-        )  # fmt: skip
-    return partial, splits
 
 
 def _fused_launch(name, hidden, weight, entry, bias, z, tensors, mode):
@@ -308,14 +281,15 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class LayerPlan:
-    """One masked linear layer's launch arguments at (rows, O, K, dtype, precision), widths whole 16-byte rows: the
-    bound entry points, the tile maps' addresses (held by `entry`, which the plan keeps), the weight gradient's row
-    splits. Its launch methods take addresses; the caller keeps each tensor alive until its launch is queued (the
-    caching allocator reuses freed memory only for work queued after it on the stream)."""
+    """One masked linear layer's launch arguments at (rows, O, K, dtype, precision): the bound entry points, the
+    padded widths, the tile maps' addresses (held by `entry`, which the plan keeps; each map built on first use), the
+    weight gradient's row splits. Every launch of the layer goes through it: the launchers above (which pad their
+    operands to op / kp) and the planned paths (widths whole 16-byte rows, nothing to pad). Its launch methods take
+    addresses; the caller keeps each tensor alive until its launch is queued (the caching allocator reuses freed
+    memory only for work queued after it on the stream)."""
 
-    def __init__(self, lib, entry, rows: int, o: int, k: int, dtype: torch.dtype, device, prec: int,
-                 forward: bool = True) -> None:  # fmt: skip
-        self.entry = entry
+    def __init__(self, lib, entry, rows: int, o: int, k: int, dtype: torch.dtype, device, prec: int) -> None:
+        self.entry, self.dtype, self.device = entry, dtype, device
         # the entry points, bound once (a module attribute per launch is host time too)
         self.launch_forward = lib.masked_linear_forward_cuda
         self.launch_input_grad = lib.masked_linear_input_grad_cuda
@@ -323,36 +297,68 @@ class LayerPlan:
         self.launch_finish = lib.masked_linear_grad_finish_cuda
         self.launch_act_grad = lib.masked_linear_act_grad_cuda
         self.rows, self.o, self.k = rows, o, k
+        self.op, self.kp = _padded(o, dtype), _padded(k, dtype)
         self.dcode, self.prec = DTYPE_CODES[dtype], prec
-        self.rows_map = _map_args(entry, "rows", dtype) if forward else None
-        self.cols_map = _map_args(entry, "cols", dtype)
-        self.flag_map = _map_args(entry, "flags", dtype)
-        splits = reduction_splits(max(self.flag_map[2], 1), rows, device, _BLOCKS_PER_SM)  # as _weight_partials
-        self.per_split = -(-rows // splits)
-        self.splits = -(-rows // self.per_split)
-        self.partial_bytes = round_up(self.splits * o * k * 4)
+
+    @functools.cached_property
+    def rows_map(self) -> tuple:
+        return _map_args(self.entry, "rows", self.dtype)
+
+    @functools.cached_property
+    def cols_map(self) -> tuple:
+        return _map_args(self.entry, "cols", self.dtype)
+
+    @functools.cached_property
+    def flag_map(self) -> tuple:
+        return _map_args(self.entry, "flags", self.dtype)
+
+    @functools.cached_property
+    def split(self) -> tuple[int, int]:
+        """(splits, rows per split) of the weight gradient's GEMM: the split model over its non-empty tiles."""
+        splits = reduction_splits(max(self.flag_map[2], 1), self.rows, self.device, _BLOCKS_PER_SM)
+        per_split = -(-self.rows // splits)
+        return -(-self.rows // per_split), per_split
+
+    @property
+    def splits(self) -> int:
+        return self.split[0]
+
+    @property
+    def partial_bytes(self) -> int:
+        return round_up(self.splits * self.o * self.k * 4)
 
     def forward(self, x: int, w: int, bias: int, y: int, act_code: int, stream: int) -> None:
         mask, mask_row, offsets, idx, mids = self.rows_map
-        self.launch_forward(x, w, mask, bias, y, offsets, idx, mids, self.rows, self.o, self.k, mask_row, act_code,
+        self.launch_forward(x, w, mask, bias, y, offsets, idx, mids, self.rows, self.o, self.kp, mask_row, act_code,
                             self.dcode, self.prec, stream)  # fmt: skip
 
     def input_grad(self, gp: int, w: int, dx: int, y_below: int, act_below: int, stream: int) -> None:
         mask, mask_row, offsets, idx, mids = self.cols_map
-        self.launch_input_grad(gp, w, mask, dx, offsets, idx, mids, self.rows, self.o, self.o, self.k, self.k,
+        self.launch_input_grad(gp, w, mask, dx, offsets, idx, mids, self.rows, self.o, self.op, self.k, self.kp,
                                mask_row, y_below, act_below, self.dcode, self.prec, stream)  # fmt: skip
 
-    def weight_and_bias_grad(self, gp: int, x: int, partial: int, dw: int, db: int, stream: int) -> None:
-        """dW into dw (0: not wanted) through the split partials at `partial`, db into db (0: not wanted), as
-        weight_and_bias_grad launches them."""
+    def weight_and_bias_grad(self, gp: int, x: int, partial: int, dw: int, gp_bias: int, db: int, stream: int) -> None:
+        """dW into dw (0: not wanted) through the split partials at `partial` (gp and x padded to op / kp), db into
+        db (0: not wanted) from gp_bias (gp unpadded, (rows, O)), in one finish launch that also adds the splits."""
         splits = 0
         if dw:
             u8, flags, _ = self.flag_map
-            self.launch_weight_grad(gp, x, u8, flags, partial, self.rows, self.o, self.o, self.k, self.k,
-                                    self.per_split, self.splits, self.dcode, self.prec, stream)  # fmt: skip
-            splits = self.splits
-        self.launch_finish(partial if dw else 0, splits, self.o, self.k, dw, gp if db else 0, self.rows, self.o, db,
-                           self.dcode, stream)  # fmt: skip
+            splits, per_split = self.split
+            self.launch_weight_grad(gp, x, u8, flags, partial, self.rows, self.o, self.op, self.k, self.kp, per_split,
+                                    splits, self.dcode, self.prec, stream)  # fmt: skip
+        self.launch_finish(partial if dw else 0, splits, self.o, self.k, dw, gp_bias if db else 0, self.rows, self.o,
+                           db, self.dcode, stream)  # fmt: skip
+
+
+def layer_plan(entry, rows: int, o: int, k: int, dtype: torch.dtype, device, prec: int) -> LayerPlan:
+    """The mask entry's LayerPlan for this shape, dtype and precision (kept with the entry: it lives as long as the
+    tile maps whose addresses it holds)."""
+    lib = ext()
+    key = ("layer_plan", lib, rows, o, k, dtype, prec)
+    plan = entry.maps.get(key)
+    if plan is None:
+        plan = entry.maps[key] = LayerPlan(lib, entry, rows, o, k, dtype, device, prec)
+    return plan
 
 
 def linear_plan(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> LayerPlan | None:
@@ -360,15 +366,15 @@ def linear_plan(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> La
     empty dimension, a dtype the kernels do not take)."""
     rows, k = x.shape
     o = weight.shape[0]
-    prec, lib = precision(x.dtype), ext()
-    key = ("linear", lib, rows, o, k, x.dtype, x.device, prec, mask_identity(mask))
+    prec = precision(x.dtype)
+    key = ("linear", ext(), rows, o, k, x.dtype, x.device, prec, mask_identity(mask))
 
     def build():
         if rows == 0 or not whole_rows((o, k), x.dtype):
             return None
         from gm.ops.masked_linear import mask_entry  # noqa: PLC0415
 
-        return LayerPlan(lib, mask_entry(mask), rows, o, k, x.dtype, x.device, prec)
+        return layer_plan(mask_entry(mask), rows, o, k, x.dtype, x.device, prec)
 
     return cached_plan(key, build)
 
@@ -405,5 +411,5 @@ def linear_backward(plan: LayerPlan, grad, y, x, weight, activation, need_x: boo
         if need_x:
             plan.input_grad(gp, w.data_ptr(), dx.data_ptr(), 0, 0, stream)
         if need_w or need_b:
-            plan.weight_and_bias_grad(gp, x.data_ptr(), base + gp_bytes, _ptr(dw), _ptr(db), stream)
+            plan.weight_and_bias_grad(gp, x.data_ptr(), base + gp_bytes, _ptr(dw), gp, _ptr(db), stream)
     return dx, dw, db
