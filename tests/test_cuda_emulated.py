@@ -800,7 +800,7 @@ def test_masked_conv2d_weight_grad_over_splits(gemm, mask, grouped, monkeypatch)
     _check("dweight", dw, dw_ref, torch.bfloat16)
     assert (dw[dw_ref == 0] == 0).all(), "masked taps must get exactly zero"
     assert torch.equal(c.weight_grad(x16, gy16, taps, plan, shape, torch.bfloat16), dw)
-    dx, dw2 = c.backward(gy16, x16, packed, taps, plan, shape, torch.bfloat16, True, True)
+    dx, dw2, _ = c.backward(gy16, x16, packed, taps, plan, shape, torch.bfloat16, True, True)
     assert torch.equal(dw2, dw) and torch.equal(dx, c.input_grad(gy16, packed, taps))
 
 
@@ -834,8 +834,8 @@ def _conv_channels_last_vs_nchw(case, dtype):
     x_cl, gy_cl = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
     packed, taps = pack_weight(w, mask, gi, go)
     plan, shape = pack_plan(w.shape, mask, gi, go, w.device), tuple(w.shape)
-    dx_cl, dw_cl = c.backward(gy_cl, x_cl, packed, taps, plan, shape, dtype, True, True)
-    dx, dw = c.backward(gy, x, packed, taps, plan, shape, dtype, True, True)
+    dx_cl, dw_cl, _ = c.backward(gy_cl, x_cl, packed, taps, plan, shape, dtype, True, True)
+    dx, dw, _ = c.backward(gy, x, packed, taps, plan, shape, dtype, True, True)
     return [
         ("y", c.forward(x_cl, packed, b, taps), c.forward(x, packed, b, taps)),
         ("dx", c.input_grad(gy_cl, packed, taps), c.input_grad(gy, packed, taps)),

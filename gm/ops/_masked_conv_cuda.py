@@ -287,10 +287,10 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, taps, plan, weight_shape, o
 def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operands, taps, plan, weight_shape,
              out_dtype, need_x: bool, need_w: bool, *, relu_in: bool = False, residual: torch.Tensor | None = None,
              bias_grad: bool = False):  # fmt: skip
-    """(dx or None, weight gradient (weight_grad) or None), converting grad to the kernels' layout once for both.
-    dx is channels-last when grad is (as input_grad), else contiguous. The fused (ReLU, conv) layers
-    (gm.nn.relu_conv): relu_in, the gradients of conv(relu(x)) (dx zero where x <= 0); residual, added to dx;
-    bias_grad, (dx, dw, db) with the bias gradient from the weight-gradient kernels (a sum without need_w)."""
+    """(dx, weight gradient (weight_grad), bias gradient), each None where not asked for, converting grad to the
+    kernels' layout once for both GEMMs. dx is channels-last when grad is (as input_grad), else contiguous. The fused
+    (ReLU, conv) layers (gm.nn.relu_conv): relu_in, the gradients of conv(relu(x)) (dx zero where x <= 0); residual,
+    added to dx. bias_grad: the bias gradient from the weight-gradient kernels (a sum without need_w)."""
     _check_cuda("grad", grad)
     precision = _precision(grad.dtype)  # a dtype the kernels take, before the conversion
     if grad.dtype != x.dtype:
@@ -309,4 +309,4 @@ def backward(grad: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | Operand
             dw, db = dw if bias_grad else (dw, None)
         elif bias_grad:
             db = grad.sum(dim=(0, 2, 3))
-    return (dx, dw, db) if bias_grad else (dx, dw)
+    return dx, dw, db

@@ -309,9 +309,8 @@ def _cuda_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w,
     # the forward's operands, unless weight changed since
     operands = c.weight_operands(weight, plan, fresh=False) if need_x else None
     # converts grad to NHWC once for both gradients; the weight gradient comes back in weight's layout and dtype
-    grads = c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w,
-                       relu_in=relu_in, residual=residual, bias_grad=bias_grad)  # fmt: skip
-    return grads if bias_grad else (*grads, None)
+    return c.backward(grad, x, operands, plan.taps, plan, tuple(weight.shape), weight.dtype, need_x, need_w,
+                      relu_in=relu_in, residual=residual, bias_grad=bias_grad)  # fmt: skip
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

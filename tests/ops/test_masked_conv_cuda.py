@@ -149,7 +149,7 @@ def test_cuda_backward_shares_grad_conversion():
     packed, taps = pack_weight(wt, "B", None, None)
     plan = pack_plan(wt.shape, "B", None, None, wt.device)
     shape = tuple(wt.shape)
-    dx, dw = c.backward(gy, x, packed, taps, plan, shape, wt.dtype, True, True)
+    dx, dw, _ = c.backward(gy, x, packed, taps, plan, shape, wt.dtype, True, True)
     assert torch.equal(dx, c.input_grad(gy, packed, taps))
     assert torch.equal(dw, c.weight_grad(x, gy, taps, plan, shape, wt.dtype))
     assert c.backward(gy, x, packed, taps, plan, shape, wt.dtype, False, True)[0] is None
