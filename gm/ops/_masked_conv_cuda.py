@@ -53,10 +53,12 @@ def _padded(c: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _tap_lists(taps: tuple, mirrored: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(dy, dx) of the taps as the kernels take them; mirrored: negated (the input gradient's)."""
+def _tap_table(module, taps: tuple, mirrored: bool):
+    """The kernels' tap table of `taps` ((dy, dx) pairs; mirrored: negated), built by `module` (gm._C, or a stand-in
+    for it) once per layer geometry: a launch then passes one object, where two sequences converted to vectors on
+    every call, with keyword arguments, cost ~1.7 us of a ~2 us pybind11 call (bench/NOTES.md, session 13)."""
     sign = -1 if mirrored else 1
-    return tuple(sign * int(t[0]) for t in taps), tuple(sign * int(t[1]) for t in taps)
+    return module.masked_conv_taps([sign * int(t[0]) for t in taps], [sign * int(t[1]) for t in taps])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,12 +195,12 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
     a_nhwc = _nhwc(a, cp, stream) if a_nhwc is None else a_nhwc
     b = b if b.dtype == a.dtype else b.to(a.dtype)
     bias_c = (bias if bias.dtype == a.dtype else bias.to(a.dtype)).contiguous() if bias is not None else None
-    dy, dx = _tap_lists(taps, mirrored)
-    ext().masked_conv_gemm_cuda(
+    lib = ext()
+    lib.masked_conv_gemm_cuda(
         a_nhwc.data_ptr(), b.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
-        n, h, w, cp, n_out, dy, dx, dtype_code(a), precision, stream,
-        out_nhwc=fmt == torch.channels_last, relu_a=relu_a, gate=gate.data_ptr() if gate is not None else 0,
-        residual=residual.data_ptr() if residual is not None else 0,
+        n, h, w, cp, n_out, _tap_table(lib, taps, mirrored), dtype_code(a), precision, stream,
+        fmt == torch.channels_last, relu_a, gate.data_ptr() if gate is not None else 0,
+        residual.data_ptr() if residual is not None else 0,
     )  # fmt: skip
     return out
 
@@ -225,17 +227,17 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
     db_partial = torch.empty(splits, cout, dtype=torch.float32, device=x.device) if bias_grad else None
     db = torch.empty(cout, dtype=out_dtype, device=x.device) if bias_grad else None
-    dy, dx = _tap_lists(taps, False)
-    ext().masked_conv_wgrad_cuda(
+    lib = ext()
+    lib.masked_conv_wgrad_cuda(
         x_nhwc.data_ptr(), grad_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
-        dy, dx, per_split, splits, dtype_code(x), precision, stream, relu_x=relu_x,
-        db_partial=db_partial.data_ptr() if bias_grad else 0,
+        _tap_table(lib, taps, False), per_split, splits, dtype_code(x), precision, stream, relu_x,
+        db_partial.data_ptr() if bias_grad else 0,
     )  # fmt: skip
     keep = plan.keep
-    ext().masked_conv_wgrad_unpack_cuda(
+    lib.masked_conv_wgrad_unpack_cuda(
         partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
         splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream,
-        db_partial=db_partial.data_ptr() if bias_grad else 0, db=db.data_ptr() if bias_grad else 0,
+        db_partial.data_ptr() if bias_grad else 0, db.data_ptr() if bias_grad else 0,
     )  # fmt: skip
     return (dw, db) if bias_grad else dw
 
