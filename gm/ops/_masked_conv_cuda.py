@@ -225,21 +225,24 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     x_nhwc = _nhwc(x, cin_p, stream)
     if grad_nhwc is None:
         grad_nhwc = _nhwc(grad if grad.dtype == x.dtype else grad.to(x.dtype), cout_p, stream)
-    partial = torch.empty(splits, t, cin, cout, dtype=torch.float32, device=x.device)
+    # the float32 partial sums (splits, T, C_in, C_out) and the bias gradient's (splits, C_out) in one allocation,
+    # the latter at a 16-byte boundary
+    size = -(-splits * t * cin * cout // 4) * 4
+    partial = torch.empty(size + (splits * cout if bias_grad else 0), dtype=torch.float32, device=x.device)
+    partial_ptr = partial.data_ptr()
     dw = torch.empty(weight_shape, dtype=out_dtype, device=x.device)
-    db_partial = torch.empty(splits, cout, dtype=torch.float32, device=x.device) if bias_grad else None
     db = torch.empty(cout, dtype=out_dtype, device=x.device) if bias_grad else None
+    db_partial_ptr = partial_ptr + 4 * size if bias_grad else 0
     lib = ext()
     lib.masked_conv_wgrad_cuda(
-        x_nhwc.data_ptr(), grad_nhwc.data_ptr(), partial.data_ptr(), n, h, w, cin_p, cout_p, cin, cout,
-        _tap_table(lib, taps, False), per_split, splits, dtype_code(x), precision, stream, relu_x,
-        db_partial.data_ptr() if bias_grad else 0,
+        x_nhwc.data_ptr(), grad_nhwc.data_ptr(), partial_ptr, n, h, w, cin_p, cout_p, cin, cout,
+        _tap_table(lib, taps, False), per_split, splits, dtype_code(x), precision, stream, relu_x, db_partial_ptr,
     )  # fmt: skip
     keep = plan.keep
     lib.masked_conv_wgrad_unpack_cuda(
-        partial.data_ptr(), plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
-        splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream,
-        db_partial.data_ptr() if bias_grad else 0, db.data_ptr() if bias_grad else 0,
+        partial_ptr, plan.positions.data_ptr(), keep.data_ptr() if keep is not None else 0, dw.data_ptr(),
+        splits, t, cin, cout, weight_shape[2] * weight_shape[3], dtype_code(dw), stream, db_partial_ptr,
+        db.data_ptr() if bias_grad else 0,
     )  # fmt: skip
     return (dw, db) if bias_grad else dw
 
