@@ -20,6 +20,14 @@ T0=$(date +%s)
 stage() { echo "=== [$(($(date +%s) - T0))s] $*"; }
 STAGES="${STAGES:-build,warm,tests,bench}"
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
+# What the bench stage runs (the warm stage compiles for it): most wanted first (the harness saves case by case, so a
+# timeout keeps what finished): the families changed since the last run and still furthest from their targets.
+BENCH_OPS="${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv,models}"
+# BENCH_ARGS defaults to "--no-compile --profile --graphs": --graphs adds each row's fwd+bwd replayed from a CUDA
+# graph (the kernels' time without the host's launch cost, which dominated the small cases on that machine); the
+# profile (torch.profiler: wall vs device-kernel time, top kernels of each gm row and baseline) lands beside the rows
+# as <results>_profile.md. "--no-compile --compile-ops iaf,models" keeps those modules' torch.compile baselines.
+BENCH_ARGS="${BENCH_ARGS:---no-compile --profile --graphs}"
 
 stage "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -44,7 +52,7 @@ fi
 autotune="${BENCH_AUTOTUNE:-${GM_TRITON_AUTOTUNE:-1}}"
 if want warm; then
 W="${WARM_JOBS:-14}"
-AOT_OPS="${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv}"
+AOT_OPS="$BENCH_OPS"
 AOT_MODE=()
 if [ "$autotune" = "picks" ]; then
   SLUG="$("$PY" -c 'import torch; from gm._backend import device_slug; print(device_slug(torch.cuda.get_device_name()))' 2>/dev/null)"
@@ -58,9 +66,25 @@ stage "warm: $AOT_OPS ${AOT_MODE[*]} in $W processes"
 for k in $(seq 0 $((W - 1))); do
   timeout "${WARM_TIMEOUT:-180}" "$PY" -m bench.aot --ops "$AOT_OPS" "${AOT_MODE[@]}" --shard "$k/$W" >"/tmp/gm_warm_$k.md" 2>&1 &
 done
+# The torch.compile baselines the bench stage will time (BENCH_ARGS without --no-compile, or with --compile-ops),
+# compiled meanwhile by COMPILE_WARM_JOBS `python -m bench --warm-compile` processes on the GPU (each baseline run once,
+# forward and forward+backward) into inductor's on-disk caches: the bench stage then compiles each from them in
+# seconds (dev CPU, quick models cases: 10.1 -> 1.9 s and 4.0 -> 0.7 s). GM_TRITON_AUTOTUNE=0 there: gm's kernels
+# inside gm+compile need no timing to be traced.
+rm -f /tmp/gm_warm_compile_*.log
+if [[ " $BENCH_ARGS " != *" --no-compile "* || " $BENCH_ARGS " == *" --compile-ops"* ]]; then
+  C="${COMPILE_WARM_JOBS:-4}"
+  stage "warm: torch.compile baselines of $BENCH_OPS ($BENCH_ARGS) in $C processes"
+  for k in $(seq 0 $((C - 1))); do
+    GM_TRITON_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS="${COMPILE_THREADS:-4}" timeout "${WARM_TIMEOUT:-180}" \
+      "$PY" -m bench --warm-compile --shard "$k/$C" \
+      --ops "$BENCH_OPS" $BENCH_ARGS >"/tmp/gm_warm_compile_$k.log" 2>&1 &
+  done
+fi
 wait
 cat /tmp/gm_warm_*.md | grep -c "_kernel |" | sed 's/^/compiled variants: /'
 cat /tmp/gm_warm_*.md | grep "_kernel |" | grep -i "error" | head -5
+cat /tmp/gm_warm_compile_*.log 2>/dev/null | grep "^warm-compile" | tee "$OUT/warm_compile.txt"
 fi
 
 # Tests: the gpu-marked tests (cuda and triton backends, fp32/bf16, written for the GPU) and the masked_conv suite,
@@ -82,13 +106,7 @@ fi
 
 fi
 
-# Most wanted first (the harness saves case by case, so a timeout keeps what finished): the families changed since
-# the last run and still furthest from their targets; masked_conv has two runs already.
-BENCH_OPS="${BENCH_OPS:-diagonal_lstm,iaf,minibatch,row_lstm,masked_conv,models}"
 ops_arg=(--ops "$BENCH_OPS")
-# BENCH_ARGS defaults to "--no-compile --profile --graphs": --graphs adds each row's fwd+bwd replayed from a CUDA
-# graph (the kernels' time without the host's launch cost, which dominated the small cases on that machine); the profile (torch.profiler: wall vs device-kernel time, top
-# kernels of each gm row and baseline) lands beside the rows as <results>_profile.md.
 # DEADLINE (seconds after the start) bounds the bench by what is left of the call instead of BENCH_TIMEOUT;
 # BENCH_AUTOTUNE=0 runs each Triton kernel's first config (one compile per variant instead of one per config);
 # BENCH_AUTOTUNE=picks the shipped picks, else the first suitable config, timing nothing. Without BENCH_AUTOTUNE the
@@ -96,8 +114,8 @@ ops_arg=(--ops "$BENCH_OPS")
 if want bench; then
 bt="${BENCH_TIMEOUT:-300}"
 if [ -n "${DEADLINE:-}" ]; then bt=$((DEADLINE - $(date +%s) + T0)); fi
-stage "bench (${bt}s, autotune $autotune): $BENCH_OPS ${BENCH_ARGS:---no-compile --profile --graphs}"
-GM_TRITON_AUTOTUNE="$autotune" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" ${BENCH_ARGS:---no-compile --profile --graphs} >"$OUT/bench.log" 2>&1
+stage "bench (${bt}s, autotune $autotune): $BENCH_OPS $BENCH_ARGS"
+GM_TRITON_AUTOTUNE="$autotune" timeout "$bt" "$PY" -m bench --out "$OUT" "${ops_arg[@]}" $BENCH_ARGS >"$OUT/bench.log" 2>&1
 tail -80 "$OUT/bench.log"
 fi
 stage "done"

@@ -146,6 +146,18 @@ def _fwd_bwd_fn(fn: Callable, inputs: dict) -> Callable[[], None]:
     return run
 
 
+def warm(case: Case, fn: Callable, device: torch.device) -> None:
+    """One forward under no_grad and one forward+backward of `fn` on the case's inputs, timing nothing: what run_impl
+    compiles (python -m bench --warm-compile)."""
+    inputs = case.make_inputs()
+    with torch.no_grad():
+        fn(**inputs)
+    if case.backward:
+        _fwd_bwd_fn(fn, inputs)()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _host_ms(run: Callable[[], None], device: torch.device, calls: int = 10) -> float:
     """Milliseconds of host time to issue one call of `run` on a GPU: the median over `calls` calls, each started
     after a synchronize and timed without one, so no launch waits for the device (the queue holds ~1000 launches)

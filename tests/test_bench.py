@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import harness, report
 from bench.__main__ import main
@@ -241,3 +242,61 @@ def test_compile_ops_keeps_the_compile_baselines_of_the_named_modules_only(monke
     with pytest.raises(SystemExit):
         main(["--quick", "--ops", "iaf", "--no-compile", "--compile-ops", "iafs", "--no-save"])
     assert seen == []
+
+
+def test_gpu_check_warms_the_compile_baselines_the_bench_will_time(tmp_path):
+    """With compile baselines selected (--compile-ops, or no --no-compile), the warm stage runs COMPILE_WARM_JOBS
+    `bench --warm-compile` shards with the bench stage's ops and arguments, gm's autotuning off; the default
+    arguments (--no-compile) warm none."""
+    args = "--no-compile --compile-ops iaf --graphs"
+    lines = _gpu_check(tmp_path, {"STAGES": "warm", "BENCH_OPS": "iaf,minibatch", "BENCH_ARGS": args,
+                                  "COMPILE_WARM_JOBS": "2"})  # fmt: skip
+    warm = [line for line in lines if "--warm-compile" in line]
+    assert len(warm) == 2 and all(f"--shard {k}/2" in line for k, line in enumerate(warm)), lines
+    assert all(line.split()[0] == "0" and f"--ops iaf,minibatch {args}" in line for line in warm), warm
+    (tmp_path / "default").mkdir()
+    default = _gpu_check(tmp_path / "default", {"STAGES": "warm", "BENCH_OPS": "iaf"})
+    assert default and not [line for line in default if "--warm-compile" in line]
+
+
+def test_warm_compile_runs_each_selected_compile_baseline_once_across_shards(monkeypatch, capsys):
+    """--warm-compile times nothing and runs the "+compile" baselines that the same arguments would time, each in
+    exactly one of the shards; --compile-ops selects the modules as it does for a timing run; a bad --shard stops."""
+    monkeypatch.setattr(harness, "run_case", lambda *a: pytest.fail("--warm-compile timed a case"))
+    seen = []
+    monkeypatch.setattr(harness, "warm", lambda case, fn, device: seen.append((case.op, case.name, fn)))
+    args = ["--warm-compile", "--quick", "--ops", "models,minibatch", "--no-compile", "--compile-ops", "models"]
+    for k in range(3):
+        assert main([*args, "--shard", f"{k}/3"]) == 0
+    from bench.cases import models  # noqa: PLC0415
+
+    expected = [(c.op, c.name, fn) for c in models.cases(torch.device("cpu"), True)
+                for label, fn in c.impls.items() if "compile" in label]  # fmt: skip
+    assert len(expected) >= 2 and len(seen) == len(expected)
+    assert {(op, name) for op, name, _ in seen} == {(op, name) for op, name, _ in expected}
+    assert capsys.readouterr().out.count("warm-compile [model:") == len(expected)
+    seen.clear()
+    assert main(["--warm-compile", "--quick", "--ops", "models", "--no-compile"]) == 0 and seen == []
+    with pytest.raises(SystemExit):
+        main([*args, "--shard", "3/3"])
+
+
+def test_warm_fills_the_compile_cache_a_timing_run_reads(tmp_path, monkeypatch):
+    """harness.warm runs a compiled baseline forward and forward+backward: a later compile of the same function in a
+    fresh process would find both graphs in inductor's cache; here, the warmed function runs again without a
+    recompile (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    def ref(x, w):
+        return torch.tanh(x @ w).sum(dim=1)
+
+    fn = harness.compiled(ref)
+    case = harness.Case(op="toy", name="toy", dtype=torch.float32,
+                        make_inputs=lambda: {"x": torch.randn(4, 3, requires_grad=True),
+                                             "w": torch.randn(3, 5, requires_grad=True)})  # fmt: skip
+    counters.clear()
+    harness.warm(case, fn, torch.device("cpu"))
+    compiled_frames = counters["stats"]["unique_graphs"]
+    assert compiled_frames >= 1
+    harness.run_impl(case, "toy+compile", fn, torch.device("cpu"), 1.0, 2.0)
+    assert counters["stats"]["unique_graphs"] == compiled_frames  # the timing run compiled nothing new
