@@ -10,6 +10,8 @@ times MaskedConv2d's cuda path piece by piece beside the floor of an autograd.Fu
 --models adds each model's training step (its mnist preset on a 1x1x6x6 image, loss and backward), PixelCNN with
 its fused (ReLU, conv) chains (gm.nn.relu_conv) on and off. --proxies times the IAF step's and masked_linear's eager
 baselines (real PyTorch ops on tiny CPU tensors) beside gm's ops: the host side of those host-bound eager ratios.
+--bindings builds bench/pybind_call.cpp (g++ and pybind11) and times what a pybind11 call's argument conversion
+costs at masked_conv's GEMM binding: the stub extension above takes any arguments for free, so the table cannot.
 """
 
 from __future__ import annotations
@@ -255,6 +257,42 @@ def proxies() -> list[tuple[str, object, object]]:
     ]  # fmt: skip
 
 
+def bindings(calls: int) -> list[tuple[str, float]]:
+    """(call style, us a call) of a pybind11 entry point with masked_conv_gemm_cuda's argument list
+    (bench/pybind_call.cpp, built here with g++ into a temporary folder): 24 taps as two sequences with the last four
+    arguments as keywords (the binding before session 13) or positional, as one prebuilt object with every argument
+    positional (now), and a call without arguments."""
+    import importlib.util  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import pybind11  # noqa: PLC0415
+
+    src = Path(__file__).with_name("pybind_call.cpp")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / ("gm_pybind_call" + sysconfig.get_config_var("EXT_SUFFIX"))
+        subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{pybind11.get_include()}",
+                        f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(lib)], check=True)  # fmt: skip
+        spec = importlib.util.spec_from_file_location("gm_pybind_call", lib)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules.pop("gm_pybind_call", None)
+    dy, dx = tuple(t // 7 - 3 for t in range(24)), tuple(t % 7 - 3 for t in range(24))
+    taps = mod.make_taps(list(dy), list(dx))
+    vectors, table, none = mod.vectors, mod.table, mod.none
+    styles = {
+        "two sequences, four keywords (before)":
+            lambda: vectors(1, 2, 0, 4, 2, 5, 5, 8, 8, dy, dx, 1, 0, 7, out_nhwc=False, relu_a=False, gate=0, residual=0),
+        "two sequences, positional": lambda: vectors(1, 2, 0, 4, 2, 5, 5, 8, 8, dy, dx, 1, 0, 7, False, False, 0, 0),
+        "tap table, positional (now)": lambda: table(1, 2, 0, 4, 2, 5, 5, 8, 8, taps, 1, 0, 7, False, False, 0, 0),
+        "no arguments": none,
+    }  # fmt: skip
+    return [(name, time_us(run, calls * 20)) for name, run in styles.items()]
+
+
 def time_us(run, calls: int, repeats: int = 5) -> float:
     for _ in range(20):
         run()
@@ -278,7 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxies", action="store_true",
                    help="also the IAF step's and masked_linear's eager baseline (real PyTorch on tiny CPU tensors) "
                         "against gm's op: the host side of their eager ratios")  # fmt: skip
+    p.add_argument("--bindings", action="store_true",
+                   help="only the cost of a pybind11 call's argument conversion at masked_conv's GEMM binding "
+                        "(builds bench/pybind_call.cpp with g++)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.bindings:
+        print("| masked_conv_gemm_cuda's argument list, passed as | us a call (min of 5) |\n|---|---|")
+        for name, us in bindings(args.calls):
+            print(f"| {name} | {us:.2f} |", flush=True)
+        return 0
     from tools.cuda_emu import emulated  # noqa: PLC0415
 
     profile_name = _profile_name(args.profile, list(_MODULE_NAMES)) if args.profile else None

@@ -135,6 +135,19 @@ def test_host_cost_breakdown_lists_the_pieces_and_the_floor(capsys):
         assert piece in out
 
 
+def test_host_cost_bindings_builds_the_replica_and_times_each_call_style(capsys):
+    """--bindings: bench/pybind_call.cpp builds here (g++, pybind11) and each argument style of masked_conv's GEMM
+    binding gets a row (no speed is asserted: the numbers are the tool's to report)."""
+    from bench import host  # noqa: PLC0415
+
+    assert host.main(["--calls", "5", "--bindings"]) == 0
+    out = capsys.readouterr().out
+    for style in ("two sequences, four keywords (before)", "two sequences, positional", "tap table, positional (now)",
+                  "no arguments"):  # fmt: skip
+        (row,) = [line for line in out.splitlines() if line.startswith(f"| {style} |")]
+        assert float(row.split("|")[2]) > 0
+
+
 def test_host_cost_profile_takes_a_prefix_and_names_the_choices(capsys):
     """--profile takes a module's name or a prefix naming one; anything else stops before timing, listing the names."""
     from bench import host  # noqa: PLC0415

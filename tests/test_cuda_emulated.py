@@ -1166,3 +1166,21 @@ def test_masked_conv2d_weight_grad_sums_the_bias_gradient(gemm, case, precision,
     dw, db = c.weight_grad(*args, bias_grad=True)
     assert torch.equal(dw, c.weight_grad(*args))
     _check("dbias", db, gy.double().sum(dim=(0, 2, 3)), dtype)
+
+
+def test_the_emulator_and_gm_C_bind_the_tap_table_side_by_side(emu_module):
+    """gm._C and the emulator's module both bind masked_conv's tap table (a pybind11 class) in one process: each
+    registers it module-locally (a second global registration of the type refused to import), and each module's
+    launches get that module's tables (_masked_conv_cuda._tap_table keys them by module)."""
+    from gm import _ext  # noqa: PLC0415
+    from gm.ops._masked_conv_cuda import _tap_table  # noqa: PLC0415
+
+    ok, why = _ext.ext_status()
+    if not ok:
+        pytest.skip(f"gm._C is not built: {why}")
+    real = _ext.ext()
+    taps = ((-1, 0), (0, -1), (0, 0))
+    assert _tap_table(real, taps, False).count == 3 and _tap_table(emu_module, taps, True).count == 3
+    assert type(_tap_table(real, taps, False)) is not type(_tap_table(emu_module, taps, False))
+    with pytest.raises(ValueError, match="kept taps"):
+        real.masked_conv_taps([], [])

@@ -41,7 +41,9 @@ GM_REGISTER_BINDINGS(m) {
   // The tap table is built once per layer (masked_conv_taps) and passed as an object: converting two Python
   // sequences to vectors on every launch, and keyword arguments, cost ~1.7 us of a ~2 us call (pybind11, measured).
   // The launch entry points take every argument positionally.
-  py::class_<gm::masked_conv::TapTable>(m, "MaskedConvTaps", "the kept taps' (dy, dx) offsets, as the kernels take them")
+  // module_local: the CUDA emulator's module (tools/cuda_emu) binds the same C++ type in the same process.
+  py::class_<gm::masked_conv::TapTable>(m, "MaskedConvTaps", "the kept taps' (dy, dx) offsets, as the kernels take them",
+                                        py::module_local())
       .def_property_readonly("count", [](const gm::masked_conv::TapTable& t) { return t.count; });
   m.def("masked_conv_taps", &make_taps, "the tap table of kept-tap offsets dy, dx (equal lengths, 1 to kMaxTaps)",
         py::arg("dy"), py::arg("dx"));
