@@ -39,7 +39,8 @@ GM_REGISTER_BINDINGS(m) {
         py::arg("dst"), py::arg("n"), py::arg("c"), py::arg("c_padded"), py::arg("hw"), py::arg("elem_bytes"),
         py::arg("stream"));
   // The tap table is built once per layer (masked_conv_taps) and passed as an object: converting two Python
-  // sequences to vectors on every launch, and keyword arguments, cost ~1.7 us of a ~2 us call (pybind11, measured).
+  // sequences to vectors on every launch, and keyword arguments, cost ~1.7 us of a ~2 us call (python -m bench.host
+  // --bindings times a replica of this signature).
   // The launch entry points take every argument positionally.
   // module_local: the CUDA emulator's module (tools/cuda_emu) binds the same C++ type in the same process.
   py::class_<gm::masked_conv::TapTable>(m, "MaskedConvTaps", "the kept taps' (dy, dx) offsets, as the kernels take them",

@@ -56,7 +56,7 @@ def _padded(c: int) -> int:
 def _tap_table(module, taps: tuple, mirrored: bool):
     """The kernels' tap table of `taps` ((dy, dx) pairs; mirrored: negated), built by `module` (gm._C, or a stand-in
     for it) once per layer geometry: a launch then passes one object, where two sequences converted to vectors on
-    every call, with keyword arguments, cost ~1.7 us of a ~2 us pybind11 call (bench/NOTES.md, session 13)."""
+    every call, with keyword arguments, cost ~1.7 us of a ~2 us pybind11 call (`python -m bench.host --bindings`)."""
     sign = -1 if mirrored else 1
     return module.masked_conv_taps([sign * int(t[0]) for t in taps], [sign * int(t[1]) for t in taps])
 
