@@ -143,8 +143,9 @@ def _warm_compile(harness, device: torch.device, args, compile_ops: set, shard: 
             for label, fn in case.impls.items():
                 if "compile" not in label:
                     continue
+                mine = index % n == k
                 index += 1
-                if (index - 1) % n != k:
+                if not mine:
                     continue
                 t0 = time.perf_counter()
                 try:

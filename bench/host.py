@@ -264,7 +264,6 @@ def bindings(calls: int) -> list[tuple[str, float]]:
     positional (now), and a call without arguments."""
     import importlib.util  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
     import sysconfig  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -279,7 +278,6 @@ def bindings(calls: int) -> list[tuple[str, float]]:
         spec = importlib.util.spec_from_file_location("gm_pybind_call", lib)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        sys.modules.pop("gm_pybind_call", None)
     dy, dx = tuple(t // 7 - 3 for t in range(24)), tuple(t % 7 - 3 for t in range(24))
     taps = mod.make_taps(list(dy), list(dx))
     vectors, table, none = mod.vectors, mod.table, mod.none

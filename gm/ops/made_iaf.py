@@ -100,7 +100,7 @@ class _MadeIafStep(torch.autograd.Function):
         need_b = [n and has for n, has in zip(need[3 + 2 * layers :], ctx.has_bias, strict=True)]
         z = z.contiguous()
         gz = _grad_or_zeros(gz, z)
-        gl = gl.contiguous() if gl is not None else torch.zeros_like(z[:, 0])
+        gl = _grad_or_zeros(gl, z[:, 0])
         # below[i]: whether anything before layer i wants a gradient, i.e. whether layer i passes one on.
         below = [need_z or need_ctx]
         for i in range(layers - 1):
@@ -132,7 +132,7 @@ def _layers_backward(ctx, xs, z, weights, masks, out_bias, out_saved, gz, gl, be
 
     # The output layer, then the hidden layers from the last down: each passes its input's gradient on.
     dh, dws[-1], dbs[-1], dz = _FUSED_BWD[backend](
-        xs[-1], weights[-1], masks[-1], out_bias, z, gz.contiguous(), gl.contiguous(), mode, below[-1],
+        xs[-1], weights[-1], masks[-1], out_bias, z, gz, gl, mode, below[-1],
         need_w[-1], need_b[-1], out_saved[0] if out_saved else None, entry=ctx.entries[-1], **onto(layers - 1),
     )  # fmt: skip
     for i in range(layers - 2, -1, -1):
