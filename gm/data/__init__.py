@@ -29,11 +29,14 @@ THRESHOLD = 0.5
 
 @dataclass
 class ImageData:
-    """uint8 images (N, C, H, W), grey levels 0..255."""
+    """uint8 images (N, C, H, W), grey levels 0..255, and their int64 class labels (N,) where the source has them
+    (the GANs' semi-supervised and clustering metrics need them; the likelihood models ignore them)."""
 
     name: str
     train: torch.Tensor
     test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -44,7 +47,7 @@ def resolve(spec: str, *, channels: int = 1, size: int | None = None) -> ImageDa
     """Load the dataset that a --data spec names (channels/size shape the synthetic source only)."""
     if spec in ("digits", "", None):
         d = load_digits()
-        return ImageData("digits", d["train"], d["test"])
+        return ImageData("digits", d["train"], d["test"], d["train_labels"], d["test_labels"])
     if spec.startswith("synthetic"):
         parts = spec.split(":")
         try:
@@ -55,7 +58,7 @@ def resolve(spec: str, *, channels: int = 1, size: int | None = None) -> ImageDa
         if n < 1 or side < 1:
             raise DataError(f"--data {spec!r}: N and SIZE must be positive")
         d = synthetic(n, max(1, n // 10), channels, side)
-        return ImageData(f"synthetic:{n}:{side}", d["train"], d["test"])
+        return ImageData(f"synthetic:{n}:{side}", d["train"], d["test"], d["train_labels"], d["test_labels"])
     kind, _, rest = spec.partition(":")
     if kind in ("mnist", "cifar10") and rest:
         path = Path(rest)
@@ -70,10 +73,10 @@ def resolve(spec: str, *, channels: int = 1, size: int | None = None) -> ImageDa
         raise DataError(f"--data {spec!r}: {path} is not a directory")
     if kind == "mnist" or (kind is None and is_mnist_dir(path)):
         d = load_mnist_dir(path)
-        return ImageData(f"mnist:{path}", d["train"], d["test"])
+        return ImageData(f"mnist:{path}", d["train"], d["test"], d["train_labels"], d["test_labels"])
     if kind == "cifar10" or (kind is None and is_cifar_dir(path)):
         d = load_cifar10_dir(path)
-        return ImageData(f"cifar10:{path}", d["train"], d["test"])
+        return ImageData(f"cifar10:{path}", d["train"], d["test"], d["train_labels"], d["test_labels"])
     raise DataError(
         f"{path} holds neither MNIST IDX files (train-images-idx3-ubyte[.gz], ...) nor CIFAR-10 python batches "
         f"(test_batch, data_batch_1..5): get them with `gm download mnist|cifar10 {path}`"

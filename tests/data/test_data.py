@@ -89,6 +89,8 @@ def test_mnist_idx_directory(tmp_path, gz):
     assert data.train.shape == (12, 1, 28, 28) and data.test.shape == (5, 1, 28, 28)
     assert np.array_equal(data.train[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     assert D.resolve(f"mnist:{tmp_path}").train.shape == (12, 1, 28, 28)
+    assert np.array_equal(data.train_labels.numpy(), arrays["train-labels-idx1-ubyte"])
+    assert np.array_equal(data.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
 
 
 def test_cifar10_directory(tmp_path):
@@ -96,12 +98,24 @@ def test_cifar10_directory(tmp_path):
     data = D.resolve(str(tmp_path))
     assert data.train.shape == (20, 3, 32, 32) and data.test.shape == (3, 3, 32, 32)
     assert np.array_equal(data.test.reshape(3, -1).numpy(), batches["test_batch"][b"data"])
+    assert data.test_labels.tolist() == list(batches["test_batch"][b"labels"])
+    assert data.train_labels.shape == (20,) and data.train_labels.dtype == torch.int64
 
 
 def test_synthetic_any_size():
     d = D.resolve("synthetic:50:9", channels=3)
     assert d.train.shape == (50, 3, 9, 9) and d.test.shape[1:] == (3, 9, 9)
     assert D.resolve("synthetic", channels=1).shape == (1, 28, 28)
+    assert d.train_labels.shape == (50,) and d.test_labels.shape == (d.test.shape[0],)
+    assert 0 <= d.train_labels.min() and d.train_labels.max() <= 9
+    again = D.resolve("synthetic:50:9", channels=3)
+    assert torch.equal(d.train_labels, again.train_labels) and torch.equal(d.train, again.train)
+
+
+def test_embedded_digits_carry_their_labels():
+    data, d = D.resolve("digits"), D.load_digits()
+    assert torch.equal(data.train_labels, d["train_labels"]) and torch.equal(data.test_labels, d["test_labels"])
+    assert data.train_labels.shape == (4000,) and set(data.train_labels.tolist()) == set(range(10))
 
 
 def test_missing_and_corrupt_data_directories(tmp_path):
