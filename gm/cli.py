@@ -119,13 +119,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise training.TrainError(
                 f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}"
             )
+        size = getattr(model, "size", None)  # the VAE and the GANs take one image size
+        if size is not None and tuple(data.shape[1:]) != (size, size):
+            raise training.TrainError(
+                f"the model takes {size}x{size} images, --data {spec} has {data.shape[1]}x{data.shape[2]}"
+            )
     except (training.TrainError, gmdata.DataError) as err:
         return _fail(str(err))
+    if getattr(model, "kind", None) == "gan":
+        return _eval_gan(ckpt, model, data, dev)
     test = training.test_levels(data, model.levels, tc.get("binarize", "threshold"))
     nll = training.evaluate(model, test, dev, args.batch_size)
     extra = f" ({nll / (math.prod(data.shape) * math.log(2)):.4f} bits/dim)" if model.levels == 2 else ""
     print(f"{ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} data={data.name}: "
           f"test NLL {nll:.4f} {model.metric_name}{extra} over {test.shape[0]} images")  # fmt: skip
+    return 0
+
+
+def _eval_gan(ckpt: dict, model, data, dev) -> int:
+    from gm import gan_training  # noqa: PLC0415
+
+    if data.test_labels is None:
+        return _fail(f"data {data.name} has no labels: the GANs' metrics are test errors of a classifier")
+    value, unit = gan_training.evaluate(model, data, dev)
+    print(f"{ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} data={data.name}: "
+          f"{model.metric_name} {value:.2f} {unit} over {data.test.shape[0]} images")  # fmt: skip
     return 0
 
 
@@ -136,9 +154,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
     except training.TrainError as err:
         return _fail(str(err))
-    size = args.size or (28 if model.channels == 1 else 32)
-    shape = (model.channels, size, size)
-    png = training.sample_png(model, args.n, shape, args.seed, dev)
+    fixed = getattr(model, "size", None)  # the VAE and the GANs decode one image size
+    if args.size is not None and fixed is not None and args.size != fixed:
+        return _fail(f"--size {args.size}: this model makes {fixed}x{fixed} images (leave --size out)")
+    if getattr(model, "kind", None) == "gan":
+        from gm import gan_training  # noqa: PLC0415
+
+        png = gan_training.sample_png(model, args.n, args.seed, dev)
+    else:
+        size = args.size or fixed or (28 if model.channels == 1 else 32)
+        png = training.sample_png(model, args.n, (model.channels, size, size), args.seed, dev)
     training.atomic_write_bytes(args.out, png)
     print(f"{args.n} samples of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
     return 0
@@ -185,10 +210,11 @@ def _positive(text: str) -> float:
 def _add_train_parser(sub) -> None:
     from gm.models import MODELS  # noqa: PLC0415
 
-    p = sub.add_parser("train", help="train a PixelCNN / PixelRNN model (also under torchrun)",
+    p = sub.add_parser("train", help="train a model (the likelihood models also under torchrun)",
                        description="Train a model; checkpoints, metrics (JSON lines) and sample grids go to --out.")
     p.add_argument("model", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--preset", default="mnist", help="mnist (default), cifar10, tiny, tiny-rgb")
+    p.add_argument("--preset", default="mnist", help="mnist (default), cifar10, tiny, tiny-rgb; the GANs: mnist, tiny, "
+                   "improved_gan also mnist-md, tiny-md, dcgan also cifar10")
     p.add_argument("--data", default=None,
                    help="digits (embedded, default), DIR, mnist:DIR, cifar10:DIR, synthetic[:N[:SIZE]]")
     p.add_argument("--binarize", choices=("threshold", "dynamic"), default=None, help="binary models: fixed threshold "
@@ -196,8 +222,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--steps", type=_count(1), default=None, help="optimizer steps in total (default 1000)")
     p.add_argument("--epochs", type=_positive, default=None, help="passes over the training set, instead of --steps")
     p.add_argument("--max-minutes", type=_positive, default=None, help="stop after this much wall time")
-    p.add_argument("--batch-size", type=_count(1), default=None, help="global batch (split over torchrun processes); 32")
-    p.add_argument("--lr", type=_positive, default=None, help="Adam learning rate (1e-3)")
+    p.add_argument("--batch-size", type=_count(1), default=None,
+                   help="global batch (split over torchrun processes); 32, the GANs: their paper's")
+    p.add_argument("--lr", type=_positive, default=None, help="Adam learning rate (1e-3; the GANs: their paper's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -221,7 +248,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_use_parsers(sub) -> None:
-    pe = sub.add_parser("eval", help="test NLL of a checkpoint")
+    pe = sub.add_parser("eval", help="test NLL of a checkpoint (the GANs: their test error)")
     pe.add_argument("checkpoint")
     pe.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
     pe.add_argument("--batch-size", type=_count(1), default=250)

@@ -347,6 +347,54 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
+def append_record(path: Path, rec: dict) -> None:
+    """One JSON line appended to the metrics file."""
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def progress_bar(step: int, total_steps: int) -> str:
+    """The "/TOTAL [###   ]" of the progress line, or "" when only --max-minutes bounds the run."""
+    return f"/{total_steps} [{'#' * int(20 * step / total_steps):<20}]" if total_steps < UNBOUNDED else ""
+
+
+def schedule(cfg: TrainConfig, n_train: int, global_batch: int, world: int, data_name: str) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run, or TrainError if the batch does not fit the data or processes."""
+    if global_batch % world:
+        raise TrainError(f"--batch-size {global_batch} must be a multiple of the number of processes ({world})")
+    if n_train < global_batch:
+        raise TrainError(f"--batch-size {global_batch} exceeds the {n_train} training images of {data_name}")
+    per_epoch = n_train // global_batch
+    total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * per_epoch)
+    return per_epoch, total_steps
+
+
+def checkpoint_payload(
+    cfg: TrainConfig,
+    name: str,
+    model_cfg: dict,
+    model: torch.nn.Module,
+    device: torch.device,
+    step: int,
+    per_epoch: int,
+    global_batch: int,
+    data_name: str,
+    *,
+    train_extra: dict | None = None,
+    **states,
+) -> dict:
+    """What a checkpoint holds: the format marker, the model (name, preset, config, state), the run's settings
+    (`train_extra` added to them), RNG states, step and data position, and the `states` given (optimizers, ...)."""
+    epoch, j = divmod(step, per_epoch)
+    return {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": name, "preset": cfg.preset,
+        "model_config": model_cfg, "train_config": dataclasses.asdict(cfg) | (train_extra or {}),
+        "model_state": model.state_dict(), **states, "rng": _rng_state(device), "step": step,
+        "data_position": {"epoch": epoch, "batch_in_epoch": j, "steps_per_epoch": per_epoch,
+                          "global_batch": global_batch, "data": data_name},
+    }  # fmt: skip
+
+
 def _check_cuda_graphs(cfg: TrainConfig, device: torch.device) -> None:
     if not cfg.cuda_graphs:
         return
@@ -420,6 +468,11 @@ def train(
         model_cfg = gmmodels.config(name, cfg.preset)
     except ValueError as err:
         raise TrainError(str(err)) from err
+    is_gan = gmmodels.kind(name) == "gan"
+    if is_gan:
+        from gm import gan_training  # noqa: PLC0415
+
+        gan_training.check_config(cfg, given)
     if cfg.precision not in gmmodels.PRECISIONS:
         raise TrainError(f"--precision must be one of {', '.join(gmmodels.PRECISIONS)}, got {cfg.precision!r}")
     if cfg.binarize not in gmdata.BINARIZE:
@@ -435,10 +488,18 @@ def train(
             "has "
             f"{data.shape[0]} channels: choose a preset for this data"
         )
+    size = model_cfg.get("size")  # the models with linear layers between image and latent take one image size
+    if size is not None and tuple(data.shape[1:]) != (size, size):
+        raise TrainError(
+            f"model {name} preset {cfg.preset!r} takes {size}x{size} images but --data {cfg.data} has "
+            f"{data.shape[1]}x{data.shape[2]}: choose a preset or data of that size"
+        )
     device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts
     _check_cuda_graphs(cfg, device)
     dist = _Dist(device.type)
     try:
+        if is_gan:
+            return gan_training.run(cfg, name, model_cfg, data, ckpt, dist, device, log, given=given)
         return _run(cfg, name, model_cfg, data, ckpt, dist, device, log)
     finally:
         dist.close()
@@ -446,13 +507,8 @@ def train(
 
 def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, log) -> dict:
     global_batch = cfg.batch_size
-    if global_batch % dist.world:
-        raise TrainError(f"--batch-size {global_batch} must be a multiple of the number of processes ({dist.world})")
     n_train = data.train.shape[0]
-    if n_train < global_batch:
-        raise TrainError(f"--batch-size {global_batch} exceeds the {n_train} training images of {data.name}")
-    per_epoch = n_train // global_batch
-    total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * per_epoch)
+    per_epoch, total_steps = schedule(cfg, n_train, global_batch, dist.world, data.name)
     levels = model_cfg["levels"]
 
     torch.manual_seed(cfg.seed)
@@ -496,21 +552,14 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
 
     def record(rec: dict) -> None:
         if dist.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_record(metrics_path, rec)
 
     def checkpoint(at_step: int) -> None:
         if dist.main:
-            epoch, j = divmod(at_step, per_epoch)
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": name, "preset": cfg.preset,
-                "model_config": model_cfg, "train_config": dataclasses.asdict(cfg),
-                "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
-                "scaler_state": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": _rng_state(device), "step": at_step,
-                "data_position": {"epoch": epoch, "batch_in_epoch": j, "steps_per_epoch": per_epoch,
-                                  "global_batch": global_batch, "data": data.name},
-            })  # fmt: skip
+            save_checkpoint(ckpt_path, checkpoint_payload(
+                cfg, name, model_cfg, model, device, at_step, per_epoch, global_batch, data.name,
+                optimizer_state=opt.state_dict(), scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
+            ))  # fmt: skip
         dist.barrier()
 
     def write_samples(at_step: int) -> None:
@@ -566,7 +615,7 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
             ips = window_imgs / max(now - window_t - pause["window"], 1e-9)
             window_t, window_imgs, pause["window"] = now, 0, 0.0
             record({"step": step, "loss": last_loss, "unit": unit, "images_per_s": ips, "elapsed_s": now - t_start})
-            bar = f"/{total_steps} [{'#' * int(20 * step / total_steps):<20}]" if total_steps < UNBOUNDED else ""
+            bar = progress_bar(step, total_steps)
             progress.update(
                 f"step {step}{bar} loss {last_loss:.4f} {unit}  {ips:.0f} img/s  {time.perf_counter() - t_start:.0f} s",
                 final_line=not progress.tty or step == total_steps,
