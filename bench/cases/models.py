@@ -1,4 +1,5 @@
-"""Training throughput of the PixelCNN / PixelRNN models: gm's kernels against the same model on reference ops.
+"""Training throughput of the likelihood models (PixelCNN, PixelRNN, the IAF VAE): gm's kernels against the same
+model on reference ops.
 
 Each case is one training forward (the loss of a batch; the harness runs the backward), so fwd+bwd ms is the cost of
 one training step without the optimiser: training images/s = N / (fwd+bwd ms) * 1000. Rows:
@@ -23,13 +24,14 @@ GPU_CASES = [  # (model, preset, N, dtype)
     ("pixelcnn", "cifar10", 16, torch.float32), ("pixelcnn", "cifar10", 16, torch.bfloat16),
     ("rowlstm", "cifar10", 16, torch.float32), ("diagonal_bilstm", "cifar10", 16, torch.float32),
     ("diagonal_bilstm", "cifar10", 16, torch.bfloat16),
+    ("iaf_vae", "mnist", 128, torch.float32), ("iaf_vae", "mnist", 128, torch.bfloat16),
 ]  # fmt: skip
 CPU_CASES = [("pixelcnn", "mnist", 16, torch.float32), ("rowlstm", "mnist", 16, torch.float32),
-             ("diagonal_bilstm", "mnist", 16, torch.float32)]  # fmt: skip
+             ("diagonal_bilstm", "mnist", 16, torch.float32), ("iaf_vae", "mnist", 16, torch.float32)]  # fmt: skip
 QUICK_CASES = [("pixelcnn", "tiny", 4, torch.float32), ("diagonal_bilstm", "tiny", 4, torch.float32)]
 SIZES = {"mnist": 28, "cifar10": 32, "tiny": 8}
 # Compiling a recurrent reference unrolls every scan step of every layer: minutes at the cifar10 preset.
-COMPILE_REFERENCE = {"pixelcnn", "rowlstm:mnist", "diagonal_bilstm:mnist", "diagonal_bilstm:tiny"}
+COMPILE_REFERENCE = {"pixelcnn", "rowlstm:mnist", "diagonal_bilstm:mnist", "diagonal_bilstm:tiny", "iaf_vae"}
 
 
 def _case(name: str, preset: str, n: int, dtype: torch.dtype, device: torch.device) -> Case:
