@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -169,23 +168,11 @@ def run(cfg, name, model_cfg, data, ckpt, dist, device, log, given=frozenset()) 
         progress.line(f"step {at_step}: {model.metric_name} {value:.2f} {unit}")
         return value
 
-    t_start = time.perf_counter()
-    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
-    window_t, window_imgs, images_done = time.perf_counter(), 0, 0
-    pause = {"total": 0.0, "window": 0.0}  # time in evaluation, checkpoints and sampling: not training
-
-    def paused(fn, at_step):
-        t = time.perf_counter()
-        result = fn(at_step)
-        pause["total"] += time.perf_counter() - t
-        pause["window"] += time.perf_counter() - t
-        return result
-
-    t_loop = time.perf_counter()
+    clock = tr.RunClock(cfg.max_minutes)
     last_metric, last = float("nan"), {"loss_d": float("nan"), "loss_g": float("nan")}
     model.train()
     while step < total_steps:
-        if deadline is not None and time.perf_counter() > deadline:
+        if clock.expired():
             progress.line(f"--max-minutes {cfg.max_minutes} reached at step {step}")
             break
         idx, _, _ = tr.batch_indices(cfg.seed, step, n_train, global_batch)
@@ -201,49 +188,35 @@ def run(cfg, name, model_cfg, data, ckpt, dist, device, log, given=frozenset()) 
             loss_g.backward()
         opt_g.step()
         step += 1
-        window_imgs += global_batch
-        images_done += global_batch
+        clock.count(global_batch)
         if step % cfg.log_every == 0 or step == total_steps:
             # The only host sync of a training step, once per log interval.
             last = {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
                     **{k: v.item() for k, v in {**stats, **g_stats}.items()}}  # fmt: skip
-            now = time.perf_counter()
-            ips = window_imgs / max(now - window_t - pause["window"], 1e-9)
-            window_t, window_imgs, pause["window"] = now, 0, 0.0
-            tr.append_record(metrics_path, {"step": step, **last, "images_per_s": ips, "elapsed_s": now - t_start})
+            ips, elapsed = clock.window_rate(), clock.elapsed()
+            tr.append_record(metrics_path, {"step": step, **last, "images_per_s": ips, "elapsed_s": elapsed})
             extra = "".join(f" {k} {v:.3f}" for k, v in last.items() if k not in ("loss_d", "loss_g"))
             progress.update(
                 f"step {step}{tr.progress_bar(step, total_steps)} D {last['loss_d']:.4f} G {last['loss_g']:.4f}"
-                f"{extra}  {ips:.0f} img/s  {time.perf_counter() - t_start:.0f} s",
+                f"{extra}  {ips:.0f} img/s  {elapsed:.0f} s",
                 final_line=not progress.tty or step == total_steps,
             )
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            last_metric = paused(run_eval, step)
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-            paused(checkpoint, step)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
-            paused(write_samples, step)
-    train_time = time.perf_counter() - t_loop - pause["total"]
+        value = tr.periodic(cfg, step, total_steps, clock, run_eval, checkpoint, write_samples)
+        last_metric = last_metric if value is None else value
+    train_rate = clock.training_rate()
     last_metric = run_eval(step)
     checkpoint(step)
     write_samples(step)
-    elapsed = time.perf_counter() - t_start
     summary = {
         "model": name, "preset": cfg.preset, "data": data.name, "steps": step, "batch_size": global_batch,
         "processes": dist.world, "device": str(device), "precision": cfg.precision, "test_metric": last_metric,
         "metric": model.metric_name, "unit": unit, "final_loss": last["loss_d"], "final_loss_g": last["loss_g"],
-        "elapsed_s": elapsed, "train_images_per_s": images_done / max(train_time, 1e-9),
+        "elapsed_s": clock.elapsed(), "train_images_per_s": train_rate,
         "checkpoint": str(ckpt_path), "metrics": str(metrics_path),
         "samples": str(samples_path) if cfg.n_samples > 0 else None,
     }  # fmt: skip
     tr.append_record(metrics_path, {"step": step, "summary": summary})
-    log(
-        f"\ndone: {step} steps of batch {global_batch} in {elapsed:.1f} s on {device} "
-        f"({summary['train_images_per_s']:.0f} training images/s)\n"
-        f"  {model.metric_name}  {last_metric:.2f} {unit}\n"
-        f"  checkpoint   {ckpt_path}\n"
-        f"  metrics      {metrics_path}\n" + (f"  samples      {samples_path}\n" if cfg.n_samples > 0 else "")
-    )
+    log(tr.done_message(summary, f"{model.metric_name}  {last_metric:.2f} {unit}"))
     return summary
 
 

@@ -395,6 +395,73 @@ def checkpoint_payload(
     }  # fmt: skip
 
 
+class RunClock:
+    """Wall time of a training run: the --max-minutes deadline, and training images/s that leave out the time spent
+    in evaluation, checkpoints and sampling (`paused`)."""
+
+    def __init__(self, max_minutes: float | None) -> None:
+        self.start = time.perf_counter()
+        self.deadline = self.start + max_minutes * 60 if max_minutes else None
+        self.window_start, self.window_images, self.images = self.start, 0, 0
+        self.paused_total = self.paused_window = 0.0
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def count(self, images: int) -> None:
+        self.window_images += images
+        self.images += images
+
+    def window_rate(self) -> float:
+        """Training images/s since the last call (or the start), then a new window."""
+        now = time.perf_counter()
+        rate = self.window_images / max(now - self.window_start - self.paused_window, 1e-9)
+        self.window_start, self.window_images, self.paused_window = now, 0, 0.0
+        return rate
+
+    def paused(self, fn, *args):
+        """fn(*args), its time not counted as training."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            dt = time.perf_counter() - t
+            self.paused_total += dt
+            self.paused_window += dt
+
+    def training_rate(self) -> float:
+        """Training images/s over the whole run so far."""
+        return self.images / max(time.perf_counter() - self.start - self.paused_total, 1e-9)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def periodic(cfg: TrainConfig, step: int, total_steps: int, clock: RunClock, evaluate, checkpoint, samples):
+    """After `step`: evaluation, checkpoint and samples when their intervals say (evaluation and samples not at the
+    last step, which the run's end does anyway), their time paused; the evaluation's result, or None."""
+    result = None
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        result = clock.paused(evaluate, step)
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        clock.paused(checkpoint, step)
+    if cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
+        clock.paused(samples, step)
+    return result
+
+
+def done_message(summary: dict, metric_line: str) -> str:
+    """The run's closing lines: steps, time and images/s, the final metric, and where the files are."""
+    samples = summary["samples"]
+    return (
+        f"\ndone: {summary['steps']} steps of batch {summary['batch_size']} in {summary['elapsed_s']:.1f} s on "
+        f"{summary['device']} ({summary['train_images_per_s']:.0f} training images/s)\n"
+        f"  {metric_line}\n"
+        f"  checkpoint   {summary['checkpoint']}\n"
+        f"  metrics      {summary['metrics']}\n" + (f"  samples      {samples}\n" if samples else "")
+    )
+
+
 def _check_cuda_graphs(cfg: TrainConfig, device: torch.device) -> None:
     if not cfg.cuda_graphs:
         return
@@ -575,23 +642,11 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
         progress.line(f"step {at_step}: test NLL {nll:.4f} {unit}")
         return nll
 
-    t_start = time.perf_counter()
-    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
-    window_t, window_imgs, images_done = time.perf_counter(), 0, 0
-    pause = {"total": 0.0, "window": 0.0}  # time in evaluation, checkpoints and sampling: not training
-
-    def paused(fn, at_step):
-        t = time.perf_counter()
-        result = fn(at_step)
-        pause["total"] += time.perf_counter() - t
-        pause["window"] += time.perf_counter() - t
-        return result
-
-    t_loop = time.perf_counter()
-    last_nll, last_loss, ips = float("nan"), float("nan"), float("nan")
+    clock = RunClock(cfg.max_minutes)
+    last_nll, last_loss = float("nan"), float("nan")
     model.train()
     while step < total_steps:
-        if deadline is not None and time.perf_counter() > deadline:
+        if clock.expired():
             progress.line(f"--max-minutes {cfg.max_minutes} reached at step {step}")
             break
         idx, _, _ = batch_indices(cfg.seed, step, n_train, global_batch)
@@ -606,46 +661,31 @@ def _run(cfg, name, model_cfg, data, ckpt, dist: _Dist, device: torch.device, lo
             scaler.step(opt)
             scaler.update()
         step += 1
-        window_imgs += global_batch
-        images_done += global_batch
+        clock.count(global_batch)
         if step % cfg.log_every == 0 or step == total_steps:
             # The only host sync of a training step, once per log interval.
             last_loss = dist.mean(loss.detach()).item()
-            now = time.perf_counter()
-            ips = window_imgs / max(now - window_t - pause["window"], 1e-9)
-            window_t, window_imgs, pause["window"] = now, 0, 0.0
-            record({"step": step, "loss": last_loss, "unit": unit, "images_per_s": ips, "elapsed_s": now - t_start})
-            bar = progress_bar(step, total_steps)
+            ips, elapsed = clock.window_rate(), clock.elapsed()
+            record({"step": step, "loss": last_loss, "unit": unit, "images_per_s": ips, "elapsed_s": elapsed})
             progress.update(
-                f"step {step}{bar} loss {last_loss:.4f} {unit}  {ips:.0f} img/s  {time.perf_counter() - t_start:.0f} s",
+                f"step {step}{progress_bar(step, total_steps)} loss {last_loss:.4f} {unit}  {ips:.0f} img/s  "
+                f"{elapsed:.0f} s",
                 final_line=not progress.tty or step == total_steps,
             )
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            last_nll = paused(run_eval, step)
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-            paused(checkpoint, step)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < total_steps:
-            paused(write_samples, step)
-    train_time = time.perf_counter() - t_loop - pause["total"]
+        nll = periodic(cfg, step, total_steps, clock, run_eval, checkpoint, write_samples)
+        last_nll = last_nll if nll is None else nll
+    train_rate = clock.training_rate()
     last_nll = run_eval(step)
     checkpoint(step)
     write_samples(step)
-    elapsed = time.perf_counter() - t_start
     summary = {
         "model": name, "preset": cfg.preset, "data": data.name, "steps": step, "batch_size": global_batch,
         "processes": dist.world, "device": str(device), "precision": cfg.precision, "test_nll": last_nll,
-        "unit": unit, "final_loss": last_loss, "elapsed_s": elapsed,
-        "train_images_per_s": images_done / max(train_time, 1e-9),
+        "unit": unit, "final_loss": last_loss, "elapsed_s": clock.elapsed(), "train_images_per_s": train_rate,
         "checkpoint": str(ckpt_path), "metrics": str(metrics_path),
         "samples": str(samples_path) if cfg.n_samples > 0 else None,
     }  # fmt: skip
     if dist.main:
         record({"step": step, "summary": summary})
-        log(
-            f"\ndone: {step} steps of batch {global_batch} in {elapsed:.1f} s on {device} "
-            f"({summary['train_images_per_s']:.0f} training images/s)\n"
-            f"  test NLL     {last_nll:.4f} {unit}\n"
-            f"  checkpoint   {ckpt_path}\n"
-            f"  metrics      {metrics_path}\n" + (f"  samples      {samples_path}\n" if cfg.n_samples > 0 else "")
-        )
+        log(done_message(summary, f"test NLL     {last_nll:.4f} {unit}"))
     return summary
