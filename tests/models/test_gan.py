@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import gm.models as gmmodels
 from gm.models import dcgan, improved_gan, infogan
 from gm.models.gan_common import GANBatch
+from tests._util import fast_backends
 
 TINY = [("improved_gan", "tiny"), ("improved_gan", "tiny-md"), ("dcgan", "tiny"), ("infogan", "tiny")]
 
@@ -114,11 +115,13 @@ def test_improved_gan_d_and_g_losses_are_the_formulas_on_its_outputs():
     torch.testing.assert_close(loss_g, hand_fm, rtol=1e-10, atol=1e-12)
 
 
-def test_minibatch_discrimination_in_d_same_on_reference_and_cpu():
+@pytest.mark.parametrize("backend", fast_backends(torch.device("cpu")))
+def test_minibatch_discrimination_in_d_same_on_reference_and_fused(backend):
     """The discriminator with minibatch discrimination (real and generated halves as separate groups): backend
-    "reference" and "cpu" (gm's fused kernel) give the same logits, features and parameter gradients."""
+    "reference" and gm's fused kernels on the CPU ("cpu"; "triton" under the interpreter) give the same logits,
+    features and parameter gradients (float64)."""
     ref = gmmodels.get("improved_gan", "tiny-md", backend="reference").double().eval()
-    cpu = gmmodels.get("improved_gan", "tiny-md", backend="cpu").double().eval()
+    cpu = gmmodels.get("improved_gan", "tiny-md", backend=backend).double().eval()
     cpu.load_state_dict(ref.state_dict())
     x = torch.rand(9, 1, 28, 28, generator=torch.Generator().manual_seed(3)).double()
     outs = []
@@ -247,3 +250,39 @@ def test_evaluate_returns_a_percentage():
         assert unit == "%" and 0.0 <= value <= 100.0
     with pytest.raises(ValueError, match="needs train_images and train_labels"):
         gmmodels.get("dcgan", "tiny").evaluate(x, y)
+
+
+GPU_BACKENDS = fast_backends(torch.device("cuda")) if torch.cuda.is_available() else ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_minibatch_discriminator_matches_reference(backend):
+    """The mnist-md discriminator (minibatch discrimination on gm's GPU kernels, three groups as in training) in
+    float32 with tf32 off against the float64 reference on the CPU: class logits and every parameter gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        ref = gmmodels.get("improved_gan", "mnist-md", backend="reference").double().eval()
+        fast = gmmodels.get("improved_gan", "mnist-md", backend=backend).to(dev).eval()
+        fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+        x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        outs = []
+        for model, xin in ((ref, x), (fast, x.float().to(dev))):
+            logits, f = model.discriminate(xin, groups=[10, 12, 8])
+            (logits.square().sum() + f.sum()).backward()
+            outs.append((logits.double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()
+                                                  if p.grad is not None}))  # fmt: skip
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    (want, want_g), (got, got_g) = outs
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= 1e-5, f"{backend} logits: relative error {err:.3g}"
+    assert want_g.keys() == got_g.keys() and "discriminator.minibatch.T" in want_g
+    for n, g in want_g.items():
+        e = ((got_g[n] - g).norm() / max(g.norm().item(), 1e-300)).item()
+        assert e <= 1e-4, f"{backend} d{n}: relative error {e:.3g}"

@@ -261,3 +261,40 @@ def test_cli_train_eval_sample_and_resume(tmp_path, capsys):
     for name, t in a["model_state"].items():
         assert torch.equal(t, b["model_state"][name]), name
     assert _losses(straight) == _losses(resumed)
+
+
+GPU_BACKENDS = fast_backends(torch.device("cuda")) if torch.cuda.is_available() else ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_give_the_reference_elbo_and_gradients(backend):
+    """The mnist preset's IAF steps on the GPU's backends (float32, tf32 off) against the float64 reference on the CPU,
+    on the same weights and the same posterior noise (given explicitly: the devices' RNGs differ): the negative ELBO
+    and every parameter gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        ref = M.get("iaf_vae", "mnist", backend="reference").double()
+        fast = M.get("iaf_vae", "mnist", backend=backend).to(dev)
+        fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+        x = _images(8, seed=6)
+        eps = torch.randn(1, 8, ref.latent, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        loss_ref = -ref.log_weights(x, ref.encode(x), eps).mean()
+        loss_ref.backward()
+        xf = x.float().to(dev)
+        loss = -fast.log_weights(xf, fast.encode(xf), eps.float().to(dev)).mean()
+        loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    err = abs(loss.item() - loss_ref.item()) / abs(loss_ref.item())
+    assert err <= 1e-5, f"{backend} negative ELBO: relative error {err:.3g}"
+    grads = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g = grads[name].grad.double().cpu()
+        err = (g - p.grad).norm().item() / max(p.grad.norm().item(), 1e-300)
+        assert err <= 1e-4, f"{backend} d{name}: relative error {err:.3g}"
