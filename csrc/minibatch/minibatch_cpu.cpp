@@ -5,13 +5,21 @@
 // function compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline x86-64 (target_clones, picked at load
 // time); its helpers are always inlined so they take the clone's instruction set. C <= 8 runs fully unrolled
 // code, larger C a tiled loop. j = i is skipped by splitting the range, so exclude_self is exact.
+// Where there are at least as many kernels b as threads (the papers' B = 100 on any CPU) and C <= 8, each thread
+// takes whole kernels instead and computes each unordered pair (i, j) once, crediting both rows (c is symmetric,
+// the sign antisymmetric): half the pair work of the row-by-row path.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "minibatch/minibatch.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace gm {
 namespace minibatch {
@@ -193,6 +201,132 @@ GM_MBD_INLINE void backward_row_any(const T* x, const T* g, int64_t n, int64_t n
   }
 }
 
+// The symmetric slab walks: one thread, one kernel's (C, N) slab x, rows i in order, pairs j > i. The forward
+// adds c(i, j) to row i's sum and to o_row[j]; the backward adds v = w sign(x_i - x_j), w = (g_i + g_j) c(i, j), to
+// row i's sum and to acc[c, j], so that dm[i] = acc[:, i] (the pairs (i', i), i' < i, seen from row i': v is
+// -(row i's term)) minus row i's own sum. The j = i term (exclude_self=False) is computed as the row path computes
+// it: 1 (NaN for a NaN row) forward, 0 (NaN for a NaN row) backward.
+template <typename T, int NC>
+GM_MBD_INLINE T self_distance(const T* xi) {
+  T d = T(0);
+  for (int c = 0; c < NC; ++c) d += std::abs(xi[c] - xi[c]);
+  return d;
+}
+
+template <typename T, int NC>
+GM_MBD_INLINE void forward_slab_sym(const T* __restrict x, int64_t n, bool exclude_self, T* __restrict orow) {
+  for (int64_t j = 0; j < n; ++j) orow[j] = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    T xi[NC];
+    for (int c = 0; c < NC; ++c) xi[c] = x[c * n + i];
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = i + 1; j < n; ++j) {
+      T dist = T(0);
+      for (int c = 0; c < NC; ++c) dist += std::abs(xi[c] - x[c * n + j]);
+      const T e = exp2_nonpositive(-dist);
+      acc += e;
+      orow[j] += e;
+    }
+    if (!exclude_self) acc += exp2_nonpositive(-self_distance<T, NC>(xi));
+    orow[i] += acc;
+  }
+}
+
+template <typename T, int NC>
+GM_MBD_INLINE void backward_slab_sym(const T* __restrict x, const T* __restrict g, int64_t n, bool exclude_self,
+                                     T* __restrict acc, T* __restrict dm, int64_t dm_stride) {
+  for (int64_t k = 0; k < NC * n; ++k) acc[k] = T(0);
+  T w[kTile];
+  for (int64_t i = 0; i < n; ++i) {
+    T xi[NC], own[NC];
+    for (int c = 0; c < NC; ++c) xi[c] = x[c * n + i], own[c] = T(0);
+    const T gi = g[i];
+    for (int64_t j0 = i + 1; j0 < n; j0 += kTile) {
+      const int64_t len = std::min(kTile, n - j0);
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) {
+        T dist = T(0);
+        for (int c = 0; c < NC; ++c) dist += std::abs(xi[c] - x[c * n + j0 + t]);
+        w[t] = (gi + g[j0 + t]) * exp2_nonpositive(-dist);
+      }
+      for (int c = 0; c < NC; ++c) {
+        const T* xc = x + c * n + j0;
+        T* ac = acc + c * n + j0;
+        T s = T(0);
+#pragma omp simd reduction(+ : s)
+        for (int64_t t = 0; t < len; ++t) {
+          const T v = w[t] * pair_sign(xi[c] - xc[t]);
+          s += v;
+          ac[t] += v;
+        }
+        own[c] += s;
+      }
+    }
+    if (!exclude_self) {
+      const T wii = (gi + gi) * exp2_nonpositive(-self_distance<T, NC>(xi));
+      for (int c = 0; c < NC; ++c) own[c] += wii * pair_sign(xi[c] - xi[c]);
+    }
+    for (int c = 0; c < NC; ++c) dm[i * dm_stride + c] = acc[c * n + i] - own[c];
+  }
+}
+
+template <typename T, int NC = 1>
+GM_MBD_INLINE void forward_slab_any(const T* x, int64_t n, int64_t nc, bool ex, T* orow) {
+  if constexpr (NC < kMaxFixedC) {
+    if (nc != NC) return forward_slab_any<T, NC + 1>(x, n, nc, ex, orow);
+  }
+  forward_slab_sym<T, NC>(x, n, ex, orow);
+}
+
+template <typename T, int NC = 1>
+GM_MBD_INLINE void backward_slab_any(const T* x, const T* g, int64_t n, int64_t nc, bool ex, T* acc, T* dm,
+                                     int64_t dm_stride) {
+  if constexpr (NC < kMaxFixedC) {
+    if (nc != NC) return backward_slab_any<T, NC + 1>(x, g, n, nc, ex, acc, dm, dm_stride);
+  }
+  backward_slab_sym<T, NC>(x, g, n, ex, acc, dm, dm_stride);
+}
+
+GM_MBD_CLONES void forward_slab_f32(const float* x, int64_t n, int64_t nc, bool ex, float* orow) {
+  forward_slab_any<float>(x, n, nc, ex, orow);
+}
+GM_MBD_CLONES void backward_slab_f32(const float* x, const float* g, int64_t n, int64_t nc, bool ex, float* acc,
+                                     float* dm, int64_t dm_stride) {
+  backward_slab_any<float>(x, g, n, nc, ex, acc, dm, dm_stride);
+}
+void forward_slab_f64(const double* x, int64_t n, int64_t nc, bool ex, double* orow) {
+  forward_slab_any<double>(x, n, nc, ex, orow);
+}
+void backward_slab_f64(const double* x, const double* g, int64_t n, int64_t nc, bool ex, double* acc, double* dm,
+                       int64_t dm_stride) {
+  backward_slab_any<double>(x, g, n, nc, ex, acc, dm, dm_stride);
+}
+inline void slab(const float* x, int64_t n, int64_t nc, bool ex, float* orow) { forward_slab_f32(x, n, nc, ex, orow); }
+inline void slab(const double* x, int64_t n, int64_t nc, bool ex, double* orow) {
+  forward_slab_f64(x, n, nc, ex, orow);
+}
+inline void slab_grad(const float* x, const float* g, int64_t n, int64_t nc, bool ex, float* acc, float* dm,
+                      int64_t st) {
+  backward_slab_f32(x, g, n, nc, ex, acc, dm, st);
+}
+inline void slab_grad(const double* x, const double* g, int64_t n, int64_t nc, bool ex, double* acc, double* dm,
+                      int64_t st) {
+  backward_slab_f64(x, g, n, nc, ex, acc, dm, st);
+}
+
+// Whether the symmetric slab walk takes the call: C unrolled, and a kernel for every thread (with fewer kernels the
+// row-by-row path keeps every thread busy). GM_MBD_ROWS=1 forces the row path (tests compare the two).
+inline bool use_slabs(int64_t nb, int64_t nc) {
+  if (nc > kMaxFixedC) return false;
+  if (const char* v = std::getenv("GM_MBD_ROWS"); v != nullptr && v[0] == '1') return false;
+#ifdef _OPENMP
+  return nb >= omp_get_max_threads();
+#else
+  return true;
+#endif
+}
+
 GM_MBD_CLONES float forward_row_f32(const float* x, int64_t n, int64_t nc, int64_t i, bool ex) {
   return forward_row_any<float>(x, n, nc, i, ex);
 }
@@ -233,6 +367,18 @@ std::vector<T> transpose_scaled(const T* m, int64_t n, int64_t nb, int64_t nc) {
 template <typename T>
 void forward(const T* m, T* o, int64_t n, int64_t nb, int64_t nc, bool exclude_self) {
   const std::vector<T> x = transpose_scaled(m, n, nb, nc);
+  if (use_slabs(nb, nc)) {
+#pragma omp parallel
+    {
+      std::vector<T> orow(static_cast<size_t>(n));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nb; ++b) {
+        slab(x.data() + b * nc * n, n, nc, exclude_self, orow.data());
+        for (int64_t i = 0; i < n; ++i) o[i * nb + b] = orow[i];
+      }
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) collapse(2)
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t i = 0; i < n; ++i) o[i * nb + b] = row(x.data() + b * nc * n, n, nc, i, exclude_self);
@@ -245,6 +391,16 @@ void backward(const T* g, const T* m, T* dm, int64_t n, int64_t nb, int64_t nc, 
   for (int64_t j = 0; j < n; ++j)
     for (int64_t b = 0; b < nb; ++b) gt[b * n + j] = g[j * nb + b];
   // c(i, j) and sign(x_i - x_j) are those of m (x = log2(e) m, c = exp2 of x distances): no extra factor.
+  if (use_slabs(nb, nc)) {
+#pragma omp parallel
+    {
+      std::vector<T> acc(static_cast<size_t>(nc * n));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nb; ++b)
+        slab_grad(x.data() + b * nc * n, gt.data() + b * n, n, nc, exclude_self, acc.data(), dm + b * nc, nb * nc);
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) collapse(2)
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t i = 0; i < n; ++i)

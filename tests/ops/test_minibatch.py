@@ -68,6 +68,32 @@ def test_cpu_many_tiles(backend):
     _check(m, grad, backend, True, torch.float64)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("n", "c"), [(1, 3), (2, 1), (5, 8), (301, 5), (300, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("exclude_self", [True, False], ids=["excl", "incl"])
+def test_cpu_pair_walk_matches_row_walk(n, c, dtype, exclude_self, monkeypatch):
+    """The CPU kernel's two paths: with at least as many kernels as threads (B = 64 here) it walks each unordered
+    pair once and credits both rows; GM_MBD_ROWS=1 forces the row-by-row walk. Both against the naive reference
+    (N above the 256-wide j tile, odd and even; C = 1 and 8, the unrolled sizes' ends), and against each other; a NaN
+    row and tied rows included."""
+    m = torch.randn(n, 64, c, dtype=dtype)
+    if n > 2:
+        m[1] = m[0]
+        m[2, 7, 0] = float("nan")
+    grad = torch.randn(n, 64, dtype=dtype)
+    monkeypatch.delenv("GM_MBD_ROWS", raising=False)
+    pairs = _run(m, grad, "cpu", exclude_self)
+    monkeypatch.setenv("GM_MBD_ROWS", "1")
+    rows = _run(m, grad, "cpu", exclude_self)
+    ref = _oracle(m, grad, exclude_self)
+    for what, a, b, r in zip(("o", "dm"), pairs, rows, ref, strict=True):
+        nan = torch.isnan(r)
+        assert torch.equal(torch.isnan(a), nan) and torch.equal(torch.isnan(b), nan), what
+        assert_rel(a[~nan], r[~nan], dtype, f"{what} (pairs)", device=torch.device("cpu"))
+        assert_rel(b[~nan], r[~nan], dtype, f"{what} (rows)", device=torch.device("cpu"))
+
+
 def test_exclude_self_is_exact():
     """N = 1 with exclude_self gives exactly 0 (not 1 - 1 rounded) and a zero gradient, on every backend."""
     for backend in BACKENDS:
