@@ -146,6 +146,18 @@ GM_MBD_INLINE T range_sum_fixed(const T* x, int64_t n, int64_t i, int64_t begin,
   return acc;
 }
 
+// w[t] = (g_i + g_j) c(i, j) for j = j0 + t, t < len: distances, exp and weights in one vectorised pass.
+template <typename T, int NC>
+GM_MBD_INLINE void tile_weights(const T* __restrict x, const T* __restrict g, int64_t n, const T* xi, T gi, int64_t j0,
+                                int64_t len, T* __restrict w) {
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) {
+    T dist = T(0);
+    for (int c = 0; c < NC; ++c) dist += std::abs(xi[c] - x[c * n + j0 + t]);
+    w[t] = (gi + g[j0 + t]) * exp2_nonpositive(-dist);
+  }
+}
+
 // Per tile: the weights w_j = (g_i + g_j) c(i, j) in one fused pass, then one vectorised reduction per c (a reduction
 // over an array of C accumulators in one simd loop measured 2x slower).
 template <typename T, int NC>
@@ -156,12 +168,7 @@ GM_MBD_INLINE void range_grad_fixed(const T* x, const T* g, int64_t n, int64_t i
   T w[kTile];
   for (int64_t j0 = begin; j0 < end; j0 += kTile) {
     const int64_t len = std::min(kTile, end - j0);
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) {
-      T dist = T(0);
-      for (int c = 0; c < NC; ++c) dist += std::abs(xi[c] - x[c * n + j0 + t]);
-      w[t] = (gi + g[j0 + t]) * exp2_nonpositive(-dist);
-    }
+    tile_weights<T, NC>(x, g, n, xi, gi, j0, len, w);
     for (int c = 0; c < NC; ++c) {
       const T* xc = x + c * n + j0;
       T s = T(0);
@@ -244,12 +251,7 @@ GM_MBD_INLINE void backward_slab_sym(const T* __restrict x, const T* __restrict 
     const T gi = g[i];
     for (int64_t j0 = i + 1; j0 < n; j0 += kTile) {
       const int64_t len = std::min(kTile, n - j0);
-#pragma omp simd
-      for (int64_t t = 0; t < len; ++t) {
-        T dist = T(0);
-        for (int c = 0; c < NC; ++c) dist += std::abs(xi[c] - x[c * n + j0 + t]);
-        w[t] = (gi + g[j0 + t]) * exp2_nonpositive(-dist);
-      }
+      tile_weights<T, NC>(x, g, n, xi, gi, j0, len, w);
       for (int c = 0; c < NC; ++c) {
         const T* xc = x + c * n + j0;
         T* ac = acc + c * n + j0;
