@@ -240,36 +240,64 @@ GM_MBD_INLINE void forward_slab_sym(const T* __restrict x, int64_t n, bool exclu
   }
 }
 
+// Rows go in pairs (a, b) = (i, i + 1): both walk j > b in one pass over x[:, j], g[j] and acc[:, j] (half the loops,
+// loads and accumulator updates of walking them one by one); the pair (a, b) itself is done first, by itself.
+template <typename T, int NC>
+GM_MBD_INLINE void finish_grad_row(const T* xr, T gr, bool exclude_self, const T* acc, int64_t n, int64_t r, T* own,
+                                   T* dm) {
+  if (!exclude_self) {
+    const T wrr = (gr + gr) * exp2_nonpositive(-self_distance<T, NC>(xr));
+    for (int c = 0; c < NC; ++c) own[c] += wrr * pair_sign(xr[c] - xr[c]);
+  }
+  for (int c = 0; c < NC; ++c) dm[c] = acc[c * n + r] - own[c];
+}
+
 template <typename T, int NC>
 GM_MBD_INLINE void backward_slab_sym(const T* __restrict x, const T* __restrict g, int64_t n, bool exclude_self,
                                      T* __restrict acc, T* __restrict dm, int64_t dm_stride) {
   for (int64_t k = 0; k < NC * n; ++k) acc[k] = T(0);
-  T w[kTile];
-  for (int64_t i = 0; i < n; ++i) {
-    T xi[NC], own[NC];
-    for (int c = 0; c < NC; ++c) xi[c] = x[c * n + i], own[c] = T(0);
-    const T gi = g[i];
-    for (int64_t j0 = i + 1; j0 < n; j0 += kTile) {
+  T wa[kTile], wb[kTile];
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    const int64_t a = i, b = i + 1;
+    T xa[NC], xb[NC], own_a[NC], own_b[NC];
+    for (int c = 0; c < NC; ++c) xa[c] = x[c * n + a], xb[c] = x[c * n + b], own_a[c] = own_b[c] = T(0);
+    const T ga = g[a], gb = g[b];
+    T dab = T(0);
+    for (int c = 0; c < NC; ++c) dab += std::abs(xa[c] - xb[c]);
+    const T wab = (ga + gb) * exp2_nonpositive(-dab);
+    for (int c = 0; c < NC; ++c) {
+      const T v = wab * pair_sign(xa[c] - xb[c]);
+      own_a[c] += v;
+      acc[c * n + b] += v;
+    }
+    for (int64_t j0 = b + 1; j0 < n; j0 += kTile) {
       const int64_t len = std::min(kTile, n - j0);
-      tile_weights<T, NC>(x, g, n, xi, gi, j0, len, w);
+      tile_weights<T, NC>(x, g, n, xa, ga, j0, len, wa);
+      tile_weights<T, NC>(x, g, n, xb, gb, j0, len, wb);
       for (int c = 0; c < NC; ++c) {
         const T* xc = x + c * n + j0;
         T* ac = acc + c * n + j0;
-        T s = T(0);
-#pragma omp simd reduction(+ : s)
+        T sa = T(0), sb = T(0);
+#pragma omp simd reduction(+ : sa, sb)
         for (int64_t t = 0; t < len; ++t) {
-          const T v = w[t] * pair_sign(xi[c] - xc[t]);
-          s += v;
-          ac[t] += v;
+          const T va = wa[t] * pair_sign(xa[c] - xc[t]);
+          const T vb = wb[t] * pair_sign(xb[c] - xc[t]);
+          sa += va;
+          sb += vb;
+          ac[t] += va + vb;
         }
-        own[c] += s;
+        own_a[c] += sa;
+        own_b[c] += sb;
       }
     }
-    if (!exclude_self) {
-      const T wii = (gi + gi) * exp2_nonpositive(-self_distance<T, NC>(xi));
-      for (int c = 0; c < NC; ++c) own[c] += wii * pair_sign(xi[c] - xi[c]);
-    }
-    for (int c = 0; c < NC; ++c) dm[i * dm_stride + c] = acc[c * n + i] - own[c];
+    finish_grad_row<T, NC>(xa, ga, exclude_self, acc, n, a, own_a, dm + a * dm_stride);
+    finish_grad_row<T, NC>(xb, gb, exclude_self, acc, n, b, own_b, dm + b * dm_stride);
+  }
+  if (i < n) {  // the last row of an odd N: its pairs were all credited by the rows before it
+    T xr[NC], own[NC];
+    for (int c = 0; c < NC; ++c) xr[c] = x[c * n + i], own[c] = T(0);
+    finish_grad_row<T, NC>(xr, g[i], exclude_self, acc, n, i, own, dm + i * dm_stride);
   }
 }
 
