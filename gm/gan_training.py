@@ -3,10 +3,10 @@ sample grids that `gm eval` and `gm sample` share with it.
 
 Each step: a batch of real images (grey levels / 255 in [0, 1], in gm.training's batch order), for the
 semi-supervised model also a labelled batch drawn from a fixed balanced subset; one Adam step of the discriminator
-on model.d_loss, then one of the generator on model.g_loss (the discriminator's parameters frozen). Latent codes and
-noise layers draw from torch's global RNG, which checkpoints hold: a resumed run follows the uninterrupted one
-exactly. Files, checkpoints (same format as gm.training's, with "optimizer_d_state" and "optimizer_g_state"),
-metrics (JSON lines), progress line and summary as gm.training's.
+on model.d_loss, then one of the generator on model.g_loss (its backward accumulates into G's parameters only).
+Latent codes and noise layers draw from the device's RNG, which checkpoints hold: a resumed run follows the
+uninterrupted one exactly. Files, checkpoints (same format as gm.training's, with "optimizer_d_state" and
+"optimizer_g_state"), metrics (JSON lines), progress line and summary as gm.training's.
 
 Settings: batch size and learning rates are the paper's (model.batch_size, model.lr_d, model.lr_g, Adam betas
 model.betas) unless --batch-size / --lr are given (--lr sets both optimizers). The GANs train in fp32, eager, in one
@@ -15,7 +15,6 @@ process: --precision bf16/fp16, --compile, --cuda-graphs, --binarize and torchru
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
@@ -65,19 +64,6 @@ def sample_png(model, n: int, seed: int, device) -> bytes:
     return tr.image_grid_png((x * 255).round(), 256)
 
 
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module):
-    """No parameter gradients for `module` inside (the generator's step needs gradients through D, not of D)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _settings(cfg, model, ckpt, given) -> tuple[float, float]:
     """The learning rates (D, G), and cfg.batch_size set to the batch used: the paper's unless given, the
     checkpoint's on resume."""
@@ -122,7 +108,8 @@ def run(cfg, name, model_cfg, data, ckpt, dist, device, log, given=frozenset()) 
         except ValueError as err:
             raise tr.TrainError(f"model {name} preset {cfg.preset!r}: {err}") from err
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr_d, betas=model.betas)
-    opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr_g, betas=model.betas)
+    g_params = list(model.generator.parameters())
+    opt_g = torch.optim.Adam(g_params, lr=lr_g, betas=model.betas)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
@@ -182,10 +169,9 @@ def run(cfg, name, model_cfg, data, ckpt, dist, device, log, given=frozenset()) 
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        with _frozen(model.discriminator):
-            loss_g, g_stats = model.g_loss(batch)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+        loss_g, g_stats = model.g_loss(batch)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=g_params)  # through D to G, accumulating into G's parameters only
         opt_g.step()
         step += 1
         clock.count(global_batch)

@@ -73,7 +73,7 @@ class DCGAN(GAN):
         dcgan_init(self)
 
     def latent(self, n, generator=None, device=None):
-        return self._place(torch.rand(n, self.z_dim, generator=generator) * 2 - 1, device)
+        return self._uniform((n, self.z_dim), generator, device, low=-1.0)
 
     def decode(self, z):
         return (self.generator(z) + 1) * 0.5

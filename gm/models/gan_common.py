@@ -5,7 +5,7 @@ Every model maps images in [0, 1] (N, C, H, W) (grey levels / 255) and exposes w
 
     generator, discriminator       the two nn.Modules, one Adam optimizer each (InfoGAN's Q head is in discriminator)
     d_loss(batch), g_loss(batch)   (loss, stats) of one discriminator / generator update on a GANBatch; each draws its
-                                   own latent codes from torch's global RNG (checkpointed, so resumed runs replay it)
+                                   own latent codes from the device's RNG (checkpointed, so resumed runs replay it)
     data_init(x)                   data-dependent initialisation before the first step (Improved GAN only)
     generate(n, generator, device) n images in [0, 1]
     evaluate(test_images, test_labels, train_images, train_labels) -> (value, unit): a test error in %
@@ -64,13 +64,17 @@ class GAN(nn.Module):
     def _device(self, device) -> torch.device:
         return torch.device(device) if device is not None else next(self.parameters()).device
 
-    def _place(self, t: torch.Tensor, device) -> torch.Tensor:
-        """A latent drawn on the CPU, on `device` (default: the parameters') in the parameters' dtype."""
-        return t.to(self._device(device), next(self.parameters()).dtype)
+    def _uniform(self, shape: tuple[int, ...], generator, device, low: float = 0.0) -> torch.Tensor:
+        """Draws uniform on [low, 1) of `shape` on `device` (default: the parameters') in the parameters' dtype: from
+        `generator` on the CPU when one is given (a seed gives the same images on any device), else from the
+        device's own RNG (the training steps: no host-to-device copy, and so no stream sync, per step)."""
+        dev = self._device(device)
+        u = torch.rand(shape, generator=generator) if generator is not None else torch.rand(shape, device=dev)
+        u = u.to(dev, next(self.parameters()).dtype)
+        return u if low == 0.0 else u * (1.0 - low) + low
 
     def latent(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """n latent vectors for the generator, drawn on the CPU from `generator` (or the global RNG) and moved to
-        `device`, so a seed gives the same images on any device."""
+        """n latent vectors for the generator on `device`, drawn as _uniform draws them."""
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,7 @@ class ImprovedGAN(GAN):
         self.discriminator["out"] = WeightNormLinear(width, classes, init_scale=0.1)
 
     def latent(self, n, generator=None, device=None):
-        return self._place(torch.rand(n, self.z_dim, generator=generator), device)
+        return self._uniform((n, self.z_dim), generator, device)
 
     def discriminate(self, x: torch.Tensor, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(class logits (N, K), last hidden layer (N, F)) for images x in [0, 1]; `groups` (split sizes) are the

@@ -106,13 +106,14 @@ class InfoGAN(GAN):
         })  # fmt: skip
         dcgan_init(self)
 
-    def codes(self, n: int, generator=None, device=None, cat: torch.Tensor | None = None):
-        """(z, categorical code (n,) int64, continuous codes (n, continuous)) drawn on the CPU."""
-        z = torch.rand(n, self.z_dim, generator=generator) * 2 - 1
-        if cat is None:
-            cat = torch.randint(self.categories, (n,), generator=generator)
-        cont = torch.rand(n, self.continuous, generator=generator) * 2 - 1
-        return self._place(z, device), cat.to(self._device(device)), self._place(cont, device)
+    def codes(self, n: int, generator=None, device=None):
+        """(z, categorical code (n,) int64, continuous codes (n, continuous)) on `device`, drawn as _uniform draws."""
+        z = self._uniform((n, self.z_dim), generator, device, low=-1.0)
+        if generator is not None:
+            cat = torch.randint(self.categories, (n,), generator=generator).to(z.device)
+        else:
+            cat = torch.randint(self.categories, (n,), device=z.device)
+        return z, cat, self._uniform((n, self.continuous), generator, device, low=-1.0)
 
     def join(self, z, cat, cont) -> torch.Tensor:
         return torch.cat([z, F.one_hot(cat, self.categories).to(z.dtype), cont], dim=1)
