@@ -428,6 +428,55 @@ def test_minibatch(emu, case, exclude_self, dtype):
     _check("dm", dm, dm_ref, dtype)
 
 
+# The pair walk (each unordered pair of 128-row tiles once, both sides credited by atomic adds), forced whatever the
+# time model picks: (N, B, C, tile pairs a block): 3 tiles (odd: k = 0, 1), 2 tiles (even: the k = 1 pair taken by
+# the lower tile alone), 5 tiles with 2 and 3 pairs a block (k = 0..2 split across blocks), a ragged last tile.
+MB_PAIR_CASES = [(300, 20, 5, 1), (129, 9, 3, 1), (600, 9, 8, 2), (520, 3, 1, 3), (256, 11, 2, 2)]
+
+
+@pytest.mark.parametrize("case", MB_PAIR_CASES, ids=str)
+@pytest.mark.parametrize("exclude_self", [True, False], ids=["excl", "incl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minibatch_pair_walk(emu, case, exclude_self, dtype, monkeypatch):
+    from gm.ops import minibatch as mb  # noqa: PLC0415
+
+    n, b, c, steps = case
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", steps)
+    (m,), (mr,) = _leaves(dtype, 0.3 * torch.randn(n, b, c, dtype=torch.float64))
+    with torch.no_grad():  # tied rows (the sign's subgradient 0 on both sides) across two tiles
+        m[200 % n] = m[7]
+        mr[200 % n] = mr[7]
+    go = torch.randn(n, b, dtype=torch.float64).to(dtype)
+    before = emu.emu_stats()["launches"]
+    o = gm.ops.minibatch_discrimination(m, exclude_self=exclude_self, backend="cuda")
+    (dm,) = _grads(o, (m,), go)
+    # memset, kernel (and the 16-bit types' rounding) per pass: the pair kernels ran, not the rows walk
+    assert emu.emu_stats()["launches"] - before == (2 if dtype == torch.bfloat16 else 1) * 2
+    o_ref = minibatch_ref(mr, exclude_self=exclude_self)
+    (dm_ref,) = _grads(o_ref, (mr,), go.double())
+    _check("o", o, o_ref, dtype)
+    _check("dm", dm, dm_ref, dtype)
+
+
+def test_minibatch_pair_walk_nan_and_deterministic_mode(emu, monkeypatch):
+    """A NaN row makes its kernel's sums NaN on both sides, as in the reference; with deterministic algorithms on,
+    the model's choice is the rows walk (bit-for-bit the same result as the forced rows walk)."""
+    from gm.ops import minibatch as mb  # noqa: PLC0415
+
+    m = 0.3 * torch.randn(300, 4, 5, dtype=torch.float64)
+    m[250, 1, 2] = float("nan")
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", 1)
+    o = gm.ops.minibatch_discrimination(m, backend="cuda")
+    o_ref = minibatch_ref(m)
+    assert torch.equal(o.isnan(), o_ref.isnan()) and o[:, 1].isnan().all()
+    keep = ~o_ref.isnan()
+    assert rel_err(o[keep], o_ref[keep]) <= util.rel_tol(torch.float64, CPU)
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", None)
+    assert mb.cuda_plan(4096, 100, 5, CPU, backward=True)[1] > 0  # the model's pick at a large N: pairs
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert mb.cuda_plan(4096, 100, 5, CPU, backward=True)[1] == 0
+
+
 # --------------------------------------------------------------------------------------------------------- iaf_step
 @pytest.mark.parametrize("shape", [(13, 7), (3, 70), (1, 1), (4, 3, 5)], ids=str)
 @pytest.mark.parametrize("mode", ["gated", "affine"])

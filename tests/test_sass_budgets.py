@@ -35,7 +35,8 @@ def _loops(source: str, kernel: str) -> list[tuple[int, int, dict]]:
 
 
 # (source, mangled-name fragment, which loop, budget): "mma32" the loop with 32 HMMA (a GEMM stage), "longest" the
-# outermost loop (a scan step, items included), "mufu" the shortest loop with MUFU (the minibatch pair loop).
+# outermost loop (a scan step, items included), "mufu" the shortest loop with MUFU (the minibatch pair loop), "shfl"
+# the shortest with MUFU and SHFL (the minibatch pair walk's group of j).
 BUDGETS = [
     ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0E", "mma32",
      175),
@@ -82,6 +83,10 @@ BUDGETS = [
     ),
     ("csrc/minibatch/minibatch_cuda.cu", "minibatch_fwd_kernelIfLi5E", "mufu", 112),
     ("csrc/minibatch/minibatch_cuda.cu", "minibatch_bwd_kernelIfLi5E", "mufu", 152),
+    # The pair walk (session 15): 8 j a forward loop (458 instructions: 57 a j against the rows walk's 49), 4 j a
+    # backward loop (753: 188 a j against 138), each with its transposing warp sum.
+    ("csrc/minibatch/minibatch_cuda.cu", "minibatch_pair_fwd_kernelIfLi5E", "shfl", 505),
+    ("csrc/minibatch/minibatch_cuda.cu", "minibatch_pair_bwd_kernelIfLi5E", "shfl", 830),
 ]
 
 
@@ -92,6 +97,8 @@ def test_hot_loop_instruction_budget(source, kernel, which, budget):
         sizes = [length for _, length, mix in found if mix["HMMA"] == 32]
     elif which == "mufu":
         sizes = sorted(length for _, length, mix in found if mix["MUFU"])[:1]
+    elif which == "shfl":
+        sizes = sorted(length for _, length, mix in found if mix["MUFU"] and mix["SHFL"])[:1]
     else:
         sizes = [max(length for _, length, _ in found)]
     assert sizes, f"{kernel}: no {which} loop found"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gm._ext import _reduction_splits
 
@@ -53,6 +54,44 @@ def test_minibatch_splits_are_what_the_kernels_launch(n, slots):
     per_part = -(-n // s)
     chunk = -(-per_part // 64) * 64  # csrc/minibatch/minibatch_cuda.cu: j_chunk
     assert 1 <= s <= 64 and -(-n // chunk) == s
+
+
+def _walk(n, backward, b=100, slots=SLOTS):
+    from gm.ops.minibatch import _plan, _splits_for  # noqa: PLC0415
+
+    groups = -(-b // 8)
+    return _plan(n, groups, slots, _splits_for(-(-n // 128) * groups, n, slots), backward)
+
+
+def test_minibatch_pair_walk_from_a_thousand_rows():
+    """The time model (waves x (j a block + 128), the pair walk's j at its SASS cost: 1.16x forward, 1.36x
+    backward) keeps the rows walk where a block's fixed cost outweighs the halved pairs (N <= 512, B = 100) and takes
+    the pair walk above, with whole tile-pair steps a block (at most T / 2 + 1 of T tiles)."""
+    for n in (100, 256, 512):
+        for backward in (False, True):
+            splits, steps = _walk(n, backward)
+            assert steps == 0 and splits >= 1
+    for n in (1024, 2048, 4096, 16384, 65536):
+        for backward in (False, True):
+            splits, steps = _walk(n, backward)
+            assert splits == 1 and 1 <= steps <= n // 128 // 2 + 1, (n, backward, steps)
+
+
+def test_minibatch_rows_walk_when_deterministic_or_asked_or_wide(monkeypatch):
+    """torch.use_deterministic_algorithms (the pair walk's atomics are not bit-reproducible), GM_MBD_ROWS=1 (the CPU
+    backend's switch too) and C > 8 (the generic kernel) take the rows walk; FORCE_PAIR_STEPS overrides the model."""
+    from gm.ops import minibatch as mb  # noqa: PLC0415
+
+    monkeypatch.setattr("gm._ext.sm_count", lambda device: 132)
+    assert mb.cuda_plan(4096, 100, 5, "cuda", backward=False)[1] > 0
+    assert mb.cuda_plan(4096, 100, 9, "cuda", backward=False) == (1, 0)
+    monkeypatch.setattr(mb, "_ROWS_ONLY", True)  # GM_MBD_ROWS=1 at import
+    assert mb.cuda_plan(4096, 100, 5, "cuda", backward=False)[1] == 0
+    monkeypatch.setattr(mb, "_ROWS_ONLY", False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert mb.cuda_plan(4096, 100, 5, "cuda", backward=True)[1] == 0
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", 3)
+    assert mb.cuda_plan(300, 100, 5, "cuda", backward=True) == (1, 3)
 
 
 # The Triton weight gradients (masked_conv, masked_linear, row_lstm): gm.kernels._common.wave_splits, the same model in

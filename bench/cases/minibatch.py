@@ -12,12 +12,34 @@ import os
 
 import torch
 
-from bench.harness import Case, compiled, pick
+from bench.harness import Case, compiled, gm_backends_for, pick
 from gm.reference.minibatch import minibatch_discrimination as naive_ref
 from gm.reference.minibatch import minibatch_discrimination_cdist as cdist_ref
 
 FEATURES, KERNELS, DIM = 256, 100, 5
 BASELINE = "naive (N×N×B×C)"
+# gm's CUDA kernels walking every ordered pair (what torch.use_deterministic_algorithms selects), beside auto's pick
+# (the pair walk from N ~ 1024): the A/B of the pair walk in one run, and the data to recalibrate
+# gm.ops.minibatch's time model (_PAIR_COST, _BLOCK_FIXED).
+ROWS_WALK = "cuda rows walk (deterministic)"
+
+
+class _RowsWalk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m):
+        from gm.ops import minibatch as mb  # noqa: PLC0415
+
+        ctx.save_for_backward(m)
+        n, b, _ = m.shape
+        return mb._cuda_forward(m.contiguous(), True, plan=(mb.cuda_splits(n, b, m.device), 0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        from gm.ops import minibatch as mb  # noqa: PLC0415
+
+        (m,) = ctx.saved_tensors
+        n, b, _ = m.shape
+        return mb._cuda_backward(grad.contiguous(), m.contiguous(), True, plan=(mb.cuda_splits(n, b, m.device), 0))
 
 
 def _device_bytes(device: torch.device) -> int:
@@ -57,6 +79,9 @@ def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool, gm_
     def cdist(f, T):
         return cdist_ref(m_of(f, T))
 
+    def rows_walk(f, T):
+        return _RowsWalk.apply(m_of(f, T))
+
     impls = {}
     if baselines:
         elem = torch.finfo(dtype).bits // 8
@@ -65,6 +90,8 @@ def _case(n: int, device: torch.device, dtype: torch.dtype, baselines: bool, gm_
         impls["torch.cdist(p=1)"] = _guarded(cdist, 4 * pairwise / DIM, device)  # B x N x N distances and grads
         if device.type == "cuda":
             impls["reference+compile"] = _guarded(compiled(naive), 3 * pairwise, device)
+    if device.type == "cuda" and n <= 16384 and "cuda" in gm_backends_for(device):
+        impls[ROWS_WALK] = rows_walk
     return Case(
         op="minibatch_discrimination",
         name=f"N={n} B={KERNELS} C={DIM}",
@@ -89,8 +116,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     for n, b in plan:
         backends = None
         if n > 16384:  # the largest case only on the fastest backend (Triton's fwd+bwd would take ~8 s a call)
-            from bench.harness import gm_backends_for  # noqa: PLC0415
-
             backends = tuple(x for x in gm_backends_for(device) if x == "cuda") or None
         out.append(_case(n, device, torch.float32, baselines=b, gm_backends=backends))
     return out

@@ -35,12 +35,16 @@ void backward_cpu_f64(const double* g, const double* m, double* dm, int64_t n, i
 
 #ifdef GM_WITH_CUDA
 // CUDA entry points (minibatch_cuda.cu): m, o, g, dm in `dtype` (f32/f16/bf16; f64 too), fp32 accumulation.
-// splits > 1 divides the j range across blocks; `part` then holds splits x (the output's size) partial sums in
-// the accumulation type (float32; float64 for f64), added into the output by a second kernel.
+// pair_steps = 0: the rows walk (every ordered pair, deterministic); splits > 1 divides its j range across blocks,
+// `part` then holding splits x (the output's size) partial sums in the accumulation type (float32; float64 for
+// f64), added into the output by a second kernel. pair_steps > 0: the pair walk (each unordered pair of 128-row
+// tiles once, credited to both by atomic adds; `pair_steps` tile pairs a block; C <= 8 only), `part` a float32
+// buffer of the output's size for f16/bf16 (unused otherwise).
 void forward_cuda(std::uintptr_t m, std::uintptr_t o, int64_t n, int64_t b, int64_t c, bool exclude_self, int dtype,
-                  int splits, std::uintptr_t part, std::uintptr_t stream);
+                  int splits, int pair_steps, std::uintptr_t part, std::uintptr_t stream);
 void backward_cuda(std::uintptr_t g, std::uintptr_t m, std::uintptr_t dm, int64_t n, int64_t b, int64_t c,
-                   bool exclude_self, int dtype, int splits, std::uintptr_t part, std::uintptr_t stream);
+                   bool exclude_self, int dtype, int splits, int pair_steps, std::uintptr_t part,
+                   std::uintptr_t stream);
 #endif
 
 }  // namespace minibatch

@@ -9,6 +9,9 @@ The fast backends loop over j in tiles and recompute c_b(i, j) in the backward: 
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from gm import _ext
@@ -76,7 +79,7 @@ _SATURATING_BLOCKS_PER_SM = 2
 
 
 def cuda_splits(n: int, b: int, device) -> int:
-    """How many parts the CUDA kernels split the j range into: the count whose blocks ((N/128) x (B/8) x parts)
+    """How many parts the CUDA rows walk splits the j range into: the count whose blocks ((N/128) x (B/8) x parts)
     fill whole waves of two blocks per SM best, by the time model waves x (j per part + 128), with parts of whole
     64-j tiles, at least 128 j each, at most 64 parts. (The earlier rule, enough blocks for two per SM, could spill
     into a second, mostly empty wave: 312 blocks on 264 slots at N = 1024, B = 100.)"""
@@ -89,29 +92,85 @@ def _splits_for(tiles: int, n: int, slots: int) -> int:
     return _ext._reduction_splits(tiles, n, slots, granule=64, min_steps=128)
 
 
-def _cuda_call(entry, grad, m, out, exclude_self):
+# The pair walk (csrc/minibatch/minibatch_cuda.cu) visits each unordered pair of 128-row tiles once and credits both
+# sides, at a higher cost per pair than the rows walk: the tile's share summed across the warp and added atomically.
+# Its cost per j relative to the rows walk's, from the sm_90 SASS of the C = 5 float32 loops (tools/sass_loops.py,
+# bench/NOTES.md "Session 15"): forward, backward.
+_PAIR_COST = {False: 1.16, True: 1.36}
+_BLOCK_FIXED = 128  # a block's fixed cost in j, as in the rows walk's split model
+# None: the time model below picks; an int forces the pair walk with that many tile pairs a block (0: the rows walk).
+FORCE_PAIR_STEPS: int | None = None
+
+
+# GM_MBD_ROWS=1 (the CPU backend's switch to its rows walk) also keeps the CUDA kernels on theirs; read at import.
+_ROWS_ONLY = os.environ.get("GM_MBD_ROWS") == "1"
+
+
+def cuda_plan(n: int, b: int, c: int, device, backward: bool) -> tuple[int, int]:
+    """(splits, pair_steps) of one CUDA minibatch call: the rows walk with `splits` parts (pair_steps = 0), or the
+    pair walk with `pair_steps` tile pairs a block, whichever the time model says is faster. The rows walk where
+    torch.use_deterministic_algorithms is on (the pair walk's atomic adds change the last bits from run to run),
+    under GM_MBD_ROWS=1, and for C > 8 (the generic kernel)."""
+    forced = FORCE_PAIR_STEPS
+    if forced is None:
+        rows_only = _ROWS_ONLY or torch.are_deterministic_algorithms_enabled()
+        return _auto_plan(n, b, c, device, backward, rows_only)
+    return (cuda_splits(n, b, device), 0) if forced == 0 or c > 8 else (1, forced)
+
+
+@functools.lru_cache(maxsize=1024)
+def _auto_plan(n: int, b: int, c: int, device, backward: bool, rows_only: bool) -> tuple[int, int]:
+    if c > 8:
+        return 1, 0
+    slots = _SATURATING_BLOCKS_PER_SM * _ext.sm_count(device)
+    splits = _splits_for(-(-n // 128) * -(-b // 8), n, slots)
+    return (splits, 0) if rows_only else _plan(n, -(-b // 8), slots, splits, backward)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(n: int, groups: int, slots: int, splits: int, backward: bool) -> tuple[int, int]:
+    """The time model of both walks in waves x (j per block + _BLOCK_FIXED), the pair walk's j weighted by
+    _PAIR_COST; returns (splits, 0) or (1, steps)."""
+    tiles = _cdiv(n, 128)
+    chunk = _cdiv(_cdiv(n, splits), 64) * 64  # the rows walk's j per block (whole 64-j tiles)
+    best, best_cost = 0, _cdiv(tiles * groups * splits, slots) * (chunk + _BLOCK_FIXED)
+    partners = tiles // 2 + 1
+    for steps in range(1, partners + 1):
+        blocks = tiles * _cdiv(partners, steps) * groups
+        cost = _cdiv(blocks, slots) * (steps * 128 * _PAIR_COST[backward] + _BLOCK_FIXED)
+        if cost < best_cost:
+            best, best_cost = steps, cost
+    return (splits, 0) if best == 0 else (1, best)
+
+
+def _cuda_call(entry, grad, m, out, exclude_self, plan=None):
     n, b, c = m.shape
-    # (the C > 8 kernel does not split)
-    splits = cuda_splits(n, b, m.device) if c <= 8 else 1
+    splits, pair_steps = plan if plan is not None else cuda_plan(n, b, c, m.device, grad is not None)
     part = None
+    acc = torch.float64 if m.dtype == torch.float64 else torch.float32
     if splits > 1:
-        acc = torch.float64 if m.dtype == torch.float64 else torch.float32
         part = torch.empty(splits, *out.shape, dtype=acc, device=m.device)
+    elif pair_steps > 0 and m.dtype != acc:  # the 16-bit types' float32 sums
+        part = torch.empty(out.shape, dtype=acc, device=m.device)
     with _ext.device_guard(m):  # launch on the tensors' GPU
         args = (grad.data_ptr(),) if grad is not None else ()
-        entry(*args, m.data_ptr(), out.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), splits,
+        entry(*args, m.data_ptr(), out.data_ptr(), n, b, c, exclude_self, _ext.dtype_code(m), splits, pair_steps,
               part.data_ptr() if part is not None else 0, _ext.stream_of(m))  # fmt: skip
     return out
 
 
-def _cuda_forward(m, exclude_self):
+def _cuda_forward(m, exclude_self, plan=None):
     n, b, _ = m.shape
     o = torch.empty(n, b, dtype=m.dtype, device=m.device)
-    return _cuda_call(_ext.ext().minibatch_fwd_cuda, None, m, o, exclude_self)
+    return _cuda_call(_ext.ext().minibatch_fwd_cuda, None, m, o, exclude_self, plan)
 
 
-def _cuda_backward(grad, m, exclude_self):
-    return _cuda_call(_ext.ext().minibatch_bwd_cuda, grad, m, torch.empty_like(m), exclude_self)
+def _cuda_backward(grad, m, exclude_self, plan=None):
+    return _cuda_call(_ext.ext().minibatch_bwd_cuda, grad, m, torch.empty_like(m), exclude_self, plan)
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -191,6 +250,11 @@ def minibatch_discrimination(m: torch.Tensor, *, exclude_self: bool = True, back
 
     Returns:
         o (N, B), same dtype as m: o[i, b] = sum_j exp(-||m[i, b] - m[j, b]||_1).
+
+    On the cuda backend, from about N = 1024 (float32/16-bit, C <= 8), the kernels visit each unordered pair once
+    and add both rows' shares atomically: the last bits of o and of the gradient can then differ from run to run.
+    Under torch.use_deterministic_algorithms(True) they walk every ordered pair instead (bit-reproducible, slower
+    at large N). The other backends are deterministic.
 
     Example:
         >>> m = torch.randn(64, 100, 5)

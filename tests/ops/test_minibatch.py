@@ -266,3 +266,53 @@ def test_gpu_large_n(backend):
     m = torch.randn(4099, 3, 5, device="cuda")
     o = minibatch_discrimination(m, backend=backend)
     assert_rel(o, minibatch_discrimination_cdist(m.double()), torch.float32, "o", device=torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize(("shape", "steps"), [((1000, 20, 5), 1), ((1100, 9, 3), 3), ((300, 13, 8), 2)],
+                         ids=["N1000-s1", "N1100-B9-C3-s3", "N300-C8-s2"])  # fmt: skip
+@pytest.mark.parametrize("exclude_self", [True, False], ids=["excl", "incl"])
+def test_gpu_cuda_pair_walk_matches_naive(dtype, shape, steps, exclude_self, monkeypatch):
+    """The CUDA pair walk (each unordered pair of 128-row tiles once, both sides added atomically), forced at small
+    N where the time model would take the rows walk: odd and even tile counts, several pairs a block, a ragged
+    last tile; tied rows across two tiles."""
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip("backend cuda is not available")
+    from gm.ops import minibatch as mb  # noqa: PLC0415
+
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", steps)
+    m = torch.randn(*shape, device="cuda").to(dtype)
+    m[shape[0] - 2] = m[5]
+    grad = torch.randn(shape[0], shape[1], device="cuda").to(dtype)
+    poison_empty(monkeypatch)
+    _check(m, grad, "cuda", exclude_self, dtype, device=torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_walks_agree_and_deterministic_mode_repeats(monkeypatch):
+    """At N = 4099 (the time model's pick: the pair walk) the result agrees with the rows walk to float32 rounding;
+    under torch.use_deterministic_algorithms the rows walk runs, and two calls are bit for bit equal."""
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip("backend cuda is not available")
+    from gm.ops import minibatch as mb  # noqa: PLC0415
+
+    n, b, c = 4099, 100, 5
+    assert mb.cuda_plan(n, b, c, torch.device("cuda"), backward=False)[1] > 0
+    m = torch.randn(n, b, c, device="cuda")
+    grad = torch.randn(n, b, device="cuda")
+    o_pairs, dm_pairs = _run(m, grad, "cuda", True)
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", 0)
+    o_rows, dm_rows = _run(m, grad, "cuda", True)
+    assert_rel(o_pairs, o_rows.double(), torch.float32, "o", device=torch.device("cuda"))
+    assert_rel(dm_pairs, dm_rows.double(), torch.float32, "dm", device=torch.device("cuda"))
+    monkeypatch.setattr(mb, "FORCE_PAIR_STEPS", None)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert mb.cuda_plan(n, b, c, torch.device("cuda"), backward=True)[1] == 0
+        first, second = _run(m, grad, "cuda", True), _run(m, grad, "cuda", True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], o_rows) and torch.equal(first[1], dm_rows)
