@@ -311,6 +311,8 @@ def _extras() -> list[tuple[str, object]]:
                 torch.randn(3, 5, 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32), dtype)),
             ("minibatch_discrimination", lambda: grads(ops.minibatch_discrimination(
                 leaf(37, 10, 5, dtype=dtype), backend="triton"))),
+            ("minibatch_discrimination C=11", lambda: grads(ops.minibatch_discrimination(  # the C > 8 kernels
+                leaf(37, 10, 11, dtype=dtype), backend="triton"))),
             ("masked_linear elu", lambda: grads(ops.masked_linear(
                 leaf(33, 8, dtype=dtype), leaf(32, 8, dtype=dtype), masks[0], leaf(32, dtype=dtype), activation="elu",
                 backend="triton"))),

@@ -68,6 +68,27 @@ def test_cpu_many_tiles(backend):
     _check(m, grad, backend, True, torch.float64)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("shape", [(21, 3, 5), (16, 2, 1), (13, 4, 8), (9, 1, 3), (30, 2, 2)], ids=str)
+@pytest.mark.parametrize("blocks", [(8, 4), (16, 8)], ids=str)
+@pytest.mark.parametrize("wide", [False, True], ids=["i32", "i64"])
+@pytest.mark.parametrize("exclude_self", [True, False], ids=["excl", "incl"])
+def test_triton_row_kernels_every_span(shape, blocks, wide, exclude_self, monkeypatch):
+    """The Triton kernels for C <= 8 walk j in spans: the tiles before the program's rows and after them (no mask,
+    no j != i test), its own rows (the test; masked where they pass N) and the ragged tail. N across several row
+    tiles and BLOCK_J tiles, with and without a tail, C = 1..8, 32- and 64-bit offsets, rows tied across tiles."""
+    from gm.kernels import minibatch as k  # noqa: PLC0415
+
+    bi, bj = blocks
+    monkeypatch.setattr(k, "_ROWS_FWD_META", dict(BLOCK_I=bi, BLOCK_J=bj))
+    monkeypatch.setattr(k, "_ROWS_BWD_META", dict(BLOCK_I=bi, BLOCK_J=bj))
+    monkeypatch.setattr(k, "_wide", lambda m: wide)
+    m = torch.randn(*shape, dtype=torch.float64)
+    m[shape[0] - 1] = m[2]
+    grad = torch.randn(*shape[:2], dtype=torch.float64)
+    _check(m, grad, "triton", exclude_self, torch.float64)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("n", "c"), [(1, 3), (2, 1), (5, 8), (301, 5), (300, 2)], ids=lambda v: str(v))
