@@ -150,27 +150,42 @@ def _spans(i0, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def _program(N, WIDE: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The program's kernel b (grid axis 0) and rows i0 .. i0 + BLOCK_I (axis 1); 64-bit where WIDE (b, and through
+    it every row offset)."""
+    b = tl.program_id(0)
+    i0 = tl.program_id(1) * BLOCK_I
+    if WIDE:
+        b = b.to(tl.int64)
+        i0 = i0.to(tl.int64)
+    i = i0 + tl.arange(0, BLOCK_I)
+    return b, i0, i, i < N
+
+
+@triton.jit
+def _rows_x(m_ptr, i, i_ok, b, smn, smb, smc, C: tl.constexpr, ACC: tl.constexpr):
+    """The program's rows of m, one (BLOCK_I,) tensor per c (those past C repeat a real one and go unused)."""
+    return (
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 0, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 1 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 2 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 3 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 4 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 5 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 6 % C, ACC),
+        _x(m_ptr, i, i_ok, b, smn, smb, smc, 7 % C, ACC),
+    )
+
+
+@triton.jit
 def minibatch_rows_fwd_kernel(
     m_ptr, o_ptr,
     N, B, smn, smb, smc,
     C: tl.constexpr, EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    i0 = tl.program_id(1) * BLOCK_I
-    if WIDE:  # 64-bit offsets: b, and through it every row's
-        b = b.to(tl.int64)
-        i0 = i0.to(tl.int64)
-    i = i0 + tl.arange(0, BLOCK_I)
-    i_ok = i < N
-    x0 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 0, ACC)
-    x1 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 1 % C, ACC)
-    x2 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 2 % C, ACC)
-    x3 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 3 % C, ACC)
-    x4 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 4 % C, ACC)
-    x5 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 5 % C, ACC)
-    x6 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 6 % C, ACC)
-    x7 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 7 % C, ACC)
+    b, i0, i, i_ok = _program(N, WIDE, BLOCK_I)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _rows_x(m_ptr, i, i_ok, b, smn, smb, smc, C, ACC)
     own_end, full, tail = _spans(i0, N, BLOCK_I, BLOCK_J)
     acc = tl.zeros((BLOCK_I,), dtype=ACC)
     acc = _fwd_span(acc, m_ptr, i, 0, i0, N, b, smn, smb, smc,
@@ -191,22 +206,9 @@ def minibatch_rows_bwd_kernel(
     C: tl.constexpr, EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    i0 = tl.program_id(1) * BLOCK_I
-    if WIDE:
-        b = b.to(tl.int64)
-        i0 = i0.to(tl.int64)
-    i = i0 + tl.arange(0, BLOCK_I)
-    i_ok = i < N
+    b, i0, i, i_ok = _program(N, WIDE, BLOCK_I)
     gi = tl.load(g_ptr + (i.to(b.dtype) * B + b), mask=i_ok, other=0.0).to(ACC)
-    x0 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 0, ACC)
-    x1 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 1 % C, ACC)
-    x2 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 2 % C, ACC)
-    x3 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 3 % C, ACC)
-    x4 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 4 % C, ACC)
-    x5 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 5 % C, ACC)
-    x6 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 6 % C, ACC)
-    x7 = _x(m_ptr, i, i_ok, b, smn, smb, smc, 7 % C, ACC)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _rows_x(m_ptr, i, i_ok, b, smn, smb, smc, C, ACC)
     own_end, full, tail = _spans(i0, N, BLOCK_I, BLOCK_J)
     a0 = tl.zeros((BLOCK_I,), dtype=ACC)
     a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0

@@ -71,16 +71,21 @@ BUDGETS = {"fwd": 195, "wgrad": 180, "row_wgrad": 300, "diagonal_wgrad": 220, "r
            "diagonal_wgrad_nhwc": 120}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def counts() -> dict:
+def _compile_and_count(script: str) -> dict:
+    """Runs `script` (compiles kernels for sm_90, prints a JSON line of counts) outside the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     if res.returncode != 0 and "cuobjdump" in res.stderr:
         pytest.skip("Triton ships no cuobjdump here")
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict:
+    return _compile_and_count(_SCRIPT)
 
 
 @pytest.mark.parametrize("kernel", sorted(BUDGETS))
@@ -131,14 +136,7 @@ MB_BUDGETS = {"fwd": 14.5, "bwd": 40.5}  # instructions per pair and thread: the
 
 @pytest.fixture(scope="module")
 def mb_counts() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", _MB_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    if res.returncode != 0 and "cuobjdump" in res.stderr:
-        pytest.skip("Triton ships no cuobjdump here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return _compile_and_count(_MB_SCRIPT)
 
 
 @pytest.mark.parametrize("kernel", sorted(MB_BUDGETS))
