@@ -184,6 +184,30 @@ def test_diagonal_lstm(gemm, monkeypatch, case, reverse, dtype):
     _check("dw", dw, dw_ref, dtype)
 
 
+@pytest.fixture
+def deterministic():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("op", ["row_lstm", "diagonal_lstm"])
+def test_lstm_weight_gradient_in_deterministic_mode(gemm, deterministic, op):
+    """Under torch.use_deterministic_algorithms the scans' weight gradient takes one pixel split (each element of dw a
+    single atomic add onto zero); at 640 pixels (two splits otherwise) it still matches the float64 reference."""
+    n, hid, height, width = 2, 8, 16, 20
+    taps = 3 if op == "row_lstm" else 2
+    g = torch.randn(n, 4 * hid, height, width, dtype=torch.float64)
+    w = torch.randn(4 * hid, hid, taps, dtype=torch.float64) / (taps * hid) ** 0.5
+    dy = torch.randn(n, hid, height, width, dtype=torch.float64).to(torch.bfloat16)
+    (g, w), (gr, wr) = _leaves(torch.bfloat16, g, w)
+    fn, ref = (gm.ops.row_lstm, row_ref) if op == "row_lstm" else (gm.ops.diagonal_lstm, diagonal_ref)
+    _, dw = _grads(fn(g, w, backend="cuda"), (g, w), dy)
+    _, dw_ref = _grads(ref(gr, wr), (gr, wr), dy.double())
+    _check("dw", dw, dw_ref, torch.bfloat16)
+
+
 def test_diagonal_lstm_channel_slice(emu):
     """DiagonalBiLSTM's chunk of one 8h conv output (a channel slice) and a channels-last grad, read as they are."""
     both = torch.randn(2, 16, 3, 5, dtype=torch.float64)

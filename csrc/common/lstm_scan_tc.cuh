@@ -379,10 +379,12 @@ __global__ void __launch_bounds__(128, 3)
 
 // Launch: dw zeroed, pixel splits sized to fill 3 blocks per SM (132 SMs assumed for the split count only; the
 // kernel is bounded to 168 registers a thread for 3 resident blocks), at least 256 pixels each. nhwc: the kNhwc
-// variant (a.dz_stride and a.src_stride set), with or without init as the NCHW one.
+// variant (a.dz_stride and a.src_stride set), with or without init as the NCHW one. The splits meet in dw through
+// atomic adds, whose order varies; `deterministic` (torch.use_deterministic_algorithms) takes one split, so each
+// element of dw gets a single add onto zero: the same bits every run, at the cost of fewer blocks.
 template <typename T, typename S, Precision P>
 void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs a, cudaStream_t stream,
-                  bool nhwc = false) {
+                  bool nhwc = false, bool deterministic = false) {
   const int m_rows = 4 * a.hid, q_cols = a.hid * a.taps;
   GM_CUDA_CHECK(cudaMemsetAsync(dw, 0, sizeof(float) * m_rows * q_cols, stream));
   const int64_t pixels = a.n * a.height * a.width;
@@ -391,6 +393,7 @@ void launch_wgrad(const T* dz, const S* src, const T* init, float* dw, WgradArgs
   const int64_t tiles = int64_t(x_tiles) * ((m_rows + 63) / 64);
   int64_t splits = (396 + tiles - 1) / tiles;
   if (splits > pixels / 256) splits = pixels / 256 > 0 ? pixels / 256 : 1;
+  if (deterministic) splits = 1;
   a.per_split = ((pixels + splits - 1) / splits + 31) / 32 * 32;
   const dim3 grid(static_cast<unsigned>(x_tiles), static_cast<unsigned>((m_rows + 63) / 64),
                   static_cast<unsigned>((pixels + a.per_split - 1) / a.per_split));

@@ -86,7 +86,7 @@ void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t stat
 // gate_stride apart.
 void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
                       int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype, int precision,
-                      std::uintptr_t stream);
+                      bool deterministic, std::uintptr_t stream);
 #endif
 
 }  // namespace diagonal_lstm

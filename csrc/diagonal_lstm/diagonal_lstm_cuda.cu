@@ -281,9 +281,10 @@ struct Forward {
 template <typename T, Precision P>
 struct WeightGrad {
   static void run(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, Geometry g, bool nhwc,
-                  cudaStream_t stream) {
+                  bool deterministic, cudaStream_t stream) {
     const lstm_tc::WgradArgs wa{n, g.hid, g.height, g.width, 2, 1, g.reverse ? 1 : -1, 0, g.gs, g.hid};
-    lstm_tc::launch_wgrad<T, T, P>(ptr<const T>(dgates), ptr<const T>(y), nullptr, ptr<float>(dw), wa, stream, nhwc);
+    lstm_tc::launch_wgrad<T, T, P>(ptr<const T>(dgates), ptr<const T>(y), nullptr, ptr<float>(dw), wa, stream, nhwc,
+                                   deterministic);
   }
 };
 
@@ -318,11 +319,11 @@ void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t stat
 
 void weight_grad_cuda(std::uintptr_t dgates, std::uintptr_t y, std::uintptr_t dw, int64_t n, int64_t hid,
                       int64_t height, int64_t width, bool reverse, int64_t gate_stride, int dtype, int precision,
-                      std::uintptr_t stream) {
+                      bool deterministic, std::uintptr_t stream) {
   // gate_stride 0: dgates and y NCHW; else channels-last, dgates' pixels gate_stride apart and y's h.
   lstm_tc::dispatch<WeightGrad>("diagonal_lstm", dtype, precision, dgates, y, dw, n,
                                 make_geometry(hid, height, width, reverse, gate_stride > 0 ? gate_stride : 4 * hid),
-                                gate_stride > 0, to_stream(stream));
+                                gate_stride > 0, deterministic, to_stream(stream));
 }
 
 }  // namespace diagonal_lstm

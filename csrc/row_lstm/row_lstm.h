@@ -84,7 +84,8 @@ void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0
                   std::uintptr_t stream);
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                    std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                   Shape s, int64_t gate_stride, int dtype, int precision, std::uintptr_t stream);
+                   Shape s, int64_t gate_stride, int dtype, int precision, bool deterministic,
+                   std::uintptr_t stream);
 }  // namespace row_lstm
 }  // namespace gm
 #endif

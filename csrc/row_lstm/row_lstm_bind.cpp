@@ -60,9 +60,9 @@ void forward_cuda_entry(U g, U a_pack, U h0, U c0, U y, U hs, U cs, int64_t n, i
 
 void backward_cuda_entry(U dy, U a_pack, U h0, U c0, U hs, U cs, U dg, U dw, U dh0, U dc0, int64_t n, int64_t hidden,
                          int64_t height, int64_t width, int64_t k, int64_t gate_stride, int dtype, int precision,
-                         U stream) {
+                         bool deterministic, U stream) {
   backward_cuda(dy, a_pack, h0, c0, hs, cs, dg, dw, dh0, dc0, make_shape(n, hidden, height, width, k), gate_stride,
-                dtype, precision, stream);
+                dtype, precision, deterministic, stream);
 }
 #endif
 

@@ -333,7 +333,7 @@ template <typename T, Precision P>
 struct Backward {
   static void run(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                   std::uintptr_t cs, std::uintptr_t dg, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                  Shape s, int64_t gate_stride, cudaStream_t stream) {
+                  Shape s, int64_t gate_stride, bool deterministic, cudaStream_t stream) {
     if (s.n == 0 || s.height == 0 || s.width == 0) {
       const size_t states = sizeof(float) * s.n * s.hidden * s.width;
       if (dw != 0) GM_CUDA_CHECK(cudaMemsetAsync(ptr<float>(dw), 0, sizeof(float) * 4 * s.hidden * s.hidden * s.k, stream));
@@ -354,7 +354,7 @@ struct Backward {
     // Channels-last: dgates' pixels gs apart, hs's h (kind 0: taps along the width of the row above, h0 at row -1).
     const lstm_tc::WgradArgs wa{s.n, g.hid, g.height, g.width, g.k, 0, g.k / 2, 0, g.gs, g.hid};
     lstm_tc::launch_wgrad<T, float, P>(ptr<const T>(dg), ptr<const float>(hs), ptr<const T>(h0), ptr<float>(dw), wa,
-                                       stream, nhwc);
+                                       stream, nhwc, deterministic);
   }
 };
 
@@ -369,9 +369,10 @@ void forward_cuda(std::uintptr_t gates, std::uintptr_t a_pack, std::uintptr_t h0
 
 void backward_cuda(std::uintptr_t dy, std::uintptr_t a_pack, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t hs,
                    std::uintptr_t cs, std::uintptr_t dgates, std::uintptr_t dw, std::uintptr_t dh0, std::uintptr_t dc0,
-                   Shape s, int64_t gate_stride, int dtype, int precision, std::uintptr_t stream) {
+                   Shape s, int64_t gate_stride, int dtype, int precision, bool deterministic,
+                   std::uintptr_t stream) {
   lstm_tc::dispatch<Backward>("row_lstm", dtype, precision, dy, a_pack, h0, c0, hs, cs, dgates, dw, dh0, dc0, s,
-                              gate_stride, to_stream(stream));
+                              gate_stride, deterministic, to_stream(stream));
 }
 
 }  // namespace row_lstm

@@ -160,7 +160,8 @@ def _scan_weight_grad(dgates, y, w_ss, reverse: bool, n: int, height: int, width
     dw = torch.empty(w_ss.shape, dtype=torch.float32, device=dgates.device)
     ext().diagonal_lstm_weight_grad_cuda(
         dgates.data_ptr(), y.data_ptr(), dw.data_ptr(), n, w_ss.shape[1], height, width, reverse, gate_stride,
-        dtype_code(dgates), precision(dgates.dtype, "diagonal_lstm"), stream,
+        dtype_code(dgates), precision(dgates.dtype, "diagonal_lstm"), torch.are_deterministic_algorithms_enabled(),
+        stream,
     )  # fmt: skip
     return dw.to(w_ss.dtype)
 

@@ -159,7 +159,8 @@ def _scan_backward(dy, dgates, w_ss, h0, c0, hs, cs, need_w: bool, gate_stride: 
         _cpu_call("row_lstm_backward_cuda")(
             dy.data_ptr(), a_pack.data_ptr(), _ptr(h0), _ptr(c0), hs.data_ptr(), cs.data_ptr(),
             dgates.data_ptr(), _ptr(dw), _ptr(dh0), _ptr(dc0),
-            n, hid, height, width, w_ss.shape[2], gate_stride, dtype_code(dgates), prec, stream_of(dgates),
+            n, hid, height, width, w_ss.shape[2], gate_stride, dtype_code(dgates), prec,
+            torch.are_deterministic_algorithms_enabled(), stream_of(dgates),
         )  # fmt: skip
     return dw, dh0, dc0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -185,7 +184,6 @@ def test_triton_int64_offsets(monkeypatch):
     """The 64-bit in-image offsets that images past 2**31 / 5h elements take (forced here at a small size): the same
     results as the reference, h0/c0 included."""
     import triton.language as tl  # noqa: PLC0415
-
     from gm.kernels import row_lstm as k  # noqa: PLC0415
 
     monkeypatch.setattr(k, "_index_dtype", lambda *args: tl.int64)
@@ -294,3 +292,30 @@ def _check_channels_last_scans(forward, backward, case, dtype, gate_pad):
         assert a.dtype == b.dtype, name
         assert torch.equal(a, b), f"{name}: max difference {(a.double() - b.double()).abs().max()}"
     assert dwide[..., 4 * hid :].isnan().all(), "a write outside the gate gradients' channel slice"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["row_lstm", "diagonal_lstm"])
+def test_gpu_cuda_weight_gradient_repeats_bit_for_bit_in_deterministic_mode(op):
+    """The cuda scans' weight gradient sums pixel splits with atomic adds; under torch.use_deterministic_algorithms it
+    takes one split, and two backward passes give the same bits (N=32, h=64, 32x32: 32768 pixels, ~9 splits
+    otherwise)."""
+    if "cuda" not in fast_backends(torch.device("cuda")):
+        pytest.skip("backend cuda is not available")
+    from gm.ops import diagonal_lstm  # noqa: PLC0415
+
+    fn = row_lstm if op == "row_lstm" else diagonal_lstm
+    taps = 3 if op == "row_lstm" else 2
+    g = torch.randn(32, 256, 32, 32, device="cuda", requires_grad=True)
+    w = (torch.randn(256, 64, taps, device="cuda") / 16).requires_grad_()
+    dy = torch.randn(32, 64, 32, 32, device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (torch.autograd.grad(fn(g, w, backend="cuda"), w, dy)[0] for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(first, second)
+    loose = torch.autograd.grad(fn(g, w, backend="cuda"), w, dy)[0]  # the split sums: equal to rounding
+    assert_rel(loose, first.double(), torch.float32, "dw", device=torch.device("cuda"))
