@@ -90,6 +90,21 @@ def linked_source_tree(tmp_path: Path) -> Path:
     return src
 
 
+def train_eager_and_compiled(main, argv: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """`gm train *argv` twice through gm.cli.main, eager then with --compile (inductor told to draw random numbers
+    from torch's generator, as eager does: fallback_random); the two run directories."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["train", *argv, "--out", str(eager)]) == 0
+    try:
+        with inductor_config.patch(fallback_random=True):
+            assert main(["train", *argv, "--compile", "--out", str(compiled)]) == 0
+    finally:
+        torch._dynamo.reset()
+    return eager, compiled
+
+
 def poison_empty(monkeypatch) -> None:
     """Make torch.empty/empty_like/new_empty return NaN-filled tensors, so a kernel that leaves an element
     unwritten fails the comparison."""

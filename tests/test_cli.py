@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gm.cli import main
+from tests._util import train_eager_and_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--n-samples", "0", "--device", "cpu"]
@@ -103,16 +104,8 @@ def test_compile_trains_like_eager(model, size, tmp_path):
     the same losses to float32 rounding, step by step (gm's ops are custom ops inside the compiled graph). The VAE
     draws its posterior noise in the graph: inductor's own generator would draw other numbers, so it is told to use
     torch's (fallback_random) for the comparison."""
-    import torch._inductor.config as inductor_config  # noqa: PLC0415
-
     common = [model, *FAST, "--data", f"synthetic:32:{size}", "--steps", "3", "--eval-every", "0", "--seed", "3"]
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert main(["train", *common, "--out", str(eager)]) == 0
-    try:
-        with inductor_config.patch(fallback_random=True):
-            assert main(["train", *common, "--compile", "--out", str(compiled)]) == 0
-    finally:
-        torch._dynamo.reset()
+    eager, compiled = train_eager_and_compiled(main, common, tmp_path)
     want, got = _losses(eager), _losses(compiled)
     assert len(got) == len(want) == 3
     assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want, strict=True)), (got, want)

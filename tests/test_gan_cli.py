@@ -12,6 +12,7 @@ import torch
 
 from gm import training
 from gm.cli import main
+from tests._util import train_eager_and_compiled
 
 DATA = ["--data", "synthetic:64:28"]
 FAST = [*DATA, "--batch-size", "8", "--log-every", "1", "--n-samples", "0", "--device", "cpu"]
@@ -104,16 +105,8 @@ def test_compile_trains_like_eager(model, preset, tmp_path):
     step, to float32 rounding, with torch's generator for the latents and noise drawn inside the graphs
     (fallback_random: inductor's own would draw other numbers). The Improved GAN preset runs gm's minibatch op in
     the graph, InfoGAN its categorical code."""
-    import torch._inductor.config as inductor_config  # noqa: PLC0415
-
     common = [model, "--preset", preset, *FAST, "--steps", "3", "--eval-every", "0", "--seed", "5"]
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert main(["train", *common, "--out", str(eager)]) == 0
-    try:
-        with inductor_config.patch(fallback_random=True):
-            assert main(["train", *common, "--compile", "--out", str(compiled)]) == 0
-    finally:
-        torch._dynamo.reset()
+    eager, compiled = train_eager_and_compiled(main, common, tmp_path)
     want, got = _records(eager), _records(compiled)
     for key in ("loss_d", "loss_g"):
         a, b = [r[key] for r in want if key in r], [r[key] for r in got if key in r]

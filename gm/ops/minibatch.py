@@ -111,20 +111,21 @@ def cuda_plan(n: int, b: int, c: int, device, backward: bool) -> tuple[int, int]
     pair walk with `pair_steps` tile pairs a block, whichever the time model says is faster. The rows walk where
     torch.use_deterministic_algorithms is on (the pair walk's atomic adds change the last bits from run to run),
     under GM_MBD_ROWS=1, and for C > 8 (the generic kernel)."""
+    if c > 8:
+        return 1, 0  # the generic kernel: one pass over j, no splits
     forced = FORCE_PAIR_STEPS
     if forced is None:
         rows_only = _ROWS_ONLY or torch.are_deterministic_algorithms_enabled()
-        return _auto_plan(n, b, c, device, backward, rows_only)
-    return (cuda_splits(n, b, device), 0) if forced == 0 or c > 8 else (1, forced)
+        return _auto_plan(n, b, device, backward, rows_only)
+    return (cuda_splits(n, b, device), 0) if forced == 0 else (1, forced)
 
 
 @functools.lru_cache(maxsize=1024)
-def _auto_plan(n: int, b: int, c: int, device, backward: bool, rows_only: bool) -> tuple[int, int]:
-    if c > 8:
-        return 1, 0
-    slots = _SATURATING_BLOCKS_PER_SM * _ext.sm_count(device)
-    splits = _splits_for(-(-n // 128) * -(-b // 8), n, slots)
-    return (splits, 0) if rows_only else _plan(n, -(-b // 8), slots, splits, backward)
+def _auto_plan(n: int, b: int, device, backward: bool, rows_only: bool) -> tuple[int, int]:
+    splits = cuda_splits(n, b, device)
+    if rows_only:
+        return splits, 0
+    return _plan(n, _cdiv(b, 8), _SATURATING_BLOCKS_PER_SM * _ext.sm_count(device), splits, backward)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -149,6 +150,7 @@ def _plan(n: int, groups: int, slots: int, splits: int, backward: bool) -> tuple
 
 def _cuda_call(entry, grad, m, out, exclude_self, plan=None):
     n, b, c = m.shape
+    # (splits, pair_steps): the time model's, or the caller's (the bench's rows-walk row)
     splits, pair_steps = plan if plan is not None else cuda_plan(n, b, c, m.device, grad is not None)
     part = None
     acc = torch.float64 if m.dtype == torch.float64 else torch.float32
