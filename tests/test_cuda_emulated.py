@@ -976,13 +976,20 @@ BARRIER_MUTATIONS = {
 }
 
 
-# masked_conv2d's NHWC store one channel off (a thread that starts at channel o > 0 writes each value one element
-# early: channels written twice, the tile's last one never). A build of its own: the pipeline mutations above break
-# every GEMM.
+# masked_conv2d's own seeded bugs, a build of their own (the pipeline mutations above break every GEMM):
+# - the NHWC store one channel off (a thread that starts at channel o > 0 writes each value one element early:
+#   channels written twice, the tile's last one never); the NCHW store and the weight gradient are untouched;
+# - the idle-warp test one warp too eager, in the GEMM (a warp whose columns start under 32 before the tile's last
+#   channel skips its MMAs) and in the weight gradient (the same along its 64-row C_in side): the NCHW and NHWC paths
+#   alike go wrong, so the channels-last-against-NCHW comparison still sees the NHWC store alone.
 CONV = "csrc/masked_conv/masked_conv_cuda.cu"
-NHWC_MUTATIONS = {
+CONV_MUTATIONS = {
     CONV: [("T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + o;",
-            "T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + (o > 0 ? o - 1 : 0);")],
+            "T* dst = static_cast<T*>(args.out) + (m0 + m) * args.n_out + n0 + (o > 0 ? o - 1 : 0);"),
+           ("const bool warp_on = n0 + wn0 < args.n_out && m0 + wm0 < m_total;",
+            "const bool warp_on = n0 + wn0 + 32 < args.n_out && m0 + wm0 < m_total;"),
+           ("const bool warp_on = c0 + wm0 < args.c_in && o0 + wn0 < args.c_out;",
+            "const bool warp_on = c0 + wm0 + 64 < args.c_in && o0 + wn0 < args.c_out;")],
 }  # fmt: skip
 
 
@@ -992,8 +999,8 @@ def mutant():
 
 
 @pytest.fixture(scope="module")
-def nhwc_mutant():
-    return _build(mutations=NHWC_MUTATIONS)
+def conv_mutant():
+    return _build(mutations=CONV_MUTATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -1049,14 +1056,38 @@ def test_emulator_catches_gemm_pipeline_bugs(mutant, barrier_mutant, monkeypatch
     assert not _close(dw, dw_ref, torch.bfloat16), "the emulator missed the removed weight-gradient barrier"
 
 
-def test_emulator_catches_a_wrong_nhwc_channel(nhwc_mutant, monkeypatch):
+def test_emulator_catches_a_wrong_nhwc_channel(conv_mutant, monkeypatch):
     """With the NHWC store one channel off, the channels-last forward and input gradient must differ from the NCHW
     path (the unmutated kernel passes test_masked_conv2d_channels_last_output)."""
-    _activate(nhwc_mutant, monkeypatch)
+    _activate(conv_mutant, monkeypatch)
     for case in (CL_CASES[0], CL_CASES[3]):  # narrow channel tiles; a full-width one and a narrow one
         results = _conv_channels_last_vs_nchw(case, torch.bfloat16)
         wrong = [name for name, got, want in results if not torch.equal(got, want)]
         assert wrong == ["y", "dx", "backward dx"], f"{case}: the emulator missed the wrong channel: {wrong} differ"
+
+
+def test_emulator_catches_an_eager_idle_warp(conv_mutant, monkeypatch):
+    """With the GEMM's and the weight gradient's idle-warp tests one warp too eager, CONV_SHAPES' last case (138
+    output channels: a second channel tile 10 wide, which one warp column computes; 42 input channels, which one warp
+    row of the weight gradient covers) must go wrong in y, dx and dweight on the NCHW path (the unmutated kernels
+    pass test_masked_conv2d_gemm there)."""
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    _activate(conv_mutant, monkeypatch)
+    n, cin, cout, height, width, kh, kw, mask, _ = CONV_SHAPES[-1]
+    gi, go = color_groups(cin, 3), color_groups(cout, 3)
+    torch.manual_seed(2)
+    x = torch.randn(n, cin, height, width, dtype=torch.float64)
+    w = torch.randn(cout, cin, kh, kw, dtype=torch.float64) / (cin * kh * kw) ** 0.5
+    gy = torch.randn(n, cout, height, width, dtype=torch.float64)
+    (x16, w16), (xr, wr) = _leaves(torch.bfloat16, x, w)
+    y = gm.ops.masked_conv2d(x16, w16, mask=mask, in_groups=gi, out_groups=go, backend="cuda")
+    got = (y, *_grads(y, (x16, w16), gy.to(torch.bfloat16)))
+    y_ref = conv_ref(xr, wr, None, mask=mask, in_groups=gi, out_groups=go)
+    want = (y_ref, *_grads(y_ref, (xr, wr), gy))
+    right = [name for name, g, r in zip(("y", "dx", "dweight"), got, want, strict=True) if _close(g, r, torch.bfloat16)]
+    assert right == [], f"the emulator missed the eager idle-warp test: {right} still match the reference"
 
 
 def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):

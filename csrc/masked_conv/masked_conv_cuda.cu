@@ -265,9 +265,14 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     }
   };
 
+  // A warp whose 32 output channels (or 64 pixels) lie wholly past the tile's edge (the last channel tile of an
+  // n_out that 128 does not divide: PixelCNN's 129- and 258-channel colour layers) skips its fragment loads and MMAs;
+  // its share of the copies and barriers is block-wide and stays. Its accumulators stay zero, never stored.
+  const bool warp_on = n0 + wn0 < args.n_out && m0 + wm0 < m_total;
   WarpAcc acc;
   acc.zero();
   cp_async_mainloop<kStages>(k_iters, load_stage, [&](int slot) {
+    if (!warp_on) return;
     const std::uint32_t a_base = smem_base + slot * kGemmStage;
     const std::uint32_t b_base = a_base + kBM * kGemmRow;
 #pragma unroll
@@ -415,6 +420,8 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
   // The bias gradient's partial sum (db_partial set, first tap and channel tile only): thread tid sums column
   // tid % kBN of the grad tile over half its pixel rows, each stage.
   const bool sum_db = kFused && args.db_partial != nullptr && blockIdx.x == 0;
+  // As in the GEMM: a warp whose 64 input channels or 32 output channels lie past the tile's edge skips its MMAs.
+  const bool warp_on = c0 + wm0 < args.c_in && o0 + wn0 < args.c_out;
   const int db_col = tid & (kBN - 1), db_half = tid / kBN;
   float db = 0.f;
 
@@ -429,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
       for (int r = db_half * (S::kRows / 2); r < (db_half + 1) * (S::kRows / 2); ++r)
         db += to_float(*reinterpret_cast<const T*>(g_tile + r * S::kRow));
     }
+    if (!warp_on) return;
 #pragma unroll
     for (int ks = 0; ks < kKBytes / kStepBytes; ++ks) {
       std::uint32_t af[4][4], bf[4][2];
