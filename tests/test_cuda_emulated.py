@@ -877,6 +877,78 @@ def test_masked_conv2d_weight_grad_over_splits(gemm, mask, grouped, monkeypatch)
     assert torch.equal(dw2, dw) and torch.equal(dx, c.input_grad(gy16, packed, taps))
 
 
+# The centre tap's colour ranges (gm.ops._masked_conv_cuda.centre_table): (N, C_in, C_out, H, W, kh, kw, mask). 264
+# channels in groups of 88: the forward's first output tile (groups 0-1) reduces the centre over 176 of 264 input
+# channels, the input gradient's second and third input tiles start theirs at output channel 88 and 176, and the
+# weight gradient's centre tile (C_out tile 0, C_in tile 2) lies outside its range. 396 in groups of 132, mask A:
+# the first output tile (group 0) and the last input tile (group 2) connect nothing at the centre (no centre chunk
+# at all; for the 1x1, no chunk: the bias alone).
+CENTRE_SHAPES = [
+    (1, 264, 264, 4, 4, 1, 1, "B"),
+    (1, 396, 396, 3, 3, 1, 1, "A"),
+    (1, 264, 264, 3, 4, 3, 3, "B"),
+]
+
+
+def _centre_case(shape, dtype, monkeypatch, bias: bool = True):
+    """[(name, cuda result, float64 reference)] of y, dx, dweight (and dbias) for a colour-grouped masked_conv2d,
+    every GEMM taking the centre ranges however little they skip (a fresh plan cache, _CENTRE_MIN_SKIP 0)."""
+    from collections import OrderedDict  # noqa: PLC0415
+
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops import masked_conv as mc  # noqa: PLC0415
+    from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
+
+    monkeypatch.setattr(mc, "_PLANS", OrderedDict())
+    monkeypatch.setattr(c, "_CENTRE_MIN_SKIP", 0.0)
+
+    n, cin, cout, height, width, kh, kw, mask = shape
+    gi, go = color_groups(cin, 3), color_groups(cout, 3)
+    torch.manual_seed(5)
+    x = torch.randn(n, cin, height, width, dtype=torch.float64)
+    w = torch.randn(cout, cin, kh, kw, dtype=torch.float64) / (cin * kh * kw) ** 0.5
+    b = torch.randn(cout, dtype=torch.float64) if bias else None
+    gy = torch.randn(n, cout, height, width, dtype=torch.float64)
+    (x, w, b), (xr, wr, br) = _leaves(dtype, x, w, b)
+    y = gm.ops.masked_conv2d(x, w, b, mask=mask, in_groups=gi, out_groups=go, backend="cuda")
+    got = (y, *_grads(y, (x, w, b), gy.to(dtype)))
+    y_ref = conv_ref(xr, wr, br, mask=mask, in_groups=gi, out_groups=go)
+    want = (y_ref, *_grads(y_ref, (xr, wr, br), gy))
+    return list(zip(("y", "dx", "dweight", "dbias")[: len(got)], got, want, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "3xtf32"])
+@pytest.mark.parametrize("shape", CENTRE_SHAPES, ids=str)
+def test_masked_conv2d_centre_ranges(gemm, shape, dtype, monkeypatch):
+    """Colour-grouped layers whose GEMM tiles reduce the centre tap over part of its channels (and the weight
+    gradient's tiles outside the range): every output and gradient against the float64 reference, the weight
+    gradient exactly zero at forbidden centre pairs, and the table the launches read as the plan computes it."""
+    from gm.nn import color_groups  # noqa: PLC0415
+    from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops.masked_conv import pack_plan  # noqa: PLC0415
+
+    dtype = _precision(dtype, monkeypatch)
+    results = _centre_case(shape, dtype, monkeypatch)
+    for name, got, want in results:
+        _check(name, got, want, dtype)
+    dw, dw_ref = results[2][1], results[2][2]
+    assert (dw[dw_ref == 0] == 0).all(), "forbidden centre pairs must get exactly zero"
+    n, cin, cout, height, width, kh, kw, mask = shape
+    plan = pack_plan((cout, cin, kh, kw), mask, color_groups(cin, 3), color_groups(cout, 3), "cpu")
+    monkeypatch.setattr(c, "_CENTRE_MIN_SKIP", 0.1)  # the shipped threshold, on the plan's first table
+    centre = c.centre_table(plan)
+    # rows: C_out tiles (the C_in range), then C_in tiles (the C_out range); the 1x1 layers' ranges skip 16-18% (B) and
+    # over half (A) of their GEMMs' products, the 3x3's a fifth of that: its GEMMs keep the plain variant
+    if (cin, mask) == (264, "B"):
+        assert centre.table.tolist() == [[0, 176], [0, 264], [0, 264], [0, 264], [88, 264], [176, 264]]
+        assert (centre.forward, centre.input_grad) == ((True, True) if kh == 1 else (False, False))
+    else:
+        assert centre.table.tolist() == [[396, 0], [0, 132], [0, 264], [0, 264], [132, 396], [132, 396], [264, 396],
+                                         [396, 0]]  # fmt: skip
+        assert centre.forward and centre.input_grad
+
+
 # masked_conv2d's output in its input's memory format (gm._memory_format): channels-last x or grad gives a channels-last
 # output, written NHWC by the kernel. (N, C_in, C_out, H, W, kh, kw, mask, colour groups, bias): odd channel counts;
 # 198 pixels (two pixel tiles, the last partial); a narrow output (5 channels: the NHWC store's flat walk puts several
@@ -991,6 +1063,15 @@ CONV_MUTATIONS = {
            ("const bool warp_on = c0 + wm0 < args.c_in && o0 + wn0 < args.c_out;",
             "const bool warp_on = c0 + wm0 + 64 < args.c_in && o0 + wn0 < args.c_out;")],
 }  # fmt: skip
+# The centre ranges' seeded bugs, a build of their own (the idle-warp mutation above breaks every last tile): the
+# input gradient's centre chunks not offset past its range's start (it reduces the wrong output channels), the end
+# chunk rounded down (the forward drops the last channels of its range), and the weight gradient skipping a centre
+# tile that its range only partly covers.
+CENTRE_MUTATIONS = {
+    CONV: [(" + (kCentre && kiter >= k_centre ? centre_skip : 0);", ";"),
+           ("kc_hi = (range.y * elem + kKBytes - 1) / kKBytes;", "kc_hi = (range.y * elem) / kKBytes;"),
+           ("tile_on = tile_on && c0 < r.y && r.x < c0 + kBM;", "tile_on = tile_on && c0 + kBM <= r.y && r.x < c0 + kBM;")],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -1001,6 +1082,11 @@ def mutant():
 @pytest.fixture(scope="module")
 def conv_mutant():
     return _build(mutations=CONV_MUTATIONS)
+
+
+@pytest.fixture(scope="module")
+def centre_mutant():
+    return _build(mutations=CENTRE_MUTATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -1088,6 +1174,17 @@ def test_emulator_catches_an_eager_idle_warp(conv_mutant, monkeypatch):
     want = (y_ref, *_grads(y_ref, (xr, wr), gy))
     right = [name for name, g, r in zip(("y", "dx", "dweight"), got, want, strict=True) if _close(g, r, torch.bfloat16)]
     assert right == [], f"the emulator missed the eager idle-warp test: {right} still match the reference"
+
+
+def test_emulator_catches_wrong_centre_ranges(centre_mutant, monkeypatch):
+    """With the three centre-range mutations, the 264-channel 1x1 mask-B case goes wrong in y (its first tile's range
+    ends at channel 176, mid-chunk in neither dtype: the rounded-down end drops channels 160-175 in bf16), dx (tiles
+    whose range starts at 88 and 176) and dweight (C_in tile 1 of C_out tile 0 is partly inside); the unmutated
+    kernels pass test_masked_conv2d_centre_ranges there."""
+    _activate(centre_mutant, monkeypatch)
+    results = _centre_case(CENTRE_SHAPES[0], torch.bfloat16, monkeypatch, bias=False)
+    right = [name for name, got, want in results if _close(got, want, torch.bfloat16)]
+    assert right == [], f"the emulator missed the centre-range mutations: {right} still match the reference"
 
 
 def test_diagonal_lstm_shared_memory_model_matches_the_kernels(emu):
@@ -1178,17 +1275,23 @@ def test_masked_conv2d_refuses_more_channels_than_its_division_covers(emu):
 
 
 @pytest.mark.parametrize("precision", [torch.bfloat16, "tf32", "3xtf32"], ids=str)
-@pytest.mark.parametrize("case", [CL_CASES[0], CL_CASES[2], CL_CASES[3]], ids=["3x3B", "5x5A-rgb", "1x3B-138"])
+@pytest.mark.parametrize("case", [CL_CASES[0], CL_CASES[2], CL_CASES[3], (1, 264, 264, 3, 4, 1, 1, "B", True, True)],
+                         ids=["3x3B", "5x5A-rgb", "1x3B-138", "1x1B-rgb-264-centre"])  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_masked_conv2d_relu_fusions(gemm, case, channels_last, precision, monkeypatch):
     """forward(relu_in, residual) = conv(relu(x)) + b + r; input_grad(gate=x, residual=r2) = relu'(x) * conv^T(g) +
     r2, exactly r2 where x <= 0; weight_grad(relu_in) = the weight gradient of conv(relu(x)); against the float64
-    reference, in x's layout; a NaN in x stays NaN through the ReLU (max.NaN), as torch's relu keeps it."""
+    reference, in x's layout; a NaN in x stays NaN through the ReLU (max.NaN), as torch's relu keeps it. The 264-channel
+    case takes the weight as weight_operands makes it, with its centre ranges (the fused GEMMs' centre variant)."""
+    from collections import OrderedDict  # noqa: PLC0415
+
     from gm.nn import color_groups  # noqa: PLC0415
     from gm.ops import _masked_conv_cuda as c  # noqa: PLC0415
+    from gm.ops import masked_conv as mc  # noqa: PLC0415
     from gm.ops.masked_conv import pack_plan, pack_weight  # noqa: PLC0415
     from gm.reference import masked_conv2d as conv_ref  # noqa: PLC0415
 
+    monkeypatch.setattr(mc, "_PLANS", OrderedDict())
     dtype = _precision(precision, monkeypatch)
     n, cin, cout, height, width, kh, kw, mask, grouped, has_bias = case
     torch.manual_seed(5)
@@ -1208,6 +1311,9 @@ def test_masked_conv2d_relu_fusions(gemm, case, channels_last, precision, monkey
     dx_ref, dw_ref = torch.autograd.grad(y_ref, (xr, wr), gy.double())
     packed, taps = pack_weight(w, mask, gi, go)
     plan = pack_plan(w.shape, mask, gi, go, w.device)
+    if cin > 128:
+        packed = c.weight_operands(w, plan, fresh=True)
+        assert packed.centre.forward and packed.centre.input_grad
     y = c.forward(x, packed, b, taps, relu_in=True, residual=r)
     assert y.is_contiguous(memory_format=fmt)
     _check("y", y, y_ref + r.double(), dtype)

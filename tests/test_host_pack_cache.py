@@ -127,8 +127,8 @@ def test_conv_operands_are_the_padded_packed_weight(emu, shape, mask, grouped):
     for _ in range(2):
         ops = C.weight_operands(w, plan, fresh=False)
         packed, _ = pack_weight(w, mask, gi, go)
-        assert torch.equal(ops.forward, C._forward_operand(packed))
-        assert torch.equal(ops.input_grad, C._input_grad_operand(packed))
+        assert torch.equal(ops.forward, C._forward_operand(packed)[0])
+        assert torch.equal(ops.input_grad, C._input_grad_operand(packed)[0])
         with torch.no_grad():
             w.mul_(-3)
 

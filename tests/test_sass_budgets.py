@@ -38,14 +38,19 @@ def _loops(source: str, kernel: str) -> list[tuple[int, int, dict]]:
 # outermost loop (a scan step, items included), "mufu" the shortest loop with MUFU (the minibatch pair loop), "shfl"
 # the shortest with MUFU and SHFL (the minibatch pair walk's group of j).
 BUDGETS = [
-    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0E", "mma32",
-     175),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0ELb0E",
+     "mma32", 175),
+    # the colour layers' variant (centre ranges, session 16): 159 at first, the centre chunks' offset costing ~12
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0ELb1E",
+     "mma32", 175),
     ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_wgrad_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb0E", "mma32",
      295),
     # the fused (ReLU, conv) variants (gm.nn.relu_conv): 16 HMNMX2 a k-step on the A fragments, 193 at first; the
     # weight gradient's also carries the bias gradient's column sums (a branch taken by one block in T x C_in/128): 312
-    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1E", "mma32",
-     215),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1ELb0E",
+     "mma32", 215),
+    ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_gemm_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1ELb1E",
+     "mma32", 225),
     ("csrc/masked_conv/masked_conv_cuda.cu", "masked_conv_wgrad_kernelI13__nv_bfloat16LNS_9PrecisionE0ELb1E", "mma32",
      340),
     ("csrc/diagonal_lstm/diagonal_lstm_cuda.cu", "diagonal_lstm_fwd_tcI13__nv_bfloat16", "longest", 2600),

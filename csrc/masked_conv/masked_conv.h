@@ -39,14 +39,18 @@ void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_pad
 // zeroes out where gate <= 0, then residual (the same, or 0) is added.
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
                     int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
-                    std::uintptr_t stream, bool relu_a = false, std::uintptr_t gate = 0, std::uintptr_t residual = 0);
+                    std::uintptr_t stream, bool relu_a = false, std::uintptr_t gate = 0, std::uintptr_t residual = 0,
+                    std::uintptr_t centre = 0);
+// centre (int32 pairs, or 0): per 128-channel tile of n_out, the range [lo, hi) of the k_channels that the last kept
+// tap (the centre) connects under the colour groups; the GEMM reduces the centre over those alone.
 
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
                       std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
-                      bool relu_x = false, std::uintptr_t db_partial = 0);
+                      bool relu_x = false, std::uintptr_t db_partial = 0, std::uintptr_t centre = 0);
 // relu_x: the weight gradient of conv(relu(x)); db_partial ((splits, c_out) float32, or 0): the bias gradient's
-// partial sums of each split (the pixel sums of grad), for cuda_wgrad_unpack.
+// partial sums of each split (the pixel sums of grad), for cuda_wgrad_unpack. centre: cuda_conv_gemm's forward table
+// (per 128-channel tile of c_out, the c_in range of the centre); centre-tap tiles outside it get zeros unsummed.
 
 // dw (C_out, C_in, kk) in dtype = sum over splits of partial (splits, taps, C_in, C_out) float32 at tap_at[pos]
 // (int32, -1: masked position: zero), times keep (uint8 (taps, C_in, C_out), 0 = forbidden) unless keep is 0.

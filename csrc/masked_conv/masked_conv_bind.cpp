@@ -51,22 +51,25 @@ GM_REGISTER_BINDINGS(m) {
   m.def("masked_conv_gemm_cuda",
         [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
            int k_channels, int n_out, const gm::masked_conv::TapTable& taps, int dtype, int precision,
-           std::uintptr_t stream, bool out_nhwc, bool relu_a, std::uintptr_t gate, std::uintptr_t residual) {
+           std::uintptr_t stream, bool out_nhwc, bool relu_a, std::uintptr_t gate, std::uintptr_t residual,
+           std::uintptr_t centre) {
           gm::masked_conv::cuda_conv_gemm(a, b, bias, out, n, h, w, k_channels, n_out, out_nhwc, taps, dtype,
-                                          precision, stream, relu_a, gate, residual);
+                                          precision, stream, relu_a, gate, residual, centre);
         },
         "masked_conv2d forward / input gradient (implicit GEMM): a (N,H,W,Kp) NHWC, b (T,n_out,Kp), out (N,n_out,H,W) "
-        "NCHW, or (N,H,W,n_out) NHWC (channels-last) when out_nhwc; relu_a: relu(a); gate, residual: 0 or pointers",
+        "NCHW, or (N,H,W,n_out) NHWC (channels-last) when out_nhwc; relu_a: relu(a); gate, residual: 0 or pointers; "
+        "centre: 0 or int32 (lo, hi) per 128-channel tile of n_out, the channels the centre tap connects",
         py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("out"), py::arg("n"), py::arg("h"), py::arg("w"),
         py::arg("k_channels"), py::arg("n_out"), py::arg("taps"), py::arg("dtype"), py::arg("precision"),
-        py::arg("stream"), py::arg("out_nhwc"), py::arg("relu_a"), py::arg("gate"), py::arg("residual"));
+        py::arg("stream"), py::arg("out_nhwc"), py::arg("relu_a"), py::arg("gate"), py::arg("residual"),
+        py::arg("centre"));
   m.def("masked_conv_wgrad_cuda", &gm::masked_conv::cuda_weight_grad,
         "masked_conv2d packed weight gradient partial sums (splits, T, C_in, C_out) float32; db_partial: 0 or the "
-        "bias gradient's (splits, C_out) float32 partial sums",
+        "bias gradient's (splits, C_out) float32 partial sums; centre: 0 or the forward's centre table",
         py::arg("x"), py::arg("grad"), py::arg("partial"), py::arg("n"), py::arg("h"), py::arg("w"),
         py::arg("c_in_padded"), py::arg("c_out_padded"), py::arg("c_in"), py::arg("c_out"), py::arg("taps"),
         py::arg("pixels_per_split"), py::arg("splits"), py::arg("dtype"), py::arg("precision"), py::arg("stream"),
-        py::arg("relu_x"), py::arg("db_partial"));
+        py::arg("relu_x"), py::arg("db_partial"), py::arg("centre"));
   m.def("masked_conv_wgrad_unpack_cuda", &gm::masked_conv::cuda_wgrad_unpack,
         "masked_conv2d weight gradient (C_out, C_in, kh*kw) from the split partial sums: sum, scatter, zero masked taps, "
         "cast",

@@ -71,6 +71,10 @@ struct ConvGemmArgs {
   bool relu_a;
   const void* gate;
   const void* residual;
+  // The centre tap's reduction-channel range per 128-channel tile of n_out ((lo, hi): channels lo..hi-1 hold every
+  // pair the colour groups connect there), or null: the whole range. The centre is the last kept tap, so a block
+  // runs its chunks lo/32..ceil(hi/32) (bf16) alone and the forbidden-pair zeros outside them are never multiplied.
+  const int2* centre;
 };
 
 // The fused layers' epilogue on one output element at offset `at` of out (bias already added).
@@ -81,6 +85,14 @@ __device__ __forceinline__ float fuse_epilogue(const ConvGemmArgs& args, float v
     if (args.residual != nullptr) v += to_float(static_cast<const T*>(args.residual)[at]);
   }
   return v;
+}
+
+// The centre tap's range (lo, hi) of reduction channels as the stage chunks that hold it, [kc_lo, kc_hi) with
+// kc_hi >= kc_lo (an empty range: no chunk).
+__device__ __forceinline__ void centre_chunks(int2 range, int elem, int& kc_lo, int& kc_hi) {
+  kc_lo = range.x * elem / kKBytes;
+  kc_hi = (range.y * elem + kKBytes - 1) / kKBytes;
+  if (kc_hi < kc_lo) kc_hi = kc_lo;
 }
 
 constexpr int kGemmRow = kKBytes + 16;
@@ -200,7 +212,9 @@ __device__ __forceinline__ void store_nhwc(const ConvGemmArgs& args, const float
   }
 }
 
-template <typename T, Precision P, bool kFused>
+// kCentre: args.centre is set (its variant: the centre's chunk offset costs the main loop 5 instructions a stage of
+// ~150, sm_90 SASS, which layers without colour groups need not pay).
+template <typename T, Precision P, bool kFused, bool kCentre>
 __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBlocks)
     masked_conv_gemm_kernel(const ConvGemmArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -239,7 +253,12 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
     b_row[r] = args.b + static_cast<std::int64_t>(o_ok[r] ? n0 + row0 + 64 * r : 0) * args.k_bytes + chunk * 16;
   }
   const int n_kc = (args.k_bytes + kKBytes - 1) / kKBytes;
-  const int k_iters = args.taps.count * n_kc;
+  // The centre tap's chunks kc_lo..kc_hi-1 (all of them without a range table) follow the other taps' n_kc each.
+  const int k_centre = (args.taps.count - 1) * n_kc;
+  int kc_lo = 0, kc_hi = n_kc;
+  if constexpr (kCentre) centre_chunks(args.centre[n0 / kBN], static_cast<int>(sizeof(T)), kc_lo, kc_hi);
+  const int k_iters = k_centre + kc_hi - kc_lo;
+  const int centre_skip = kc_lo * kKBytes;  // bytes
   // kiter / n_kc = (kiter * magic) >> 32, exact while kiter * n_kc < 2^32: kiter < 49 taps x n_kc and n_kc < 8192
   // (the launcher's limit).
   const std::uint64_t magic = 0xffffffffull / static_cast<std::uint64_t>(n_kc) + 1;  // 2^32 for n_kc = 1
@@ -248,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
 
   auto load_stage = [&](int stage, int kiter) {
     const int t = static_cast<int>((static_cast<std::uint64_t>(kiter) * magic) >> 32);
-    const int c_byte = (kiter - t * n_kc) * kKBytes;
+    const int c_byte = (kiter - t * n_kc) * kKBytes + (kCentre && kiter >= k_centre ? centre_skip : 0);
     const bool c_ok = c_byte + chunk * 16 < args.k_bytes;
     const int2 off = s_taps[t];
     const std::int64_t a_off = static_cast<std::int64_t>(off.x * args.w + off.y) * args.k_bytes + c_byte;
@@ -317,6 +336,9 @@ struct WgradArgs {
   // over its split's pixels (the bias gradient's partial sums; cuda_wgrad_unpack adds the splits).
   bool relu_x;
   float* db_partial;
+  // The forward's centre table (ConvGemmArgs::centre: per 128-channel tile of c_out, the c_in range the centre
+  // connects), or null: a centre-tap block whose c_in tile lies outside its range computes nothing (writes zeros).
+  const int2* centre;
 };
 
 template <typename T>
@@ -361,8 +383,13 @@ __global__ void __launch_bounds__(kThreads, P == Precision::kTf32x3 ? 1 : kMinBl
   const std::int64_t p_total = static_cast<std::int64_t>(args.n) * hw_size;
   const std::int64_t p_begin = blockIdx.z * args.pixels_per_split;
   const std::int64_t p_end = p_begin + args.pixels_per_split < p_total ? p_begin + args.pixels_per_split : p_total;
-  const int k_iters = p_begin < p_end ? static_cast<int>((p_end - p_begin + S::kRows - 1) / S::kRows) : 0;
   const int2 off = s_taps[t];
+  bool tile_on = p_begin < p_end;
+  if (args.centre != nullptr && t == args.taps.count - 1 && !(kFused && args.db_partial != nullptr && blockIdx.x == 0)) {
+    const int2 r = args.centre[blockIdx.y];  // (not the bias gradient's block: its sums need every pixel)
+    tile_on = tile_on && c0 < r.y && r.x < c0 + kBM;
+  }
+  const int k_iters = tile_on ? static_cast<int>((p_end - p_begin + S::kRows - 1) / S::kRows) : 0;
 
   int row[2], col_byte[2];
   bool cx_ok[2], cg_ok[2];
@@ -531,12 +558,12 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------------------------
 // Host side: dtype/precision dispatch and launch.
 
-template <typename T, Precision P, bool kFused>
+template <typename T, Precision P, bool kFused, bool kCentre>
 void launch_gemm(const ConvGemmArgs& args, cudaStream_t stream) {
   const std::int64_t m_tiles = (static_cast<std::int64_t>(args.n) * args.h * args.w + kBM - 1) / kBM;
   const std::int64_t blocks = m_tiles * ((args.n_out + kBN - 1) / kBN);
   if (blocks > 0x7fffffff) throw std::invalid_argument("masked_conv2d (cuda): problem too large for one launch");
-  auto kernel = masked_conv_gemm_kernel<T, P, kFused>;
+  auto kernel = masked_conv_gemm_kernel<T, P, kFused, kCentre>;
   set_max_dynamic_smem(kernel, kGemmSmem);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kGemmSmem, stream>>>(args);
   GM_CUDA_CHECK_LAUNCH();
@@ -574,10 +601,11 @@ void dispatch(int dtype, int precision, Args&&... args) {
 template <typename T, Precision P>
 struct GemmLauncher {
   static void run(const ConvGemmArgs& args, cudaStream_t stream) {
-    if (args.relu_a || args.gate != nullptr || args.residual != nullptr)
-      launch_gemm<T, P, true>(args, stream);
+    const bool fused = args.relu_a || args.gate != nullptr || args.residual != nullptr;
+    if (args.centre != nullptr)
+      fused ? launch_gemm<T, P, true, true>(args, stream) : launch_gemm<T, P, false, true>(args, stream);
     else
-      launch_gemm<T, P, false>(args, stream);
+      fused ? launch_gemm<T, P, true, false>(args, stream) : launch_gemm<T, P, false, false>(args, stream);
   }
 };
 template <typename T, Precision P>
@@ -615,7 +643,8 @@ void cuda_to_nhwc(std::uintptr_t in, std::uintptr_t out, int n, int c, int c_pad
 
 void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std::uintptr_t out, int n, int h, int w,
                     int k_channels, int n_out, bool out_nhwc, const TapTable& taps, int dtype, int precision,
-                    std::uintptr_t stream, bool relu_a, std::uintptr_t gate, std::uintptr_t residual) {
+                    std::uintptr_t stream, bool relu_a, std::uintptr_t gate, std::uintptr_t residual,
+                    std::uintptr_t centre) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((k_channels * elem) % 16 != 0)
@@ -625,20 +654,21 @@ void cuda_conv_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, std
                                 " input channels exceed the kernels' limit (512 KB a pixel): use the triton backend");
   ConvGemmArgs args{ptr<const char>(a), ptr<const char>(b), ptr<const void>(bias), ptr<void>(out), n, h, w,
                     k_channels * elem, n_out, out_nhwc, taps, relu_a, ptr<const void>(gate),
-                    ptr<const void>(residual)};
+                    ptr<const void>(residual), ptr<const int2>(centre)};
   dispatch<GemmLauncher>(dtype, precision, args, to_stream(stream));
 }
 
 void cuda_weight_grad(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t partial, int n, int h, int w,
                       int c_in_padded, int c_out_padded, int c_in, int c_out, const TapTable& taps,
                       std::int64_t pixels_per_split, int splits, int dtype, int precision, std::uintptr_t stream,
-                      bool relu_x, std::uintptr_t db_partial) {
+                      bool relu_x, std::uintptr_t db_partial, std::uintptr_t centre) {
   check_taps(taps);
   const int elem = to_dtype(dtype) == DType::f32 ? 4 : 2;
   if ((c_in_padded * elem) % 16 != 0 || (c_out_padded * elem) % 16 != 0)
     throw std::invalid_argument("masked_conv2d (cuda): padded channel counts must fill 16-byte chunks");
   WgradArgs args{ptr<const char>(x), ptr<const char>(grad), ptr<float>(partial), n, h, w, c_in_padded * elem,
-                 c_out_padded * elem, c_in, c_out, pixels_per_split, taps, relu_x, ptr<float>(db_partial)};
+                 c_out_padded * elem, c_in, c_out, pixels_per_split, taps, relu_x, ptr<float>(db_partial),
+                 ptr<const int2>(centre)};
   dispatch<WgradLauncher>(dtype, precision, args, splits, to_stream(stream));
 }
 

@@ -67,10 +67,12 @@ def _tap_table(module, taps: tuple, mirrored: bool):
 
 class Operands(NamedTuple):
     """A packed weight (T, C_in, C_out) in the layouts the GEMM reads, the channels it sums over zero-padded to a
-    multiple of 8: forward (T, C_out, C_in padded), input gradient (T, C_in, C_out padded)."""
+    multiple of 8: forward (T, C_out, C_in padded), input gradient (T, C_in, C_out padded). centre: the plan's
+    CentreTable (None: every centre pair connected, or no centre tap)."""
 
     forward: torch.Tensor
     input_grad: torch.Tensor | None
+    centre: CentreTable | None = None
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -82,16 +84,76 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _forward_operand(packed: torch.Tensor | Operands) -> torch.Tensor:
+def _forward_operand(packed: torch.Tensor | Operands) -> tuple[torch.Tensor, int]:
+    """(the forward GEMM's B operand, the address of its centre ranges (CentreTable) or 0)."""
     if isinstance(packed, Operands):
-        return packed.forward
-    return _pad_last(packed.transpose(1, 2), _padded(packed.shape[1]))
+        centre = packed.centre
+        return packed.forward, centre.table.data_ptr() if centre is not None and centre.forward else 0
+    return _pad_last(packed.transpose(1, 2), _padded(packed.shape[1])), 0
 
 
-def _input_grad_operand(packed: torch.Tensor | Operands) -> torch.Tensor:
+def _input_grad_operand(packed: torch.Tensor | Operands) -> tuple[torch.Tensor, int]:
+    """(the input gradient's B operand, the address of its centre ranges (the table's rows past the forward's) or 0)."""
     if isinstance(packed, Operands):
-        return packed.input_grad
-    return _pad_last(packed, _padded(packed.shape[2]))
+        centre = packed.centre
+        if centre is None or not centre.input_grad:
+            return packed.input_grad, 0
+        return packed.input_grad, centre.table.data_ptr() + 8 * -(-packed.forward.shape[1] // _TILE)
+    return _pad_last(packed, _padded(packed.shape[2])), 0
+
+
+class CentreTable(NamedTuple):
+    """The GEMMs' centre ranges (csrc masked_conv.h: ConvGemmArgs::centre) for one plan: `table` int32 (lo, hi) rows
+    on the plan's device, first per 128-channel tile of C_out (the C_in range the centre connects: the forward and
+    the weight gradient's centre tiles), then per tile of C_in (the C_out range: the input gradient); an empty range
+    is (rows, 0). forward / input_grad: whether that GEMM takes the table (its variant's main loop costs ~8% more
+    instructions a stage, so it pays only where the ranges skip more than _CENTRE_MIN_SKIP of the GEMM's products).
+    The weight gradient always takes it (its test is outside the main loop)."""
+
+    table: torch.Tensor
+    forward: bool
+    input_grad: bool
+
+
+_CENTRE_MIN_SKIP = 0.1
+
+
+def centre_table(plan) -> CentreTable | None:
+    """The plan's CentreTable, built on its first use; None where every centre pair is connected (plan.keep None)
+    or while the stream is capturing a CUDA graph before it was built. The centre is the last kept tap; its forbidden
+    colour pairs are zeros of the packed weight, and a GEMM tile whose output channels connect only a range of the
+    reduction channels there sums the centre over that range alone (a 1x1 mask-B layer of 3 colour groups: ~1/4 of
+    its products). Built on the host from the plan's centre mask: one device-to-host copy per plan, never during
+    graph capture (the table only saves work: without it the results are the same)."""
+    if plan.keep is None:
+        return None
+    if plan.centre_table is None:
+        if plan.keep.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        allowed = plan.keep[-1].cpu()  # (C_in, C_out)
+        taps = plan.keep.shape[0]
+        fwd, fwd_skip = _tile_ranges(allowed, taps)
+        dx, dx_skip = _tile_ranges(allowed.t(), taps)
+        table = torch.cat((fwd, dx)).to(torch.int32).to(plan.keep.device)
+        plan.centre_table = CentreTable(table, fwd_skip > _CENTRE_MIN_SKIP, dx_skip > _CENTRE_MIN_SKIP)
+    return plan.centre_table
+
+
+def _tile_ranges(allowed: torch.Tensor, taps: int) -> tuple[torch.Tensor, float]:
+    """allowed (R, C) bool -> ((tiles of C, 2) [first, last + 1) of the rows any column of the tile connects, the
+    fraction of a GEMM's products over `taps` taps x R rows that the ranges skip)."""
+    rows, cols = allowed.shape
+    tiles = -(-cols // _TILE)
+    padded = allowed.new_zeros(rows, tiles * _TILE)
+    padded[:, :cols] = allowed
+    hit = padded.view(rows, tiles, _TILE).any(2)  # (R, tiles)
+    at = torch.arange(rows)[:, None]
+    lo = torch.where(hit, at, rows).amin(0)
+    hi = torch.where(hit, at + 1, 0).amax(0)
+    width = torch.full((tiles,), _TILE)
+    width[-1] = cols - (tiles - 1) * _TILE
+    skipped = ((rows - (hi - lo).clamp(min=0)) * width).sum().item()
+    return torch.stack((lo, hi), 1), skipped / (taps * rows * cols)
 
 
 def _operand_index(plan, weight_shape) -> torch.Tensor:
@@ -121,11 +183,12 @@ def weight_operands(weight: torch.Tensor, plan, *, fresh: bool, input_grad: bool
         sizes = (t * cout * _padded(cin), t * cin * _padded(cout))
         idx = _operand_index(plan, weight.shape)
         cin_p, cout_p = _padded(cin), _padded(cout)
+        centre = centre_table(plan)
         if parts == 1:
-            return Operands(gather(weight, idx[: sizes[0]]).view(t, cout, cin_p), None)
+            return Operands(gather(weight, idx[: sizes[0]]).view(t, cout, cin_p), None, centre)
         both = gather(weight, idx)  # as_strided: a third of the host time of split() and two views
         return Operands(both.as_strided((t, cout, cin_p), (cout * cin_p, cin_p, 1)),
-                        both.as_strided((t, cin, cout_p), (cin * cout_p, cout_p, 1), sizes[0]))  # fmt: skip
+                        both.as_strided((t, cin, cout_p), (cin * cout_p, cout_p, 1), sizes[0]), centre)  # fmt: skip
 
     if not input_grad:
         with torch.no_grad():
@@ -172,14 +235,16 @@ def _fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y
 
 
-def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps, mirrored: bool, precision: int,
-               stream: int, a_nhwc=None, relu_a: bool = False, gate=None, residual=None):  # fmt: skip
-    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, b (T, n_out, C padded) in
-    the kernel layout (Operands); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc). out is
+def _conv_gemm(a: torch.Tensor, operand: tuple[torch.Tensor, int], bias: torch.Tensor | None, taps, mirrored: bool,
+               precision: int, stream: int, a_nhwc=None, relu_a: bool = False, gate=None, residual=None):  # fmt: skip
+    """out (N, n_out, H, W) = sum_t a[p + tap_t] @ b[t]^T with a (N, C, H, W) any layout, operand (b, centre): b
+    (T, n_out, C padded) in the kernel layout (Operands), centre its centre table's address or 0 (_forward_operand,
+    _input_grad_operand); taps mirrored: negated. a_nhwc: a already in the kernel layout (_nhwc). out is
     channels-last where a is (is_channels_last), else NCHW-contiguous: the kernel writes either directly. The fused
     (ReLU, conv) layers (gm.nn.relu_conv): relu_a convolves relu(a); gate (out's shape) zeroes out where gate <= 0,
     then residual (out's shape) is added."""
     n, c, h, w = a.shape
+    b, centre = operand
     n_out = b.shape[1]
     fmt = format_of(a)
     out = torch.empty(n, n_out, h, w, dtype=a.dtype, device=a.device, memory_format=fmt)
@@ -202,7 +267,7 @@ def _conv_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, taps
         a_nhwc.data_ptr(), b.data_ptr(), bias_c.data_ptr() if bias_c is not None else 0, out.data_ptr(),
         n, h, w, cp, n_out, _tap_table(lib, taps, mirrored), dtype_code(a), precision, stream,
         fmt == torch.channels_last, relu_a, gate.data_ptr() if gate is not None else 0,
-        residual.data_ptr() if residual is not None else 0,
+        residual.data_ptr() if residual is not None else 0, centre,
     )  # fmt: skip
     return out
 
@@ -237,6 +302,7 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     lib.masked_conv_wgrad_cuda(
         x_nhwc.data_ptr(), grad_nhwc.data_ptr(), partial_ptr, n, h, w, cin_p, cout_p, cin, cout,
         _tap_table(lib, taps, False), per_split, splits, dtype_code(x), precision, stream, relu_x, db_partial_ptr,
+        centre.table.data_ptr() if (centre := centre_table(plan)) is not None else 0,
     )  # fmt: skip
     keep = plan.keep
     lib.masked_conv_wgrad_unpack_cuda(

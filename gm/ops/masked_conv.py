@@ -80,6 +80,8 @@ class PackPlan:
     operand_index: torch.Tensor | None = None
     # triton path: the same for the Triton kernels' unpadded operands (_triton_operands)
     triton_index: torch.Tensor | None = None
+    # cuda path: the centre tap's channel ranges per GEMM tile (gm.ops._masked_conv_cuda.centre_table), on first use
+    centre_table: object = None
 
 
 _PLANS: OrderedDict = OrderedDict()

@@ -66,6 +66,28 @@ def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, gro
         assert_rel(g, r, dtype, f"{backend} {name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("cin", "cout", "kh", "mask"), [(264, 264, 1, "B"), (396, 396, 1, "A"), (258, 1026, 1, "B"),
+                                                          (264, 264, 3, "B")], ids=str)  # fmt: skip
+def test_gpu_cuda_centre_ranges(dtype, cin, cout, kh, mask, monkeypatch):
+    """Colour layers over several 128-channel tiles, where the cuda GEMMs reduce the centre tap over part of its
+    channels (gm.ops._masked_conv_cuda.centre_table; the 1x1s: PixelCNN's head and the emulator's cases) and the
+    weight gradient leaves out centre tiles: every output and gradient against the float64 reference."""
+    if DEVICE.type != "cuda" or "cuda" not in BACKENDS:
+        pytest.skip("needs the cuda backend")
+    gi, go = _groups("rgb", cin, cout)
+    x, wt, b = _inputs(2, cin, cout, 9, 10, kh, kh, dtype)
+    gy = torch.randn(2, cout, 9, 10, device=DEVICE, dtype=dtype)
+    ref = _ref_and_grads(x, wt, b, mask, gi, go, gy)
+    poison_empty(monkeypatch)
+    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend="cuda")
+    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
+    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref, strict=True):
+        assert_rel(g, r, dtype, f"cuda {name}")
+    assert (got[2][ref[2] == 0] == 0).all(), "forbidden centre pairs must get exactly zero"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_taps_get_exactly_zero_weight_grad(backend):
     cin, cout = 6, 6
