@@ -278,6 +278,7 @@ def _extras() -> list[tuple[str, object]]:
     iaf_step, both scan directions, h0/c0): (label, thunk running forward and backward)."""
     import gm.ops as ops  # noqa: PLC0415
     from gm.kernels._layout import sum_splits  # noqa: PLC0415
+    from gm.nn import color_groups  # noqa: PLC0415
     from gm.nn.made import made_masks  # noqa: PLC0415
 
     def grads(out):
@@ -297,6 +298,10 @@ def _extras() -> list[tuple[str, object]]:
                 mask="A", backend="triton"))),
             ("masked_conv2d 3x3 B", lambda: grads(ops.masked_conv2d(
                 leaf(n, c, size, size, dtype=dtype), leaf(c, c, 3, 3, dtype=dtype, scale=0.1), mask="B",
+                backend="triton"))),
+            ("masked_conv2d 1x1 B colours", lambda: grads(ops.masked_conv2d(  # the CENTRE variants
+                leaf(n, 3 * c, size, size, dtype=dtype), leaf(3 * c, 3 * c, 1, 1, dtype=dtype, scale=0.1),
+                leaf(3 * c, dtype=dtype), mask="B", in_groups=color_groups(3 * c, 3), out_groups=color_groups(3 * c, 3),
                 backend="triton"))),
             ("row_lstm h0 c0", lambda: grads(ops.row_lstm(
                 leaf(n, 4 * hid, size, size, dtype=dtype), leaf(4 * hid, hid, 3, dtype=dtype, scale=0.1),

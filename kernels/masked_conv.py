@@ -75,6 +75,7 @@ def masked_conv_fwd_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     RELU_IN: tl.constexpr = False, GATE: tl.constexpr = False, RES: tl.constexpr = False,
+    centre_ptr=None, CENTRE: tl.constexpr = False,
 ):  # fmt: skip
     # Fusions for a residual block of ReLU -> conv layers (constexprs, off by default): RELU_IN applies ReLU to x as
     # the A tile is loaded (conv(relu(x))); GATE zeroes the output where gate (at the output's offsets) is not
@@ -86,6 +87,9 @@ def masked_conv_fwd_kernel(
     # channel block advance as loop-carried counters, not a division per k-step. Offsets in int32 unless WIDE (the
     # launcher's choice for tensors of 2**31 elements). sm_90 SASS per warp and k-step (7x7 A, C=256, bf16,
     # 128x128x64 tiles): 211 instructions before (int64 per-row bases, strided offsets, i // n_kc), see bench/NOTES.md.
+    # CENTRE (colour groups): centre_ptr holds, per output channel, the range [lo, hi) of reduction channels that the
+    # centre tap (the last kept tap) connects; the program reduces the centre over its channels' joint range alone, so
+    # the forbidden colour pairs' zeros (about a quarter of a 1x1 mask-B layer's products) are not multiplied.
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
     pid_m = pid // num_n  # consecutive programs share the input tile
@@ -104,7 +108,16 @@ def masked_conv_fwd_kernel(
     n_kc = tl.cdiv(CIN, BLOCK_K)
     t = 0
     c0 = 0
-    for _ in range(0, T * n_kc):
+    steps = T * n_kc
+    if CENTRE:
+        lo = tl.min(tl.load(centre_ptr + 2 * o, mask=o_ok, other=CIN), axis=0)
+        hi = tl.max(tl.load(centre_ptr + 2 * o + 1, mask=o_ok, other=0), axis=0)
+        kc_lo = lo // BLOCK_K
+        kc_hi = tl.maximum(tl.cdiv(hi, BLOCK_K), kc_lo)
+        c_centre = kc_lo * BLOCK_K
+        steps = (T - 1) * n_kc + kc_hi - kc_lo
+        c0 = tl.where(T == 1, c_centre, 0)
+    for _ in range(0, steps):
         dy, dx = _tap_offset(t, KH, KW, FLIP)
         c = c0 + k
         c_ok = c < CIN
@@ -119,7 +132,10 @@ def masked_conv_fwd_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         wrap = c0 + BLOCK_K >= CIN
         t = tl.where(wrap, t + 1, t)
-        c0 = tl.where(wrap, 0, c0 + BLOCK_K)
+        if CENTRE:
+            c0 = tl.where(wrap, tl.where(t == T - 1, c_centre, 0), c0 + BLOCK_K)
+        else:
+            c0 = tl.where(wrap, 0, c0 + BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
     n = m // (H * W)
@@ -139,7 +155,7 @@ def masked_conv_wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-    RELU_IN: tl.constexpr = False, HAS_DB: tl.constexpr = False,
+    RELU_IN: tl.constexpr = False, HAS_DB: tl.constexpr = False, centre_ptr=None, CENTRE: tl.constexpr = False,
 ):  # fmt: skip
     # RELU_IN: the gradient of conv(relu(x)), ReLU applied to x as its tile is loaded (off by default). HAS_DB: the
     # programs of the first tap and channel block also sum the grad tiles they load over the pixels, the bias
@@ -165,6 +181,14 @@ def masked_conv_wgrad_kernel(
     pixels_per_split = tl.cdiv(tl.cdiv(total, tl.num_programs(2)), BLOCK_P) * BLOCK_P
     start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, total)
+    if CENTRE:  # the forward's ranges: a centre-tap tile whose C_in block lies outside its C_out block's range is zero
+        lo = tl.min(tl.load(centre_ptr + 2 * o, mask=o_ok, other=CIN), axis=0)
+        hi = tl.max(tl.load(centre_ptr + 2 * o + 1, mask=o_ok, other=0), axis=0)
+        c_first = (pid_tc % num_c) * BLOCK_C
+        outside = (t == T - 1) & ((c_first >= hi) | (c_first + BLOCK_C <= lo))
+        if HAS_DB:
+            outside = outside & (pid_tc != 0)  # the bias gradient's programs sum every pixel
+        end = tl.where(outside, start, end)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
     db = tl.zeros((BLOCK_O,), dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
@@ -273,10 +297,13 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"the triton backend takes float16/bfloat16/float32/float64, got {t.dtype}")
 
 
-def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=False, gate=None, residual=None):
+def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=False, gate=None, residual=None,
+                   centre=None):  # fmt: skip
     """y (N, C_out, H, W) = conv of x over the taps of `packed` (T, C_in, C_out), in `memory_format` (default x's,
     gm._memory_format): the kernel writes through y's strides. The residual block's fusions: relu_in convolves
-    relu(x); gate (y's shape) zeroes y where gate is not positive, then residual (y's shape) is added."""
+    relu(x); gate (y's shape) zeroes y where gate is not positive, then residual (y's shape) is added. centre: None,
+    or int32 (C_out, 2) on x's device: per output channel, the [lo, hi) of C_in that the last tap (the centre)
+    connects (gm.ops.masked_conv.centre_ranges)."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     t, _, cout = packed.shape
@@ -308,23 +335,26 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=Fa
         KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=not int32_offsets(x, y),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         RELU_IN=relu_in, GATE=gate is not None, RES=residual is not None,
+        centre_ptr=centre if centre is not None else packed, CENTRE=centre is not None,
         **_FWD_META,
     )  # fmt: skip
     return y
 
 
-def forward(x, packed, bias, kh, kw, taps, relu_in=False, residual=None):
-    """y = conv(relu(x) if relu_in else x) + bias (+ residual), in x's memory format."""
-    return _implicit_gemm(x, packed, bias, kh, kw, flip=False, relu_in=relu_in, residual=residual)
+def forward(x, packed, bias, kh, kw, taps, relu_in=False, residual=None, centre=None):
+    """y = conv(relu(x) if relu_in else x) + bias (+ residual), in x's memory format. centre: the forward's centre
+    ranges (C_out, 2) or None (_implicit_gemm)."""
+    return _implicit_gemm(x, packed, bias, kh, kw, flip=False, relu_in=relu_in, residual=residual, centre=centre)
 
 
-def input_grad(grad, operand, kh, kw, taps, memory_format=None, gate=None, residual=None):
+def input_grad(grad, operand, kh, kw, taps, memory_format=None, gate=None, residual=None, centre=None):
     """dx (N, C_in, H, W) in `memory_format` (default grad's) for the input-gradient operand (T, C_out, C_in): the
     packed weight with its channel dims swapped (gm.ops.masked_conv._triton_operands), contiguous. gate: the
     convolution's input before its ReLU (forward(relu_in=True)): dx is zero where gate is not positive; residual:
-    added to dx (the gradient of a residual connection to the same input)."""
+    added to dx (the gradient of a residual connection to the same input). centre: the input gradient's centre
+    ranges (C_in, 2: per input channel, the C_out range the centre connects) or None."""
     return _implicit_gemm(grad, operand, None, kh, kw, flip=True, memory_format=memory_format, gate=gate,
-                          residual=residual)  # fmt: skip
+                          residual=residual, centre=centre)  # fmt: skip
 
 
 def _num_splits(tiles: int, pixels: int, block_p: int, element_size: int) -> int:
@@ -346,13 +376,14 @@ def _most_splits(t: int, cin: int, cout: int, pixels: int, elem: int, slots: int
     return max(_num_splits(_wgrad_tiles(t, cin, cout, c), pixels, c["BLOCK_P"], elem) for c in _WGRAD_BLOCKS)
 
 
-def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False, bias_grad=False):
+def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=False, bias_grad=False, centre=None):
     """Weight gradient (C_out, C_in, kh, kw) in out_dtype, exactly zero at masked taps: the packed (T, C_in, C_out)
     GEMM over pixels in float32 (float64 for float64) partial sums, then one unpack pass (the split sum, the scatter
     and the cast). positions: (kh*kw,) int32, the packed tap of each kernel position or -1; keep: None or
     (T, C_in, C_out) bool, False at the centre tap's forbidden channel pairs. relu_in: the weight gradient of
     conv(relu(x)). bias_grad: returns (dw, db), the bias gradient (C_out,) in out_dtype summed by the same kernels
-    (the pixel sum of grad)."""
+    (the pixel sum of grad). centre: the forward's centre ranges (C_out, 2) or None: centre-tap tiles outside them
+    skip their pixel loop (their zeros are what the unpack's keep makes of them anyway)."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     cout = grad.shape[1]
@@ -383,6 +414,7 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=Fa
         n, h, w, cin, cout, t,
         KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True), RELU_IN=relu_in, HAS_DB=bias_grad,
+        centre_ptr=centre if centre is not None else positions, CENTRE=centre is not None,
         **_WGRAD_META,
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)

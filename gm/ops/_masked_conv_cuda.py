@@ -123,37 +123,38 @@ def centre_table(plan) -> CentreTable | None:
     or while the stream is capturing a CUDA graph before it was built. The centre is the last kept tap; its forbidden
     colour pairs are zeros of the packed weight, and a GEMM tile whose output channels connect only a range of the
     reduction channels there sums the centre over that range alone (a 1x1 mask-B layer of 3 colour groups: ~1/4 of
-    its products). Built on the host from the plan's centre mask: one device-to-host copy per plan, never during
-    graph capture (the table only saves work: without it the results are the same)."""
+    its products). Reduced on the host from the per-channel ranges (gm.ops.masked_conv.centre_ranges, the Triton
+    kernels' form): one device-to-host copy per plan, never during graph capture (the table only saves work: without
+    it the results are the same)."""
     if plan.keep is None:
         return None
     if plan.centre_table is None:
         if plan.keep.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        allowed = plan.keep[-1].cpu()  # (C_in, C_out)
-        taps = plan.keep.shape[0]
-        fwd, fwd_skip = _tile_ranges(allowed, taps)
-        dx, dx_skip = _tile_ranges(allowed.t(), taps)
-        table = torch.cat((fwd, dx)).to(torch.int32).to(plan.keep.device)
+        from gm.ops.masked_conv import centre_ranges  # noqa: PLC0415
+
+        per_channel = centre_ranges(plan).cpu()  # (C_out + C_in, 2)
+        taps, cin, cout = plan.keep.shape
+        fwd, fwd_skip = _tile_ranges(per_channel[:cout], cin, taps)
+        dx, dx_skip = _tile_ranges(per_channel[cout:], cout, taps)
+        table = torch.cat((fwd, dx)).to(plan.keep.device)
         plan.centre_table = CentreTable(table, fwd_skip > _CENTRE_MIN_SKIP, dx_skip > _CENTRE_MIN_SKIP)
     return plan.centre_table
 
 
-def _tile_ranges(allowed: torch.Tensor, taps: int) -> tuple[torch.Tensor, float]:
-    """allowed (R, C) bool -> ((tiles of C, 2) [first, last + 1) of the rows any column of the tile connects, the
-    fraction of a GEMM's products over `taps` taps x R rows that the ranges skip)."""
-    rows, cols = allowed.shape
+def _tile_ranges(per_channel: torch.Tensor, rows: int, taps: int) -> tuple[torch.Tensor, float]:
+    """per_channel (C, 2) int32 [lo, hi) of the `rows` reduction channels each GEMM output channel connects at the
+    centre -> ((tiles of C, 2) the union's span per 128-channel tile, the fraction of the GEMM's products over `taps`
+    taps that the spans skip)."""
+    cols = per_channel.shape[0]
     tiles = -(-cols // _TILE)
-    padded = allowed.new_zeros(rows, tiles * _TILE)
-    padded[:, :cols] = allowed
-    hit = padded.view(rows, tiles, _TILE).any(2)  # (R, tiles)
-    at = torch.arange(rows)[:, None]
-    lo = torch.where(hit, at, rows).amin(0)
-    hi = torch.where(hit, at + 1, 0).amax(0)
+    padded = torch.cat((per_channel, per_channel.new_tensor([[rows, 0]]).expand(tiles * _TILE - cols, 2)))
+    lo = padded[:, 0].view(tiles, _TILE).amin(1)
+    hi = padded[:, 1].view(tiles, _TILE).amax(1)
     width = torch.full((tiles,), _TILE)
     width[-1] = cols - (tiles - 1) * _TILE
     skipped = ((rows - (hi - lo).clamp(min=0)) * width).sum().item()
-    return torch.stack((lo, hi), 1), skipped / (taps * rows * cols)
+    return torch.stack((lo, hi), 1).to(torch.int32), skipped / (taps * rows * cols)
 
 
 def _operand_index(plan, weight_shape) -> torch.Tensor:

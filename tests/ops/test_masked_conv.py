@@ -66,6 +66,47 @@ def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, gro
         assert_rel(g, r, dtype, f"{backend} {name}")
 
 
+# Colour layers wider than the interpreter's 16-channel blocks, where the Triton kernels reduce the centre tap over the
+# channel range each block connects (gm.ops.masked_conv.centre_ranges) and the weight gradient leaves out centre
+# tiles outside it: 1x1 mask B (the first block's range ends at channel 16, the input gradient's last starts at 32),
+# 1x1 mask A (blocks that connect nothing: the bias alone), 3x3 (taps before the centre), random orders (ranges over
+# non-contiguous groups), a ragged 40 -> 56.
+CENTRE_SHAPES = [
+    pytest.param(48, 48, 1, "B", "rgb", id="1x1B-rgb-48"),
+    pytest.param(48, 48, 1, "A", "rgb", id="1x1A-rgb-48"),
+    pytest.param(48, 48, 3, "B", "rgb", id="3x3B-rgb-48"),
+    pytest.param(40, 56, 3, "A", "rand", id="3x3A-random-40to56"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("cin", "cout", "kh", "mask", "groups"), CENTRE_SHAPES)
+def test_centre_ranges(backend, cin, cout, kh, mask, groups, monkeypatch):
+    torch.manual_seed(7)
+    dtype = DTYPES[0]
+    gi, go = _groups(groups, cin, cout)
+    x, wt, b = _inputs(2, cin, cout, 4, 5, kh, kh, dtype)
+    gy = torch.randn(2, cout, 4, 5, device=DEVICE, dtype=dtype)
+    ref = _ref_and_grads(x, wt, b, mask, gi, go, gy)
+    poison_empty(monkeypatch)
+    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend=backend)
+    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
+    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref, strict=True):
+        assert_rel(g, r, dtype, f"{backend} {name}")
+    assert (got[2][ref[2] == 0] == 0).all(), "forbidden centre pairs must get exactly zero"
+
+
+def test_centre_ranges_table():
+    """centre_ranges' rows for 1x1 mask A over 6 -> 6 channels in colour groups of 2: output o sees inputs of earlier
+    colours (rows 0..5), input c reaches outputs of later colours (rows 6..11); (6, 0) where there are none."""
+    from gm.ops.masked_conv import centre_ranges, pack_plan  # noqa: PLC0415
+
+    plan = pack_plan((6, 6, 1, 1), "A", color_groups(6, 3), color_groups(6, 3), "cpu")
+    assert centre_ranges(plan).tolist() == [[6, 0], [6, 0], [0, 2], [0, 2], [0, 4], [0, 4],
+                                            [2, 6], [2, 6], [4, 6], [4, 6], [6, 0], [6, 0]]  # fmt: skip
+    assert centre_ranges(pack_plan((6, 6, 3, 3), "B", None, None, "cpu")) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("cin", "cout", "kh", "mask"), [(264, 264, 1, "B"), (396, 396, 1, "A"), (258, 1026, 1, "B"),
