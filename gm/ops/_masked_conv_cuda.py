@@ -126,14 +126,14 @@ def centre_table(plan) -> CentreTable | None:
     its products). Reduced on the host from the per-channel ranges (gm.ops.masked_conv.centre_ranges, the Triton
     kernels' form): one device-to-host copy per plan, never during graph capture (the table only saves work: without
     it the results are the same)."""
-    if plan.keep is None:
+    from gm.ops import masked_conv  # noqa: PLC0415
+
+    if plan.keep is None or not masked_conv.CENTRE_RANGES:
         return None
     if plan.centre_table is None:
         if plan.keep.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        from gm.ops.masked_conv import centre_ranges  # noqa: PLC0415
-
-        per_channel = centre_ranges(plan).cpu()  # (C_out + C_in, 2)
+        per_channel = masked_conv.centre_ranges(plan).cpu()  # (C_out + C_in, 2)
         taps, cin, cout = plan.keep.shape
         fwd, fwd_skip = _tile_ranges(per_channel[:cout], cin, taps)
         dx, dx_skip = _tile_ranges(per_channel[cout:], cout, taps)

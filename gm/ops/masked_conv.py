@@ -257,6 +257,11 @@ def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input
     return _ext.packed(weight, ("masked_conv_triton", id(plan)), lambda: (plan, pack(2)), fresh=fresh)[1]
 
 
+# The kernels' centre ranges on (cuda and triton); False: every centre chunk is reduced, as before session 16 (a
+# switch for the GPU run that first executes them: if their GPU tests fail, set it while the kernels are fixed).
+CENTRE_RANGES = True
+
+
 def centre_ranges(plan: PackPlan) -> torch.Tensor | None:
     """The Triton kernels' centre ranges: int32 (C_out + C_in, 2) on the plan's device, built once per plan without a
     device sync; None where every centre pair is connected (plan.keep None). Rows 0..C_out-1: for output channel o,
@@ -264,7 +269,7 @@ def centre_ranges(plan: PackPlan) -> torch.Tensor | None:
     channel c, the output channels it reaches there (the input gradient's). An empty range is (rows, 0). A program
     reduces the centre over its channels' joint range alone (the cuda kernels' per-tile table:
     gm.ops._masked_conv_cuda.centre_table)."""
-    if plan.keep is None:
+    if plan.keep is None or not CENTRE_RANGES:
         return None
     if plan.centre_ranges is None:
         allowed = plan.keep[-1]  # (C_in, C_out)

@@ -107,6 +107,23 @@ def test_centre_ranges_table():
     assert centre_ranges(pack_plan((6, 6, 3, 3), "B", None, None, "cpu")) is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centre_ranges_switch(backend, monkeypatch):
+    """gm.ops.masked_conv.CENTRE_RANGES = False (the switch for a GPU failure): no ranges, the same results as with
+    them (every centre chunk reduced)."""
+    from gm.ops import masked_conv as mc  # noqa: PLC0415
+
+    cin = cout = 48
+    gi, go = _groups("rgb", cin, cout)
+    x, wt, b = _inputs(1, cin, cout, 3, 4, 1, 1, DTYPES[0])
+    with_ranges = gm.ops.masked_conv2d(x, wt, b, mask="B", in_groups=gi, out_groups=go, backend=backend)
+    monkeypatch.setattr(mc, "CENTRE_RANGES", False)
+    monkeypatch.setattr(mc, "_PLANS", type(mc._PLANS)())
+    assert mc.centre_ranges(mc.pack_plan(wt.shape, "B", gi, go, wt.device)) is None
+    without = gm.ops.masked_conv2d(x, wt, b, mask="B", in_groups=gi, out_groups=go, backend=backend)
+    assert_rel(with_ranges, without, DTYPES[0], f"{backend} y")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("cin", "cout", "kh", "mask"), [(264, 264, 1, "B"), (396, 396, 1, "A"), (258, 1026, 1, "B"),
