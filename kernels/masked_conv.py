@@ -68,14 +68,14 @@ def _tap_offset(t, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
 
 @triton.jit
 def masked_conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, gate_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, gate_ptr, centre_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
     syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     RELU_IN: tl.constexpr = False, GATE: tl.constexpr = False, RES: tl.constexpr = False,
-    centre_ptr=None, CENTRE: tl.constexpr = False,
+    CENTRE: tl.constexpr = False,
 ):  # fmt: skip
     # Fusions for a residual block of ReLU -> conv layers (constexprs, off by default): RELU_IN applies ReLU to x as
     # the A tile is loaded (conv(relu(x))); GATE zeroes the output where gate (at the output's offsets) is not
@@ -150,12 +150,12 @@ def masked_conv_fwd_kernel(
 
 @triton.jit
 def masked_conv_wgrad_kernel(
-    x_ptr, g_ptr, dw_ptr, db_ptr,
+    x_ptr, g_ptr, dw_ptr, db_ptr, centre_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
     KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-    RELU_IN: tl.constexpr = False, HAS_DB: tl.constexpr = False, centre_ptr=None, CENTRE: tl.constexpr = False,
+    RELU_IN: tl.constexpr = False, HAS_DB: tl.constexpr = False, CENTRE: tl.constexpr = False,
 ):  # fmt: skip
     # RELU_IN: the gradient of conv(relu(x)), ReLU applied to x as its tile is loaded (off by default). HAS_DB: the
     # programs of the first tap and channel block also sum the grad tiles they load over the pixels, the bias
@@ -330,12 +330,13 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=Fa
     fast(_fwd)[grid](
         x, packed, bias if bias is not None else packed, y,
         residual if residual is not None else y, gate if gate is not None else y,
+        centre if centre is not None else packed,  # positional: the fast launch caches no tensor keyword
         n, h, w, cin, cout, t,
         *y.stride(),
         KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, WIDE=not int32_offsets(x, y),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True),
         RELU_IN=relu_in, GATE=gate is not None, RES=residual is not None,
-        centre_ptr=centre if centre is not None else packed, CENTRE=centre is not None,
+        CENTRE=centre is not None,
         **_FWD_META,
     )  # fmt: skip
     return y
@@ -410,11 +411,11 @@ def weight_grad(x, grad, t, kh, kw, taps, positions, keep, out_dtype, relu_in=Fa
         return (t * cdiv(cin, meta["BLOCK_C"]), cdiv(cout, meta["BLOCK_O"]), splits)
 
     fast(_wgrad)[grid](
-        x, grad, partial, db_partial,
+        x, grad, partial, db_partial, centre if centre is not None else positions,
         n, h, w, cin, cout, t,
         KH=kh, KW=kw, WIDE=not int32_offsets(x, grad),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, conv=True), RELU_IN=relu_in, HAS_DB=bias_grad,
-        centre_ptr=centre if centre is not None else positions, CENTRE=centre is not None,
+        CENTRE=centre is not None,
         **_WGRAD_META,
     )  # fmt: skip
     dw = torch.empty(cout, cin, kh, kw, dtype=out_dtype, device=x.device)

@@ -114,11 +114,14 @@ def _ops():
     b = torch.randn(8, dtype=torch.bfloat16)
     gates = torch.randn(2, 16, 5, 6)
     mask = made_masks(6, 16, 2)[1]
+    rgb = torch.arange(3).repeat_interleave(2)  # gm.nn.color_groups(6, 3)
     block = ResidualBlock(4, 1, t)  # gm.nn.relu_conv's fused node: ReLU on load, its derivative and the residual
     return [
         ("masked_conv2d", fb(lambda x, w, b: ops.masked_conv2d(x, w, b, mask="B", backend=t), x, w, b)),
         ("masked_conv2d channels_last", fb(lambda x, w: ops.masked_conv2d(x, w, mask="A", backend=t),
                                            x.to(memory_format=torch.channels_last), w)),
+        ("masked_conv2d colours", fb(lambda x, w: ops.masked_conv2d(  # the centre ranges' CENTRE variants
+            x, w, mask="B", in_groups=rgb, out_groups=rgb, backend=t), x[:, :6], w[:6, :6, :1, :1].contiguous())),
         ("row_lstm", fb(lambda g, ws: ops.row_lstm(g, ws, backend=t), gates, torch.randn(16, 4, 3))),
         ("diagonal_lstm", fb(lambda g, ws: ops.diagonal_lstm(g, ws, backend=t), gates, torch.randn(16, 4, 2))),
         ("minibatch", fb(lambda m: ops.minibatch_discrimination(m, backend=t), torch.randn(9, 4, 3))),
@@ -227,14 +230,14 @@ def main() -> int:
 
 
 def _timing(launch) -> dict:
-    """Host microseconds per launch of masked_conv's forward kernel (20 arguments), Triton's path against the fast
+    """Host microseconds per launch of masked_conv's forward kernel (21 arguments), Triton's path against the fast
     one, the launcher stubbed (so this is the Python above the C launcher, plus a Python call for the stub)."""
     import triton.language as tl  # noqa: PLC0415
     from gm.kernels import masked_conv as k  # noqa: PLC0415
 
     x = torch.empty(2, 8, 6, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     packed = torch.empty(5, 8, 8, dtype=torch.bfloat16)
-    args = (x, packed, packed, x, x, x, 2, 6, 5, 8, 8, 5, *x.stride())
+    args = (x, packed, packed, x, x, x, packed, 2, 6, 5, 8, 8, 5, *x.stride())
     kw = dict(KH=3, KW=3, FLIP=False, HAS_BIAS=True, WIDE=False, ACC=tl.float32, PRECISION="ieee",
               BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)  # fmt: skip
     out = {}
