@@ -126,9 +126,11 @@ def centre_table(plan) -> CentreTable | None:
     its products). Reduced on the host from the per-channel ranges (gm.ops.masked_conv.centre_ranges, the Triton
     kernels' form): one device-to-host copy per plan, never during graph capture (the table only saves work: without
     it the results are the same)."""
+    if plan.keep is None:  # no colour groups: the common case, first
+        return None
     from gm.ops import masked_conv  # noqa: PLC0415
 
-    if plan.keep is None or not masked_conv.CENTRE_RANGES:
+    if not masked_conv.CENTRE_RANGES:
         return None
     if plan.centre_table is None:
         if plan.keep.is_cuda and torch.cuda.is_current_stream_capturing():
