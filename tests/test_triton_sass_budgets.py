@@ -36,10 +36,10 @@ part = torch.empty(4, T, C, C)
 cfg = dict(num_warps=8, num_stages=3, grid=(1,), warmup=True)
 common = dict(KH=7, KW=7, WIDE=False, ACC=tl.float32, PRECISION="ieee")
 fwd = k.masked_conv_fwd_kernel.run(
-    x, packed, packed, x, x, x, N, HW, HW, C, C, T, *x.stride(), FLIP=False, HAS_BIAS=True,
+    x, packed, packed, x, x, x, packed, N, HW, HW, C, C, T, *x.stride(), FLIP=False, HAS_BIAS=True,
     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **common, **cfg)
 wgrad = k.masked_conv_wgrad_kernel.run(
-    x, x, part, part, N, HW, HW, C, C, T, BLOCK_C=128, BLOCK_O=128, BLOCK_P=64, **common, **cfg)
+    x, x, part, part, part, N, HW, HW, C, C, T, BLOCK_C=128, BLOCK_O=128, BLOCK_P=64, **common, **cfg)
 from gm.kernels import row_lstm as r
 
 # The PixelRNN scans' weight gradient (N=32, h=64, 32x32, bf16): the Row LSTM's 3 taps from float32 states, the
