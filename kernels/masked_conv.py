@@ -67,6 +67,15 @@ def _tap_offset(t, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _centre_span(centre_ptr, o, o_ok, ROWS):
+    """The union [lo, hi) of the centre ranges (gm.ops.masked_conv.CentreRanges rows) of channels o; lo >= hi when
+    none of them connects anything at the centre."""
+    lo = tl.min(tl.load(centre_ptr + 2 * o, mask=o_ok, other=ROWS), axis=0)
+    hi = tl.max(tl.load(centre_ptr + 2 * o + 1, mask=o_ok, other=0), axis=0)
+    return lo, hi
+
+
+@triton.jit
 def masked_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, gate_ptr, centre_ptr,
     N, H: tl.constexpr, W: tl.constexpr, CIN, COUT, T,
@@ -110,8 +119,7 @@ def masked_conv_fwd_kernel(
     c0 = 0
     steps = T * n_kc
     if CENTRE:
-        lo = tl.min(tl.load(centre_ptr + 2 * o, mask=o_ok, other=CIN), axis=0)
-        hi = tl.max(tl.load(centre_ptr + 2 * o + 1, mask=o_ok, other=0), axis=0)
+        lo, hi = _centre_span(centre_ptr, o, o_ok, CIN)
         kc_lo = lo // BLOCK_K
         kc_hi = tl.maximum(tl.cdiv(hi, BLOCK_K), kc_lo)
         c_centre = kc_lo * BLOCK_K
@@ -182,8 +190,7 @@ def masked_conv_wgrad_kernel(
     start = split * pixels_per_split
     end = tl.minimum(start + pixels_per_split, total)
     if CENTRE:  # the forward's ranges: a centre-tap tile whose C_in block lies outside its C_out block's range is zero
-        lo = tl.min(tl.load(centre_ptr + 2 * o, mask=o_ok, other=CIN), axis=0)
-        hi = tl.max(tl.load(centre_ptr + 2 * o + 1, mask=o_ok, other=0), axis=0)
+        lo, hi = _centre_span(centre_ptr, o, o_ok, CIN)
         c_first = (pid_tc % num_c) * BLOCK_C
         outside = (t == T - 1) & ((c_first >= hi) | (c_first + BLOCK_C <= lo))
         if HAS_DB:
@@ -303,7 +310,7 @@ def _implicit_gemm(x, packed, bias, kh, kw, flip, memory_format=None, relu_in=Fa
     gm._memory_format): the kernel writes through y's strides. The residual block's fusions: relu_in convolves
     relu(x); gate (y's shape) zeroes y where gate is not positive, then residual (y's shape) is added. centre: None,
     or int32 (C_out, 2) on x's device: per output channel, the [lo, hi) of C_in that the last tap (the centre)
-    connects (gm.ops.masked_conv.centre_ranges)."""
+    connects (gm.ops.masked_conv.CentreRanges)."""
     _check_dtype(x)
     n, cin, h, w = x.shape
     t, _, cout = packed.shape

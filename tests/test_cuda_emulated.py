@@ -938,15 +938,17 @@ def test_masked_conv2d_centre_ranges(gemm, shape, dtype, monkeypatch):
     plan = pack_plan((cout, cin, kh, kw), mask, color_groups(cin, 3), color_groups(cout, 3), "cpu")
     monkeypatch.setattr(c, "_CENTRE_MIN_SKIP", 0.1)  # the shipped threshold, on the plan's first table
     centre = c.centre_table(plan)
-    # rows: C_out tiles (the C_in range), then C_in tiles (the C_out range); the 1x1 layers' ranges skip 16-18% (B) and
-    # over half (A) of their GEMMs' products, the 3x3's a fifth of that: its GEMMs keep the plain variant
+    # rows per C_out tile (the C_in range) and per C_in tile (the C_out range); the 1x1 layers' ranges skip 16-18% (B)
+    # and over half (A) of their GEMMs' products, the 3x3's a fifth of that: its GEMMs keep the plain variant
     if (cin, mask) == (264, "B"):
-        assert centre.table.tolist() == [[0, 176], [0, 264], [0, 264], [0, 264], [88, 264], [176, 264]]
-        assert (centre.forward, centre.input_grad) == ((True, True) if kh == 1 else (False, False))
+        fwd, dx = [[0, 176], [0, 264], [0, 264]], [[0, 264], [88, 264], [176, 264]]
     else:
-        assert centre.table.tolist() == [[396, 0], [0, 132], [0, 264], [0, 264], [132, 396], [132, 396], [264, 396],
-                                         [396, 0]]  # fmt: skip
-        assert centre.forward and centre.input_grad
+        fwd, dx = [[396, 0], [0, 132], [0, 264], [0, 264]], [[132, 396], [132, 396], [264, 396], [396, 0]]
+    assert centre.weight_grad.tolist() == fwd
+    taken = kh == 1
+    assert (centre.forward is not None, centre.input_grad is not None) == (taken, taken)
+    if taken:
+        assert centre.forward.tolist() == fwd and centre.input_grad.tolist() == dx
 
 
 # masked_conv2d's output in its input's memory format (gm._memory_format): channels-last x or grad gives a channels-last
@@ -1313,7 +1315,7 @@ def test_masked_conv2d_relu_fusions(gemm, case, channels_last, precision, monkey
     plan = pack_plan(w.shape, mask, gi, go, w.device)
     if cin > 128:
         packed = c.weight_operands(w, plan, fresh=True)
-        assert packed.centre.forward and packed.centre.input_grad
+        assert packed.centre.forward is not None and packed.centre.input_grad is not None
     y = c.forward(x, packed, b, taps, relu_in=True, residual=r)
     assert y.is_contiguous(memory_format=fmt)
     _check("y", y, y_ref + r.double(), dtype)

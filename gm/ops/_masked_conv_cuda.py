@@ -87,32 +87,30 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 def _forward_operand(packed: torch.Tensor | Operands) -> tuple[torch.Tensor, int]:
     """(the forward GEMM's B operand, the address of its centre ranges (CentreTable) or 0)."""
     if isinstance(packed, Operands):
-        centre = packed.centre
-        return packed.forward, centre.table.data_ptr() if centre is not None and centre.forward else 0
+        rows = packed.centre.forward if packed.centre is not None else None
+        return packed.forward, rows.data_ptr() if rows is not None else 0
     return _pad_last(packed.transpose(1, 2), _padded(packed.shape[1])), 0
 
 
 def _input_grad_operand(packed: torch.Tensor | Operands) -> tuple[torch.Tensor, int]:
-    """(the input gradient's B operand, the address of its centre ranges (the table's rows past the forward's) or 0)."""
+    """(the input gradient's B operand, the address of its centre ranges (CentreTable) or 0)."""
     if isinstance(packed, Operands):
-        centre = packed.centre
-        if centre is None or not centre.input_grad:
-            return packed.input_grad, 0
-        return packed.input_grad, centre.table.data_ptr() + 8 * -(-packed.forward.shape[1] // _TILE)
+        rows = packed.centre.input_grad if packed.centre is not None else None
+        return packed.input_grad, rows.data_ptr() if rows is not None else 0
     return _pad_last(packed, _padded(packed.shape[2])), 0
 
 
 class CentreTable(NamedTuple):
-    """The GEMMs' centre ranges (csrc masked_conv.h: ConvGemmArgs::centre) for one plan: `table` int32 (lo, hi) rows
-    on the plan's device, first per 128-channel tile of C_out (the C_in range the centre connects: the forward and
-    the weight gradient's centre tiles), then per tile of C_in (the C_out range: the input gradient); an empty range
-    is (rows, 0). forward / input_grad: whether that GEMM takes the table (its variant's main loop costs ~8% more
-    instructions a stage, so it pays only where the ranges skip more than _CENTRE_MIN_SKIP of the GEMM's products).
-    The weight gradient always takes it (its test is outside the main loop)."""
+    """The GEMMs' centre ranges (csrc masked_conv.h: ConvGemmArgs::centre) for one plan, int32 (lo, hi) rows on the
+    plan's device (an empty range: (rows, 0)): weight_grad, per 128-channel tile of C_out, the C_in range the centre
+    connects (the weight gradient's centre tiles outside it are skipped); forward, the same rows where the forward GEMM
+    takes them, else None; input_grad, per tile of C_in the C_out range, where the input gradient takes them, else
+    None. A GEMM takes its rows only where they skip more than _CENTRE_MIN_SKIP of its products (its variant's main
+    loop costs ~8% more instructions a stage); the weight gradient's test is outside its main loop."""
 
-    table: torch.Tensor
-    forward: bool
-    input_grad: bool
+    forward: torch.Tensor | None
+    input_grad: torch.Tensor | None
+    weight_grad: torch.Tensor
 
 
 _CENTRE_MIN_SKIP = 0.1
@@ -135,12 +133,13 @@ def centre_table(plan) -> CentreTable | None:
     if plan.centre_table is None:
         if plan.keep.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        per_channel = masked_conv.centre_ranges(plan).cpu()  # (C_out + C_in, 2)
+        ranges = masked_conv.centre_ranges(plan)
         taps, cin, cout = plan.keep.shape
-        fwd, fwd_skip = _tile_ranges(per_channel[:cout], cin, taps)
-        dx, dx_skip = _tile_ranges(per_channel[cout:], cout, taps)
-        table = torch.cat((fwd, dx)).to(plan.keep.device)
-        plan.centre_table = CentreTable(table, fwd_skip > _CENTRE_MIN_SKIP, dx_skip > _CENTRE_MIN_SKIP)
+        fwd, fwd_skip = _tile_ranges(ranges.forward.cpu(), cin, taps)
+        dx, dx_skip = _tile_ranges(ranges.input_grad.cpu(), cout, taps)
+        fwd, dx = fwd.to(plan.keep.device), dx.to(plan.keep.device)
+        plan.centre_table = CentreTable(fwd if fwd_skip > _CENTRE_MIN_SKIP else None,
+                                        dx if dx_skip > _CENTRE_MIN_SKIP else None, fwd)  # fmt: skip
     return plan.centre_table
 
 
@@ -305,7 +304,7 @@ def _weight_grad(x, grad, taps, plan, weight_shape, out_dtype, precision: int, s
     lib.masked_conv_wgrad_cuda(
         x_nhwc.data_ptr(), grad_nhwc.data_ptr(), partial_ptr, n, h, w, cin_p, cout_p, cin, cout,
         _tap_table(lib, taps, False), per_split, splits, dtype_code(x), precision, stream, relu_x, db_partial_ptr,
-        centre.table.data_ptr() if (centre := centre_table(plan)) is not None else 0,
+        centre.weight_grad.data_ptr() if (centre := centre_table(plan)) is not None else 0,
     )  # fmt: skip
     keep = plan.keep
     lib.masked_conv_wgrad_unpack_cuda(

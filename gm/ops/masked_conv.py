@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,8 @@ class PackPlan:
     operand_index: torch.Tensor | None = None
     # triton path: the same for the Triton kernels' unpadded operands (_triton_operands)
     triton_index: torch.Tensor | None = None
-    # triton path: the centre tap's channel ranges per channel (centre_ranges), built on first use
-    centre_ranges: torch.Tensor | None = None
+    # both fast paths: the centre tap's channel ranges per channel (centre_ranges), built on first use
+    centre_ranges: CentreRanges | None = None
     # cuda path: the centre tap's channel ranges per GEMM tile (gm.ops._masked_conv_cuda.centre_table), on first use
     centre_table: object = None
 
@@ -262,18 +263,24 @@ def _triton_operands(weight: torch.Tensor, plan: PackPlan, *, fresh: bool, input
 CENTRE_RANGES = True
 
 
-def centre_ranges(plan: PackPlan) -> torch.Tensor | None:
-    """The Triton kernels' centre ranges: int32 (C_out + C_in, 2) on the plan's device, built once per plan without a
-    device sync; None where every centre pair is connected (plan.keep None). Rows 0..C_out-1: for output channel o,
-    [lo, hi) spanning the input channels the centre tap (the last kept tap) connects to o; rows C_out..: for input
-    channel c, the output channels it reaches there (the input gradient's). An empty range is (rows, 0). A program
-    reduces the centre over its channels' joint range alone (the cuda kernels' per-tile table:
-    gm.ops._masked_conv_cuda.centre_table)."""
+class CentreRanges(NamedTuple):
+    """Where the centre tap (the last kept tap) connects channels, as int32 [lo, hi) rows (an empty range: (rows, 0)):
+    forward (C_out, 2), for output channel o the span of the input channels connected to o (the forward's and the
+    weight gradient's); input_grad (C_in, 2), for input channel c the span of the output channels it reaches."""
+
+    forward: torch.Tensor
+    input_grad: torch.Tensor
+
+
+def centre_ranges(plan: PackPlan) -> CentreRanges | None:
+    """The plan's CentreRanges on its device, built once per plan without a device sync; None where every centre pair
+    is connected (plan.keep None) or CENTRE_RANGES is off. A Triton program reduces the centre over its channels'
+    joint range alone; the cuda kernels take these reduced per 128-channel tile (gm.ops._masked_conv_cuda.centre_table)."""
     if plan.keep is None or not CENTRE_RANGES:
         return None
     if plan.centre_ranges is None:
         allowed = plan.keep[-1]  # (C_in, C_out)
-        plan.centre_ranges = torch.cat((_first_last(allowed), _first_last(allowed.t()))).to(torch.int32).contiguous()
+        plan.centre_ranges = CentreRanges(_first_last(allowed), _first_last(allowed.t()))
     return plan.centre_ranges
 
 
@@ -281,7 +288,8 @@ def _first_last(allowed: torch.Tensor) -> torch.Tensor:
     """allowed (R, C) bool -> (C, 2): [first, last + 1) of the rows set in each column, (R, 0) where none is."""
     rows = allowed.shape[0]
     at = torch.arange(rows, device=allowed.device)[:, None]
-    return torch.stack((torch.where(allowed, at, rows).amin(0), torch.where(allowed, at + 1, 0).amax(0)), 1)
+    first_last = torch.stack((torch.where(allowed, at, rows).amin(0), torch.where(allowed, at + 1, 0).amax(0)), 1)
+    return first_last.to(torch.int32).contiguous()
 
 
 # Every backend's backward returns (dx, dw, db), each None where not asked for; bias_grad asks for db (on triton
@@ -300,7 +308,7 @@ def _triton_forward(x, weight, bias, mask, in_groups, out_groups, *, relu_in=Fal
     operand, _ = _triton_operands(weight, plan, fresh=True, input_grad=backward)
     centre = centre_ranges(plan)
     return k.forward(x, operand, bias, weight.shape[2], weight.shape[3], plan.taps, relu_in=relu_in, residual=residual,
-                     centre=centre[: weight.shape[0]] if centre is not None else None)  # fmt: skip
+                     centre=centre.forward if centre is not None else None)  # fmt: skip
 
 
 def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_w, *, relu_in=False, residual=None,
@@ -313,17 +321,16 @@ def _triton_backward(grad, x, weight, mask, in_groups, out_groups, need_x, need_
     # read and write of grad). The input gradient is written in x's memory format, as the forward writes y.
     grad = channels_last(grad)
     centre = centre_ranges(plan)
-    cout = weight.shape[0]
     dx = dw = db = None
     if need_x:
         _, operand = _triton_operands(weight, plan, fresh=False)  # the forward's, unless weight changed since
         dx = k.input_grad(grad, operand, weight.shape[2], weight.shape[3], plan.taps, format_of(x),
                           gate=x if relu_in else None, residual=residual,
-                          centre=centre[cout:] if centre is not None else None)  # fmt: skip
+                          centre=centre.input_grad if centre is not None else None)  # fmt: skip
     if need_w:
         dw = k.weight_grad(x, grad, len(plan.taps), weight.shape[2], weight.shape[3], plan.taps, plan.positions,
                            plan.keep, weight.dtype, relu_in=relu_in, bias_grad=bias_grad,
-                           centre=centre[:cout] if centre is not None else None)  # fmt: skip
+                           centre=centre.forward if centre is not None else None)  # fmt: skip
         dw, db = dw if bias_grad else (dw, None)
     elif bias_grad:
         db = grad.sum(dim=(0, 2, 3))

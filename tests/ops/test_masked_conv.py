@@ -50,10 +50,8 @@ def _ref_and_grads(x, wt, b, mask, gi, go, gy):
     return (y, *torch.autograd.grad(y, (xd, wd, bd), gy.double()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("n", "cin", "cout", "h", "w", "kh", "kw", "mask", "groups"), SHAPES)
-def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, groups, monkeypatch):
+def _check_against_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, groups, monkeypatch):
+    """y and every gradient of `backend` against the float64 reference (outputs NaN-poisoned); (got, ref)."""
     gi, go = _groups(groups, cin, cout)
     x, wt, b = _inputs(n, cin, cout, h, w, kh, kw, dtype)
     gy = torch.randn(n, cout, h, w, device=DEVICE, dtype=dtype)
@@ -61,9 +59,17 @@ def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, gro
     poison_empty(monkeypatch)
     y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend=backend)
     got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
-    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref):
+    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref, strict=True):
         assert g.dtype == dtype
         assert_rel(g, r, dtype, f"{backend} {name}")
+    return got, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "cin", "cout", "h", "w", "kh", "kw", "mask", "groups"), SHAPES)
+def test_matches_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, groups, monkeypatch):
+    _check_against_reference(backend, dtype, n, cin, cout, h, w, kh, kw, mask, groups, monkeypatch)
 
 
 # Colour layers wider than the interpreter's 16-channel blocks, where the Triton kernels reduce the centre tap over the
@@ -83,27 +89,18 @@ CENTRE_SHAPES = [
 @pytest.mark.parametrize(("cin", "cout", "kh", "mask", "groups"), CENTRE_SHAPES)
 def test_centre_ranges(backend, cin, cout, kh, mask, groups, monkeypatch):
     torch.manual_seed(7)
-    dtype = DTYPES[0]
-    gi, go = _groups(groups, cin, cout)
-    x, wt, b = _inputs(2, cin, cout, 4, 5, kh, kh, dtype)
-    gy = torch.randn(2, cout, 4, 5, device=DEVICE, dtype=dtype)
-    ref = _ref_and_grads(x, wt, b, mask, gi, go, gy)
-    poison_empty(monkeypatch)
-    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend=backend)
-    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
-    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref, strict=True):
-        assert_rel(g, r, dtype, f"{backend} {name}")
+    got, ref = _check_against_reference(backend, DTYPES[0], 2, cin, cout, 4, 5, kh, kh, mask, groups, monkeypatch)
     assert (got[2][ref[2] == 0] == 0).all(), "forbidden centre pairs must get exactly zero"
 
 
 def test_centre_ranges_table():
     """centre_ranges' rows for 1x1 mask A over 6 -> 6 channels in colour groups of 2: output o sees inputs of earlier
-    colours (rows 0..5), input c reaches outputs of later colours (rows 6..11); (6, 0) where there are none."""
+    colours (forward), input c reaches outputs of later colours (input_grad); (6, 0) where there are none."""
     from gm.ops.masked_conv import centre_ranges, pack_plan  # noqa: PLC0415
 
-    plan = pack_plan((6, 6, 1, 1), "A", color_groups(6, 3), color_groups(6, 3), "cpu")
-    assert centre_ranges(plan).tolist() == [[6, 0], [6, 0], [0, 2], [0, 2], [0, 4], [0, 4],
-                                            [2, 6], [2, 6], [4, 6], [4, 6], [6, 0], [6, 0]]  # fmt: skip
+    ranges = centre_ranges(pack_plan((6, 6, 1, 1), "A", color_groups(6, 3), color_groups(6, 3), "cpu"))
+    assert ranges.forward.tolist() == [[6, 0], [6, 0], [0, 2], [0, 2], [0, 4], [0, 4]]
+    assert ranges.input_grad.tolist() == [[2, 6], [2, 6], [4, 6], [4, 6], [6, 0], [6, 0]]
     assert centre_ranges(pack_plan((6, 6, 3, 3), "B", None, None, "cpu")) is None
 
 
@@ -134,15 +131,7 @@ def test_gpu_cuda_centre_ranges(dtype, cin, cout, kh, mask, monkeypatch):
     weight gradient leaves out centre tiles: every output and gradient against the float64 reference."""
     if DEVICE.type != "cuda" or "cuda" not in BACKENDS:
         pytest.skip("needs the cuda backend")
-    gi, go = _groups("rgb", cin, cout)
-    x, wt, b = _inputs(2, cin, cout, 9, 10, kh, kh, dtype)
-    gy = torch.randn(2, cout, 9, 10, device=DEVICE, dtype=dtype)
-    ref = _ref_and_grads(x, wt, b, mask, gi, go, gy)
-    poison_empty(monkeypatch)
-    y = gm.ops.masked_conv2d(x, wt, b, mask=mask, in_groups=gi, out_groups=go, backend="cuda")
-    got = (y, *torch.autograd.grad(y, (x, wt, b), gy))
-    for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref, strict=True):
-        assert_rel(g, r, dtype, f"cuda {name}")
+    got, ref = _check_against_reference("cuda", dtype, 2, cin, cout, 9, 10, kh, kh, mask, "rgb", monkeypatch)
     assert (got[2][ref[2] == 0] == 0).all(), "forbidden centre pairs must get exactly zero"
 
 
