@@ -157,13 +157,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     fixed = getattr(model, "size", None)  # the VAE and the GANs decode one image size
     if args.size is not None and fixed is not None and args.size != fixed:
         return _fail(f"--size {args.size}: this model makes {fixed}x{fixed} images (leave --size out)")
+    pixel_model = hasattr(model, "layers_at")  # PixelCNN, Row LSTM, Diagonal BiLSTM
+    if args.method is not None and not pixel_model:
+        return _fail(f"--method {args.method}: only the PixelCNN and PixelRNN models sample pixel by pixel")
     if getattr(model, "kind", None) == "gan":
         from gm import gan_training  # noqa: PLC0415
 
         png = gan_training.sample_png(model, args.n, args.seed, dev)
     else:
         size = args.size or fixed or (28 if model.channels == 1 else 32)
-        png = training.sample_png(model, args.n, (model.channels, size, size), args.seed, dev)
+        extra = {"method": args.method} if args.method is not None else {}
+        png = training.sample_png(model, args.n, (model.channels, size, size), args.seed, dev, **extra)
     training.atomic_write_bytes(args.out, png)
     print(f"{args.n} samples of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
     return 0
@@ -261,6 +265,9 @@ def _add_use_parsers(sub) -> None:
     ps.add_argument("--out", default="samples.png", help="PNG to write")
     ps.add_argument("--size", type=_count(1), default=None, help="image side (default 28 grey, 32 colour)")
     ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--method", choices=("incremental", "full"), default=None,
+                    help="PixelCNN/PixelRNN: one pixel at every layer per step from cached layer state (incremental, "
+                         "the default) or the whole model over the image so far for every step (full)")
     ps.add_argument("--backend", choices=("reference", "cpu", "triton", "cuda"), default=None)
     ps.add_argument("--device", default="auto")
     ps.set_defaults(func=_cmd_sample)

@@ -210,10 +210,11 @@ def evaluate(model, test: torch.Tensor, device, batch_size: int = 250, rank: int
     return total.item() / test.shape[0]
 
 
-def sample_png(model, n: int, shape: tuple[int, int, int], seed: int, device) -> bytes:
+def sample_png(model, n: int, shape: tuple[int, int, int], seed: int, device, **kwargs) -> bytes:
+    """A PNG grid of n samples of `shape` (C, H, W); kwargs go to model.sample (method= for the pixel models)."""
     was_training = model.training
     model.eval()
-    x = model.sample(n, shape[1:], generator=torch.Generator().manual_seed(seed), device=device)
+    x = model.sample(n, shape[1:], generator=torch.Generator().manual_seed(seed), device=device, **kwargs)
     model.train(was_training)
     return image_grid_png(x, model.levels)
 

@@ -49,6 +49,12 @@ def test_train_eval_sample_end_to_end(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert main(["sample", str(out / "checkpoint.pt"), "--n", "2", "--size", "6", "--out", str(grid)]) == 0
     assert grid.read_bytes()[:4] == b"\x89PNG"
+    # the full method draws the same images (a float32 model: equal unless a draw lands within rounding of a
+    # boundary, which none does for this seed)
+    full = tmp_path / "full.png"
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "2", "--size", "6", "--out", str(full),
+                 "--method", "full"]) == 0  # fmt: skip
+    assert full.read_bytes() == grid.read_bytes()
 
 
 def _bf16_train_eval_sample(model, device, tmp_path, capsys):

@@ -65,6 +65,8 @@ def test_train_eval_sample_end_to_end(model, preset, tmp_path, capsys):
     again = tmp_path / "again.png"
     assert main(["sample", str(out / "checkpoint.pt"), "--n", "3", "--out", str(again), "--seed", "1"]) == 0
     assert again.read_bytes() == grid.read_bytes()
+    assert main(["sample", str(out / "checkpoint.pt"), "--out", str(again), "--method", "full"]) == 2
+    assert "only the PixelCNN and PixelRNN models sample pixel by pixel" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("model", "preset"), MODELS, ids=lambda v: v)

@@ -115,29 +115,63 @@ class PixelModel(nn.Module):
         return self.metric(self.nll(x), x[0].numel()).mean()
 
     # -- sampling --------------------------------------------------------------------------------------------
+    def layers_at(self, n: int, width: int, dtype: torch.dtype) -> list:
+        """The layers between the stem and the head as gm.models.incremental evaluates them, one pixel at a time
+        (subclasses)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def sample(
-        self, n: int, size: tuple[int, int], *, generator: torch.Generator | None = None, device=None
+        self,
+        n: int,
+        size: tuple[int, int],
+        *,
+        generator: torch.Generator | None = None,
+        device=None,
+        method: str = "incremental",
     ) -> torch.Tensor:
         """n images (n, C, H, W) of levels, drawn pixel by pixel in raster order and colour by colour (R, G, B).
 
-        Rows below the current one cannot influence it (masks and scans never look down), so each step runs the
-        model on rows 0..r only. Uniform draws come from `generator` (CPU) so a seed gives the same images on any
-        device.
+        method="incremental" (gm.models.incremental) computes one pixel at every layer per step, from each layer's
+        cached state: H*W*C steps of matrix-vector work, in float32 (float64 for a float64 model). method="full"
+        runs the model (its backends and compute precision) on rows 0..r for every step (rows below the current
+        one cannot influence it: masks and scans never look down): the plain algorithm, H*W*C forward passes.
+        Uniform draws come from `generator` (CPU), one per pixel and colour in that order, so a seed gives the same
+        images on any device and with either method (up to a draw that falls within rounding of a boundary).
         """
-        device = device or next(self.parameters()).device
+        if method not in ("incremental", "full"):
+            raise ValueError(f"method must be 'incremental' or 'full', got {method!r}")
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n must be a positive int, got {n!r}")
         hh, ww = size
+        if not all(isinstance(v, int) and v >= 1 for v in (hh, ww)):
+            raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
+        device = device or next(self.parameters()).device
         x = torch.zeros(n, self.channels, hh, ww, device=device)
+        steps = None
+        if method == "incremental":
+            from gm.models.incremental import PixelSteps  # noqa: PLC0415
+
+            steps = PixelSteps(self, n, ww)
         for r in range(hh):
+            if steps is not None:
+                steps.begin_row(r)
             for c in range(ww):
                 for k in range(self.channels):
-                    logits = self(x[:, :, : r + 1])[..., r, c]  # (n, C) or (n, C, 256)
-                    u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
-                    if self.levels == 2:
-                        p = torch.sigmoid(logits[:, k].double()).cpu().unsqueeze(1)
-                        v = (u < p).double().squeeze(1)
+                    if steps is not None:
+                        logits = steps(x[:, :, r, c], c)  # (n, C) or (n, C, 256)
                     else:
-                        cdf = torch.softmax(logits[:, k].double(), dim=-1).cumsum(-1).cpu()
-                        v = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=self.levels - 1).squeeze(1).double()
-                    x[:, k, r, c] = v.to(device, x.dtype)
+                        logits = self(x[:, :, : r + 1])[..., r, c]
+                    x[:, k, r, c] = self._draw(logits[:, k], generator).to(device, x.dtype)
+                if steps is not None:
+                    steps.finish(x[:, :, r, c], c)
         return x
+
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One level per image from its logits, (n,) Bernoulli logits or (n, 256), with one uniform draw each."""
+        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
+        if self.levels == 2:
+            p = torch.sigmoid(logits.double()).cpu().unsqueeze(1)
+            return (u < p).double().squeeze(1)
+        cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1).cpu()
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=self.levels - 1).squeeze(1).double()

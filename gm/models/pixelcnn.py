@@ -63,3 +63,8 @@ class PixelCNN(PixelModel):
         for block in self.blocks:
             h = block(h)
         return h
+
+    def layers_at(self, n: int, width: int, dtype: torch.dtype) -> list:
+        from gm.models.incremental import ChainAt  # noqa: PLC0415
+
+        return [ChainAt((b.reduce, b.conv, b.expand), True, n, width, dtype) for b in self.blocks]

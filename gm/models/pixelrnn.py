@@ -42,6 +42,7 @@ class PixelRNN(PixelModel):
         if kind not in _LAYERS:
             raise ValueError(f"kind must be one of {tuple(_LAYERS)}, got {kind!r}")
         self.config = dict(channels=channels, levels=levels, hidden=hidden, layers=layers, head=head)
+        self.layer_kind = kind
         layer_cls = _LAYERS[kind]
         extra = {"kernel_size": 3} if kind == "row" else {}
         self.stem = MaskedConv2d(channels, 2 * hidden, 7, "A", colors=self.colors, backend=backend)
@@ -56,6 +57,12 @@ class PixelRNN(PixelModel):
         for layer in self.layers:
             h = layer(h)
         return h
+
+    def layers_at(self, n: int, width: int, dtype: torch.dtype) -> list:
+        from gm.models.incremental import DiagonalBiLSTMAt, RowLSTMAt  # noqa: PLC0415
+
+        step = RowLSTMAt if self.layer_kind == "row" else DiagonalBiLSTMAt
+        return [step(layer, n, width, dtype) for layer in self.layers]
 
 
 class RowLSTMModel(PixelRNN):
