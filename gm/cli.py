@@ -104,6 +104,24 @@ def _load_for_use(path: str, backend: str | None, device: str):
     return ckpt, model.to(dev), dev
 
 
+def _data_for(spec: str | None, ckpt: dict, model):
+    """The dataset that --data names (default: the one the checkpoint trained on), checked against the model's
+    channels and, for the models of one image size, that size. Raises TrainError / DataError."""
+    from gm import data as gmdata  # noqa: PLC0415
+    from gm import training  # noqa: PLC0415
+
+    spec = spec or ckpt["train_config"].get("data", "digits")
+    data = gmdata.resolve(spec, channels=model.channels)
+    if data.shape[0] != model.channels:
+        raise training.TrainError(f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}")
+    size = getattr(model, "size", None)  # the VAE and the GANs take one image size
+    if size is not None and tuple(data.shape[1:]) != (size, size):
+        raise training.TrainError(
+            f"the model takes {size}x{size} images, --data {spec} has {data.shape[1]}x{data.shape[2]}"
+        )
+    return data
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math  # noqa: PLC0415
 
@@ -112,23 +130,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
-        tc = ckpt["train_config"]
-        spec = args.data or tc.get("data", "digits")
-        data = gmdata.resolve(spec, channels=model.channels)
-        if data.shape[0] != model.channels:
-            raise training.TrainError(
-                f"the model takes {model.channels}-channel images, --data {spec} has {data.shape[0]}"
-            )
-        size = getattr(model, "size", None)  # the VAE and the GANs take one image size
-        if size is not None and tuple(data.shape[1:]) != (size, size):
-            raise training.TrainError(
-                f"the model takes {size}x{size} images, --data {spec} has {data.shape[1]}x{data.shape[2]}"
-            )
+        data = _data_for(args.data, ckpt, model)
     except (training.TrainError, gmdata.DataError) as err:
         return _fail(str(err))
     if getattr(model, "kind", None) == "gan":
         return _eval_gan(ckpt, model, data, dev)
-    test = training.test_levels(data, model.levels, tc.get("binarize", "threshold"))
+    test = training.test_levels(data, model.levels, ckpt["train_config"].get("binarize", "threshold"))
     nll = training.evaluate(model, test, dev, args.batch_size)
     extra = f" ({nll / (math.prod(data.shape) * math.log(2)):.4f} bits/dim)" if model.levels == 2 else ""
     print(f"{ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} data={data.name}: "
@@ -149,6 +156,7 @@ def _eval_gan(ckpt: dict, model, data, dev) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from gm import training  # noqa: PLC0415
+    from gm.data import DataError  # noqa: PLC0415
 
     try:
         ckpt, model, dev = _load_for_use(args.checkpoint, args.backend, args.device)
@@ -160,17 +168,46 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     pixel_model = hasattr(model, "layers_at")  # PixelCNN, Row LSTM, Diagonal BiLSTM
     if args.method is not None and not pixel_model:
         return _fail(f"--method {args.method}: only the PixelCNN and PixelRNN models sample pixel by pixel")
+    if args.complete is not None and not pixel_model:
+        return _fail(f"--complete {args.complete}: only the PixelCNN and PixelRNN models complete images")
+    if args.data is not None and args.complete is None:
+        return _fail("--data: give --complete ROWS too (the images to complete come from --data)")
+    what = "samples"
     if getattr(model, "kind", None) == "gan":
         from gm import gan_training  # noqa: PLC0415
 
         png = gan_training.sample_png(model, args.n, args.seed, dev)
     else:
         size = args.size or fixed or (28 if model.channels == 1 else 32)
+        shape = (model.channels, size, size)
         extra = {"method": args.method} if args.method is not None else {}
-        png = training.sample_png(model, args.n, (model.channels, size, size), args.seed, dev, **extra)
+        if args.complete is not None:
+            try:
+                extra["prefix"], shape = _completion_prefix(args, ckpt, model)
+            except (training.TrainError, DataError) as err:
+                return _fail(str(err))
+            what = f"completions (top {args.complete} rows given) of test images, samples"
+        png = training.sample_png(model, args.n, shape, args.seed, dev, **extra)
     training.atomic_write_bytes(args.out, png)
-    print(f"{args.n} samples of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
+    print(f"{args.n} {what} of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
     return 0
+
+
+def _completion_prefix(args: argparse.Namespace, ckpt: dict, model):
+    """gm sample --complete ROWS: the top ROWS rows of the first --n test images of --data (levels, binarized as the
+    checkpoint trained), and the images' shape (C, H, W)."""
+    from gm import training  # noqa: PLC0415
+
+    data = _data_for(args.data, ckpt, model)
+    test = training.test_levels(data, model.levels, ckpt["train_config"].get("binarize", "threshold"))
+    _, c, h, w = test.shape
+    if args.size is not None and (args.size, args.size) != (h, w):
+        raise training.TrainError(f"--size {args.size}: --complete takes the data's {h}x{w} images (leave --size out)")
+    if args.complete > h:
+        raise training.TrainError(f"--complete {args.complete}: the images have {h} rows")
+    if args.n > test.shape[0]:
+        raise training.TrainError(f"--n {args.n}: the data has {test.shape[0]} test images to complete")
+    return test[: args.n, :, : args.complete], (c, h, w)
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -265,6 +302,11 @@ def _add_use_parsers(sub) -> None:
     ps.add_argument("--out", default="samples.png", help="PNG to write")
     ps.add_argument("--size", type=_count(1), default=None, help="image side (default 28 grey, 32 colour)")
     ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--complete", type=_count(0), default=None, metavar="ROWS",
+                    help="PixelCNN/PixelRNN: complete the first --n test images of --data from their top ROWS rows "
+                         "(the paper's image completions) instead of drawing whole images")
+    ps.add_argument("--data", default=None,
+                    help="with --complete: the images (a --data spec; default: the data the checkpoint trained on)")
     ps.add_argument("--method", choices=("incremental", "full"), default=None,
                     help="PixelCNN/PixelRNN: one pixel at every layer per step from cached layer state (incremental, "
                          "the default) or the whole model over the image so far for every step (full)")

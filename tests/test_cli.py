@@ -55,6 +55,12 @@ def test_train_eval_sample_end_to_end(tmp_path, capsys):
     assert main(["sample", str(out / "checkpoint.pt"), "--n", "2", "--size", "6", "--out", str(full),
                  "--method", "full"]) == 0  # fmt: skip
     assert full.read_bytes() == grid.read_bytes()
+    # image completion from the top rows of test images, end to end (that the rows are kept and the rest follows the
+    # model: tests/models/test_incremental.py)
+    done = tmp_path / "completed.png"
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "3", "--complete", "4", "--data", "synthetic:64:10",
+                 "--out", str(done)]) == 0  # fmt: skip
+    assert done.read_bytes()[:4] == b"\x89PNG" and "completions (top 4 rows given)" in capsys.readouterr().out
 
 
 def _bf16_train_eval_sample(model, device, tmp_path, capsys):
@@ -177,6 +183,13 @@ def test_bad_input_exits_with_a_message_and_overwrites_nothing(finished_run, tmp
     torch.save({"state_dict": {}}, foreign)
     _bad(["eval", str(foreign)], capsys, "not a gm checkpoint")
     _bad(["eval", str(tmp_path / "missing.pt")], capsys, "does not exist")
+    _bad(["sample", str(ckpt), "--out", str(grid), "--data", "digits"], capsys, "give --complete ROWS too")
+    _bad(["sample", str(ckpt), "--out", str(grid), "--complete", "99"], capsys, "--complete 99: the images have")
+    _bad(["sample", str(ckpt), "--out", str(grid), "--complete", "2", "--size", "5"], capsys, "--size 5: --complete")
+    _bad(["sample", str(ckpt), "--out", str(grid), "--complete", "2", "--n", "100000"], capsys, "test images to")
+    _bad(["sample", str(ckpt), "--out", str(grid), "--complete", "2", "--data", str(tmp_path / "nowhere")], capsys,
+         "does not exist")  # fmt: skip
+    assert grid.read_bytes() == b"mine"
     _bad(["download", "mnist", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:1/", "--timeout", "5"], capsys,
          "Are you offline")  # fmt: skip
 

@@ -67,6 +67,8 @@ def test_train_eval_sample_end_to_end(model, preset, tmp_path, capsys):
     assert again.read_bytes() == grid.read_bytes()
     assert main(["sample", str(out / "checkpoint.pt"), "--out", str(again), "--method", "full"]) == 2
     assert "only the PixelCNN and PixelRNN models sample pixel by pixel" in capsys.readouterr().err
+    assert main(["sample", str(out / "checkpoint.pt"), "--out", str(again), "--complete", "3"]) == 2
+    assert "only the PixelCNN and PixelRNN models complete images" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("model", "preset"), MODELS, ids=lambda v: v)

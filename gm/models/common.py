@@ -129,6 +129,7 @@ class PixelModel(nn.Module):
         generator: torch.Generator | None = None,
         device=None,
         method: str = "incremental",
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n images (n, C, H, W) of levels, drawn pixel by pixel in raster order and colour by colour (R, G, B).
 
@@ -138,6 +139,9 @@ class PixelModel(nn.Module):
         one cannot influence it: masks and scans never look down): the plain algorithm, H*W*C forward passes.
         Uniform draws come from `generator` (CPU), one per pixel and colour in that order, so a seed gives the same
         images on any device and with either method (up to a draw that falls within rounding of a boundary).
+
+        prefix (n, C, k, W) of levels, k <= H: image completion (the PixelRNN paper's figures): rows 0..k-1 are
+        prefix's, the rest is drawn from the model given them; no uniform draw is spent on them.
         """
         if method not in ("incremental", "full"):
             raise ValueError(f"method must be 'incremental' or 'full', got {method!r}")
@@ -148,6 +152,10 @@ class PixelModel(nn.Module):
             raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
         device = device or next(self.parameters()).device
         x = torch.zeros(n, self.channels, hh, ww, device=device)
+        given = 0
+        if prefix is not None:
+            given = self._check_prefix(prefix, n, hh, ww)
+            x[:, :, :given] = prefix.to(device, x.dtype)
         steps = None
         if method == "incremental":
             from gm.models.incremental import PixelSteps  # noqa: PLC0415
@@ -156,6 +164,12 @@ class PixelModel(nn.Module):
         for r in range(hh):
             if steps is not None:
                 steps.begin_row(r)
+            if r < given:  # a given row: the caches take it as it is (every colour of a pixel at once)
+                for c in range(ww):
+                    if steps is not None:
+                        steps(x[:, :, r, c], c)
+                        steps.finish(x[:, :, r, c], c)
+                continue
             for c in range(ww):
                 for k in range(self.channels):
                     if steps is not None:
@@ -166,6 +180,21 @@ class PixelModel(nn.Module):
                 if steps is not None:
                     steps.finish(x[:, :, r, c], c)
         return x
+
+    def _check_prefix(self, prefix: torch.Tensor, n: int, hh: int, ww: int) -> int:
+        """The number of given rows, after checking prefix (n, C, k <= H, W) of integer levels."""
+        if not isinstance(prefix, torch.Tensor):
+            raise ValueError(f"prefix must be a tensor of levels, got {type(prefix).__name__}")
+        shape = tuple(prefix.shape)
+        if prefix.dim() != 4 or shape[:2] != (n, self.channels) or shape[3] != ww or shape[2] > hh:
+            raise ValueError(f"prefix must have shape (n={n}, C={self.channels}, k <= {hh}, W={ww}), got {shape}")
+        if prefix.is_floating_point() or prefix.is_complex():
+            bad = (prefix != prefix.round()) | (prefix < 0) | (prefix > self.levels - 1)
+        else:
+            bad = (prefix < 0) | (prefix > self.levels - 1)
+        if bool(bad.any()):
+            raise ValueError(f"prefix must hold integer levels in [0, {self.levels - 1}]")
+        return shape[2]
 
     def _draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One level per image from its logits, (n,) Bernoulli logits or (n, 256), with one uniform draw each."""

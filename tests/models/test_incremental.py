@@ -6,6 +6,9 @@ method from the same seed; bad arguments are named."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -126,6 +129,59 @@ def test_sampling_default_is_incremental_and_float32_models_agree():
     b = model.sample(3, (4, 3), generator=torch.Generator().manual_seed(1), method="incremental")
     c = model.sample(3, (4, 3), generator=torch.Generator().manual_seed(1), method="full")
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
+def test_completion_keeps_the_prefix_and_methods_agree(name, preset):
+    model = _model(name, preset, std=0.5)
+    given = _levels(model, 3, 2, 4, seed=5)
+    out = {}
+    for method in ("full", "incremental"):
+        out[method] = model.sample(3, (5, 4), generator=torch.Generator().manual_seed(2), method=method, prefix=given)
+    assert torch.equal(out["full"], out["incremental"])
+    assert torch.equal(out["incremental"][:, :, :2], given)
+    # the whole image given: nothing is drawn
+    whole = _levels(model, 3, 5, 4, seed=6)
+    assert torch.equal(model.sample(3, (5, 4), prefix=whole), whole)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_completion_follows_the_conditional(name):
+    """2x2 binary images with the top row given: the bottom rows drawn match p(x) / p(top row) (exact likelihoods
+    over the four completions)."""
+    model = _model(name, "tiny", std=0.5, seed=3)
+    with torch.no_grad():  # sharpen the distribution so the frequencies are informative
+        for p in model.head.convs[-1].parameters():
+            p.mul_(8.0)
+    n = 4000
+    for top in ([0.0, 1.0], [1.0, 1.0]):
+        images = torch.tensor([top + list(b) for b in itertools.product([0.0, 1.0], repeat=2)]).reshape(4, 1, 2, 2)
+        with torch.no_grad():
+            p = torch.exp(-model.nll(images.double()))
+        p = p / p.sum()
+        prefix = torch.tensor(top).reshape(1, 1, 1, 2).expand(n, 1, 1, 2)
+        drawn = model.sample(n, (2, 2), generator=torch.Generator().manual_seed(0), prefix=prefix)
+        codes = (drawn[:, 0, 1] * torch.tensor([2.0, 1.0])).sum(1).long()
+        freq = torch.bincount(codes, minlength=4).double() / n
+        assert (freq - p).abs().max() < 4 * math.sqrt(0.25 / n), (top, freq, p)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "match"),
+    [
+        (torch.zeros(2, 1, 4, 3), "prefix must have shape"),  # more rows than the image
+        (torch.zeros(3, 1, 1, 3), "prefix must have shape"),  # another n
+        (torch.zeros(2, 1, 1, 2), "prefix must have shape"),  # another width
+        (torch.full((2, 1, 1, 3), 2.0), "integer levels"),
+        (torch.full((2, 1, 1, 3), 0.5), "integer levels"),
+        ([[0.0]], "prefix must be a tensor"),
+    ],
+)
+def test_completion_bad_prefix(prefix, match):
+    model = M.get("pixelcnn", "tiny", backend="reference")
+    with pytest.raises(ValueError, match=match):
+        model.sample(2, (3, 3), prefix=prefix)
 
 
 @pytest.mark.parametrize(
