@@ -23,19 +23,21 @@ $(AOT_VENV)/.deps:
 
 aot-venv: $(AOT_VENV)/.deps
 
-# The GPU machine's versions (torch 2.11.0, a CUDA build that runs on the CPU here, and Triton 3.6 with a numpy its
-# interpreter accepts) in an environment of their own, for `make test-gpu-stack`: the whole suite under the versions
-# bench/gpu_check.sh meets, without a GPU. gm._C is the one `make build` made (it links no libtorch), so gm installs
-# here without building (GM_NO_EXT=1). Not in CI: the CUDA torch wheel and its libraries are ~5 GB.
+# The GPU machine's versions (Python 3.12, torch 2.11.0: a CUDA build that runs on the CPU here, Triton 3.6 with a
+# numpy its interpreter accepts) in an environment of their own, for `make test-gpu-stack`: the whole suite under the
+# versions bench/gpu_check.sh meets, without a GPU, gm._C built for that Python (its own build directory).
+# GPU_STACK_PYTHON names a Python 3.12. Not in CI: the CUDA torch wheel and its libraries are ~5 GB.
 GPU_STACK_VENV ?= .venv-gpu-stack
+GPU_STACK_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 $(GPU_STACK_VENV)/.deps:
-	test -x $(GPU_STACK_VENV)/bin/python || python3 -m venv $(GPU_STACK_VENV)
-	$(GPU_STACK_VENV)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0 pytest==9.2.0 mlxtend==0.25.0 pillow setuptools wheel
+	test -x $(GPU_STACK_VENV)/bin/python || $(GPU_STACK_PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_VENV)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0 pytest==9.2.0 mlxtend==0.25.0 pillow \
+	  setuptools wheel pybind11==3.1.0 ninja cmake
 	$(GPU_STACK_VENV)/bin/python -m pip install -q numpy==2.2.6  # after mlxtend, which asks for a newer one
-	GM_NO_EXT=1 $(GPU_STACK_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test-gpu-stack: build $(GPU_STACK_VENV)/.deps
+test-gpu-stack: $(GPU_STACK_VENV)/.deps
+	$(GPU_STACK_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(GPU_STACK_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The extension is rebuilt incrementally (CMake in build/) on every setup, so edits to csrc/ are picked up.
