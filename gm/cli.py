@@ -186,10 +186,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 extra["prefix"], shape = _completion_prefix(args, ckpt, model)
             except (training.TrainError, DataError) as err:
                 return _fail(str(err))
-            what = f"completions (top {args.complete} rows given) of test images, samples"
+            what = f"completions of test images (top {args.complete} rows given)"
         png = training.sample_png(model, args.n, shape, args.seed, dev, **extra)
     training.atomic_write_bytes(args.out, png)
-    print(f"{args.n} {what} of {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
+    print(f"{args.n} {what} from {ckpt['model']} preset={ckpt['preset']} step={ckpt['step']} -> {args.out}")
     return 0
 
 

@@ -60,7 +60,7 @@ def test_train_eval_sample_end_to_end(tmp_path, capsys):
     done = tmp_path / "completed.png"
     assert main(["sample", str(out / "checkpoint.pt"), "--n", "3", "--complete", "4", "--data", "synthetic:64:10",
                  "--out", str(done)]) == 0  # fmt: skip
-    assert done.read_bytes()[:4] == b"\x89PNG" and "completions (top 4 rows given)" in capsys.readouterr().out
+    assert done.read_bytes()[:4] == b"\x89PNG" and "completions of test images (top 4 rows given)" in capsys.readouterr().out
 
 
 def _bf16_train_eval_sample(model, device, tmp_path, capsys):
