@@ -173,7 +173,7 @@ class PixelModel(nn.Module):
             for c in range(ww):
                 for k in range(self.channels):
                     if steps is not None:
-                        logits = steps(x[:, :, r, c], c)  # (n, C) or (n, C, 256)
+                        logits = steps(x[:, :, r, c], c, k if self.channels > 1 else None)  # colour k's part
                     else:
                         logits = self(x[:, :, : r + 1])[..., r, c]
                     x[:, k, r, c] = self._draw(logits[:, k], generator).to(device, x.dtype)

@@ -12,7 +12,10 @@ Here every layer keeps what later pixels will read of it, so a step computes one
 
 Every value a layer computes at pixel (r, c) for colour group g depends on the input before (r, c) and on colours
 before g at (r, c) (mask A in the first layer, mask B after it), so after the pass for the last colour every
-buffer holds its final value at (r, c), except the model's input itself, which `PixelSteps.finish` writes.
+buffer holds its final value at (r, c), except the model's input itself, which `PixelSteps.finish` writes. So the
+pass for colour k computes only colour group k's channels at every layer (`group=k`): the groups before k hold their
+values from the earlier passes at this pixel, the groups after it stale values that the masks multiply by zero and
+later passes overwrite. A colour model's step then reads a third of every weight.
 
 This is matrix-vector work (N x C by C x C' products, a few per layer and pixel), written with PyTorch operations:
 gm's kernels are built for whole images and would not change it. Arithmetic is float32 (float64 for a float64
@@ -32,9 +35,30 @@ def _dtype(model) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
+def _parts(groups: torch.Tensor | None) -> list | None:
+    """Per colour group, its channels: a slice where they are contiguous (one block), else an index (gate blocks,
+    ascending: i_k, f_k, o_k, g_k); None without colour groups."""
+    if groups is None:
+        return None
+    parts = []
+    for k in range(int(groups.max()) + 1):
+        idx = (groups == k).nonzero().flatten()
+        contiguous = int(idx[-1] - idx[0]) + 1 == idx.numel()
+        parts.append(slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx.to(groups.device))
+    return parts
+
+
+def _rows(t: torch.Tensor | None, parts: list | None) -> list | None:
+    """t's rows of each part, contiguous; None where t or parts is None."""
+    if t is None or parts is None:
+        return None
+    return [t[part].contiguous() for part in parts]
+
+
 class ConvAt:
     """A gm.nn.MaskedConv2d evaluated at one pixel at a time. A (kh, kw) kernel keeps its input's rows r-kh//2..r in
-    a zero-padded buffer (N, kh//2 + 1, W + 2*(kw//2), C_in); a 1x1 kernel keeps nothing."""
+    a zero-padded buffer (N, kh//2 + 1, W + 2*(kw//2), C_in); a 1x1 kernel keeps nothing. With colour groups,
+    `group=k` computes group k's outputs alone, into the pixel's output vector (`last`) that it returns."""
 
     def __init__(self, conv, n: int, width: int, dtype: torch.dtype) -> None:
         kh, kw = conv.kernel_size
@@ -48,6 +72,9 @@ class ConvAt:
         self.buf = None
         if not self.pointwise:
             self.buf = weight.new_zeros(n, self.ph + 1, width + 2 * self.pw, weight.shape[1])
+        self.parts = _parts(conv.out_groups)
+        self.weights, self.biases = _rows(self.weight, self.parts), _rows(self.bias, self.parts)
+        self.last = weight.new_zeros(n, weight.shape[0]) if self.parts is not None else None
 
     def next_row(self) -> None:
         """Row r+1 begins: the buffer's rows move up one, the new current row is zero."""
@@ -61,13 +88,23 @@ class ConvAt:
         if self.buf is not None:
             self.buf[:, self.ph, c + self.pw] = v
 
-    def __call__(self, v: torch.Tensor, c: int) -> torch.Tensor:
-        """The output at (r, c) (N, C_out), given the input there, v (N, C_in)."""
+    def _inputs(self, v: torch.Tensor, c: int) -> torch.Tensor:
         if self.pointwise:
-            return F.linear(v, self.weight, self.bias)
+            return v
         self.write(v, c)
-        patch = self.buf[:, :, c : c + self.kw].reshape(self.n, -1)
-        return F.linear(patch, self.weight, self.bias)
+        return self.buf[:, :, c : c + self.kw].reshape(self.n, -1)
+
+    def part(self, v: torch.Tensor, c: int, group: int) -> torch.Tensor:
+        """Group `group`'s outputs at (r, c) alone (N, C_out / colours), given the input there, v (N, C_in)."""
+        return F.linear(self._inputs(v, c), self.weights[group], self.biases[group] if self.biases else None)
+
+    def __call__(self, v: torch.Tensor, c: int, group: int | None = None) -> torch.Tensor:
+        """The output at (r, c) (N, C_out), given the input there, v (N, C_in); with `group` (colour layers), that
+        group's channels, the others as the earlier passes left them."""
+        if group is None or self.parts is None:
+            return F.linear(self._inputs(v, c), self.weight, self.bias)
+        self.last[:, self.parts[group]] = self.part(v, c, group)
+        return self.last
 
 
 def _cell(z: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +126,18 @@ class ChainAt:
         for conv in self.convs:
             conv.next_row()
 
-    def __call__(self, v: torch.Tensor, c: int) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor, c: int, group: int | None = None) -> torch.Tensor:
         h = v
         for conv in self.convs:
-            h = conv(F.relu(h), c)
+            h = conv(F.relu(h), c, group)
         return v + h if self.residual else h
+
+
+def _hidden_parts(gate_groups: torch.Tensor | None) -> list | None:
+    """The hidden units of each colour group (a unit has its gates' colour: contiguous thirds); None without."""
+    if gate_groups is None:
+        return None
+    return _parts(gate_groups[: gate_groups.numel() // 4])
 
 
 class RowLSTMAt:
@@ -106,6 +150,8 @@ class RowLSTMAt:
         self.conv_in = ConvAt(layer.input_to_state, n, width, dtype)
         self.w_ss = layer.w_ss.detach().to(dtype).permute(0, 2, 1).reshape(4 * hid, k * hid).contiguous()
         self.out = ConvAt(layer.out, n, width, dtype) if layer.out is not None else None
+        self.w_ss_parts = _rows(self.w_ss, self.conv_in.parts)
+        self.hid_parts = _hidden_parts(layer.input_to_state.out_groups)
         new = self.w_ss.new_zeros
         self.h_prev, self.h_cur = new(n, width + 2 * self.p, hid), new(n, width + 2 * self.p, hid)
         self.c_prev, self.c_cur = new(n, width, hid), new(n, width, hid)
@@ -119,12 +165,21 @@ class RowLSTMAt:
             self.h_prev, self.h_cur = self.h_cur, self.h_prev
             self.c_prev, self.c_cur = self.c_cur, self.c_prev
 
-    def __call__(self, v: torch.Tensor, c: int) -> torch.Tensor:
-        z = self.conv_in(v, c) + F.linear(self.h_prev[:, c : c + self.k].reshape(self.n, -1), self.w_ss)
-        h, cell = _cell(z, self.c_prev[:, c])
-        self.c_cur[:, c] = cell
-        self.h_cur[:, c + self.p] = h
-        return v + self.out(h, c) if self.out is not None else h
+    def __call__(self, v: torch.Tensor, c: int, group: int | None = None) -> torch.Tensor:
+        above = self.h_prev[:, c : c + self.k].reshape(self.n, -1)
+        if group is None or self.hid_parts is None:
+            z = self.conv_in(v, c) + F.linear(above, self.w_ss)
+            h, cell = _cell(z, self.c_prev[:, c])
+            self.c_cur[:, c] = cell
+            self.h_cur[:, c + self.p] = h
+        else:  # group k's gates and hidden units alone
+            units = self.hid_parts[group]
+            z = self.conv_in.part(v, c, group) + F.linear(above, self.w_ss_parts[group])
+            h, cell = _cell(z, self.c_prev[:, c, units])
+            self.c_cur[:, c, units] = cell
+            self.h_cur[:, c + self.p, units] = h
+            h = self.h_cur[:, c + self.p]
+        return v + self.out(h, c, group) if self.out is not None else h
 
 
 class DiagonalBiLSTMAt:
@@ -145,6 +200,11 @@ class DiagonalBiLSTMAt:
 
         self.w_ss, self.w_ss_rev = state(layer.w_ss), state(layer.w_ss_rev)
         self.out = ConvAt(layer.output, n, width, dtype) if layer.output is not None else None
+        groups = layer.input_to_state.out_groups  # both directions' gates: the first 4h are left to right's
+        gate_parts = _parts(groups[: 4 * hid]) if groups is not None else None
+        self.w_in_parts, self.w_ss_parts = _rows(self.w_in, gate_parts), _rows(self.w_ss, gate_parts)
+        self.b_in_parts = _rows(self.b_in, gate_parts)
+        self.hid_parts = _hidden_parts(groups[: 4 * hid] if groups is not None else None)
         new = self.w_ss.new_zeros
         # left to right: hidden states of rows r-1 and r with a zero column on the left (c = -1), cells of row r
         self.h_prev, self.h_cur = new(n, width + 1, hid), new(n, width + 1, hid)
@@ -170,22 +230,32 @@ class DiagonalBiLSTMAt:
             h_row[:, c] = h
         self.h_rev = h_row
 
-    def __call__(self, v: torch.Tensor, c: int) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor, c: int, group: int | None = None) -> torch.Tensor:
         self.x_cur[:, c] = v
         above_left = torch.cat([self.h_prev[:, c + 1], self.h_cur[:, c]], dim=1)
-        z = F.linear(v, self.w_in, self.b_in) + F.linear(above_left, self.w_ss)
-        h, cell = _cell(z, self.c_cur[:, c])
-        self.h_cur[:, c + 1] = h
-        self.c_cur[:, c + 1] = cell
+        if group is None or self.hid_parts is None:
+            z = F.linear(v, self.w_in, self.b_in) + F.linear(above_left, self.w_ss)
+            h, cell = _cell(z, self.c_cur[:, c])
+            self.h_cur[:, c + 1] = h
+            self.c_cur[:, c + 1] = cell
+        else:  # group k's gates and hidden units alone
+            units = self.hid_parts[group]
+            bias = self.b_in_parts[group] if self.b_in_parts is not None else None
+            z = F.linear(v, self.w_in_parts[group], bias) + F.linear(above_left, self.w_ss_parts[group])
+            h, cell = _cell(z, self.c_cur[:, c, units])
+            self.h_cur[:, c + 1, units] = h
+            self.c_cur[:, c + 1, units] = cell
+            h = self.h_cur[:, c + 1]
         h = h + self.h_rev[:, c]
-        return v + self.out(h, c) if self.out is not None else h
+        return v + self.out(h, c, group) if self.out is not None else h
 
 
 class PixelSteps:
     """A PixelModel (gm.models.common) evaluated pixel by pixel, rows top to bottom, columns left to right:
-    `begin_row(r)`, then for each column c `logits = steps(x_rc, c)` once per colour (x_rc (N, C): the pixel's levels
-    so far, later colours zero; logits (N, C) or (N, C, 256): colour k's are right where colours < k are), then
-    `finish(x_rc, c)` with its final levels."""
+    `begin_row(r)`, then for each column c `logits = steps(x_rc, c, group=k)` for each colour k in order (x_rc (N, C):
+    the pixel's levels so far, later colours zero; logits (N, C) or (N, C, 256): colour k's are right), then
+    `finish(x_rc, c)` with its final levels. group=None computes every colour's channels in one pass: with the
+    pixel's final levels given, every colour's logits are right (a colour's depend on the colours before it only)."""
 
     def __init__(self, model, n: int, width: int) -> None:
         dtype = _dtype(model)
@@ -203,11 +273,11 @@ class PixelSteps:
             layer.next_row(r)
         self.head.next_row(r)
 
-    def __call__(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        h = self.stem(self._input(x), c)
+    def __call__(self, x: torch.Tensor, c: int, group: int | None = None) -> torch.Tensor:
+        h = self.stem(self._input(x), c, group)
         for layer in self.layers:
-            h = layer(h, c)
-        logits = self.head(h, c)
+            h = layer(h, c, group)
+        logits = self.head(h, c, group)
         model = self.model
         return logits if model.levels == 2 else logits.view(self.n, model.channels, model.levels)
 
