@@ -167,6 +167,19 @@ def test_bench_backends_option_restricts_the_gm_rows(tmp_path):
     assert not any(i.startswith("gm[") for i in impls) and "naive (N×N×B×C)" in impls
 
 
+def test_bench_sampling_case_times_both_methods(tmp_path):
+    """The sampling cases (forward only): the incremental method and the full one, the full one the baseline."""
+    assert main(["--quick", "--ops", "sampling", "--out", str(tmp_path), "--warmup-ms", "1", "--rep-ms", "1"]) == 0
+    (rows_file,) = tmp_path.glob("*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        (op, impl) for op in ("sample:pixelcnn", "sample:diagonal_bilstm") for impl in ("incremental", "full")
+    }
+    for r in rows:
+        assert r["error"] is None and r["fwd_ms"] > 0 and r["fwdbwd_ms"] is None
+        assert r["speedup_fwd"] == 1.0 if r["impl"] == "full" else r["speedup_fwd"] > 0
+
+
 def test_targets_check_the_best_gm_backend_against_each_comparator(tmp_path, capsys):
     """python -m bench.targets: per case the best gm backend against the issue's comparator, met or not, a missing
     comparator said as such, graph ratios where both rows have graph times, later files replacing earlier rows."""
