@@ -20,7 +20,8 @@ from bench.harness import Case, pick
 GPU_CASES = [("pixelcnn", "mnist", 64, 28), ("rowlstm", "mnist", 64, 28), ("diagonal_bilstm", "mnist", 64, 28),
              ("pixelcnn", "cifar10", 16, 32)]  # fmt: skip
 CPU_CASES = [("pixelcnn", "mnist", 16, 28), ("rowlstm", "mnist", 16, 28), ("diagonal_bilstm", "mnist", 16, 28),
-             ("pixelcnn", "cifar10", 4, 8), ("rowlstm", "cifar10", 4, 8), ("diagonal_bilstm", "cifar10", 4, 8)]  # fmt: skip
+             ("pixelcnn", "cifar10", 4, 8), ("rowlstm", "cifar10", 4, 8),
+             ("diagonal_bilstm", "cifar10", 4, 8)]  # fmt: skip
 QUICK_CASES = [("pixelcnn", "tiny", 2, 6), ("diagonal_bilstm", "tiny-rgb", 2, 4)]
 
 
