@@ -40,7 +40,9 @@ class OutputHead(nn.Module):
 
 class PixelModel(nn.Module):
     """Base of the autoregressive image models: subclasses build `self.features(x) -> (N, F, H, W)` and
-    `self.head`."""
+    `self.head`, and for `sample` a stem and `layers_at(n, width, dtype)`: the layers between the stem and the head
+    as gm.models.incremental evaluates them, one pixel at a time (the IAF VAE, which decodes whole images, has its
+    own `sample` and no `layers_at`: gm sample tells the two kinds apart by it)."""
 
     name = "model"
     # Run channels-last (NHWC in memory): gm's convolutions keep their input's memory format, so a model of masked
@@ -115,11 +117,6 @@ class PixelModel(nn.Module):
         return self.metric(self.nll(x), x[0].numel()).mean()
 
     # -- sampling --------------------------------------------------------------------------------------------
-    def layers_at(self, n: int, width: int, dtype: torch.dtype) -> list:
-        """The layers between the stem and the head as gm.models.incremental evaluates them, one pixel at a time
-        (subclasses)."""
-        raise NotImplementedError
-
     @torch.no_grad()
     def sample(
         self,
@@ -164,9 +161,9 @@ class PixelModel(nn.Module):
         for r in range(hh):
             if steps is not None:
                 steps.begin_row(r)
-            if r < given:  # a given row: the caches take it as it is (every colour of a pixel at once)
-                for c in range(ww):
-                    if steps is not None:
+            if r < given:
+                if steps is not None:  # the caches take a given row as it is (every colour of a pixel at once)
+                    for c in range(ww):
                         steps(x[:, :, r, c], c)
                         steps.finish(x[:, :, r, c], c)
                 continue
@@ -188,10 +185,9 @@ class PixelModel(nn.Module):
         shape = tuple(prefix.shape)
         if prefix.dim() != 4 or shape[:2] != (n, self.channels) or shape[3] != ww or shape[2] > hh:
             raise ValueError(f"prefix must have shape (n={n}, C={self.channels}, k <= {hh}, W={ww}), got {shape}")
-        if prefix.is_floating_point() or prefix.is_complex():
-            bad = (prefix != prefix.round()) | (prefix < 0) | (prefix > self.levels - 1)
-        else:
-            bad = (prefix < 0) | (prefix > self.levels - 1)
+        bad = (prefix < 0) | (prefix > self.levels - 1)
+        if prefix.is_floating_point():
+            bad |= prefix != prefix.round()
         if bool(bad.any()):
             raise ValueError(f"prefix must hold integer levels in [0, {self.levels - 1}]")
         return shape[2]

@@ -248,6 +248,11 @@ def test_cli_train_eval_sample_and_resume(tmp_path, capsys):
     assert "takes 28x28 images, --data synthetic:16:12 has 12x12" in capsys.readouterr().err
     assert main(["sample", str(straight / "checkpoint.pt"), "--size", "12", "--out", str(tmp_path / "s.png")]) == 2
     assert "--size 12: this model makes 28x28 images" in capsys.readouterr().err
+    # the VAE decodes whole images: no pixel-by-pixel method, no completion
+    assert main(["sample", str(straight / "checkpoint.pt"), "--method", "full", "--out", str(tmp_path / "s.png")]) == 2
+    assert "only the PixelCNN and PixelRNN models sample pixel by pixel" in capsys.readouterr().err
+    assert main(["sample", str(straight / "checkpoint.pt"), "--complete", "3", "--out", str(tmp_path / "s.png")]) == 2
+    assert "only the PixelCNN and PixelRNN models complete images" in capsys.readouterr().err
     assert main(["train", *common, "--data", "synthetic:16:12", "--out", str(tmp_path / "c")]) == 2
     assert "takes 28x28 images but --data synthetic:16:12 has 12x12" in capsys.readouterr().err
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "c").exists()
