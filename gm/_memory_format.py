@@ -26,8 +26,11 @@ def format_of(t: torch.Tensor) -> torch.memory_format:
 
 def nhwc(t: torch.Tensor, backend: str) -> torch.Tensor:
     """t (N, C, H, W) as a contiguous (N, H, W, C) tensor (t's storage when it is channels-last already), by the
-    backend's tiled transpose (cuda: gm.ops._lstm_cuda.to_nhwc; triton: gm.kernels._layout.channels_last). The
-    PixelRNN layers' channels-last one-node paths convert their input and incoming gradient with it."""
+    backend's tiled transpose (cuda: gm.ops._lstm_cuda.to_nhwc; triton: gm.kernels._layout.channels_last; cpu:
+    torch's copy). The PixelRNN layers' channels-last one-node paths convert their input and incoming gradient with
+    it."""
+    if backend == "cpu":
+        return t.permute(0, 2, 3, 1).contiguous()
     if backend == "cuda":
         from gm.ops._lstm_cuda import to_nhwc  # noqa: PLC0415
 

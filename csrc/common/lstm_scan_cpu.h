@@ -14,7 +14,8 @@
 // the images of a thread (the columns of one micro-kernel call may come from different images). The micro-kernel
 // keeps a (rows x vectors) block of Z in registers, broadcasts packed weights against lane vectors loaded at the
 // tap offsets of a zero-padded h buffer, and runs the LSTM cell on the registers (the cell is fused into the GEMM
-// epilogue: the block holds gates i, f, o, g of the same channels). The backward recomputes Z the same way, runs
+// epilogue: the block holds gates i, f, o, g of the same channels). The backward recomputes Z the same way (or
+// loads the forward's, where the layout keeps them: the channels-last diagonal scan), runs
 // the cell backward in the epilogue, then dh_{r-1} = W^T dZ (a second GEMM over shifted dZ rows), and after the
 // scan dw = sum over rows of dZ (x) Hshift, tiled over w and parallel over the tiles (no reduction across
 // threads, so dw does not depend on the thread count). OpenMP splits the batch for the scan.
@@ -28,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -64,6 +66,24 @@ struct Dims {
 //   store_state(n, r, const T* h, ldh, const T* c, ldc)   forward outputs of row r (valid lanes)
 //   store_dgates(n, r, const T* dz, ld)
 //   store_initial_grads(n, const T* dh, const T* dc, ld)  gradients of the initial state (may do nothing)
+// and may provide (SavesPreact below) saves_preact(), store_preact(n, r, const T* z, ld) and load_preact(n, r, T* dst,
+// ld, lv): where saves_preact() is true, the forward stores each row's pre-activations z (4h channels, valid lanes)
+// and the backward loads them instead of reloading the gates and recomputing W h_{r-1} (one GEMM of its three). The
+// values are the same either way: the backward's recomputation is the forward's arithmetic on the same operands.
+
+template <class L, class = void>
+struct SavesPreact : std::false_type {};
+template <class L>
+struct SavesPreact<L, std::void_t<decltype(std::declval<const L&>().saves_preact())>> : std::true_type {};
+
+// Whether this scan's forward stores (and its backward loads) the pre-activations.
+template <class L>
+bool saves_preact(const L& lay) {
+  if constexpr (SavesPreact<L>::value)
+    return lay.saves_preact();
+  else
+    return false;
+}
 
 // ----------------------------------------------------------------------------------------------------------------
 // Vector math.
@@ -302,10 +322,10 @@ struct Chunks {
 
 // acc <- the pre-activations of channel block b (JB channels x gates i, f, o, g) for NC lane vectors: the staged
 // gates gb (image, 4h, lv) plus W h_{r-1}, h read from the padded rows hrows[c] (image img[c], lanes at[c]...).
+// acc <- the staged values of channel block b (zero for channels >= h) from gb (image, 4h, lv).
 template <typename T, int VB, int JB, int NC>
-GM_SCAN_INLINE void preactivations(typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, const Packed<T>& w,
-                                   int64_t hid, const T* gb, const T* const (&hrows)[NC], const int64_t (&img)[NC],
-                                   const int64_t (&at)[NC], int64_t b) {
+GM_SCAN_INLINE void load_block(typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, int64_t hid, const T* gb,
+                               const int64_t (&img)[NC], const int64_t (&at)[NC], int64_t b) {
   using X = Vec<T, VB>;
 #pragma GCC unroll 8
   for (int jj = 0; jj < JB; ++jj) {
@@ -317,6 +337,29 @@ GM_SCAN_INLINE void preactivations(typename Vec<T, VB>::V (&acc)[4 * JB][NC], co
         acc[jj * 4 + gate][c] = j < hid ? X::load(gb + (img[c] * g.g4 + gate * hid + j) * g.lv + at[c])
                                         : typename X::V{};
   }
+}
+
+// gb[...] <- acc for the channels < h of block b (load_block's places).
+template <typename T, int VB, int JB, int NC>
+GM_SCAN_INLINE void store_block(const typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, int64_t hid, T* gb,
+                                const int64_t (&img)[NC], const int64_t (&at)[NC], int64_t b) {
+  using X = Vec<T, VB>;
+#pragma GCC unroll 8
+  for (int jj = 0; jj < JB; ++jj) {
+    const int64_t j = b * JB + jj;
+    if (j >= hid) break;
+#pragma GCC unroll 4
+    for (int gate = 0; gate < 4; ++gate)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) X::store(gb + (img[c] * g.g4 + gate * hid + j) * g.lv + at[c], acc[jj * 4 + gate][c]);
+  }
+}
+
+template <typename T, int VB, int JB, int NC>
+GM_SCAN_INLINE void preactivations(typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, const Packed<T>& w,
+                                   int64_t hid, const T* gb, const T* const (&hrows)[NC], const int64_t (&img)[NC],
+                                   const int64_t (&at)[NC], int64_t b) {
+  load_block<T, VB, JB, NC>(acc, g, hid, gb, img, at, b);
   gemm_block<T, VB, 4 * JB, NC>(acc, w.wf.data() + b * g.kf * 4 * JB, hrows, w.bf.data(), g.kf);
 }
 
@@ -340,11 +383,12 @@ struct Forward {
   const Geometry& g;
   const Packed<T>& w;
   int64_t n0, nl;
-  Scratch<T> hp, cst, gb;  // h of rows r-1 and r: (2, nl, h, s); c (nl, h, lv); gates (nl, 4h, lv)
+  Scratch<T> hp, cst, gb;  // h of rows r-1 and r: (2, nl, h, s); c (nl, h, lv); gates, then z (nl, 4h, lv)
+  const bool save_z;
 
   Forward(const Layout& l, const Dims& dd, const Geometry& gg, const Packed<T>& ww, int64_t first, int64_t count)
       : lay(l), d(dd), g(gg), w(ww), n0(first), nl(count), hp(2, 2 * count * dd.hid * gg.s, T(0)),
-        cst(3, count * dd.hid * gg.lv), gb(4, count * gg.g4 * gg.lv) {}
+        cst(3, count * dd.hid * gg.lv), gb(4, count * gg.g4 * gg.lv), save_z(saves_preact(l)) {}
 
   T* hbuf(int64_t parity, int64_t i) { return hp.data() + (parity * nl + i) * d.hid * g.s; }
 
@@ -360,6 +404,7 @@ struct Forward {
       hrows[c] = hbuf(prv, img[c]) + at[c];
     }
     preactivations<T, VB, JB, NC>(acc, g, w, d.hid, gb.data(), hrows, img, at, b);
+    if (save_z) store_block<T, VB, JB, NC>(acc, g, d.hid, gb.data(), img, at, b);  // the row's z, for store_preact
     if (all_lanes_valid<L>(at, lay.lane_lo(r), lay.lane_hi(r)))
       cells<NC, false>(acc, b, img, at, cur, r);
     else
@@ -409,8 +454,11 @@ struct Forward {
             default: block<B::NV>(b, c0, prv, cur, r); break;
           }
         }
-      for (int64_t i = 0; i < nl; ++i)
+      for (int64_t i = 0; i < nl; ++i) {
         lay.store_state(n0 + i, r, hbuf(cur, i) + g.pl, g.s, cst.data() + i * d.hid * g.lv, g.lv);
+        if constexpr (SavesPreact<Layout>::value)
+          if (save_z) lay.store_preact(n0 + i, r, gb.data() + i * g.g4 * g.lv, g.lv);
+      }
     }
   }
 };
@@ -435,13 +483,14 @@ struct Backward {
   Scratch<T> gb, cur_buf, prev_buf, dh, dc, dyb;  // gates (nl, 4h, lv); the rest (nl, h, lv)
   T* c_cur;  // c_r and c_{r-1}: cur_buf and prev_buf, swapped every row
   T* c_prev;
+  const bool saved_z;  // gb holds the forward's z (load_preact), not the gates
 
   Backward(const Layout& l, const Dims& dd, const Geometry& gg, const Packed<T>& ww, T* hall_, T* dzt_,
            int64_t first, int64_t count)
       : lay(l), d(dd), g(gg), w(ww), hall(hall_), dzt(dzt_), n0(first), nl(count), dzb(2, count * gg.g4 * gg.s, T(0)),
         gb(3, count * gg.g4 * gg.lv), cur_buf(4, count * dd.hid * gg.lv), prev_buf(5, count * dd.hid * gg.lv),
         dh(6, count * dd.hid * gg.lv, T(0)), dc(7, count * dd.hid * gg.lv, T(0)), dyb(8, count * dd.hid * gg.lv),
-        c_cur(cur_buf.data()), c_prev(prev_buf.data()) {}
+        c_cur(cur_buf.data()), c_prev(prev_buf.data()), saved_z(saves_preact(l)) {}
 
   T* hrow(int64_t n, int64_t r) const { return hall + (n * d.rows + r) * d.hid * g.s; }
   T* dzrow(int64_t i) const { return dzb.data() + i * g.g4 * g.s; }  // local image i
@@ -458,7 +507,10 @@ struct Backward {
       at[c] = ((c0 + c) % g.nvec) * L;
       hrows[c] = hrow(n0 + img[c], r) + at[c];
     }
-    preactivations<T, VB, JB, NC>(acc, g, w, d.hid, gb.data(), hrows, img, at, b);
+    if (saved_z)
+      load_block<T, VB, JB, NC>(acc, g, d.hid, gb.data(), img, at, b);
+    else
+      preactivations<T, VB, JB, NC>(acc, g, w, d.hid, gb.data(), hrows, img, at, b);
     if (all_lanes_valid<L>(at, lay.lane_lo(r), lay.lane_hi(r)))
       cells<NC, false>(acc, b, img, at, r);
     else
@@ -541,7 +593,10 @@ struct Backward {
     for (int64_t r = d.rows - 1; r >= 0; --r) {
       std::swap(c_cur, c_prev);  // c_r was loaded as the previous row's c_{r-1}
       for (int64_t i = 0; i < nl; ++i) {
-        lay.load_gates(n0 + i, r, gb.data() + i * g.g4 * g.lv, g.lv, g.lv);
+        T* gbi = gb.data() + i * g.g4 * g.lv;
+        if constexpr (SavesPreact<Layout>::value)
+          if (saved_z) lay.load_preact(n0 + i, r, gbi, g.lv, g.lv);
+        if (!saved_z) lay.load_gates(n0 + i, r, gbi, g.lv, g.lv);
         lay.load_c(n0 + i, r - 1, c_prev + st(i, 0), g.lv, g.lv);
         lay.load_dy(n0 + i, r, dyb.data() + st(i, 0), g.lv, g.lv);
       }

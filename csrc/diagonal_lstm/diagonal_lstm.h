@@ -5,9 +5,9 @@
 //
 // gate order i, f, o, g; h, c zero outside the image; j counts columns right to left when `reverse`.
 // Shapes: gates, dgates (N, 4h, H, W); w_ss, dw_ss (4h, h, 2); y, dy (N, h, H, W); c (N, h, H, W) in the
-// state type (float, double for double), all contiguous, for the CPU kernels: the forward saves c; the backward
-// recomputes the gate pre-activations from gates + w_ss (y above, y left) and walks the pixels in reverse. The CUDA
-// kernels' layouts are below.
+// state type (float, double for double), for the CPU kernels NCHW or channels-last (Strides below): the forward
+// saves c; the backward recomputes the gate pre-activations from gates + w_ss (y above, y left), or reads the ones
+// the forward kept, and walks the pixels in reverse. The CUDA kernels' layouts are below.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -59,13 +59,22 @@ GM_DLSTM_HD void cell_backward(A a_i, A a_f, A a_o, A a_g, A c, A c_left, A dh, 
   dc_left = dc * s_f;
 }
 
-// CPU entry points (diagonal_lstm_cpu.cpp): float and double, OpenMP over the batch.
+// The CPU kernels' tensor layouts: 0 for NCHW (contiguous), else channels-last (N, H, W, C) with pixels that many
+// elements apart (images H*W*stride apart, channels adjacent): gates and dgates share one; y (also read back by the
+// backward), c, dy and z (the pre-activations, (N, H, W, 4h) channels-last only) have their own.
+struct Strides {
+  int64_t gates = 0, y = 0, c = 0, dy = 0, z = 0;
+};
+
+// CPU entry points (diagonal_lstm_cpu.cpp): float and double, OpenMP over the batch. z: where not null (channels-last
+// only), the forward stores the pre-activations there and the backward reads them instead of gates (which may then
+// be null) and of recomputing W h.
 template <typename T>
-void forward_cpu(const T* gates, const T* w_ss, T* y, T* c, int64_t n, int64_t hid, int64_t height, int64_t width,
-                 bool reverse);
+void forward_cpu(const T* gates, const T* w_ss, T* y, T* c, T* z, int64_t n, int64_t hid, int64_t height,
+                 int64_t width, bool reverse, const Strides& strides);
 template <typename T>
-void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* y, const T* c, T* dgates, T* dw_ss, int64_t n,
-                  int64_t hid, int64_t height, int64_t width, bool reverse);
+void backward_cpu(const T* dy, const T* gates, const T* z, const T* w_ss, const T* y, const T* c, T* dgates, T* dw_ss,
+                  int64_t n, int64_t hid, int64_t height, int64_t width, bool reverse, const Strides& strides);
 
 #ifdef GM_WITH_CUDA
 // CUDA entry points (diagonal_lstm_cuda.cu), tensor cores: gates/y/dy/dgates channels-last (N, H, W, C) in `dtype`

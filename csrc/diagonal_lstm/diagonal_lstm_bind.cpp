@@ -1,5 +1,6 @@
-// Python entry points of diagonal_lstm. Python checks shapes, dtypes and devices and passes contiguous tensors'
-// addresses; the CPU kernels take float32 and float64 (state in the same type).
+// Python entry points of diagonal_lstm. Python checks shapes, dtypes and devices and passes the tensors' addresses
+// (NCHW contiguous, or channels-last with the pixel strides given); the CPU kernels take float32 and float64 (state in
+// the same type).
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -12,32 +13,48 @@ namespace gm {
 namespace diagonal_lstm {
 namespace {
 
-void forward_cpu_entry(std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t y, std::uintptr_t c, int64_t n,
-                       int64_t hid, int64_t height, int64_t width, bool reverse, int dtype) {
+// strides: the layouts (diagonal_lstm.h's Strides) of gates/dgates, y, c, dy and z; all 0: NCHW.
+Strides strides_of(int64_t gates, int64_t y, int64_t c, int64_t dy, int64_t z) {
+  Strides st;
+  st.gates = gates;
+  st.y = y;
+  st.c = c;
+  st.dy = dy;
+  st.z = z;
+  return st;
+}
+
+void forward_cpu_entry(std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t y, std::uintptr_t c,
+                       std::uintptr_t z, int64_t n, int64_t hid, int64_t height, int64_t width, bool reverse,
+                       int dtype, int64_t s_gates, int64_t s_y, int64_t s_c, int64_t s_z) {
+  const Strides st = strides_of(s_gates, s_y, s_c, 0, s_z);
   pybind11::gil_scoped_release nogil;
   switch (to_dtype(dtype)) {
     case DType::f32:
-      return forward_cpu(ptr<const float>(gates), ptr<const float>(w_ss), ptr<float>(y), ptr<float>(c), n, hid, height,
-                         width, reverse);
+      return forward_cpu(ptr<const float>(gates), ptr<const float>(w_ss), ptr<float>(y), ptr<float>(c), ptr<float>(z),
+                         n, hid, height, width, reverse, st);
     case DType::f64:
-      return forward_cpu(ptr<const double>(gates), ptr<const double>(w_ss), ptr<double>(y), ptr<double>(c), n, hid,
-                         height, width, reverse);
+      return forward_cpu(ptr<const double>(gates), ptr<const double>(w_ss), ptr<double>(y), ptr<double>(c),
+                         ptr<double>(z), n, hid, height, width, reverse, st);
     default: throw std::invalid_argument("gm._C.diagonal_lstm_forward_cpu takes float32 or float64");
   }
 }
 
-void backward_cpu_entry(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t y,
-                        std::uintptr_t c, std::uintptr_t dgates, std::uintptr_t dw_ss, int64_t n, int64_t hid,
-                        int64_t height, int64_t width, bool reverse, int dtype) {
+void backward_cpu_entry(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t z, std::uintptr_t w_ss,
+                        std::uintptr_t y, std::uintptr_t c, std::uintptr_t dgates, std::uintptr_t dw_ss, int64_t n,
+                        int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int64_t s_gates,
+                        int64_t s_y, int64_t s_c, int64_t s_dy, int64_t s_z) {
+  const Strides st = strides_of(s_gates, s_y, s_c, s_dy, s_z);
   pybind11::gil_scoped_release nogil;
   switch (to_dtype(dtype)) {
     case DType::f32:
-      return backward_cpu(ptr<const float>(dy), ptr<const float>(gates), ptr<const float>(w_ss), ptr<const float>(y),
-                          ptr<const float>(c), ptr<float>(dgates), ptr<float>(dw_ss), n, hid, height, width, reverse);
+      return backward_cpu(ptr<const float>(dy), ptr<const float>(gates), ptr<const float>(z), ptr<const float>(w_ss),
+                          ptr<const float>(y), ptr<const float>(c), ptr<float>(dgates), ptr<float>(dw_ss), n, hid,
+                          height, width, reverse, st);
     case DType::f64:
-      return backward_cpu(ptr<const double>(dy), ptr<const double>(gates), ptr<const double>(w_ss),
-                          ptr<const double>(y), ptr<const double>(c), ptr<double>(dgates), ptr<double>(dw_ss), n, hid,
-                          height, width, reverse);
+      return backward_cpu(ptr<const double>(dy), ptr<const double>(gates), ptr<const double>(z),
+                          ptr<const double>(w_ss), ptr<const double>(y), ptr<const double>(c), ptr<double>(dgates),
+                          ptr<double>(dw_ss), n, hid, height, width, reverse, st);
     default: throw std::invalid_argument("gm._C.diagonal_lstm_backward_cpu takes float32 or float64");
   }
 }

@@ -4,7 +4,9 @@
 // t-1: the state-to-state product is the engine's 2-tap convolution with lane offsets -1 (w_ss[..., 0], above)
 // and 0 (w_ss[..., 1], left). Lane i is valid in column t when 0 <= t - i < W; the engine keeps h, c and every
 // gradient zero elsewhere ("zero state outside the image", see gm/ops/diagonal_lstm.py). The skew is addressing
-// only: the layout below gathers and scatters the pixels of a column (reverse: j counts from the right).
+// only: the layout below gathers and scatters the pixels of a column (reverse: j counts from the right), from NCHW
+// tensors (the op) or channels-last ones (gm.nn.DiagonalBiLSTM's one-node path; there the forward also keeps the
+// pre-activations z, which the backward reads instead of the gates).
 #include <algorithm>
 
 #include "common/lstm_scan_cpu.h"
@@ -14,71 +16,106 @@ namespace gm {
 namespace diagonal_lstm {
 namespace {
 
+// Where channel ch of pixel p of image n lies: n * image + p * pixel + ch * channel (elements).
+struct Planes {
+  int64_t image, pixel, channel;
+};
+
 template <typename T>
 struct SkewLayout {
   int64_t hid, height, width, hw;
   bool reverse;
+  Planes pg, py, pc, pdy, pz;  // gates and dgates; y (and the backward's y_in); c; dy; z
   const T* gates = nullptr;
   const T* y_in = nullptr;  // backward: the forward's h and c
   const T* c_in = nullptr;
   const T* dy = nullptr;
+  const T* z_in = nullptr;  // backward: the forward's pre-activations (channels-last only)
   T* y = nullptr;  // forward outputs
   T* c = nullptr;
+  T* z = nullptr;  // the pre-activations, where kept (channels-last only)
   T* dgates = nullptr;  // backward output
 
   int64_t lane_lo(int64_t t) const { return std::max<int64_t>(0, t - width + 1); }
   int64_t lane_hi(int64_t t) const { return std::min<int64_t>(height, t + 1); }
 
-  // Offset in an (H, W) plane of lane i of column t: i*W + j (reverse: i*W + W-1-j), j = t - i.
+  // Pixel offset (i*W + j, reverse: i*W + W-1-j, j = t - i) of lane i of column t.
   int64_t at(int64_t t, int64_t i) const { return pixel(i, t - i, width, reverse); }
 
-  // dst[ch * ld + lane] <- src plane ch at the pixels of column t, lanes [0, lv), zero where invalid (and
-  // everywhere for src null: the zero state before the first column).
-  void gather(const T* src, int64_t channels, int64_t t, T* dst, int64_t ld, int64_t lv) const {
+  // dst[ch * ld + lane] <- channel ch of image n of src at the pixels of column t, lanes [0, lv), zero where invalid
+  // (and everywhere for src null: the zero state before the first column). Channels-last: one pixel's channels are
+  // adjacent, so a lane's values are read together (NCHW: a channel's pixels of the column, each its own line).
+  void gather(const T* src, const Planes& p, int64_t n, int64_t channels, int64_t t, T* dst, int64_t ld,
+              int64_t lv) const {
     const int64_t lo = src != nullptr ? lane_lo(t) : 0, hi = src != nullptr ? std::max(lo, lane_hi(t)) : 0;
     for (int64_t ch = 0; ch < channels; ++ch) {
-      T* row = dst + ch * ld;
-      const T* plane = src != nullptr ? src + ch * hw : nullptr;
-      std::fill(row, row + lo, T(0));
-      for (int64_t i = lo; i < hi; ++i) row[i] = plane[at(t, i)];
-      std::fill(row + hi, row + lv, T(0));
+      std::fill(dst + ch * ld, dst + ch * ld + lo, T(0));
+      std::fill(dst + ch * ld + hi, dst + ch * ld + lv, T(0));
+    }
+    if (hi == lo) return;
+    const T* img = src + n * p.image;
+    if (p.channel == 1) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const T* px = img + at(t, i) * p.pixel;
+        for (int64_t ch = 0; ch < channels; ++ch) dst[ch * ld + i] = px[ch];
+      }
+    } else {
+      for (int64_t ch = 0; ch < channels; ++ch)
+        for (int64_t i = lo; i < hi; ++i) dst[ch * ld + i] = img[ch * p.channel + at(t, i) * p.pixel];
     }
   }
-  void scatter(const T* src, int64_t ld, int64_t channels, int64_t t, T* dst) const {
-    for (int64_t ch = 0; ch < channels; ++ch)
-      for (int64_t i = lane_lo(t); i < lane_hi(t); ++i) dst[ch * hw + at(t, i)] = src[ch * ld + i];
+  void scatter(const T* src, int64_t ld, int64_t channels, int64_t t, T* dst, const Planes& p, int64_t n) const {
+    T* img = dst + n * p.image;
+    if (p.channel == 1) {
+      for (int64_t i = lane_lo(t); i < lane_hi(t); ++i) {
+        T* px = img + at(t, i) * p.pixel;
+        for (int64_t ch = 0; ch < channels; ++ch) px[ch] = src[ch * ld + i];
+      }
+    } else {
+      for (int64_t ch = 0; ch < channels; ++ch)
+        for (int64_t i = lane_lo(t); i < lane_hi(t); ++i) img[ch * p.channel + at(t, i) * p.pixel] = src[ch * ld + i];
+    }
   }
 
   void load_gates(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const {
-    gather(gates + n * 4 * hid * hw, 4 * hid, t, dst, ld, lv);
+    gather(gates, pg, n, 4 * hid, t, dst, ld, lv);
   }
   void load_h(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const {
-    gather(y_in != nullptr ? y_in + n * hid * hw : nullptr, hid, t, dst, ld, lv);  // t = -1: no valid lane
+    gather(y_in, py, n, hid, t, dst, ld, lv);  // t = -1: no valid lane
   }
-  void load_c(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const {
-    gather(c_in != nullptr ? c_in + n * hid * hw : nullptr, hid, t, dst, ld, lv);
-  }
-  void load_dy(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const {
-    gather(dy + n * hid * hw, hid, t, dst, ld, lv);
-  }
+  void load_c(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const { gather(c_in, pc, n, hid, t, dst, ld, lv); }
+  void load_dy(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const { gather(dy, pdy, n, hid, t, dst, ld, lv); }
   void store_state(int64_t n, int64_t t, const T* h, int64_t ldh, const T* cc, int64_t ldc) const {
-    scatter(h, ldh, hid, t, y + n * hid * hw);
-    scatter(cc, ldc, hid, t, c + n * hid * hw);
+    scatter(h, ldh, hid, t, y, py, n);
+    scatter(cc, ldc, hid, t, c, pc, n);
   }
-  void store_dgates(int64_t n, int64_t t, const T* dz, int64_t ld) const {
-    scatter(dz, ld, 4 * hid, t, dgates + n * 4 * hid * hw);
-  }
+  void store_dgates(int64_t n, int64_t t, const T* dz, int64_t ld) const { scatter(dz, ld, 4 * hid, t, dgates, pg, n); }
   void store_initial_grads(int64_t, const T*, const T*, int64_t) const {}
+  bool saves_preact() const { return z != nullptr || z_in != nullptr; }
+  void store_preact(int64_t n, int64_t t, const T* zr, int64_t ld) const { scatter(zr, ld, 4 * hid, t, z, pz, n); }
+  void load_preact(int64_t n, int64_t t, T* dst, int64_t ld, int64_t lv) const {
+    gather(z_in, pz, n, 4 * hid, t, dst, ld, lv);
+  }
 };
 
+// NCHW planes of `channels` channels, or channels-last ones with pixels `stride` elements apart (stride > 0).
+Planes planes(int64_t channels, int64_t hw, int64_t stride) {
+  return stride > 0 ? Planes{hw * stride, stride, 1} : Planes{channels * hw, 1, hw};
+}
+
 template <typename T>
-SkewLayout<T> layout_of(int64_t hid, int64_t height, int64_t width, bool reverse) {
+SkewLayout<T> layout_of(int64_t hid, int64_t height, int64_t width, bool reverse, const Strides& st) {
   SkewLayout<T> lay;
   lay.hid = hid;
   lay.height = height;
   lay.width = width;
   lay.hw = height * width;
   lay.reverse = reverse;
+  lay.pg = planes(4 * hid, lay.hw, st.gates);
+  lay.py = planes(hid, lay.hw, st.y);
+  lay.pc = planes(hid, lay.hw, st.c);
+  lay.pdy = planes(hid, lay.hw, st.dy);
+  lay.pz = planes(4 * hid, lay.hw, st.z);
   return lay;
 }
 
@@ -95,25 +132,27 @@ lstm_scan::Dims dims_of(int64_t n, int64_t hid, int64_t height, int64_t width) {
 }  // namespace
 
 template <typename T>
-void forward_cpu(const T* gates, const T* w_ss, T* y, T* c, int64_t n, int64_t hid, int64_t height, int64_t width,
-                 bool reverse) {
+void forward_cpu(const T* gates, const T* w_ss, T* y, T* c, T* z, int64_t n, int64_t hid, int64_t height,
+                 int64_t width, bool reverse, const Strides& st) {
   if (n * height * width == 0) return;
-  SkewLayout<T> lay = layout_of<T>(hid, height, width, reverse);
+  SkewLayout<T> lay = layout_of<T>(hid, height, width, reverse, st);
   lay.gates = gates;
   lay.y = y;
   lay.c = c;
+  lay.z = z;
   lstm_scan::scan_forward(lay, dims_of(n, hid, height, width), w_ss);
 }
 
 template <typename T>
-void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* y, const T* c, T* dgates, T* dw_ss, int64_t n,
-                  int64_t hid, int64_t height, int64_t width, bool reverse) {
+void backward_cpu(const T* dy, const T* gates, const T* z, const T* w_ss, const T* y, const T* c, T* dgates, T* dw_ss,
+                  int64_t n, int64_t hid, int64_t height, int64_t width, bool reverse, const Strides& st) {
   if (n * height * width == 0) {
     std::fill(dw_ss, dw_ss + 8 * hid * hid, T(0));
     return;
   }
-  SkewLayout<T> lay = layout_of<T>(hid, height, width, reverse);
+  SkewLayout<T> lay = layout_of<T>(hid, height, width, reverse, st);
   lay.gates = gates;
+  lay.z_in = z;
   lay.y_in = y;
   lay.c_in = c;
   lay.dy = dy;
@@ -121,13 +160,15 @@ void backward_cpu(const T* dy, const T* gates, const T* w_ss, const T* y, const 
   lstm_scan::scan_backward(lay, dims_of(n, hid, height, width), w_ss, dw_ss);
 }
 
-template void forward_cpu<float>(const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, bool);
-template void forward_cpu<double>(const double*, const double*, double*, double*, int64_t, int64_t, int64_t, int64_t,
-                                  bool);
-template void backward_cpu<float>(const float*, const float*, const float*, const float*, const float*, float*, float*,
-                                  int64_t, int64_t, int64_t, int64_t, bool);
-template void backward_cpu<double>(const double*, const double*, const double*, const double*, const double*, double*,
-                                   double*, int64_t, int64_t, int64_t, int64_t, bool);
+template void forward_cpu<float>(const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t,
+                                 int64_t, bool, const Strides&);
+template void forward_cpu<double>(const double*, const double*, double*, double*, double*, int64_t, int64_t, int64_t,
+                                  int64_t, bool, const Strides&);
+template void backward_cpu<float>(const float*, const float*, const float*, const float*, const float*, const float*,
+                                  float*, float*, int64_t, int64_t, int64_t, int64_t, bool, const Strides&);
+template void backward_cpu<double>(const double*, const double*, const double*, const double*, const double*,
+                                   const double*, double*, double*, int64_t, int64_t, int64_t, int64_t, bool,
+                                   const Strides&);
 
 }  // namespace diagonal_lstm
 }  // namespace gm

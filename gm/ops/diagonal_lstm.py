@@ -12,7 +12,7 @@ end never reach a pixel of the image, so every backend zeroes (or skips) them an
 recurrence on every output and gradient (tests/ops/test_diagonal_lstm.py checks this bit for bit).
 reverse=True scans right to left: diagonal_lstm(gates.flip(-1), w_ss).flip(-1), by addressing (no copy).
 
-The cuda and triton scans also run channels-last, outside the op (FORWARD_CHANNELS_LAST / BACKWARD_CHANNELS_LAST):
+The cpu, cuda and triton scans also run channels-last, outside the op (FORWARD_CHANNELS_LAST / BACKWARD_CHANNELS_LAST):
 gates and gate gradients (N, H, W, 4h) with pixels possibly further apart (a direction's half of gm.nn.DiagonalBiLSTM's
 (N, H, W, 8h) input conv output), y and dy (N, H, W, h), for the layer's one-node path, whose convolutions take
 channels-last operands as they are.
@@ -90,7 +90,8 @@ def _cpu_forward(gates, w_ss, reverse):
     n, g4, height, width = g.shape
     y = torch.empty(n, g4 // 4, height, width, dtype=sdt)
     c = torch.empty_like(y)
-    ext().diagonal_lstm_forward_cpu(*_ptr_args(g, w, y, c), n, g4 // 4, height, width, reverse, dtype_code(y))
+    ext().diagonal_lstm_forward_cpu(*_ptr_args(g, w, y, c), 0, n, g4 // 4, height, width, reverse, dtype_code(y),
+                                    0, 0, 0, 0)  # fmt: skip
     if sdt == gates.dtype:
         return y, c
     return y.to(gates.dtype), torch.cat([c, y], dim=1)
@@ -105,8 +106,9 @@ def _cpu_backward(grad, gates, w_ss, y, c, reverse):
     dgates = torch.empty_like(g)
     dw = torch.empty_like(w)
     ext().diagonal_lstm_backward_cpu(
-        *_ptr_args(d, g, w, y, c, dgates, dw), n, g4 // 4, height, width, reverse, dtype_code(g)
-    )
+        d.data_ptr(), g.data_ptr(), 0, *_ptr_args(w, y, c, dgates, dw), n, g4 // 4, height, width, reverse,
+        dtype_code(g), 0, 0, 0, 0, 0,
+    )  # fmt: skip
     return dgates.to(gates.dtype), dw.to(w_ss.dtype)
 
 
@@ -229,9 +231,62 @@ def triton_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: 
     return weight_grad(dgates, y, reverse, gate_stride).to(w_ss.dtype)
 
 
+def cpu_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool):
+    """cuda_forward_channels_last on the C++ scan: gates (N, H, W, 4h), pixels possibly further apart than 4h, read in
+    place in float32/float64 (16-bit gates are widened once and scanned in float32, as by the op); (y (N, H, W, h) in
+    gates' dtype, state). The state holds what the backward reads instead of the gates: (N, H, W, 5h) = [c, z], z the
+    pre-activations (gates + W h), so that the backward neither gathers the gates again nor recomputes W h (one of its
+    three GEMMs); for 16-bit gates (N, H, W, 6h) = [c, z, y in float32]. In the state dtype (state_dtype)."""
+    sdt = state_dtype(gates.dtype)
+    widened = gates.dtype != sdt
+    g = gates.to(sdt) if widened else gates  # the widened copy is a dense (N, H, W, 4h) tensor
+    w = w_ss.to(sdt).contiguous()
+    n, height, width, g4 = g.shape
+    hid = g4 // 4
+    state = torch.empty(n, height, width, (6 if widened else 5) * hid, dtype=sdt)
+    y = state[..., 5 * hid :] if widened else torch.empty(n, height, width, hid, dtype=sdt)
+    ps = state.shape[3]
+    ext().diagonal_lstm_forward_cpu(
+        g.data_ptr(), w.data_ptr(), y.data_ptr(), state.data_ptr(), state[..., hid:].data_ptr(),
+        n, hid, height, width, reverse, dtype_code(state), pixel_stride(g, "gates"), ps if widened else hid, ps, ps,
+    )  # fmt: skip
+    return (y.to(gates.dtype) if widened else y), state
+
+
+def cpu_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: torch.Tensor, y: torch.Tensor,
+                               state: torch.Tensor, reverse: bool) -> torch.Tensor:  # fmt: skip
+    """The backward of cpu_forward_channels_last: writes dgates (N, H, W, 4h) (channels-last, pixels possibly further
+    apart) from dy (N, H, W, h), the forward's y and state, and returns dw_ss in w_ss's dtype."""
+    n, height, width, g4 = dgates.shape
+    hid = g4 // 4
+    sdt = state.dtype
+    widened = dgates.dtype != sdt
+    ps = state.shape[3]
+    h = state[..., 5 * hid :] if widened else y  # the backward reads the unrounded h, as the op's
+    d, w = dy.to(sdt).contiguous(), w_ss.to(sdt).contiguous()
+    dg = torch.empty(n, height, width, g4, dtype=sdt) if widened else dgates
+    dw = torch.empty(w.shape, dtype=sdt)
+    ext().diagonal_lstm_backward_cpu(
+        d.data_ptr(), 0, state[..., hid:].data_ptr(), w.data_ptr(), h.data_ptr(), state.data_ptr(), dg.data_ptr(),
+        dw.data_ptr(), n, hid, height, width, reverse, dtype_code(dw), pixel_stride(dg, "dgates"),
+        ps if widened else pixel_stride(h, "y"), ps, hid, ps,
+    )  # fmt: skip
+    if widened:
+        dgates.copy_(dg)
+    return dw.to(w_ss.dtype)
+
+
 # The channels-last scans by backend, for gm.nn.DiagonalBiLSTM's one-node path.
-FORWARD_CHANNELS_LAST = {"cuda": cuda_forward_channels_last, "triton": triton_forward_channels_last}
-BACKWARD_CHANNELS_LAST = {"cuda": cuda_backward_channels_last, "triton": triton_backward_channels_last}
+FORWARD_CHANNELS_LAST = {
+    "cpu": cpu_forward_channels_last,
+    "cuda": cuda_forward_channels_last,
+    "triton": triton_forward_channels_last,
+}
+BACKWARD_CHANNELS_LAST = {
+    "cpu": cpu_backward_channels_last,
+    "cuda": cuda_backward_channels_last,
+    "triton": triton_backward_channels_last,
+}
 
 
 _FORWARD = {"reference": _reference_forward, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward}

@@ -71,20 +71,25 @@ def test_pixelcnn_runs_channels_last_end_to_end(preset, backend):
     assert len(seen) == 3 * len(layers) and all(ok for _, ok in seen), [k for k, ok in seen if not ok]
 
 
-@pytest.mark.skipif("triton" not in fast_backends(), reason="triton is not available")
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rgb"])
-@pytest.mark.parametrize(("name", "layer_name", "node"),
-                         [("rowlstm", "RowLSTM", "_FusedRowLSTMChannelsLast"),
-                          ("diagonal_bilstm", "DiagonalBiLSTM", "_FusedBiLSTMChannelsLast")],
-                         ids=["row", "diagonal"])  # fmt: skip
-def test_pixelrnn_runs_channels_last_on_triton(preset, name, layer_name, node):
-    """backend="triton": the PixelRNN models run channels-last (their channels_last properties, from their layers'
-    runs_channels_last): every layer takes its channels-last one-node path (gm.nn.row_lstm._FusedRowLSTMChannelsLast,
+@pytest.mark.parametrize(("backend", "name", "layer_name", "node"),
+                         [("triton", "rowlstm", "RowLSTM", "_FusedRowLSTMChannelsLast"),
+                          ("triton", "diagonal_bilstm", "DiagonalBiLSTM", "_FusedBiLSTMChannelsLast"),
+                          ("cpu", "diagonal_bilstm", "DiagonalBiLSTM", "_FusedBiLSTMChannelsLast")],
+                         ids=["triton-row", "triton-diagonal", "cpu-diagonal"])  # fmt: skip
+def test_pixelrnn_runs_channels_last(preset, backend, name, layer_name, node):
+    """The PixelRNN models run channels-last where their layers have channels-last scans (their channels_last
+    properties, from their layers' runs_channels_last: triton both, cpu the Diagonal BiLSTM; the C++ row scan reads
+    NCHW rows as they are): every layer takes its channels-last one-node path (gm.nn.row_lstm._FusedRowLSTMChannelsLast,
     gm.nn.diagonal_lstm._FusedBiLSTMChannelsLast) on a channels-last input, gives a channels-last output and gets a
     channels-last output gradient. (Their loss and gradients against the reference:
     test_backends_give_the_reference_loss_and_gradients.)"""
+    if backend not in fast_backends():
+        pytest.skip(f"backend {backend} is not available")
+    if backend == "cpu":
+        assert not M.get("rowlstm", preset, backend="cpu").channels_last
     layer_cls = getattr(gm.nn, layer_name)
-    model = M.get(name, preset, backend="triton")
+    model = M.get(name, preset, backend=backend)
     assert model.channels_last
     seen = []
 

@@ -247,6 +247,38 @@ def test_cuda_gate_pixel_stride():
         pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "hid", "h", "w"), [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3), (3, 17, 9, 7)])
+def test_cpu_channels_last_halves_equal_op(dtype, n, hid, h, w):
+    """cpu_forward_channels_last / cpu_backward_channels_last on each direction's half of one (N, H, W, 8h) tensor
+    give the op's cpu backend's bits: y, c, dgates (written into their half only) and dw_ss. Their backward reads the
+    pre-activations the forward kept (the gates are not passed to it), the op's recomputes them: the same values."""
+    from gm.ops.diagonal_lstm import _cpu_backward, _cpu_forward  # noqa: PLC0415
+    from gm.ops.diagonal_lstm import cpu_backward_channels_last as backward_cl  # noqa: PLC0415
+    from gm.ops.diagonal_lstm import cpu_forward_channels_last as forward_cl  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    g8 = torch.randn(n, h, w, 8 * hid).to(dtype)
+    dg8 = torch.full((n, h, w, 8 * hid), float("nan"), dtype=dtype)
+    for half, reverse in ((0, False), (1, True)):
+        part = slice(4 * hid * half, 4 * hid * (half + 1))
+        w_ss = (0.5 * torch.randn(4 * hid, hid, 2)).to(dtype)
+        dy = torch.randn(n, h, w, hid).to(dtype)
+        y, state = forward_cl(g8[..., part], w_ss, reverse)
+        gates = g8[..., part].permute(0, 3, 1, 2).contiguous()
+        y_ref, c_ref = _cpu_forward(gates, w_ss, reverse)
+        assert y.shape == (n, h, w, hid) and y.dtype == dtype
+        assert torch.equal(y.permute(0, 3, 1, 2), y_ref)
+        assert torch.equal(state[..., :hid].permute(0, 3, 1, 2), c_ref[:, :hid])
+        dw = backward_cl(dy, dg8[..., part], w_ss, y, state, reverse)
+        dg_ref, dw_ref = _cpu_backward(dy.permute(0, 3, 1, 2).contiguous(), gates, w_ss, y_ref, c_ref, reverse)
+        assert torch.equal(dg8[..., part].permute(0, 3, 1, 2), dg_ref) and torch.equal(dw, dw_ref)
+        assert dw.dtype == dtype
+        if half == 0:
+            assert dg8[..., 4 * hid :].isnan().all()
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n", "hid", "h", "w"), [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3)])
