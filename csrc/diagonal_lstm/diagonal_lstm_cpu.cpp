@@ -8,6 +8,8 @@
 // tensors (the op) or channels-last ones (gm.nn.DiagonalBiLSTM's one-node path; there the forward also keeps the
 // pre-activations z, which the backward reads instead of the gates).
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "common/lstm_scan_cpu.h"
 #include "diagonal_lstm/diagonal_lstm.h"
@@ -16,7 +18,9 @@ namespace gm {
 namespace diagonal_lstm {
 namespace {
 
-// Where channel ch of pixel p of image n lies: n * image + p * pixel + ch * channel (elements).
+// Where channel ch of pixel p of image n lies: n * image + p * pixel + ch * channel (elements); pixel == 0: the scan's
+// own packed layout, each image's columns one after the other, a column (channels, its valid lanes) lane-major, so
+// that a column moves to and from the engine's row buffers by one copy per channel instead of a transpose.
 struct Planes {
   int64_t image, pixel, channel;
 };
@@ -35,6 +39,7 @@ struct SkewLayout {
   T* c = nullptr;
   T* z = nullptr;  // the pre-activations, where kept (channels-last only)
   T* dgates = nullptr;  // backward output
+  std::vector<int64_t> first;  // packed planes: the valid pixels of the columns before t
 
   int64_t lane_lo(int64_t t) const { return std::max<int64_t>(0, t - width + 1); }
   int64_t lane_hi(int64_t t) const { return std::min<int64_t>(height, t + 1); }
@@ -54,7 +59,10 @@ struct SkewLayout {
     }
     if (hi == lo) return;
     const T* img = src + n * p.image;
-    if (p.channel == 1) {
+    if (p.pixel == 0) {
+      const T* col = img + first[t] * channels;
+      for (int64_t ch = 0; ch < channels; ++ch) std::memcpy(dst + ch * ld + lo, col + ch * (hi - lo), (hi - lo) * sizeof(T));
+    } else if (p.channel == 1) {
       for (int64_t i = lo; i < hi; ++i) {
         const T* px = img + at(t, i) * p.pixel;
         for (int64_t ch = 0; ch < channels; ++ch) dst[ch * ld + i] = px[ch];
@@ -66,7 +74,11 @@ struct SkewLayout {
   }
   void scatter(const T* src, int64_t ld, int64_t channels, int64_t t, T* dst, const Planes& p, int64_t n) const {
     T* img = dst + n * p.image;
-    if (p.channel == 1) {
+    if (p.pixel == 0) {
+      const int64_t lo = lane_lo(t), len = std::max<int64_t>(0, lane_hi(t) - lo);
+      T* col = img + first[t] * channels;
+      for (int64_t ch = 0; ch < channels; ++ch) std::memcpy(col + ch * len, src + ch * ld + lo, len * sizeof(T));
+    } else if (p.channel == 1) {
       for (int64_t i = lane_lo(t); i < lane_hi(t); ++i) {
         T* px = img + at(t, i) * p.pixel;
         for (int64_t ch = 0; ch < channels; ++ch) px[ch] = src[ch * ld + i];
@@ -98,8 +110,10 @@ struct SkewLayout {
   }
 };
 
-// NCHW planes of `channels` channels, or channels-last ones with pixels `stride` elements apart (stride > 0).
+// NCHW planes of `channels` channels, channels-last ones with pixels `stride` elements apart (stride > 0), or packed
+// ones (stride < 0).
 Planes planes(int64_t channels, int64_t hw, int64_t stride) {
+  if (stride < 0) return Planes{channels * hw, 0, 0};
   return stride > 0 ? Planes{hw * stride, stride, 1} : Planes{channels * hw, 1, hw};
 }
 
@@ -116,6 +130,8 @@ SkewLayout<T> layout_of(int64_t hid, int64_t height, int64_t width, bool reverse
   lay.pc = planes(hid, lay.hw, st.c);
   lay.pdy = planes(hid, lay.hw, st.dy);
   lay.pz = planes(4 * hid, lay.hw, st.z);
+  lay.first.assign(height + width, 0);
+  for (int64_t t = 0; t + 1 < height + width; ++t) lay.first[t + 1] = lay.first[t] + lay.lane_hi(t) - lay.lane_lo(t);
   return lay;
 }
 

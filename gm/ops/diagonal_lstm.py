@@ -231,24 +231,35 @@ def triton_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: 
     return weight_grad(dgates, y, reverse, gate_stride).to(w_ss.dtype)
 
 
+_PACKED = -1  # the C++ scan's own layout of a state part (csrc/diagonal_lstm/diagonal_lstm_cpu.cpp: Planes)
+
+
+def _cpu_state_parts(state: torch.Tensor, n: int, hid: int, hw: int) -> tuple[torch.Tensor, ...]:
+    """(c, z[, h]) of cpu_forward_channels_last's state (one flat tensor): c and z in the scan's packed layout, the
+    float32 h of 16-bit inputs as a contiguous (N, H, W, h) block."""
+    sizes = [n * hid * hw, n * 4 * hid * hw] + ([n * hid * hw] if state.numel() > 5 * n * hid * hw else [])
+    return state.split(sizes)
+
+
 def cpu_forward_channels_last(gates: torch.Tensor, w_ss: torch.Tensor, reverse: bool):
     """cuda_forward_channels_last on the C++ scan: gates (N, H, W, 4h), pixels possibly further apart than 4h, read in
     place in float32/float64 (16-bit gates are widened once and scanned in float32, as by the op); (y (N, H, W, h) in
-    gates' dtype, state). The state holds what the backward reads instead of the gates: (N, H, W, 5h) = [c, z], z the
-    pre-activations (gates + W h), so that the backward neither gathers the gates again nor recomputes W h (one of its
-    three GEMMs); for 16-bit gates (N, H, W, 6h) = [c, z, y in float32]. In the state dtype (state_dtype)."""
+    gates' dtype, state). The state, one flat tensor in the state dtype (state_dtype), holds c and z, the
+    pre-activations gates + W h (the backward reads them instead of gathering the gates again and recomputing W h,
+    one of its three GEMMs), both in the scan's packed layout (each skewed column's channels lane-major, as the
+    scan's row buffers hold them: a copy per channel in and out, no transpose), and for 16-bit gates the float32 h."""
     sdt = state_dtype(gates.dtype)
     widened = gates.dtype != sdt
     g = gates.to(sdt) if widened else gates  # the widened copy is a dense (N, H, W, 4h) tensor
     w = w_ss.to(sdt).contiguous()
     n, height, width, g4 = g.shape
-    hid = g4 // 4
-    state = torch.empty(n, height, width, (6 if widened else 5) * hid, dtype=sdt)
-    y = state[..., 5 * hid :] if widened else torch.empty(n, height, width, hid, dtype=sdt)
-    ps = state.shape[3]
+    hid, hw = g4 // 4, height * width
+    state = torch.empty((6 if widened else 5) * n * hid * hw, dtype=sdt)
+    parts = _cpu_state_parts(state, n, hid, hw)
+    y = (parts[2] if widened else torch.empty(n * hid * hw, dtype=sdt)).view(n, height, width, hid)
     ext().diagonal_lstm_forward_cpu(
-        g.data_ptr(), w.data_ptr(), y.data_ptr(), state.data_ptr(), state[..., hid:].data_ptr(),
-        n, hid, height, width, reverse, dtype_code(state), pixel_stride(g, "gates"), ps if widened else hid, ps, ps,
+        g.data_ptr(), w.data_ptr(), y.data_ptr(), parts[0].data_ptr(), parts[1].data_ptr(), n, hid, height, width,
+        reverse, dtype_code(state), pixel_stride(g, "gates"), hid, _PACKED, _PACKED,
     )  # fmt: skip
     return (y.to(gates.dtype) if widened else y), state
 
@@ -258,18 +269,18 @@ def cpu_backward_channels_last(dy: torch.Tensor, dgates: torch.Tensor, w_ss: tor
     """The backward of cpu_forward_channels_last: writes dgates (N, H, W, 4h) (channels-last, pixels possibly further
     apart) from dy (N, H, W, h), the forward's y and state, and returns dw_ss in w_ss's dtype."""
     n, height, width, g4 = dgates.shape
-    hid = g4 // 4
+    hid, hw = g4 // 4, height * width
     sdt = state.dtype
     widened = dgates.dtype != sdt
-    ps = state.shape[3]
-    h = state[..., 5 * hid :] if widened else y  # the backward reads the unrounded h, as the op's
+    parts = _cpu_state_parts(state, n, hid, hw)
+    h = parts[2] if widened else y.contiguous()  # the backward reads the unrounded h, as the op's
     d, w = dy.to(sdt).contiguous(), w_ss.to(sdt).contiguous()
     dg = torch.empty(n, height, width, g4, dtype=sdt) if widened else dgates
     dw = torch.empty(w.shape, dtype=sdt)
     ext().diagonal_lstm_backward_cpu(
-        d.data_ptr(), 0, state[..., hid:].data_ptr(), w.data_ptr(), h.data_ptr(), state.data_ptr(), dg.data_ptr(),
-        dw.data_ptr(), n, hid, height, width, reverse, dtype_code(dw), pixel_stride(dg, "dgates"),
-        ps if widened else pixel_stride(h, "y"), ps, hid, ps,
+        d.data_ptr(), 0, parts[1].data_ptr(), w.data_ptr(), h.data_ptr(), parts[0].data_ptr(), dg.data_ptr(),
+        dw.data_ptr(), n, hid, height, width, reverse, dtype_code(dw), pixel_stride(dg, "dgates"), hid, _PACKED, hid,
+        _PACKED,
     )  # fmt: skip
     if widened:
         dgates.copy_(dg)
