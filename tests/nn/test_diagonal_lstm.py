@@ -237,7 +237,8 @@ def test_cpu_one_node_channels_last_equals_composed(shape, x_format, residual, m
     y_ref = _reference_layer(layer, xx)
     gy = torch.randn_like(y)
     params = [xx, *layer.parameters()]
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(y, params, gy), torch.autograd.grad(y_ref, params, gy))):
+    grads, grads_ref = torch.autograd.grad(y, params, gy), torch.autograd.grad(y_ref, params, gy)
+    for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True)):
         assert_rel(a, b, torch.float64, f"grad {i}", device=CPU)
     assert_rel(y, y_ref, torch.float64, "y", device=CPU)
 

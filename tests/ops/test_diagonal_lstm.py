@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -247,18 +248,27 @@ def test_cuda_gate_pixel_stride():
         pixel_stride(torch.empty(2, 3, 5, 20)[:, :, :4], "gates")  # rows of 4 pixels 5 apart
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="gm._C is not built")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("n", "hid", "h", "w"), [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3), (3, 17, 9, 7)])
-def test_cpu_channels_last_halves_equal_op(dtype, n, hid, h, w):
-    """cpu_forward_channels_last / cpu_backward_channels_last on each direction's half of one (N, H, W, 8h) tensor
-    give the op's cpu backend's bits: y, dgates (written into their half only) and dw_ss. Their backward reads c and
-    the pre-activations the forward kept in its state, in the scan's packed layout (the gates are not passed to it),
-    where the op's gathers the gates and recomputes the pre-activations: the same values."""
-    from gm.ops.diagonal_lstm import _cpu_backward, _cpu_forward  # noqa: PLC0415
-    from gm.ops.diagonal_lstm import cpu_backward_channels_last as backward_cl  # noqa: PLC0415
-    from gm.ops.diagonal_lstm import cpu_forward_channels_last as forward_cl  # noqa: PLC0415
+HALVES_CASES = [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3), (3, 17, 9, 7)]
 
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "hid", "h", "w"), HALVES_CASES)
+def test_channels_last_halves_equal_op(backend, dtype, n, hid, h, w):
+    """The channels-last scans (FORWARD_CHANNELS_LAST / BACKWARD_CHANNELS_LAST) on each direction's half of one
+    (N, H, W, 8h) tensor (pixel stride 8h: gm.nn.DiagonalBiLSTM's one-node path) give the op's backend's bits: y,
+    dgates (written into their half only, the other half untouched) and dw_ss; on triton the state too. The cpu
+    ones' backward reads c and the pre-activations the forward kept in its state, in the scan's packed layout (the
+    gates are not passed to it), where the op's gathers the gates and recomputes the pre-activations: the same
+    values."""
+    ops = importlib.import_module("gm.ops.diagonal_lstm")  # the module (gm.ops.diagonal_lstm is also the op)
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend} is not available")
+    if backend == "triton" and (dtype == torch.float64 or hid > 5):
+        pytest.skip("triton: float32/bfloat16 and the small cases (interpreter time)")
+    forward_cl, backward_cl = ops.FORWARD_CHANNELS_LAST[backend], ops.BACKWARD_CHANNELS_LAST[backend]
+    forward_op, backward_op = (ops._cpu_forward, ops._cpu_backward) if backend == "cpu" else (
+        ops._triton_forward, ops._triton_backward)  # fmt: skip
     torch.manual_seed(0)
     g8 = torch.randn(n, h, w, 8 * hid).to(dtype)
     dg8 = torch.full((n, h, w, 8 * hid), float("nan"), dtype=dtype)
@@ -268,40 +278,12 @@ def test_cpu_channels_last_halves_equal_op(dtype, n, hid, h, w):
         dy = torch.randn(n, h, w, hid).to(dtype)
         y, state = forward_cl(g8[..., part], w_ss, reverse)
         gates = g8[..., part].permute(0, 3, 1, 2).contiguous()
-        y_ref, c_ref = _cpu_forward(gates, w_ss, reverse)
-        assert y.shape == (n, h, w, hid) and y.dtype == dtype
-        assert torch.equal(y.permute(0, 3, 1, 2), y_ref) and state.dtype == c_ref.dtype
+        y_ref, state_ref = forward_op(gates, w_ss, reverse)
+        assert y.shape == (n, h, w, hid) and y.dtype == dtype and torch.equal(y.permute(0, 3, 1, 2), y_ref)
+        if backend == "triton":
+            assert torch.equal(state.permute(0, 3, 1, 2), state_ref)
         dw = backward_cl(dy, dg8[..., part], w_ss, y, state, reverse)
-        dg_ref, dw_ref = _cpu_backward(dy.permute(0, 3, 1, 2).contiguous(), gates, w_ss, y_ref, c_ref, reverse)
-        assert torch.equal(dg8[..., part].permute(0, 3, 1, 2), dg_ref) and torch.equal(dw, dw_ref)
-        assert dw.dtype == dtype
-        if half == 0:
-            assert dg8[..., 4 * hid :].isnan().all()
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("n", "hid", "h", "w"), [(2, 3, 5, 4), (1, 3, 1, 6), (2, 4, 6, 1), (1, 5, 3, 3)])
-def test_triton_channels_last_halves_equal_op(dtype, n, hid, h, w):
-    """triton_forward_channels_last / triton_backward_channels_last on each direction's half of one (N, H, W, 8h)
-    tensor (pixel stride 8h: gm.nn.DiagonalBiLSTM's one-node path) give the op's triton backend's bits: y, state,
-    dgates (written into their half only, the other half untouched) and dw_ss."""
-    from gm.ops.diagonal_lstm import _triton_backward, _triton_forward  # noqa: PLC0415
-    from gm.ops.diagonal_lstm import triton_backward_channels_last as backward_cl  # noqa: PLC0415
-    from gm.ops.diagonal_lstm import triton_forward_channels_last as forward_cl  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    g8 = torch.randn(n, h, w, 8 * hid).to(dtype)
-    dg8 = torch.full((n, h, w, 8 * hid), float("nan"), dtype=dtype)
-    for half, reverse in ((0, False), (1, True)):
-        part = slice(4 * hid * half, 4 * hid * (half + 1))
-        w_ss = (0.5 * torch.randn(4 * hid, hid, 2)).to(dtype)
-        dy = torch.randn(n, h, w, hid).to(dtype)
-        y, state = forward_cl(g8[..., part], w_ss, reverse)
-        y_ref, state_ref = _triton_forward(g8[..., part].permute(0, 3, 1, 2), w_ss, reverse)
-        assert torch.equal(y.permute(0, 3, 1, 2), y_ref) and torch.equal(state.permute(0, 3, 1, 2), state_ref)
-        dw = backward_cl(dy, dg8[..., part], w_ss, y, state, reverse)
-        dg_ref, dw_ref = _triton_backward(dy.permute(0, 3, 1, 2), None, w_ss, y_ref, state_ref, reverse)
+        dg_ref, dw_ref = backward_op(dy.permute(0, 3, 1, 2).contiguous(), gates, w_ss, y_ref, state_ref, reverse)
         assert torch.equal(dg8[..., part].permute(0, 3, 1, 2), dg_ref) and torch.equal(dw, dw_ref)
         assert dw.dtype == dtype
         if half == 0:
