@@ -341,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         # bench's own options (--quick, --ops, ...) pass through untouched: argparse's REMAINDER would eat them.
         return _cmd_bench(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.func in (_cmd_train, _cmd_eval, _cmd_sample):
+        from gm._malloc import keep_freed_memory  # noqa: PLC0415
+
+        keep_freed_memory()  # a CPU step's large tensors reuse the heap instead of faulting in fresh pages
     return args.func(args)
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import gm._malloc
 from bench import harness, report
 from bench.__main__ import main
 
@@ -16,8 +17,11 @@ def test_bench_quick_profile_and_report(tmp_path, capsys, monkeypatch):
     # Rows slower than SLOW_MS are not profiled; gm[cpu] takes ~10 ms here, but several times that on a loaded
     # 2-core machine: this test checks the files and the report, not the cut-off.
     monkeypatch.setattr(harness, "SLOW_MS", float("inf"))
+    malloc_calls = []
+    monkeypatch.setattr(gm._malloc, "keep_freed_memory", lambda: malloc_calls.append(1) or True)
     assert main(["--quick", "--ops", "minibatch", "--no-compile", "--profile", "--out", str(tmp_path),
                  "--warmup-ms", "1", "--rep-ms", "5"]) == 0  # fmt: skip
+    assert malloc_calls == [1]  # a CPU run times the steady state of a training loop (gm._malloc)
     (rows_file,) = tmp_path.glob("*.jsonl")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     impls = {r["impl"] for r in rows}
