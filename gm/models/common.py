@@ -49,7 +49,7 @@ class PixelModel(nn.Module):
     # convolutions and elementwise ops converts nothing between layers (each NCHW layer costs the kernels a transpose
     # of its input, of its output gradient and of its input again in the backward). The all-convolution PixelCNN
     # sets it; the PixelRNN models where their layers' one-node paths run channels-last (the cuda and the triton
-    # scans), as their channels_last properties say: the CPU scans read NCHW rows.
+    # scans, and the cpu diagonal scan), as their channels_last properties say: the cpu row scan reads NCHW rows.
     channels_last = False
 
     def __init__(self, channels: int, levels: int, backend: str | None) -> None:

@@ -79,8 +79,8 @@ class RowLSTMModel(PixelRNN):
         and of its output gradient. The backends as the layers resolve them for the compute dtype on the
         parameters' device (gm.nn.RowLSTM.runs_channels_last): backend="cuda" or "triton", or auto where the convs and
         the scan resolve to the same one (auto picks the triton scans unless a benchmark run measured the cuda ones
-        ahead: gm.ops.row_lstm.scan_backend). The CPU scans read NCHW, and the input conv's channels-last output
-        would cost them a conversion, so elsewhere the model stays NCHW."""
+        ahead: gm.ops.row_lstm.scan_backend). The cpu row scan reads NCHW rows, and the input conv's channels-last output
+        would cost it a conversion, so elsewhere the model stays NCHW."""
         if len(self.layers) == 0:
             return False
         p = next(self.parameters())
@@ -95,12 +95,12 @@ class DiagonalBiLSTMModel(PixelRNN):
 
     @property
     def channels_last(self) -> bool:
-        """Channels-last where the layers' convolutions and scans all run on the cuda backend or all on the triton
-        one: their one-node path then keeps gates, states and gradients channels-last (gm.nn.diagonal_lstm.
+        """Channels-last where the layers' convolutions and scans all run on one backend, cuda, triton or cpu: their
+        one-node path then keeps gates, states and gradients channels-last (gm.nn.diagonal_lstm.
         _FusedBiLSTMChannelsLast), so an NCHW activation between layers costs a conversion of each layer's input and
         of its output gradient. The backends as the layers resolve them for the compute dtype on the parameters'
-        device (gm.nn.DiagonalBiLSTM.runs_channels_last): backend="cuda" or "triton", or auto where the convs and
-        the scans resolve to the same one. The CPU scans read NCHW, so elsewhere the model stays NCHW."""
+        device (gm.nn.DiagonalBiLSTM.runs_channels_last): backend="cuda", "triton" or "cpu", or auto where the convs
+        and the scans resolve to the same one; elsewhere (the reference, mixed backends) the model stays NCHW."""
         if len(self.layers) == 0:
             return False
         p = next(self.parameters())
