@@ -320,8 +320,6 @@ struct Chunks {
 // ----------------------------------------------------------------------------------------------------------------
 // Forward.
 
-// acc <- the pre-activations of channel block b (JB channels x gates i, f, o, g) for NC lane vectors: the staged
-// gates gb (image, 4h, lv) plus W h_{r-1}, h read from the padded rows hrows[c] (image img[c], lanes at[c]...).
 // acc <- the staged values of channel block b (zero for channels >= h) from gb (image, 4h, lv).
 template <typename T, int VB, int JB, int NC>
 GM_SCAN_INLINE void load_block(typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, int64_t hid, const T* gb,
@@ -355,6 +353,8 @@ GM_SCAN_INLINE void store_block(const typename Vec<T, VB>::V (&acc)[4 * JB][NC],
   }
 }
 
+// acc <- the pre-activations of channel block b (JB channels x gates i, f, o, g) for NC lane vectors: the staged
+// gates gb (image, 4h, lv) plus W h_{r-1}, h read from the padded rows hrows[c] (image img[c], lanes at[c]...).
 template <typename T, int VB, int JB, int NC>
 GM_SCAN_INLINE void preactivations(typename Vec<T, VB>::V (&acc)[4 * JB][NC], const Geometry& g, const Packed<T>& w,
                                    int64_t hid, const T* gb, const T* const (&hrows)[NC], const int64_t (&img)[NC],

@@ -59,9 +59,11 @@ GM_DLSTM_HD void cell_backward(A a_i, A a_f, A a_o, A a_g, A c, A c_left, A dh, 
   dc_left = dc * s_f;
 }
 
-// The CPU kernels' tensor layouts: 0 for NCHW (contiguous), else channels-last (N, H, W, C) with pixels that many
-// elements apart (images H*W*stride apart, channels adjacent): gates and dgates share one; y (also read back by the
-// backward), c, dy and z (the pre-activations, (N, H, W, 4h) channels-last only) have their own.
+// The CPU kernels' tensor layouts: 0 for NCHW (contiguous); > 0 channels-last (N, H, W, C) with pixels that many
+// elements apart (images H*W*stride apart, channels adjacent); < 0 the scan's own packed layout (each image's skewed
+// columns one after the other, a column's channels lane-major: diagonal_lstm_cpu.cpp's Planes), for state that only
+// the CPU backward reads. gates and dgates share one; y (also read back by the backward), c, dy and z (the
+// pre-activations, kept only by the channels-last path) have their own.
 struct Strides {
   int64_t gates = 0, y = 0, c = 0, dy = 0, z = 0;
 };

@@ -13,21 +13,10 @@ namespace gm {
 namespace diagonal_lstm {
 namespace {
 
-// strides: the layouts (diagonal_lstm.h's Strides) of gates/dgates, y, c, dy and z; all 0: NCHW.
-Strides strides_of(int64_t gates, int64_t y, int64_t c, int64_t dy, int64_t z) {
-  Strides st;
-  st.gates = gates;
-  st.y = y;
-  st.c = c;
-  st.dy = dy;
-  st.z = z;
-  return st;
-}
-
 void forward_cpu_entry(std::uintptr_t gates, std::uintptr_t w_ss, std::uintptr_t y, std::uintptr_t c,
                        std::uintptr_t z, int64_t n, int64_t hid, int64_t height, int64_t width, bool reverse,
                        int dtype, int64_t s_gates, int64_t s_y, int64_t s_c, int64_t s_z) {
-  const Strides st = strides_of(s_gates, s_y, s_c, 0, s_z);
+  const Strides st{s_gates, s_y, s_c, 0, s_z};  // the layouts (diagonal_lstm.h); all 0: NCHW
   pybind11::gil_scoped_release nogil;
   switch (to_dtype(dtype)) {
     case DType::f32:
@@ -44,7 +33,7 @@ void backward_cpu_entry(std::uintptr_t dy, std::uintptr_t gates, std::uintptr_t 
                         std::uintptr_t y, std::uintptr_t c, std::uintptr_t dgates, std::uintptr_t dw_ss, int64_t n,
                         int64_t hid, int64_t height, int64_t width, bool reverse, int dtype, int64_t s_gates,
                         int64_t s_y, int64_t s_c, int64_t s_dy, int64_t s_z) {
-  const Strides st = strides_of(s_gates, s_y, s_c, s_dy, s_z);
+  const Strides st{s_gates, s_y, s_c, s_dy, s_z};
   pybind11::gil_scoped_release nogil;
   switch (to_dtype(dtype)) {
     case DType::f32:
